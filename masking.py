@@ -1,0 +1,562 @@
+"""Masks for BEVT's masked image modeling (blockwise) and masked video modeling (tube).
+
+Implements paper §3 "Mask strategy" and the ablations of Table 8 ("Effect of
+masking strategies", §4), as pinned down in ../shared/DESIGN.md §3. The
+blockwise algorithm is BEiT's (Bao et al., 2021, the paper's reference [3]);
+the tube and its wrap-around follow the released BEVT code
+(`MaskedPositionGenerate` in mmaction/datasets/pipelines/mask_generator.py).
+
+Convention, stated once (and asserted on every mask this module returns):
+
+    mask: numpy bool array, True = replaced by the mask token and predicted.
+
+All masks live on the tokenizer grid h x w = H/16 x W/16 (14 x 14 at 224 px):
+one DALL-E code per 16 x 16 pixels of the encoder input (§3 "Tokenizer"). Each
+call returns two views of one mask (DESIGN §3 "Two views of one mask"):
+
+    image  input (h, w)        target (h, w)        the same cells
+    clip   input (T/2, h, w)   target (T, h, w)     input repeated x2 in time
+
+The input mask is at token time T/2 because the video patch embedding has
+temporal patch 2, so mask tokens are placed per pair of frames; the target
+mask selects which of the T per-frame tokenizer codes are predicted.
+
+Strategies (`STRATEGIES`; train.py's `--mask-strategy`):
+
+    block           images: BEiT blockwise 2D mask, 50% of the grid
+    tube            paper default: one blockwise 2D mask on l consecutive token
+                    time steps, l uniform in [0.5, 1.0] * T/2, wrapping past the end
+    tube-fixed      tube of length T/2, i.e. every frame   (Table 8 "T")
+    tube-0.25-0.75  tube length in [0.25, 0.75] * T/2        (Table 8)
+    tube-0.75-1.0   tube length in [0.75, 1.0] * T/2         (Table 8)
+    frame-diff      tube frames, a fresh blockwise mask per frame (Table 8)
+    random-frame    l random (not necessarily consecutive) steps, one shared
+                    blockwise mask                            (Table 8)
+    random-3d       uniformly random cells of the whole 3D grid, 50% (Table 8)
+
+Usage:
+
+    gen = MaskGenerator("tube", (16, 224, 224), seed=0)
+    inp, tgt = gen()             # (8, 14, 14), (16, 14, 14) bool
+    inp, tgt = gen.batch(8)      # (8, 8, 14, 14), (8, 16, 14, 14)
+    DataLoader(ds, num_workers=4, worker_init_fn=seed_worker)   # distinct streams
+
+A picture of sample masks (one row per sample, one cell per frame, masked dark):
+
+    python masking.py --strategy tube --out tube.png [--frames 16 --size 224 --rows 6 --seed 0]
+
+Speed: `python benchmarks/bench_masking.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import warnings
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# Conventions and the paper's numbers
+
+MASK_DTYPE = np.bool_  # True = replaced by the mask token and predicted (cf. MAE's "0 is keep, 1 is remove")
+
+# Strategy names. "block" is the image stream's; the rest are video strategies.
+STRATEGIES = (
+    "block",            # §3 MIM: blockwise masking "following [3]" (BEiT)
+    "tube",             # §3 MVM: the paper's default, Table 8 row "Tube 0.5T-T 50%"
+    "random-3d",        # Table 8 "Random-3D"
+    "frame-diff",       # Table 8 "Frame-Diff"
+    "random-frame",     # Table 8 "Random-Frame"
+    "tube-fixed",       # Table 8 "Tube T"
+    "tube-0.25-0.75",   # Table 8 "Tube 0.25T-0.75T"
+    "tube-0.75-1.0",    # Table 8 "Tube 0.75T-1.0T"
+)
+IMAGE_STRATEGIES = ("block",)
+VIDEO_STRATEGIES = STRATEGIES[1:]
+
+# Range of the number l of masked token time steps, as fractions of T/2.
+# (The paper writes lengths in frames, [0.5T, T]; the released code draws them
+# on the token time axis T/2, the same fraction.) Frame-Diff and Random-Frame use
+# the default range: Table 8 lists them with "0.5T-T". Random-3D has no length.
+TUBE_LENGTHS = {
+    "tube": (0.5, 1.0),             # §3 "the range of the masked tube length is [0.5T, T]"
+    "frame-diff": (0.5, 1.0),       # Table 8
+    "random-frame": (0.5, 1.0),     # Table 8
+    "tube-fixed": (1.0, 1.0),       # Table 8 "T": every frame masked
+    "tube-0.25-0.75": (0.25, 0.75),  # Table 8
+    "tube-0.75-1.0": (0.75, 1.0),   # Table 8
+}
+
+PATCH_SIZE = 16       # pixels per tokenizer cell: 112-px tokenizer input / 8 (§3 "Tokenizer", DESIGN §4)
+TEMPORAL_PATCH = 2    # frames per video token: patch embedding (2, 4, 4) (DESIGN §2); token time = T/2
+MASK_RATIO = 0.5      # §3 "the masking ratio of each masked frame is 0.5"; Table 8 best 0.5-0.7
+MIN_BLOCK = 16        # BEiT min_num_patches; released BEVT config min_num_patches=16
+MIN_ASPECT = 0.3      # BEiT min_aspect; aspect is log-uniform in [0.3, 1/0.3]
+MAX_ATTEMPTS = 10     # BEiT: tries per block before a round gives up (MaskingGenerator._mask)
+_UNIFORM_CHUNK = 2048  # uniforms drawn per refill of the scalar buffer (a speed knob, not a paper number)
+
+
+class Block(NamedTuple):
+    """One block accepted by the BEiT loop (recorded when tracing)."""
+    round: int        # 0-based round of the outer loop
+    attempt: int      # 0-based try within the round (< max_attempts)
+    area: float       # drawn target area, uniform in [min_block, remaining]
+    aspect: float     # drawn aspect ratio h/w, log-uniform in [min_aspect, 1/min_aspect]
+    h: int            # round(sqrt(area * aspect)), < grid height
+    w: int            # round(sqrt(area / aspect)), < grid width
+    top: int
+    left: int
+    new: int          # cells this block turned from False to True, 0 < new <= remaining
+    remaining: int    # target count minus cells masked before this block
+
+
+# -----------------------------------------------------------------------------
+# Seeding: one explicit numpy Generator per MaskGenerator, one stream per
+# (base seed, rank, DataLoader worker, epoch) (STYLE §15)
+
+
+def derive_seed(base_seed: int, rank: int = 0, worker_id: int = 0, epoch: int = 0) -> int:
+    """A 64-bit seed for the stream of one (rank, worker, epoch), from one base seed.
+
+    numpy's SeedSequence hashes the base entropy together with the spawn key,
+    so streams for different keys are statistically independent (unlike
+    `base + rank + worker`, where rank 1 / worker 0 collides with rank 0 /
+    worker 1). Same arguments -> same seed, on any machine.
+    """
+    for name, v in (("base_seed", base_seed), ("rank", rank), ("worker_id", worker_id), ("epoch", epoch)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    ss = np.random.SeedSequence(entropy=int(base_seed), spawn_key=(int(rank), int(worker_id), int(epoch)))
+    return int(ss.generate_state(1, np.uint64)[0])
+
+
+# -----------------------------------------------------------------------------
+# The mask generator: blockwise (BEiT), tube and the Table 8 ablations
+
+
+def _fail(what: str, expected: str, got) -> ValueError:
+    """One-line ValueError: what is wrong, what was expected and what came."""
+    return ValueError(f"{what}: expected {expected}, got {got!r}")
+
+
+class MaskGenerator:
+    """Draws (input_mask, target_mask) pairs for one strategy and one input size.
+
+    input_size: (H, W) pixels for images ("block") or (T, H, W) frames x pixels
+    for clips (every other strategy). The grid is H/patch_size x W/patch_size
+    and token time T/temporal_patch; see the module docstring for the shapes.
+    All other arguments default to the paper's values (see the constants above).
+    The generator owns its numpy Generator, seeded from (seed, rank, worker_id,
+    epoch) via `derive_seed`; `reseed` switches to another stream.
+    """
+
+    def __init__(self, strategy: str, input_size, patch_size: int = PATCH_SIZE,
+                 mask_ratio: float = MASK_RATIO, min_block: int = MIN_BLOCK,
+                 min_aspect: float = MIN_ASPECT, max_aspect: Optional[float] = None,
+                 max_attempts: int = MAX_ATTEMPTS, temporal_patch: int = TEMPORAL_PATCH,
+                 seed: int = 0):
+        # ---- strategy and input size
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown mask strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)}")
+        size = tuple(input_size) if isinstance(input_size, (tuple, list)) else (input_size,)
+        if len(size) not in (2, 3) or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
+            raise _fail("input_size", "(H, W) or (T, H, W) positive ints", input_size)
+        is_video = len(size) == 3
+        if strategy in IMAGE_STRATEGIES and is_video:
+            raise _fail(f"input_size for {strategy!r} (images)", "(H, W)", input_size)
+        if strategy in VIDEO_STRATEGIES and not is_video:
+            raise _fail(f"input_size for {strategy!r} (clips)", "(T, H, W)", input_size)
+        if not (isinstance(patch_size, (int, np.integer)) and patch_size > 0):
+            raise _fail("patch_size", "a positive int", patch_size)
+        H, W = size[-2:]
+        # Differs from the released code: it takes the grid size and T // 2 as
+        # given; here sizes that do not divide evenly raise instead of being cut.
+        if H % patch_size or W % patch_size:
+            # The encoder places mask tokens by upsampling this grid x4 onto its
+            # H/4 x W/4 tokens; a cropped grid would misalign them.
+            raise _fail("input H, W", f"multiples of patch_size={patch_size}", (H, W))
+        self.grid = (H // patch_size, W // patch_size)             # (h, w) tokenizer grid
+        if is_video:
+            T = size[0]
+            if not (isinstance(temporal_patch, (int, np.integer)) and temporal_patch > 0):
+                raise _fail("temporal_patch", "a positive int", temporal_patch)
+            if T // temporal_patch < 1:
+                raise _fail(f"token time T/{temporal_patch}", f">= 1 (T >= {temporal_patch} frames)", T)
+            if T % temporal_patch:
+                raise _fail("number of frames T", f"a multiple of temporal_patch={temporal_patch}", T)
+            self.time = T // temporal_patch                          # token time steps, T/2
+        else:
+            self.time = 0
+
+        # ---- BEiT parameters
+        if not (isinstance(mask_ratio, (int, float, np.floating)) and 0.0 < mask_ratio < 1.0):
+            raise _fail("mask_ratio", "a number in the open interval (0, 1)", mask_ratio)
+        if not (isinstance(min_block, (int, np.integer)) and min_block >= 1):
+            raise _fail("min_block", "an int >= 1", min_block)
+        if not (isinstance(max_attempts, (int, np.integer)) and max_attempts >= 1):
+            raise _fail("max_attempts", "an int >= 1", max_attempts)
+        max_aspect = 1.0 / min_aspect if (max_aspect is None and min_aspect > 0) else max_aspect
+        if not (0.0 < min_aspect <= max_aspect):
+            raise _fail("aspect range", "0 < min_aspect <= max_aspect", (min_aspect, max_aspect))
+        gh, gw = self.grid
+        cells = gh * gw
+        if cells < min_block:
+            raise _fail(f"tokenizer grid {gh}x{gw} ({cells} cells) for min_block={min_block}",
+                        f"at least {min_block} cells (input >= {math.ceil(math.sqrt(min_block)) * patch_size} px)",
+                        (H, W))
+        # BEiT accepts a block only if h < grid height and w < grid width, so a
+        # grid can hold min_block cells and still fit no block: with h, w the
+        # rounded sqrt(area*r), sqrt(area/r), the smallest area fits iff some
+        # aspect r gives sqrt(a*r) < gh - 1/2 and sqrt(a/r) < gw - 1/2.
+        r_lo = max(min_aspect, min_block / (gw - 0.5) ** 2)
+        r_hi = min(max_aspect, (gh - 0.5) ** 2 / min_block)
+        if r_lo >= r_hi:
+            raise _fail(f"tokenizer grid {gh}x{gw} for min_block={min_block}, aspect "
+                        f"[{min_aspect:.3g}, {max_aspect:.3g}]",
+                        "room for a block with h < grid height and w < grid width", (H, W))
+        self.num_masked = int(round(mask_ratio * cells))            # 98 of 196 at 224 px
+        if self.num_masked < min_block:
+            # BEiT's first block then has to be smaller than min_block to pass
+            # "new <= remaining", which only rounding allows: most masks would
+            # come out empty. Differs from the released code (which would just
+            # return them): ask for a larger ratio or grid instead.
+            raise _fail(f"masked count round(mask_ratio * {cells} cells) of the {gh}x{gw} grid",
+                        f"at least min_block={min_block}", self.num_masked)
+
+        self.strategy = strategy
+        self.input_size = size
+        self.patch_size = int(patch_size)
+        self.temporal_patch = int(temporal_patch)
+        self.mask_ratio = float(mask_ratio)
+        self.min_block = int(min_block)
+        self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
+        self.max_attempts = int(max_attempts)
+        # Precomputed once: the log-aspect bounds and, for the fast bit-mask
+        # loop below, the bit pattern of every h x w block at the origin.
+        self._log_aspect = (math.log(self.min_aspect), math.log(self.max_aspect))
+        # Row i of an h x w block is w ones ((1 << w) - 1) shifted by i*gw bits.
+        self._block_bits = [[sum(((1 << w) - 1) << (i * gw) for i in range(h)) for w in range(gw)]
+                            for h in range(gh)]
+        if is_video:
+            self.input_shape = (self.time, gh, gw)
+            self.target_shape = (self.time * self.temporal_patch, gh, gw)
+        else:
+            self.input_shape = self.target_shape = (gh, gw)
+        if strategy in TUBE_LENGTHS:
+            # Released code: lengths in {max(int(lo*t), 1) .. min(int(hi*t), t)},
+            # i.e. {4..8} for t = 8. For very short clips int(hi*t) can fall below
+            # the minimum (t = 1, [0.25, 0.75]); the range then collapses to it.
+            lo, hi = TUBE_LENGTHS[strategy]
+            l_min = max(int(lo * self.time), 1)
+            self.length_range = (l_min, max(min(int(hi * self.time), self.time), l_min))
+        else:
+            self.length_range = None
+
+        self.seed = seed
+        self.reseed()
+
+    # ---- randomness
+
+    def reseed(self, rank: int = 0, worker_id: int = 0, epoch: int = 0, seed: Optional[int] = None) -> None:
+        """Switch to the stream of (seed, rank, worker_id, epoch); seed defaults to the base seed.
+
+        The constructor calls reseed() with all zeros, so a fresh generator and
+        one reseeded to (0, 0, 0) draw the same masks.
+        """
+        if seed is not None:
+            self.seed = seed
+        self.stream = (rank, worker_id, epoch)
+        # Differs from the released code: it draws masks from Python's global
+        # `random` module, seeded per worker with seed + num_workers*rank +
+        # worker_id (mmaction's worker_init_fn, and only when a seed is given;
+        # otherwise forked workers share one state), the same every epoch. Here
+        # each generator owns its stream, and the epoch is part of the key.
+        self.rng = np.random.default_rng(derive_seed(self.seed, rank, worker_id, epoch))
+        # The BEiT loop consumes ~100 scalars per mask; one numpy call per
+        # scalar costs ~1 us, so uniforms are drawn in chunks and read from a
+        # Python list. This only groups the same stream of rng.random() values.
+        self._ubuf: list = []
+        self._upos = 0
+
+    def _uniform(self) -> float:
+        """Next uniform in [0, 1) of this generator's stream."""
+        if self._upos == len(self._ubuf):
+            self._ubuf = self.rng.random(_UNIFORM_CHUNK).tolist()
+            self._upos = 0
+        self._upos += 1
+        return self._ubuf[self._upos - 1]
+
+    def _randint(self, low: int, high: int) -> int:
+        """Uniform int in {low .. high}, both inclusive (Python's random.randint)."""
+        return low + int(self._uniform() * (high - low + 1))
+
+    # ---- blockwise masking (BEiT), the 2D building block of every strategy but Random-3D
+
+    def _blockwise_bits(self, trace: Optional[list] = None) -> int:
+        """One BEiT blockwise mask as an int with bit (i*w + j) set for masked cell (i, j).
+
+        Why an int: the loop asks "how many cells of this block are new?" ~20
+        times per mask. With a Python int per mask that is one AND and a
+        popcount (~0.1 us) instead of slicing and summing a numpy array (~3 us),
+        which keeps 72 masks per GPU step well under the 5 ms budget. An h x w
+        block at (top, left) is the precomputed origin block shifted by
+        top*w + left; it never wraps into the next row because left + w <= grid w.
+
+        min_block bounds the drawn *area*, as in BEiT: rounding h and w can
+        leave the rectangle a little smaller (area 16 at aspect 0.39 gives
+        2 x 6 = 12 cells; about 5% of blocks at 224 px have 12-15 cells).
+        """
+        gh, gw = self.grid
+        min_block, target = self.min_block, self.num_masked
+        log_lo, log_hi = self._log_aspect
+        uniform, blocks = self._uniform, self._block_bits
+        mask, count, rnd = 0, 0, 0
+        while count < target:                          # BEiT __call__: until the target is reached ...
+            remaining = target - count                 # per-block max = remaining (max_num_patches=None)
+            delta = 0
+            for attempt in range(self.max_attempts):   # BEiT _mask: 10 tries for one block
+                # random.uniform(min, remaining): when remaining < min_block this
+                # draws from [remaining, min_block], as BEiT's does (uniform(a, b)
+                # is a + (b-a)u either way); the overlap test below then lets only
+                # blocks that add <= remaining new cells through.
+                area = min_block + (remaining - min_block) * uniform()
+                aspect = math.exp(log_lo + (log_hi - log_lo) * uniform())
+                h = round(math.sqrt(area * aspect))    # Python round(): half to even, as in BEiT
+                w = round(math.sqrt(area / aspect))
+                if h < gh and w < gw:                  # strict: a block never spans the grid
+                    top = self._randint(0, gh - h)
+                    left = self._randint(0, gw - w)
+                    block = blocks[h][w] << (top * gw + left)
+                    new = h * w - (block & mask).bit_count()   # cells not masked yet
+                    if 0 < new <= remaining:           # adds something, never overshoots
+                        mask |= block
+                        delta = new
+                        if trace is not None:
+                            trace.append(Block(rnd, attempt, area, aspect, h, w, top, left, new, remaining))
+                        break
+            if delta == 0:                             # ... or a round of 10 tries adds nothing
+                break
+            count += delta
+            rnd += 1
+        return mask
+
+    def _bits_to_array(self, bits: list) -> np.ndarray:
+        """List of n bit-masks -> (n, h, w) bool, with one unpackbits for all."""
+        gh, gw = self.grid
+        nbytes = (gh * gw + 7) // 8
+        raw = np.frombuffer(b"".join(b.to_bytes(nbytes, "little") for b in bits), np.uint8)
+        flat = np.unpackbits(raw.reshape(len(bits), nbytes), axis=1, count=gh * gw, bitorder="little")
+        return flat.reshape(len(bits), gh, gw).view(np.bool_)   # 0/1 bytes are valid bools
+
+    def blockwise(self, trace: Optional[list] = None) -> np.ndarray:
+        """One 2D blockwise mask (h, w); pass a list as `trace` to receive its `Block`s."""
+        return self._bits_to_array([self._blockwise_bits(trace)])[0]
+
+    # ---- which token time steps are masked
+
+    def _tube_steps(self) -> list:
+        """l consecutive token time steps from a random start, wrapping past the end.
+
+        l uniform in length_range, start uniform in {0 .. t-1}; steps past t-1
+        continue at 0 (the released code fills [start:] and [0:start+l-t]).
+        """
+        length = self._randint(*self.length_range)
+        start = self._randint(0, self.time - 1)
+        return [(start + i) % self.time for i in range(length)]
+
+    def _random_steps(self) -> np.ndarray:
+        """l distinct token time steps in random order, not necessarily consecutive (Random-Frame)."""
+        length = self._randint(*self.length_range)
+        return self.rng.permutation(self.time)[:length]
+
+    # ---- one input mask per strategy
+
+    def _draw_inputs(self, n: int) -> np.ndarray:
+        """n input masks of this strategy, (n, *input_shape) bool.
+
+        Draws sample after sample in a fixed order, so batch(n) equals n calls.
+        """
+        s = self.strategy
+        if s == "block":
+            return self._bits_to_array([self._blockwise_bits() for _ in range(n)])
+        if s == "random-3d":
+            # Uniform over all t*h*w cells, exactly round(ratio * cells) of them
+            # (Table 8: 50%); the first k of a random permutation is a uniform k-subset.
+            cells = int(np.prod(self.input_shape))
+            k = int(round(self.mask_ratio * cells))
+            out = np.zeros((n, cells), MASK_DTYPE)
+            for i in range(n):
+                out[i, self.rng.permutation(cells)[:k]] = True
+            return out.reshape(n, *self.input_shape)
+        out = np.zeros((n, *self.input_shape), MASK_DTYPE)
+        if s == "frame-diff":
+            # Frames chosen as for the tube, but a fresh 2D mask on every masked frame.
+            for i in range(n):
+                steps = self._tube_steps()
+                out[i, steps] = self._bits_to_array([self._blockwise_bits() for _ in steps])
+            return out
+        # tube, tube-fixed, tube-0.25-0.75, tube-0.75-1.0, random-frame: one
+        # shared 2D mask on the chosen steps ("the shape of the 3D mask is a tube").
+        pick = self._random_steps if s == "random-frame" else self._tube_steps
+        for i in range(n):
+            steps = pick()
+            out[i, steps] = self._bits_to_array([self._blockwise_bits()])[0]
+        return out
+
+    # ---- public API
+
+    def __call__(self):
+        """(input_mask, target_mask) of one sample; see the module docstring for shapes."""
+        inp, tgt = self.batch(1)
+        return inp[0], tgt[0]
+
+    def batch(self, n: int):
+        """(input_masks (n, *input_shape), target_masks (n, *target_shape)) of n samples."""
+        if not (isinstance(n, (int, np.integer)) and n >= 1):
+            raise _fail("batch size n", "an int >= 1", n)
+        inp = self._draw_inputs(int(n))
+        if self.time:
+            # Target: each token time step covers temporal_patch frames, whose
+            # tokenizer codes are all predicted where the step is masked (the
+            # released code's nearest interpolation x2 in time is this repeat).
+            tgt = np.repeat(inp, self.temporal_patch, axis=1)
+        else:
+            tgt = inp.copy()           # images: the same cells, a separate array
+        assert inp.dtype == MASK_DTYPE and inp.shape == (n, *self.input_shape)
+        assert tgt.dtype == MASK_DTYPE and tgt.shape == (n, *self.target_shape)
+        return inp, tgt
+
+    def __repr__(self):
+        extra = f", lengths={self.length_range}" if self.length_range else ""
+        return (f"MaskGenerator({self.strategy!r}, input_size={self.input_size}, grid={self.grid}, "
+                f"num_masked={self.num_masked} ({self.mask_ratio:g}), min_block={self.min_block}, "
+                f"aspect=[{self.min_aspect:.3g}, {self.max_aspect:.3g}], max_attempts={self.max_attempts}"
+                f"{extra}, seed={self.seed}, stream={self.stream})")
+
+
+# -----------------------------------------------------------------------------
+# DataLoader workers: one stream per (rank, worker, epoch)
+
+
+def find_mask_generators(obj, _depth: int = 0, _seen: Optional[set] = None) -> list:
+    """The MaskGenerators reachable from `obj` through attributes and small containers.
+
+    Looks at most 6 levels deep (e.g. ConcatDataset.datasets[0].dataset.gen,
+    dataset.transform.mask_generator), into lists/tuples/dicts of up to 100
+    items only (never through a data set's list of files).
+    """
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen or _depth > 6:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, MaskGenerator):
+        return [obj]
+    if isinstance(obj, dict):
+        children = list(obj.values()) if len(obj) <= 100 else []
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj) if len(obj) <= 100 else []
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        children = list(vars(obj).values())
+    else:
+        return []
+    found = []
+    for child in children:
+        if isinstance(child, (str, bytes, int, float, np.ndarray)) or child is None:
+            continue
+        found += find_mask_generators(child, _depth + 1, seen)
+    return found
+
+
+def _current_rank() -> int:
+    """The distributed rank: torch.distributed if initialised, else $RANK (torchrun), else 0."""
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0))
+
+
+def seed_worker(worker_id: int, rank: Optional[int] = None) -> None:
+    """DataLoader `worker_init_fn`: reseed every MaskGenerator of the worker's dataset copy.
+
+        DataLoader(ds, num_workers=4, worker_init_fn=masking.seed_worker)
+        DataLoader(ds, ..., worker_init_fn=functools.partial(masking.seed_worker, rank=rank))
+
+    Every worker process starts with a copy of the dataset, hence of the
+    generators' states: without this, all workers (and all ranks) would draw
+    identical masks. Each generator moves to the stream (its seed, rank,
+    worker id, epoch), with rank from the argument, torch.distributed or $RANK,
+    and epoch from `dataset.epoch` (0 if absent). With non-persistent workers
+    (the default) workers restart every epoch: set `dataset.epoch = epoch` before
+    iterating, or the same mask sequence repeats every epoch.
+    Give the generators of one dataset different seeds (e.g. images 0, clips 1):
+    equal seeds give identical random streams.
+    """
+    import torch.utils.data
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        raise RuntimeError("seed_worker is a DataLoader worker_init_fn; call it inside a worker process")
+    rank = _current_rank() if rank is None else rank
+    epoch = int(getattr(info.dataset, "epoch", 0))
+    gens = find_mask_generators(info.dataset)
+    if not gens:
+        raise RuntimeError(f"seed_worker found no MaskGenerator on {type(info.dataset).__name__}")
+    if len({g.seed for g in gens}) < len(gens):
+        warnings.warn("several MaskGenerators share a seed: they will draw from identical streams")
+    for g in gens:
+        g.reseed(rank=rank, worker_id=info.id, epoch=epoch)
+
+
+# -----------------------------------------------------------------------------
+# A picture for readers: python masking.py --strategy tube --out tube.png
+
+
+def render_sheet(masks: np.ndarray, cell: int = 4, gap: int = 3):
+    """A grey-scale PIL image of masks (rows, cols, h, w): one row per sample, one
+    grid per column (frame), each tokenizer cell `cell` px, masked cells dark."""
+    from PIL import Image
+    rows, cols, gh, gw = masks.shape
+    DARK, LIGHT, PAPER = 40, 225, 255             # masked cell, visible cell, background
+    H, W = gh * cell, gw * cell
+    sheet = np.full((gap + rows * (H + gap), gap + cols * (W + gap)), PAPER, np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            tile = np.where(masks[r, c], DARK, LIGHT).astype(np.uint8)
+            y, x = gap + r * (H + gap), gap + c * (W + gap)
+            sheet[y:y + H, x:x + W] = tile.repeat(cell, 0).repeat(cell, 1)   # nearest upsampling
+    return Image.fromarray(sheet, mode="L")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Write a PNG sheet of sample masks: one row per sample, "
+                                             "one cell per frame (target view) or token step (input view), "
+                                             "masked cells dark. Images ('block'): --cols samples per row.")
+    ap.add_argument("--strategy", default="tube", choices=STRATEGIES)
+    ap.add_argument("--out", required=True, help="PNG path")
+    ap.add_argument("--frames", type=int, default=16, help="T, clip length in frames (§4: 16)")
+    ap.add_argument("--size", type=int, default=224, help="crop size in pixels (§4: 224)")
+    ap.add_argument("--rows", type=int, default=6, help="samples (rows)")
+    ap.add_argument("--cols", type=int, default=8, help="'block' only: image samples per row")
+    ap.add_argument("--view", choices=("target", "input"), default="target",
+                    help="clips: T frames (target) or T/2 token steps (input)")
+    ap.add_argument("--cell", type=int, default=4, help="pixels per tokenizer cell")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.strategy in IMAGE_STRATEGIES:
+        gen = MaskGenerator(args.strategy, (args.size, args.size), seed=args.seed)
+        masks = gen.batch(args.rows * args.cols)[0].reshape(args.rows, args.cols, *gen.grid)
+    else:
+        gen = MaskGenerator(args.strategy, (args.frames, args.size, args.size), seed=args.seed)
+        inp, tgt = gen.batch(args.rows)
+        masks = tgt if args.view == "target" else inp
+    render_sheet(masks, cell=args.cell).save(args.out, optimize=True)
+    print(f"{gen}\nwrote {args.out}: {masks.shape[0]} rows x {masks.shape[1]} cells, masked = dark")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,723 @@
+"""Video Swin Transformer encoder shared by BEVT's image and video streams.
+
+Implements paper §3 "BEVT encoders" and "Weight sharing between streams"
+(the Video Swin Transformer of Liu et al., 2022) as pinned down in
+../shared/DESIGN.md §2, with the released checkpoint layout of §9 and the
+public interface of §10.
+
+One encoder, two entry points:
+
+    clip  (B, 3, T, H, W) --3D patch embed--> tokens (B, T/2, H/4, W/4, C)
+    image (B, 3, H, W)    --2D patch embed--> tokens (B, 1,   H/4, W/4, C)
+                               |
+              optional mask token at masked positions
+                               |
+          4 stages of (shifted) window attention, shared weights
+                               |
+    EncoderOutput(stages=(F1, F2, F3, F4), f4_norm=LayerNorm(F4))
+
+An image is treated as a clip with one token time step. Every block, merging
+layer and the final norm are literally the same code and weights for both
+streams; with one time step the 3D window shrinks to (1, Wh, Ww), the temporal
+shift becomes 0 and the relative-position index of that window picks exactly
+the Δt = 0 sub-matrix of the 3D bias table, which is the paper's 2D adaptation.
+The released code keeps a separate, drifting image branch instead (see the
+"Differs from the released code" notes below).
+
+Shape vocabulary used in the comments:
+    pixels   (B, 3, T, H, W) or (B, 3, H, W)
+    tokens   (B, t, h, w, C)            channels last, t = 1 for images
+    windows  (B, nW, N, C)              N = wt*wh*ww tokens per window
+    heads    (B, nW, nh, N, hd)         hd = C / nh
+
+Run `python benchmarks/bench_swin3d.py` for speed, memory and FLOP counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, asdict
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+
+Shape3 = tuple[int, int, int]
+
+# -----------------------------------------------------------------------------
+# Configuration and presets (DESIGN §2, paper §4 "Implementation details")
+
+
+@dataclass
+class SwinConfig:
+    embed_dim: int = 128                   # C; Swin-B (paper default backbone)
+    depths: tuple = (2, 2, 18, 2)          # blocks per stage (Swin-B)
+    num_heads: tuple = (4, 8, 16, 32)      # heads per stage (Swin-B)
+    window_size: tuple = (8, 7, 7)         # (Wt, Wh, Ww); (16, 7, 7) for SSv2 finetuning
+    patch_size: tuple = (2, 4, 4)          # 3D patch, 2x4x4x3 = 96 values per token (§3)
+    in_chans: int = 3
+    mlp_ratio: float = 4.0                 # MLP hidden = 4C (Swin)
+    qkv_bias: bool = True                  # released Video Swin config
+    drop_rate: float = 0.0                 # dropout after attention proj / MLP
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.2            # library default; BEVT uses 0.3 (pretrain, K400), 0.4 (SSv2)
+    patch_norm: bool = True                # LayerNorm after the patch embedding (released encoder)
+    use_checkpoint: bool = False           # gradient checkpointing per block
+    attention: str = "auto"                # "auto" | "sdpa" | "explicit" (see WindowAttention3D)
+
+
+PRESETS: dict[str, SwinConfig] = {
+    # DESIGN §2 table: params with a 400-class head 28.16M / 49.82M / 88.05M / 196.95M.
+    "tiny": SwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "small": SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "base": SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "large": SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    # CPU-sized preset for the offline demo on the synthetic data set: the
+    # architecture of Swin-T with a quarter of its width and one block in the
+    # outer stages (~1.2M parameters). Window (8, 7, 7) is kept: small inputs
+    # simply shrink it, as they do for the paper's models.
+    "cpu": SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.1),
+}
+
+
+def get_config(preset: str, **overrides) -> SwinConfig:
+    """A copy of a preset with some fields replaced, e.g. get_config('base', window_size=(16, 7, 7))."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown Swin preset {preset!r}; expected one of {sorted(PRESETS)}")
+    cfg = asdict(PRESETS[preset])
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown SwinConfig fields {sorted(unknown)}; expected some of {sorted(cfg)}")
+    cfg.update(overrides)
+    return SwinConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+
+# -----------------------------------------------------------------------------
+# Small pure functions: window clamping, partition, shift mask, relative index
+# (torchvision-style; the tests call them directly)
+
+
+def clamp_window(size: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> tuple[Shape3, Shape3]:
+    """Window and shift actually used for a token grid `size` = (t, h, w).
+
+    Along an axis whose extent is <= the window, the window shrinks to the
+    extent and the shift along it becomes 0 (Video Swin `get_window_size`).
+    This is what makes an image (t = 1) use a (1, Wh, Ww) window.
+    """
+    win = tuple(min(s, w) for s, w in zip(size, window))
+    sh = tuple(0 if s <= w else k for s, w, k in zip(size, window, shift))
+    return win, sh
+
+
+def window_partition(x: torch.Tensor, window: Shape3) -> torch.Tensor:
+    """(B, t, h, w, C) -> (B, nW, N, C), t/h/w divisible by the window, N = wt*wh*ww."""
+    B, t, h, w, C = x.shape
+    wt, wh, ww = window
+    x = x.view(B, t // wt, wt, h // wh, wh, w // ww, ww, C)
+    # (B, nt, wt, nh, wh, nw, ww, C) -> (B, nt, nh, nw, wt, wh, ww, C): window index major,
+    # token inside the window time-major (t, then h, then w), matching the bias index.
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(B, -1, wt * wh * ww, C)
+
+
+def window_reverse(windows: torch.Tensor, window: Shape3, size: Shape3) -> torch.Tensor:
+    """(B, nW, N, C) -> (B, t, h, w, C); the inverse of window_partition."""
+    B, _, _, C = windows.shape
+    wt, wh, ww = window
+    t, h, w = size
+    x = windows.view(B, t // wt, h // wh, w // ww, wt, wh, ww, C)
+    # (B, nt, nh, nw, wt, wh, ww, C) -> (B, nt, wt, nh, wh, nw, ww, C)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(B, t, h, w, C)
+
+
+def shift_mask(size: Shape3, window: Shape3, shift: Shape3, device=None) -> Optional[torch.Tensor]:
+    """Additive attention mask (nW, N, N) of a shifted-window block, or None if unshifted.
+
+    `size` is the padded token grid. After the cyclic roll by -shift, a window
+    at the far end holds tokens from different regions of the un-rolled map;
+    each axis is cut into [0, -w), [-w, -s), [-s, end) and tokens with different
+    region labels must not attend to each other: their logit gets -100
+    (Swin's value; exp(-100) underflows to 0 in fp32 softmax).
+    """
+    if not any(shift):
+        return None
+    labels = torch.zeros((1, *size, 1), device=device)
+    cuts = [
+        # An axis that is not shifted is one region.
+        [slice(0, None)] if s == 0 else [slice(0, -w), slice(-w, -s), slice(-s, None)]
+        for w, s in zip(window, shift)
+    ]
+    n = 0
+    for st in cuts[0]:
+        for sh in cuts[1]:
+            for sw in cuts[2]:
+                labels[:, st, sh, sw, :] = n
+                n += 1
+    labels = window_partition(labels, window)[0, :, :, 0]        # (nW, N)
+    diff = labels[:, None, :] != labels[:, :, None]               # (nW, N, N): query row, key column
+    return torch.zeros(diff.shape, device=device).masked_fill_(diff, -100.0)
+
+
+def relative_position_index(window: Shape3, table_window: Shape3, device=None) -> torch.Tensor:
+    """(N, N) index into a bias table of (2Tw-1)(2Th-1)(2Tw-1) rows, for a window `window`.
+
+    The table is laid out for the configured window `table_window`
+    (DESIGN §2): index = (dt+Wt-1)(2Wh-1)(2Ww-1) + (dh+Wh-1)(2Ww-1) + (dw+Ww-1)
+    for the relative offset (dt, dh, dw) of query and key. The offsets are
+    derived from the window actually used, so a shrunk window keeps the
+    correct offsets.
+
+    Differs from the released code: it slices the full-window index as
+    index[:N, :N]. That is identical when only the time extent shrinks (time is
+    the slowest axis, so the first N tokens of the full window are exactly the
+    ones with t < wt) and for images, but picks wrong offsets when a spatial
+    extent shrinks (e.g. the 4x4 stage-4 map of a 112-px input).
+
+    For an image window (1, Wh, Ww), dt = 0 everywhere: this is the Δt = 0
+    sub-matrix of the 3D index, i.e. index3d[:Wh*Ww, :Wh*Ww] (paper §3,
+    "reusing the submatrix ... where the relative temporal distance is 0").
+    """
+    if any(w > tw for w, tw in zip(window, table_window)):
+        raise ValueError(f"window {tuple(window)} is larger than the bias table's window {tuple(table_window)}")
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w, device=device) for w in window], indexing="ij"))
+    coords = coords.flatten(1)                                    # (3, N), time-major order
+    rel = coords[:, :, None] - coords[:, None, :]                 # (3, N, N) offset query - key
+    Wt, Wh, Ww = table_window
+    return (rel[0] + Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1) + (rel[1] + Wh - 1) * (2 * Ww - 1) + (rel[2] + Ww - 1)
+
+
+# Shift masks and relative indices depend only on shapes, so they are built
+# once per (shape, window, shift, device) and reused by every block of a stage
+# and every step. Under torch.compile they are traced into the graph instead
+# (constant for a given shape, which is what the compiled graph is specialised on).
+_GEOMETRY_CACHE: dict = {}
+
+
+def _cached(fn, *args, device):
+    if torch.compiler.is_compiling():
+        return fn(*args, device=device)
+    key = (fn.__name__, *args, str(device))
+    if key not in _GEOMETRY_CACHE:
+        _GEOMETRY_CACHE[key] = fn(*args, device=device)
+    return _GEOMETRY_CACHE[key]
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016): drop the residual branch per sample."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+# -----------------------------------------------------------------------------
+# Patch embedding (§3 "Image and video patches")
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> linear embedding -> optional LayerNorm.
+
+    Video: Conv3d, kernel = stride = (2, 4, 4): (B, 3, T, H, W) -> (B, T/2, H/4, W/4, C).
+    Image: Conv2d, kernel = stride = (4, 4):    (B, 3, H, W)    -> (B, 1,   H/4, W/4, C)
+    (a 4x4x3 = 48-value token projected to C, the paper's image tokens). The
+    two streams own separate instances (`patch_embed`, `patch_embed_2d`).
+    Inputs not divisible by the patch are zero-padded at the end (Video Swin).
+    """
+
+    def __init__(self, patch_size: Sequence[int], in_chans: int, embed_dim: int, norm: bool):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        conv = nn.Conv3d if len(self.patch_size) == 3 else nn.Conv2d
+        self.proj = conv(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.pad takes (last dim first) pairs: pad each spatial/temporal dim at its end.
+        pad = []
+        for size, p in zip(reversed(x.shape[2:]), reversed(self.patch_size)):
+            pad += [0, (p - size % p) % p]
+        if any(pad):
+            x = F.pad(x, pad)
+        x = self.proj(x)                                          # (B, C, [t,] h, w)
+        x = x.movedim(1, -1)                                      # (B, [t,] h, w, C)
+        if x.dim() == 4:
+            x = x.unsqueeze(1)                                    # image: (B, 1, h, w, C)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+# -----------------------------------------------------------------------------
+# Window attention with relative position bias (Swin eq. 4)
+
+
+class WindowAttention3D(nn.Module):
+    """Multi-head self-attention inside windows, with a learned relative position bias.
+
+    `attention` selects the kernel: "sdpa" = F.scaled_dot_product_attention with
+    bias + shift mask as a float attn_mask; "explicit" = the softmax formula,
+    the reference the tests compare against; "auto" (default) = SDPA, except on
+    the CPU when gradients must reach the bias table (see forward).
+
+    Attention(Q, K, V) = softmax(Q Kᵀ / sqrt(hd) + B + M) V, where B is gathered
+    from `relative_position_bias_table` by the relative index and M is the
+    shifted-window mask. The bias table is sized for the configured window;
+    smaller windows (clamped for small inputs, or images) index into it.
+    """
+
+    def __init__(self, dim: int, window_size: Shape3, num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, attention: str = "auto"):
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        self.window_size = tuple(window_size)
+        self.scale = (dim // num_heads) ** -0.5
+        Wt, Wh, Ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1), num_heads))
+        # Kept as a persistent buffer only so that state-dict keys equal the
+        # released layout (DESIGN §9); its value in a checkpoint is never
+        # trusted (see _load_from_state_dict) and the forward pass uses the
+        # index derived for the window actually used.
+        self.register_buffer("relative_position_index",
+                             relative_position_index(self.window_size, self.window_size))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.attention = _check_attention(attention)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Re-derive the index instead of loading it (DESIGN §9): a checkpoint's
+        # copy may come from another window or be wrong, and nothing is learned in it.
+        state_dict[prefix + "relative_position_index"] = self.relative_position_index
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def bias(self, index: torch.Tensor) -> torch.Tensor:
+        """Gather the relative position bias for an (N, N) index -> (nh, N, N)."""
+        N = index.shape[0]
+        b = self.relative_position_bias_table[index.reshape(-1)]  # (N*N, nh)
+        # contiguous: the fused CPU/GPU kernels want a dense last dimension in attn_mask.
+        return b.view(N, N, self.num_heads).permute(2, 0, 1).contiguous()   # (nh, N, N)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: windows (B, nW, N, C); index (N, N); mask (nW, N, N) or None -> (B, nW, N, C)."""
+        B, nW, N, C = x.shape
+        nh, hd = self.num_heads, C // self.num_heads
+        qkv = self.qkv(x).view(B, nW, N, 3, nh, hd)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)         # each (B, nW, nh, N, hd)
+        bias = self.bias(index)                                   # (nh, N, N)
+        p = self.attn_drop if self.training else 0.0
+        if self.attention == "sdpa" or (self.attention == "auto" and not (
+                # PyTorch's CPU flash kernel has no gradient for attn_mask, so with a
+                # learnable bias SDPA falls back to its math kernel, which measured
+                # ~15-25% slower than the explicit formula on CPU (benchmarks/bench_swin3d.py).
+                # CUDA's memory-efficient kernel does give that gradient.
+                q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad)):
+            out = _sdpa_windows(q, k, v, bias, mask, p)
+        else:
+            out = attention_reference(q, k, v, bias, mask, p, self.scale)
+        out = out.permute(0, 1, 3, 2, 4).reshape(B, nW, N, C)     # (B, nW, nh, N, hd) -> (B, nW, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+ATTENTION_IMPLS = ("auto", "sdpa", "explicit")
+
+
+def _check_attention(name: str) -> str:
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {name!r}; expected one of {ATTENTION_IMPLS}")
+    return name
+
+
+def attention_reference(q, k, v, bias, mask, dropout_p: float = 0.0, scale: Optional[float] = None):
+    """Explicit softmax(q·kᵀ·scale + bias + mask)·v, the reference the fused path must equal.
+
+    q, k, v: (B, nW, nh, N, hd); bias (nh, N, N); mask (nW, N, N) or None.
+    Materialises the full (B, nW, nh, N, N) attention matrix, like the released code.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    attn = (q * scale) @ k.transpose(-2, -1) + bias               # (B, nW, nh, N, N)
+    if mask is not None:
+        attn = attn + mask[:, None]                               # (nW, 1, N, N) broadcast over heads
+    attn = F.dropout(attn.softmax(dim=-1), dropout_p)
+    return attn @ v
+
+
+def _sdpa_windows(q, k, v, bias, mask, dropout_p: float):
+    """The same attention through F.scaled_dot_product_attention.
+
+    The fused kernels take 4-D (batch, heads, N, hd) inputs and an attn_mask
+    broadcastable to (batch, heads, N, N). The bias is shared by all windows,
+    so unshifted blocks fold the windows into the batch: (B*nW, nh, N, hd)
+    with a (1, nh, N, N) mask, a free view. Shifted blocks need a different
+    mask per window, so windows go next to the heads instead: (B, nW*nh, N, hd)
+    with a (1, nW*nh, N, N) mask that broadcasts over the batch. Either way the
+    mask is never copied B times (the explicit path materialises B*nW*nh*N*N).
+    """
+    B, nW, nh, N, hd = q.shape
+    if mask is None:
+        attn_mask = bias.unsqueeze(0).to(q.dtype)                                    # (1, nh, N, N)
+        q, k, v = (t.reshape(B * nW, nh, N, hd) for t in (q, k, v))
+    else:
+        attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).to(q.dtype)             # (nW, nh, N, N)
+        attn_mask = attn_mask.reshape(1, nW * nh, N, N)
+        q, k, v = (t.reshape(B, nW * nh, N, hd) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return out.view(B, nW, nh, N, hd)
+
+
+# -----------------------------------------------------------------------------
+# Swin block, patch merging and stages
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SwinBlock3D(nn.Module):
+    """x = x + DropPath(W-MSA(LN(x)));  x = x + DropPath(MLP(LN(x)))  (Swin eq. 3).
+
+    The window, shift, index and mask are decided once per stage (they depend
+    only on the token grid) and passed in, so every block of every stream runs
+    this one code path.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: Shape3, mlp_ratio: float, qkv_bias: bool,
+                 drop: float, attn_drop: float, drop_path: float, attention: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention3D(dim, window_size, num_heads, qkv_bias, attn_drop, drop, attention)
+        self.drop_path = drop_path
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: torch.Tensor, window: Shape3, shift: Shape3,
+                index: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: tokens (B, t, h, w, C) -> (B, t, h, w, C)."""
+        x = x + drop_path(self._attention(x, window, shift, index, mask), self.drop_path, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        return x
+
+    def _attention(self, x, window, shift, index, mask):
+        B, t, h, w, C = x.shape
+        x = self.norm1(x)
+        # Zero-pad (after the norm, as Video Swin does) to a multiple of the window.
+        pt, ph, pw = ((-t) % window[0], (-h) % window[1], (-w) % window[2])
+        if pt or ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pt))
+        size = x.shape[1:4]
+        if any(shift):
+            # Cyclic shift of the feature map by -shift (Swin §3.2, "shifted window partitioning").
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        x = window_partition(x, window)                           # (B, nW, N, C)
+        x = self.attn(x, index, mask)                             # (B, nW, N, C)
+        x = window_reverse(x, window, size)                       # (B, tp, hp, wp, C)
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(shift), dims=(1, 2, 3))
+        return x[:, :t, :h, :w, :]                                # crop the padding
+
+
+class PatchMerging(nn.Module):
+    """2x2 spatial neighbours -> 4C -> LayerNorm -> Linear(4C -> 2C, no bias). Time is kept.
+
+    Neighbour order (h0,w0), (h1,w0), (h0,w1), (h1,w1), as in the released code
+    (the Linear's weights depend on it). Odd h or w is zero-padded.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, t, h, w, C) -> (B, t, ceil(h/2), ceil(w/2), 2C)."""
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            x = F.pad(x, (0, 0, 0, x.shape[3] % 2, 0, x.shape[2] % 2))
+        x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2],
+                       x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], dim=-1)  # (B, t, h/2, w/2, 4C)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    """One stage (`layers.i` in the released layout): blocks alternating shift 0 and window//2, then merging."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: Shape3, mlp_ratio: float,
+                 qkv_bias: bool, drop: float, attn_drop: float, drop_path: Sequence[float],
+                 downsample: bool, use_checkpoint: bool, attention: str):
+        super().__init__()
+        self.window_size = tuple(window_size)
+        self.shift_size = tuple(w // 2 for w in window_size)
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList([
+            SwinBlock3D(dim, num_heads, window_size, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i], attention)
+            for i in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, t, h, w, C) -> (stage output before merging, input of the next stage)."""
+        window, shift = clamp_window(x.shape[1:4], self.window_size, self.shift_size)
+        padded = tuple(math.ceil(s / w) * w for s, w in zip(x.shape[1:4], window))
+        index = _cached(relative_position_index, window, self.window_size, device=x.device)
+        mask = _cached(shift_mask, padded, window, shift, device=x.device)
+        for i, blk in enumerate(self.blocks):
+            # Even blocks: regular windows; odd blocks: shifted windows (Swin §3.2).
+            args = (window, shift, index, mask) if i % 2 else (window, (0, 0, 0), index, None)
+            if self.use_checkpoint and self.training and torch.is_grad_enabled():
+                # Same code for both streams (differs from the released code, whose
+                # checkpointed path drops the image flag and runs images as video).
+                x = cp.checkpoint(blk, x, *args, use_reentrant=False)
+            else:
+                x = blk(x, *args)
+        out = x
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return out, x
+
+
+# -----------------------------------------------------------------------------
+# The encoder
+
+
+class EncoderOutput(NamedTuple):
+    """What the encoder returns, channels last.
+
+    stages:  (F1, F2, F3, F4), each stage's output *before* its patch merging.
+             Video: (B, T/2, H/4·2^-i, W/4·2^-i, C·2^i); image: (B, H/4·2^-i, W/4·2^-i, C·2^i).
+    f4_norm: the final LayerNorm(8C) applied to F4, the feature used for
+             classification (DESIGN §7). The decoders take F3 and F4 (DESIGN §5).
+    """
+
+    stages: tuple
+    f4_norm: torch.Tensor
+
+    @property
+    def f3(self) -> torch.Tensor:
+        return self.stages[2]
+
+    @property
+    def f4(self) -> torch.Tensor:
+        return self.stages[3]
+
+
+class SwinTransformer3D(nn.Module):
+    """Video Swin encoder with BEVT's shared image stream (DESIGN §2, §10).
+
+    forward(clip (B, 3, T, H, W) or image (B, 3, H, W), mask=None) -> EncoderOutput.
+    `mask` is a bool tensor on the tokenizer grid, True = replaced by the mask
+    token (and later predicted): (B, T/2, H/16, W/16) for clips,
+    (B, H/16, W/16) for images. It is upsampled (nearest) x4 in space to the
+    token grid inside.
+    """
+
+    def __init__(self, config: Optional[SwinConfig] = None, **kwargs):
+        super().__init__()
+        config = config if config is not None else SwinConfig()
+        if kwargs:
+            config = SwinConfig(**{**asdict(config), **kwargs})
+        self.config = c = config
+        if len(c.depths) != len(c.num_heads):
+            raise ValueError(f"depths {c.depths} and num_heads {c.num_heads} must have the same length")
+        self.num_layers = len(c.depths)
+        self.embed_dim = c.embed_dim
+        self.num_features = c.embed_dim * 2 ** (self.num_layers - 1)      # 8C
+        # --- patch embeddings: one per stream (paper §3, weight sharing (1))
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim, c.patch_norm)
+        self.patch_embed_2d = PatchEmbed(c.patch_size[1:], c.in_chans, c.embed_dim, c.patch_norm)
+        # --- one mask token shared by both streams, (1, 1, C) as released
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.pos_drop = nn.Dropout(c.drop_rate)
+        # --- stochastic depth rising linearly over all blocks (Swin)
+        n_blocks = sum(c.depths)
+        dpr = [c.drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
+        self.layers = nn.ModuleList()
+        for i, (depth, heads) in enumerate(zip(c.depths, c.num_heads)):
+            start = sum(c.depths[:i])
+            self.layers.append(SwinStage(
+                c.embed_dim * 2 ** i, depth, heads, c.window_size, c.mlp_ratio, c.qkv_bias,
+                c.drop_rate, c.attn_drop_rate, dpr[start:start + depth],
+                downsample=i < self.num_layers - 1, use_checkpoint=c.use_checkpoint, attention=c.attention))
+        self.norm = nn.LayerNorm(self.num_features)               # final norm (also the decoders' norm)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    # -- switches used by tests, benchmarks and train.py
+    def set_attention(self, attention: str) -> None:
+        """Switch every block between "auto", "sdpa" and "explicit"."""
+        _check_attention(attention)
+        for m in self.modules():
+            if isinstance(m, WindowAttention3D):
+                m.attention = attention
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for layer in self.layers:
+            layer.use_checkpoint = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay (DESIGN §6): relative tables, mask token."""
+        return {n for n, _ in self.named_parameters()
+                if n.endswith("relative_position_bias_table") or n == "mask_token"}
+
+    # -- input checks: one-line errors naming what was expected and what came
+    def _check(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        if x.dim() not in (4, 5):
+            raise ValueError(f"expected a clip (B, {self.config.in_chans}, T, H, W) or an image "
+                             f"(B, {self.config.in_chans}, H, W), got a tensor of shape {tuple(x.shape)}")
+        if x.shape[1] != self.config.in_chans:
+            raise ValueError(f"expected {self.config.in_chans} input channels at dim 1, "
+                             f"got shape {tuple(x.shape)}")
+        if mask is None:
+            return
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
+        pt = self.config.patch_size[0]
+        H, W = x.shape[-2:]
+        if H % 16 or W % 16:
+            raise ValueError(f"a mask needs H and W divisible by 16 (the tokenizer grid), got {H}x{W}")
+        expected = (x.shape[0], H // 16, W // 16) if x.dim() == 4 else \
+                   (x.shape[0], math.ceil(x.shape[2] / pt), H // 16, W // 16)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the input {tuple(x.shape)}: "
+                             f"expected {expected} (batch, [T/{pt},] H/16, W/16)")
+
+    def embed(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pixels -> tokens (B, t, h, w, C), masked positions replaced by the mask token."""
+        self._check(x, mask)
+        tokens = self.patch_embed(x) if x.dim() == 5 else self.patch_embed_2d(x)   # (B, t, h, w, C)
+        if mask is not None:
+            if mask.dim() == 3:
+                mask = mask.unsqueeze(1)                           # image: (B, 1, h/4, w/4)
+            # Tokenizer grid -> token grid: each tokenizer cell (16x16 px) covers 4x4 tokens (4x4 px).
+            m = mask.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)       # (B, t, h, w)
+            # x = x·(1−m) + t·m (BEiT/BEVT), written as a select.
+            tokens = torch.where(m.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        return self.pos_drop(tokens)
+
+    def forward_tokens(self, x: torch.Tensor) -> EncoderOutput:
+        """Run the four stages on tokens (B, t, h, w, C); t = 1 is the image stream."""
+        stages = []
+        for layer in self.layers:
+            out, x = layer(x)
+            stages.append(out)
+        return EncoderOutput(tuple(stages), self.norm(stages[-1]))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> EncoderOutput:
+        out = self.forward_tokens(self.embed(x, mask))
+        if x.dim() == 4:
+            # Images come back without the (length-1) time axis: (B, h, w, C).
+            out = EncoderOutput(tuple(s.squeeze(1) for s in out.stages), out.f4_norm.squeeze(1))
+        return out
+
+
+def _init_weights(m: nn.Module) -> None:
+    """DESIGN §2 "Init": Linear trunc-normal(0.02), bias 0; LayerNorm 1/0; relative tables trunc-normal(0.02)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, WindowAttention3D):
+        nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+
+
+def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
+    return SwinTransformer3D(get_config(preset, **overrides))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing (DESIGN §7, §9)
+
+
+def strip_prefix(state_dict: dict, prefix: str) -> dict:
+    """Keep the entries under `prefix` with it removed, e.g. strip_prefix(sd, 'backbone.')."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _table_grid(length: int, window: Sequence[int]) -> tuple:
+    grid = tuple(2 * w - 1 for w in window)
+    if math.prod(grid) != length:
+        raise ValueError(f"relative_position_bias_table has {length} rows; a window {tuple(window)} "
+                         f"needs {math.prod(grid)} = {'x'.join(map(str, grid))}")
+    return grid
+
+
+def resize_relative_tables(state_dict: dict, old_window: Sequence[int], new_window: Sequence[int]) -> dict:
+    """Resize every 3D relative_position_bias_table from `old_window` to `new_window` (trilinear).
+
+    E.g. (8,7,7) -> (16,7,7) for SSv2 finetuning (DESIGN §7): a (15·13·13, nh)
+    table is viewed as an (nh, 15, 13, 13) grid of offsets and interpolated to
+    (nh, 31, 13, 13). With align_corners=False the centre (offset 0) maps to
+    the centre, so the Δt = 0 slice is kept exactly. Index buffers are dropped
+    (they are re-derived on load).
+    """
+    old_window, new_window = tuple(old_window), tuple(new_window)
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("relative_position_index"):
+            continue
+        if k.endswith("relative_position_bias_table") and old_window != new_window:
+            grid = _table_grid(v.shape[0], old_window)
+            new_grid = tuple(2 * w - 1 for w in new_window)
+            t = v.float().T.reshape(1, v.shape[1], *grid)         # (1, nh, 2Wt-1, 2Wh-1, 2Ww-1)
+            t = F.interpolate(t, size=new_grid, mode="trilinear", align_corners=False)
+            v = t.reshape(v.shape[1], -1).T.contiguous().to(v.dtype)   # (prod(new_grid), nh)
+        out[k] = v
+    return out
+
+
+def inflate_2d_state_dict(state_dict_2d: dict, config: SwinConfig, image_embed: bool = True) -> dict:
+    """Turn a 2D Swin image checkpoint (Liu et al. 2021 layout) into this encoder's keys.
+
+    * patch_embed.proj.weight (C, 3, 4, 4) -> (C, 3, pt, 4, 4), copied into every
+      temporal slice and divided by pt, so a static clip gives the 2D features
+      (I3D-style inflation, Video Swin `inflate_weights`);
+    * relative tables ((2Wh-1)(2Ww-1), nh) -> resized bicubically if the 2D
+      window differs, then tiled over the 2Wt-1 temporal offsets, so every
+      Δt row (in particular Δt = 0) equals the 2D table;
+    * the 2D patch embedding is also copied to `patch_embed_2d` (the image
+      stream) when `image_embed`;
+    * dropped: relative_position_index and attn_mask buffers, the 2D head.
+    Missing `head.*` or `mask_token` keys are expected to be reported by the loader.
+    """
+    Wt, Wh, Ww = config.window_size
+    pt = config.patch_size[0]
+    out = {}
+    for k, v in state_dict_2d.items():
+        if k.endswith(("relative_position_index", "attn_mask")) or k.startswith("head."):
+            continue
+        if k == "patch_embed.proj.weight":
+            if v.dim() != 4:
+                raise ValueError(f"expected a 2D patch embedding (C, 3, 4, 4) for {k}, got {tuple(v.shape)}")
+            if image_embed:
+                out["patch_embed_2d.proj.weight"] = v.clone()
+            v = v.unsqueeze(2).repeat(1, 1, pt, 1, 1) / pt         # (C, 3, pt, 4, 4)
+        elif k.startswith("patch_embed.") and image_embed:
+            out["patch_embed_2d." + k[len("patch_embed."):]] = v.clone()
+        elif k.endswith("relative_position_bias_table"):
+            nh = v.shape[1]
+            side = int(round(math.sqrt(v.shape[0])))
+            if side * side != v.shape[0]:
+                raise ValueError(f"{k}: expected a square 2D table, got {tuple(v.shape)}")
+            if side != 2 * Wh - 1 or side != 2 * Ww - 1:
+                t = v.float().T.reshape(1, nh, side, side)
+                t = F.interpolate(t, size=(2 * Wh - 1, 2 * Ww - 1), mode="bicubic", align_corners=False)
+                v = t.reshape(nh, -1).T.to(v.dtype)
+            v = v.repeat(2 * Wt - 1, 1)                            # ((2Wt-1)(2Wh-1)(2Ww-1), nh), Δt-major
+        out[k] = v
+    return out
+
+
+def param_count(model: nn.Module, exclude: Sequence[str] = ()) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(tuple(exclude)))

@@ -1,0 +1,512 @@
+"""Tests of swin3d.py: shapes, SDPA == explicit attention, weight sharing between
+the image and video streams, gradient checkpointing, parameter counts,
+checkpoint layout, inflation and window resizing (DESIGN §2, §9, §10)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import swin3d
+from swin3d import (SwinTransformer3D, clamp_window, get_config, relative_position_index,
+                    shift_mask, window_partition, window_reverse)
+
+
+def small_model(**kw):
+    """The CPU preset without stochastic depth: deterministic and fast."""
+    kw.setdefault("drop_path_rate", 0.0)
+    torch.manual_seed(0)
+    return swin3d.build_encoder("cpu", **kw)
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(a, b, atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base", "large", "cpu"])
+def test_stage_shapes_every_preset(preset):
+    # Meta tensors carry shapes only: every preset, both streams, in milliseconds.
+    with torch.device("meta"):
+        m = swin3d.build_encoder(preset)
+        C = m.embed_dim
+        video = m(torch.empty(2, 3, 16, 224, 224))
+        image = m(torch.empty(3, 3, 224, 224))
+    for i, (v, im) in enumerate(zip(video.stages, image.stages)):
+        side = 56 // 2 ** i
+        assert tuple(v.shape) == (2, 8, side, side, C * 2 ** i)        # time never downsampled
+        assert tuple(im.shape) == (3, side, side, C * 2 ** i)
+    assert tuple(video.f4_norm.shape) == (2, 8, 7, 7, 8 * C)
+    assert tuple(image.f4_norm.shape) == (3, 7, 7, 8 * C)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 70, 90), (2, 3, 3, 33, 47), (1, 3, 70, 90)])
+def test_odd_sizes_are_padded(shape):
+    m = small_model()
+    out = m(torch.randn(shape))
+    t = math.ceil(shape[2] / 2) if len(shape) == 5 else None
+    h, w = math.ceil(shape[-2] / 4), math.ceil(shape[-1] / 4)
+    for i, f in enumerate(out.stages):
+        expected = (shape[0],) + ((t,) if t else ()) + (h, w, m.embed_dim * 2 ** i)
+        assert tuple(f.shape) == expected
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        assert torch.isfinite(f).all()
+
+
+def test_real_shapes_tiny_both_streams():
+    torch.manual_seed(0)
+    m = swin3d.build_encoder("tiny").eval()
+    with torch.no_grad():
+        v = m(torch.randn(1, 3, 4, 64, 64))
+        i = m(torch.randn(2, 3, 64, 64))
+    assert [tuple(f.shape) for f in v.stages] == [(1, 2, 16, 16, 96), (1, 2, 8, 8, 192),
+                                                  (1, 2, 4, 4, 384), (1, 2, 2, 2, 768)]
+    assert [tuple(f.shape) for f in i.stages] == [(2, 16, 16, 96), (2, 8, 8, 192),
+                                                  (2, 4, 4, 384), (2, 2, 2, 768)]
+    # f4_norm is the final LayerNorm of F4.
+    assert close(i.f4_norm, m.norm(i.f4))
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+
+def test_clamp_window():
+    assert clamp_window((8, 56, 56), (8, 7, 7), (4, 3, 3)) == ((8, 7, 7), (0, 3, 3))
+    assert clamp_window((1, 56, 56), (8, 7, 7), (4, 3, 3)) == ((1, 7, 7), (0, 3, 3))
+    assert clamp_window((16, 4, 9), (8, 7, 7), (4, 3, 3)) == ((8, 4, 7), (4, 0, 3))
+
+
+def test_partition_reverse_roundtrip():
+    x = torch.randn(2, 4, 14, 21, 5)
+    w = window_partition(x, (2, 7, 7))
+    assert w.shape == (2, 2 * 2 * 3, 2 * 7 * 7, 5)
+    # The first window holds x[:, :2, :7, :7] in time-major order.
+    assert torch.equal(w[:, 0], x[:, :2, :7, :7].reshape(2, -1, 5))
+    assert torch.equal(window_reverse(w, (2, 7, 7), (4, 14, 21)), x)
+
+
+@pytest.mark.parametrize("size,window,shift", [((4, 14, 14), (2, 7, 7), (1, 3, 3)),
+                                               ((1, 14, 21), (1, 7, 7), (0, 3, 3)),
+                                               ((4, 8, 8), (4, 4, 4), (0, 2, 2))])
+def test_shift_mask_matches_brute_force(size, window, shift):
+    """After rolling by -s, a token at rolled coordinate p along an axis of length n
+    came from across the wrap iff p >= n - s. Two tokens may attend iff they agree
+    on that, on every axis (an independent formulation of Swin's region labels)."""
+    mask = shift_mask(size, window, shift)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in size], indexing="ij"), -1)
+    wrapped = torch.stack([(coords[..., a] >= size[a] - shift[a]) & (shift[a] > 0) for a in range(3)], -1)
+    wins = window_partition(wrapped.unsqueeze(0).float(), window)[0]      # (nW, N, 3)
+    allowed = (wins[:, :, None, :] == wins[:, None, :, :]).all(-1)         # (nW, N, N)
+    assert torch.equal(mask == 0, allowed)
+    assert set(mask.unique().tolist()) <= {0.0, -100.0}
+    assert shift_mask(size, window, (0, 0, 0)) is None
+
+
+def decode_offsets(index, table_window):
+    """Invert DESIGN §2's index formula into (dt, dh, dw)."""
+    Wt, Wh, Ww = table_window
+    dw = index % (2 * Ww - 1) - (Ww - 1)
+    dh = (index // (2 * Ww - 1)) % (2 * Wh - 1) - (Wh - 1)
+    dt = index // ((2 * Wh - 1) * (2 * Ww - 1)) - (Wt - 1)
+    return dt, dh, dw
+
+
+@pytest.mark.parametrize("window", [(8, 7, 7), (3, 7, 7), (8, 4, 4), (1, 7, 7), (2, 3, 5)])
+def test_relative_index_encodes_true_offsets(window):
+    idx = relative_position_index(window, (8, 7, 7))
+    coords = [(t, h, w) for t in range(window[0]) for h in range(window[1]) for w in range(window[2])]
+    dt, dh, dw = decode_offsets(idx, (8, 7, 7))
+    for i in (0, len(coords) // 3, len(coords) - 1):
+        for j in range(len(coords)):
+            assert (dt[i, j].item(), dh[i, j].item(), dw[i, j].item()) == tuple(
+                a - b for a, b in zip(coords[i], coords[j]))
+
+
+def test_image_index_is_the_dt0_submatrix_of_the_video_index():
+    full = relative_position_index((8, 7, 7), (8, 7, 7))
+    img = relative_position_index((1, 7, 7), (8, 7, 7))
+    assert torch.equal(img, full[:49, :49])
+    assert (decode_offsets(img, (8, 7, 7))[0] == 0).all()
+    # Where only time shrinks we agree with the released index[:N, :N] slicing ...
+    assert torch.equal(relative_position_index((4, 7, 7), (8, 7, 7)), full[:196, :196])
+    # ... where a spatial extent shrinks, the slice picks wrong offsets and we do not.
+    assert not torch.equal(relative_position_index((8, 4, 4), (8, 7, 7)), full[:128, :128])
+
+
+def test_geometry_is_cached_per_shape():
+    m = small_model()
+    x = torch.randn(1, 3, 4, 64, 64)
+    m(x)
+    n = len(swin3d._GEOMETRY_CACHE)
+    first = dict(swin3d._GEOMETRY_CACHE)
+    m(x)
+    m(x)
+    assert len(swin3d._GEOMETRY_CACHE) == n
+    assert all(swin3d._GEOMETRY_CACHE[k] is v for k, v in first.items())
+
+
+# ----------------------------------------------------------------------------- SDPA == explicit
+
+def test_window_attention_sdpa_equals_reference():
+    torch.manual_seed(0)
+    B, nW, nh, N, hd = 2, 3, 4, 18, 8
+    q, k, v = (torch.randn(B, nW, nh, N, hd) for _ in range(3))
+    bias = torch.randn(nh, N, N)
+    mask = torch.zeros(nW, N, N)
+    mask[1:, :5, 5:] = -100.0
+    for m in (None, mask):
+        ref = swin3d.attention_reference(q, k, v, bias, m)
+        assert close(swin3d._sdpa_windows(q, k, v, bias, m, 0.0), ref)
+    # The mask really changes the result (it is not silently dropped).
+    assert not close(swin3d.attention_reference(q, k, v, bias, mask), swin3d.attention_reference(q, k, v, bias, None))
+
+
+@pytest.mark.parametrize("stream", ["video", "image"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_encoder_sdpa_equals_explicit(stream, with_mask):
+    # Window (2,4,4) on a 4x18x18 token grid: time and space are shifted and
+    # padded (18 is not a multiple of 4); later stages clamp the window.
+    m = small_model(window_size=(2, 4, 4))
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 8, 72, 72) if stream == "video" else torch.randn(2, 3, 72, 72)
+    mask = None
+    if with_mask:
+        # 72 px is no multiple of 16, so use 80 px for masked inputs.
+        x = F.pad(x, (0, 8, 0, 8))
+        grid = (2, 4, 5, 5) if stream == "video" else (2, 5, 5)
+        mask = torch.rand(grid) < 0.5
+    m.set_attention("sdpa")
+    out_f = m(x, mask)
+    m.set_attention("explicit")
+    out_e = m(x, mask)
+    for a, b in zip(out_f.stages, out_e.stages):
+        assert close(a, b)
+    # Gradients agree too; compared in float64, where the two paths differ only by
+    # rounding (in fp32 the LayerNorm-heavy loss amplifies rounding to ~1e-3).
+    m, x = m.double(), x.double()
+    grads = []
+    for impl in ("sdpa", "explicit"):
+        m.set_attention(impl)
+        grads.append(torch.autograd.grad(m(x, mask).f4_norm.square().sum(), list(m.parameters()),
+                                         allow_unused=True))
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-9, rtol=1e-7)
+
+
+# ----------------------------------------------------------------------------- weight sharing
+
+def reference_2d_block(blk, x, window, shift):
+    """An independent 2D Swin block (Liu et al. 2021) on tokens (B, h, w, C) using
+    blk's weights and the Δt = 0 rows of its 3D bias table."""
+    B, h, w, C = x.shape
+    attn = blk.attn
+    Wt, Wh, Ww = attn.window_size
+    nh = attn.num_heads
+    y = blk.norm1(x)
+    if any(shift):
+        y = torch.roll(y, (-shift[0], -shift[1]), (1, 2))
+    y = y.view(B, h // window[0], window[0], w // window[1], window[1], C).permute(0, 1, 3, 2, 4, 5)
+    y = y.reshape(-1, window[0] * window[1], C)                       # (B*nW, N, C)
+    N = y.shape[1]
+    qkv = attn.qkv(y).view(-1, N, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    # 2D relative index built from 2D offsets, shifted to the Δt = 0 block of the table.
+    ch, cw = torch.meshgrid(torch.arange(window[0]), torch.arange(window[1]), indexing="ij")
+    ch, cw = ch.flatten(), cw.flatten()
+    dh, dw = ch[:, None] - ch[None], cw[:, None] - cw[None]
+    idx = (Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1) + (dh + Wh - 1) * (2 * Ww - 1) + (dw + Ww - 1)
+    logits = (q * attn.scale) @ k.transpose(-2, -1) + attn.relative_position_bias_table[idx].permute(2, 0, 1)
+    if any(shift):
+        # Swin 2D mask: region labels from slicing each axis into 3 parts.
+        lab = torch.zeros(h, w)
+        n = 0
+        for sh in (slice(0, -window[0]), slice(-window[0], -shift[0]), slice(-shift[0], None)):
+            for sw in (slice(0, -window[1]), slice(-window[1], -shift[1]), slice(-shift[1], None)):
+                lab[sh, sw] = n
+                n += 1
+        lab = lab.view(h // window[0], window[0], w // window[1], window[1]).permute(0, 2, 1, 3).reshape(-1, N)
+        m2 = (lab[:, None, :] != lab[:, :, None]).float() * -100.0     # (nW, N, N)
+        logits = logits.view(B, -1, nh, N, N) + m2[None, :, None]
+        logits = logits.view(-1, nh, N, N)
+    y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(-1, N, C)
+    y = attn.proj(y)
+    y = y.view(B, h // window[0], w // window[1], window[0], window[1], C).permute(0, 1, 3, 2, 4, 5)
+    y = y.reshape(B, h, w, C)
+    if any(shift):
+        y = torch.roll(y, shift, (1, 2))
+    x = x + y
+    return x + blk.mlp(blk.norm2(x))
+
+
+def test_image_stream_is_2d_swin_with_dt0_bias():
+    m = small_model().eval()
+    stage = m.layers[2]                                                 # the cpu preset's 2-block stage
+    assert len(stage.blocks) == 2
+    x = torch.randn(2, 14, 14, 4 * m.embed_dim)                        # image tokens, 2x2 windows of 7x7
+    with torch.no_grad():
+        ref = reference_2d_block(stage.blocks[1], reference_2d_block(stage.blocks[0], x, (7, 7), (0, 0)),
+                                 (7, 7), (3, 3))
+        ours, _ = stage(x.unsqueeze(1))                                  # one time step
+    assert close(ours.squeeze(1), ref)
+
+
+def test_image_path_equals_one_step_video_path():
+    # Give the 3D embedding the inflated 2D weights: a 2-frame static clip then embeds
+    # to the same tokens as the image, and must give the same features at every stage.
+    m = small_model().eval()
+    with torch.no_grad():
+        w2 = m.patch_embed_2d.proj.weight
+        m.patch_embed.proj.weight.copy_(w2.unsqueeze(2).repeat(1, 1, 2, 1, 1) / 2)
+        m.patch_embed.proj.bias.copy_(m.patch_embed_2d.proj.bias)
+        m.patch_embed.norm.load_state_dict(m.patch_embed_2d.norm.state_dict())
+        img = torch.randn(2, 3, 64, 64)
+        mask = torch.rand(2, 4, 4) < 0.5
+        out_i = m(img, mask)
+        out_v = m(img.unsqueeze(2).repeat(1, 1, 2, 1, 1), mask.unsqueeze(1))
+    for a, b in zip(out_i.stages, out_v.stages):
+        assert b.shape[1] == 1 and close(a, b.squeeze(1))
+    # Both streams share every block weight: there is one set of blocks only.
+    names = [n for n, _ in m.named_parameters()]
+    assert not any("2d" in n for n in names if n.startswith("layers."))
+
+
+# ----------------------------------------------------------------------------- mask token
+
+def test_mask_token_replaces_masked_tokens():
+    m = small_model()
+    x = torch.randn(1, 3, 4, 64, 64)
+    mask = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    mask[0, 1, 2, 3] = True
+    tok = m.embed(x, mask)
+    plain = m.patch_embed(x)
+    # Tokenizer cell (t=1, 2, 3) covers tokens h 8..11, w 12..15.
+    sel = torch.zeros(1, 2, 16, 16, dtype=torch.bool)
+    sel[0, 1, 8:12, 12:16] = True
+    assert torch.equal(tok[sel], m.mask_token[0].expand(16, -1))
+    assert torch.equal(tok[~sel], plain[~sel])
+
+
+def test_fully_masked_input_ignores_pixels():
+    m = small_model().eval()
+    mask = torch.ones(1, 4, 4, dtype=torch.bool)
+    a = m(torch.randn(1, 3, 64, 64), mask).f4_norm
+    b = m(torch.randn(1, 3, 64, 64), mask).f4_norm
+    assert close(a, b)
+
+
+# ----------------------------------------------------------------------------- checkpointing
+
+@pytest.mark.parametrize("stream", ["video", "image"])
+def test_gradient_checkpointing_same_outputs_and_grads(stream):
+    m = small_model(drop_path_rate=0.2).train()          # stochastic depth: RNG must be replayed
+    x = torch.randn(2, 3, 4, 64, 64) if stream == "video" else torch.randn(2, 3, 64, 64)
+    mask = torch.rand((2, 2, 4, 4) if stream == "video" else (2, 4, 4)) < 0.5
+    results = []
+    for ckpt in (False, True):
+        m.set_grad_checkpointing(ckpt)
+        m.zero_grad()
+        torch.manual_seed(7)
+        out = m(x, mask)
+        (out.f4_norm.square().mean() + out.f3.mean()).backward()
+        results.append((out.f4_norm.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                                if p.grad is not None}))
+    (o0, g0), (o1, g1) = results
+    assert close(o0, o1)
+    assert g0.keys() == g1.keys() and "mask_token" in g0
+    for n in g0:
+        assert close(g0[n], g1[n], 1e-5), n
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+@pytest.mark.parametrize("preset,millions", [("tiny", 28.16), ("small", 49.82), ("base", 88.05), ("large", 196.95)])
+def test_parameter_counts_match_released_encoder(preset, millions):
+    # DESIGN §2: the released classification encoder (video patch embed with norm,
+    # 4 stages, final norm) plus Linear(8C -> 400); no image embedding or mask token.
+    with torch.device("meta"):
+        m = swin3d.build_encoder(preset)
+    n = swin3d.param_count(m, exclude=("patch_embed_2d.", "mask_token"))
+    n += m.num_features * 400 + 400
+    assert abs(n / 1e6 - millions) <= 0.05
+
+
+# ----------------------------------------------------------------------------- checkpoint layout
+
+def released_layout(cfg):
+    """Key -> shape of the released encoder (DESIGN §9), written out independently."""
+    C, (Wt, Wh, Ww) = cfg.embed_dim, cfg.window_size
+    keys = {"patch_embed.proj.weight": (C, 3, 2, 4, 4), "patch_embed.proj.bias": (C,),
+            "patch_embed.norm.weight": (C,), "patch_embed.norm.bias": (C,),
+            "patch_embed_2d.proj.weight": (C, 3, 4, 4), "patch_embed_2d.proj.bias": (C,),
+            "patch_embed_2d.norm.weight": (C,), "patch_embed_2d.norm.bias": (C,),
+            "mask_token": (1, 1, C), "norm.weight": (8 * C,), "norm.bias": (8 * C,)}
+    N = Wt * Wh * Ww
+    for i, (d, nh) in enumerate(zip(cfg.depths, cfg.num_heads)):
+        c = C * 2 ** i
+        for j in range(d):
+            p = f"layers.{i}.blocks.{j}."
+            for n in ("norm1", "norm2"):
+                keys[p + n + ".weight"] = keys[p + n + ".bias"] = (c,)
+            keys[p + "attn.relative_position_bias_table"] = ((2 * Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1), nh)
+            keys[p + "attn.relative_position_index"] = (N, N)
+            keys[p + "attn.qkv.weight"], keys[p + "attn.qkv.bias"] = (3 * c, c), (3 * c,)
+            keys[p + "attn.proj.weight"], keys[p + "attn.proj.bias"] = (c, c), (c,)
+            keys[p + "mlp.fc1.weight"], keys[p + "mlp.fc1.bias"] = (4 * c, c), (4 * c,)
+            keys[p + "mlp.fc2.weight"], keys[p + "mlp.fc2.bias"] = (c, 4 * c), (c,)
+        if i < 3:
+            keys[f"layers.{i}.downsample.norm.weight"] = keys[f"layers.{i}.downsample.norm.bias"] = (4 * c,)
+            keys[f"layers.{i}.downsample.reduction.weight"] = (2 * c, 4 * c)
+    return keys
+
+
+def test_state_dict_keys_equal_released_layout():
+    m = small_model()
+    expected = released_layout(m.config)
+    sd = m.state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+
+
+def test_released_checkpoint_loads_and_index_is_rederived():
+    m = small_model()
+    torch.manual_seed(3)
+    ckpt = {"state_dict": {}}
+    for k, shape in released_layout(m.config).items():
+        ckpt["state_dict"]["backbone." + k] = (torch.randint(0, 5, shape) if k.endswith("index")
+                                               else torch.randn(shape))
+    ckpt["state_dict"]["cls_head.lm_head.weight"] = torch.randn(8192, 8 * m.embed_dim)
+    sd = swin3d.strip_prefix(ckpt["state_dict"], "backbone.")
+    result = m.load_state_dict(sd, strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    table = "layers.2.blocks.1.attn.relative_position_bias_table"
+    assert torch.equal(m.state_dict()[table], sd[table])
+    # The garbage index of the checkpoint was not taken.
+    idx = m.layers[0].blocks[0].attn.relative_position_index
+    assert torch.equal(idx, relative_position_index((8, 7, 7), (8, 7, 7)))
+
+
+# ----------------------------------------------------------------------------- inflation, resizing
+
+def fake_2d_swin(C=32, depths=(1, 1, 2, 1), heads=(1, 2, 4, 8), window=7):
+    """A 2D Swin (Liu et al. 2021) state dict: its key layout, random values of a
+    trained network's scale (std 0.05) so activations stay O(1)."""
+    sd = {"patch_embed.proj.weight": torch.randn(C, 3, 4, 4), "patch_embed.proj.bias": torch.randn(C),
+          "patch_embed.norm.weight": torch.randn(C), "patch_embed.norm.bias": torch.randn(C),
+          "norm.weight": torch.randn(8 * C), "norm.bias": torch.randn(8 * C),
+          "head.weight": torch.randn(1000, 8 * C), "head.bias": torch.randn(1000)}
+    for i, (d, nh) in enumerate(zip(depths, heads)):
+        c = C * 2 ** i
+        for j in range(d):
+            p = f"layers.{i}.blocks.{j}."
+            sd[p + "attn.relative_position_bias_table"] = torch.randn((2 * window - 1) ** 2, nh)
+            sd[p + "attn.relative_position_index"] = torch.zeros(window ** 2, window ** 2, dtype=torch.long)
+            if j % 2:
+                sd[p + "attn_mask"] = torch.zeros(4, window ** 2, window ** 2)
+            for n, shape in (("norm1.weight", (c,)), ("norm1.bias", (c,)), ("norm2.weight", (c,)),
+                             ("norm2.bias", (c,)), ("attn.qkv.weight", (3 * c, c)), ("attn.qkv.bias", (3 * c,)),
+                             ("attn.proj.weight", (c, c)), ("attn.proj.bias", (c,)),
+                             ("mlp.fc1.weight", (4 * c, c)), ("mlp.fc1.bias", (4 * c,)),
+                             ("mlp.fc2.weight", (c, 4 * c)), ("mlp.fc2.bias", (c,))):
+                sd[p + n] = torch.randn(shape) * 0.05
+        if i < 3:
+            sd[f"layers.{i}.downsample.norm.weight"] = torch.randn(4 * c)
+            sd[f"layers.{i}.downsample.norm.bias"] = torch.randn(4 * c)
+            sd[f"layers.{i}.downsample.reduction.weight"] = torch.randn(2 * c, 4 * c)
+    return sd
+
+
+def test_inflate_2d_checkpoint():
+    m = small_model()
+    sd2 = fake_2d_swin()
+    sd3 = swin3d.inflate_2d_state_dict(sd2, m.config)
+    result = m.load_state_dict(sd3, strict=False)
+    assert set(result.missing_keys) == {"mask_token"}
+    assert result.unexpected_keys == []
+    t2 = sd2["layers.2.blocks.1.attn.relative_position_bias_table"]
+    t3 = m.layers[2].blocks[1].attn.relative_position_bias_table.detach()
+    assert t3.shape == (15 * 13 * 13, 4)
+    assert torch.equal(t3.view(15, 169, 4)[7], t2)                     # Δt = 0 rows = the 2D table
+    assert torch.equal(t3.view(15, 169, 4)[0], t2)                     # tiled over every Δt
+    w3 = m.patch_embed.proj.weight.detach()
+    assert w3.shape == (32, 3, 2, 4, 4) and close(w3.sum(2), sd2["patch_embed.proj.weight"])
+    assert torch.equal(m.patch_embed_2d.proj.weight, sd2["patch_embed.proj.weight"])
+    # The inflated model's image stream equals a 2D Swin block on the same tokens.
+    x = torch.randn(1, 14, 14, 32)
+    m.eval()
+    with torch.no_grad():
+        ours, _ = m.layers[0](x.unsqueeze(1))
+        ref = reference_2d_block(m.layers[0].blocks[0], x, (7, 7), (0, 0))
+    assert close(ours.squeeze(1), ref)
+
+
+def test_inflate_resizes_a_different_2d_window():
+    cfg = get_config("cpu")
+    sd3 = swin3d.inflate_2d_state_dict(fake_2d_swin(window=12), cfg)
+    assert sd3["layers.0.blocks.0.attn.relative_position_bias_table"].shape == (15 * 13 * 13, 1)
+
+
+def test_resize_relative_tables_8_to_16():
+    m8 = small_model()
+    sd = m8.state_dict()
+    sd16 = swin3d.resize_relative_tables(sd, (8, 7, 7), (16, 7, 7))
+    m16 = small_model(window_size=(16, 7, 7))
+    result = m16.load_state_dict(sd16, strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.endswith("relative_position_index") for k in result.missing_keys)
+    t8 = sd["layers.1.blocks.0.attn.relative_position_bias_table"].view(15, 13, 13, -1)
+    t16 = m16.layers[1].blocks[0].attn.relative_position_bias_table.detach().view(31, 13, 13, -1)
+    assert close(t16[15], t8[7])                                        # Δt = 0 kept exactly
+    assert close(t16[0], t8[0]) and close(t16[-1], t8[-1])              # ends map to ends
+    # Between grid points, trilinear: the value lies between its neighbours.
+    mid = t16[16]
+    lo, hi = torch.minimum(t8[7], t8[8]), torch.maximum(t8[7], t8[8])
+    assert ((mid >= lo - 1e-6) & (mid <= hi + 1e-6)).all()
+    # Same window: unchanged.
+    same = swin3d.resize_relative_tables(sd, (8, 7, 7), (8, 7, 7))
+    assert torch.equal(same["layers.1.blocks.0.attn.relative_position_bias_table"],
+                       sd["layers.1.blocks.0.attn.relative_position_bias_table"])
+    with pytest.raises(ValueError, match="needs"):
+        swin3d.resize_relative_tables(sd, (4, 7, 7), (16, 7, 7))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("x,mask,match", [
+    (torch.randn(3, 64, 64), None, "expected a clip"),
+    (torch.randn(1, 1, 3, 4, 64, 64), None, "expected a clip"),
+    (torch.randn(1, 4, 64, 64), None, "input channels"),
+    (torch.randn(1, 3, 64, 64), torch.zeros(1, 4, 4), "bool"),
+    (torch.randn(1, 3, 64, 64), torch.zeros(1, 8, 8, dtype=torch.bool), "expected \\(1, 4, 4\\)"),
+    (torch.randn(1, 3, 4, 64, 64), torch.zeros(1, 4, 4, dtype=torch.bool), "expected \\(1, 2, 4, 4\\)"),
+    (torch.randn(1, 3, 60, 64), torch.zeros(1, 4, 4, dtype=torch.bool), "divisible by 16"),
+])
+def test_bad_input_is_a_clear_error(x, mask, match):
+    m = small_model()
+    with pytest.raises(ValueError, match=match):
+        m(x, mask)
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="expected one of"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="unknown SwinConfig fields"):
+        get_config("tiny", windw=(8, 7, 7))
+
+
+def test_auto_attention_picks_a_kernel_and_agrees():
+    m = small_model(window_size=(2, 4, 4))
+    x = torch.randn(1, 3, 8, 64, 64)
+    outs = {}
+    for impl in ("auto", "sdpa", "explicit"):
+        m.set_attention(impl)
+        with torch.no_grad():
+            outs[impl, "infer"] = m(x).f4_norm
+        outs[impl, "train"] = m(x).f4_norm.detach()
+    # Inference: auto runs SDPA; CPU training (the bias needs a gradient): the explicit formula.
+    assert torch.equal(outs["auto", "infer"], outs["sdpa", "infer"])
+    assert torch.equal(outs["auto", "train"], outs["explicit", "train"])
+    assert close(outs["sdpa", "train"], outs["explicit", "train"])
+    with pytest.raises(ValueError, match="expected one of"):
+        m.set_attention("flash")
