@@ -96,6 +96,12 @@ class ImageDecoder(nn.Module):
 # The model
 
 
+def target_mask(mask: torch.Tensor, frames: int, temporal_patch: int = 2) -> torch.Tensor:
+    """Video input mask (B, T/2, h, w) -> target mask (B, T, h, w): repeated x2 in time (DESIGN §3),
+    cropped to the number of frames (odd T is padded by the patch embedding)."""
+    return mask.repeat_interleave(temporal_patch, dim=1)[:, :frames]
+
+
 class LoadReport(NamedTuple):
     """What a checkpoint load did: `missing` = our keys it did not provide,
     `unused` = its keys (original names) that were not loaded."""
@@ -144,9 +150,7 @@ class BEVT(nn.Module):
             raise ValueError(f"tokenizer codes must be int64, got {codes.dtype}")
         feats = self.features(x, mask)
         if x.dim() == 5:
-            # Target mask: the input mask (B, T/2, h, w) repeated x2 in time -> (B, T, h, w) (DESIGN §3).
-            pt = self.config.swin.patch_size[0]
-            mask = mask.repeat_interleave(pt, dim=1)[:, : codes.shape[1]]
+            mask = target_mask(mask, codes.shape[1], self.config.swin.patch_size[0])
             feats = feats[:, : codes.shape[1]]                              # drop the time padding, if any
         if feats.shape[:-1] != codes.shape:
             raise ValueError(f"codes of shape {tuple(codes.shape)} do not match the decoder grid "

@@ -76,7 +76,7 @@ PRESETS: dict[str, SwinConfig] = {
     "large": SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
     # CPU-sized preset for the offline demo on the synthetic data set: the
     # architecture of Swin-T with a quarter of its width and one block in the
-    # outer stages (~1.2M parameters). Window (8, 7, 7) is kept: small inputs
+    # outer stages (1.48M encoder parameters). Window (8, 7, 7) is kept: small inputs
     # simply shrink it, as they do for the paper's models.
     "cpu": SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.1),
 }
@@ -312,9 +312,10 @@ class WindowAttention3D(nn.Module):
         p = self.attn_drop if self.training else 0.0
         if self.attention == "sdpa" or (self.attention == "auto" and not (
                 # PyTorch's CPU flash kernel has no gradient for attn_mask, so with a
-                # learnable bias SDPA falls back to its math kernel, which measured
-                # ~15-25% slower than the explicit formula on CPU (benchmarks/bench_swin3d.py).
-                # CUDA's memory-efficient kernel does give that gradient.
+                # learnable bias SDPA falls back to its math kernel, which is no faster
+                # than the explicit formula (whole model, benchmarks/bench_swin3d.py) and
+                # up to ~25% slower in isolated attention timings. CUDA's
+                # memory-efficient kernel does give that gradient, so GPUs use SDPA.
                 q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad)):
             out = _sdpa_windows(q, k, v, bias, mask, p)
         else:

@@ -1,0 +1,1577 @@
+"""Data: video clips and images on disk -> augmented, masked batches for BEVT.
+
+Implements the data side of the paper's §4.1 "Implementation details" and the
+finetuning protocols, as pinned down in ../shared/DESIGN.md §6 (pretraining
+recipe and augmentation), §7 (finetuning data, the Table 2 temporal probes) and
+§3 (masks, drawn here per sample with masking.py). The released BEVT configs
+(`swin_base_patch244_window877_bevt_in1k_k400.py`, `..._finetune_k400.py`,
+`..._window1677_bevt_finetune_ssv2.py`) settle the details the paper leaves out;
+every difference from them is marked `# Differs from the released code:`.
+
+What is here, bottom-up:
+
+    annotation lists      `relative/path.mp4 label` per line + a root folder (Kinetics/SSv2 style);
+                          images as an ImageNet folder tree (`class/xxx.JPEG`) or the same list format
+    frame sampling        dense with an interval (pretraining 16 x 8, K400 32 x 2), uniform segments
+                          (SSv2, 32 frames over the whole video), N evenly spaced test clips; short
+                          videos loop (indices mod num_frames), as the released SampleFrames does
+    decoding              PyAV: seek to the keyframe before the first needed frame, decode up to the
+                          last one with decoder threads, convert only the needed frames to RGB
+    augmentation          torch tensors only (torchvision has no CPU build here): short-side rescale,
+                          random / centre / three crop, random-resized-crop, flip, colour jitter,
+                          RandAugment (n, m), random erasing, Lanczos half-size tokenizer copy,
+                          mean/std normalisation. One crop and flip for all frames of a clip.
+    masks                 masking.MaskGenerator per sample, reseeded per (rank, worker, epoch)
+    robustness            a file that cannot be decoded is replaced by another sample, logged once
+                          with its path and counted; every epoch reports the count
+    loaders               DistributedSampler + DataLoader (`EpochLoader`); the joint stage pairs each
+                          video batch with an image batch in the recipe ratio (`JointLoader`)
+    synthetic data        `make-synthetic`: a small real data set (H.264 mp4, PNG/JPEG) whose labels
+                          need appearance only or need time (CPU stand-in for K400 vs SSv2, Table 2)
+
+Sample layouts (one dict per sample; the default collate stacks them into a
+batch with a leading B axis; `label` and `index` become int64 tensors):
+
+    pretraining clip      video         (3, T, H, W)        float32, ImageNet mean/std normalised
+                          video_tok     (3, T, H/2, W/2)    float32 in [0, 1]: the same crop, Lanczos
+                                                            half size, NOT normalised (tokenizer input)
+                          video_mask    (T/2, H/16, W/16)   bool input mask, True = masked (masking.py)
+                          video_target  (T, H/16, W/16)     bool target mask (input mask repeated x2 in time)
+                          label, index  int                 annotation label; row of the annotation list
+    pretraining image     image (3, H, W), image_tok (3, H/2, W/2), image_mask (H/16, W/16),
+                          image_target (H/16, W/16), label, index      (same conventions)
+    finetuning clip       video (3, T, H, W) normalised, label, index            (train / val)
+                          video (V, 3, T, H, W), V = clips x crops, crop-major   (test)
+    joint batch           the video keys and the image keys in one dict, with `video_label`,
+                          `video_index`, `image_label`, `image_index` instead of label / index
+
+`index` is the row actually returned (a replaced bad file gives its
+replacement's row), so evaluation can drop the duplicates that
+DistributedSampler pads in. Samples also carry `skipped` (a string naming the
+files that failed before this sample was found); the loaders below consume it.
+
+Usage (train.py / finetune.py):
+
+    cfg = PretrainDataConfig(frames=8, crop=112, short_side=(128, 160))     # CPU demo sizes
+    root = ensure_synthetic("data/synthetic")                              # generated on first use
+    loader = build_pretrain_loader("joint", cfg, video_ann=root / "videos/train_appearance.txt",
+                                   video_root=root / "videos", image_root=root / "images/train",
+                                   rank=rank, world_size=world_size)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)              # DistributedSampler order, mask streams
+        for batch in loader: ...             # batch["video"], batch["image_tok"], ...
+
+    ft = FINETUNE_RECIPES["ssv2"]            # or "k400"; dataclasses.replace(ft, frames=8, ...)
+    train = build_finetune_loader("train", ft, ann=..., root=..., rank=rank, world_size=world_size)
+
+Commands:
+
+    python data.py make-synthetic --out data/synthetic [--seed 0 --train 200 --val 60]
+    python data.py check --ann LIST --root DIR      # decode every listed video, report bad files
+
+Speed: `python benchmarks/bench_data.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from masking import MaskGenerator, derive_seed, seed_worker
+from tokenizer import lanczos_resize
+
+PathLike = Union[str, os.PathLike]
+log = logging.getLogger("bevt.data")
+
+# -----------------------------------------------------------------------------
+# The paper's and the released configs' numbers
+
+# Normalisation (DESIGN §6; released img_norm_cfg, RGB on 0-255).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+# Pretraining (DESIGN §6 table; released video_train_pipeline / image_train_pipeline).
+PRETRAIN_FRAMES = 16            # §4.1: "16 frames"; SampleFrames(clip_len=16)
+PRETRAIN_INTERVAL = 8           # SampleFrames(frame_interval=8)
+CROP = 224                      # §4.1: 224 x 224 crops; RandomCrop(size=224)
+RESCALE_RANGE = (256, 320)      # RandomRescale(scale_range=(256, 320)), bicubic
+FLIP_P = 0.5                    # Flip(flip_ratio=0.5)
+JITTER = 0.4                    # images: ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)
+VIDEO_BATCH = 8                 # per GPU: omni_videos_per_gpu=[8, 64] (DESIGN §6: 8 clips + 64 images)
+IMAGE_BATCH = 64
+WORKERS = 4                     # released workers_per_gpu=4
+TOKENIZER_DOWNSAMPLE = 2        # §3: the tokenizer sees the crop at 1/2 (CopyResize(scale=(112, 112)))
+
+# Finetuning (DESIGN §7; released finetune configs).
+K400_FRAMES, K400_INTERVAL = 32, 2     # SampleFrames(clip_len=32, frame_interval=2)
+SSV2_FRAMES = 32                       # SampleFrames(clip_len=32, frame_uniform=True): one per segment
+FINETUNE_SHORT_SIDE = 256              # train/val: Resize(scale=(-1, 256))
+TEST_SHORT_SIDE = 224                  # test: Resize(scale=(-1, 224)) + ThreeCrop(224)
+K400_TEST_CLIPS, SSV2_TEST_CLIPS = 4, 1    # §4.1 / DESIGN §7: 4 clips x 3 crops (K400), 1 x 3 (SSv2)
+TEST_CROPS = 3
+RRC_SCALE = (0.08, 1.0)                # RandomResizedCrop defaults: area_range
+RRC_RATIO = (3 / 4, 4 / 3)             # aspect_ratio_range (w/h)
+RRC_ATTEMPTS = 10                      # get_crop_bbox(max_attempts=10), then a centre crop
+RANDAUG_N, RANDAUG_M = 4, 7            # SSv2: Imgaug RandAugment(n=4, m=7)
+RANDAUG_M_MAX = 30                     # imgaug's RandAugment magnitude scale [0 .. 30]
+RANDAUG_FILL = 128                     # imgaug RandAugment cval
+ERASE_P = 0.25                         # SSv2: RandomErasing(probability=0.25) (timm)
+ERASE_AREA = (0.02, 1 / 3)             # timm RandomErasing min_area, max_area
+ERASE_ASPECT = 0.3                     # timm min_aspect; log-uniform in [0.3, 1/0.3]
+FINETUNE_BATCH = 8                     # videos_per_gpu=8
+EVAL_BATCH = 1                         # val/test videos_per_gpu=1
+
+# Robustness: how many replacement samples to try before deciding the data set
+# itself (not one file) is broken. Not a paper number.
+MAX_REPLACEMENTS = 50
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+# -----------------------------------------------------------------------------
+# Annotation lists and image folders
+
+
+def _check_exists(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def read_annotations(ann_file: PathLike, root: PathLike) -> list[tuple[Path, int]]:
+    """`relative/path label` per line -> [(root/relative/path, label)].
+
+    The format of the mmaction lists Kinetics and SSv2 users already have. The
+    path may contain spaces (the label is the last field); blank lines and
+    lines starting with '#' are skipped. A missing list or root is an error
+    naming the path; a listed file that is missing is not (it is skipped at
+    load time like any unreadable file, as big video sets always have a few).
+    """
+    ann_file, root = Path(ann_file), Path(root)
+    _check_exists(ann_file, "annotation file")
+    _check_exists(root, "data root")
+    samples = []
+    for lineno, line in enumerate(ann_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        try:
+            rel, label = parts[0], int(parts[1])
+        except (IndexError, ValueError):
+            raise ValueError(f"{ann_file}:{lineno}: expected 'relative/path label', got {line!r}") from None
+        samples.append((root / rel, label))
+    if not samples:
+        raise ValueError(f"annotation file {ann_file} lists no samples")
+    return samples
+
+
+def scan_image_folder(root: PathLike) -> tuple[list[tuple[Path, int]], list[str]]:
+    """ImageNet-style tree root/<class>/**/<image> -> ([(path, label)], classes).
+
+    Labels are the positions of the class folders in sorted order, as
+    torchvision's ImageFolder assigns them.
+    """
+    root = _check_exists(Path(root), "image folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
+    samples = [(p, label) for label, c in enumerate(classes)
+               for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+    if not samples:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+    return samples, classes
+
+
+# -----------------------------------------------------------------------------
+# Frame sampling (released mmaction SampleFrames)
+#
+# All modes return an int64 array (num_clips, clip_len) of frame indices in
+# [0, num_frames). Random choices use torch's global generator, which the
+# DataLoader seeds differently in every worker and epoch.
+
+
+def _randint(lo: int, hi: int) -> int:
+    """Uniform int in {lo .. hi}, both inclusive, from torch's generator."""
+    return int(torch.randint(lo, hi + 1, ()).item())
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand(()).item())
+
+
+def sample_dense(num_frames: int, clip_len: int, interval: int, num_clips: int = 1,
+                 test_mode: bool = False) -> np.ndarray:
+    """`clip_len` frames `interval` apart, per clip; `num_clips` clips.
+
+    Training: one random start in [0, num_frames - clip_len*interval]; test:
+    N clips evenly spaced, each centred in its share of the valid starts (the
+    released _get_test_clips). A video shorter than clip_len*interval starts
+    at 0 and loops: indices are taken mod num_frames (out_of_bound_opt='loop').
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    span = clip_len * interval                                  # frames one clip covers
+    if test_mode:
+        avg = (num_frames - span + 1) / num_clips
+        if num_frames > span - 1:
+            offsets = (np.arange(num_clips) * avg + avg / 2.0).astype(np.int64)
+        else:
+            offsets = np.zeros(num_clips, np.int64)
+    else:
+        avg = (num_frames - span + 1) // num_clips
+        if avg > 0:                                             # room for every clip: one per share
+            offsets = np.arange(num_clips) * avg + np.array([_randint(0, avg - 1) for _ in range(num_clips)])
+        elif num_frames > max(num_clips, span):                 # (only reachable for num_clips > 1)
+            offsets = np.sort([_randint(0, num_frames - span) for _ in range(num_clips)])
+        else:                                                   # too short: start at 0 and loop
+            offsets = np.zeros(num_clips, np.int64)
+    idx = offsets[:, None] + np.arange(clip_len)[None, :] * interval     # (num_clips, clip_len)
+    return np.mod(idx, num_frames).astype(np.int64)
+
+
+def sample_uniform(num_frames: int, clip_len: int, test_mode: bool = False) -> np.ndarray:
+    """One frame from each of `clip_len` equal segments of the whole video (SSv2).
+
+    The released `get_seq_frames` (from SlowFast's ssv2.py): segment i spans
+    [round(s*i), round(s*(i+1))] with s = (num_frames-1)/clip_len; training
+    takes a random frame of it, testing the middle. Returns (1, clip_len).
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    seg = (num_frames - 1) / clip_len
+    idx = []
+    for i in range(clip_len):
+        start, end = int(np.round(seg * i)), int(np.round(seg * (i + 1)))
+        idx.append((start + end) // 2 if test_mode else _randint(start, end))
+    return np.asarray(idx, np.int64)[None]
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    """Which frames a sample takes: `dense` (clip_len x interval) or `uniform` (segments)."""
+    clip_len: int
+    interval: int = 1
+    mode: str = "dense"
+    num_clips: int = 1
+    test_mode: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("dense", "uniform"):
+            raise ValueError(f"frame sampling mode must be 'dense' or 'uniform', got {self.mode!r}")
+        if self.mode == "uniform" and self.num_clips != 1:
+            raise ValueError("uniform (SSv2) sampling takes one clip over the whole video; num_clips must be 1")
+        if self.clip_len < 1 or self.interval < 1 or self.num_clips < 1:
+            raise ValueError(f"clip_len, interval and num_clips must be >= 1, got {self}")
+
+    def __call__(self, num_frames: int) -> np.ndarray:
+        if self.mode == "uniform":
+            return sample_uniform(num_frames, self.clip_len, self.test_mode)
+        return sample_dense(num_frames, self.clip_len, self.interval, self.num_clips, self.test_mode)
+
+
+# -----------------------------------------------------------------------------
+# Decoding with PyAV
+
+
+class BadMedia(Exception):
+    """A file that cannot be decoded (unreadable, corrupt, truncated, no frames)."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), str(reason)
+
+
+def _open_video(path: PathLike, threads: int):
+    container = av.open(str(path), metadata_errors="ignore")
+    if not container.streams.video:
+        container.close()
+        raise BadMedia(path, "no video stream")
+    stream = container.streams.video[0]
+    # Frame + slice threads inside the decoder ("AUTO"); 0 lets FFmpeg pick one per core.
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
+    return container, stream
+
+
+def _count_frames(container, stream) -> int:
+    """Frames in the stream: the container's count, else by demuxing (then rewinds).
+
+    MP4 stores the count; Matroska/WebM usually does not (0), so the packets
+    are counted without decoding them (cheap next to a decode).
+    """
+    if stream.frames > 0:
+        return int(stream.frames)
+    n = sum(1 for pkt in container.demux(stream) if pkt.size)
+    container.seek(0)                                            # back to the start for decoding
+    return n
+
+
+def count_frames(path: PathLike) -> int:
+    """Frames in the first video stream of a file (see _count_frames)."""
+    container, stream = _open_video(path, 1)
+    with container:
+        return _count_frames(container, stream)
+
+
+def _frame_rate(stream) -> Optional[Fraction]:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return Fraction(rate) if rate else None
+
+
+def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = None, threads: int = 1,
+               num_frames: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Decode the frames a clip needs -> (frames, idx, num_frames).
+
+    frames: uint8 (*idx.shape, H, W, 3) RGB; idx = sample(num_frames), the
+    frame indices (any shape, e.g. (clips, T)); sample None takes every frame.
+    Only frames from the keyframe before min(idx) to max(idx) are decoded,
+    and only the needed ones converted to RGB. Frame i is the one whose
+    timestamp is i / fps after the stream start (constant frame rate, as in
+    Kinetics/SSv2 re-encodes). Raises BadMedia if the file cannot be opened,
+    has no frames, or a needed frame never arrives (truncated file, or a frame
+    count larger than what decodes). `num_frames` skips the count when the
+    caller knows it (the data sets cache it).
+    """
+    try:
+        container, stream = _open_video(path, threads)
+        with container:
+            n = _count_frames(container, stream) if num_frames is None else num_frames
+            if n < 1:
+                raise BadMedia(path, "zero frames")
+            idx = np.arange(n) if sample is None else np.asarray(sample(n))
+            wanted = np.unique(idx)                              # sorted
+            got = _decode_indices(container, stream, wanted)
+    except BadMedia:
+        raise
+    except Exception as e:                                       # anything the demuxer/decoder throws: bad file
+        raise BadMedia(path, f"{type(e).__name__}: {e}") from e
+    missing = [int(i) for i in wanted if int(i) not in got]
+    if missing:
+        raise BadMedia(path, f"decoded {len(got)} of the {len(wanted)} needed frames of {n} "
+                             f"(first missing: {missing[0]}; truncated?)")
+    frames = np.stack([got[int(i)] for i in idx.reshape(-1)])           # (numel(idx), H, W, 3)
+    return frames.reshape(*idx.shape, *frames.shape[1:]), idx, n
+
+
+def _decode_indices(container, stream, wanted: np.ndarray) -> dict[int, np.ndarray]:
+    """{index: (H, W, 3) uint8} for the sorted frame indices `wanted`."""
+    first, last = int(wanted[0]), int(wanted[-1])
+    wanted_set = set(int(i) for i in wanted)
+    rate, tb = _frame_rate(stream), stream.time_base
+    start = stream.start_time or 0
+    timed = rate is not None and tb is not None
+    # Pass 1 seeks to the keyframe at or before `first`; pass 2 runs only if
+    # that seek landed after `first` or frames lack timestamps: from the start.
+    for seek in (first > 0 and timed, False):
+        if seek:
+            target = start + int(Fraction(first) / rate / tb)     # pts of frame `first`
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        elif first > 0:
+            container.seek(0)
+        got, counter, retry = {}, -1, False
+        for frame in container.decode(stream):
+            counter += 1
+            if frame.pts is None or not timed:
+                if seek:                                         # cannot place frames after a seek
+                    retry = True
+                    break
+                i = counter                                      # decoding from the start: count
+            else:
+                i = round((frame.pts - start) * tb * rate)       # timestamp -> frame index
+            if seek and counter == 0 and i > first:              # landed after `first`
+                retry = True
+                break
+            if i > last:
+                break
+            if i in wanted_set and i not in got:
+                got[i] = frame.to_ndarray(format="rgb24")        # YUV -> RGB only for needed frames
+        if not retry:
+            return got
+    return got
+
+
+def read_image(path: PathLike, min_short: Optional[int] = None) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB, decoded completely (truncated files raise).
+
+    min_short: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8)
+    that keeps the short side >= min_short (PIL `draft`), which makes big
+    ImageNet JPEGs several times cheaper when the pipeline shrinks them anyway.
+    """
+    try:
+        with Image.open(path) as im:
+            if min_short is not None and im.format == "JPEG":
+                w, h = im.size
+                s = min_short / min(w, h)
+                if s < 1:
+                    im.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except Exception as e:                                       # PIL raises OSError, SyntaxError, ValueError...
+        raise BadMedia(path, f"{type(e).__name__}: {e}") from e
+
+
+# -----------------------------------------------------------------------------
+# Augmentations on tensors
+#
+# Shape vocabulary: decoded frames (T, H, W, 3) uint8 -> `frames_to_tensor` ->
+# (T, 3, H, W) uint8 in channels-last memory (a view, no copy), which is the
+# layout torch's fast uint8 resize takes. Geometry (resize, crops) runs on
+# uint8 so only the crop is ever converted to float; colour ops, the tokenizer
+# copy and normalisation run on floats in [0, 1]. An image is a 1-frame clip.
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 numpy -> (T, 3, H, W) uint8 tensor (channels-last view)."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W) -> contiguous float32 in [0, 1]."""
+    return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0)
+
+
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """(h', w') with min(h', w') = short and the aspect kept (mmcv rescale_size: int(x*s + 0.5))."""
+    s = short / min(h, w)
+    return max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """(N, 3, H, W) uint8 or float -> (N, 3, h, w), same dtype; antialiased when shrinking.
+
+    Differs from the released code: it resizes with OpenCV (mmcv.imresize),
+    which does not antialias when shrinking; here torch's antialiased
+    bilinear/bicubic (PIL's filters, bicubic a = -0.5 where OpenCV uses
+    -0.75). For the upscaling that dominates on 256-px-short-side Kinetics
+    (to [256, 320]) antialiasing changes nothing.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    y = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+    return y.clamp_(0.0, 1.0) if y.is_floating_point() else y   # bicubic overshoots on floats
+
+
+def random_crop_box(h: int, w: int, size: int) -> tuple[int, int]:
+    """Top-left (top, left) of a uniformly random size x size window.
+
+    Differs from the released code: its np.random.randint(0, h - size) never
+    picks the last offset; here all h - size + 1 offsets are possible.
+    """
+    if size > h or size > w:
+        raise ValueError(f"crop {size} larger than the frame {h}x{w}")
+    return _randint(0, h - size), _randint(0, w - size)
+
+
+def center_crop_box(h: int, w: int, size: int) -> tuple[int, int]:
+    return (h - size) // 2, (w - size) // 2
+
+
+def three_crop_boxes(h: int, w: int, size: int) -> list[tuple[int, int]]:
+    """Three size x size windows along the long side: start, end, middle (released ThreeCrop order)."""
+    if min(h, w) != size:
+        raise ValueError(f"three-crop needs the short side resized to the crop size {size}, got {h}x{w}")
+    if w >= h:
+        step = (w - size) // 2
+        return [(0, 0), (0, 2 * step), (0, step)]               # left, right, middle
+    step = (h - size) // 2
+    return [(0, 0), (2 * step, 0), (step, 0)]                   # top, bottom, middle
+
+
+def random_resized_crop_box(h: int, w: int, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, ch, cw): area in `scale` x h*w, aspect cw/ch log-uniform in `ratio`.
+
+    The released get_crop_bbox: 10 candidates, the first that fits wins,
+    else the centred square of the short side.
+    """
+    area = h * w
+    for _ in range(RRC_ATTEMPTS):
+        target = _uniform(*scale) * area
+        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < ch <= h and 0 < cw <= w:
+            return _randint(0, h - ch), _randint(0, w - cw), ch, cw
+    s = min(h, w)
+    return (h - s) // 2, (w - s) // 2, s, s
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)
+
+
+# Greyscale weights: the released ColorJitter uses torchvision's; RandAugment's
+# enhance ops are PIL's ("L" conversion, ITU-R 601-2).
+_GREY_JITTER = (0.2989, 0.587, 0.114)
+_GREY_PIL = (0.299, 0.587, 0.114)
+
+
+def _grey(x: torch.Tensor, weights) -> torch.Tensor:
+    """(..., 3, H, W) -> (..., 1, H, W)."""
+    r, g, b = x.unbind(-3)
+    return (weights[0] * r + weights[1] * g + weights[2] * b).unsqueeze(-3)
+
+
+def color_jitter(x: torch.Tensor, brightness=JITTER, contrast=JITTER, saturation=JITTER) -> torch.Tensor:
+    """Released ColorJitter (hue 0) on (N, 3, H, W) floats in [0, 1], factors drawn once per call.
+
+    brightness: x*b; contrast: blend with the mean grey level of each image;
+    saturation: blend with the per-pixel grey. Clamped once at the end, as the
+    released code clamps only when converting back to uint8.
+    Differs from the released code: it draws the order of the three ops once
+    per process (a permutation in __init__); here it is drawn per call, as
+    torchvision's ColorJitter does.
+    """
+    b, c, s = (_uniform(1 - brightness, 1 + brightness), _uniform(1 - contrast, 1 + contrast),
+               _uniform(1 - saturation, 1 + saturation))
+    for op in torch.randperm(3).tolist():
+        if op == 0:
+            x = x * b
+        elif op == 1:
+            mean = _grey(x, _GREY_JITTER).mean(dim=(-3, -2, -1), keepdim=True)     # (N, 1, 1, 1)
+            x = c * x + (1 - c) * mean
+        else:
+            x = s * x + (1 - s) * _grey(x, _GREY_JITTER)
+    return x.clamp(0.0, 1.0)
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN) / 255.0
+_STD = torch.tensor(IMAGENET_STD) / 255.0
+
+
+def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (x - mean) / std with the ImageNet RGB statistics (DESIGN §6).
+
+    channels_first=True returns (3, N, H, W) instead: the clip layout (3, T,
+    H, W), written in the same single pass (x * (1/std) + (-mean/std)).
+    """
+    scale = (1.0 / _STD).view(3, 1, 1, 1)
+    shift = (-_MEAN / _STD).view(3, 1, 1, 1)
+    if channels_first:
+        return torch.addcmul(shift, x.transpose(0, 1), scale)           # (3, N, H, W), contiguous
+    return torch.addcmul(shift.view(3, 1, 1), x, scale.view(3, 1, 1))   # (N, 3, H, W)
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `normalize` (for pictures and tests)."""
+    return x * _STD.view(3, 1, 1) + _MEAN.view(3, 1, 1)
+
+
+def tokenizer_copy(x: torch.Tensor, resample: str = "pil") -> torch.Tensor:
+    """(N, 3, H, W) crop in [0, 1] -> (N, 3, H/2, W/2): what the tokenizer encodes (§3, DESIGN §4).
+
+    tokenizer.lanczos_resize, the one Lanczos of the project: "pil" is BEiT's
+    antialiased Lanczos-3, "cv2" the released CopyResize's OpenCV Lanczos-4.
+    """
+    h, w = x.shape[-2:]
+    return lanczos_resize(x, (h // TOKENIZER_DOWNSAMPLE, w // TOKENIZER_DOWNSAMPLE), kind=resample)
+
+
+def random_erasing(x: torch.Tensor, p: float = ERASE_P, area=ERASE_AREA, min_aspect: float = ERASE_ASPECT):
+    """timm RandomErasing(mode='const'): with probability p one rectangle set to 0 in every frame.
+
+    x: (..., H, W) *normalised* (it runs after Normalize, so 0 is the mean
+    colour), e.g. a clip (3, T, H, W). The released wrapper replays one RNG state per frame, so all
+    frames of a clip lose the same rectangle; here it is drawn once.
+    """
+    if p <= 0 or _uniform(0, 1) >= p:
+        return x
+    h, w = x.shape[-2:]
+    log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
+    for _ in range(10):                                          # timm: 10 attempts
+        target = _uniform(*area) * h * w
+        aspect = math.exp(_uniform(log_lo, log_hi))
+        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if ew < w and eh < h:
+            top, left = _randint(0, h - eh), _randint(0, w - ew)
+            x = x.clone()
+            x[..., top:top + eh, left:left + ew] = 0.0
+            break
+    return x
+
+
+# ---- RandAugment (SSv2 finetuning): imgaug's iaa.RandAugment(n, m) on tensors
+
+
+def _conv_same(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Depthwise 2D filter of (N, 3, H, W) with edge replication (PIL filters keep the border)."""
+    k = kernel.shape[-1]
+    weight = kernel.to(x.dtype).expand(3, 1, k, k)
+    return F.conv2d(F.pad(x, (k // 2,) * 4, mode="replicate"), weight, groups=3)
+
+
+_SMOOTH = torch.tensor([[1., 1, 1], [1, 5, 1], [1, 1, 1]]) / 13             # PIL ImageFilter.SMOOTH
+_BLUR = torch.tensor([[1., 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1],
+                      [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]) / 16               # PIL ImageFilter.BLUR
+
+
+def _affine(x: torch.Tensor, m: torch.Tensor, fill: float) -> torch.Tensor:
+    """Warp (N, 3, H, W) with m: 2x3 map from output to input pixel coordinates; outside -> fill."""
+    n, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+    src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]               # (H, W) input x of every output pixel
+    src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+    grid = torch.stack([(2 * src_x + 1) / w - 1, (2 * src_y + 1) / h - 1], -1)   # align_corners=False
+    grid = grid.expand(n, h, w, 2)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = F.grid_sample(torch.ones_like(x[:, :1]), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
+    return out + fill * (1 - inside)                           # blend the fill in where samples fell outside
+
+
+class RandAugment:
+    """imgaug's `iaa.RandAugment(n, m)` as the released SSv2 config runs it, on tensors.
+
+    Same ops and magnitudes (m on imgaug's [0, 30] scale): a random crop of up
+    to m/224 of each side resized back, then `n` distinct ops in random order
+    from: identity, autocontrast, equalize, invert, rotate +-m deg, posterize
+    to 8 - int(6m/30) bits, solarize above 256 - int(256m/30), colour /
+    contrast / brightness / sharpness factor 1 +- 0.9m/30, shear x/y +-m/30 *
+    0.3 rad, translate x/y +-0.33m/30 of the size, one square cutout of
+    (20/32)m/30 of the height, PIL's BLUR and SMOOTH filters. Affine ops fill
+    with grey 128 and sample bilinearly. The released Imgaug wrapper freezes
+    one draw (`to_deterministic`) for all frames of a clip; here one draw is
+    applied to the whole (T, 3, H, W) tensor. Statistics-based ops
+    (autocontrast, equalize, contrast) use each frame's own statistics, as
+    imgaug applied per frame does.
+
+    Differs from the released code: imgaug's RandAugment also flips
+    horizontally with p = 0.5 before the ops, although the SSv2 config sets
+    Flip(flip_ratio=0) because left/right matters there ("pushing something
+    from left to right"). That flip is off here (`flip=False`); pass
+    flip=True to reproduce the released behaviour.
+    """
+
+    OPS = ("identity", "autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "color",
+           "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
+           "cutout", "blur", "smooth")
+    # imgaug's maxima (reached at m = 30), from iaa.RandAugment._create_*_augmenters_list:
+    CROP_PX = 224              # initial crop: Uniform(0, m)/224 of each side
+    ROTATE_DEG = 30            # rotate: +-30 degrees
+    POSTERIZE_BITS = 6         # posterize: drop up to 6 of the 8 bits
+    SOLARIZE = 256             # solarize threshold 256 - int(256 * m/30)
+    ENHANCE = 0.9              # colour/contrast/brightness/sharpness factor 1 +- 0.9, clipped to [0.1, 1.9]
+    SHEAR_RAD = 0.3            # shear: +-0.3 rad
+    TRANSLATE = 0.33           # translate: +-0.33 of the size
+    CUTOUT = 20 / 32           # cutout side: up to 20/32 of the image
+
+    def __init__(self, n: int = RANDAUG_N, m: int = RANDAUG_M, fill: int = RANDAUG_FILL, flip: bool = False):
+        if not 0 <= n <= len(self.OPS):
+            raise ValueError(f"RandAugment n must be in [0, {len(self.OPS)}], got {n}")
+        self.n, self.m, self.fill, self.flip = n, m, fill / 255.0, flip
+        self.level = m / RANDAUG_M_MAX                          # magnitude as a fraction of imgaug's max
+
+    def __repr__(self):
+        return f"RandAugment(n={self.n}, m={self.m}, flip={self.flip})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, 3, H, W) floats in [0, 1] -> same shape, one random draw for all T frames."""
+        h, w = x.shape[-2:]
+        if self.flip and _uniform(0, 1) < 0.5:
+            x = hflip(x)
+        # imgaug: Crop(percent=Uniform(0, m)/224 per side) + KeepSizeByResize(linear).
+        t, b, l, r = (int(round(_uniform(0, self.m) / self.CROP_PX * s)) for s in (h, h, w, w))
+        if t + b < h and l + r < w and (t or b or l or r):
+            x = F.interpolate(x[..., t:h - b, l:w - r], size=(h, w), mode="bilinear", align_corners=False)
+        for op in torch.randperm(len(self.OPS))[:self.n].tolist():   # SomeOf(n, random_order=True)
+            x = self.apply(self.OPS[op], x).clamp(0.0, 1.0)
+        return x
+
+    def _sign(self) -> float:
+        return 1.0 if _uniform(0, 1) < 0.5 else -1.0
+
+    def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One op on (T, 3, H, W) floats in [0, 1]."""
+        lv, h, w = self.level, x.shape[-2], x.shape[-1]
+        if name == "identity":
+            return x
+        if name == "autocontrast":                              # per frame and channel: min -> 0, max -> 1
+            lo = x.amin(dim=(-2, -1), keepdim=True)
+            hi = x.amax(dim=(-2, -1), keepdim=True)
+            return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
+        if name == "equalize":
+            return _equalize(x)
+        if name == "invert":
+            return 1.0 - x
+        if name == "posterize":                                 # keep the top 8 - int(6*lv) bits
+            bits = 8 - min(int(self.POSTERIZE_BITS * lv), self.POSTERIZE_BITS)
+            q = (x * 255).round().to(torch.uint8) & (0xFF << (8 - bits) & 0xFF)
+            return q.float() / 255
+        if name == "solarize":                                  # invert values >= threshold (0-255 scale)
+            thr = max(0, min(256, self.SOLARIZE - int(self.SOLARIZE * lv))) / 255.0
+            return torch.where(x >= thr, 1.0 - x, x)
+        if name in ("color", "contrast", "brightness", "sharpness"):
+            f = min(max(1.0 + self._sign() * self.ENHANCE * lv, 0.1), 1.9)   # 1 +- 0.9*m/30, clipped
+            if name == "color":
+                degenerate = _grey(x, _GREY_PIL).expand_as(x)
+            elif name == "contrast":                            # PIL: mean of the grey image, per frame
+                degenerate = _grey(x, _GREY_PIL).mean(dim=(-3, -2, -1), keepdim=True).expand_as(x)
+            elif name == "brightness":
+                degenerate = torch.zeros_like(x)
+            else:
+                degenerate = _conv_same(x, _SMOOTH)
+            return degenerate + f * (x - degenerate)            # PIL ImageEnhance blend
+        if name == "rotate":                                    # about the centre, +-30*lv degrees
+            a = math.radians(self._sign() * self.ROTATE_DEG * lv)
+            cx, cy = (w - 1) / 2, (h - 1) / 2
+            cos, sin = math.cos(a), math.sin(a)
+            m = torch.tensor([[cos, -sin, cx - cos * cx + sin * cy], [sin, cos, cy - sin * cx - cos * cy]])
+            return _affine(x, m, self.fill)
+        if name in ("shear_x", "shear_y"):                      # about the top-left corner (imgaug center=(0, 0))
+            s = math.tan(self._sign() * self.SHEAR_RAD * lv)    # shear angle +-0.3 rad * m/30
+            m = torch.tensor([[1.0, s, 0.0], [0.0, 1.0, 0.0]]) if name == "shear_x" else \
+                torch.tensor([[1.0, 0.0, 0.0], [s, 1.0, 0.0]])
+            return _affine(x, m, self.fill)
+        if name in ("translate_x", "translate_y"):              # +-0.33*lv of the width / height
+            d = self._sign() * self.TRANSLATE * lv
+            m = torch.tensor([[1.0, 0.0, d * w], [0.0, 1.0, 0.0]]) if name == "translate_x" else \
+                torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, d * h]])
+            return _affine(x, m, self.fill)
+        if name == "cutout":                                    # one grey square, centre uniform over the image
+            side = max(1, int(round(min(self.CUTOUT * lv, self.CUTOUT) * h)))
+            cy, cx = _uniform(0, h), _uniform(0, w)
+            t, l = max(0, int(cy - side / 2)), max(0, int(cx - side / 2))
+            x = x.clone()
+            x[..., t:int(cy + side / 2), l:int(cx + side / 2)] = self.fill
+            return x
+        if name == "blur":
+            return _conv_same(x, _BLUR)
+        if name == "smooth":
+            return _conv_same(x, _SMOOTH)
+        raise ValueError(f"unknown RandAugment op {name!r}")
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    """PIL ImageOps.equalize per frame and channel of (T, 3, H, W) floats in [0, 1]."""
+    t, c, h, w = x.shape
+    v = (x * 255).round().long().reshape(t * c, h * w)                       # (T*3, H*W) levels
+    hist = torch.zeros(t * c, 256, dtype=torch.long).scatter_add_(1, v, torch.ones_like(v))
+    # PIL: step = (pixels - count of the last non-empty level) // 255; identity if 0.
+    last = 255 - torch.argmax((hist.flip(1) > 0).long(), dim=1)              # last non-empty level
+    step = (h * w - hist.gather(1, last[:, None])[:, 0]) // 255              # (T*3,)
+    cum = torch.cumsum(hist, 1) - hist                                        # pixels below each level
+    lut = ((step[:, None] // 2 + cum) // step.clamp_min(1)[:, None]).clamp(max=255)
+    lut = torch.where(step[:, None] > 0, lut, torch.arange(256).expand(t * c, 256))
+    return (lut.gather(1, v).float() / 255).reshape(t, c, h, w)
+
+
+# -----------------------------------------------------------------------------
+# Sample transforms: decoded pixels -> the sample dicts of the module docstring
+
+
+class PretrainClipTransform:
+    """Pretraining clip: rescale short side, random crop, flip, tokenizer copy, normalise, masks.
+
+    The released video_train_pipeline: RandomRescale(256, 320) bicubic ->
+    RandomCrop(224) -> Flip(0.5) -> CopyResize(112, lanczos) -> Normalize, then
+    MaskedPositionGenerate (tube). One scale, crop and flip for all frames.
+    """
+
+    def __init__(self, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
+                 mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
+        if min(short_side) < crop:
+            raise ValueError(f"short side range {short_side} must be >= the crop {crop}")
+        self.crop, self.short_side, self.flip, self.resample = crop, tuple(short_side), flip, resample
+        self.mask_gen = mask_gen
+
+    def __call__(self, frames: np.ndarray) -> dict:
+        """frames (1, T, H, W, 3) uint8 -> {video, video_tok, video_mask, video_target}."""
+        assert frames.ndim == 5 and frames.shape[0] == 1, f"one clip (1, T, H, W, 3) expected, got {frames.shape}"
+        x = frames_to_tensor(frames[0])                                      # (T, 3, H, W) uint8
+        size = short_side_size(*x.shape[-2:], _randint(*self.short_side))
+        x = resize(x, size, "bicubic")                                       # (T, 3, h', w') uint8
+        top, left = random_crop_box(*size, self.crop)
+        x = x[..., top:top + self.crop, left:left + self.crop]               # (T, 3, crop, crop) uint8 view
+        if _uniform(0, 1) < self.flip:
+            x = hflip(x)                                                     # flipped while still 1 byte/px
+        x = to_float(x)                                                      # (T, 3, crop, crop) in [0, 1]
+        tok = tokenizer_copy(x, self.resample)                               # (T, 3, crop/2, crop/2)
+        out = {"video": normalize(x, channels_first=True),                   # (3, T, crop, crop)
+               "video_tok": tok.transpose(0, 1).contiguous()}                # (3, T, crop/2, crop/2)
+        if self.mask_gen is not None:
+            inp, tgt = self.mask_gen()                                       # (T/2, h, w), (T, h, w)
+            out["video_mask"], out["video_target"] = torch.from_numpy(inp), torch.from_numpy(tgt)
+        return out
+
+
+class PretrainImageTransform:
+    """Pretraining image: rescale short side, colour jitter, random crop, flip, tokenizer copy, normalise, mask.
+
+    The released image_train_pipeline: RandomRescale(256, 320) bicubic ->
+    ColorJitter(0.4, 0.4, 0.4, hue 0) -> RandomCrop(224) -> Flip(0.5) ->
+    CopyResize(112, lanczos) -> Normalize, then the blockwise mask.
+    """
+
+    def __init__(self, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
+                 jitter: float = JITTER, mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
+        if min(short_side) < crop:
+            raise ValueError(f"short side range {short_side} must be >= the crop {crop}")
+        self.crop, self.short_side, self.flip, self.jitter = crop, tuple(short_side), flip, jitter
+        self.mask_gen, self.resample = mask_gen, resample
+
+    def __call__(self, image: np.ndarray) -> dict:
+        """image (H, W, 3) uint8 -> {image, image_tok, image_mask, image_target}."""
+        x = frames_to_tensor(image[None])                                    # (1, 3, H, W) uint8
+        size = short_side_size(*x.shape[-2:], _randint(*self.short_side))
+        x = to_float(resize(x, size, "bicubic"))                             # (1, 3, h', w')
+        if self.jitter > 0:
+            x = color_jitter(x, self.jitter, self.jitter, self.jitter)
+        top, left = random_crop_box(*size, self.crop)
+        x = x[..., top:top + self.crop, left:left + self.crop]               # (1, 3, crop, crop)
+        if _uniform(0, 1) < self.flip:
+            x = hflip(x)
+        out = {"image": normalize(x)[0].contiguous(),                        # (3, crop, crop)
+               "image_tok": tokenizer_copy(x, self.resample)[0]}             # (3, crop/2, crop/2)
+        if self.mask_gen is not None:
+            inp, tgt = self.mask_gen()                                       # (h, w), (h, w)
+            out["image_mask"], out["image_target"] = torch.from_numpy(inp), torch.from_numpy(tgt)
+        return out
+
+
+class FinetuneClipTransform:
+    """Finetuning clip transforms of the released K400 / SSv2 configs.
+
+    mode "train": Resize(short 256) -> RandomResizedCrop -> Resize(224x224) ->
+        Flip(p) -> [RandAugment(n, m)] -> Normalize -> [RandomErasing(p)]
+    mode "val":   Resize(short 256) -> CenterCrop(224)          -> (3, T, 224, 224)
+    mode "test":  Resize(short 224) -> ThreeCrop(224) (or 1 centre crop) per clip
+                  -> (clips*crops, 3, T, 224, 224), crop-major as the released FormatShape
+
+    Differs from the released code: training resizes once, from the decoded
+    frame straight to 224 x 224 (the random-resized-crop box is drawn in the
+    256-short-side frame and mapped back), instead of resizing to 256 and
+    then resizing the crop; for 256-px Kinetics re-encodes both are the same.
+    """
+
+    def __init__(self, mode: str, crop: int = CROP, short_side: int = FINETUNE_SHORT_SIDE,
+                 test_short_side: int = TEST_SHORT_SIDE, test_crops: int = TEST_CROPS,
+                 rrc_scale=RRC_SCALE, rrc_ratio=RRC_RATIO, flip: float = FLIP_P,
+                 randaug: Optional[RandAugment] = None, erase: float = 0.0):
+        if mode not in ("train", "val", "test"):
+            raise ValueError(f"mode must be train, val or test, got {mode!r}")
+        if test_crops not in (1, 3):
+            raise ValueError(f"test_crops must be 1 (centre) or 3 (three-crop), got {test_crops}")
+        self.mode, self.crop, self.short_side, self.test_short_side = mode, crop, short_side, test_short_side
+        self.test_crops, self.rrc_scale, self.rrc_ratio = test_crops, tuple(rrc_scale), tuple(rrc_ratio)
+        self.flip, self.randaug, self.erase = flip, randaug, erase
+
+    def __call__(self, frames: np.ndarray) -> dict:
+        """frames (clips, T, H, W, 3) uint8 -> {"video": ...} (shapes in the class docstring)."""
+        clips, T = frames.shape[:2]
+        x = frames_to_tensor(frames.reshape(clips * T, *frames.shape[2:]))   # (clips*T, 3, H, W) uint8
+        H, W = x.shape[-2:]
+        c = self.crop
+        if self.mode == "train":
+            assert clips == 1, "training takes one clip"
+            nh, nw = short_side_size(H, W, self.short_side)
+            top, left, ch, cw = random_resized_crop_box(nh, nw, self.rrc_scale, self.rrc_ratio)
+            sy, sx = H / nh, W / nw                                          # 256-short-side -> decoded pixels
+            t0, l0 = int(round(top * sy)), int(round(left * sx))
+            t1, l1 = max(t0 + 1, int(round((top + ch) * sy))), max(l0 + 1, int(round((left + cw) * sx)))
+            x = resize(x[..., t0:t1, l0:l1], (c, c), "bilinear")             # (T, 3, c, c) uint8
+            if _uniform(0, 1) < self.flip:
+                x = hflip(x)
+            x = to_float(x)
+            if self.randaug is not None:
+                x = self.randaug(x)
+            x = normalize(x, channels_first=True)                            # (3, T, c, c)
+            if self.erase > 0:
+                x = random_erasing(x, self.erase)                            # same rectangle in every frame
+            return {"video": x}
+        if self.mode == "val":
+            x = resize(x, short_side_size(H, W, self.short_side), "bilinear")
+            top, left = center_crop_box(*x.shape[-2:], c)
+            x = normalize(to_float(x[..., top:top + c, left:left + c]))     # (clips*T, 3, c, c)
+            x = x.view(clips, T, 3, c, c).transpose(1, 2)                    # (clips, 3, T, c, c)
+            return {"video": (x[0] if clips == 1 else x).contiguous()}
+        # test: every clip x every crop
+        x = resize(x, short_side_size(H, W, self.test_short_side), "bilinear")
+        h, w = x.shape[-2:]
+        boxes = three_crop_boxes(h, w, c) if self.test_crops == 3 else [center_crop_box(h, w, c)]
+        views = [normalize(to_float(x[..., t:t + c, l:l + c])).view(clips, T, 3, c, c) for t, l in boxes]
+        x = torch.cat(views).transpose(1, 2)                                 # (crops*clips, 3, T, c, c)
+        return {"video": x.contiguous()}
+
+
+# -----------------------------------------------------------------------------
+# Data sets: robust loading around the transforms
+
+
+class _RobustDataset(Dataset):
+    """Shared by the video and image sets: replace samples whose file is bad.
+
+    A file that raises BadMedia while decoding is replaced by a random other
+    sample not yet known to be bad (up to MAX_REPLACEMENTS tries); the sample
+    records every failure in `skipped` ("path<TAB>reason" lines), which
+    EpochLoader logs once per path in the main process and counts per epoch.
+    A row known to be bad (in this process) is not decoded again, but still
+    counted when visited. Only decoding is guarded: an error in a transform is
+    a bug and propagates. `epoch` is read by masking.seed_worker to give each
+    epoch its mask stream.
+    """
+
+    samples: list
+
+    def __init__(self):
+        self.epoch = 0
+        self._bad: dict[int, str] = {}                      # row -> reason, this process
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def _replacement(self) -> int:
+        """A random row not known to be bad (any row if they all are)."""
+        for _ in range(100):
+            i = int(torch.randint(len(self.samples), ()).item())
+            if i not in self._bad:
+                return i
+        return i
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        i = index
+        for _ in range(MAX_REPLACEMENTS):
+            if i not in self._bad:
+                try:
+                    out = self.load(i)
+                    break
+                except BadMedia as e:
+                    self._bad[i] = e.reason
+            skipped.append(f"{self.samples[i][0]}\t{self._bad[i]}")
+            i = self._replacement()
+        else:
+            raise RuntimeError(f"{MAX_REPLACEMENTS} files in a row could not be decoded, last: "
+                               f"{skipped[-1]!r}; is the data root right?")
+        out["label"] = self.samples[i][1]
+        out["index"] = i
+        out["skipped"] = "\n".join(skipped)
+        return out
+
+
+class VideoDataset(_RobustDataset):
+    """Clips from an annotation list (`relative/path.mp4 label`) under `root`.
+
+    sampling: which frames (FrameSampling); transform: decoded frames
+    (clips, T, H, W, 3) uint8 -> dict. Frame counts are cached per process.
+    """
+
+    def __init__(self, ann_file: PathLike, root: PathLike, sampling: FrameSampling, transform: Callable,
+                 decode_threads: int = 1):
+        super().__init__()
+        self.samples = read_annotations(ann_file, root)
+        self.sampling, self.transform, self.decode_threads = sampling, transform, decode_threads
+        self._num_frames: dict[int, int] = {}
+
+    def load(self, index: int) -> dict:
+        path = self.samples[index][0]
+        frames, _, n = read_video(path, self.sampling, self.decode_threads, self._num_frames.get(index))
+        self._num_frames[index] = n                          # no re-count next epoch (this worker)
+        return self.transform(frames)                        # frames (clips, T, H, W, 3)
+
+    def __repr__(self):
+        return f"VideoDataset({len(self)} videos, {self.sampling}, decode_threads={self.decode_threads})"
+
+
+class ImageDataset(_RobustDataset):
+    """Images from an ImageNet-style folder tree (root/<class>/<image>) or a list file under root."""
+
+    def __init__(self, root: PathLike, ann_file: Optional[PathLike] = None, transform: Callable = None,
+                 min_short: Optional[int] = None):
+        super().__init__()
+        if ann_file is not None:
+            self.samples, self.classes = read_annotations(ann_file, root), None
+        else:
+            self.samples, self.classes = scan_image_folder(root)
+        self.transform, self.min_short = transform, min_short
+
+    def load(self, index: int) -> dict:
+        return self.transform(read_image(self.samples[index][0], self.min_short))
+
+    def __repr__(self):
+        return f"ImageDataset({len(self)} images)"
+
+
+# -----------------------------------------------------------------------------
+# Loaders: DistributedSampler + DataLoader, epochs, skipped-file reports
+
+_LOGGED_BAD: set = set()          # paths already logged by this process ("logged once")
+
+
+class EpochLoader:
+    """A DataLoader over a DistributedSampler with `set_epoch`, yielding dicts.
+
+    set_epoch(e): the sampler's shuffle for epoch e (the same permutation on
+    every rank, so the shards are disjoint), `dataset.epoch = e` for the mask
+    streams of the workers (masking.seed_worker), and with num_workers = 0 the
+    generators are reseeded here to (rank, worker 0, e), since no worker does it.
+    Each batch's `skipped` entries are logged once per path and counted;
+    `skipped` (this epoch) and `skipped_total` hold the counts, and with
+    `report=True` the end of every epoch prints them (rank 0).
+    """
+
+    def __init__(self, dataset: _RobustDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
+                 num_workers: int, rank: int = 0, world_size: int = 1, seed: int = 0, name: str = "data",
+                 verbose: Optional[bool] = None, report: bool = True):
+        self.dataset, self.name, self.rank, self.seed = dataset, name, rank, seed
+        self.verbose = (rank == 0) if verbose is None else verbose
+        self.report = report
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                          seed=seed, drop_last=drop_last)
+        self.mask_gens = [g for g in _mask_generators(dataset)]
+        init = functools.partial(seed_worker, rank=rank) if (self.mask_gens and num_workers > 0) else None
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 drop_last=drop_last, worker_init_fn=init, pin_memory=torch.cuda.is_available())
+        if len(self.loader) == 0:
+            raise ValueError(f"{name}: {len(dataset)} samples give no batch of {batch_size} per rank over "
+                             f"{world_size} rank(s) (drop_last={drop_last}); use a smaller batch or more data")
+        self.skipped, self.skipped_total = 0, 0
+        self.set_epoch(0)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+        self.dataset.epoch = epoch
+        # The workers' torch/numpy/python seeds (crops, flips, frame offsets) derive from
+        # a base seed the DataLoader draws from this generator when an epoch's iterator
+        # starts; seeding it from (seed, rank, epoch) makes every epoch's batches a
+        # function of those alone, not of the trainer's RNG use, so a resumed run
+        # replays the same batches. (Masks have their own streams: seed_worker.)
+        self.loader.generator = torch.Generator().manual_seed(derive_seed(self.seed, rank=self.rank, epoch=epoch))
+        if self.loader.num_workers == 0:
+            for g in self.mask_gens:
+                g.reseed(rank=self.rank, worker_id=0, epoch=epoch)
+
+    def note_skipped(self, skipped) -> None:
+        """Log (once per path) and count the failures a batch carries."""
+        for entry in skipped or ():
+            for line in entry.split("\n") if entry else ():
+                path, _, reason = line.partition("\t")
+                self.skipped += 1
+                self.skipped_total += 1
+                if path not in _LOGGED_BAD:
+                    _LOGGED_BAD.add(path)
+                    log.warning("skipped unreadable file %s (%s); replaced by another sample", path, reason)
+
+    def __iter__(self):
+        self.skipped = 0
+        for batch in self.loader:
+            self.note_skipped(batch.pop("skipped", None))
+            yield batch
+        if self.report and self.verbose:
+            print(f"[data] {self.name} epoch {self.epoch}: {self.skipped} unreadable file(s) skipped "
+                  f"({self.skipped_total} in total)", flush=True)
+
+
+class JointLoader:
+    """The joint stage (BEVT, §3 + DESIGN §6): every video batch comes with an image batch.
+
+    One epoch = one pass over the videos. The image stream cycles on its own:
+    at video epoch e it starts at image epoch e*P, P = ceil(video batches /
+    image batches), and moves to the next image epoch whenever it runs out, so
+    every video epoch sees fresh image orders and a resume reproduces them.
+    Yields one dict: the video keys, the image keys, and
+    video_label/video_index/image_label/image_index.
+
+    Differs from the released code: its MultiSourceRunner also pairs each K400
+    batch with the next batch of a cycled ImageNet loader (RepeatDataset x5),
+    but restarts that cycle every epoch with the sampler at the video epoch,
+    so repeated image passes within an epoch reuse one order; here every pass
+    has its own epoch number.
+    """
+
+    def __init__(self, videos: EpochLoader, images: EpochLoader):
+        self.videos, self.images = videos, images
+        self.videos.report = self.images.report = False              # reported here, per video epoch
+        self.passes = math.ceil(len(videos) / len(images))
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.videos)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.videos.set_epoch(epoch)
+        self.images.set_epoch(epoch * self.passes)
+
+    @staticmethod
+    def _prefixed(batch: dict, prefix: str) -> dict:
+        return {(f"{prefix}_{k}" if k in ("label", "index") else k): v for k, v in batch.items()}
+
+    def __iter__(self):
+        img_epoch = self.epoch * self.passes
+        self.images.set_epoch(img_epoch)
+        images = iter(self.images)
+        skipped_images = 0
+        for vb in self.videos:
+            try:
+                ib = next(images)
+            except StopIteration:                                     # images exhausted: next image epoch
+                skipped_images += self.images.skipped
+                img_epoch += 1
+                self.images.set_epoch(img_epoch)
+                images = iter(self.images)
+                ib = next(images)
+            yield {**self._prefixed(vb, "video"), **self._prefixed(ib, "image")}
+        skipped_images += self.images.skipped
+        self.skipped = self.videos.skipped + skipped_images
+        if self.videos.verbose:
+            print(f"[data] joint epoch {self.epoch}: {self.videos.skipped} unreadable video(s) and "
+                  f"{skipped_images} image(s) skipped", flush=True)
+
+
+def _mask_generators(dataset) -> list:
+    t = getattr(dataset, "transform", None)
+    g = getattr(t, "mask_gen", None)
+    return [g] if g is not None else []
+
+
+def auto_decode_threads(num_workers: int) -> int:
+    """Decoder threads per process: share the cores among the DataLoader workers."""
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
+
+
+# -----------------------------------------------------------------------------
+# Configs and builders for train.py / finetune.py
+
+
+@dataclass
+class PretrainDataConfig:
+    """Pretraining data (DESIGN §6). Defaults are the paper's; the CPU demo shrinks them
+    (e.g. frames=8, crop=112, short_side=(128, 160))."""
+    frames: int = PRETRAIN_FRAMES              # §4.1: 16-frame clips
+    interval: int = PRETRAIN_INTERVAL          # released SampleFrames(frame_interval=8)
+    crop: int = CROP                           # 224 px
+    short_side: tuple = RESCALE_RANGE          # RandomRescale(256, 320)
+    flip: float = FLIP_P                       # Flip(0.5)
+    jitter: float = JITTER                     # images only: brightness/contrast/saturation 0.4
+    video_mask: str = "tube"                   # §3 MVM: tube masking (Table 8 ablations: masking.STRATEGIES)
+    mask_ratio: float = 0.5                    # §3: 0.5 per masked frame
+    video_batch: int = VIDEO_BATCH             # per GPU: 8 clips ...
+    image_batch: int = IMAGE_BATCH             # ... + 64 images (omni_videos_per_gpu=[8, 64])
+    num_workers: int = WORKERS                 # per rank
+    decode_threads: Optional[int] = None       # None: cores // workers (auto_decode_threads)
+    tok_resample: str = "pil"                  # tokenizer copy: "pil" (BEiT) or "cv2" (released CopyResize)
+    seed: int = 0                              # base of the mask streams and of the sampler shuffle
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Finetuning data (DESIGN §7). Defaults: the released K400 config; see FINETUNE_RECIPES."""
+    sampling: str = "dense"                    # "dense" (K400) or "uniform" (SSv2 segments)
+    frames: int = K400_FRAMES                  # 32 frames
+    interval: int = K400_INTERVAL              # x 2 (dense only)
+    crop: int = CROP
+    short_side: int = FINETUNE_SHORT_SIDE      # train / val resize
+    test_short_side: int = TEST_SHORT_SIDE     # test resize before ThreeCrop
+    test_clips: int = K400_TEST_CLIPS          # K400: 4 clips x 3 crops
+    test_crops: int = TEST_CROPS
+    rrc_scale: tuple = RRC_SCALE
+    rrc_ratio: tuple = RRC_RATIO
+    flip: float = FLIP_P                       # K400 0.5; SSv2 0 (left/right matters)
+    randaug_n: int = 0                         # 0 = off; SSv2: RandAugment(n=4, m=7)
+    randaug_m: int = RANDAUG_M
+    erase: float = 0.0                         # SSv2: random erasing 0.25
+    batch_size: int = FINETUNE_BATCH           # per GPU, training
+    eval_batch_size: int = EVAL_BATCH          # val / test
+    num_workers: int = WORKERS
+    decode_threads: Optional[int] = None
+    seed: int = 0
+
+
+FINETUNE_RECIPES = {
+    # released swin_base_patch244_window877_bevt_finetune_k400.py
+    "k400": FinetuneDataConfig(),
+    # released swin_base_patch244_window1677_bevt_finetune_ssv2.py
+    "ssv2": FinetuneDataConfig(sampling="uniform", frames=SSV2_FRAMES, interval=1, flip=0.0,
+                               randaug_n=RANDAUG_N, randaug_m=RANDAUG_M, erase=ERASE_P,
+                               test_clips=SSV2_TEST_CLIPS),
+}
+
+
+def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Optional[PathLike] = None,
+                          video_root: Optional[PathLike] = None, image_root: Optional[PathLike] = None,
+                          image_ann: Optional[PathLike] = None, rank: int = 0, world_size: int = 1,
+                          verbose: Optional[bool] = None) -> Union[EpochLoader, JointLoader]:
+    """The training loader of a pretraining stage: "image" (BEVT-I), "video" (BEVT-V) or "joint" (BEVT).
+
+    Videos: `video_ann` list under `video_root`; images: the folder tree
+    `image_root` or the list `image_ann` under it. Returns an object with
+    set_epoch(epoch), len() and iteration over batch dicts (module docstring).
+    Mask generators: images seed cfg.seed, clips cfg.seed + 1 (distinct streams).
+    """
+    if stage not in ("image", "video", "joint"):
+        raise ValueError(f"stage must be image, video or joint, got {stage!r}")
+    threads = cfg.decode_threads or auto_decode_threads(cfg.num_workers)
+    common = dict(shuffle=True, drop_last=True, num_workers=cfg.num_workers, rank=rank,
+                  world_size=world_size, seed=cfg.seed, verbose=verbose)
+    videos = images = None
+    if stage in ("video", "joint"):
+        if video_ann is None or video_root is None:
+            raise ValueError(f"stage {stage!r} needs video_ann and video_root")
+        gen = MaskGenerator(cfg.video_mask, (cfg.frames, cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio,
+                            seed=cfg.seed + 1)
+        transform = PretrainClipTransform(cfg.crop, cfg.short_side, cfg.flip, gen, cfg.tok_resample)
+        ds = VideoDataset(video_ann, video_root, FrameSampling(cfg.frames, cfg.interval), transform, threads)
+        videos = EpochLoader(ds, cfg.video_batch, name="videos", **common)
+    if stage in ("image", "joint"):
+        if image_root is None:
+            raise ValueError(f"stage {stage!r} needs image_root (a folder tree, or the root of image_ann)")
+        gen = MaskGenerator("block", (cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio, seed=cfg.seed)
+        transform = PretrainImageTransform(cfg.crop, cfg.short_side, cfg.flip, cfg.jitter, gen, cfg.tok_resample)
+        ds = ImageDataset(image_root, image_ann, transform, min_short=max(cfg.short_side))
+        images = EpochLoader(ds, cfg.image_batch, name="images", **common)
+    if stage == "joint":
+        return JointLoader(videos, images)
+    return videos if stage == "video" else images
+
+
+def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, root: PathLike,
+                          rank: int = 0, world_size: int = 1, verbose: Optional[bool] = None) -> EpochLoader:
+    """Finetuning loader: "train" (shuffled, drop_last), "val" (1 centre clip) or "test" (clips x crops).
+
+    val/test keep every sample (DistributedSampler pads the last shard with
+    repeats; drop them by `index` for exact numbers).
+    """
+    if mode not in ("train", "val", "test"):
+        raise ValueError(f"mode must be train, val or test, got {mode!r}")
+    train = mode == "train"
+    sampling = FrameSampling(cfg.frames, cfg.interval if cfg.sampling == "dense" else 1, cfg.sampling,
+                             num_clips=cfg.test_clips if mode == "test" else 1, test_mode=not train)
+    randaug = RandAugment(cfg.randaug_n, cfg.randaug_m) if (train and cfg.randaug_n > 0) else None
+    transform = FinetuneClipTransform(mode, cfg.crop, cfg.short_side, cfg.test_short_side, cfg.test_crops,
+                                      cfg.rrc_scale, cfg.rrc_ratio, cfg.flip, randaug, cfg.erase)
+    threads = cfg.decode_threads or auto_decode_threads(cfg.num_workers)
+    ds = VideoDataset(ann, root, sampling, transform, threads)
+    return EpochLoader(ds, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train, drop_last=train,
+                       num_workers=cfg.num_workers, rank=rank, world_size=world_size, seed=cfg.seed,
+                       name=f"finetune-{mode}", verbose=verbose)
+
+
+# -----------------------------------------------------------------------------
+# Table 2's temporal probes (DESIGN §7): does a model need time?
+
+
+def single_frame(video: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(..., 3, T, H, W) -> one random frame (per call) repeated T times."""
+    T = video.shape[-3]
+    t = int(torch.randint(T, (), generator=generator))
+    return video[..., t:t + 1, :, :].expand_as(video).contiguous()
+
+
+def shuffle_frames(video: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(..., 3, T, H, W) -> the frames in a random order (one permutation per call)."""
+    perm = torch.randperm(video.shape[-3], generator=generator)
+    return video[..., perm, :, :]
+
+
+# -----------------------------------------------------------------------------
+# The synthetic data set: appearance labels vs labels that need time
+#
+# Each video is a static textured background of low saturation with one
+# saturated object (3 shapes x 2 colours) moving in a straight line at a
+# constant speed in one of 4 directions, wrapping around the frame edges (a
+# torus). Every video carries two labels, drawn independently:
+#   appearance (6 classes, shape_colour): one frame tells it (a K400 stand-in);
+#   motion (4 classes, the direction): one frame cannot, because the start
+#     position is uniform and the motion wraps, so at every time step the
+#     object's position has the same (uniform) law whatever the direction;
+#     reversing or shuffling the frames destroys it (an SSv2/Diving48 stand-in,
+#     paper Table 2). Flipping a clip left-right swaps "left" and "right": use
+#     flip=0 for motion labels, as SSv2 does.
+# Images are single frames of the same kind of scene, in a folder tree by
+# appearance class, for the image stream and for fitting the offline tokenizer.
+
+SYNTHETIC_VERSION = 1
+SYN_FRAMES = 32                       # frames per video (2 s at 16 fps)
+SYN_HEIGHT, SYN_WIDTH = 128, 160      # short side 128: the CPU demo rescales to [128, 160] and crops 112
+SYN_FPS = 16
+SYN_GOP = 16                          # a keyframe every 16 frames, so seeking has something to do
+SYN_CRF = 26                          # x264 quality: ~10 KB per video
+SYN_TRAIN, SYN_VAL = 200, 60          # videos per split (each video is listed in both label sets)
+SYN_IMAGES_TRAIN, SYN_IMAGES_VAL = 80, 10     # images per appearance class
+SYN_PNG_EVERY = 8                     # every 8th image is PNG, the rest JPEG (quality 90)
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"blue": (40, 80, 225), "red": (220, 45, 40)}
+APPEARANCE_CLASSES = tuple(f"{s}_{c}" for s in SHAPES for c in sorted(COLOURS))   # sorted = label order
+MOTION_CLASSES = ("right", "left", "down", "up")
+MOTION_VECTORS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}   # (dx, dy), y down
+RADIUS_FRAC = (0.08, 0.12)            # object radius as a fraction of the frame height (10-15 px at 128)
+SPEED_FRAC = (0.0125, 0.022)          # pixels per frame as a fraction of the width (2-3.5 px at 160)
+DONE_NAME = "DONE"
+
+
+def _syn_params(seed: int, split: str, k: int, height: int, width: int) -> dict:
+    """The random draws of one video: its own stream, so sizes never change other videos."""
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1, "img-train": 2, "img-val": 3}[split], k])
+    return {
+        "shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
+        "direction": int(rng.integers(len(MOTION_CLASSES))),
+        "radius": rng.uniform(*RADIUS_FRAC) * height, "speed": rng.uniform(*SPEED_FRAC) * width,
+        "x0": rng.uniform(0, width), "y0": rng.uniform(0, height),
+        "colour_jitter": rng.normal(0, 12, 3), "bg_seed": int(rng.integers(2 ** 31)),
+    }
+
+
+def _syn_background(seed: int, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) float32: a smooth grey texture with a weak tint (low saturation, so the object stands out).
+
+    Numpy + PIL only: torch's OpenMP threads would spin between calls and
+    steal the two cores from the x264 encoder threads.
+    """
+    rng = np.random.default_rng(seed)
+
+    def noise(cells_h, cells_w):                                 # smooth noise: bicubic upsampled random grid
+        z = Image.fromarray(rng.standard_normal((cells_h, cells_w)).astype(np.float32), mode="F")
+        return np.asarray(z.resize((width, height), Image.BICUBIC))
+
+    base = rng.uniform(70, 180)                                  # mean grey level
+    lum = base + 28 * noise(height // 16 + 2, width // 16 + 2) + 8 * noise(height // 4, width // 4)
+    tint = 10 * rng.standard_normal(3) + 6 * np.stack([noise(height // 32 + 2, width // 32 + 2) for _ in range(3)], -1)
+    return np.clip(lum[..., None] + tint, 0, 255).astype(np.float32)     # (H, W, 3)
+
+
+def render_synthetic(p: dict, times, height: int, width: int) -> np.ndarray:
+    """Frames at `times` of the video with parameters p -> (len(times), H, W, 3) uint8."""
+    t = np.asarray(times, np.float32)[:, None, None]             # (n, 1, 1)
+    dx, dy = MOTION_VECTORS[MOTION_CLASSES[p["direction"]]]
+    cx = p["x0"] + dx * p["speed"] * t                           # centre at each time
+    cy = p["y0"] + dy * p["speed"] * t
+    xs = np.arange(width, dtype=np.float32)[None, None, :] + 0.5     # pixel centres, (1, 1, W)
+    ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5    # (1, H, 1)
+    # Offsets to the centre on the torus (the object wraps around the edges);
+    # separable, (n, 1, W) and (n, H, 1), broadcast to (n, H, W) only below.
+    ox = (xs - cx + width / 2) % width - width / 2
+    oy = (ys - cy + height / 2) % height - height / 2
+    r = p["radius"]
+    shape = SHAPES[p["shape"]]
+    if shape == "circle":                                        # signed distance to the outline, px
+        sd = np.sqrt(ox ** 2 + oy ** 2) - r
+    elif shape == "square":                                      # same area as the circle: side r*sqrt(pi)
+        half = r * math.sqrt(math.pi) / 2
+        sd = np.maximum(np.abs(ox), np.abs(oy)) - half
+    else:                                                        # equilateral, apex up, circumradius 1.3 r
+        R = 1.3 * r
+        c30 = math.cos(math.pi / 6)
+        sd = np.maximum(np.maximum(oy, -c30 * ox - 0.5 * oy), c30 * ox - 0.5 * oy) - R / 2
+    alpha = np.clip(0.5 - sd, 0.0, 1.0)[..., None]               # 1-px antialiased edge, (n, H, W, 1)
+    colour = (np.array(COLOURS[sorted(COLOURS)[p["colour"]]]) + p["colour_jitter"]).astype(np.float32)
+    bg = _syn_background(p["bg_seed"], height, width)[None]     # (1, H, W, 3)
+    return np.clip(bg + alpha * (colour - bg) + 0.5, 0, 255).astype(np.uint8)
+
+
+def write_video(path: PathLike, frames: np.ndarray, fps: int = SYN_FPS, codec: str = "libx264",
+                gop: int = SYN_GOP, options: Optional[dict] = None) -> None:
+    """(T, H, W, 3) uint8 RGB -> a yuv420p video file with PyAV (H.264 mp4, VP9 webm, ...)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=dict(options or {}))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.gop_size = gop
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():                              # flush the encoder
+            container.mux(packet)
+
+
+def make_synthetic(out: PathLike, seed: int = 0, n_train: int = SYN_TRAIN, n_val: int = SYN_VAL,
+                   images_train: int = SYN_IMAGES_TRAIN, images_val: int = SYN_IMAGES_VAL,
+                   frames: int = SYN_FRAMES, height: int = SYN_HEIGHT, width: int = SYN_WIDTH,
+                   verbose: bool = False) -> Path:
+    """Write the synthetic data set into `out` (which must not hold one yet); DONE last.
+
+    Layout (paths in the lists are relative to videos/ and images/):
+        videos/{train,val}/NNNNNN.mp4
+        videos/{train,val}_{appearance,motion}.txt, videos/classes_{appearance,motion}.txt
+        images/{train,val}/<appearance class>/NNNNN.{png,jpg}, images/{train,val}_list.txt
+        info.json, DONE
+    Deterministic: the same arguments give byte-identical files.
+    """
+    out = Path(out)
+    if (out / DONE_NAME).exists():
+        raise FileExistsError(f"{out} already holds a synthetic data set")
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for split, n in (("train", n_train), ("val", n_val)):
+        (out / "videos" / split).mkdir(exist_ok=True)
+        rows = {"appearance": [], "motion": []}
+        for k in range(n):
+            p = _syn_params(seed, split, k, height, width)
+            rel = f"{split}/{k:06d}.mp4"
+            write_video(out / "videos" / rel, render_synthetic(p, range(frames), height, width),
+                        options={"crf": str(SYN_CRF), "preset": "veryfast"})
+            rows["appearance"].append(f"{rel} {p['shape'] * len(COLOURS) + p['colour']}")
+            rows["motion"].append(f"{rel} {p['direction']}")
+        for task, lines in rows.items():
+            (out / "videos" / f"{split}_{task}.txt").write_text("\n".join(lines) + "\n")
+    (out / "videos" / "classes_appearance.txt").write_text("\n".join(APPEARANCE_CLASSES) + "\n")
+    (out / "videos" / "classes_motion.txt").write_text("\n".join(MOTION_CLASSES) + "\n")
+    for split, per_class in (("train", images_train), ("val", images_val)):
+        lines = []
+        for label, name in enumerate(APPEARANCE_CLASSES):
+            (out / "images" / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                p = _syn_params(seed, f"img-{split}", label * 100_000 + k, height, width)
+                p["shape"], p["colour"] = divmod(label, len(COLOURS))   # the class fixes the appearance
+                t = int(np.random.default_rng([seed, 7, label, k]).integers(frames))
+                img = Image.fromarray(render_synthetic(p, [t], height, width)[0])
+                ext = "png" if k % SYN_PNG_EVERY == 0 else "jpg"
+                rel = f"{split}/{name}/{k:05d}.{ext}"
+                if ext == "png":
+                    img.save(out / "images" / rel, "PNG")
+                else:
+                    img.save(out / "images" / rel, "JPEG", quality=90)
+                lines.append(f"{rel} {label}")
+        (out / "images" / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
+    info = {"version": SYNTHETIC_VERSION, "seed": seed, "frames": frames, "height": height, "width": width,
+            "fps": SYN_FPS, "videos": {"train": n_train, "val": n_val},
+            "images_per_class": {"train": images_train, "val": images_val},
+            "classes": {"appearance": list(APPEARANCE_CLASSES), "motion": list(MOTION_CLASSES)},
+            "notes": {"appearance": "one frame suffices (K400-like); any recipe",
+                      "motion": "needs time (SSv2-like); finetune with flip=0: a flip swaps left/right"}}
+    (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+    (out / DONE_NAME).write_text(json.dumps(_syn_key(seed, n_train, n_val, images_train, images_val,
+                                                     frames, height, width)) + "\n")
+    if verbose:
+        mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+        print(f"synthetic data set: {n_train}+{n_val} videos, {len(APPEARANCE_CLASSES)}x"
+              f"({images_train}+{images_val}) images, {mb:.1f} MB in {time.time() - t0:.1f} s")
+    return out
+
+
+def _syn_key(seed, n_train, n_val, images_train, images_val, frames, height, width) -> dict:
+    return {"version": SYNTHETIC_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
+            "images_train": images_train, "images_val": images_val, "frames": frames,
+            "height": height, "width": width}
+
+
+def ensure_synthetic(root: PathLike, seed: int = 0, timeout: float = 900.0, verbose: bool = True,
+                     **sizes) -> Path:
+    """The synthetic data set at `root`, generated first if it is not there. Safe for concurrent ranks.
+
+    Whoever creates the lock file `.<root>.lock` beside root generates into a
+    temporary folder and renames it to root (so a half-written set is never
+    seen); everyone else waits for root/DONE. An existing complete set made
+    with other arguments is an error (delete it to regenerate); so is a
+    non-empty root without DONE (not ours). `sizes`: make_synthetic's size
+    arguments (n_train, n_val, images_train, images_val, frames, height, width).
+    """
+    root = Path(root)
+    key = _syn_key(seed, *(sizes.get(k, d) for k, d in (
+        ("n_train", SYN_TRAIN), ("n_val", SYN_VAL), ("images_train", SYN_IMAGES_TRAIN),
+        ("images_val", SYN_IMAGES_VAL), ("frames", SYN_FRAMES), ("height", SYN_HEIGHT), ("width", SYN_WIDTH))))
+    done = root / DONE_NAME
+    lock = root.parent / f".{root.name}.lock"
+    deadline = time.time() + timeout
+    while True:
+        if done.exists():
+            found = json.loads(done.read_text())
+            if found != key:
+                raise ValueError(f"{root} holds a synthetic data set made with {found}, not {key}; "
+                                 f"delete it to regenerate, or pass another path")
+            return root
+        if root.exists() and any(root.iterdir()):
+            raise FileExistsError(f"{root} exists and is not a complete synthetic data set (no {DONE_NAME}); "
+                                  f"delete it or choose another path")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:                                  # someone else is generating: wait
+            if time.time() > deadline:
+                raise TimeoutError(f"waited {timeout:.0f} s for {done}; if no other process is "
+                                   f"generating it, delete {lock}") from None
+            time.sleep(0.2)
+            continue
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        try:
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+            os.close(fd)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if verbose:
+                print(f"generating the synthetic data set (seed {seed}) in {root} ...", flush=True)
+            make_synthetic(tmp, seed=seed, verbose=verbose, **sizes)
+            if root.exists():
+                root.rmdir()                                     # empty (checked above)
+            os.rename(tmp, root)                                 # atomic: complete or absent
+            if verbose:
+                print(f"-> {root}", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def check_videos(ann: PathLike, root: PathLike, threads: int = 0) -> list[tuple[str, str]]:
+    """Decode every frame of every listed video; [(path, reason)] of the bad ones."""
+    from tqdm import tqdm
+    bad = []
+    for path, _ in tqdm(read_annotations(ann, root), desc="decoding", unit="video"):
+        try:
+            container, stream = _open_video(path, threads)
+            with container:
+                n = sum(1 for _ in container.decode(stream))
+            if n == 0:
+                bad.append((str(path), "zero frames"))
+        except Exception as e:
+            bad.append((str(path), f"{type(e).__name__}: {e}"))
+    return bad
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make-synthetic", help="write the synthetic data set (skipped if already there)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--train", type=int, default=SYN_TRAIN, help="training videos")
+    m.add_argument("--val", type=int, default=SYN_VAL, help="validation videos")
+    m.add_argument("--images-train", type=int, default=SYN_IMAGES_TRAIN, help="training images per class")
+    m.add_argument("--images-val", type=int, default=SYN_IMAGES_VAL, help="validation images per class")
+    m.add_argument("--frames", type=int, default=SYN_FRAMES)
+    m.add_argument("--height", type=int, default=SYN_HEIGHT)
+    m.add_argument("--width", type=int, default=SYN_WIDTH)
+    c = sub.add_parser("check", help="decode every video of an annotation list and list the bad ones")
+    c.add_argument("--ann", required=True)
+    c.add_argument("--root", required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "make-synthetic":
+        root = ensure_synthetic(args.out, seed=args.seed, n_train=args.train, n_val=args.val,
+                                images_train=args.images_train, images_val=args.images_val,
+                                frames=args.frames, height=args.height, width=args.width)
+        print(json.dumps(json.loads((root / "info.json").read_text())["classes"]))
+        print(f"ready: {root}")
+    else:
+        bad = check_videos(args.ann, args.root)
+        for path, reason in bad:
+            print(f"BAD {path}: {reason}")
+        print(f"{len(bad)} bad file(s)")
+        sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Run by tests/test_train.py under `torchrun --nproc_per_node=2` (gloo), or as one process.
+
+Three optimizer steps of train.train_step on a fixed global batch of 4 clips
+and 8 images: with 2 processes each rank takes its half and accumulates over 2
+micro-batches (no_sync, then an all-reduce); one process takes the whole batch
+at once. Every sample has the same number of masked cells, so the mean of the
+per-micro-batch losses equals the loss over the whole batch. Each rank saves
+its parameters to OUT/rank{r}.pt.
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT
+    python tests/ddp_worker.py OUT
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import swin3d
+import tokenizer
+import train
+from bevt import BEVT, BEVTConfig
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(0)
+    B, N, T, S = 4, 8, 4, 64
+    vmask = torch.zeros(T // 2, 4, 4, dtype=torch.bool)
+    vmask[:, 1:3, 0:3] = True                                       # same count in every clip
+    imask = torch.zeros(4, 4, dtype=torch.bool)
+    imask[0:2, 1:4] = True
+    return {"video": torch.randn(B, 3, T, S, S, generator=g), "video_tok": torch.rand(B, 3, T, S // 2, S // 2, generator=g),
+            "video_mask": vmask.expand(B, -1, -1, -1).clone(),
+            "image": torch.randn(N, 3, S, S, generator=g), "image_tok": torch.rand(N, 3, S // 2, S // 2, generator=g),
+            "image_mask": imask.expand(N, -1, -1).clone()}
+
+
+def main(out):
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    torch.manual_seed(0)
+    model = BEVT(BEVTConfig(swin=swin3d.get_config("cpu", drop_path_rate=0.0), vocab_size=16))
+    model.set_stage("joint")
+    tok = tokenizer.OfflineTokenizer(torch.rand(16, 192, generator=torch.Generator().manual_seed(1)))
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(out, "init.pt"))
+    wrapped = DDP(model, find_unused_parameters=False) if ddp else model
+    # Plain SGD and no clipping: Adam's update and clipping are blind to the scale of the
+    # gradient, which would hide a wrong reduction (a sum instead of a mean, say).
+    opt = torch.optim.SGD(train.param_groups(model, 0.0), lr=0.5)
+    full = global_batch()
+    # Rank r's half of the batch, as 2 micro-batches (accumulation); one process: the whole batch.
+    mine = {k: v.chunk(world)[rank] for k, v in full.items()}
+    micro = [{k: v.chunk(2)[i] for k, v in mine.items()} for i in range(2)] if ddp else [mine]
+    for _ in range(3):
+        sums, gnorm = train.train_step(wrapped, model, micro, tok, torch.device("cpu"), ddp, False, 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

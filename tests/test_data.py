@@ -1,0 +1,574 @@
+"""Tests of data.py: decoding real files, frame sampling, augmentations, masks
+per worker, distributed shards, bad media, and the synthetic data set
+(paper §4.1 and Table 2; DESIGN §3, §6, §7).
+
+Every video here is written inside the test with PyAV (H.264 mp4, one VP9
+webm); expected values come from what the test wrote or from hand-computed
+sampling formulas of the released SampleFrames, never from data.py's output.
+Run: python -m pytest -q tests/test_data.py
+"""
+
+import logging
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torch.utils.data import DataLoader
+
+import data
+from masking import MaskGenerator
+
+# A tiny synthetic set shared by several tests: 24 + 8 videos of 16 frames,
+# 64 x 80 px, 4 + 2 images per class. Object radius 5-7.7 px, speed 1-1.8 px/frame.
+TINY = dict(n_train=24, n_val=8, images_train=4, images_val=2, frames=16, height=64, width=80)
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    return data.ensure_synthetic(tmp_path_factory.mktemp("syn") / "set", seed=0, verbose=False, **TINY)
+
+
+def level_clip(n=40, h=64, w=80):
+    """Frame i: top half grey level 20 + 5i (its identity), bottom half one RGB colour (channel order)."""
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    for i in range(n):
+        frames[i, : h // 2] = 20 + 5 * i
+        frames[i, h // 2:] = (200, 40, 90)
+    return frames
+
+
+def frame_levels(frames):
+    """Decoded frames (..., H, W, 3) -> the grey level of each frame's top half (interior, away from edges)."""
+    h = frames.shape[-3]
+    return frames[..., 4:h // 2 - 4, 4:-4, :].mean(axis=(-3, -2, -1))
+
+
+def write_list(path, rows):
+    Path(path).write_text("".join(f"{rel} {label}\n" for rel, label in rows))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Decoding real files
+
+
+@pytest.mark.parametrize("codec,ext", [("libx264", "mp4"), ("libvpx-vp9", "webm")])
+def test_decode_real_video_frames_and_pixels(tmp_path, codec, ext):
+    written = level_clip()
+    path = tmp_path / f"clip.{ext}"
+    data.write_video(path, written, fps=25, codec=codec, gop=8)
+    assert data.count_frames(path) == 40          # webm has no stored count: counted by demuxing
+
+    frames, idx, n = data.read_video(path)
+    assert n == 40 and frames.shape == (40, 64, 80, 3) and frames.dtype == np.uint8
+    np.testing.assert_allclose(frame_levels(frames), 20 + 5 * np.arange(40), atol=3)
+    bottom = frames[:, 40:60, 8:72].reshape(-1, 3).mean(0)           # RGB order survives the YUV round trip
+    np.testing.assert_allclose(bottom, (200, 40, 90), atol=6)
+
+    # A seek into the middle (keyframes every 8 frames) returns exactly the asked frames.
+    want = np.array([[5, 13], [21, 37]])
+    frames, idx, _ = data.read_video(path, lambda n: want)
+    assert frames.shape == (2, 2, 64, 80, 3)
+    np.testing.assert_allclose(frame_levels(frames), 20 + 5 * want, atol=3)
+    # Repeated and unordered indices (looping clips) come back in the asked order.
+    frames, _, _ = data.read_video(path, lambda n: np.array([[39, 0, 39, 17]]))
+    np.testing.assert_allclose(frame_levels(frames)[0], 20 + 5 * np.array([39, 0, 39, 17]), atol=3)
+
+
+def test_sampling_dense_train_random_offsets():
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(1500):
+        idx = data.sample_dense(100, clip_len=8, interval=4)          # span 32 -> starts 0..68
+        assert idx.shape == (1, 8)
+        assert (np.diff(idx[0]) == 4).all()
+        offsets.add(int(idx[0, 0]))
+    assert min(offsets) == 0 and max(offsets) == 68 and len(offsets) > 60
+
+
+def test_sampling_hand_computed_cases():
+    # Short video loops (released out_of_bound_opt='loop'): start 0, indices mod 10.
+    np.testing.assert_array_equal(data.sample_dense(10, 8, 4), [[0, 4, 8, 2, 6, 0, 4, 8]])
+    # Test mode, 3 clips of 8 x 2 in 100 frames: avg = (100-16+1)/3 = 28.33, starts int(28.33k + 14.17).
+    idx = data.sample_dense(100, 8, 2, num_clips=3, test_mode=True)
+    np.testing.assert_array_equal(idx[:, 0], [14, 42, 70])
+    np.testing.assert_array_equal(idx[1], 42 + 2 * np.arange(8))
+    # Uniform (SSv2), 8 of 64 frames: segment size 63/8; test takes each segment's middle.
+    np.testing.assert_array_equal(data.sample_uniform(64, 8, test_mode=True), [[4, 12, 20, 28, 35, 43, 51, 59]])
+    bounds = [(0, 8), (8, 16), (16, 24), (24, 32), (32, 39), (39, 47), (47, 55), (55, 63)]
+    torch.manual_seed(1)
+    seen = [set() for _ in bounds]
+    for _ in range(300):
+        idx = data.sample_uniform(64, 8)[0]
+        for i, (lo, hi) in enumerate(bounds):
+            assert lo <= idx[i] <= hi
+            seen[i].add(int(idx[i]))
+    assert all(len(s) == hi - lo + 1 for s, (lo, hi) in zip(seen, bounds))   # every frame of a segment drawn
+    # Fewer frames than the clip: indices stay in range and in order.
+    idx = data.sample_uniform(5, 8, test_mode=True)[0]
+    assert idx.min() >= 0 and idx.max() <= 4 and (np.diff(idx) >= 0).all()
+
+
+# -----------------------------------------------------------------------------
+# Bad media and bad paths
+
+
+def _bad_files(tmp_path):
+    """Four good mp4s and five bad entries: corrupt bytes, truncated (no index), truncated
+    mid-data (index first), zero frames, missing."""
+    rows = []
+    for k in range(4):
+        data.write_video(tmp_path / f"good{k}.mp4", level_clip(24), gop=8)
+        rows.append((f"good{k}.mp4", k))
+    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    good = (tmp_path / "good0.mp4").read_bytes()
+    (tmp_path / "truncated.mp4").write_bytes(good[: len(good) // 2])       # PyAV writes the index last
+    faststart = tmp_path / "faststart.mp4"
+    data.write_video(faststart, np.random.default_rng(1).integers(0, 256, (24, 64, 80, 3), np.uint8),
+                     gop=8, options={"movflags": "faststart"})
+    raw = faststart.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(raw[: len(raw) // 2])               # index first, frames cut short
+    import av
+    with av.open(str(tmp_path / "zero.mp4"), "w") as c:                    # a container with no frames
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        c.start_encoding()
+    bad = ["corrupt.mp4", "truncated.mp4", "cut.mp4", "zero.mp4", "missing.mp4"]
+    return rows + [(b, 9) for b in bad], bad
+
+
+def test_bad_videos_are_skipped_logged_once_and_counted(tmp_path, caplog):
+    rows, bad = _bad_files(tmp_path)
+    for b in bad[:4]:
+        with pytest.raises(data.BadMedia):
+            data.read_video(tmp_path / b, lambda n: data.sample_dense(n, 8, 3, test_mode=True))
+    ann = write_list(tmp_path / "list.txt", rows)
+    ds = data.VideoDataset(ann, tmp_path, data.FrameSampling(8, 3, test_mode=True),
+                           data.FinetuneClipTransform("val", crop=48, short_side=64))
+    loader = data.EpochLoader(ds, 1, shuffle=False, drop_last=False, num_workers=0, verbose=False)
+    with caplog.at_level(logging.WARNING, logger="bevt.data"):
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            labels = [int(b["label"]) for b in loader]
+            assert len(labels) == len(rows) and max(labels) < 9             # bad ones replaced by good ones
+            assert loader.skipped >= len(bad)                                # each bad row visited at least once
+    logged = [r.getMessage() for r in caplog.records]
+    for b in bad:                                                            # named, and only once over 2 epochs
+        assert sum(str(tmp_path / b) in m for m in logged) == 1, b
+    assert loader.skipped_total >= 2 * len(bad)
+
+
+def test_missing_paths_are_errors_naming_them(tmp_path):
+    (tmp_path / "root").mkdir()
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        data.read_annotations(tmp_path / "nope.txt", tmp_path / "root")
+    ann = write_list(tmp_path / "a.txt", [("x.mp4", 0)])
+    with pytest.raises(FileNotFoundError, match="no_root"):
+        data.read_annotations(ann, tmp_path / "no_root")
+    with pytest.raises(FileNotFoundError, match="no_images"):
+        data.ImageDataset(tmp_path / "no_images")
+    (tmp_path / "bad.txt").write_text("clip.mp4 0\nclip_without_label.mp4\n")
+    with pytest.raises(ValueError, match="bad.txt:2"):
+        data.read_annotations(tmp_path / "bad.txt", tmp_path / "root")
+
+
+def test_image_folder_list_file_and_broken_images(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("zebra", "ant", "mole"):                       # labels follow sorted class names
+        (tmp_path / cls).mkdir()
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), np.uint8)).save(tmp_path / cls / f"{k}.jpg")
+    (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    ds = data.ImageDataset(tmp_path, transform=lambda im: {"shape": torch.tensor(im.shape)})
+    assert ds.classes == ["ant", "mole", "zebra"]
+    assert [(p.parent.name, l) for p, l in ds.samples][::2] == [("ant", 0), ("mole", 1), ("zebra", 2)]
+    assert ds[0]["shape"].tolist() == [40, 50, 3]
+
+    (tmp_path / "mole" / "2.png").write_text("a text file called png")
+    full = (tmp_path / "zebra" / "0.jpg").read_bytes()
+    (tmp_path / "zebra" / "2.jpg").write_bytes(full[: len(full) // 3])      # truncated JPEG
+    ann = write_list(tmp_path / "list.txt", [("ant/0.jpg", 0), ("mole/2.png", 1), ("zebra/2.jpg", 2)])
+    ds = data.ImageDataset(tmp_path, ann, transform=lambda im: {})
+    loader = data.EpochLoader(ds, 1, shuffle=False, drop_last=False, num_workers=0, verbose=False)
+    assert [int(b["label"]) for b in loader] == [0, 0, 0]                   # both broken ones replaced by row 0
+    assert loader.skipped >= 2                                              # each bad row visited at least once
+
+
+# -----------------------------------------------------------------------------
+# Augmentations
+
+
+def test_pretrain_clip_one_crop_and_flip_for_all_frames_and_tokenizer_copy():
+    torch.manual_seed(0)
+    noise = np.random.default_rng(0).integers(0, 256, (100, 120, 3), np.uint8)
+    frames = np.broadcast_to(noise, (1, 4, 100, 120, 3)).copy()             # 4 identical frames
+    gen = MaskGenerator("tube", (4, 96, 96), seed=0)
+    tf = data.PretrainClipTransform(crop=96, short_side=(100, 130), mask_gen=gen)
+    for _ in range(5):
+        out = tf(frames)
+        v, tok = out["video"], out["video_tok"]
+        assert v.shape == (3, 4, 96, 96) and v.dtype == torch.float32
+        assert tok.shape == (3, 4, 48, 48)                                   # the tokenizer copy is half size
+        assert out["video_mask"].shape == (2, 6, 6) and out["video_target"].shape == (4, 6, 6)
+        assert out["video_mask"].dtype == torch.bool
+        for t in range(1, 4):                                                # same crop and flip in every frame
+            assert torch.equal(v[:, t], v[:, 0]) and torch.equal(tok[:, t], tok[:, 0])
+        pixels = data.denormalize(v.transpose(0, 1))                         # (T, 3, H, W) back in [0, 1]
+        assert pixels.min() > -1e-5 and pixels.max() < 1 + 1e-5
+        assert 0 <= tok.min() and tok.max() <= 1                             # tokenizer input not normalised
+        # video_tok is the same crop as video, Lanczos-halved.
+        torch.testing.assert_close(data.tokenizer_copy(pixels).transpose(0, 1), tok, atol=1e-4, rtol=0)
+
+
+def test_crop_and_flip_are_windows_of_the_frame():
+    """Without rescaling (short side fixed to the frame's), every output is a window of the
+    frame or its mirror image; both kinds and several offsets occur."""
+    torch.manual_seed(0)
+    img = np.random.default_rng(1).integers(0, 256, (60, 70, 3), np.uint8)
+    ref = torch.from_numpy(img).permute(2, 0, 1).float() / 255              # (3, 60, 70)
+    tf = data.PretrainClipTransform(crop=48, short_side=(60, 60))
+    found = set()
+    for _ in range(30):
+        out = data.denormalize(tf(img[None, None])["video"][:, 0])          # (3, 48, 48)
+        hits = [(t, l, f) for t in range(13) for l in range(23) for f in (False, True)
+                if torch.allclose((ref.flip(-1) if f else ref)[:, t:t + 48, l:l + 48], out, atol=1e-5)]
+        assert len(hits) == 1
+        found.add(hits[0])
+    assert {f for _, _, f in found} == {False, True} and len(found) > 10
+
+
+def test_finetune_val_and_test_views_are_the_released_crops():
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, (2, 3, 128, 160, 3), np.uint8)           # 2 clips x 3 frames
+    ref = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255     # (clips, T, 3, H, W)
+    val = data.FinetuneClipTransform("val", crop=112, short_side=128)(frames[:1])["video"]
+    assert val.shape == (3, 3, 112, 112)                                    # (3, T, H, W)
+    torch.testing.assert_close(data.denormalize(val.transpose(0, 1)), ref[0, :, :, 8:120, 24:136], atol=1e-5, rtol=0)
+
+    test = data.FinetuneClipTransform("test", crop=128, test_short_side=128)(frames)["video"]
+    assert test.shape == (6, 3, 3, 128, 128)                                # (crops*clips, 3, T, H, W)
+    for k, left in enumerate((0, 32, 16)):                                  # left, right, middle along the width
+        for clip in range(2):
+            view = data.denormalize(test[k * 2 + clip].transpose(0, 1))     # crop-major
+            torch.testing.assert_close(view, ref[clip, :, :, :, left:left + 128], atol=1e-5, rtol=0)
+
+    torch.manual_seed(0)
+    tr = data.FinetuneClipTransform("train", crop=64, short_side=128, flip=0.5, erase=0.0,
+                                    randaug=data.RandAugment(2, 9))
+    shapes = {tuple(tr(frames[:1])["video"].shape) for _ in range(5)}
+    assert shapes == {(3, 3, 64, 64)}
+
+
+def test_random_resized_crop_box_law():
+    torch.manual_seed(0)
+    for _ in range(300):
+        t, l, ch, cw = data.random_resized_crop_box(256, 340)
+        assert 0 <= t and t + ch <= 256 and 0 <= l and l + cw <= 340
+        if (ch, cw) != (256, 256):                                          # not the fallback
+            assert 0.08 * 256 * 340 * 0.95 <= ch * cw <= 256 * 340
+            assert 3 / 4 * 0.95 <= cw / ch <= 4 / 3 * 1.05
+
+
+def _pil(x):
+    return Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def _from_pil(im):
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+
+
+def test_randaugment_ops_against_pil_and_shared_over_frames():
+    rng = np.random.default_rng(3)
+    img = torch.from_numpy(rng.integers(60, 180, (3, 40, 48), np.uint8)).float() / 255   # low contrast
+    clip = img[None].expand(3, -1, -1, -1).contiguous()                    # 3 identical frames
+    ra = data.RandAugment(n=1, m=7)
+    # Equalize and the two filters match PIL (filters: interior pixels; PIL keeps the border).
+    torch.testing.assert_close(ra.apply("equalize", clip)[0], _from_pil(ImageOps.equalize(_pil(img))), atol=1e-6, rtol=0)
+    for name, filt in (("blur", ImageFilter.BLUR), ("smooth", ImageFilter.SMOOTH)):
+        ours, theirs = ra.apply(name, clip)[0], _from_pil(_pil(img).filter(filt))
+        assert (ours - theirs)[:, 3:-3, 3:-3].abs().max() <= 1 / 255 + 1e-6, name
+    auto = ra.apply("autocontrast", clip)[0]
+    assert auto.amin(dim=(1, 2)).max() == 0 and auto.amax(dim=(1, 2)).min() == 1
+    torch.testing.assert_close(ra.apply("invert", ra.apply("invert", clip)), clip)
+    solar = ra.apply("solarize", clip)                                      # threshold 256 - int(256*7/30) = 197
+    assert torch.equal(solar, torch.where(clip >= 197 / 255, 1 - clip, clip))
+    poster = (ra.apply("posterize", clip) * 255).round().long()             # 8 - int(6*7/30) = 7 bits kept
+    assert (poster % 2 == 0).all()
+    torch.manual_seed(0)
+    for name in data.RandAugment.OPS:
+        out = ra.apply(name, clip)
+        assert out.shape == clip.shape, name
+        assert torch.equal(out[1], out[0]) and torch.equal(out[2], out[0]), name   # one draw for all frames
+    full = data.RandAugment(n=4, m=7)
+    changed = 0
+    for _ in range(10):
+        out = full(clip)
+        assert out.shape == clip.shape and torch.equal(out[2], out[0])
+        changed += not torch.allclose(out, clip)
+    assert changed >= 8
+    torch.testing.assert_close(data.RandAugment(n=0, m=0)(clip), clip)    # n = 0, m = 0: identity
+
+
+def test_random_erasing_one_rectangle_in_every_frame():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 50, 60) + 5                                       # no zeros to begin with
+    for _ in range(20):
+        out = data.random_erasing(x, p=1.0)
+        zero = out == 0
+        assert torch.equal(zero, zero[:1].expand_as(zero))                  # same rectangle in every frame
+        rows, cols = zero[0, 0].any(1).nonzero(), zero[0, 0].any(0).nonzero()
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert zero[0, 0].sum() == h * w                                    # one filled rectangle
+        assert 0.015 * 3000 <= h * w <= 3000 / 3 * 1.1
+    assert torch.equal(data.random_erasing(x, p=0.0), x)
+
+
+def test_color_jitter():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32) * 0.5 + 0.25
+    torch.testing.assert_close(data.color_jitter(x, 0, 0, 0), x)
+    for _ in range(10):
+        y = data.color_jitter(x, brightness=0.4, contrast=0, saturation=0)  # brightness alone: one factor
+        ratio = (y / x)[y < 1]                                              # where not clamped at 1
+        assert 0.6 - 1e-5 <= ratio.min() and ratio.max() <= 1.4 + 1e-5
+        assert ratio.max() - ratio.min() < 1e-4
+        y = data.color_jitter(x)
+        assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+
+
+def test_temporal_probes():
+    video = torch.arange(2 * 3 * 6 * 2 * 2, dtype=torch.float32).view(2, 3, 6, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    one = data.single_frame(video, g)
+    assert all(torch.equal(one[:, :, t], one[:, :, 0]) for t in range(6))
+    assert any(torch.equal(one[:, :, 0], video[:, :, t]) for t in range(6))
+    sh = data.shuffle_frames(video, g)
+    order = [next(t for t in range(6) if torch.equal(sh[:, :, k], video[:, :, t])) for k in range(6)]
+    assert sorted(order) == list(range(6))
+
+
+# -----------------------------------------------------------------------------
+# Loaders: shards, masks per worker, the joint ratio
+
+
+def _image_cfg(num_workers=0):
+    return data.PretrainDataConfig(crop=96, short_side=(96, 112), image_batch=2, video_batch=2, frames=4,
+                                   interval=2, num_workers=num_workers)
+
+
+def test_distributed_shards_are_disjoint(synthetic):
+    cfg = _image_cfg()
+    shards = []
+    for rank in (0, 1):
+        loader = data.build_pretrain_loader("image", cfg, image_root=synthetic / "images/train", rank=rank,
+                                            world_size=2, verbose=False)
+        loader.set_epoch(0)
+        e0 = [int(i) for b in loader for i in b["index"]]
+        loader.set_epoch(1)
+        e1 = [int(i) for b in loader for i in b["index"]]
+        assert sorted(e0) != e0 or sorted(e1) != e1                        # shuffled
+        assert e0 != e1                                                     # a new order each epoch
+        shards.append(e0)
+    assert not set(shards[0]) & set(shards[1])
+    assert len(shards[0]) == len(shards[1]) == 12                           # 24 images over 2 ranks
+    assert len(set(shards[0]) | set(shards[1])) == 24
+
+
+def test_two_workers_draw_different_masks(synthetic):
+    cfg = _image_cfg(num_workers=2)
+    loader = data.build_pretrain_loader("image", cfg, image_root=synthetic / "images/train", verbose=False)
+    loader.loader = DataLoader(loader.dataset, batch_size=1, num_workers=2, sampler=loader.sampler,
+                               worker_init_fn=loader.loader.worker_init_fn)  # one sample per batch
+
+    def masks(l, epoch):
+        l.set_epoch(epoch)
+        out = [b["image_mask"][0] for b in l]
+        return out[0::2][:6], out[1::2][:6]                                 # batches alternate workers 0, 1
+
+    w0, w1 = masks(loader, 0)
+    assert not all(torch.equal(a, b) for a, b in zip(w0, w1))
+    e1_w0, _ = masks(loader, 1)
+    assert not all(torch.equal(a, b) for a, b in zip(w0, e1_w0))            # a new stream each epoch
+    # Control: without masking.seed_worker both workers copy one generator state and agree.
+    plain = DataLoader(loader.dataset, batch_size=1, num_workers=2, sampler=loader.sampler)
+    out = [b["image_mask"][0] for b in plain]
+    assert all(torch.equal(a, b) for a, b in zip(out[0::2][:6], out[1::2][:6]))
+
+
+def test_joint_loader_ratio_and_image_cycling(synthetic):
+    cfg = data.PretrainDataConfig(frames=4, interval=2, crop=96, short_side=(96, 112), video_batch=2,
+                                  image_batch=16, num_workers=0)
+    joint = data.build_pretrain_loader("joint", cfg, video_ann=synthetic / "videos/val_motion.txt",
+                                       video_root=synthetic / "videos", image_root=synthetic / "images/train",
+                                       verbose=False)
+    assert len(joint) == 4 and len(joint.images) == 1                      # 8 videos / 2; 24 images / 16
+    joint.set_epoch(3)
+    batches = list(joint)
+    assert len(batches) == 4                                                # images cycled 4 times per epoch
+    for b in batches:
+        assert b["video"].shape == (2, 3, 4, 96, 96) and b["video_tok"].shape == (2, 3, 4, 48, 48)
+        assert b["video_mask"].shape == (2, 2, 6, 6) and b["video_target"].shape == (2, 4, 6, 6)
+        assert b["image"].shape == (16, 3, 96, 96) and b["image_tok"].shape == (16, 3, 48, 48)
+        assert b["image_mask"].shape == (16, 6, 6) and b["image_target"].shape == (16, 6, 6)
+        assert {"video_label", "video_index", "image_label", "image_index"} <= set(b)
+    assert joint.images.epoch == 3 * joint.passes + 3                       # its own epochs, from 3*P on
+
+
+def test_finetune_loaders_on_synthetic(synthetic):
+    ft = data.FinetuneDataConfig(**{**vars(data.FINETUNE_RECIPES["ssv2"]), "frames": 8, "crop": 48,
+                                    "short_side": 64, "test_short_side": 48, "batch_size": 4,
+                                    "eval_batch_size": 2, "num_workers": 0})
+    kw = dict(ann=synthetic / "videos/val_motion.txt", root=synthetic / "videos", verbose=False)
+    b = next(iter(data.build_finetune_loader("train", ft, **kw)))
+    assert b["video"].shape == (4, 3, 8, 48, 48) and b["label"].shape == (4,)
+    b = next(iter(data.build_finetune_loader("val", ft, **kw)))
+    assert b["video"].shape == (2, 3, 8, 48, 48)
+    b = next(iter(data.build_finetune_loader("test", ft, **kw)))
+    assert b["video"].shape == (2, 3, 3, 8, 48, 48)                         # 1 clip x 3 crops
+
+
+# -----------------------------------------------------------------------------
+# The synthetic data set
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthetic_is_deterministic_from_its_seed(tmp_path):
+    small = dict(n_train=3, n_val=1, images_train=2, images_val=1, frames=8, height=32, width=40)
+    a = _files(data.make_synthetic(tmp_path / "a", seed=5, **small))
+    b = _files(data.make_synthetic(tmp_path / "b", seed=5, **small))
+    c = _files(data.make_synthetic(tmp_path / "c", seed=6, **small))
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    assert any(k.suffix == ".mp4" for k in a) and any(k.suffix == ".png" for k in a) \
+        and any(k.suffix == ".jpg" for k in a)
+    videos = [k for k in a if k.suffix == ".mp4"]
+    assert all(a[k] != c[k] for k in videos)
+
+
+def _object_track(frames):
+    """(T, H, W, 3) decoded frames -> per frame the object's circular centroid (x, y) and mean colour.
+
+    The object is the only saturated thing in the picture: max - min channel > 90."""
+    f = frames.astype(np.float32)
+    sat = f.max(-1) - f.min(-1)
+    T, H, W = sat.shape
+    out = []
+    for t in range(T):
+        m = sat[t] > 90
+        ys, xs = np.nonzero(m)
+        cx = np.angle(np.exp(2j * np.pi * xs / W).mean()) * W / (2 * np.pi)    # centroid on the torus
+        cy = np.angle(np.exp(2j * np.pi * ys / H).mean()) * H / (2 * np.pi)
+        out.append((cx, cy, *f[t][m].mean(0)))
+    return np.array(out), (W, H)
+
+
+def _direction(track, size, order):
+    """Mean frame-to-frame displacement (wrapped) along `order` -> motion class 0..3."""
+    W, H = size
+    p = track[order, :2]
+    d = np.diff(p, axis=0)
+    d[:, 0] = (d[:, 0] + W / 2) % W - W / 2
+    d[:, 1] = (d[:, 1] + H / 2) % H - H / 2
+    dx, dy = d.mean(0)
+    if abs(dx) > abs(dy):
+        return 0 if dx > 0 else 1                                           # right, left
+    return 2 if dy > 0 else 3                                               # down, up (y grows downward)
+
+
+def test_synthetic_labels_motion_needs_time_appearance_does_not(synthetic):
+    videos = synthetic / "videos"
+    motion = data.read_annotations(videos / "train_motion.txt", videos)
+    appearance = dict(data.read_annotations(videos / "train_appearance.txt", videos))
+    assert (videos / "classes_motion.txt").read_text().split() == ["right", "left", "down", "up"]
+    colours = [name.split("_")[1] for name in (videos / "classes_appearance.txt").read_text().split()]
+    g = torch.Generator().manual_seed(0)
+    right = shuffled = 0
+    for path, label in motion:
+        frames, _, n = data.read_video(path)
+        assert n == TINY["frames"]
+        track, size = _object_track(frames)
+        assert _direction(track, size, np.arange(n)) == label              # moves in the labelled direction
+        perm = torch.randperm(n, generator=g).numpy()                       # shuffle_frames' permutation law
+        shuffled += _direction(track, size, perm) == label
+        r, _, b = track[:, 2:].mean(0)                                      # appearance: the object's colour
+        assert ("red" if r > b else "blue") == colours[appearance[path]]
+        right += 1
+    assert right == TINY["n_train"]
+    assert shuffled / right < 0.8                                           # shuffling destroys the label
+
+
+def _frame_features(frame):
+    """Single-frame features a classifier could use: a coarse colour histogram of the
+    saturated pixels, the object's position, size and bounding-box fill (circle pi/4,
+    square 1, triangle 1/2), an 8 x 10 thumbnail."""
+    f = frame.astype(np.float32)
+    H, W = frame.shape[:2]
+    sat = (f.max(-1) - f.min(-1)) > 90
+    ys, xs = np.nonzero(sat)
+    cx = np.angle(np.exp(2j * np.pi * xs / W).mean()) * W / (2 * np.pi)
+    cy = np.angle(np.exp(2j * np.pi * ys / H).mean()) * H / (2 * np.pi)
+    ox, oy = (xs - cx + W / 2) % W - W / 2, (ys - cy + H / 2) % H - H / 2    # offsets on the torus
+    fill = len(xs) / ((np.ptp(ox) + 1) * (np.ptp(oy) + 1))
+    hist = np.histogramdd(f[sat], bins=(4, 4, 4), range=[(0, 256)] * 3)[0].ravel() / max(1, sat.sum())
+    thumb = np.asarray(Image.fromarray(frame).resize((10, 8), Image.BILINEAR), np.float32).ravel() / 255
+    shape = [fill, fill ** 2, (fill > 0.65) * 1.0, (fill > 0.9) * 1.0]
+    pos = [(cx % W) / W, (cy % H) / H, sat.mean() * 10]
+    return np.concatenate([hist, shape, pos, thumb, [1.0]])
+
+
+def test_synthetic_single_frame_classifier_is_at_chance_on_motion():
+    """Ridge classifiers on single random frames: far above chance on appearance (colour is
+    in one frame), at chance on motion (4 classes, chance 0.25)."""
+    rng = np.random.default_rng(0)
+    X, ya, ym = [], [], []
+    for k in range(480):
+        p = data._syn_params(11, "train", k, 64, 80)
+        frame = data.render_synthetic(p, [int(rng.integers(32))], 64, 80)[0]
+        X.append(_frame_features(frame))
+        ya.append(p["shape"] * len(data.COLOURS) + p["colour"])
+        ym.append(p["direction"])
+    X = np.array(X)
+
+    def accuracy(y, classes):
+        Y = np.eye(classes)[y]
+        tr, te = slice(0, 320), slice(320, None)
+        W = np.linalg.solve(X[tr].T @ X[tr] + 1e-2 * np.eye(X.shape[1]), X[tr].T @ Y[tr])
+        return (np.argmax(X[te] @ W, 1) == np.array(y)[te]).mean()
+
+    assert accuracy(ya, 6) > 0.55                                           # chance 1/6
+    assert accuracy(ym, 4) < 0.25 + 0.12                                    # 160 test frames: sd 0.034
+
+
+def _ensure_in_process(root, q):
+    try:
+        q.put(str(data.ensure_synthetic(root, seed=1, verbose=False, n_train=4, n_val=2, images_train=1,
+                                        images_val=1, frames=8, height=32, width=40)))
+    except Exception as e:                                                  # report instead of hanging
+        q.put(repr(e))
+
+
+def test_ensure_synthetic_is_safe_for_concurrent_ranks(tmp_path):
+    root = tmp_path / "syn"
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ensure_in_process, args=(root, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [str(root)] * 2
+    assert (root / "DONE").exists() and len(list((root / "videos" / "train").glob("*.mp4"))) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]             # no temp folder, no lock left
+    with pytest.raises(ValueError, match="made with"):
+        data.ensure_synthetic(root, seed=2, verbose=False)                  # another seed: refuse, do not mix
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="foreign"):
+        data.ensure_synthetic(tmp_path / "foreign", verbose=False)

@@ -1,0 +1,131 @@
+"""End-to-end tests of train.py: DDP over a real 2-process gloo torchrun,
+kill-and-resume, stage initialisation and the non-finite-loss stop (DESIGN §6).
+
+Each run is a real `train.py` process on a tiny synthetic data set written
+with PyAV by data.py (8 videos, 24 images, 96-px crops of 4 frames)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    import data
+    root = tmp_path_factory.mktemp("bevt") / "syn"
+    data.ensure_synthetic(root, seed=0, verbose=False, n_train=8, n_val=2, images_train=4, images_val=1,
+                          frames=16, height=96, width=112)
+    return str(root)
+
+
+def args(syn, out, *extra):
+    # Smallest settings that masks allow (96 px: a 6x6 tokenizer grid) and a 32-code tokenizer.
+    return ["--preset", "cpu", "--data", syn, "--out", str(out), "--crop", "96", "--short-side", "96", "104",
+            "--frames", "4", "--frame-interval", "2", "--video-batch", "2", "--image-batch", "4",
+            "--global-video-batch", "2", "--global-image-batch", "4", "--workers", "1",
+            "--tokenizer-vocab", "32", "--vocab-size", "32", "--log-every", "1", *extra]
+
+
+def run(argv, launcher=(sys.executable,), timeout=300):
+    return subprocess.run([*launcher, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out, stage):
+    """step -> the last logged metrics of that step (a resumed run logs some steps again)."""
+    rows = {}
+    with open(os.path.join(out, stage, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            rows[r["step"]] = r
+    return rows
+
+
+def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
+    worker = os.path.join(ROOT, "tests", "ddp_worker.py")
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "one").mkdir()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        worker, str(tmp_path / "ddp")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, worker, str(tmp_path / "one")], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{i}.pt") for i in (0, 1))
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k                       # DDP keeps the ranks identical
+        assert torch.allclose(r0[k].float(), one[k].float(), atol=1e-5), k
+    # ... and the three SGD steps really moved the weights (so the comparison means something).
+    init = torch.load(tmp_path / "one" / "init.pt")
+    assert (r0["head.weight"] - init["head.weight"]).abs().max() > 1e-2
+
+
+def test_train_py_under_torchrun_gloo(syn, tmp_path):
+    r = run(args(syn, tmp_path, "--stage", "joint", "--max-steps", "2"),
+            launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "world 2 x 2 clips" in r.stdout
+    ck = torch.load(tmp_path / "joint" / "ckpt.pt", weights_only=True)
+    assert ck["world"] == 2 and ck["step"] == 2 and len(ck["rng"]) == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+
+
+def test_kill_and_resume_continues_the_same_loss_curve(syn, tmp_path):
+    base = args(syn, tmp_path / "full", "--stage", "video", "--max-steps", "8", "--ckpt-every", "2")
+    r = run(base)
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = metrics(tmp_path / "full", "video")
+    assert sorted(full) == list(range(1, 9))
+
+    # The same run, killed (SIGKILL) once its first checkpoint is on disk, then resumed.
+    out = tmp_path / "killed"
+    argv = args(syn, out, "--stage", "video", "--max-steps", "8", "--ckpt-every", "2")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "video" / "ckpt.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert killed_at < 8, "the run finished before it could be killed"
+    r = run(argv + ["--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {ckpt}: step {killed_at}" in r.stdout
+    resumed = metrics(out, "video")
+    with open(out / "video" / "metrics.jsonl") as f:                  # each step logged once
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
+    for step in range(killed_at + 1, 9):
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5, abs=1e-6), step
+        assert resumed[step]["lr"] == pytest.approx(full[step]["lr"], rel=1e-9)
+
+
+def test_joint_stage_starts_from_the_image_stage(syn, tmp_path):
+    r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = tmp_path / "image" / "final.pt"
+    assert final.exists()
+    r = run(args(syn, tmp_path, "--stage", "joint", "--max-steps", "1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"initialising from the image stage's {final}" in r.stdout
+    assert "0 missing keys [];" in r.stdout and "0 unused keys" in r.stdout
+    # Without an image-stage checkpoint the joint stage says it starts from scratch.
+    r = run(args(syn, tmp_path / "fresh", "--stage", "joint", "--max-steps", "1"))
+    assert r.returncode == 0 and "starting from scratch" in r.stdout
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(syn, tmp_path):
+    r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "6", "--lr", "1e30", "--clip-grad", "1e30"))
+    assert r.returncode != 0
+    assert "non-finite loss" in r.stderr and "at step" in r.stderr

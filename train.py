@@ -1,0 +1,538 @@
+"""BEVT pretraining: stages `image` (BEVT-I), `video` (BEVT-V) and `joint` (BEVT).
+
+Implements paper §3 "Training strategies" and §4.1 "Implementation details",
+as pinned down in ../shared/DESIGN.md §6. Model: bevt.py; data: data.py;
+masks: masking.py; targets: tokenizer.py.
+
+    # CPU demo on the embedded synthetic data (generated, and the offline
+    # tokenizer fitted, on first use): image stage, then joint stage
+    python train.py --preset cpu --stage image && python train.py --preset cpu --stage joint
+
+    # the same on 2 CPU processes (gloo)
+    torchrun --standalone --nproc_per_node=2 train.py --preset cpu --stage joint
+
+    # one GPU, paper recipe (Swin-B), your data
+    python train.py --stage joint --video-root K400/ --video-list k400_train.txt \\
+        --image-root ImageNet/train --tokenizer dalle_encoder.pt
+
+    # one node, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --stage joint ...
+
+    # 4 nodes x 8 GPUs (run on every node, NODE = 0..3)
+    torchrun --nnodes=4 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \\
+        --nproc_per_node=8 train.py --stage joint ...
+
+Global batch (paper): 2048 images (image stage), 256 clips + 2048 images
+(joint), 256 clips (video stage). Per process: 64 images, 8 clips + 64
+images, 8 clips; gradient accumulation makes up the rest (printed at start).
+Learning rate 5e-4 at the paper's global batch, scaled linearly with the
+effective batch: lr = base_lr · effective_batch / paper_batch.
+
+Outputs in --out: `ckpt.pt` (latest, atomic, resumable with --resume auto),
+`final.pt`, `metrics.jsonl`, `config.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import bevt
+import swin3d
+
+# -----------------------------------------------------------------------------
+# Configuration: the paper's recipe as defaults, one preset for the CPU demo
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "joint"                  # image (BEVT-I) | video (BEVT-V) | joint (BEVT), §3
+    preset: str = "paper"                 # paper | cpu
+    model: str = "base"                   # swin3d preset; Swin-B throughout the paper (§4.1)
+    out: str = "runs/bevt"
+    init: str = ""                        # checkpoint to start from; joint: defaults to <out>/image/final.pt
+    resume: str = ""                      # "" | auto | path
+    # --- data (DESIGN §6)
+    data: str = ""                        # synthetic data folder (CPU preset), generated on first use
+    video_root: str = ""
+    video_list: str = ""
+    image_root: str = ""
+    image_list: str = ""
+    frames: int = 16                      # clip length T (§4.1)
+    frame_interval: int = 8               # DESIGN §6
+    crop: int = 224
+    short_side: tuple = (256, 320)        # random short-side rescale range (DESIGN §6)
+    video_batch: int = 8                  # clips per process (DESIGN §6: 8 clips + 64 images per GPU)
+    image_batch: int = 64                 # images per process
+    global_video_batch: int = 256         # §4.1 batch size 256 clips
+    global_image_batch: int = 2048        # §4.1 batch size 2048 images
+    image_cycles: int = 5                 # ImageNet cycled 5x per video epoch in the joint stage (DESIGN §6)
+    workers: int = 8
+    mask_strategy: str = "tube"           # masking.STRATEGIES; Table 8
+    mask_ratio: float = 0.5               # §3 "the masking ratio of each masked frame is 0.5"
+    # --- targets (§3 "Tokenizer")
+    tokenizer: str = ""                   # DALL-E encoder.pkl / converted .pt / offline tokenizer file
+    vocab_size: int = 8192                # DALL-E codebook
+    tokenizer_vocab: int = 8192           # offline tokenizer fitted on first use (CPU preset)
+    # --- optimisation (DESIGN §6)
+    epochs: int = 150                     # joint/video: 150 K400 epochs; image: 800 ImageNet epochs
+    warmup_epochs: float = 10.0
+    lr: float = 5e-4                      # at the paper's global batch
+    min_lr: float = 0.0                   # cosine to 0
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.999)
+    clip_grad: float = 3.0
+    accum_steps: int = 0                  # 0 = derived from the global batch
+    drop_path: float = 0.3                # Swin-B pretraining (DESIGN §2)
+    lam: float = 1.0                      # eq. 5
+    max_steps: int = 0                    # stop after this many optimizer steps (0 = the schedule's end)
+    # --- runtime
+    compile: bool = False
+    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500                 # optimizer steps
+
+
+# The CPU demo: everything scaled down so both stages run in minutes on 2 cores.
+CPU_PRESET = dict(
+    model="cpu", frames=8, frame_interval=2, crop=112, short_side=(128, 160),
+    video_batch=4, image_batch=16, global_video_batch=4, global_image_batch=16, image_cycles=1,
+    workers=1, tokenizer_vocab=256, vocab_size=256, warmup_epochs=1.0, lr=2e-3,
+    drop_path=0.0, log_every=10, ckpt_every=50, precision="fp32",
+)
+
+STAGE_EPOCHS = {"image": 800, "video": 150, "joint": 150}   # §4.1
+CPU_STAGE_EPOCHS = {"image": 20, "video": 8, "joint": 8}    # CPU demo: ~600 and ~400 steps
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """argparse generated from TrainConfig: every field is a flag with its paper default."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                            help=f"(default {default})")
+        elif isinstance(default, tuple):
+            ap.add_argument(flag, type=type(default[0]), nargs=len(default), default=None,
+                            help=f"(default {' '.join(map(str, default))})")
+        else:
+            ap.add_argument(flag, type=type(default), default=None, help=f"(default {default!r})")
+    args = vars(ap.parse_args(argv))
+    preset = args["preset"] or defaults.preset
+    if preset not in ("paper", "cpu"):
+        ap.error(f"--preset must be paper or cpu, got {preset!r}")
+    stage = args["stage"] or defaults.stage
+    if stage not in bevt.STAGES:
+        ap.error(f"--stage must be one of {bevt.STAGES}, got {stage!r}")
+    cfg = dict(dataclasses.asdict(defaults))
+    if preset == "cpu":
+        cfg.update(CPU_PRESET, epochs=CPU_STAGE_EPOCHS[stage])
+    else:
+        cfg["epochs"] = STAGE_EPOCHS[stage]
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
+    return TrainConfig(**cfg)
+
+
+# -----------------------------------------------------------------------------
+# Distributed set-up (nanoGPT style, with gloo on CPU)
+
+
+def setup_distributed():
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return ddp, rank, world, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Optimiser and schedule (DESIGN §6)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """AdamW groups: no weight decay on relative position tables, norms, biases and the mask token."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Per-iteration linear warm-up, then cosine to min_lr (DESIGN §6)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic, complete, rank 0 only
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)                      # a killed run never leaves a half-written checkpoint
+
+
+def rng_state() -> dict:
+    """Every RNG the training process draws from, as tensors and ints (loads with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_checkpoint(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# Targets: the frozen tokenizer, outside the trained model (STYLE 17)
+
+
+@torch.no_grad()
+def codes_of(tok, x_half: torch.Tensor) -> torch.Tensor:
+    """Tokenizer codes of the half-size [0, 1] copy the data pipeline made (DESIGN §4).
+
+    image (B, 3, H/2, W/2) -> (B, H/16, W/16); clip (B, 3, T, H/2, W/2) -> (B, T, H/16, W/16),
+    frame by frame. fp32, no_grad, eval mode, whatever the training step's autocast.
+    """
+    with torch.autocast(device_type=x_half.device.type, enabled=False):
+        if x_half.dim() == 4:
+            return tok.codes_from_half(x_half.float())
+        B, _, T, h, w = x_half.shape
+        frames = x_half.transpose(1, 2).reshape(B * T, 3, h, w).float()       # (B*T, 3, H/2, W/2)
+        codes = torch.cat([tok.codes_from_half(frames[i:i + tok.chunk_size])
+                           for i in range(0, B * T, tok.chunk_size)])
+        return codes.view(B, T, *codes.shape[1:])                             # (B, T, H/16, W/16)
+
+
+def model_inputs(batch: dict, tok, device) -> dict:
+    """A data.py batch -> BEVT.forward's arguments, codes computed here."""
+    out = {}
+    if "video" in batch:
+        out["videos"] = batch["video"].to(device, non_blocking=True)
+        out["video_masks"] = batch["video_mask"].to(device, non_blocking=True)
+        out["video_codes"] = codes_of(tok, batch["video_tok"].to(device, non_blocking=True))
+    if "image" in batch:
+        out["images"] = batch["image"].to(device, non_blocking=True)
+        out["image_masks"] = batch["image_mask"].to(device, non_blocking=True)
+        out["image_codes"] = codes_of(tok, batch["image_tok"].to(device, non_blocking=True))
+    return out
+
+
+def resolve_tokenizer(cfg: TrainConfig, data_root: str, rank: int, ddp: bool, device):
+    """Load --tokenizer, or (CPU preset) fit the offline tokenizer on the synthetic images once."""
+    import tokenizer
+    path = cfg.tokenizer
+    if not path:
+        if cfg.preset != "cpu":
+            raise SystemExit("--tokenizer is required: the DALL-E encoder.pkl, its converted .pt "
+                             "(python tokenizer.py convert), or an offline tokenizer (python tokenizer.py fit)")
+        path = os.path.join(data_root, f"tokenizer_{cfg.tokenizer_vocab}.pt")
+        if rank == 0 and not os.path.exists(path):
+            print(f"fitting the offline tokenizer ({cfg.tokenizer_vocab} codes) on {data_root}/images/train ...")
+            tok = tokenizer.fit_from_dir(os.path.join(data_root, "images", "train"), cfg.tokenizer_vocab,
+                                         size=cfg.crop, seed=cfg.seed, iters=10, max_patches=50_000, verbose=False)
+            tok.save(path)
+        if ddp:
+            dist.barrier()
+    tok = tokenizer.load_tokenizer(path, device=device)
+    tokenizer.check_vocab(tok, cfg.vocab_size)
+    return tok, path
+
+
+def build_data_root(cfg: TrainConfig, rank: int, ddp: bool) -> str:
+    """The synthetic data folder (CPU preset without data flags): generated on first use, once."""
+    import data
+    if cfg.video_root or cfg.image_root:
+        return cfg.data or os.path.dirname(os.path.abspath(cfg.out))
+    root = cfg.data or "data/synthetic"
+    if not os.path.exists(os.path.join(root, data.DONE_NAME)):   # any complete synthetic set is used as it is
+        data.ensure_synthetic(root, seed=0, verbose=rank == 0)   # concurrent ranks: one generates, all wait
+    return root
+
+
+def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int):
+    """data.py's loader for the stage; your data via --video-root/--video-list/--image-root/--image-list,
+    or the synthetic set (clips: appearance train list; images: its ImageNet-style tree)."""
+    import data
+    dcfg = data.PretrainDataConfig(
+        frames=cfg.frames, interval=cfg.frame_interval, crop=cfg.crop, short_side=tuple(cfg.short_side),
+        video_mask=cfg.mask_strategy, mask_ratio=cfg.mask_ratio, video_batch=cfg.video_batch,
+        image_batch=cfg.image_batch, num_workers=cfg.workers, seed=cfg.seed)
+    synthetic = not (cfg.video_root or cfg.image_root)
+    video_root = cfg.video_root or os.path.join(data_root, "videos")
+    video_ann = cfg.video_list or (os.path.join(data_root, "videos", "train_appearance.txt") if synthetic else None)
+    image_root = cfg.image_root or (os.path.join(data_root, "images", "train") if synthetic else None)
+    return data.build_pretrain_loader(cfg.stage, dcfg, video_ann=video_ann, video_root=video_root,
+                                      image_root=image_root, image_ann=cfg.image_list or None,
+                                      rank=rank, world_size=world, verbose=rank == 0)
+
+
+def log(rank: int, *args) -> None:
+    if rank == 0:
+        print(*args, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def count_targets(hist: dict, inputs: dict, vocab: int) -> None:
+    """Histogram of the masked target codes per stream, for the majority-code baseline:
+    the accuracy of always predicting the most frequent code (a fairer "chance" than 1/vocab)."""
+    if "video_codes" in inputs:
+        m = bevt.target_mask(inputs["video_masks"], inputs["video_codes"].shape[1])
+        hist["mvm"] = hist.get("mvm", 0) + torch.bincount(inputs["video_codes"][m].cpu(), minlength=vocab).double()
+    if "image_codes" in inputs:
+        hist["mim"] = hist.get("mim", 0) + torch.bincount(inputs["image_codes"][inputs["image_masks"]].cpu(),
+                                                          minlength=vocab).double()
+
+
+def train_step(model, raw, batches: list, tok, device, ddp: bool, bf16: bool, clip_grad: float,
+               hist: Optional[dict] = None):
+    """Forward/backward over the micro-batches of one optimizer step, then clip (DESIGN §6).
+
+    Gradients are all-reduced only on the last micro-step; the others accumulate
+    locally under no_sync(), which is what makes accumulation cheap under DDP.
+    Each micro-batch's loss is divided by their number, so the step's gradient
+    is that of the mean over the effective batch. Returns the mean metrics and
+    the (global, synchronised) gradient norm before clipping.
+    """
+    accum, sums = len(batches), {}
+    for k, batch in enumerate(batches):
+        inputs = model_inputs(batch, tok, device)
+        if hist is not None:
+            count_targets(hist, inputs, tok.vocab_size)
+        ctx = model.no_sync() if ddp and k < accum - 1 else contextlib.nullcontext()
+        with ctx:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(**inputs)
+            (out["loss"] / accum).backward()
+        for key, v in out.items():
+            sums[key] = sums.get(key, 0.0) + float(v.detach()) / accum
+    gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), clip_grad)
+    return sums, gnorm
+
+
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    ddp, rank, world, device = setup_distributed()
+    seed_everything(cfg.seed + rank)                               # seed = base + rank (STYLE 15)
+    out_dir = os.path.join(cfg.out, cfg.stage)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    # --- data and targets
+    data_root = build_data_root(cfg, rank, ddp)
+    loader = build_loader(cfg, data_root, rank, world)
+    tok, tok_path = resolve_tokenizer(cfg, data_root, rank, ddp, device)
+
+    # --- model: encoder + decoders + head; the tokenizer stays outside it
+    swin = swin3d.get_config(cfg.model, drop_path_rate=cfg.drop_path, use_checkpoint=cfg.grad_checkpointing)
+    raw = bevt.BEVT(bevt.BEVTConfig(swin=swin, vocab_size=cfg.vocab_size, lam=cfg.lam))
+    init = cfg.init
+    if not init and cfg.stage == "joint" and not cfg.resume:
+        default = os.path.join(cfg.out, "image", "final.pt")
+        init = default if os.path.exists(default) else ""
+        log(rank, f"joint stage: initialising from the image stage's {default}" if init else
+            f"joint stage: no image-stage checkpoint at {default}; starting from scratch (BEVT without the "
+            "decoupled design, cf. Table 6)")
+    if init:
+        report = raw.load_released(init)
+        log(rank, f"init from {init}: {len(report.missing)} missing keys {report.missing[:6]}"
+                  f"{'...' if len(report.missing) > 6 else ''}; {len(report.unused)} unused keys {report.unused[:6]}")
+    raw.set_stage(cfg.stage)
+    raw.to(device)
+    model = torch.compile(raw, dynamic=False) if cfg.compile else raw     # compile after .to, before DDP
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=False)                       # set_stage froze the other stream
+
+    # --- batch, learning rate, schedule (printed with their formulas)
+    per_proc = cfg.image_batch if cfg.stage == "image" else cfg.video_batch
+    paper_batch = cfg.global_image_batch if cfg.stage == "image" else cfg.global_video_batch
+    accum = cfg.accum_steps or max(1, paper_batch // (per_proc * world))
+    eff = per_proc * world * accum
+    lr = cfg.lr * eff / paper_batch
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch < 1:
+        raise SystemExit(f"an epoch has {len(loader)} batches per process, fewer than --accum-steps {accum}")
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    unit = "images" if cfg.stage == "image" else "clips"
+    log(rank, f"stage {cfg.stage}: world {world} x {per_proc} {unit} x accum {accum} = effective batch {eff} "
+              f"{unit}" + (f" (+ {cfg.image_batch * world * accum} images)" if cfg.stage == "joint" else ""))
+    log(rank, f"lr = base_lr {cfg.lr:g} x effective {eff} / paper batch {paper_batch} = {lr:.3g}; "
+              f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total} steps, warm-up {warmup}")
+    log(rank, f"model {cfg.model}: {swin3d.param_count(raw) / 1e6:.2f}M parameters; tokenizer {tok_path} "
+              f"({tok.kind}, {tok.vocab_size} codes); device {device}, {'bf16' if bf16 else 'fp32'}"
+              f"{', compiled' if cfg.compile else ''}")
+    opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=lr, betas=cfg.betas,
+                            fused=device.type == "cuda")
+
+    # --- resume: model, optimiser, step, data position, RNG states
+    step, epoch, micro = 0, 0, 0
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    resume = ckpt_path if cfg.resume == "auto" else cfg.resume
+    if resume and os.path.exists(resume):
+        ck = load_checkpoint(resume)
+        raw.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, epoch, micro = ck["step"], ck["epoch"], ck["micro"]
+        if ck["world"] != world:
+            raise SystemExit(f"{resume} was written by {ck['world']} processes; resume with the same number, got {world}")
+        log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, batch {micro} of the epoch")
+    elif cfg.resume and cfg.resume != "auto":
+        raise SystemExit(f"--resume {cfg.resume}: no such file")
+    else:
+        ck = None
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if rank == 0:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        if ck is not None and os.path.exists(metrics_path):
+            # A killed run may have logged steps after its last checkpoint; they are redone now.
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+
+    def epoch_iterator(e: int, skip: int):
+        # An epoch's batches (order, crops, masks) are a function of (seed, rank, epoch)
+        # alone (data.EpochLoader.set_epoch), so a resumed run replays the interrupted
+        # epoch and skips what was already trained on. Skipping decodes those batches
+        # again: seconds here, minutes for a late position in a Kinetics epoch.
+        loader.set_epoch(e)
+        it = iter(loader)
+        for _ in range(skip):
+            next(it)
+        return it
+
+    it = epoch_iterator(epoch, micro)
+    if ck is not None:
+        set_rng_state(ck["rng"][rank])
+    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=stop_at, initial=step, desc=f"bevt {cfg.stage}", dynamic_ncols=True, file=sys.stdout)
+    model.train()
+    t0, seen = time.time(), 0
+    last, hist = {}, {}
+    while step < stop_at:
+        cur_lr = lr_at(step, total, warmup, lr, cfg.min_lr * eff / paper_batch)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        batches = []
+        for _ in range(accum):
+            try:
+                batches.append(next(it))
+            except StopIteration:                                     # end of an epoch
+                epoch, micro = epoch + 1, 0
+                it = epoch_iterator(epoch, 0)
+                batches.append(next(it))
+            micro += 1
+        sums, gnorm = train_step(model, raw, batches, tok, device, ddp, bf16, cfg.clip_grad, hist)
+        seen += sum(len(b["video" if "video" in b else "image"]) for b in batches)
+        if not torch.isfinite(gnorm) or not math.isfinite(sums["loss"]):
+            raise SystemExit(f"non-finite loss {sums['loss']} (gradient norm {float(gnorm)}) at step {step}; stopping")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        last = {"step": step, "epoch": epoch, "lr": cur_lr, "grad_norm": float(gnorm), **sums}
+        if ddp:                                                        # log the mean over ranks
+            vals = torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64)
+            dist.all_reduce(vals)
+            last.update({k: v / world for k, v in zip(sorted(sums), vals.tolist())})
+        if rank == 0:
+            rate = seen * world / max(time.time() - t0, 1e-9)
+            last[f"{unit}_per_s"] = rate
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == stop_at:
+                shown = {"loss": f"{last['loss']:.3f}"}
+                shown.update({k[4:]: f"{last[k]:.3f}" for k in ("acc_mim", "acc_mvm") if k in last})
+                bar.set_postfix(**shown, lr=f"{cur_lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
+        if step % cfg.ckpt_every == 0 or step == stop_at:
+            rngs = [None] * world
+            if ddp:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+            if rank == 0:
+                save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                            "epoch": epoch, "micro": micro, "world": world, "rng": rngs,
+                                            "config": dataclasses.asdict(cfg)})
+    if rank == 0:
+        bar.close()
+        save_checkpoint(os.path.join(out_dir, "final.pt"), {"model": raw.state_dict(), "step": step,
+                                                            "config": dataclasses.asdict(cfg)})
+        print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
+        for stream, h in sorted(hist.items()):
+            # Rank 0's targets of this run; the last steps' accuracy is to be read against these.
+            print(f"masked-token accuracy baselines ({stream}): uniform 1/{cfg.vocab_size} = {1 / cfg.vocab_size:.4f}, "
+                  f"always the most frequent code = {float(h.max() / h.sum()):.4f}")
+        skipped = getattr(loader, "skipped", None)
+        if skipped:
+            print(f"skipped {skipped} unreadable media files (see the log above for their paths)")
+    if ddp:
+        dist.destroy_process_group()
+    return last
+
+
+if __name__ == "__main__":
+    main()
