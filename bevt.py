@@ -202,6 +202,16 @@ class BEVT(nn.Module):
             for p in m.parameters():
                 p.requires_grad_(False)
 
+    def compile_streams(self, **kwargs) -> None:
+        """torch.compile the encoder and both decoders in place (state-dict keys unchanged).
+
+        The masked gather, head and loss stay eager: boolean-mask indexing has a
+        data-dependent size, which would break a whole-model graph at that point
+        anyway, and they are a small part of the step.
+        """
+        for m in (self.encoder, self.video_decoder, self.image_decoder):
+            m.compile(**kwargs)
+
     def no_weight_decay(self) -> set:
         return {"encoder." + n for n in self.encoder.no_weight_decay()}
 

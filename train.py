@@ -396,7 +396,9 @@ def main(argv=None) -> dict:
                   f"{'...' if len(report.missing) > 6 else ''}; {len(report.unused)} unused keys {report.unused[:6]}")
     raw.set_stage(cfg.stage)
     raw.to(device)
-    model = torch.compile(raw, dynamic=False) if cfg.compile else raw     # compile after .to, before DDP
+    if cfg.compile:                                                     # after .to, before DDP (STYLE 18)
+        raw.compile_streams(dynamic=False)                              # one graph per input shape
+    model = raw
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=False)                       # set_stage froze the other stream

@@ -12,7 +12,8 @@ The tokenizer is the offline one with a random codebook (its cost is in bench_to
 
 Time: median of --repeats steps after --warmup steps (compilation happens in
 the warm-up). Memory: on CUDA the peak allocated during one step; on the CPU
-the growth of the peak RSS during the timed steps in a fresh subprocess.
+the growth of the peak RSS (VmHWM, reset after the warm-up) during the
+timed steps, in a fresh subprocess per case.
 MFU (CUDA): model FLOPs of one step (forward + backward = 3x the forward,
 counted with torch.utils.flop_counter) per second over the GPU's dense bf16
 peak (--peak-tflops, default 989 for an H100 SXM).
@@ -21,7 +22,6 @@ peak (--peak-tflops, default 989 for an H100 SXM).
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +36,7 @@ import tokenizer  # noqa: E402
 import train  # noqa: E402
 
 CASES = {
-    "cpu": dict(model="cpu", clips=4, frames=8, images=16, size=112, vocab=256),
+    "cpu": dict(model="cpu", clips=4, frames=8, images=16, size=112, vocab=256),   # = train.py --preset cpu
     "tiny": dict(model="tiny", clips=1, frames=16, images=8, size=224, vocab=8192),
     "base": dict(model="base", clips=8, frames=16, images=64, size=224, vocab=8192),
 }
@@ -58,6 +58,20 @@ def rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss():
+    """Linux: reset the peak RSS (VmHWM) to the current RSS, so compilation's peak is not counted."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def run_case(name, compile_, device, warmup, repeats):
     c = CASES[name]
     torch.manual_seed(0)
@@ -65,7 +79,9 @@ def run_case(name, compile_, device, warmup, repeats):
                                       vocab_size=c["vocab"])).to(device)
     model.set_stage("joint")
     tok = tokenizer.OfflineTokenizer(torch.rand(c["vocab"], 192)).to(device)
-    run_model = torch.compile(model, dynamic=False) if compile_ else model
+    if compile_:
+        model.compile_streams(dynamic=False)                         # what train.py --compile does
+    run_model = model
     opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
     batch = make_batch(c, device)
     bf16 = device.type == "cuda"
@@ -85,6 +101,7 @@ def run_case(name, compile_, device, warmup, repeats):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        reset_peak_rss()
         base = rss()
     times = []
     for _ in range(repeats):
@@ -92,7 +109,7 @@ def run_case(name, compile_, device, warmup, repeats):
         step()
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak_rss() - base
     res = {"case": name, "compile": compile_, "step_s": statistics.median(times), "warmup_s": warm_s,
            "peak_mb": peak / 2 ** 20}
     if device.type == "cuda":

@@ -81,15 +81,15 @@ def test_train_py_under_torchrun_gloo(syn, tmp_path):
 
 
 def test_kill_and_resume_continues_the_same_loss_curve(syn, tmp_path):
-    base = args(syn, tmp_path / "full", "--stage", "video", "--max-steps", "8", "--ckpt-every", "2")
+    base = args(syn, tmp_path / "full", "--stage", "video", "--max-steps", "10", "--ckpt-every", "2")
     r = run(base)
     assert r.returncode == 0, r.stderr[-3000:]
     full = metrics(tmp_path / "full", "video")
-    assert sorted(full) == list(range(1, 9))
+    assert sorted(full) == list(range(1, 11))
 
     # The same run, killed (SIGKILL) once its first checkpoint is on disk, then resumed.
     out = tmp_path / "killed"
-    argv = args(syn, out, "--stage", "video", "--max-steps", "8", "--ckpt-every", "2")
+    argv = args(syn, out, "--stage", "video", "--max-steps", "10", "--ckpt-every", "2")
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "video" / "ckpt.pt"
@@ -99,14 +99,14 @@ def test_kill_and_resume_continues_the_same_loss_curve(syn, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = torch.load(ckpt, weights_only=True)["step"]
-    assert killed_at < 8, "the run finished before it could be killed"
+    assert killed_at < 10, "the run finished before it could be killed"
     r = run(argv + ["--resume", "auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {ckpt}: step {killed_at}" in r.stdout
     resumed = metrics(out, "video")
     with open(out / "video" / "metrics.jsonl") as f:                  # each step logged once
-        assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
-    for step in range(killed_at + 1, 9):
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 11))
+    for step in range(killed_at + 1, 11):
         assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5, abs=1e-6), step
         assert resumed[step]["lr"] == pytest.approx(full[step]["lr"], rel=1e-9)
 
