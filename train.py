@@ -234,6 +234,22 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def epoch_iterator(loader, epoch: int, skip: int = 0):
+    """An iterator over `epoch` of `loader`, past its first `skip` batches.
+
+    An epoch's batches (order, crops, masks) are a function of (seed, rank,
+    epoch) alone (data.EpochLoader.set_epoch), so a resumed run replays the
+    interrupted epoch and skips what was already trained on. Skipping decodes
+    those batches again: seconds here, minutes for a late position in a
+    Kinetics epoch.
+    """
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(skip):
+        next(it)
+    return it
+
+
 # -----------------------------------------------------------------------------
 # Targets: the frozen tokenizer, outside the trained model (STYLE 17)
 
@@ -452,18 +468,7 @@ def main(argv=None) -> dict:
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
 
-    def epoch_iterator(e: int, skip: int):
-        # An epoch's batches (order, crops, masks) are a function of (seed, rank, epoch)
-        # alone (data.EpochLoader.set_epoch), so a resumed run replays the interrupted
-        # epoch and skips what was already trained on. Skipping decodes those batches
-        # again: seconds here, minutes for a late position in a Kinetics epoch.
-        loader.set_epoch(e)
-        it = iter(loader)
-        for _ in range(skip):
-            next(it)
-        return it
-
-    it = epoch_iterator(epoch, micro)
+    it = epoch_iterator(loader, epoch, micro)
     if ck is not None:
         set_rng_state(ck["rng"][rank])
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -484,7 +489,7 @@ def main(argv=None) -> dict:
                 batches.append(next(it))
             except StopIteration:                                     # end of an epoch
                 epoch, micro = epoch + 1, 0
-                it = epoch_iterator(epoch, 0)
+                it = epoch_iterator(loader, epoch, 0)
                 batches.append(next(it))
             micro += 1
         sums, gnorm = train_step(model, raw, batches, tok, device, ddp, bf16, cfg.clip_grad, hist)

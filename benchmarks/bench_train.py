@@ -11,9 +11,10 @@ Inputs (random tensors; data loading is benchmarked in bench_data.py):
 The tokenizer is the offline one with a random codebook (its cost is in bench_tokenizer.py).
 
 Time: median of --repeats steps after --warmup steps (compilation happens in
-the warm-up). Memory: on CUDA the peak allocated during one step; on the CPU
-the growth of the peak RSS (VmHWM, reset after the warm-up) during the
-timed steps, in a fresh subprocess per case.
+the warm-up). Memory: the peak during the timed steps, model and optimiser
+state included: on CUDA max_memory_allocated, on the CPU the process's peak
+RSS (VmHWM, reset after the warm-up so compilation's peak is not counted),
+each case in a fresh subprocess.
 MFU (CUDA): model FLOPs of one step (forward + backward = 3x the forward,
 counted with torch.utils.flop_counter) per second over the GPU's dense bf16
 peak (--peak-tflops, default 989 for an H100 SXM).
@@ -51,11 +52,6 @@ def make_batch(c, device):
             "image": torch.randn(c["images"], 3, S, S, generator=g),
             "image_tok": torch.rand(c["images"], 3, S // 2, S // 2, generator=g),
             "image_mask": torch.rand(c["images"], h, h, generator=g) < 0.5}
-
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def reset_peak_rss():
@@ -99,17 +95,14 @@ def run_case(name, compile_, device, warmup, repeats):
     warm_s = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     else:
         reset_peak_rss()
-        base = rss()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else \
-        peak_rss() - base
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
     res = {"case": name, "compile": compile_, "step_s": statistics.median(times), "warmup_s": warm_s,
            "peak_mb": peak / 2 ** 20}
     if device.type == "cuda":

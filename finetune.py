@@ -1,0 +1,986 @@
+"""BEVT finetuning and evaluation: a pretrained encoder -> an evaluated video classifier.
+
+Implements the paper's §4.1 finetuning protocol and §4.2 "Deeper dataset
+analysis" (the temporal-dependency test of Table 2), as pinned down in
+../shared/DESIGN.md §7 (recipes), §2 (encoder), §9 (checkpoint layouts). Model:
+swin3d.py; data: data.py; pretraining: train.py (whose helpers this file imports).
+
+    video (B, 3, T, H, W) -> Video Swin encoder -> final-normed F4 (B, T/2, H/32, W/32, 8C)
+        -> average pool over (T', H', W') -> (B, 8C) -> Dropout(0.5) -> Linear(8C -> classes)
+
+    # CPU demo (synthetic data, ~5 min on 2 cores): finetune the demo pretraining
+    # (runs/bevt/joint/final.pt from `python train.py --preset cpu --stage image &&
+    # python train.py --preset cpu --stage joint`) once for the appearance labels and once
+    # for the motion labels, then print a Table-2-style table
+    python finetune.py --preset cpu
+
+    # the same on 2 CPU processes (gloo)
+    torchrun --standalone --nproc_per_node=2 finetune.py --preset cpu
+
+    # one GPU, the released K400 recipe (Swin-B, 32x2 frames, layer-wise lr decay 0.9)
+    python finetune.py --recipe k400 --init bevt_pretrain.pth --root K400/videos \\
+        --train-list k400_train.txt --val-list k400_val.txt
+
+    # one node, 8 GPUs, SSv2 (window 16x7x7, backbone lr x0.1, label smoothing, EMA)
+    torchrun --standalone --nproc_per_node=8 finetune.py --recipe ssv2 --init bevt_pretrain.pth ...
+
+    # Table 2 on a finetuned model: no training, three evaluations
+    python finetune.py --recipe ssv2 --init runs/finetune/ssv2/final.pt --eval-only \\
+        --eval-mode normal,single-frame,shuffle --root ... --val-list ...
+
+Checkpoints accepted by --init (the kind is detected and printed with exactly
+which keys were used and which were not): a train.py checkpoint
+(`{'model': BEVT state dict}`), a released BEVT pretraining checkpoint
+(`backbone.*`, `cls_head.lm_head.*`, ...), a Video Swin / BEVT classification
+checkpoint (`backbone.*` + `cls_head.fc_cls.*`), a 2D Swin image checkpoint
+(inflated to 3D), a finetune.py checkpoint, or `scratch`. A pretrained window
+(8,7,7) is resized to the recipe's (e.g. (16,7,7)) by interpolating the
+relative-position tables.
+
+Outputs in --out/<task>: `ckpt.pt` (latest, atomic, resumable with --resume
+auto), `final.pt`, `metrics.jsonl` (train steps and evaluations), `config.json`,
+`eval.json` and `confusion_<mode>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import swin3d
+# Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
+from train import (epoch_iterator, load_checkpoint, lr_at, param_groups, rng_state, save_checkpoint, seed_everything,
+                   set_rng_state, setup_distributed)
+
+# -----------------------------------------------------------------------------
+# Configuration: the released recipes as defaults, a CPU preset for the demo
+
+EVAL_MODES = ("normal", "single-frame", "shuffle")     # Table 2: Normal / Single-frame / Random-Shuffling
+
+
+@dataclass
+class FinetuneConfig:
+    recipe: str = "k400"                  # k400 | ssv2 | diving48 (RECIPES below)
+    preset: str = "paper"                 # paper | cpu
+    model: str = "base"                   # swin3d preset; Swin-B throughout the paper (§4.1)
+    init: str = ""                        # checkpoint (any kind, see the docstring) | scratch; cpu: the demo's
+    out: str = "runs/finetune"
+    resume: str = ""                      # "" | auto | path
+    eval_only: bool = False               # evaluate --init as it is (a finetuned checkpoint), no training
+    # --- data: your lists, or the synthetic set (CPU preset, no --train-list)
+    data: str = ""                        # synthetic data folder, generated on first use
+    task: str = "both"                    # synthetic labels: appearance | motion | both (Table 2's two columns)
+    root: str = ""                        # video folder the lists' paths are relative to
+    train_list: str = ""
+    val_list: str = ""
+    classes: str = ""                     # optional file of class names, one a line (confusion-matrix labels)
+    num_classes: int = 0                  # 0 = the recipe's (K400 400, SSv2 174, Diving48 48) or the synthetic list's
+    sampling: str = "dense"               # dense (K400: 32 x 2) | uniform (SSv2: one frame per segment)
+    frames: int = 32                      # DESIGN §7: 32 frames
+    interval: int = 2                     # K400: frame interval 2
+    crop: int = 224
+    short_side: int = 256                 # train/val resize (released Resize(-1, 256))
+    test_short_side: int = 224            # test resize before ThreeCrop (released)
+    test_clips: int = 4                   # K400: 4 clips x 3 crops; SSv2: 1 x 3 (DESIGN §7)
+    test_crops: int = 3
+    rrc_scale: tuple = (0.08, 1.0)        # RandomResizedCrop area range (released default)
+    flip: float = 0.5                     # K400 0.5; SSv2 0 (left/right matters)
+    randaug_n: int = 0                    # SSv2: RandAugment n=4 ...
+    randaug_m: int = 7                    # ... m=7
+    erase: float = 0.0                    # SSv2: random erasing 0.25
+    batch_size: int = 8                   # clips per process (released videos_per_gpu=8)
+    eval_batch_size: int = 1              # released val/test videos_per_gpu=1
+    global_batch: int = 256               # K400: 8 GPUs x 8 clips x accumulation 4 (DESIGN §7)
+    workers: int = 4
+    # --- model
+    window: tuple = (8, 7, 7)             # K400 (8,7,7); SSv2 (16,7,7), tables interpolated (DESIGN §7)
+    drop_path: float = 0.3                # K400 0.3, SSv2 0.4 (DESIGN §2)
+    dropout: float = 0.5                  # before the classifier (DESIGN §7, released I3DHead dropout_ratio)
+    # --- optimisation (DESIGN §7)
+    epochs: int = 60
+    warmup_epochs: float = 2.5
+    lr: float = 3e-4                      # at the recipe's global batch; scaled linearly with the effective batch
+    min_lr: float = 0.0                   # cosine to 0
+    weight_decay: float = 0.001           # K400 0.001, SSv2 0.05; none on relative tables, norms, biases
+    betas: tuple = (0.9, 0.999)
+    layer_decay: float = 0.9              # K400 layer-wise lr decay; 1 = off
+    backbone_lr_mult: float = 1.0         # SSv2: backbone lr x0.1
+    label_smoothing: float = 0.0          # SSv2: 0.1
+    ema: float = 0.0                      # EMA decay of the weights (SSv2: 0.9998 = 1 - mmcv EMAHook momentum); 0 = off
+    clip_grad: float = 40.0               # K400 40; SSv2 none (0)
+    accum_steps: int = 0                  # 0 = global_batch / (batch_size * world)
+    max_steps: int = 0
+    # --- evaluation
+    eval_mode: str = "normal"             # comma-separated subset of normal,single-frame,shuffle (Table 2)
+    eval_split: str = "test"              # test: clips x crops, softmax averaged; val: one centre clip
+    # --- runtime
+    compile: bool = False
+    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500                 # optimizer steps
+
+
+# The released configs (DESIGN §7): swin_base_patch244_window877_bevt_finetune_k400.py and
+# swin_base_patch244_window1677_bevt_finetune_ssv2.py.
+RECIPES = {
+    "k400": dict(sampling="dense", frames=32, interval=2, flip=0.5, randaug_n=0, erase=0.0,
+                 test_clips=4, window=(8, 7, 7), drop_path=0.3, lr=3e-4, weight_decay=0.001, layer_decay=0.9,
+                 backbone_lr_mult=1.0, label_smoothing=0.0, ema=0.0, clip_grad=40.0,
+                 global_batch=8 * 8 * 4),           # 8 GPUs x 8 clips x update_interval 4
+    "ssv2": dict(sampling="uniform", frames=32, interval=1, flip=0.0, randaug_n=4, randaug_m=7,
+                 erase=0.25, test_clips=1, window=(16, 7, 7), drop_path=0.4, lr=5e-4, weight_decay=0.05,
+                 layer_decay=1.0, backbone_lr_mult=0.1, label_smoothing=0.1, ema=0.9998, clip_grad=0.0,
+                 global_batch=8 * 8 * 8),           # 8 GPUs x 8 clips x update_interval 8
+}
+# Diving48 (§4.2, Tables 1, 2, 4): no released config. Like SSv2 its labels need time
+# (Table 2: 84.0 -> 13.8 single-frame), so it takes the SSv2 recipe with 48 classes;
+# a dive's class does not change under a left-right flip, so flipping is kept.
+RECIPES["diving48"] = dict(RECIPES["ssv2"], flip=0.5)
+# Class counts, used for your data when --num-classes is not given (§4.1 "Datasets").
+RECIPE_CLASSES = {"k400": 400, "ssv2": 174, "diving48": 48}
+
+# The CPU demo: the cpu Swin preset (C=32) on 8-frame 112-px clips of the
+# synthetic set, sized so both label sets and all three evaluations take ~5 min
+# on 2 cores. One recipe for both label sets, so that Table 2's columns differ
+# only in the labels. Layer decay is kept (K400-style) but milder, since the
+# cpu encoder has 7 layer steps, not 28.
+CPU_PRESET = dict(
+    model="cpu", sampling="dense", frames=8, interval=2, crop=112, short_side=128, test_short_side=112,
+    test_clips=1, test_crops=3, rrc_scale=(0.5, 1.0), randaug_n=0, erase=0.0, batch_size=8, eval_batch_size=8,
+    global_batch=8, workers=1, window=(8, 7, 7), drop_path=0.1, epochs=8, warmup_epochs=1.0, lr=2e-3,
+    weight_decay=0.05, layer_decay=0.9, backbone_lr_mult=1.0, label_smoothing=0.1, ema=0.99, clip_grad=5.0,
+    precision="fp32", eval_mode="normal,single-frame,shuffle", log_every=5, ckpt_every=50)
+CPU_INIT = "runs/bevt/joint/final.pt"     # train.py's CPU demo output (default --out runs/bevt)
+SYNTHETIC_TASKS = ("appearance", "motion")
+
+
+def _add_dataclass_flags(ap: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field, default None so that explicitly given values can be told apart
+    (the same scheme as train.parse_args)."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+        elif isinstance(default, tuple):
+            ap.add_argument(flag, type=type(default[0]), nargs=len(default), default=None,
+                            help=f"(default {' '.join(map(str, default))})")
+        else:
+            ap.add_argument(flag, type=type(default), default=None, help=f"(default {default!r})")
+
+
+def resolve_config(args: dict) -> FinetuneConfig:
+    """Defaults <- recipe <- preset <- explicit flags. Unknown recipe/preset: a one-line error."""
+    defaults = FinetuneConfig()
+    recipe = args.get("recipe") or defaults.recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
+    preset = args.get("preset") or defaults.preset
+    if preset not in ("paper", "cpu"):
+        raise ValueError(f"unknown preset {preset!r}; expected paper or cpu")
+    cfg = dataclasses.asdict(defaults)
+    cfg.update(RECIPES[recipe])
+    if preset == "cpu":
+        cfg.update(CPU_PRESET)
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
+    cfg = FinetuneConfig(**cfg)
+    modes = parse_eval_modes(cfg.eval_mode)
+    if cfg.eval_split not in ("val", "test"):
+        raise ValueError(f"--eval-split must be val or test, got {cfg.eval_split!r}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+    if cfg.task not in SYNTHETIC_TASKS + ("both",):
+        raise ValueError(f"--task must be appearance, motion or both, got {cfg.task!r}")
+    del modes
+    return cfg
+
+
+def parse_args(argv=None) -> FinetuneConfig:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_dataclass_flags(ap, FinetuneConfig)
+    args = vars(ap.parse_args(argv))
+    try:
+        return resolve_config(args)
+    except ValueError as e:                                   # one line naming the bad value
+        raise SystemExit(f"error: {e}") from None
+
+
+def parse_eval_modes(spec: str) -> tuple:
+    modes = tuple(m.strip() for m in spec.split(",") if m.strip())
+    bad = [m for m in modes if m not in EVAL_MODES]
+    if bad or not modes:
+        raise ValueError(f"unknown --eval-mode {','.join(bad) or spec!r}; expected a comma-separated subset of "
+                         f"{','.join(EVAL_MODES)}")
+    return modes
+
+
+# -----------------------------------------------------------------------------
+# The classifier: encoder + average pool + dropout + linear (DESIGN §7)
+
+
+class VideoClassifier(nn.Module):
+    """Video Swin encoder -> mean over (T', H', W') of the final-normed F4 -> Dropout -> Linear.
+
+    The released I3DHead: AdaptiveAvgPool3d((1,1,1)) on the backbone's normed
+    output, dropout 0.5, fc_cls (init normal std 0.01, bias 0... here
+    trunc-normal 0.02 like every Linear of the project; the head is trained
+    from scratch either way). The pretraining-only parts of the encoder (the
+    image stream's patch embedding and the mask token) are removed, so the
+    parameter count is the paper's (Swin-B + 400-class head: 88.05M) and DDP
+    needs no find_unused_parameters.
+    """
+
+    def __init__(self, swin: swin3d.SwinConfig, num_classes: int, dropout: float = 0.5):
+        super().__init__()
+        self.encoder = swin3d.SwinTransformer3D(swin)
+        self.encoder.patch_embed_2d = None      # image stream: pretraining only (DESIGN §7 "drop image embedding")
+        self.encoder.mask_token = None          # masked modelling only
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.encoder.num_features, num_classes)
+        swin3d._init_weights(self.head)
+        self.num_classes = num_classes
+
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        """video (B, 3, T, H, W) -> pooled (B, 8C)."""
+        f4 = self.encoder(video).f4_norm                     # (B, T/2, H/32, W/32, 8C), channels last
+        return f4.mean(dim=(1, 2, 3))                        # (B, 8C): global average over (T', H', W')
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(video)))     # (B, classes) logits
+
+    def no_weight_decay(self) -> set:
+        return {"encoder." + n for n in self.encoder.no_weight_decay()}
+
+
+# -----------------------------------------------------------------------------
+# Optimiser: layer-wise lr decay (K400) or a backbone multiplier (SSv2)
+
+
+def layer_lr_scales(model: VideoClassifier, layer_decay: float, backbone_mult: float = 1.0) -> dict:
+    """Parameter name -> lr multiplier.
+
+    Layer-wise decay, generalising the released K400 config's table (written out
+    for Swin-B there): the head x1; the final norm and the last block x d; then
+    each block and each patch-merging layer going down one more power of d;
+    the patch embedding lowest. Swin-B: 24 blocks + 3 merging layers, the
+    patch embedding at d^28; Swin-T (2,2,6,2): d^16. Then every encoder
+    parameter is multiplied by `backbone_mult` (SSv2: 0.1; the head is not).
+
+    Differs from the released code: mmcv matches its custom keys in reverse
+    alphabetical order, so the generic 'norm' and 'relative_position_bias_table'
+    keys match before the per-layer keys and those parameters keep lr x1 (and
+    with SSv2's 'backbone' x0.1 likewise). Here every parameter of a layer gets
+    the layer's multiplier, which is what layer-wise decay means (BEiT).
+    """
+    depths = model.encoder.config.depths
+    # Top-down list of the layer prefixes below the final norm: blocks of the last stage,
+    # then the merging layer below them, then that stage's blocks, ... then the patch embedding.
+    order = []
+    for i in reversed(range(len(depths))):
+        if i < len(depths) - 1:
+            order.append(f"encoder.layers.{i}.downsample.")    # merges stage i into stage i+1
+        order += [f"encoder.layers.{i}.blocks.{j}." for j in reversed(range(depths[i]))]
+    order.append("encoder.patch_embed.")
+    exponent = {p: k + 1 for k, p in enumerate(order)}         # last block: d^1, like the final norm
+    scales = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("head."):
+            scales[name] = 1.0
+            continue
+        if name.startswith("encoder.norm."):
+            e = 1
+        else:
+            matches = [p for p in order if name.startswith(p)]
+            if len(matches) != 1:
+                raise ValueError(f"parameter {name} has no layer-wise decay rule")
+            e = exponent[matches[0]]
+        scales[name] = layer_decay ** e * backbone_mult
+    return scales
+
+
+def finetune_param_groups(model: VideoClassifier, weight_decay: float, layer_decay: float = 1.0,
+                          backbone_mult: float = 1.0) -> list:
+    """AdamW groups, one per (lr multiplier, decay / no decay), with `lr_scale` read by the schedule.
+
+    The decay / no-decay split is train.param_groups' rule (no weight decay on relative
+    tables, norms and biases), reused as it is.
+    """
+    no_decay = {id(p) for p in param_groups(model, weight_decay)[1]["params"]}
+    scales = layer_lr_scales(model, layer_decay, backbone_mult)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        wd = 0.0 if id(p) in no_decay else weight_decay
+        key = (scales[name], wd)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": wd, "lr_scale": scales[name]}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return sorted(groups.values(), key=lambda g: (-g["lr_scale"], g["weight_decay"]))
+
+
+class EMA:
+    """Exponential moving average of the weights (the SSv2 recipe's mmcv EMAHook, momentum 2e-4).
+
+    ema = d·ema + (1 − d)·θ after every optimizer step, with d warmed up as
+    min(decay, (1 + n)/(10 + n)) (TF ExponentialMovingAverage's num_updates),
+    so that short runs (the CPU demo) do not average in the random init.
+    Differs from the released code: mmcv's EMAHook updates every iteration
+    (micro-batch), with a fixed momentum; here once per optimizer step.
+    Buffers (relative indices) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.module.load_state_dict(st["module"])
+        self.updates = st["updates"]
+
+
+# -----------------------------------------------------------------------------
+# Loading any pretrained encoder (DESIGN §7, §9)
+
+
+class LoadReport(NamedTuple):
+    """kind: what the checkpoint was detected as; loaded: our keys that were set;
+    missing: our keys it did not provide; unused: its keys (original names) not used;
+    rederived: index / attention-mask buffers it carried, recomputed rather than loaded;
+    window: (checkpoint window, model window) if the relative tables were resized, else None."""
+    kind: str
+    loaded: list
+    missing: list
+    unused: list
+    rederived: list
+    window: Optional[tuple]
+
+
+def _state_dict_of(checkpoint) -> tuple[dict, dict]:
+    """(flat state dict, outer dict) of a path / dict; `module.` / `_orig_mod.` stripped."""
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        if not os.path.exists(checkpoint):
+            raise ValueError(f"checkpoint {checkpoint} does not exist")
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    outer = checkpoint if isinstance(checkpoint, dict) else {}
+    sd = checkpoint
+    for k in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
+            sd = sd[k]
+            break
+    out = {}
+    for key, v in sd.items():
+        k = key
+        for p in ("module.", "_orig_mod."):
+            k = k[len(p):] if k.startswith(p) else k
+        out[k] = (key, v)                                   # keep the original name for the report
+    return out, outer
+
+
+def _detect(sd: dict, outer: dict) -> tuple[str, str, Optional[str]]:
+    """(kind, encoder prefix, classifier-head prefix or None) from the key layout."""
+    keys = list(sd)
+    config = outer.get("config") if isinstance(outer.get("config"), dict) else {}
+    if any(k.startswith(("video_decoder.", "image_decoder.")) for k in keys) or "stage" in config:
+        return "train.py BEVT pretraining", "encoder.", None     # its `head.` is the 8192-code token head
+    if any(k.startswith("backbone.") for k in keys):
+        if any(k.startswith("cls_head.fc_cls.") for k in keys):
+            return "released classification (Video Swin / BEVT finetuned)", "backbone.", "cls_head.fc_cls."
+        return "released BEVT pretraining", "backbone.", None
+    if any(k.startswith("encoder.") for k in keys):
+        return "finetune.py classifier", "encoder.", "head."
+    if "patch_embed.proj.weight" in sd:
+        return "bare Swin encoder", "", None                   # e.g. a 2D Swin image checkpoint (its head: ImageNet)
+    raise ValueError("checkpoint layout not recognised: no encoder keys (expected backbone.*, encoder.* or "
+                     "patch_embed.proj.weight)")
+
+
+def _check_encoder_shape(enc: dict, config: swin3d.SwinConfig, model_name: str) -> None:
+    """One-line error when the checkpoint's encoder is another Swin size than the chosen preset."""
+    w = enc.get("patch_embed.proj.weight")
+    depths = []
+    for i in range(len(config.depths) + 4):
+        n = len({k.split(".")[3] for k in enc if k.startswith(f"layers.{i}.blocks.")})
+        if n == 0:
+            break
+        depths.append(n)
+    heads = [enc[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in range(len(depths))
+             if f"layers.{i}.blocks.0.attn.relative_position_bias_table" in enc]
+    got = (None if w is None else w.shape[0], tuple(depths), tuple(heads))
+    want = (config.embed_dim, tuple(config.depths), tuple(config.num_heads))
+    if got[0] != want[0] or got[1] != want[1] or (heads and got[2] != want[2]):
+        raise ValueError(f"checkpoint encoder has embed_dim={got[0]}, depths={got[1]}, heads={got[2]} but "
+                         f"--model {model_name} has embed_dim={want[0]}, depths={want[1]}, heads={want[2]}")
+
+
+def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -> LoadReport:
+    """Load the encoder (and a classifier head of the right size) from any supported checkpoint.
+
+    Returns a LoadReport; raises a one-line ValueError on an encoder of another
+    size or a tensor of the wrong shape. The window is adapted to the model's:
+    2D tables are inflated (swin3d.inflate_2d_state_dict), 3D tables of another
+    temporal window are trilinearly resized (swin3d.resize_relative_tables).
+    """
+    sd, outer = _state_dict_of(checkpoint)
+    kind, enc_prefix, head_prefix = _detect(sd, outer)
+    cfg = model.encoder.config
+    unused, rederived, enc, head = [], [], {}, {}
+    for k, (orig, v) in sd.items():
+        if head_prefix and k.startswith(head_prefix):
+            head[k[len(head_prefix):]] = (orig, v)
+        elif k.startswith(enc_prefix) and not (enc_prefix == "" and k.startswith("head.")):
+            name = k[len(enc_prefix):]
+            if name.endswith(("relative_position_index", "attn_mask")):
+                rederived.append(orig)                      # DESIGN §9: re-derived, never trusted
+            elif name.startswith("patch_embed_2d.") or name == "mask_token":
+                unused.append(orig)                         # pretraining-only parts (DESIGN §7)
+            else:
+                enc[name] = (orig, v)
+        else:
+            unused.append(orig)                             # decoders, token head, tokenizer, 2D head, ...
+    tensors = {k: v for k, (_, v) in enc.items()}
+    names = {k: orig for k, (orig, _) in enc.items()}
+    _check_encoder_shape(tensors, cfg, model_name)
+    window = None
+    pe = tensors.get("patch_embed.proj.weight")
+    if pe is not None and pe.dim() == 4:                    # a 2D image Swin: inflate to 3D (DESIGN §7)
+        kind += ", 2D -> 3D inflated"
+        inflated = swin3d.inflate_2d_state_dict(tensors, cfg, image_embed=False)
+        tensors = {k: v for k, v in inflated.items()}
+    else:
+        table_rows = {v.shape[0] for k, v in tensors.items() if k.endswith("relative_position_bias_table")}
+        want_rows = math.prod(2 * w - 1 for w in cfg.window_size)
+        if table_rows and table_rows != {want_rows}:
+            # The checkpoint's temporal window, from the table size and the (unchanged) spatial window.
+            rows = table_rows.pop()
+            spatial = (2 * cfg.window_size[1] - 1) * (2 * cfg.window_size[2] - 1)
+            if table_rows or rows % spatial or ((rows // spatial) + 1) % 2:
+                raise ValueError(f"relative_position_bias_table of {rows} rows fits no window (Wt, "
+                                 f"{cfg.window_size[1]}, {cfg.window_size[2]}); the model's window is {cfg.window_size}")
+            old = (((rows // spatial) + 1) // 2, *cfg.window_size[1:])
+            tensors = swin3d.resize_relative_tables(tensors, old, cfg.window_size)
+            window = (old, tuple(cfg.window_size))
+    ours = model.state_dict()
+    mapped = {}
+    for k, v in tensors.items():
+        key = "encoder." + k
+        orig = names.get(k, k)
+        if key not in ours:
+            unused.append(orig)
+            continue
+        if tuple(v.shape) != tuple(ours[key].shape):
+            raise ValueError(f"checkpoint key {orig!r} has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(ours[key].shape)}")
+        mapped[key] = v
+    for k, (orig, v) in head.items():
+        key = "head." + k
+        if key in ours and tuple(v.shape) == tuple(ours[key].shape):
+            mapped[key] = v
+        else:
+            unused.append(orig)                             # e.g. a K400 head (400 classes) for SSv2
+    result = model.load_state_dict(mapped, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return LoadReport(kind, sorted(mapped), sorted(result.missing_keys), sorted(unused), sorted(rederived), window)
+
+
+def describe(report: LoadReport, path: str) -> str:
+    def short(keys, n=6):
+        return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
+    lines = [f"init from {path}: {report.kind}; {len(report.loaded)} tensors loaded"]
+    if report.window:
+        lines.append(f"  window {report.window[0]} -> {report.window[1]}: relative tables trilinearly resized")
+    lines.append(f"  missing ({len(report.missing)}, trained from scratch): {short(report.missing)}")
+    groups = {}
+    for k in report.unused:
+        g = ".".join(k.split(".")[:2])
+        groups[g] = groups.get(g, 0) + 1
+    lines.append(f"  unused ({len(report.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in sorted(groups.items()))
+                                                       or "none"))
+    if report.rederived:
+        lines.append(f"  re-derived, not loaded: {len(report.rederived)} index/mask buffers")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: multi-view testing, the temporal probes of Table 2, metrics
+
+
+def temporal_probe(video: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Table 2 on a batch (B, [V,] 3, T, H, W): per sample, 'single-frame' repeats one random frame
+    T times, 'shuffle' permutes the frames randomly (data.single_frame / data.shuffle_frames); the
+    views of one sample share the draw. 'normal' returns the input."""
+    if mode == "normal":
+        return video
+    fn = {"single-frame": data.single_frame, "shuffle": data.shuffle_frames}[mode]
+    return torch.stack([fn(v, generator) for v in video])
+
+
+def average_views(logits: torch.Tensor, views: int) -> torch.Tensor:
+    """Logits (B·V, K), sample-major -> class probabilities (B, K): softmax per view, then the mean
+    over the V views (released AvgConsensus on softmax scores, test_cfg average_clips='prob')."""
+    return logits.float().view(-1, views, logits.shape[-1]).softmax(-1).mean(1)
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """top-1, top-5 (top-k with k = min(5, classes)), mean class accuracy (over the classes present),
+    and the confusion matrix (rows = true class, columns = prediction)."""
+    pred = probs.argmax(-1)
+    k = min(5, num_classes)
+    topk = probs.topk(k, dim=-1).indices
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    present = conf.sum(1) > 0
+    per_class = conf.diag()[present].double() / conf.sum(1)[present].double()
+    return {"top1": float((pred == labels).double().mean()) * 100,
+            "top5": float((topk == labels[:, None]).any(1).double().mean()) * 100,
+            "mean_class": float(per_class.mean()) * 100, "n": int(labels.numel()),
+            "confusion": conf.tolist()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device, mode: str, seed: int, bf16: bool, rank: int = 0,
+            progress: bool = False) -> tuple[dict, dict]:
+    """Run a val/test loader once: {index: probs (K,)} and {index: label} for this process's shard."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)               # the same probes every evaluation
+    probs, labels = {}, {}
+    it = loader
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(loader, desc=f"eval {mode}", leave=False, dynamic_ncols=True, file=sys.stdout)
+    for batch in it:
+        video = temporal_probe(batch["video"], mode, gen)
+        views = video.shape[1] if video.dim() == 6 else 1
+        flat = video.reshape(-1, *video.shape[-4:]).to(device, non_blocking=True)   # (B·V, 3, T, H, W)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(flat)
+        p = average_views(logits, views).cpu()
+        for i, l, q in zip(batch["index"].tolist(), batch["label"].tolist(), p):
+            probs[i], labels[i] = q, l
+    return probs, labels
+
+
+def gather_predictions(probs: dict, labels: dict, ddp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' predictions; DistributedSampler's padded repeats dropped by sample index."""
+    if ddp:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (probs, labels))
+        probs, labels = {}, {}
+        for p, l in parts:
+            probs.update(p)
+            labels.update(l)
+    idx = sorted(probs)
+    return torch.stack([probs[i] for i in idx]), torch.tensor([labels[i] for i in idx])
+
+
+def save_confusion_png(conf, path: str, classes: Optional[list] = None, title: str = "") -> None:
+    """Row-normalised confusion matrix as a PNG (Pillow only): white = 0, dark blue = 1,
+    rows = true class, columns = prediction; counts written in the cells when they fit."""
+    from PIL import Image, ImageDraw
+    conf = np.asarray(conf, dtype=np.float64)
+    K = conf.shape[0]
+    cell = int(max(3, min(48, 720 // max(K, 1))))
+    names = list(classes) if classes and len(classes) == K and K <= 60 else [str(i) for i in range(K)]
+    label_w = 8 + 6 * max(len(n) for n in names) if cell >= 10 else 0
+    top = 24 + (label_w if cell >= 10 else 0)
+    W, H = label_w + K * cell + 10, top + K * cell + 10
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), title, fill="black")
+    rows = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    for i in range(K):
+        for j in range(K):
+            v = rows[i, j]
+            colour = (int(255 * (1 - v) + 20 * v), int(255 * (1 - v) + 60 * v), int(255 * (1 - v) + 140 * v))
+            x0, y0 = label_w + j * cell, top + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour, outline=(200, 200, 200))
+            if cell >= 24 and conf[i, j]:
+                draw.text((x0 + 3, y0 + cell // 3), str(int(conf[i, j])), fill="white" if v > 0.5 else "black")
+    if cell >= 10:
+        for i, n in enumerate(names):
+            draw.text((4, top + i * cell + cell // 3), n, fill="black")                     # true class
+            col = Image.new("RGB", (label_w, 12), "white")
+            ImageDraw.Draw(col).text((2, 0), n, fill="black")
+            img.paste(col.rotate(90, expand=True), (label_w + i * cell + (cell - 12) // 2, 24))   # predicted
+    img.save(path)
+
+
+def evaluate(model: nn.Module, loader, device, modes: tuple, seed: int, bf16: bool, ddp: bool, rank: int,
+             num_classes: int) -> dict:
+    """mode -> metrics over the whole (deduplicated) evaluation set, on every rank."""
+    out = {}
+    for mode in modes:
+        loader.set_epoch(0)
+        probs, labels = predict(model, loader, device, mode, seed, bf16, rank, progress=rank == 0)
+        p, y = gather_predictions(probs, labels, ddp)
+        out[mode] = classification_metrics(p, y, num_classes)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Data: your lists or the synthetic set; class-count checks
+
+
+def check_classes(ann: str, root: str, num_classes: int, train: bool) -> list:
+    """One-line error when the annotation list's labels do not fit the class count."""
+    labels = [l for _, l in data.read_annotations(ann, root)]
+    lo, hi = min(labels), max(labels)
+    if lo < 0 or hi >= num_classes or (train and hi + 1 != num_classes):
+        raise ValueError(f"class count mismatch: {ann} has labels {lo}..{hi} ({hi + 1} classes) but the model "
+                         f"has {num_classes} classes (--num-classes / the recipe)")
+    return labels
+
+
+def data_config(cfg: FinetuneConfig) -> data.FinetuneDataConfig:
+    return data.FinetuneDataConfig(
+        sampling=cfg.sampling, frames=cfg.frames, interval=cfg.interval, crop=cfg.crop, short_side=cfg.short_side,
+        test_short_side=cfg.test_short_side, test_clips=cfg.test_clips, test_crops=cfg.test_crops,
+        rrc_scale=tuple(cfg.rrc_scale), flip=cfg.flip, randaug_n=cfg.randaug_n, randaug_m=cfg.randaug_m,
+        erase=cfg.erase, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        num_workers=cfg.workers, seed=cfg.seed)
+
+
+class Task(NamedTuple):
+    name: str
+    root: str
+    train_list: str
+    val_list: str
+    num_classes: int
+    classes: Optional[list]
+    flip: float
+
+
+def resolve_tasks(cfg: FinetuneConfig, rank: int) -> list:
+    """Your data (one task) or the synthetic set (appearance and/or motion)."""
+    if cfg.train_list or cfg.val_list:
+        if not cfg.root or not cfg.val_list or (not cfg.train_list and not cfg.eval_only):
+            raise ValueError("your data needs --root, --val-list and (unless --eval-only) --train-list")
+        classes = None
+        if cfg.classes:
+            with open(cfg.classes) as f:
+                classes = [line.strip() for line in f if line.strip()]
+        n = cfg.num_classes or (len(classes) if classes else RECIPE_CLASSES[cfg.recipe])
+        if classes and len(classes) != n:
+            raise ValueError(f"class count mismatch: {cfg.classes} names {len(classes)} classes, the model has {n}")
+        return [Task(cfg.recipe, cfg.root, cfg.train_list, cfg.val_list, n, classes, cfg.flip)]
+    root = cfg.data or "data/synthetic"
+    if not os.path.exists(os.path.join(root, data.DONE_NAME)):
+        data.ensure_synthetic(root, seed=0, verbose=rank == 0)
+    tasks = []
+    for name in (SYNTHETIC_TASKS if cfg.task == "both" else (cfg.task,)):
+        vids = os.path.join(root, "videos")
+        with open(os.path.join(vids, f"classes_{name}.txt")) as f:
+            classes = [line.strip() for line in f if line.strip()]
+        n = cfg.num_classes or len(classes)
+        # A left-right flip turns "left" into "right": no flip for motion labels (as SSv2, DESIGN §7).
+        flip = 0.0 if name == "motion" else cfg.flip
+        tasks.append(Task(name, vids, os.path.join(vids, f"train_{name}.txt"), os.path.join(vids, f"val_{name}.txt"),
+                          n, classes, flip))
+    return tasks
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def train_step(model, raw, batches: list, device, ddp: bool, bf16: bool, clip_grad: float, smoothing: float):
+    """Forward/backward over the micro-batches of one optimizer step, then clip.
+
+    As train.train_step: gradients are all-reduced only on the last micro-step
+    (the others accumulate locally under no_sync()), and each micro-batch's loss
+    is divided by their number, so the step's gradient is that of the mean over
+    the effective batch. Returns (mean loss, mean accuracy, gradient norm).
+    """
+    accum, loss_sum, acc_sum = len(batches), 0.0, 0.0
+    for k, batch in enumerate(batches):
+        video = batch["video"].to(device, non_blocking=True)          # (B, 3, T, H, W)
+        label = batch["label"].to(device, non_blocking=True)          # (B,)
+        ctx = model.no_sync() if ddp and k < accum - 1 else contextlib.nullcontext()
+        with ctx:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(video)
+            # Label smoothing (SSv2 recipe, 0.1): the released LabelSmoothing blending is
+            # y·(1 − ε) + ε/K, which is exactly F.cross_entropy's label_smoothing.
+            loss = F.cross_entropy(logits.float(), label, label_smoothing=smoothing)
+            (loss / accum).backward()
+        loss_sum += float(loss.detach()) / accum
+        acc_sum += float((logits.argmax(-1) == label).float().mean()) / accum
+    params = [p for p in raw.parameters() if p.grad is not None]
+    if clip_grad > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    else:                                                             # SSv2: no clipping; the norm is still logged
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in params]) if hasattr(torch.nn.utils, "get_total_norm") \
+            else torch.norm(torch.stack([p.grad.norm() for p in params]))
+    return loss_sum, acc_sum, gnorm
+
+
+def log(rank: int, *args) -> None:
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int) -> VideoClassifier:
+    swin = swin3d.get_config(cfg.model, window_size=tuple(cfg.window), drop_path_rate=cfg.drop_path,
+                             use_checkpoint=cfg.grad_checkpointing)
+    return VideoClassifier(swin, num_classes, cfg.dropout)
+
+
+def run_task(cfg: FinetuneConfig, task: Task, ddp: bool, rank: int, world: int, device) -> dict:
+    """Finetune (unless --eval-only) and evaluate one label set; returns {'model': metrics, 'ema': metrics}."""
+    seed_everything(cfg.seed + rank)                              # seed = base + rank (STYLE 15)
+    out_dir = os.path.join(cfg.out, task.name)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    modes = parse_eval_modes(cfg.eval_mode)
+    dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
+    check_classes(task.val_list, task.root, task.num_classes, train=False)
+    if not cfg.eval_only:
+        check_classes(task.train_list, task.root, task.num_classes, train=True)
+
+    # --- model, then weights
+    raw = build_model(cfg, task.num_classes)
+    init = cfg.init or (CPU_INIT if cfg.preset == "cpu" else "")
+    if init and init != "scratch":
+        if not os.path.exists(init):
+            raise ValueError(f"--init {init}: no such file" + (" (run the CPU pretraining demo first: python train.py "
+                             "--preset cpu --stage image && python train.py --preset cpu --stage joint, or pass "
+                             "--init scratch)" if init == CPU_INIT else ""))
+        report = load_pretrained(raw, init, cfg.model)
+        log(rank, describe(report, init))
+    else:
+        log(rank, "init: scratch (random weights)")
+    raw.to(device)
+    ema = EMA(raw, cfg.ema) if cfg.ema > 0 and not cfg.eval_only else None
+    model = torch.compile(raw, dynamic=False) if cfg.compile else raw     # compile after .to, before DDP
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    log(rank, f"task {task.name}: {task.num_classes} classes; model {cfg.model} window {tuple(cfg.window)}: "
+              f"{swin3d.param_count(raw) / 1e6:.2f}M parameters; device {device}, {'bf16' if bf16 else 'fp32'}"
+              f"{', compiled' if cfg.compile else ''}")
+
+    split = cfg.eval_split
+    val_loader = data.build_finetune_loader(split, dcfg, ann=task.val_list, root=task.root, rank=rank,
+                                            world_size=world, verbose=False)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    step = 0
+    if not cfg.eval_only:
+        step = train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_dir, metrics_path)
+
+    # --- evaluation: the model and, alongside, its EMA
+    results = {"model": evaluate(model, val_loader, device, modes, cfg.seed + 1, bf16, ddp, rank, task.num_classes)}
+    if ema is not None:
+        results["ema"] = evaluate(ema.module, val_loader, device, modes, cfg.seed + 1, bf16, ddp, rank,
+                                  task.num_classes)
+    if rank == 0:
+        views = f"{cfg.test_clips} clips x {cfg.test_crops} crops" if split == "test" else "1 centre clip"
+        for which, res in results.items():
+            for mode, m in res.items():
+                print(f"[{task.name}] {which} {mode:12s} ({views}, {m['n']} videos): top-1 {m['top1']:.1f}  "
+                      f"top-5 {m['top5']:.1f}  mean class {m['mean_class']:.1f}")
+                save_confusion_png(m["confusion"], os.path.join(out_dir, f"confusion_{which}_{mode}.png"),
+                                   task.classes, f"{task.name} {which} {mode}: top-1 {m['top1']:.1f}%")
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "eval": {w: {k: {x: y for x, y in m.items() if x != "confusion"}
+                                                           for k, m in r.items()} for w, r in results.items()}}) + "\n")
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump({"step": step, "split": split, "views": views, "results": results}, f)
+    return results
+
+
+def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_dir, metrics_path) -> int:
+    """The finetuning loop (train.py's structure: accumulation, schedule, resume, tqdm, JSONL, non-finite stop)."""
+    loader = data.build_finetune_loader("train", dcfg, ann=task.train_list, root=task.root, rank=rank,
+                                        world_size=world, verbose=rank == 0)
+    accum = cfg.accum_steps or max(1, cfg.global_batch // (cfg.batch_size * world))
+    eff = cfg.batch_size * world * accum
+    lr = cfg.lr * eff / cfg.global_batch
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has {len(loader)} batches per process, fewer than accumulation {accum}")
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    log(rank, f"world {world} x {cfg.batch_size} clips x accum {accum} = effective batch {eff}; lr = base_lr "
+              f"{cfg.lr:g} x {eff} / recipe batch {cfg.global_batch} = {lr:.3g}; {steps_per_epoch} steps/epoch x "
+              f"{cfg.epochs} epochs = {total} steps, warm-up {warmup}")
+    groups = finetune_param_groups(raw, cfg.weight_decay, cfg.layer_decay, cfg.backbone_lr_mult)
+    lo, hi = min(g["lr_scale"] for g in groups), max(g["lr_scale"] for g in groups)
+    log(rank, f"lr multipliers: layer decay {cfg.layer_decay:g}, backbone x{cfg.backbone_lr_mult:g} -> "
+              f"{lo:.3g} (patch embedding) .. {hi:.3g} (head); weight decay {cfg.weight_decay:g}; label smoothing "
+              f"{cfg.label_smoothing:g}; EMA {cfg.ema:g}; grad clip {cfg.clip_grad:g}")
+    for g in groups:
+        g.pop("names")
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+
+    step, epoch, micro = 0, 0, 0
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    resume = ckpt_path if cfg.resume == "auto" else cfg.resume
+    ck = None
+    if resume and os.path.exists(resume):
+        ck = load_checkpoint(resume)
+        if ck["world"] != world:
+            raise ValueError(f"{resume} was written by {ck['world']} processes; resume with the same number, got {world}")
+        raw.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if ema is not None and ck.get("ema"):
+            ema.load_state_dict(ck["ema"])
+        step, epoch, micro = ck["step"], ck["epoch"], ck["micro"]
+        log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, batch {micro} of the epoch")
+    elif cfg.resume and cfg.resume != "auto":
+        raise ValueError(f"--resume {cfg.resume}: no such file")
+    if rank == 0:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        if os.path.exists(metrics_path):
+            # A killed run may have logged steps after its last checkpoint; a fresh run starts a fresh log.
+            with open(metrics_path) as f:
+                kept = [line for line in f if ck is not None and json.loads(line)["step"] <= step
+                        and "eval" not in json.loads(line)]
+            with open(metrics_path, "w") as f:
+                f.writelines(kept)
+
+    it = epoch_iterator(loader, epoch, micro)
+    if ck is not None:
+        set_rng_state(ck["rng"][rank])
+    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=stop_at, initial=step, desc=f"finetune {task.name}", dynamic_ncols=True, file=sys.stdout)
+    model.train()
+    t0, seen = time.time(), 0
+    while step < stop_at:
+        cur_lr = lr_at(step, total, warmup, lr, cfg.min_lr * eff / cfg.global_batch)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr * g["lr_scale"]
+        batches = []
+        for _ in range(accum):
+            try:
+                batches.append(next(it))
+            except StopIteration:                                     # end of an epoch
+                epoch, micro = epoch + 1, 0
+                it = epoch_iterator(loader, epoch, 0)
+                batches.append(next(it))
+            micro += 1
+        loss, acc, gnorm = train_step(model, raw, batches, device, ddp, bf16, cfg.clip_grad, cfg.label_smoothing)
+        seen += sum(len(b["video"]) for b in batches)
+        if not torch.isfinite(gnorm) or not math.isfinite(loss):
+            raise SystemExit(f"non-finite loss {loss} (gradient norm {float(gnorm)}) at step {step}; stopping")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(raw)
+        step += 1
+        last = {"step": step, "epoch": epoch, "lr": cur_lr, "grad_norm": float(gnorm), "loss": loss, "acc": acc}
+        if ddp:                                                        # log the mean over ranks
+            vals = torch.tensor([loss, acc], dtype=torch.float64)
+            dist.all_reduce(vals)
+            last["loss"], last["acc"] = (vals / world).tolist()
+        if rank == 0:
+            rate = seen * world / max(time.time() - t0, 1e-9)
+            last["clips_per_s"] = rate
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == stop_at:
+                bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.2f}", lr=f"{cur_lr:.2e}",
+                                **{"clips/s": f"{rate:.1f}"})
+        if step % cfg.ckpt_every == 0 or step == stop_at:
+            rngs = [None] * world
+            if ddp:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+            if rank == 0:
+                save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                                            "ema": ema.state_dict() if ema is not None else None, "step": step,
+                                            "epoch": epoch, "micro": micro, "world": world, "rng": rngs,
+                                            "config": dataclasses.asdict(cfg)})
+    if rank == 0:
+        bar.close()
+        final = {"model": raw.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
+                 "num_classes": task.num_classes}
+        save_checkpoint(os.path.join(out_dir, "final.pt"), final)
+        if ema is not None:
+            save_checkpoint(os.path.join(out_dir, "final_ema.pt"), {**final, "model": ema.module.state_dict()})
+    return step
+
+
+# -----------------------------------------------------------------------------
+# Table 2
+
+
+def table2(results: dict, which: str = "model") -> str:
+    """Table-2-style rows: task, normal, single-frame (drop), shuffled (drop), top-1 %."""
+    lines = [f"{'labels':12s} {'Normal':>8s} {'Single-frame':>16s} {'Random-Shuffling':>18s}"]
+    for task, res in results.items():
+        r = res[which]
+        n = r.get("normal", {}).get("top1")
+        cells = [f"{n:8.1f}" if n is not None else f"{'-':>8s}"]
+        for mode, width in (("single-frame", 16), ("shuffle", 18)):
+            v = r.get(mode, {}).get("top1")
+            s = "-" if v is None else (f"{v:.1f} ({v - n:+.1f})" if n is not None else f"{v:.1f}")
+            cells.append(f"{s:>{width}s}")
+        lines.append(f"{task:12s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    ddp, rank, world, device = setup_distributed()
+    t0 = time.time()
+    try:
+        tasks = resolve_tasks(cfg, rank)
+        results = {t.name: run_task(cfg, t, ddp, rank, world, device) for t in tasks}
+    except ValueError as e:                                   # bad input: one line naming the mismatch
+        raise SystemExit(f"error: {e}") from None
+    if rank == 0:
+        for which in ("model", "ema"):
+            if all(which in r for r in results.values()):
+                print(f"\nTable 2 style: top-1 % on {cfg.eval_split} ({which} weights), {len(results)} label "
+                      f"set(s), {time.time() - t0:.0f} s in all (paper: K400 80.6 / 65.3 / 77.8, SSv2 66.3 / 6.3 "
+                      f"/ 19.0)")
+                print(table2(results, which))
+    if ddp:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()
