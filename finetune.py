@@ -66,7 +66,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (epoch_iterator, load_checkpoint, lr_at, param_groups, rng_state, save_checkpoint, seed_everything,
+from train import (EpochStream, load_checkpoint, lr_at, param_groups, rng_state, save_checkpoint, seed_everything,
                    set_rng_state, setup_distributed)
 
 # -----------------------------------------------------------------------------
@@ -875,7 +875,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
 
-    it = epoch_iterator(loader, epoch, micro)
+    stream = EpochStream(loader, epoch, micro)
     if ck is not None:
         set_rng_state(ck["rng"][rank])
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -889,15 +889,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
         cur_lr = lr_at(step, total, warmup, lr, cfg.min_lr * eff / cfg.global_batch)
         for g in opt.param_groups:
             g["lr"] = cur_lr * g["lr_scale"]
-        batches = []
-        for _ in range(accum):
-            try:
-                batches.append(next(it))
-            except StopIteration:                                     # end of an epoch
-                epoch, micro = epoch + 1, 0
-                it = epoch_iterator(loader, epoch, 0)
-                batches.append(next(it))
-            micro += 1
+        batches = stream.take(accum)
         loss, acc, gnorm = train_step(model, raw, batches, device, ddp, bf16, cfg.clip_grad, cfg.label_smoothing)
         seen += sum(len(b["video"]) for b in batches)
         if not torch.isfinite(gnorm) or not math.isfinite(loss):
@@ -907,7 +899,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
         if ema is not None:
             ema.update(raw)
         step += 1
-        last = {"step": step, "epoch": epoch, "lr": cur_lr, "grad_norm": float(gnorm), "loss": loss, "acc": acc}
+        last = {"step": step, "epoch": stream.epoch, "lr": cur_lr, "grad_norm": float(gnorm), "loss": loss, "acc": acc}
         if ddp:                                                        # log the mean over ranks
             vals = torch.tensor([loss, acc], dtype=torch.float64)
             dist.all_reduce(vals)
@@ -930,7 +922,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
                                             "ema": ema.state_dict() if ema is not None else None, "step": step,
-                                            "epoch": epoch, "micro": micro, "world": world, "rng": rngs,
+                                            "epoch": stream.epoch, "micro": stream.micro, "world": world, "rng": rngs,
                                             "config": dataclasses.asdict(cfg)})
     if rank == 0:
         bar.close()

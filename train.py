@@ -234,20 +234,40 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def epoch_iterator(loader, epoch: int, skip: int = 0):
-    """An iterator over `epoch` of `loader`, past its first `skip` batches.
+class EpochStream:
+    """The micro-batches of a loader in order across epochs, with the position a checkpoint saves.
 
-    An epoch's batches (order, crops, masks) are a function of (seed, rank,
-    epoch) alone (data.EpochLoader.set_epoch), so a resumed run replays the
-    interrupted epoch and skips what was already trained on. Skipping decodes
-    those batches again: seconds here, minutes for a late position in a
-    Kinetics epoch.
+    `epoch` and `micro` (batches taken from the current epoch) are exactly what
+    a resumed run passes back in. An epoch's batches (order, crops, masks) are a
+    function of (seed, rank, epoch) alone (data.EpochLoader.set_epoch), so
+    resuming replays the interrupted epoch and skips the first `micro` batches.
+    Skipping decodes them again: seconds here, minutes late in a Kinetics epoch.
     """
-    loader.set_epoch(epoch)
-    it = iter(loader)
-    for _ in range(skip):
-        next(it)
-    return it
+
+    def __init__(self, loader, epoch: int = 0, micro: int = 0):
+        self.loader, self.epoch, self.micro = loader, epoch, micro
+        self._it = self._start(epoch, micro)
+
+    def _start(self, epoch: int, skip: int):
+        self.loader.set_epoch(epoch)
+        it = iter(self.loader)
+        for _ in range(skip):
+            next(it)
+        return it
+
+    def take(self, n: int) -> list:
+        """The next n micro-batches (one optimizer step's worth), crossing into the next epoch if needed."""
+        out = []
+        for _ in range(n):
+            try:
+                batch = next(self._it)
+            except StopIteration:                                     # end of an epoch
+                self.epoch, self.micro = self.epoch + 1, 0
+                self._it = self._start(self.epoch, 0)
+                batch = next(self._it)
+            self.micro += 1
+            out.append(batch)
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -468,7 +488,7 @@ def main(argv=None) -> dict:
             with open(metrics_path, "w") as f:
                 f.writelines(kept)
 
-    it = epoch_iterator(loader, epoch, micro)
+    stream = EpochStream(loader, epoch, micro)
     if ck is not None:
         set_rng_state(ck["rng"][rank])
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -483,15 +503,7 @@ def main(argv=None) -> dict:
         cur_lr = lr_at(step, total, warmup, lr, cfg.min_lr * eff / paper_batch)
         for g in opt.param_groups:
             g["lr"] = cur_lr
-        batches = []
-        for _ in range(accum):
-            try:
-                batches.append(next(it))
-            except StopIteration:                                     # end of an epoch
-                epoch, micro = epoch + 1, 0
-                it = epoch_iterator(loader, epoch, 0)
-                batches.append(next(it))
-            micro += 1
+        batches = stream.take(accum)
         sums, gnorm = train_step(model, raw, batches, tok, device, ddp, bf16, cfg.clip_grad, hist)
         seen += sum(len(b["video" if "video" in b else "image"]) for b in batches)
         if not torch.isfinite(gnorm) or not math.isfinite(sums["loss"]):
@@ -499,7 +511,7 @@ def main(argv=None) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        last = {"step": step, "epoch": epoch, "lr": cur_lr, "grad_norm": float(gnorm), **sums}
+        last = {"step": step, "epoch": stream.epoch, "lr": cur_lr, "grad_norm": float(gnorm), **sums}
         if ddp:                                                        # log the mean over ranks
             vals = torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64)
             dist.all_reduce(vals)
@@ -522,7 +534,7 @@ def main(argv=None) -> dict:
                 rngs = [rng_state()]
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                            "epoch": epoch, "micro": micro, "world": world, "rng": rngs,
+                                            "epoch": stream.epoch, "micro": stream.micro, "world": world, "rng": rngs,
                                             "config": dataclasses.asdict(cfg)})
     if rank == 0:
         bar.close()
