@@ -19,7 +19,7 @@ trained and never saved with the model): train.py runs it and passes codes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch

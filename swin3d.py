@@ -36,7 +36,7 @@ Run `python benchmarks/bench_swin3d.py` for speed, memory and FLOP counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import torch

@@ -10,7 +10,6 @@ Run: python -m pytest -q tests/test_data.py
 
 import logging
 import multiprocessing as mp
-import os
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import swin3d
-from swin3d import (SwinTransformer3D, clamp_window, get_config, relative_position_index,
+from swin3d import (clamp_window, get_config, relative_position_index,
                     shift_mask, window_partition, window_reverse)
 
 
