@@ -8,7 +8,7 @@ swin3d.py; data: data.py; pretraining: train.py (whose helpers this file imports
     video (B, 3, T, H, W) -> Video Swin encoder -> final-normed F4 (B, T/2, H/32, W/32, 8C)
         -> average pool over (T', H', W') -> (B, 8C) -> Dropout(0.5) -> Linear(8C -> classes)
 
-    # CPU demo (synthetic data, ~5 min on 2 cores): finetune the demo pretraining
+    # CPU demo (synthetic data, ~6 min on 2 cores): finetune the demo pretraining
     # (runs/bevt/joint/final.pt from `python train.py --preset cpu --stage image &&
     # python train.py --preset cpu --stage joint`) once for the appearance labels and once
     # for the motion labels, then print a Table-2-style table
@@ -159,16 +159,22 @@ RECIPES["diving48"] = dict(RECIPES["ssv2"], flip=0.5)
 RECIPE_CLASSES = {"k400": 400, "ssv2": 174, "diving48": 48}
 
 # The CPU demo: the cpu Swin preset (C=32) on 8-frame 112-px clips of the
-# synthetic set, sized so both label sets and all three evaluations take ~5 min
-# on 2 cores. One recipe for both label sets, so that Table 2's columns differ
-# only in the labels. Layer decay is kept (K400-style) but milder, since the
-# cpu encoder has 7 layer steps, not 28.
+# synthetic set, sized so both label sets and all three evaluations take
+# ~6 min on 2 cores. One recipe for both label sets, so that Table 2's columns
+# differ only in the labels. Measured on the synthetic motion labels (README,
+# "Finetuning"): the cpu model starts from weights near their small init
+# (trunc-normal 0.02), where its MLPs are almost linear, and needs a few
+# hundred steps at lr 1e-3 before the loss leaves ln(4) (earlier from the demo
+# pretraining, later from scratch). The recipe's slowing parts were therefore
+# switched off for 500 steps: the K400 recipe's lr 3e-4 with layer decay 0.9,
+# label smoothing 0.1, dropout 0.5 and drop path 0.1 had reached 45% top-1 after
+# 300 steps; lr 2e-3 stayed at chance; lr 1e-3 without them reached 83%.
 CPU_PRESET = dict(
     model="cpu", sampling="dense", frames=8, interval=2, crop=112, short_side=128, test_short_side=112,
     test_clips=1, test_crops=3, rrc_scale=(0.5, 1.0), randaug_n=0, erase=0.0, batch_size=8, eval_batch_size=8,
-    global_batch=8, workers=1, window=(8, 7, 7), drop_path=0.1, epochs=8, warmup_epochs=1.0, lr=2e-3,
-    weight_decay=0.05, layer_decay=0.9, backbone_lr_mult=1.0, label_smoothing=0.1, ema=0.99, clip_grad=5.0,
-    precision="fp32", eval_mode="normal,single-frame,shuffle", log_every=5, ckpt_every=50)
+    global_batch=8, workers=1, window=(8, 7, 7), drop_path=0.0, dropout=0.0, epochs=20, warmup_epochs=1.0,
+    lr=1e-3, weight_decay=0.05, layer_decay=1.0, backbone_lr_mult=1.0, label_smoothing=0.0, ema=0.99,
+    clip_grad=5.0, precision="fp32", eval_mode="normal,single-frame,shuffle", log_every=5, ckpt_every=50)
 CPU_INIT = "runs/bevt/joint/final.pt"     # train.py's CPU demo output (default --out runs/bevt)
 SYNTHETIC_TASKS = ("appearance", "motion")
 

@@ -443,7 +443,7 @@ def test_synthetic_is_deterministic_from_its_seed(tmp_path):
     a = _files(data.make_synthetic(tmp_path / "a", seed=5, **small))
     b = _files(data.make_synthetic(tmp_path / "b", seed=5, **small))
     c = _files(data.make_synthetic(tmp_path / "c", seed=6, **small))
-    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), [str(k) for k in a if a[k] != b.get(k)]
     assert any(k.suffix == ".mp4" for k in a) and any(k.suffix == ".png" for k in a) \
         and any(k.suffix == ".jpg" for k in a)
     videos = [k for k in a if k.suffix == ".mp4"]
@@ -467,6 +467,28 @@ def _object_track(frames):
     return np.array(out), (W, H)
 
 
+def _background_shift(a, b, search=12):
+    """(dx, dy) px that moves frame a's texture onto frame b's: the integer shift (on the torus)
+    with the least mean squared grey-level difference over the pixels that are texture in both
+    frames (the object, saturated pixels dilated by 2 px for its antialiased edge, left out)."""
+    def grey_and_texture(f):
+        f = f.astype(np.float32)
+        m = f.max(-1) - f.min(-1) > 90
+        for axis in (0, 1):
+            for s in (-2, -1, 1, 2):
+                m = m | np.roll(m, s, axis)
+        return f.mean(-1), ~m
+    (ga, ta), (gb, tb) = grey_and_texture(a), grey_and_texture(b)
+    best, arg = np.inf, None
+    for dy in range(-search, search + 1):
+        for dx in range(-search, search + 1):
+            sa, st = np.roll(ga, (dy, dx), (0, 1)), np.roll(ta, (dy, dx), (0, 1)) & tb
+            err = ((sa - gb)[st] ** 2).mean()
+            if err < best:
+                best, arg = err, (dx, dy)
+    return arg
+
+
 def _direction(track, size, order):
     """Mean frame-to-frame displacement (wrapped) along `order` -> motion class 0..3."""
     W, H = size
@@ -485,7 +507,9 @@ def test_synthetic_labels_motion_needs_time_appearance_does_not(synthetic):
     motion = data.read_annotations(videos / "train_motion.txt", videos)
     appearance = dict(data.read_annotations(videos / "train_appearance.txt", videos))
     assert (videos / "classes_motion.txt").read_text().split() == ["right", "left", "down", "up"]
-    colours = [name.split("_")[1] for name in (videos / "classes_appearance.txt").read_text().split()]
+    colours = (videos / "classes_appearance.txt").read_text().split()
+    assert colours == sorted(data.COLOURS)
+    palette = np.array([data.COLOURS[c] for c in colours], np.float32)      # (6, 3) RGB
     g = torch.Generator().manual_seed(0)
     right = shuffled = 0
     for path, label in motion:
@@ -495,8 +519,12 @@ def test_synthetic_labels_motion_needs_time_appearance_does_not(synthetic):
         assert _direction(track, size, np.arange(n)) == label              # moves in the labelled direction
         perm = torch.randperm(n, generator=g).numpy()                       # shuffle_frames' permutation law
         shuffled += _direction(track, size, perm) == label
-        r, _, b = track[:, 2:].mean(0)                                      # appearance: the object's colour
-        assert ("red" if r > b else "blue") == colours[appearance[path]]
+        rgb = track[:, 2:].mean(0)                                          # appearance: the object's colour
+        assert np.argmin(((palette - rgb) ** 2).sum(1)) == appearance[path]
+        shift = _background_shift(frames[0], frames[8])                     # the texture pans the same way
+        assert _direction(np.array([[0, 0], shift]), (1e9, 1e9), [0, 1]) == label
+        pan = np.hypot(*shift) / 8                                          # px per frame
+        assert data.PAN_FRAC[0] * TINY["width"] - 0.3 < pan < data.PAN_FRAC[1] * TINY["width"] + 0.3
         right += 1
     assert right == TINY["n_train"]
     assert shuffled / right < 0.8                                           # shuffling destroys the label
@@ -530,7 +558,7 @@ def test_synthetic_single_frame_classifier_is_at_chance_on_motion():
         p = data._syn_params(11, "train", k, 64, 80)
         frame = data.render_synthetic(p, [int(rng.integers(32))], 64, 80)[0]
         X.append(_frame_features(frame))
-        ya.append(p["shape"] * len(data.COLOURS) + p["colour"])
+        ya.append(p["colour"])
         ym.append(p["direction"])
     X = np.array(X)
 

@@ -363,23 +363,38 @@ def test_encoder_mismatch_from_the_command_line(syn, tmp_path):
     assert "\n" not in msg and "embed_dim=16" in msg and "--model cpu" in msg
 
 
-@pytest.mark.skip(reason="issue 7 open: 96 steps from scratch stayed at chance (25.0% top-1) on the "
-                         "synthetic motion labels; the finetune recipe for them is not found yet")
-def test_short_finetune_on_motion_labels_beats_chance(syn, tmp_path):
-    out = tmp_path / "run"
-    res = finetune.main([*SMALL, "--data", syn, "--task", "motion", "--init", "scratch", "--out", str(out),
-                         "--epochs", "8", "--lr", "3e-3", "--layer-decay", "1", "--label-smoothing", "0",
-                         "--rrc-scale", "1", "1", "--eval-split", "val", "--eval-mode", "normal,shuffle",
-                         "--eval-batch-size", "16"])
+def test_short_finetune_on_motion_labels_beats_chance(tmp_path_factory):
+    """The README's pipeline, shortened: the default synthetic set, the CPU demo's image stage
+    (train.py --preset cpu --stage image, 600 steps), then 300 finetuning steps on the motion
+    labels. About 3 min on 2 idle cores, the slowest test of the suite, because nothing shorter
+    learns motion: from scratch the cpu model stayed below 50% train accuracy after 300-600 steps
+    at lr 2e-4 to 1e-3 (README, "Finetuning"), and a 240-step image stage did not help either.
+    60 validation videos, 4 classes: chance is 25%, and 50% or more has probability < 1e-4 under it."""
+    import subprocess
+    import sys
+    base = tmp_path_factory.mktemp("motion")
+    root = base / "syn"
+    data.ensure_synthetic(root, seed=0, verbose=False)                  # the default set: 200 + 60 videos
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, "train.py"), "--preset", "cpu", "--stage", "image",
+                        "--data", str(root), "--out", str(base / "pre")], cwd=repo, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = base / "ft"
+    res = finetune.main(["--preset", "cpu", "--data", str(root), "--task", "motion", "--out", str(out),
+                         "--init", str(base / "pre" / "image" / "final.pt"), "--epochs", "12",
+                         "--eval-split", "val", "--eval-mode", "normal,shuffle", "--log-every", "25"])
     m = res["motion"]
     chance = 100 / 4
-    assert m["model"]["normal"]["top1"] >= chance + 25, m["model"]["normal"]
-    assert m["model"]["shuffle"]["top1"] < m["model"]["normal"]["top1"]
+    assert m["model"]["normal"]["top1"] >= 2 * chance, m["model"]["normal"]
+    # Shuffling the frames takes away what the model uses (Table 2's Random-Shuffling column).
+    assert m["model"]["shuffle"]["top1"] <= m["model"]["normal"]["top1"] - 20, m["model"]
     assert "ema" in m                                           # evaluated alongside
     d = out / "motion"
     for name in ("final.pt", "final_ema.pt", "ckpt.pt", "eval.json", "confusion_model_normal.png", "metrics.jsonl"):
         assert (d / name).exists(), name
     rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
-    assert rows[-1]["eval"]["model"]["normal"]["n"] == 32
+    assert rows[-1]["eval"]["model"]["normal"]["n"] == data.SYN_VAL
+    assert sum("loss" in r for r in rows) == 300                  # 12 epochs x 25 steps
     from PIL import Image
     assert Image.open(d / "confusion_model_normal.png").size[0] > 4 * 10
