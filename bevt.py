@@ -237,9 +237,7 @@ class BEVT(nn.Module):
         ours = self.state_dict()
         mapped, unused = {}, []
         for key, value in sd.items():
-            k = key[len("module."):] if key.startswith("module.") else key
-            if k.startswith("_orig_mod."):
-                k = k[len("_orig_mod."):]
+            k = swin3d.unwrap_key(key)
             if k not in ours:
                 for old, new in _RELEASED_PREFIXES:
                     if k.startswith(old):
@@ -250,9 +248,7 @@ class BEVT(nn.Module):
             if k not in ours:
                 unused.append(key)
                 continue
-            if tuple(value.shape) != tuple(ours[k].shape):
-                raise ValueError(f"checkpoint key {key!r} has shape {tuple(value.shape)}, "
-                                 f"the model expects {tuple(ours[k].shape)} for {k!r}")
+            swin3d.check_shape(key, value, ours[k])
             mapped[k] = value
         result = self.load_state_dict(mapped, strict=False)
         missing = sorted(result.missing_keys)

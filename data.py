@@ -69,7 +69,7 @@ Commands:
     python data.py make-synthetic --out data/synthetic [--seed 0 --train 200 --val 60]
     python data.py check --ann LIST --root DIR      # decode every listed video, report bad files
 
-Speed: `python benchmarks/bench_data.py`.
+Speed: `python tests/bench_data.py`.
 """
 
 from __future__ import annotations

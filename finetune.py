@@ -66,8 +66,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (EpochStream, load_checkpoint, lr_at, param_groups, rng_state, save_checkpoint, seed_everything,
-                   set_rng_state, setup_distributed)
+from train import (EpochStream, all_rng_states, load_checkpoint, lr_at, param_groups, save_checkpoint,
+                   seed_everything, set_rng_state, setup_distributed, start_log)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -412,10 +412,7 @@ def _state_dict_of(checkpoint) -> tuple[dict, dict]:
             break
     out = {}
     for key, v in sd.items():
-        k = key
-        for p in ("module.", "_orig_mod."):
-            k = k[len(p):] if k.startswith(p) else k
-        out[k] = (key, v)                                   # keep the original name for the report
+        out[swin3d.unwrap_key(key)] = (key, v)                                   # keep the original name for the report
     return out, outer
 
 
@@ -510,9 +507,7 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
         if key not in ours:
             unused.append(orig)
             continue
-        if tuple(v.shape) != tuple(ours[key].shape):
-            raise ValueError(f"checkpoint key {orig!r} has shape {tuple(v.shape)}, the model expects "
-                             f"{tuple(ours[key].shape)}")
+        swin3d.check_shape(orig, v, ours[key])
         mapped[key] = v
     for k, (orig, v) in head.items():
         key = "head." + k
@@ -871,15 +866,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
     elif cfg.resume and cfg.resume != "auto":
         raise ValueError(f"--resume {cfg.resume}: no such file")
     if rank == 0:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-        if os.path.exists(metrics_path):
-            # A killed run may have logged steps after its last checkpoint; a fresh run starts a fresh log.
-            with open(metrics_path) as f:
-                kept = [line for line in f if ck is not None and json.loads(line)["step"] <= step
-                        and "eval" not in json.loads(line)]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+        start_log(out_dir, cfg, step if ck is not None else None)
 
     stream = EpochStream(loader, epoch, micro)
     if ck is not None:
@@ -920,11 +907,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.2f}", lr=f"{cur_lr:.2e}",
                                 **{"clips/s": f"{rate:.1f}"})
         if step % cfg.ckpt_every == 0 or step == stop_at:
-            rngs = [None] * world
-            if ddp:
-                dist.all_gather_object(rngs, rng_state())
-            else:
-                rngs = [rng_state()]
+            rngs = all_rng_states(ddp, world)
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
                                             "ema": ema.state_dict() if ema is not None else None, "step": step,

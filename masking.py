@@ -45,7 +45,7 @@ A picture of sample masks (one row per sample, one cell per frame, masked dark):
 
     python masking.py --strategy tube --out tube.png [--frames 16 --size 224 --rows 6 --seed 0]
 
-Speed: `python benchmarks/bench_masking.py`.
+Speed: `python tests/bench_masking.py`.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ Shape vocabulary used in the comments:
     windows  (B, nW, N, C)              N = wt*wh*ww tokens per window
     heads    (B, nW, nh, N, hd)         hd = C / nh
 
-Run `python benchmarks/bench_swin3d.py` for speed, memory and FLOP counts.
+Run `python tests/bench_swin3d.py` for speed, memory and FLOP counts.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ class WindowAttention3D(nn.Module):
         if self.attention == "sdpa" or (self.attention == "auto" and not (
                 # PyTorch's CPU flash kernel has no gradient for attn_mask, so with a
                 # learnable bias SDPA falls back to its math kernel, which is no faster
-                # than the explicit formula (whole model, benchmarks/bench_swin3d.py) and
+                # than the explicit formula (whole model, tests/bench_swin3d.py) and
                 # up to ~25% slower in isolated attention timings. CUDA's
                 # memory-efficient kernel does give that gradient, so GPUs use SDPA.
                 q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad)):
@@ -639,6 +639,20 @@ def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
 
 # -----------------------------------------------------------------------------
 # Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing (DESIGN §7, §9)
+
+
+def unwrap_key(key: str) -> str:
+    """A state-dict key without the wrappers' prefixes: `module.` (DDP) then `_orig_mod.` (torch.compile)."""
+    for p in ("module.", "_orig_mod."):
+        key = key[len(p):] if key.startswith(p) else key
+    return key
+
+
+def check_shape(name: str, value: torch.Tensor, expected: torch.Tensor) -> None:
+    """One-line error when a checkpoint tensor does not fit the model's."""
+    if tuple(value.shape) != tuple(expected.shape):
+        raise ValueError(f"checkpoint key {name!r} has shape {tuple(value.shape)}, the model expects "
+                         f"{tuple(expected.shape)}")
 
 
 def strip_prefix(state_dict: dict, prefix: str) -> dict:

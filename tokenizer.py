@@ -59,7 +59,7 @@ Commands:
     python tokenizer.py info PATH
         # what a tokenizer file is and its vocabulary
 
-Speed: `python benchmarks/bench_tokenizer.py`.
+Speed: `python tests/bench_tokenizer.py`.
 """
 
 from __future__ import annotations

@@ -234,6 +234,35 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def all_rng_states(ddp: bool, world: int) -> list:
+    """Every rank's rng_state(), in rank order (a collective under DDP: call it on all ranks)."""
+    if not ddp:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def start_log(out_dir: str, cfg, resumed_step: Optional[int]) -> str:
+    """Rank 0, before the loop: write config.json and prepare metrics.jsonl, whose path it returns.
+
+    A fresh run (resumed_step None) starts an empty log. A resumed run keeps the
+    training rows up to its checkpoint's step: a killed run may have logged steps
+    after its last checkpoint, and they are redone now (evaluation rows go too).
+    """
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    path = os.path.join(out_dir, "metrics.jsonl")
+    kept = []
+    if resumed_step is not None and os.path.exists(path):
+        with open(path) as f:
+            rows = [(line, json.loads(line)) for line in f]
+        kept = [line for line, r in rows if r["step"] <= resumed_step and "eval" not in r]
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return path
+
+
 class EpochStream:
     """The micro-batches of a loader in order across epochs, with the position a checkpoint saves.
 
@@ -479,14 +508,7 @@ def main(argv=None) -> dict:
         ck = None
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-        if ck is not None and os.path.exists(metrics_path):
-            # A killed run may have logged steps after its last checkpoint; they are redone now.
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+        start_log(out_dir, cfg, step if ck is not None else None)
 
     stream = EpochStream(loader, epoch, micro)
     if ck is not None:
@@ -527,11 +549,7 @@ def main(argv=None) -> dict:
                 shown.update({k[4:]: f"{last[k]:.3f}" for k in ("acc_mim", "acc_mvm") if k in last})
                 bar.set_postfix(**shown, lr=f"{cur_lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
         if step % cfg.ckpt_every == 0 or step == stop_at:
-            rngs = [None] * world
-            if ddp:
-                dist.all_gather_object(rngs, rng_state())
-            else:
-                rngs = [rng_state()]
+            rngs = all_rng_states(ddp, world)
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                             "epoch": stream.epoch, "micro": stream.micro, "world": world, "rng": rngs,

@@ -1,8 +1,8 @@
 """Benchmark of the tokenizers (tokenizer.py): codes per second on this machine.
 
-    python benchmarks/bench_tokenizer.py                    # batch of 8 224-px crops, CPU
-    python benchmarks/bench_tokenizer.py --batch 32 --repeats 5
-    python benchmarks/bench_tokenizer.py --size 112         # the CPU demo's crops
+    python tests/bench_tokenizer.py                    # batch of 8 224-px crops, CPU
+    python tests/bench_tokenizer.py --batch 32 --repeats 5
+    python tests/bench_tokenizer.py --size 112         # the CPU demo's crops
 
 What is timed, for a batch of `--batch` crops of `--size` px (default 224, the
 paper's crop), each halved with Lanczos to the 112-px image the dVAE sees and

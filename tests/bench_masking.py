@@ -1,7 +1,7 @@
 """Benchmark of the mask generators (masking.py): time to draw masks on this CPU.
 
-    python benchmarks/bench_masking.py                  # 500 repeats per case
-    python benchmarks/bench_masking.py --repeats 100    # quicker
+    python tests/bench_masking.py                  # 500 repeats per case
+    python tests/bench_masking.py --repeats 100    # quicker
 
 1. The per-GPU batch of the paper recipe (DESIGN §6, released config
    `omni_videos_per_gpu=[8, 64]`): 8 clips of 16 frames with tube masks plus

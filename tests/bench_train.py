@@ -1,8 +1,8 @@
 """Benchmark of one joint pretraining step (train.train_step + AdamW), eager vs torch.compile.
 
-    python benchmarks/bench_train.py                       # CPU preset and Swin-T on this CPU
-    python benchmarks/bench_train.py --cases cpu           # the CPU preset only
-    python benchmarks/bench_train.py --device cuda --cases base   # a GPU: Swin-B, bf16, with MFU
+    python tests/bench_train.py                       # CPU preset and Swin-T on this CPU
+    python tests/bench_train.py --cases cpu           # the CPU preset only
+    python tests/bench_train.py --device cuda --cases base   # a GPU: Swin-B, bf16, with MFU
 
 Inputs (random tensors; data loading is benchmarked in bench_data.py):
     cpu  preset: 4 clips 3x8x112x112 + 16 images 112x112 (the CPU demo's batch), 256 codes

@@ -1,7 +1,7 @@
 """Benchmark of the data pipeline (data.py): pretraining clips per second, decoded and augmented.
 
-    python benchmarks/bench_data.py                     # both sources, 0 / 1 / 2 workers
-    python benchmarks/bench_data.py --clips 24 --data data/synthetic
+    python tests/bench_data.py                     # both sources, 0 / 1 / 2 workers
+    python tests/bench_data.py --clips 24 --data data/synthetic
 
 Two sources of 16-frame pretraining clips (PretrainClipTransform: rescale,
 crop, flip, Lanczos half-size tokenizer copy, normalise, tube mask):
