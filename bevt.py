@@ -155,9 +155,12 @@ class BEVT(nn.Module):
         if feats.shape[:-1] != codes.shape:
             raise ValueError(f"codes of shape {tuple(codes.shape)} do not match the decoder grid "
                              f"{tuple(feats.shape[:-1])}")
-        # Gather first, then project: logits only at masked positions (DESIGN §5).
-        logits = self.head(feats[mask])                                     # (M, vocab)
-        target = codes[mask]                                                # (M,)
+        # Gather first, then project: logits only at masked positions (§3, eq. 2 is
+        # needed only where eqs. 3-4 sum). One nonzero() for both gathers: each
+        # data-dependent size is a host-device sync on GPUs.
+        idx = mask.reshape(-1).nonzero().squeeze(1)                         # (M,) flat masked positions
+        logits = self.head(feats.reshape(-1, feats.shape[-1]).index_select(0, idx))   # (M, vocab)
+        target = codes.reshape(-1).index_select(0, idx)                     # (M,)
         loss = F.cross_entropy(logits.float(), target)
         with torch.no_grad():
             acc = (logits.argmax(-1) == target).float().mean()

@@ -32,14 +32,21 @@ What is here, bottom-up:
 Sample layouts (one dict per sample; the default collate stacks them into a
 batch with a leading B axis; `label` and `index` become int64 tensors):
 
-    pretraining clip      video         (3, T, H, W)        float32, ImageNet mean/std normalised
-                          video_tok     (3, T, H/2, W/2)    float32 in [0, 1]: the same crop, Lanczos
-                                                            half size, NOT normalised (tokenizer input)
+    pretraining clip      video         (3, T, H, W)        uint8 crop; normalised on the training
+                                                            device by `normalize_batch`
+                          video_tok     (3, T, H/2, W/2)    uint8: the same crop, Lanczos half size,
+                                                            rounded to 8 bits (the tokenizer input)
                           video_mask    (T/2, H/16, W/16)   bool input mask, True = masked (masking.py)
                           video_target  (T, H/16, W/16)     bool target mask (input mask repeated x2 in time)
                           label, index  int                 annotation label; row of the annotation list
     pretraining image     image (3, H, W), image_tok (3, H/2, W/2), image_mask (H/16, W/16),
-                          image_target (H/16, W/16), label, index      (same conventions)
+                          image_target (H/16, W/16), label, index      (same conventions, uint8)
+
+Pretraining samples leave the workers as uint8, a quarter of the bytes of
+float32: a paper-size batch (8 clips of 16 x 224² + 64 images) is ~24 MB
+through shared memory and the host-to-device copy instead of ~96 MB + 48 MB.
+The trainer normalises on its device (`normalize_batch`). Finetuning samples
+are still float32, because RandAugment and random erasing run in the workers.
     finetuning clip       video (3, T, H, W) normalised, label, index            (train / val)
                           video (V, 3, T, H, W), V = clips x crops, crop-major   (test)
     joint batch           the video keys and the image keys in one dict, with `video_label`,
@@ -574,6 +581,28 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return x * _STD.view(3, 1, 1) + _MEAN.view(3, 1, 1)
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] -> uint8, rounded to the nearest level (what a sample ships as)."""
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """A uint8 pretraining batch on the training device -> float32, mean/std normalised.
+
+    (B, 3, T, H, W) clips or (B, 3, H, W) images, channels at `channel_dim`.
+    The same arithmetic as `normalize` after `to_float` (x·(1/255), then
+    x·(1/std) − mean/std in fp32), so the result is identical to normalising
+    in the worker; only the bytes that travel are 4x fewer.
+    """
+    if x.dtype != torch.uint8:
+        raise ValueError(f"normalize_batch: expected a uint8 batch, got {x.dtype}")
+    shape = [1] * x.dim()
+    shape[channel_dim] = 3
+    scale = (1.0 / _STD).to(x.device).view(shape)
+    shift = (-_MEAN / _STD).to(x.device).view(shape)
+    return torch.addcmul(shift, x.float().mul_(1.0 / 255.0), scale)
+
+
 def tokenizer_copy(x: torch.Tensor, resample: str = "pil") -> torch.Tensor:
     """(N, 3, H, W) crop in [0, 1] -> (N, 3, H/2, W/2): what the tokenizer encodes (§3, DESIGN §4).
 
@@ -801,10 +830,10 @@ class PretrainClipTransform:
         x = x[..., top:top + self.crop, left:left + self.crop]               # (T, 3, crop, crop) uint8 view
         if _uniform(0, 1) < self.flip:
             x = hflip(x)                                                     # flipped while still 1 byte/px
-        x = to_float(x)                                                      # (T, 3, crop, crop) in [0, 1]
-        tok = tokenizer_copy(x, self.resample)                               # (T, 3, crop/2, crop/2)
-        out = {"video": normalize(x, channels_first=True),                   # (3, T, crop, crop)
-               "video_tok": tok.transpose(0, 1).contiguous()}                # (3, T, crop/2, crop/2)
+        tok = tokenizer_copy(to_float(x), self.resample)                     # (T, 3, crop/2, crop/2) in [0, 1]
+        # Both ship as uint8 and are normalised on the training device (normalize_batch).
+        out = {"video": x.transpose(0, 1).contiguous(),                      # (3, T, crop, crop) uint8
+               "video_tok": to_uint8(tok).transpose(0, 1).contiguous()}      # (3, T, crop/2, crop/2) uint8
         if self.mask_gen is not None:
             inp, tgt = self.mask_gen()                                       # (T/2, h, w), (T, h, w)
             out["video_mask"], out["video_target"] = torch.from_numpy(inp), torch.from_numpy(tgt)
@@ -837,8 +866,10 @@ class PretrainImageTransform:
         x = x[..., top:top + self.crop, left:left + self.crop]               # (1, 3, crop, crop)
         if _uniform(0, 1) < self.flip:
             x = hflip(x)
-        out = {"image": normalize(x)[0].contiguous(),                        # (3, crop, crop)
-               "image_tok": tokenizer_copy(x, self.resample)[0]}             # (3, crop/2, crop/2)
+        x = to_uint8(x)                                                      # (1, 3, crop, crop): ships as uint8
+        tok = tokenizer_copy(to_float(x), self.resample)                     # from the 8-bit image, as a video's
+        out = {"image": x[0].contiguous(),                                   # (3, crop, crop) uint8
+               "image_tok": to_uint8(tok)[0]}                                # (3, crop/2, crop/2) uint8
         if self.mask_gen is not None:
             inp, tgt = self.mask_gen()                                       # (h, w), (h, w)
             out["image_mask"], out["image_target"] = torch.from_numpy(inp), torch.from_numpy(tgt)
@@ -1148,9 +1179,25 @@ def _mask_generators(dataset) -> list:
     return [g] if g is not None else []
 
 
-def auto_decode_threads(num_workers: int) -> int:
-    """Decoder threads per process: share the cores among the DataLoader workers."""
-    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
+def auto_decode_threads(num_workers: int, local_world_size: Optional[int] = None) -> int:
+    """PyAV decoder threads per loading process: the node's cores shared by every process that decodes.
+
+    Under torchrun, LOCAL_WORLD_SIZE ranks share the node and each runs
+    `num_workers` DataLoader workers (the joint stage: that many for videos and
+    as many for images), so each worker gets cores / (ranks x workers), at least 1.
+    """
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, (os.cpu_count() or 1) // (max(1, local_world_size) * max(1, num_workers)))
+
+
+def loading_plan(num_workers: int, threads: int, streams: int = 1, local_world_size: Optional[int] = None) -> str:
+    """One line on how the node's cores are spent on data loading (printed at start)."""
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    procs = local_world_size * max(1, num_workers) * streams
+    return (f"data loading: {local_world_size} rank(s) on this node x {streams} loader(s) x {num_workers} "
+            f"worker(s) = {procs} loading process(es), {threads} decoder thread(s) each, on {os.cpu_count()} cores")
 
 
 # -----------------------------------------------------------------------------
@@ -1224,7 +1271,10 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
     """
     if stage not in ("image", "video", "joint"):
         raise ValueError(f"stage must be image, video or joint, got {stage!r}")
-    threads = cfg.decode_threads or auto_decode_threads(cfg.num_workers)
+    streams = 2 if stage == "joint" else 1                        # the joint stage runs two loaders
+    threads = cfg.decode_threads or auto_decode_threads(cfg.num_workers * streams)
+    if verbose or (verbose is None and rank == 0):
+        print(loading_plan(cfg.num_workers, threads, streams), flush=True)
     common = dict(shuffle=True, drop_last=True, num_workers=cfg.num_workers, rank=rank,
                   world_size=world_size, seed=cfg.seed, verbose=verbose)
     videos = images = None
@@ -1264,6 +1314,8 @@ def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, 
     transform = FinetuneClipTransform(mode, cfg.crop, cfg.short_side, cfg.test_short_side, cfg.test_crops,
                                       cfg.rrc_scale, cfg.rrc_ratio, cfg.flip, randaug, cfg.erase)
     threads = cfg.decode_threads or auto_decode_threads(cfg.num_workers)
+    if train and (verbose or (verbose is None and rank == 0)):
+        print(loading_plan(cfg.num_workers, threads), flush=True)
     ds = VideoDataset(ann, root, sampling, transform, threads)
     return EpochLoader(ds, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train, drop_last=train,
                        num_workers=cfg.num_workers, rank=rank, world_size=world_size, seed=cfg.seed,

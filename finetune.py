@@ -61,13 +61,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (EpochStream, all_rng_states, load_checkpoint, lr_at, param_groups, save_checkpoint,
-                   seed_everything, set_rng_state, setup_distributed, start_log)
+from train import (DIST_TIMEOUT_MIN, EpochStream, StepLog, all_gather_rows, all_rng_states,
+                   clip_gradients, load_checkpoint, lr_at, param_groups, precision_note, resolve_precision,
+                   save_checkpoint, seed_everything, set_rng_state, setup_distributed, start_log, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -132,8 +132,9 @@ class FinetuneConfig:
     eval_split: str = "test"              # test: clips x crops, softmax averaged; val: one centre clip
     # --- runtime
     compile: bool = False
-    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"               # auto (bf16 where the GPU/CPU computes it natively, else fp32) | bf16 | fp32
     grad_checkpointing: bool = False
+    dist_timeout: float = DIST_TIMEOUT_MIN  # minutes a collective waits for a dead or frozen rank
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500                 # optimizer steps
@@ -174,7 +175,7 @@ CPU_PRESET = dict(
     test_clips=1, test_crops=3, rrc_scale=(0.5, 1.0), randaug_n=0, erase=0.0, batch_size=8, eval_batch_size=8,
     global_batch=8, workers=1, window=(8, 7, 7), drop_path=0.0, dropout=0.0, epochs=20, warmup_epochs=1.0,
     lr=1e-3, weight_decay=0.05, layer_decay=1.0, backbone_lr_mult=1.0, label_smoothing=0.0, ema=0.99,
-    clip_grad=5.0, precision="fp32", eval_mode="normal,single-frame,shuffle", log_every=5, ckpt_every=50)
+    clip_grad=5.0, eval_mode="normal,single-frame,shuffle", log_every=5, ckpt_every=50)
 CPU_INIT = "runs/bevt/joint/final.pt"     # train.py's CPU demo output (default --out runs/bevt)
 SYNTHETIC_TASKS = ("appearance", "motion")
 
@@ -576,11 +577,11 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classe
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, device, mode: str, seed: int, bf16: bool, rank: int = 0,
-            progress: bool = False) -> tuple[dict, dict]:
-    """Run a val/test loader once: {index: probs (K,)} and {index: label} for this process's shard."""
+            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run a val/test loader once over this process's shard: probs (n, K), labels (n,), sample index (n,)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)               # the same probes every evaluation
-    probs, labels = {}, {}
+    probs, labels, index = [], [], []
     it = loader
     if progress:
         from tqdm import tqdm
@@ -591,23 +592,21 @@ def predict(model: nn.Module, loader, device, mode: str, seed: int, bf16: bool, 
         flat = video.reshape(-1, *video.shape[-4:]).to(device, non_blocking=True)   # (B·V, 3, T, H, W)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(flat)
-        p = average_views(logits, views).cpu()
-        for i, l, q in zip(batch["index"].tolist(), batch["label"].tolist(), p):
-            probs[i], labels[i] = q, l
-    return probs, labels
+        probs.append(average_views(logits, views))                  # (B, K), left on the device
+        labels.append(batch["label"])
+        index.append(batch["index"])
+    return torch.cat(probs), torch.cat(labels).to(device), torch.cat(index).to(device)
 
 
-def gather_predictions(probs: dict, labels: dict, ddp: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' predictions; DistributedSampler's padded repeats dropped by sample index."""
-    if ddp:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (probs, labels))
-        probs, labels = {}, {}
-        for p, l in parts:
-            probs.update(p)
-            labels.update(l)
-    idx = sorted(probs)
-    return torch.stack([probs[i] for i in idx]), torch.tensor([labels[i] for i in idx])
+def gather_predictions(probs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
+                       ddp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' predictions (device tensors, gathered on the device), on the CPU in sample order;
+    the repeats DistributedSampler pads in are dropped by sample index."""
+    probs, labels, index = (all_gather_rows(t, ddp).cpu() for t in (probs, labels, index))
+    order, first = torch.unique(index, return_inverse=True)
+    keep = torch.full((len(order),), len(index), dtype=torch.long).scatter_reduce_(
+        0, first, torch.arange(len(index)), reduce="amin")               # first occurrence of each index
+    return probs[keep], labels[keep]
 
 
 def save_confusion_png(conf, path: str, classes: Optional[list] = None, title: str = "") -> None:
@@ -648,8 +647,8 @@ def evaluate(model: nn.Module, loader, device, modes: tuple, seed: int, bf16: bo
     out = {}
     for mode in modes:
         loader.set_epoch(0)
-        probs, labels = predict(model, loader, device, mode, seed, bf16, rank, progress=rank == 0)
-        p, y = gather_predictions(probs, labels, ddp)
+        probs, labels, index = predict(model, loader, device, mode, seed, bf16, rank, progress=rank == 0)
+        p, y = gather_predictions(probs, labels, index, ddp)
         out[mode] = classification_metrics(p, y, num_classes)
     return out
 
@@ -726,7 +725,8 @@ def train_step(model, raw, batches: list, device, ddp: bool, bf16: bool, clip_gr
     As train.train_step: gradients are all-reduced only on the last micro-step
     (the others accumulate locally under no_sync()), and each micro-batch's loss
     is divided by their number, so the step's gradient is that of the mean over
-    the effective batch. Returns (mean loss, mean accuracy, gradient norm).
+    the effective batch. Returns (mean loss, mean accuracy, gradient norm), all
+    tensors on the device (no read-back in the step).
     """
     accum, loss_sum, acc_sum = len(batches), 0.0, 0.0
     for k, batch in enumerate(batches):
@@ -740,14 +740,9 @@ def train_step(model, raw, batches: list, device, ddp: bool, bf16: bool, clip_gr
             # y·(1 − ε) + ε/K, which is exactly F.cross_entropy's label_smoothing.
             loss = F.cross_entropy(logits.float(), label, label_smoothing=smoothing)
             (loss / accum).backward()
-        loss_sum += float(loss.detach()) / accum
-        acc_sum += float((logits.argmax(-1) == label).float().mean()) / accum
-    params = [p for p in raw.parameters() if p.grad is not None]
-    if clip_grad > 0:
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    else:                                                             # SSv2: no clipping; the norm is still logged
-        gnorm = torch.nn.utils.get_total_norm([p.grad for p in params]) if hasattr(torch.nn.utils, "get_total_norm") \
-            else torch.norm(torch.stack([p.grad.norm() for p in params]))
+        loss_sum = loss_sum + loss.detach() / accum
+        acc_sum = acc_sum + (logits.argmax(-1) == label).float().mean() / accum
+    gnorm = clip_gradients(list(raw.parameters()), clip_grad)        # clip_grad 0: SSv2, norm only logged
     return loss_sum, acc_sum, gnorm
 
 
@@ -768,7 +763,7 @@ def run_task(cfg: FinetuneConfig, task: Task, ddp: bool, rank: int, world: int, 
     out_dir = os.path.join(cfg.out, task.name)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = resolve_precision(cfg.precision, device)
     modes = parse_eval_modes(cfg.eval_mode)
     dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
     check_classes(task.val_list, task.root, task.num_classes, train=False)
@@ -791,9 +786,10 @@ def run_task(cfg: FinetuneConfig, task: Task, ddp: bool, rank: int, world: int, 
     ema = EMA(raw, cfg.ema) if cfg.ema > 0 and not cfg.eval_only else None
     model = torch.compile(raw, dynamic=False) if cfg.compile else raw     # compile after .to, before DDP
     if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(model, device)
     log(rank, f"task {task.name}: {task.num_classes} classes; model {cfg.model} window {tuple(cfg.window)}: "
-              f"{swin3d.param_count(raw) / 1e6:.2f}M parameters; device {device}, {'bf16' if bf16 else 'fp32'}"
+              f"{swin3d.param_count(raw) / 1e6:.2f}M parameters; device {device}, "
+              f"{precision_note(cfg.precision, bf16, device)}"
               f"{', compiled' if cfg.compile else ''}")
 
     split = cfg.eval_split
@@ -868,6 +864,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
     if rank == 0:
         start_log(out_dir, cfg, step if ck is not None else None)
 
+    steplog = StepLog(metrics_path if rank == 0 else None, ddp, device)
     stream = EpochStream(loader, epoch, micro)
     if ck is not None:
         set_rng_state(ck["rng"][rank])
@@ -885,28 +882,24 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
         batches = stream.take(accum)
         loss, acc, gnorm = train_step(model, raw, batches, device, ddp, bf16, cfg.clip_grad, cfg.label_smoothing)
         seen += sum(len(b["video"]) for b in batches)
-        if not torch.isfinite(gnorm) or not math.isfinite(loss):
-            raise SystemExit(f"non-finite loss {loss} (gradient norm {float(gnorm)}) at step {step}; stopping")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(raw)
         step += 1
-        last = {"step": step, "epoch": stream.epoch, "lr": cur_lr, "grad_norm": float(gnorm), "loss": loss, "acc": acc}
-        if ddp:                                                        # log the mean over ranks
-            vals = torch.tensor([loss, acc], dtype=torch.float64)
-            dist.all_reduce(vals)
-            last["loss"], last["acc"] = (vals / world).tolist()
-        if rank == 0:
-            rate = seen * world / max(time.time() - t0, 1e-9)
-            last["clips_per_s"] = rate
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+        # Queued on the device; read (and checked for non-finite values) every log_every steps.
+        steplog.add({"step": step, "epoch": stream.epoch, "lr": cur_lr},
+                    {"loss": loss, "acc": acc, "grad_norm": gnorm})
+        if bar is not None:
             bar.update(1)
-            if step % cfg.log_every == 0 or step == stop_at:
+        save = step % cfg.ckpt_every == 0 or step == stop_at
+        if step % cfg.log_every == 0 or save:
+            last = steplog.flush()[-1]             # before any save: a non-finite step is never checkpointed
+            if rank == 0:
+                rate = seen * world / max(time.time() - t0, 1e-9)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.2f}", lr=f"{cur_lr:.2e}",
                                 **{"clips/s": f"{rate:.1f}"})
-        if step % cfg.ckpt_every == 0 or step == stop_at:
+        if save:
             rngs = all_rng_states(ddp, world)
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
@@ -944,7 +937,7 @@ def table2(results: dict, which: str = "model") -> str:
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    ddp, rank, world, device = setup_distributed()
+    ddp, rank, world, device = setup_distributed(cfg.dist_timeout)
     t0 = time.time()
     try:
         tasks = resolve_tasks(cfg, rank)

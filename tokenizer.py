@@ -90,6 +90,8 @@ DOWNSAMPLE = 2               # §3: images/frames are downsampled by 1/2 before 
 DVAE_PATCH = 8               # the dVAE gives one code per 8x8 pixels of its input
 PATCH = DOWNSAMPLE * DVAE_PATCH   # = 16: one code per 16x16 pixels of the encoder's input
 RESAMPLE_KINDS = ("pil", "cv2")   # see lanczos_resize
+TOKENIZER_PRECISIONS = ("fp32", "bf16", "fp16")   # see Tokenizer.set_precision
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 PathLike = Union[str, os.PathLike]
 
@@ -317,10 +319,23 @@ class Tokenizer(nn.Module):
         # torchvision pipeline) on the float crop; resample="cv2" gives the
         # released filter (without the 8-bit rounding).
         self.resample, self.chunk_size = resample, chunk_size
+        self.precision = "fp32"
 
     @property
     def vocab_size(self) -> int:
         raise NotImplementedError
+
+    def set_precision(self, precision: str) -> "Tokenizer":
+        """"fp32" (default): the argmax of fp32 logits. "bf16" / "fp16": autocast the DALL-E encoder
+        (channels-last), which on GPUs costs a fraction of fp32 but can flip near-tie argmaxes.
+
+        Only the DALL-E encoder is affected: it is as costly as the training step
+        itself (52 GFLOP per 112² frame). The offline tokenizer always runs in fp32.
+        """
+        if precision not in TOKENIZER_PRECISIONS:
+            raise ValueError(f"tokenizer precision must be one of {TOKENIZER_PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -350,6 +365,28 @@ class Tokenizer(nn.Module):
             x_half = lanczos_resize(x, (H // DOWNSAMPLE, W // DOWNSAMPLE), self.resample)   # (N, 3, H/2, W/2)
             codes = self.codes_from_half(x_half)                                         # (N, H/16, W/16)
         return codes
+
+    @torch.no_grad()
+    def codes_of_copy(self, x_half: torch.Tensor) -> torch.Tensor:
+        """The training step's entry: codes of the half-size tokenizer copy the data loader made.
+
+        image (N, 3, H/2, W/2) -> (N, H/16, W/16); clip (B, 3, T, H/2, W/2) ->
+        (B, T, H/16, W/16), frame by frame in chunks of `chunk_size`. uint8 (as
+        data.py ships it) or floats in [0, 1]. Nothing here reads a value back
+        to the host (no input checks on values), so it never stalls a GPU step;
+        `tokenize` / `tokenize_clip` are the checked entries for raw crops.
+        """
+        x = x_half.to(self.device, non_blocking=True)
+        x = x.float().mul_(1.0 / 255.0) if x.dtype == torch.uint8 else x.float()
+        clip = x.dim() == 5
+        if clip:
+            B, _, T, h, w = x.shape
+            x = x.transpose(1, 2).reshape(B * T, 3, h, w)                  # (B*T, 3, H/2, W/2), b-major
+        n = self.chunk_size
+        # fp32 whatever the training step's autocast (a bf16/fp16 precision re-enables it inside).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            codes = torch.cat([self.codes_from_half(x[i:i + n]) for i in range(0, max(len(x), 1), n)])
+        return codes.view(B, T, *codes.shape[1:]) if clip else codes      # (B, T, H/16, W/16) | (N, H/16, W/16)
 
     @torch.no_grad()
     def tokenize_clip(self, clips: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
@@ -389,8 +426,21 @@ class DalleTokenizer(Tokenizer):
         return self.encoder.vocab_size
 
     def codes_from_half(self, x_half: torch.Tensor) -> torch.Tensor:
-        logits = self.encoder(map_pixels(x_half))                  # (N, vocab, H/16, W/16)
+        x = map_pixels(x_half)
+        if self.precision == "fp32":
+            logits = self.encoder(x)                               # (N, vocab, H/16, W/16)
+        else:
+            # Reduced precision as the released apex run (fp16): channels-last is
+            # the layout the GPU's tensor-core convolutions want.
+            with torch.autocast(x.device.type, dtype=_DTYPES[self.precision]):
+                logits = self.encoder(x.contiguous(memory_format=torch.channels_last))
         return logits.argmax(dim=1)                                # (N, H/16, W/16) int64
+
+    def set_precision(self, precision: str) -> "DalleTokenizer":
+        super().set_precision(precision)
+        fmt = torch.contiguous_format if precision == "fp32" else torch.channels_last
+        self.encoder.to(memory_format=fmt)
+        return self
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], **kw) -> "DalleTokenizer":

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -52,10 +53,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bevt
+import data
 import swin3d
 
 # -----------------------------------------------------------------------------
 # Configuration: the paper's recipe as defaults, one preset for the CPU demo
+
+PRECISIONS = ("auto", "bf16", "fp32")
+DIST_TIMEOUT_MIN = 10.0   # a stuck rank fails the job in minutes, not after the backends' 30-minute default
 
 
 @dataclass
@@ -102,8 +107,10 @@ class TrainConfig:
     max_steps: int = 0                    # stop after this many optimizer steps (0 = the schedule's end)
     # --- runtime
     compile: bool = False
-    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"               # auto (bf16 where the GPU/CPU computes it natively, else fp32) | bf16 | fp32
+    tokenizer_precision: str = "fp32"     # DALL-E encoder: fp32 | bf16 | fp16 (tokenizer.Tokenizer.set_precision)
     grad_checkpointing: bool = False
+    dist_timeout: float = DIST_TIMEOUT_MIN  # minutes a collective waits for a dead or frozen rank
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500                 # optimizer steps
@@ -114,7 +121,7 @@ CPU_PRESET = dict(
     model="cpu", frames=8, frame_interval=2, crop=112, short_side=(128, 160),
     video_batch=4, image_batch=16, global_video_batch=4, global_image_batch=16, image_cycles=1,
     workers=1, tokenizer_vocab=256, vocab_size=256, warmup_epochs=1.0, lr=2e-3,
-    drop_path=0.0, log_every=10, ckpt_every=50, precision="fp32",
+    drop_path=0.0, log_every=10, ckpt_every=50,
 )
 
 STAGE_EPOCHS = {"image": 800, "video": 150, "joint": 150}   # §4.1
@@ -156,20 +163,114 @@ def parse_args(argv=None) -> TrainConfig:
 # Distributed set-up (nanoGPT style, with gloo on CPU)
 
 
-def setup_distributed():
+def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN):
+    """(ddp, rank, world, device): NCCL on CUDA, gloo on CPUs, one process per device.
+
+    Under torchrun (RANK set) each process binds its GPU *before* creating the
+    process group (NCCL otherwise guesses device 0 for its first collectives),
+    and passes it as `device_id`, which lets NCCL connect eagerly. `timeout_min`
+    bounds how long a collective waits for a rank that died or froze.
+    """
     ddp = int(os.environ.get("RANK", -1)) != -1
+    timeout = datetime.timedelta(minutes=timeout_min)
     if ddp:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local)
             torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", timeout=timeout, device_id=device)
+        else:
+            device = torch.device("cpu")
+            dist.init_process_group(backend="gloo", timeout=timeout)
+        rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True      # every step has the same shapes: tune the convolutions once
     return ddp, rank, world, device
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
+    """DistributedDataParallel as both trainers use it.
+
+    broadcast_buffers=False: the only buffers are the relative-position index
+    tables (24 int64 tables in Swin-B, 29.5 MB for window (8,7,7), 118 MB for
+    (16,7,7)), which the default would re-broadcast from rank 0 in every forward,
+    although no forward reads them (it uses indices derived per window) and
+    there is no BatchNorm. find_unused_parameters=False: set_stage freezes the
+    stream a stage does not train, so every trainable parameter gets a gradient.
+    """
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=False, find_unused_parameters=False)
+
+
+def all_reduce_mean(x: torch.Tensor, ddp: bool) -> torch.Tensor:
+    """The mean over ranks of a tensor that lives on the training device.
+
+    Every cross-rank reduction of metrics goes through here: NCCL takes only
+    GPU tensors (gloo takes both), so a tensor built on the CPU would work in
+    the CPU tests and crash the first GPU step. Asynchronous on GPUs: nothing
+    is read back to the host.
+    """
+    if not ddp:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x.div_(dist.get_world_size())
+
+
+def all_gather_rows(x: torch.Tensor, ddp: bool) -> torch.Tensor:
+    """Concatenate every rank's (n_r, ...) device tensor along dim 0, in rank order (n_r may differ)."""
+    if not ddp:
+        return x
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]                     # one read-back: evaluation only, never in a step
+    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
+    parts = [x.new_empty((max(sizes), *x.shape[1:])) for _ in range(world)]
+    dist.all_gather(parts, torch.cat([x, pad]))
+    return torch.cat([p[:m] for p, m in zip(parts, sizes)])
+
+
+def resolve_precision(precision: str, device: torch.device) -> bool:
+    """--precision -> whether the step runs under bf16 autocast (True) or in fp32 (False)."""
+    if precision not in PRECISIONS:
+        raise SystemExit(f"--precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return bf16_supported(device)
+    return precision == "bf16"
+
+
+def precision_note(precision: str, bf16: bool, device: torch.device) -> str:
+    """How --precision resolved, for the start-up line."""
+    what = "bf16 autocast" if bf16 else "fp32"
+    if precision != "auto":
+        return f"{what} (--precision {precision})"
+    return f"{what} (--precision auto: {device.type} {'has' if bf16 else 'lacks'} native bf16)"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Does this device compute in bf16 natively?
+
+    CUDA: compute capability >= 8 (Ampere on). CPU: the x86 AVX512-BF16 or
+    AMX-BF16 instructions, or ARM's BF16 extension, read from /proc/cpuinfo.
+    (torch's own mkldnn check is true on any AVX512 CPU, which converts bf16
+    but has no bf16 dot products; there bf16 is no faster than fp32.) Other
+    systems: False, i.e. fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def seed_everything(seed: int) -> None:
@@ -303,34 +404,19 @@ class EpochStream:
 # Targets: the frozen tokenizer, outside the trained model (STYLE 17)
 
 
-@torch.no_grad()
-def codes_of(tok, x_half: torch.Tensor) -> torch.Tensor:
-    """Tokenizer codes of the half-size [0, 1] copy the data pipeline made (DESIGN §4).
-
-    image (B, 3, H/2, W/2) -> (B, H/16, W/16); clip (B, 3, T, H/2, W/2) -> (B, T, H/16, W/16),
-    frame by frame. fp32, no_grad, eval mode, whatever the training step's autocast.
-    """
-    with torch.autocast(device_type=x_half.device.type, enabled=False):
-        if x_half.dim() == 4:
-            return tok.codes_from_half(x_half.float())
-        B, _, T, h, w = x_half.shape
-        frames = x_half.transpose(1, 2).reshape(B * T, 3, h, w).float()       # (B*T, 3, H/2, W/2)
-        codes = torch.cat([tok.codes_from_half(frames[i:i + tok.chunk_size])
-                           for i in range(0, B * T, tok.chunk_size)])
-        return codes.view(B, T, *codes.shape[1:])                             # (B, T, H/16, W/16)
-
-
 def model_inputs(batch: dict, tok, device) -> dict:
-    """A data.py batch -> BEVT.forward's arguments, codes computed here."""
+    """A data.py batch -> BEVT.forward's arguments, on the training device.
+
+    Pixels arrive as uint8 and are normalised here (data.normalize_batch); the
+    targets are the frozen tokenizer's codes of the half-size copy (eqs. 3-4's
+    z), computed in fp32 and no_grad whatever the step's autocast.
+    """
     out = {}
-    if "video" in batch:
-        out["videos"] = batch["video"].to(device, non_blocking=True)
-        out["video_masks"] = batch["video_mask"].to(device, non_blocking=True)
-        out["video_codes"] = codes_of(tok, batch["video_tok"].to(device, non_blocking=True))
-    if "image" in batch:
-        out["images"] = batch["image"].to(device, non_blocking=True)
-        out["image_masks"] = batch["image_mask"].to(device, non_blocking=True)
-        out["image_codes"] = codes_of(tok, batch["image_tok"].to(device, non_blocking=True))
+    for stream, key in (("video", "videos"), ("image", "images")):
+        if stream in batch:
+            out[key] = data.normalize_batch(batch[stream].to(device, non_blocking=True))
+            out[f"{stream}_masks"] = batch[f"{stream}_mask"].to(device, non_blocking=True)
+            out[f"{stream}_codes"] = tok.codes_of_copy(batch[f"{stream}_tok"].to(device, non_blocking=True))
     return out
 
 
@@ -357,7 +443,6 @@ def resolve_tokenizer(cfg: TrainConfig, data_root: str, rank: int, ddp: bool, de
 
 def build_data_root(cfg: TrainConfig, rank: int, ddp: bool) -> str:
     """The synthetic data folder (CPU preset without data flags): generated on first use, once."""
-    import data
     if cfg.video_root or cfg.image_root:
         return cfg.data or os.path.dirname(os.path.abspath(cfg.out))
     root = cfg.data or "data/synthetic"
@@ -369,7 +454,6 @@ def build_data_root(cfg: TrainConfig, rank: int, ddp: bool) -> str:
 def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int):
     """data.py's loader for the stage; your data via --video-root/--video-list/--image-root/--image-list,
     or the synthetic set (clips: appearance train list; images: its ImageNet-style tree)."""
-    import data
     dcfg = data.PretrainDataConfig(
         frames=cfg.frames, interval=cfg.frame_interval, crop=cfg.crop, short_side=tuple(cfg.short_side),
         video_mask=cfg.mask_strategy, mask_ratio=cfg.mask_ratio, video_batch=cfg.video_batch,
@@ -394,24 +478,40 @@ def log(rank: int, *args) -> None:
 
 def count_targets(hist: dict, inputs: dict, vocab: int) -> None:
     """Histogram of the masked target codes per stream, for the majority-code baseline:
-    the accuracy of always predicting the most frequent code (a fairer "chance" than 1/vocab)."""
-    if "video_codes" in inputs:
-        m = bevt.target_mask(inputs["video_masks"], inputs["video_codes"].shape[1])
-        hist["mvm"] = hist.get("mvm", 0) + torch.bincount(inputs["video_codes"][m].cpu(), minlength=vocab).double()
-    if "image_codes" in inputs:
-        hist["mim"] = hist.get("mim", 0) + torch.bincount(inputs["image_codes"][inputs["image_masks"]].cpu(),
-                                                          minlength=vocab).double()
+    the accuracy of always predicting the most frequent code (a fairer "chance" than 1/vocab).
+
+    Kept on the device with index_add_ (weights = the mask), so it needs no
+    boolean indexing and no read-back; the trainer reads it once, at the end.
+    """
+    for name, codes, mask in (("mvm", inputs.get("video_codes"), inputs.get("video_masks")),
+                              ("mim", inputs.get("image_codes"), inputs.get("image_masks"))):
+        if codes is None:
+            continue
+        if name == "mvm":
+            mask = bevt.target_mask(mask, codes.shape[1])                # (B, T, h, w)
+        h = hist.setdefault(name, torch.zeros(vocab, dtype=torch.float64, device=codes.device))
+        h.index_add_(0, codes.reshape(-1), mask.reshape(-1).to(h.dtype))
+
+
+def clip_gradients(params: list, clip_grad: float) -> torch.Tensor:
+    """Clip to a total norm of `clip_grad` (> 0), or only measure it (0 = no clipping, the
+    SSv2 recipe's choice); returns the norm before clipping, on the device."""
+    params = [p for p in params if p.grad is not None]
+    if clip_grad > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 def train_step(model, raw, batches: list, tok, device, ddp: bool, bf16: bool, clip_grad: float,
                hist: Optional[dict] = None):
-    """Forward/backward over the micro-batches of one optimizer step, then clip (DESIGN §6).
+    """Forward/backward over the micro-batches of one optimizer step, then clip (§4.1).
 
     Gradients are all-reduced only on the last micro-step; the others accumulate
     locally under no_sync(), which is what makes accumulation cheap under DDP.
     Each micro-batch's loss is divided by their number, so the step's gradient
-    is that of the mean over the effective batch. Returns the mean metrics and
-    the (global, synchronised) gradient norm before clipping.
+    is that of the mean over the effective batch. Returns this rank's mean
+    metrics and the (global, synchronised) gradient norm before clipping, all
+    as tensors on the device: nothing in here waits for the GPU.
     """
     accum, sums = len(batches), {}
     for k, batch in enumerate(batches):
@@ -424,26 +524,67 @@ def train_step(model, raw, batches: list, tok, device, ddp: bool, bf16: bool, cl
                 out = model(**inputs)
             (out["loss"] / accum).backward()
         for key, v in out.items():
-            sums[key] = sums.get(key, 0.0) + float(v.detach()) / accum
-    gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), clip_grad)
+            sums[key] = sums.get(key, 0.0) + v.detach().float() / accum
+    gnorm = clip_gradients(list(raw.parameters()), clip_grad)
     return sums, gnorm
+
+
+class StepLog:
+    """Per-step metrics, kept on the device and read back once per log interval.
+
+    `add` all-reduces a step's metrics to their mean over ranks (on the device,
+    asynchronously) and queues them; `flush` reads all queued steps in one
+    transfer, appends them to metrics.jsonl (rank 0) and returns them. The
+    non-finite check runs in `flush` on those all-reduced values, so a NaN on
+    one rank stops every rank at the same step with the same message, instead
+    of one rank leaving while the others wait in the next collective. Call
+    `flush` before saving a checkpoint, so that a non-finite step is never saved.
+    """
+
+    def __init__(self, path: Optional[str], ddp: bool, device: torch.device):
+        self.path, self.ddp, self.device = path, ddp, device
+        self.pending = []                                      # (host fields, keys, device vector)
+
+    def add(self, host: dict, metrics: dict) -> None:
+        keys = sorted(metrics)
+        vec = torch.stack([torch.as_tensor(metrics[k], device=self.device).float().reshape(()) for k in keys])
+        self.pending.append((host, keys, all_reduce_mean(vec, self.ddp)))
+
+    def flush(self) -> list:
+        if not self.pending:
+            return []
+        values = torch.stack([v for _, _, v in self.pending]).tolist()     # the one read-back
+        rows, bad = [], None
+        for (host, keys, _), vals in zip(self.pending, values):
+            row = {**host, **dict(zip(keys, vals))}
+            if not all(math.isfinite(v) for v in vals):
+                bad = row
+                break
+            rows.append(row)
+        self.pending = []
+        if self.path is not None:                              # the finite steps before a bad one are kept
+            with open(self.path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        if bad is not None:
+            raise SystemExit(f"non-finite loss {bad.get('loss')} (gradient norm {bad.get('grad_norm')}) "
+                             f"at step {bad['step']}; stopping")
+        return rows
 
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    ddp, rank, world, device = setup_distributed()
+    ddp, rank, world, device = setup_distributed(cfg.dist_timeout)
     seed_everything(cfg.seed + rank)                               # seed = base + rank (STYLE 15)
     out_dir = os.path.join(cfg.out, cfg.stage)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    bf16 = resolve_precision(cfg.precision, device)
 
     # --- data and targets
     data_root = build_data_root(cfg, rank, ddp)
     loader = build_loader(cfg, data_root, rank, world)
     tok, tok_path = resolve_tokenizer(cfg, data_root, rank, ddp, device)
+    tok.set_precision(cfg.tokenizer_precision)
 
     # --- model: encoder + decoders + head; the tokenizer stays outside it
     swin = swin3d.get_config(cfg.model, drop_path_rate=cfg.drop_path, use_checkpoint=cfg.grad_checkpointing)
@@ -463,10 +604,7 @@ def main(argv=None) -> dict:
     raw.to(device)
     if cfg.compile:                                                     # after .to, before DDP (STYLE 18)
         raw.compile_streams(dynamic=False)                              # one graph per input shape
-    model = raw
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=False)                       # set_stage froze the other stream
+    model = wrap_ddp(raw, device) if ddp else raw
 
     # --- batch, learning rate, schedule (printed with their formulas)
     per_proc = cfg.image_batch if cfg.stage == "image" else cfg.video_batch
@@ -485,8 +623,8 @@ def main(argv=None) -> dict:
     log(rank, f"lr = base_lr {cfg.lr:g} x effective {eff} / paper batch {paper_batch} = {lr:.3g}; "
               f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total} steps, warm-up {warmup}")
     log(rank, f"model {cfg.model}: {swin3d.param_count(raw) / 1e6:.2f}M parameters; tokenizer {tok_path} "
-              f"({tok.kind}, {tok.vocab_size} codes); device {device}, {'bf16' if bf16 else 'fp32'}"
-              f"{', compiled' if cfg.compile else ''}")
+              f"({tok.kind}, {tok.vocab_size} codes, {tok.precision}); device {device}, "
+              f"{precision_note(cfg.precision, bf16, device)}{', compiled' if cfg.compile else ''}")
     opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=lr, betas=cfg.betas,
                             fused=device.type == "cuda")
 
@@ -509,6 +647,7 @@ def main(argv=None) -> dict:
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0:
         start_log(out_dir, cfg, step if ck is not None else None)
+    steplog = StepLog(metrics_path if rank == 0 else None, ddp, device)
 
     stream = EpochStream(loader, epoch, micro)
     if ck is not None:
@@ -526,29 +665,27 @@ def main(argv=None) -> dict:
         for g in opt.param_groups:
             g["lr"] = cur_lr
         batches = stream.take(accum)
-        sums, gnorm = train_step(model, raw, batches, tok, device, ddp, bf16, cfg.clip_grad, hist)
+        sums, gnorm = train_step(model, raw, batches, tok, device, ddp, bf16, cfg.clip_grad,
+                                 hist if rank == 0 else None)
         seen += sum(len(b["video" if "video" in b else "image"]) for b in batches)
-        if not torch.isfinite(gnorm) or not math.isfinite(sums["loss"]):
-            raise SystemExit(f"non-finite loss {sums['loss']} (gradient norm {float(gnorm)}) at step {step}; stopping")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        last = {"step": step, "epoch": stream.epoch, "lr": cur_lr, "grad_norm": float(gnorm), **sums}
-        if ddp:                                                        # log the mean over ranks
-            vals = torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64)
-            dist.all_reduce(vals)
-            last.update({k: v / world for k, v in zip(sorted(sums), vals.tolist())})
-        if rank == 0:
-            rate = seen * world / max(time.time() - t0, 1e-9)
-            last[f"{unit}_per_s"] = rate
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+        # Queued on the device; read (and checked for non-finite values) every log_every steps.
+        steplog.add({"step": step, "epoch": stream.epoch, "lr": cur_lr}, {**sums, "grad_norm": gnorm})
+        if bar is not None:
             bar.update(1)
-            if step % cfg.log_every == 0 or step == stop_at:
+        save = step % cfg.ckpt_every == 0 or step == stop_at
+        if step % cfg.log_every == 0 or save:
+            rows = steplog.flush()                 # before any save: a non-finite step is never checkpointed
+            last = rows[-1]
+            if rank == 0:
+                rate = seen * world / max(time.time() - t0, 1e-9)
+                last[f"{unit}_per_s"] = rate
                 shown = {"loss": f"{last['loss']:.3f}"}
                 shown.update({k[4:]: f"{last[k]:.3f}" for k in ("acc_mim", "acc_mvm") if k in last})
                 bar.set_postfix(**shown, lr=f"{cur_lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
-        if step % cfg.ckpt_every == 0 or step == stop_at:
+        if save:
             rngs = all_rng_states(ddp, world)
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -559,9 +696,9 @@ def main(argv=None) -> dict:
         save_checkpoint(os.path.join(out_dir, "final.pt"), {"model": raw.state_dict(), "step": step,
                                                             "config": dataclasses.asdict(cfg)})
         print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
-        for stream, h in sorted(hist.items()):
+        for name, h in sorted(hist.items()):
             # Rank 0's targets of this run; the last steps' accuracy is to be read against these.
-            print(f"masked-token accuracy baselines ({stream}): uniform 1/{cfg.vocab_size} = {1 / cfg.vocab_size:.4f}, "
+            print(f"masked-token accuracy baselines ({name}): uniform 1/{cfg.vocab_size} = {1 / cfg.vocab_size:.4f}, "
                   f"always the most frequent code = {float(h.max() / h.sum()):.4f}")
         skipped = getattr(loader, "skipped", None)
         if skipped:

@@ -46,11 +46,11 @@ CASES = {
 def make_batch(c, device):
     g = torch.Generator().manual_seed(0)
     S, T, h = c["size"], c["frames"], c["size"] // 16
-    return {"video": torch.randn(c["clips"], 3, T, S, S, generator=g),
-            "video_tok": torch.rand(c["clips"], 3, T, S // 2, S // 2, generator=g),
+    def pixels(*shape):                                             # uint8, as data.py ships them
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    return {"video": pixels(c["clips"], 3, T, S, S), "video_tok": pixels(c["clips"], 3, T, S // 2, S // 2),
             "video_mask": torch.rand(c["clips"], T // 2, h, h, generator=g) < 0.5,
-            "image": torch.randn(c["images"], 3, S, S, generator=g),
-            "image_tok": torch.rand(c["images"], 3, S // 2, S // 2, generator=g),
+            "image": pixels(c["images"], 3, S, S), "image_tok": pixels(c["images"], 3, S // 2, S // 2),
             "image_mask": torch.rand(c["images"], h, h, generator=g) < 0.5}
 
 

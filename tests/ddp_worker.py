@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import swin3d
 import tokenizer
@@ -32,10 +31,35 @@ def global_batch():
     vmask[:, 1:3, 0:3] = True                                       # same count in every clip
     imask = torch.zeros(4, 4, dtype=torch.bool)
     imask[0:2, 1:4] = True
-    return {"video": torch.randn(B, 3, T, S, S, generator=g), "video_tok": torch.rand(B, 3, T, S // 2, S // 2, generator=g),
+    def pixels(*shape):                                             # uint8, as data.py ships them
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    return {"video": pixels(B, 3, T, S, S), "video_tok": pixels(B, 3, T, S // 2, S // 2),
             "video_mask": vmask.expand(B, -1, -1, -1).clone(),
-            "image": torch.randn(N, 3, S, S, generator=g), "image_tok": torch.rand(N, 3, S // 2, S // 2, generator=g),
+            "image": pixels(N, 3, S, S), "image_tok": pixels(N, 3, S // 2, S // 2),
             "image_mask": imask.expand(N, -1, -1).clone()}
+
+
+def collectives(out):
+    """The trainers' cross-rank helpers under gloo: a NaN on rank 1 only must stop both ranks at the
+    same step with the same message; rows of different lengths gather in rank order."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = train.all_gather_rows(torch.arange(rank + 2) + 10 * rank, True)           # 2 rows, then 3
+    mean = train.all_reduce_mean(torch.tensor([float(rank)]), True)
+    log = train.StepLog(os.path.join(out, "metrics.jsonl") if rank == 0 else None, True, torch.device("cpu"))
+    result = [f"rows={rows.tolist()} mean={mean.item()}"]
+    for step in (1, 2, 3):
+        bad = rank == 1 and step == 2
+        log.add({"step": step}, {"loss": torch.tensor(float("nan") if bad else 1.0), "grad_norm": torch.tensor(1.0)})
+    try:
+        log.flush()
+        result.append("no stop")
+    except SystemExit as e:
+        result.append(str(e))
+    with open(os.path.join(out, f"collectives{rank}.txt"), "w") as f:
+        f.write("\n".join(result) + "\n")
+    dist.barrier()                                                  # both ranks got here: nobody hangs
+    dist.destroy_process_group()
 
 
 def main(out):
@@ -49,7 +73,11 @@ def main(out):
     tok = tokenizer.OfflineTokenizer(torch.rand(16, 192, generator=torch.Generator().manual_seed(1)))
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(out, "init.pt"))
-    wrapped = DDP(model, find_unused_parameters=False) if ddp else model
+    wrapped = train.wrap_ddp(model, torch.device("cpu")) if ddp else model
+    if ddp and rank == 0:                                           # how the trainers build DDP (issue: 118 MB/forward)
+        with open(os.path.join(out, "ddp_flags.txt"), "w") as f:
+            f.write(f"broadcast_buffers={wrapped.broadcast_buffers} "
+                    f"find_unused_parameters={wrapped.find_unused_parameters}\n")
     # Plain SGD and no clipping: Adam's update and clipping are blind to the scale of the
     # gradient, which would hide a wrong reduction (a sum instead of a mean, say).
     opt = torch.optim.SGD(train.param_groups(model, 0.0), lr=0.5)
@@ -67,4 +95,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    collectives(sys.argv[1]) if sys.argv[2:] == ["collectives"] else main(sys.argv[1])

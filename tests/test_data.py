@@ -10,6 +10,7 @@ Run: python -m pytest -q tests/test_data.py
 
 import logging
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import numpy as np
@@ -210,17 +211,45 @@ def test_pretrain_clip_one_crop_and_flip_for_all_frames_and_tokenizer_copy():
     for _ in range(5):
         out = tf(frames)
         v, tok = out["video"], out["video_tok"]
-        assert v.shape == (3, 4, 96, 96) and v.dtype == torch.float32
+        # Samples ship as uint8 (4x fewer bytes through shared memory); the trainer normalises.
+        assert v.shape == (3, 4, 96, 96) and v.dtype == torch.uint8 and tok.dtype == torch.uint8
         assert tok.shape == (3, 4, 48, 48)                                   # the tokenizer copy is half size
         assert out["video_mask"].shape == (2, 6, 6) and out["video_target"].shape == (4, 6, 6)
         assert out["video_mask"].dtype == torch.bool
         for t in range(1, 4):                                                # same crop and flip in every frame
             assert torch.equal(v[:, t], v[:, 0]) and torch.equal(tok[:, t], tok[:, 0])
-        pixels = data.denormalize(v.transpose(0, 1))                         # (T, 3, H, W) back in [0, 1]
-        assert pixels.min() > -1e-5 and pixels.max() < 1 + 1e-5
-        assert 0 <= tok.min() and tok.max() <= 1                             # tokenizer input not normalised
-        # video_tok is the same crop as video, Lanczos-halved.
-        torch.testing.assert_close(data.tokenizer_copy(pixels).transpose(0, 1), tok, atol=1e-4, rtol=0)
+        pixels = data.to_float(v.transpose(0, 1))                            # (T, 3, H, W) in [0, 1]
+        # video_tok is the same crop as video, Lanczos-halved, then rounded to 8 bits.
+        half = data.tokenizer_copy(pixels).transpose(0, 1) * 255
+        assert (half - tok.float()).abs().max() <= 0.5 + 1e-3
+        # On the device, normalisation gives exactly what normalising in the worker gave.
+        batch = v[None].clone()
+        assert torch.equal(data.normalize_batch(batch)[0], data.normalize(pixels, channels_first=True))
+
+
+def test_pretrain_image_ships_uint8_and_its_own_tokenizer_copy():
+    torch.manual_seed(0)
+    img = np.random.default_rng(2).integers(0, 256, (100, 120, 3), np.uint8)
+    tf = data.PretrainImageTransform(crop=96, short_side=(100, 130), mask_gen=MaskGenerator("block", (96, 96), seed=0))
+    out = tf(img)
+    x, tok = out["image"], out["image_tok"]
+    assert x.shape == (3, 96, 96) and x.dtype == torch.uint8 and tok.shape == (3, 48, 48) and tok.dtype == torch.uint8
+    half = data.tokenizer_copy(data.to_float(x[None]))[0] * 255            # the copy is of the 8-bit image
+    assert (half - tok.float()).abs().max() <= 0.5 + 1e-3
+    imgs = x[None].expand(2, -1, -1, -1)
+    assert torch.equal(data.normalize_batch(imgs)[1], data.normalize(data.to_float(x[None]))[0])
+    with pytest.raises(ValueError, match="expected a uint8 batch, got torch.float32"):
+        data.normalize_batch(imgs.float())
+
+
+def test_decode_threads_share_the_node_among_ranks_and_workers(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert data.auto_decode_threads(4, local_world_size=1) == 16
+    assert data.auto_decode_threads(4, local_world_size=8) == 2             # 8 ranks x 4 workers on 64 cores
+    assert data.auto_decode_threads(16, local_world_size=8) == 1            # never below one thread
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                             # what torchrun sets
+    assert data.auto_decode_threads(2) == 4
+    assert "8 rank(s) on this node x 2 loader(s) x 4 worker(s) = 64 loading process(es)" in data.loading_plan(4, 1, 2)
 
 
 def test_crop_and_flip_are_windows_of_the_frame():
@@ -232,7 +261,7 @@ def test_crop_and_flip_are_windows_of_the_frame():
     tf = data.PretrainClipTransform(crop=48, short_side=(60, 60))
     found = set()
     for _ in range(30):
-        out = data.denormalize(tf(img[None, None])["video"][:, 0])          # (3, 48, 48)
+        out = data.to_float(tf(img[None, None])["video"][:, 0])             # (3, 48, 48)
         hits = [(t, l, f) for t in range(13) for l in range(23) for f in (False, True)
                 if torch.allclose((ref.flip(-1) if f else ref)[:, t:t + 48, l:l + 48], out, atol=1e-5)]
         assert len(hits) == 1

@@ -126,11 +126,18 @@ def test_predict_averages_the_views_of_each_sample():
     vals = torch.tensor([[0.0, 1.0, -2.0, 3.0], [1.0, 1.0, 1.0, 1.0], [-1.0, 0.5, 2.0, 0.0]])
     video += vals[:, :, None, None, None, None]
     batch = {"video": video, "label": torch.tensor([0, 1, 0]), "index": torch.tensor([5, 6, 7])}
-    probs, labels = finetune.predict(_ViewModel(), [batch], torch.device("cpu"), "normal", 0, False)
+    probs, labels, index = finetune.predict(_ViewModel(), [batch], torch.device("cpu"), "normal", 0, False)
     for b in range(B):
         p0 = sum(1 / (1 + math.exp(-v)) for v in vals[b].tolist()) / V      # softmax([v, 0])[0] = sigmoid(v)
-        assert probs[5 + b][0].item() == pytest.approx(p0, abs=1e-6)
-    assert labels == {5: 0, 6: 1, 7: 0}
+        assert probs[b][0].item() == pytest.approx(p0, abs=1e-6)
+    assert labels.tolist() == [0, 1, 0] and index.tolist() == [5, 6, 7]
+
+
+def test_gathered_predictions_drop_the_padded_repeats_by_index():
+    # DistributedSampler pads the last shard with repeats of the first samples: index 0 appears twice.
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.9, 0.1]])
+    p, y = finetune.gather_predictions(probs, torch.tensor([0, 1, 0, 0]), torch.tensor([2, 0, 1, 2]), False)
+    assert y.tolist() == [1, 0, 0] and torch.equal(p, probs[[1, 2, 0]])      # sample order, each once
 
 
 def _frames_video(B=16, V=2, T=8):

@@ -68,6 +68,25 @@ def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
     # ... and the three SGD steps really moved the weights (so the comparison means something).
     init = torch.load(tmp_path / "one" / "init.pt")
     assert (r0["head.weight"] - init["head.weight"]).abs().max() > 1e-2
+    # The trainers' DDP wrapper never re-broadcasts the relative-index buffers (nothing reads them).
+    assert (tmp_path / "ddp" / "ddp_flags.txt").read_text().split() == [
+        "broadcast_buffers=False", "find_unused_parameters=False"]
+
+
+def test_cross_rank_helpers_and_a_nan_on_one_rank_stop_every_rank(tmp_path):
+    worker = os.path.join(ROOT, "tests", "ddp_worker.py")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        worker, str(tmp_path), "collectives"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [(tmp_path / f"collectives{i}.txt").read_text().splitlines() for i in (0, 1)]
+    for rank_lines in lines:
+        assert rank_lines[0] == "rows=[0, 1, 10, 11, 12] mean=0.5"             # rank order, unequal lengths
+        # Both ranks decide on the all-reduced values: the same step, the same one-line message.
+        assert rank_lines[1] == "non-finite loss nan (gradient norm 1.0) at step 2; stopping"
+    # Rank 0 logged the finite step before the bad one, and nothing after it.
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
 
 
 def test_train_py_under_torchrun_gloo(syn, tmp_path):
