@@ -265,12 +265,16 @@ def bf16_supported(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> set:
+    """The CPU feature flags Linux reports (x86 `flags`, ARM `Features`); empty elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
-            words = set(f.read().split())
+            return set(f.read().split())
     except OSError:
-        return False
-    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+        return set()
 
 
 def seed_everything(seed: int) -> None:

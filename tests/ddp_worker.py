@@ -7,8 +7,9 @@ at once. Every sample has the same number of masked cells, so the mean of the
 per-micro-batch losses equals the loss over the whole batch. Each rank saves
 its parameters to OUT/rank{r}.pt.
 
-    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT [compile]
     python tests/ddp_worker.py OUT
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT collectives
 """
 import os
 import sys
@@ -62,7 +63,7 @@ def collectives(out):
     dist.destroy_process_group()
 
 
-def main(out):
+def main(out, compiled=False):
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         dist.init_process_group("gloo")
@@ -73,6 +74,11 @@ def main(out):
     tok = tokenizer.OfflineTokenizer(torch.rand(16, 192, generator=torch.Generator().manual_seed(1)))
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(out, "init.pt"))
+    if compiled:
+        # As train.py --compile: compile first, then wrap in DDP (DDP's graph splitting at its
+        # buckets then applies). aot_eager traces exactly what inductor would get (dynamo +
+        # AOTAutograd, forward and backward graphs) without minutes of C++ code generation.
+        model.compile_streams(backend="aot_eager", dynamic=False)
     wrapped = train.wrap_ddp(model, torch.device("cpu")) if ddp else model
     if ddp and rank == 0:                                           # how the trainers build DDP (issue: 118 MB/forward)
         with open(os.path.join(out, "ddp_flags.txt"), "w") as f:
@@ -95,4 +101,7 @@ def main(out):
 
 
 if __name__ == "__main__":
-    collectives(sys.argv[1]) if sys.argv[2:] == ["collectives"] else main(sys.argv[1])
+    if sys.argv[2:] == ["collectives"]:
+        collectives(sys.argv[1])
+    else:
+        main(sys.argv[1], compiled=sys.argv[2:] == ["compile"])

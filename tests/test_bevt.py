@@ -163,3 +163,18 @@ def test_load_rejects_wrong_shapes_and_bad_codes():
         m(images=b["images"], image_masks=b["image_masks"], image_codes=b["image_codes"].int())
     with pytest.raises(ValueError, match="do not match"):
         m(images=b["images"], image_masks=b["image_masks"], image_codes=b["image_codes"][:, :2])
+
+
+def test_compiled_encoder_and_decoders_have_no_graph_breaks():
+    """What train.py --compile compiles (encoder, both decoders) traces to one graph per stream:
+    a graph break would fall back to Python between pieces and, on GPUs, stall the step."""
+    torch.manual_seed(0)
+    m = BEVT(BEVTConfig(swin=swin3d.get_config("cpu"), vocab_size=64))
+    video, vmask = torch.randn(2, 3, 8, 112, 112), torch.rand(2, 4, 7, 7) < 0.5
+    image, imask = torch.randn(3, 3, 112, 112), torch.rand(3, 7, 7) < 0.5
+    for x, mask, decoder in ((video, vmask, m.video_decoder), (image, imask, m.image_decoder)):
+        e = torch._dynamo.explain(m.encoder)(x, mask)
+        assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+        out = m.encoder(x, mask)
+        e = torch._dynamo.explain(decoder)(out.f3, out.f4)
+        assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
