@@ -1567,6 +1567,64 @@ def _syn_key(seed, n_train, n_val, images_train, images_val, frames, height, wid
             "height": height, "width": width}
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                                   # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:                               # exists, owned by someone else
+        return True
+    return True
+
+
+class FileLock:
+    """One writer per folder: a lock file created exclusively, holding "host pid".
+
+    `acquire()` returns None when the lock is ours, or a description of the
+    holder. A holder that died without cleaning up (SIGKILL, a closed terminal)
+    leaves its file behind; on the same host a dead pid is detected and its
+    lock taken over. A holder on another host cannot be checked and counts as live.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path, self.held = Path(path), False
+
+    def holder(self) -> Optional[tuple[str, int]]:
+        try:
+            host, pid = self.path.read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> Optional[str]:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                h = self.holder()
+                if h is None:                             # being written this instant, or garbage
+                    time.sleep(0.05)
+                    h = self.holder()
+                    if h is None:
+                        return f"an unreadable lock file {self.path}"
+                host, pid = h
+                if host == socket.gethostname() and not _pid_alive(pid):
+                    log.warning("taking over %s: its holder (pid %d) is dead", self.path, pid)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                return f"pid {pid} on {host} (lock file {self.path})"
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            self.held = True
+            return None
+        return f"a lock file {self.path} that keeps coming back"
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
 def ensure_synthetic(root: PathLike, seed: int = 0, timeout: float = 900.0, verbose: bool = True,
                      **sizes) -> Path:
     """The synthetic data set at `root`, generated first if it is not there. Safe for concurrent ranks.
@@ -1583,8 +1641,8 @@ def ensure_synthetic(root: PathLike, seed: int = 0, timeout: float = 900.0, verb
         ("n_train", SYN_TRAIN), ("n_val", SYN_VAL), ("images_train", SYN_IMAGES_TRAIN),
         ("images_val", SYN_IMAGES_VAL), ("frames", SYN_FRAMES), ("height", SYN_HEIGHT), ("width", SYN_WIDTH))))
     done = root / DONE_NAME
-    lock = root.parent / f".{root.name}.lock"
-    deadline = time.time() + timeout
+    lock = FileLock(root.parent / f".{root.name}.lock")
+    deadline, told = time.time() + timeout, False
     while True:
         if done.exists():
             found = json.loads(done.read_text())
@@ -1596,18 +1654,23 @@ def ensure_synthetic(root: PathLike, seed: int = 0, timeout: float = 900.0, verb
             raise FileExistsError(f"{root} exists and is not a complete synthetic data set (no {DONE_NAME}); "
                                   f"delete it or choose another path")
         root.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:                                  # someone else is generating: wait
+        busy = lock.acquire()
+        if busy is not None:                                     # someone else is generating: wait
+            if verbose and not told:
+                print(f"waiting for {busy}, which is generating {root} ...", flush=True)
+                told = True
             if time.time() > deadline:
-                raise TimeoutError(f"waited {timeout:.0f} s for {done}; if no other process is "
-                                   f"generating it, delete {lock}") from None
+                raise TimeoutError(f"waited {timeout:.0f} s for {done} from {busy}; if that process is "
+                                   f"gone, delete {lock.path}")
             time.sleep(0.2)
             continue
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        # Temporary folders of generators that died (their pid is gone) are removed.
+        for old in root.parent.glob(f".{root.name}.tmp-*"):
+            pid = old.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
         try:
-            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
-            os.close(fd)
             shutil.rmtree(tmp, ignore_errors=True)
             if verbose:
                 print(f"generating the synthetic data set (seed {seed}) in {root} ...", flush=True)
@@ -1619,7 +1682,7 @@ def ensure_synthetic(root: PathLike, seed: int = 0, timeout: float = 900.0, verb
                 print(f"-> {root}", flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            lock.unlink(missing_ok=True)
+            lock.release()
 
 
 # -----------------------------------------------------------------------------

@@ -65,9 +65,10 @@ import torch.nn.functional as F
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (DIST_TIMEOUT_MIN, EpochStream, StepLog, all_gather_rows, all_rng_states,
-                   clip_gradients, load_checkpoint, lr_at, param_groups, precision_note, resolve_precision,
-                   save_checkpoint, seed_everything, set_rng_state, setup_distributed, start_log, wrap_ddp)
+from train import (DIST_TIMEOUT_MIN, PRECISIONS, EpochStream, Parser, StepLog, add_dataclass_flags, all_gather_rows,
+                   all_rng_states, check_ranges, claim_run_dir, clip_gradients, load_for_resume, lr_at, param_groups,
+                   precision_note, resolve_precision, save_checkpoint, seed_everything, set_rng_state,
+                   setup_distributed, start_log, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -82,7 +83,8 @@ class FinetuneConfig:
     model: str = "base"                   # swin3d preset; Swin-B throughout the paper (§4.1)
     init: str = ""                        # checkpoint (any kind, see the docstring) | scratch; cpu: the demo's
     out: str = "runs/finetune"
-    resume: str = ""                      # "" | auto | path
+    resume: str = "auto"                  # auto: continue <out>/<task>/ckpt.pt if there is one | no | a path
+    overwrite: bool = False               # discard a previous run in <out>/<task> and start again
     eval_only: bool = False               # evaluate --init as it is (a finetuned checkpoint), no training
     # --- data: your lists, or the synthetic set (CPU preset, no --train-list)
     data: str = ""                        # synthetic data folder, generated on first use
@@ -180,56 +182,38 @@ CPU_INIT = "runs/bevt/joint/final.pt"     # train.py's CPU demo output (default 
 SYNTHETIC_TASKS = ("appearance", "motion")
 
 
-def _add_dataclass_flags(ap: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field, default None so that explicitly given values can be told apart
-    (the same scheme as train.parse_args)."""
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
-        elif isinstance(default, tuple):
-            ap.add_argument(flag, type=type(default[0]), nargs=len(default), default=None,
-                            help=f"(default {' '.join(map(str, default))})")
-        else:
-            ap.add_argument(flag, type=type(default), default=None, help=f"(default {default!r})")
+CHOICES = {"recipe": ("k400", "ssv2", "diving48"), "preset": ("paper", "cpu"), "precision": PRECISIONS,
+           "task": SYNTHETIC_TASKS + ("both",), "sampling": ("dense", "uniform"), "eval_split": ("val", "test")}
+POSITIVE = ("frames", "interval", "crop", "short_side", "test_short_side", "test_clips", "test_crops", "batch_size",
+            "eval_batch_size", "global_batch", "epochs", "lr", "log_every", "ckpt_every", "dist_timeout")
+NON_NEGATIVE = ("num_classes", "workers", "warmup_epochs", "min_lr", "weight_decay", "label_smoothing", "clip_grad",
+                "accum_steps", "max_steps", "randaug_n", "randaug_m")
+FRACTIONS = {"flip": (0.0, 1.0 + 1e-9), "erase": (0.0, 1.0 + 1e-9), "drop_path": (0.0, 1.0), "dropout": (0.0, 1.0),
+             "ema": (0.0, 1.0), "layer_decay": (1e-9, 1.0 + 1e-9), "backbone_lr_mult": (1e-9, 1.0 + 1e-9)}
 
 
 def resolve_config(args: dict) -> FinetuneConfig:
-    """Defaults <- recipe <- preset <- explicit flags. Unknown recipe/preset: a one-line error."""
+    """Defaults <- recipe <- preset <- explicit flags, then range checks (FlagError names the flag)."""
     defaults = FinetuneConfig()
-    recipe = args.get("recipe") or defaults.recipe
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
-    preset = args.get("preset") or defaults.preset
-    if preset not in ("paper", "cpu"):
-        raise ValueError(f"unknown preset {preset!r}; expected paper or cpu")
     cfg = dataclasses.asdict(defaults)
-    cfg.update(RECIPES[recipe])
-    if preset == "cpu":
+    cfg.update(RECIPES[args.get("recipe") or defaults.recipe])
+    if (args.get("preset") or defaults.preset) == "cpu":
         cfg.update(CPU_PRESET)
     cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
     cfg = FinetuneConfig(**cfg)
-    modes = parse_eval_modes(cfg.eval_mode)
-    if cfg.eval_split not in ("val", "test"):
-        raise ValueError(f"--eval-split must be val or test, got {cfg.eval_split!r}")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-    if cfg.task not in SYNTHETIC_TASKS + ("both",):
-        raise ValueError(f"--task must be appearance, motion or both, got {cfg.task!r}")
-    del modes
+    check_ranges(cfg, POSITIVE, NON_NEGATIVE, FRACTIONS)
+    parse_eval_modes(cfg.eval_mode)                             # raises on an unknown mode
     return cfg
 
 
 def parse_args(argv=None) -> FinetuneConfig:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_dataclass_flags(ap, FinetuneConfig)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_flags(ap, FinetuneConfig, CHOICES)
     args = vars(ap.parse_args(argv))
     try:
         return resolve_config(args)
-    except ValueError as e:                                   # one line naming the bad value
-        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:                                   # one line naming the bad value, exit 2
+        ap.error(str(e))
 
 
 def parse_eval_modes(spec: str) -> tuple:
@@ -759,10 +743,17 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> VideoClassifier:
 
 def run_task(cfg: FinetuneConfig, task: Task, ddp: bool, rank: int, world: int, device) -> dict:
     """Finetune (unless --eval-only) and evaluate one label set; returns {'model': metrics, 'ema': metrics}."""
-    seed_everything(cfg.seed + rank)                              # seed = base + rank (STYLE 15)
+    seed_everything(cfg.seed + rank)                              # seed = base + rank
     out_dir = os.path.join(cfg.out, task.name)
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
+    lock, resume = claim_run_dir(out_dir, cfg, rank, ddp)
+    try:
+        return _run_task(cfg, task, ddp, rank, world, device, out_dir, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_task(cfg, task, ddp, rank, world, device, out_dir, resume) -> dict:
     bf16 = resolve_precision(cfg.precision, device)
     modes = parse_eval_modes(cfg.eval_mode)
     dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
@@ -798,7 +789,7 @@ def run_task(cfg: FinetuneConfig, task: Task, ddp: bool, rank: int, world: int, 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     step = 0
     if not cfg.eval_only:
-        step = train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_dir, metrics_path)
+        step = train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_dir, metrics_path, resume)
 
     # --- evaluation: the model and, alongside, its EMA
     results = {"model": evaluate(model, val_loader, device, modes, cfg.seed + 1, bf16, ddp, rank, task.num_classes)}
@@ -821,7 +812,7 @@ def run_task(cfg: FinetuneConfig, task: Task, ddp: bool, rank: int, world: int, 
     return results
 
 
-def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_dir, metrics_path) -> int:
+def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_dir, metrics_path, resume) -> int:
     """The finetuning loop (train.py's structure: accumulation, schedule, resume, tqdm, JSONL, non-finite stop)."""
     loader = data.build_finetune_loader("train", dcfg, ann=task.train_list, root=task.root, rank=rank,
                                         world_size=world, verbose=rank == 0)
@@ -847,11 +838,10 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
 
     step, epoch, micro = 0, 0, 0
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    resume = ckpt_path if cfg.resume == "auto" else cfg.resume
     ck = None
-    if resume and os.path.exists(resume):
-        ck = load_checkpoint(resume)
-        if ck["world"] != world:
+    if resume is not None:
+        ck = load_for_resume(resume, lambda m: log(rank, m))
+        if ck.get("world") != world:
             raise ValueError(f"{resume} was written by {ck['world']} processes; resume with the same number, got {world}")
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -859,8 +849,6 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
             ema.load_state_dict(ck["ema"])
         step, epoch, micro = ck["step"], ck["epoch"], ck["micro"]
         log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, batch {micro} of the epoch")
-    elif cfg.resume and cfg.resume != "auto":
-        raise ValueError(f"--resume {cfg.resume}: no such file")
     if rank == 0:
         start_log(out_dir, cfg, step if ck is not None else None)
 
@@ -905,7 +893,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
                                             "ema": ema.state_dict() if ema is not None else None, "step": step,
                                             "epoch": stream.epoch, "micro": stream.micro, "world": world, "rng": rngs,
-                                            "config": dataclasses.asdict(cfg)})
+                                            "config": dataclasses.asdict(cfg)}, keep_previous=True)
     if rank == 0:
         bar.close()
         final = {"model": raw.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
@@ -942,8 +930,11 @@ def main(argv=None) -> dict:
     try:
         tasks = resolve_tasks(cfg, rank)
         results = {t.name: run_task(cfg, t, ddp, rank, world, device) for t in tasks}
-    except ValueError as e:                                   # bad input: one line naming the mismatch
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, TimeoutError) as e:
+        if dist.is_initialized():                             # bad input: one line naming the mismatch, exit 2
+            dist.destroy_process_group()
+        print(f"finetune.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if rank == 0:
         for which in ("model", "ema"):
             if all(which in r for r in results.values()):

@@ -38,10 +38,12 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -70,7 +72,8 @@ class TrainConfig:
     model: str = "base"                   # swin3d preset; Swin-B throughout the paper (§4.1)
     out: str = "runs/bevt"
     init: str = ""                        # checkpoint to start from; joint: defaults to <out>/image/final.pt
-    resume: str = ""                      # "" | auto | path
+    resume: str = "auto"                  # auto: continue <out>/<stage>/ckpt.pt if there is one | no | a path
+    overwrite: bool = False               # discard a previous run in <out>/<stage> and start again
     # --- data (DESIGN §6)
     data: str = ""                        # synthetic data folder (CPU preset), generated on first use
     video_root: str = ""
@@ -128,35 +131,102 @@ STAGE_EPOCHS = {"image": 800, "video": 150, "joint": 150}   # §4.1
 CPU_STAGE_EPOCHS = {"image": 20, "video": 8, "joint": 8}    # CPU demo: ~600 and ~400 steps
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """argparse generated from TrainConfig: every field is a flag with its paper default."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
+# Valid values, checked when the flags are parsed (a bad value is one line naming it, exit 2).
+CHOICES = {"stage": bevt.STAGES, "preset": ("paper", "cpu"), "precision": PRECISIONS,
+           "tokenizer_precision": ("fp32", "bf16", "fp16"), "mask_strategy": None}   # None: filled below
+POSITIVE = ("frames", "frame_interval", "crop", "video_batch", "image_batch", "global_video_batch",
+            "global_image_batch", "image_cycles", "vocab_size", "tokenizer_vocab", "epochs", "lr", "log_every",
+            "ckpt_every", "dist_timeout")
+NON_NEGATIVE = ("workers", "warmup_epochs", "min_lr", "weight_decay", "clip_grad", "accum_steps", "lam",
+                "max_steps")
+FRACTIONS = {"mask_ratio": (0.0, 1.0), "drop_path": (0.0, 1.0)}   # open/half-open intervals, below
+
+
+class FlagError(ValueError):
+    """A flag value out of its range: reported as one line, exit 2."""
+
+
+def field_help(cls) -> dict:
+    """field name -> the comment on its line in the dataclass source: its meaning and paper source."""
+    import inspect
+    import re
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict) -> None:
+    """One flag per dataclass field, default None so that explicitly given values can be told
+    apart from preset values; --help shows each field's comment and default, and enumerated
+    fields list their choices (a wrong one is rejected by argparse)."""
+    defaults, helps = cls(), field_help(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        text = helps.get(f.name, "")
         if isinstance(default, bool):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                            help=f"(default {default})")
+                            help=f"{text} (default {default})")
         elif isinstance(default, tuple):
             ap.add_argument(flag, type=type(default[0]), nargs=len(default), default=None,
-                            help=f"(default {' '.join(map(str, default))})")
+                            help=f"{text} (default {' '.join(map(str, default))})")
         else:
-            ap.add_argument(flag, type=type(default), default=None, help=f"(default {default!r})")
+            ap.add_argument(flag, type=type(default), default=None, choices=choices.get(f.name),
+                            help=f"{text} (default {default!r})")
+
+
+def check_ranges(cfg, positive=(), non_negative=(), fractions=None) -> None:
+    """Raise FlagError naming the first flag whose value is outside its range."""
+    def bad(name, want):
+        return FlagError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)!r}")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise bad(name, "> 0")
+    for name in non_negative:
+        if not getattr(cfg, name) >= 0:
+            raise bad(name, ">= 0 (0 = off or automatic)")
+    for name, (lo, hi) in (fractions or {}).items():
+        if not lo <= getattr(cfg, name) < hi:
+            raise bad(name, f"in [{lo:g}, {hi:g})")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block of 40 flags), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """argparse generated from TrainConfig: every field is a flag with its paper default."""
+    import masking
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_flags(ap, TrainConfig, {**CHOICES, "mask_strategy": tuple(masking.STRATEGIES)})
     args = vars(ap.parse_args(argv))
-    preset = args["preset"] or defaults.preset
-    if preset not in ("paper", "cpu"):
-        ap.error(f"--preset must be paper or cpu, got {preset!r}")
-    stage = args["stage"] or defaults.stage
-    if stage not in bevt.STAGES:
-        ap.error(f"--stage must be one of {bevt.STAGES}, got {stage!r}")
+    defaults = TrainConfig()
+    preset, stage = args["preset"] or defaults.preset, args["stage"] or defaults.stage
     cfg = dict(dataclasses.asdict(defaults))
     if preset == "cpu":
         cfg.update(CPU_PRESET, epochs=CPU_STAGE_EPOCHS[stage])
     else:
         cfg["epochs"] = STAGE_EPOCHS[stage]
     cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
-    return TrainConfig(**cfg)
+    cfg = TrainConfig(**cfg)
+    try:
+        check_ranges(cfg, POSITIVE, NON_NEGATIVE, FRACTIONS)
+        lo, hi = cfg.short_side
+        if not cfg.crop <= lo <= hi:
+            raise FlagError(f"--short-side LO HI must satisfy crop {cfg.crop} <= LO <= HI, got {lo} {hi}")
+        if cfg.crop % 16:
+            raise FlagError(f"--crop must be a multiple of 16 (one target code per 16x16 px), got {cfg.crop}")
+        if not all(0 <= b < 1 for b in cfg.betas):
+            raise FlagError(f"--betas must be two numbers in [0, 1), got {cfg.betas}")
+    except FlagError as e:
+        ap.error(str(e))
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -310,10 +380,60 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
 # Checkpoints: atomic, complete, rank 0 only
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)                      # a killed run never leaves a half-written checkpoint
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: torn, damaged, foreign or unsafe."""
+
+
+def state_digest(obj) -> str:
+    """A checksum of everything in a checkpoint: every tensor's bytes and every other value's repr,
+    in a fixed order. Stored in the file by save_checkpoint, recomputed by load_checkpoint, so
+    flipped bits in a tensor are caught, not trained on."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(f"K{k!r}".encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"V{x!r}".encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str, state: dict, keep_previous: bool = False) -> None:
+    """Write `state` plus its checksum atomically (rank 0 only).
+
+    The file is written under a temporary name unique to this process and
+    renamed over `path`, so a killed run never leaves a half-written checkpoint
+    and two writers never share a temporary file. keep_previous: the file being
+    replaced becomes `<name>.prev.pt`, the fallback if the new one turns out damaged.
+    A failed write (a full disk) removes the temporary file and names the path.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save({**state, "checksum": state_digest(state)}, tmp)
+    except (OSError, RuntimeError) as e:               # torch reports ENOSPC as "enforce fail at inline_container"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20
+        raise OSError(f"could not write the checkpoint {path} ({free:.0f} MB free on its disk): "
+                      f"{str(e).splitlines()[0]}") from None
+    if keep_previous and os.path.exists(path):
+        os.replace(path, previous_path(path))
+    os.replace(tmp, path)
+
+
+def previous_path(path: str) -> str:
+    return path[:-3] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
 
 
 def rng_state() -> dict:
@@ -336,7 +456,34 @@ def set_rng_state(st: dict) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint safely (weights_only) and verify its checksum; CheckpointError if it cannot be used."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as e:                              # torn zip, text, a pickle that needs code to load
+        raise CheckpointError(f"{path} is not a checkpoint of this project, or cannot be loaded safely "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it holds a {type(ck).__name__})")
+    stored = ck.pop("checksum", None)
+    if stored is not None and stored != state_digest(ck):
+        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum stored in it")
+    return ck
+
+
+def load_for_resume(path: str, log_fn=print) -> dict:
+    """The checkpoint to resume from: `path`, or its `.prev.pt` when `path` is missing or damaged
+    (the fallback is named in one line)."""
+    prev = previous_path(path)
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        if not os.path.exists(prev):
+            raise
+        ck = load_checkpoint(prev)
+        log_fn(f"warning: {e}; resuming from the previous checkpoint {prev} (step {ck.get('step')})")
+        return ck
 
 
 def all_rng_states(ddp: bool, world: int) -> list:
@@ -355,17 +502,34 @@ def start_log(out_dir: str, cfg, resumed_step: Optional[int]) -> str:
     training rows up to its checkpoint's step: a killed run may have logged steps
     after its last checkpoint, and they are redone now (evaluation rows go too).
     """
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     path = os.path.join(out_dir, "metrics.jsonl")
     kept = []
     if resumed_step is not None and os.path.exists(path):
-        with open(path) as f:
-            rows = [(line, json.loads(line)) for line in f]
-        kept = [line for line, r in rows if r["step"] <= resumed_step and "eval" not in r]
-    with open(path, "w") as f:
-        f.writelines(kept)
+        kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= resumed_step and "eval" not in r]
+    write_atomic(path, "".join(kept))
     return path
+
+
+def read_metrics(path: str) -> list:
+    """The rows of a metrics.jsonl; a torn line (a full disk, a kill mid-write) is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+    return rows
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 class EpochStream:
@@ -575,38 +739,101 @@ class StepLog:
         return rows
 
 
-def main(argv=None) -> dict:
-    cfg = parse_args(argv)
-    ddp, rank, world, device = setup_distributed(cfg.dist_timeout)
-    seed_everything(cfg.seed + rank)                               # seed = base + rank (STYLE 15)
-    out_dir = os.path.join(cfg.out, cfg.stage)
+RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json")
+
+
+def claim_run_dir(out_dir: str, cfg, rank: int, ddp: bool):
+    """Lock the run folder (rank 0) and decide what happens to a previous run in it.
+
+    --resume auto (default): continue its ckpt.pt (or ckpt.prev.pt) when there is one.
+    --overwrite: discard its files and start again. --resume no with a previous
+    run there: an error, never a silent wipe. A second process on the same
+    folder gets an error naming the first. Returns (lock, checkpoint path or None).
+    """
+    lock = None
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise ValueError(f"--out: cannot write to {out_dir}")
+        lock = data.FileLock(os.path.join(out_dir, "run.lock"))
+        busy = lock.acquire()
+        if busy is not None:
+            raise ValueError(f"{out_dir} is in use by another run ({busy}); wait for it or choose another --out")
+        if cfg.overwrite:
+            for name in RUN_FILES:
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+    if ddp:
+        dist.barrier()                                                  # rank 0 has cleaned up
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if cfg.resume == "auto":
+        found = [p for p in (ckpt, previous_path(ckpt)) if os.path.exists(p)]
+        return lock, (ckpt if found else None)
+    if cfg.resume != "no":
+        if not os.path.isfile(cfg.resume):
+            raise ValueError(f"--resume {cfg.resume}: no such file")
+        return lock, cfg.resume
+    there = [n for n in RUN_FILES[:4] if os.path.exists(os.path.join(out_dir, n))]
+    if there:
+        raise ValueError(f"{out_dir} holds a previous run ({', '.join(there)}); --resume auto continues it, "
+                         f"--overwrite discards it")
+    return lock, None
+
+
+def main(argv=None) -> dict:
+    """Command-line entry: user errors end in one line naming what was expected and what came, exit 2."""
+    cfg = parse_args(argv)
+    try:
+        return run(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, TimeoutError) as e:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def run(cfg: TrainConfig) -> dict:
+    ddp, rank, world, device = setup_distributed(cfg.dist_timeout)
+    seed_everything(cfg.seed + rank)                               # seed = base + rank
+    out_dir = os.path.join(cfg.out, cfg.stage)
+    lock, resume = claim_run_dir(out_dir, cfg, rank, ddp)
+    try:
+        return train(cfg, ddp, rank, world, device, out_dir, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: str, resume: Optional[str]) -> dict:
     bf16 = resolve_precision(cfg.precision, device)
 
     # --- data and targets
     data_root = build_data_root(cfg, rank, ddp)
-    loader = build_loader(cfg, data_root, rank, world)
     tok, tok_path = resolve_tokenizer(cfg, data_root, rank, ddp, device)
     tok.set_precision(cfg.tokenizer_precision)
+    loader = build_loader(cfg, data_root, rank, world)
 
     # --- model: encoder + decoders + head; the tokenizer stays outside it
     swin = swin3d.get_config(cfg.model, drop_path_rate=cfg.drop_path, use_checkpoint=cfg.grad_checkpointing)
     raw = bevt.BEVT(bevt.BEVTConfig(swin=swin, vocab_size=cfg.vocab_size, lam=cfg.lam))
     init = cfg.init
-    if not init and cfg.stage == "joint" and not cfg.resume:
+    if not init and cfg.stage == "joint" and resume is None:
         default = os.path.join(cfg.out, "image", "final.pt")
         init = default if os.path.exists(default) else ""
         log(rank, f"joint stage: initialising from the image stage's {default}" if init else
             f"joint stage: no image-stage checkpoint at {default}; starting from scratch (BEVT without the "
             "decoupled design, cf. Table 6)")
-    if init:
+    if init and resume is None:
         report = raw.load_released(init)
+        loaded_encoder = [k for k in raw.encoder.state_dict() if "encoder." + k not in report.missing]
+        if not loaded_encoder:
+            raise ValueError(f"--init {init} holds no encoder weights ({len(report.unused)} keys, none of them the "
+                             f"encoder's, e.g. {report.unused[:2]}); expected a BEVT or Video Swin checkpoint")
         log(rank, f"init from {init}: {len(report.missing)} missing keys {report.missing[:6]}"
                   f"{'...' if len(report.missing) > 6 else ''}; {len(report.unused)} unused keys {report.unused[:6]}")
     raw.set_stage(cfg.stage)
     raw.to(device)
-    if cfg.compile:                                                     # after .to, before DDP (STYLE 18)
+    if cfg.compile:                                                     # after .to, before DDP (nanoGPT's order)
         raw.compile_streams(dynamic=False)                              # one graph per input shape
     model = wrap_ddp(raw, device) if ddp else raw
 
@@ -618,7 +845,8 @@ def main(argv=None) -> dict:
     lr = cfg.lr * eff / paper_batch
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch < 1:
-        raise SystemExit(f"an epoch has {len(loader)} batches per process, fewer than --accum-steps {accum}")
+        raise ValueError(f"an epoch has {len(loader)} batches per process, fewer than the {accum} micro-batches of "
+                         f"one step (--accum-steps); use more data or a smaller accumulation")
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     unit = "images" if cfg.stage == "image" else "clips"
@@ -635,19 +863,21 @@ def main(argv=None) -> dict:
     # --- resume: model, optimiser, step, data position, RNG states
     step, epoch, micro = 0, 0, 0
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    resume = ckpt_path if cfg.resume == "auto" else cfg.resume
-    if resume and os.path.exists(resume):
-        ck = load_checkpoint(resume)
+    ck = None
+    if resume is not None:
+        ck = load_for_resume(resume, lambda m: log(rank, m))
+        if ck.get("world") != world:
+            raise ValueError(f"{resume} was written by {ck.get('world')} processes; resume with the same number, "
+                             f"got {world}")
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, epoch, micro = ck["step"], ck["epoch"], ck["micro"]
-        if ck["world"] != world:
-            raise SystemExit(f"{resume} was written by {ck['world']} processes; resume with the same number, got {world}")
-        log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, batch {micro} of the epoch")
-    elif cfg.resume and cfg.resume != "auto":
-        raise SystemExit(f"--resume {cfg.resume}: no such file")
-    else:
-        ck = None
+        changed = {k: (v, getattr(cfg, k)) for k, v in ck.get("config", {}).items()
+                   if k not in ("resume", "overwrite", "max_steps") and hasattr(cfg, k)
+                   and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)}
+        log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, batch {micro} of the epoch"
+            + ("; changed flags: " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
+               if changed else ""))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0:
         start_log(out_dir, cfg, step if ck is not None else None)
@@ -694,7 +924,7 @@ def main(argv=None) -> dict:
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                             "epoch": stream.epoch, "micro": stream.micro, "world": world, "rng": rngs,
-                                            "config": dataclasses.asdict(cfg)})
+                                            "config": dataclasses.asdict(cfg)}, keep_previous=True)
     if rank == 0:
         bar.close()
         save_checkpoint(os.path.join(out_dir, "final.pt"), {"model": raw.state_dict(), "step": step,

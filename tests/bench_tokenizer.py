@@ -3,6 +3,7 @@
     python tests/bench_tokenizer.py                    # batch of 8 224-px crops, CPU
     python tests/bench_tokenizer.py --batch 32 --repeats 5
     python tests/bench_tokenizer.py --size 112         # the CPU demo's crops
+    python tests/bench_tokenizer.py --agreement data/synthetic/images/val   # + bf16/fp16 code agreement
 
 What is timed, for a batch of `--batch` crops of `--size` px (default 224, the
 paper's crop), each halved with Lanczos to the 112-px image the dVAE sees and
@@ -55,6 +56,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-dalle", action="store_true", help="only the resize and the offline tokenizer")
+    ap.add_argument("--agreement", default="", metavar="DIR",
+                    help="also: share of codes bf16/fp16 leave equal to fp32, on the images under DIR")
+    ap.add_argument("--tokenizer", default="", help="weights for --agreement (default: random)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,11 +87,35 @@ def main():
             report("DALL-E dVAE encoder (8192)", timed(lambda: tok.tokenize(x), args.repeats, dev))
             tok.encoder.to(memory_format=torch.channels_last)
             report("DALL-E, channels_last", timed(lambda: tok.tokenize(x), args.repeats, dev))
+            tok.encoder.to(memory_format=torch.contiguous_format)
+            for precision in ("bf16", "fp16"):                  # Tokenizer.set_precision (channels-last)
+                tok.set_precision(precision)
+                report(f"DALL-E, {precision} autocast", timed(lambda: tok.tokenize(x), args.repeats, dev))
+            tok.set_precision("fp32")
             del tok
         for vocab in (8192, 1024, 256):
             codebook = torch.rand(vocab, 3 * T.DVAE_PATCH ** 2)
             tok = T.OfflineTokenizer(codebook).to(dev)
             report(f"offline k-means ({vocab})", timed(lambda: tok.tokenize(x), args.repeats, dev))
+
+    if args.agreement and not args.skip_dalle:
+        agreement(args.agreement, devices[-1], args.tokenizer)
+
+
+def agreement(images_dir, device, weights="", count=64, size=224):
+    """Share of DALL-E codes that bf16 / fp16 autocast leave identical to fp32, on real image files.
+
+    With random weights (all we have here) the logits' margins are not the
+    trained model's, so this bounds how often near-ties flip rather than giving
+    the published tokenizer's figure; pass a real encoder with --tokenizer."""
+    files = T.list_images(images_dir)[:count]
+    x = torch.stack([T.read_image(f, size) for f in files]).to(device)
+    tok = T.load_tokenizer(weights, device=device) if weights else T.DalleTokenizer().to(device)
+    ref = tok.tokenize(x)
+    for precision in ("bf16", "fp16"):
+        same = (tok.set_precision(precision).tokenize(x) == ref).float().mean().item()
+        print(f"{device.type:5s} codes identical to fp32 with {precision}: {same:.2%} of {ref.numel()} codes "
+              f"({len(files)} images from {images_dir}, {'given' if weights else 'random'} weights)")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,30 @@
-"""Benchmark of one joint pretraining step (train.train_step + AdamW), eager vs torch.compile.
+"""Benchmark of one joint pretraining step (train.train_step + AdamW): precision, compile, checkpointing.
 
-    python tests/bench_train.py                       # CPU preset and Swin-T on this CPU
-    python tests/bench_train.py --cases cpu           # the CPU preset only
-    python tests/bench_train.py --device cuda --cases base   # a GPU: Swin-B, bf16, with MFU
+    python tests/bench_train.py                                  # this CPU: cpu preset and Swin-T, fp32 vs bf16
+    python tests/bench_train.py --cases tiny --variants fp32,bf16,fp32+compile
+    python tests/bench_train.py --device cuda                    # a GPU: Swin-T/S/B/L at the paper's per-GPU batch,
+                                                                 # bf16, eager/compiled x checkpointing off/on, MFU
 
-Inputs (random tensors; data loading is benchmarked in bench_data.py):
-    cpu  preset: 4 clips 3x8x112x112 + 16 images 112x112 (the CPU demo's batch), 256 codes
-    tiny (Swin-T): 1 clip 3x16x224x224 + 8 images 224x224, 8192 codes
-    base (Swin-B, GPU): 8 clips 3x16x224x224 + 64 images (the paper's per-GPU batch), 8192 codes
-The tokenizer is the offline one with a random codebook (its cost is in bench_tokenizer.py).
+Inputs (random uint8 pixels as data.py ships them, 50% random masks; data
+loading is benchmarked in bench_data.py):
+    cpu   preset: 4 clips 3x8x112x112 + 16 images 112x112 (the CPU demo's batch), 256 codes
+    tiny  (Swin-T): 1 clip 3x16x224x224 + 8 images 224x224, 8192 codes (--device cpu)
+    tiny/small/base/large on --device cuda: 8 clips 3x16x224x224 + 64 images (the paper's per-GPU
+    batch), 8192 codes; where that runs out of memory, the batch is halved (clips and images
+    together) until it fits, and the row says so.
+The tokenizer is the offline one with a random codebook (DALL-E's cost: bench_tokenizer.py).
 
-Time: median of --repeats steps after --warmup steps (compilation happens in
-the warm-up). Memory: the peak during the timed steps, model and optimiser
-state included: on CUDA max_memory_allocated, on the CPU the process's peak
-RSS (VmHWM, reset after the warm-up so compilation's peak is not counted),
-each case in a fresh subprocess.
+A variant is `fp32` or `bf16` (autocast; loss and weights stay fp32), plus
+`+compile` (train.py --compile: encoder and decoders) and `+ckpt` (gradient
+checkpointing per block). Time: median of --repeats steps after --warmup steps
+(compilation happens in the warm-up). Memory: the peak during the timed steps,
+model and optimiser state included: on CUDA max_memory_allocated, on the CPU
+the process's peak RSS (VmHWM, reset after the warm-up so compilation's peak is
+not counted). Each (case, variant) runs in a fresh subprocess; the ratio column
+compares each variant with the first one of its case.
 MFU (CUDA): model FLOPs of one step (forward + backward = 3x the forward,
 counted with torch.utils.flop_counter) per second over the GPU's dense bf16
-peak (--peak-tflops, default 989 for an H100 SXM).
+peak (--peak-tflops, default 989 for an H100 SXM; 989 for an H200 too).
 """
 
 import argparse
@@ -39,8 +46,9 @@ import train  # noqa: E402
 CASES = {
     "cpu": dict(model="cpu", clips=4, frames=8, images=16, size=112, vocab=256),   # = train.py --preset cpu
     "tiny": dict(model="tiny", clips=1, frames=16, images=8, size=224, vocab=8192),
-    "base": dict(model="base", clips=8, frames=16, images=64, size=224, vocab=8192),
 }
+PAPER_BATCH = dict(clips=8, frames=16, images=64, size=224, vocab=8192)       # per GPU, §4.1
+GPU_CASES = {m: dict(model=m, **PAPER_BATCH) for m in ("tiny", "small", "base", "large")}
 
 
 def make_batch(c, device):
@@ -68,22 +76,21 @@ def peak_rss():
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def run_case(name, compile_, device, warmup, repeats):
-    c = CASES[name]
+def run_case(c, variant, device, warmup, repeats):
+    parts = variant.split("+")
+    bf16, compile_, ckpt = parts[0] == "bf16", "compile" in parts, "ckpt" in parts
     torch.manual_seed(0)
-    model = bevt.BEVT(bevt.BEVTConfig(swin=swin3d.get_config(c["model"], drop_path_rate=0.1),
+    model = bevt.BEVT(bevt.BEVTConfig(swin=swin3d.get_config(c["model"], drop_path_rate=0.1, use_checkpoint=ckpt),
                                       vocab_size=c["vocab"])).to(device)
     model.set_stage("joint")
     tok = tokenizer.OfflineTokenizer(torch.rand(c["vocab"], 192)).to(device)
     if compile_:
         model.compile_streams(dynamic=False)                         # what train.py --compile does
-    run_model = model
     opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
     batch = make_batch(c, device)
-    bf16 = device.type == "cuda"
 
     def step():
-        train.train_step(run_model, model, [batch], tok, device, False, bf16, 3.0)
+        train.train_step(model, model, [batch], tok, device, False, bf16, 3.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -103,22 +110,34 @@ def run_case(name, compile_, device, warmup, repeats):
         step()
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
-    res = {"case": name, "compile": compile_, "step_s": statistics.median(times), "warmup_s": warm_s,
-           "peak_mb": peak / 2 ** 20}
+    res = {"step_s": statistics.median(times), "warmup_s": warm_s, "peak_mb": peak / 2 ** 20}
     if device.type == "cuda":
         from torch.utils.flop_counter import FlopCounterMode
         inputs = train.model_inputs(batch, tok, device)
         counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with counter, torch.no_grad():
             model(**inputs)
         res["tflop_per_step"] = 3 * counter.get_total_flops() / 1e12
     return res
 
 
+def run_subprocess(args, c, variant):
+    out = subprocess.run([sys.executable, __file__, "--device", args.device, "--warmup", str(args.warmup),
+                          "--repeats", str(args.repeats), "--one", json.dumps([c, variant])],
+                         capture_output=True, text=True)
+    if out.returncode:
+        if "out of memory" in out.stderr.lower():
+            return None
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--cases", default="cpu,tiny")
+    ap.add_argument("--cases", default=None, help="cpu: cpu,tiny; cuda: tiny,small,base,large")
+    ap.add_argument("--variants", default=None,
+                    help="cpu: fp32,bf16; cuda: bf16,bf16+compile,bf16+ckpt,bf16+compile+ckpt")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
@@ -126,32 +145,37 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.one:
-        name, comp = args.one.split(":")
-        print(json.dumps(run_case(name, comp == "1", device, args.warmup, args.repeats)))
+        c, variant = json.loads(args.one)
+        print(json.dumps(run_case(c, variant, device, args.warmup, args.repeats)))
         return
-    print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, "
-          f"{'bf16' if device.type == 'cuda' else 'fp32'}; median of {args.repeats} steps after {args.warmup}")
-    print("\n| case | input | eager step (s) | compiled step (s) | eager/compiled | compile warm-up (s) "
-          "| peak mem eager (MB) | compiled (MB) |" + (" MFU eager | MFU compiled |" if device.type == "cuda" else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if device.type == "cuda" else ""))
-    for name in args.cases.split(","):
-        rows = {}
-        for comp in ("0", "1"):                          # a fresh process each: compile caches and RSS
-            out = subprocess.run([sys.executable, __file__, "--device", args.device, "--warmup", str(args.warmup),
-                                  "--repeats", str(args.repeats), "--one", f"{name}:{comp}"],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(out.stderr[-3000:])
-            rows[comp] = json.loads(out.stdout.strip().splitlines()[-1])
-        e, k = rows["0"], rows["1"]
-        c = CASES[name]
-        inp = f"{c['clips']}x3x{c['frames']}x{c['size']}² + {c['images']} images"
-        line = (f"| {name} | {inp} | {e['step_s']:.3f} | {k['step_s']:.3f} | {e['step_s'] / k['step_s']:.2f} "
-                f"| {k['warmup_s']:.0f} | {e['peak_mb']:.0f} | {k['peak_mb']:.0f} |")
-        if device.type == "cuda":
-            mfu = [r["tflop_per_step"] / r["step_s"] / args.peak_tflops for r in (e, k)]
-            line += f" {mfu[0]:.1%} | {mfu[1]:.1%} |"
-        print(line, flush=True)
+    cuda = device.type == "cuda"
+    table = GPU_CASES if cuda else CASES
+    cases = (args.cases or ("tiny,small,base,large" if cuda else "cpu,tiny")).split(",")
+    variants = (args.variants or ("bf16,bf16+compile,bf16+ckpt,bf16+compile+ckpt" if cuda else "fp32,bf16")).split(",")
+    print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, CPU bf16 native "
+          f"{train.bf16_supported(torch.device('cpu'))}; median of {args.repeats} steps after {args.warmup}")
+    print("\n| case | input | variant | step (s) | vs first | clips/s | warm-up (s) | peak mem (MB) |"
+          + (" MFU |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    for name in cases:
+        first = None
+        for variant in variants:
+            c, note = dict(table[name]), ""
+            res = run_subprocess(args, c, variant)
+            while res is None and c["clips"] > 1:                      # out of memory: halve the batch
+                c["clips"], c["images"] = c["clips"] // 2, c["images"] // 2
+                note = " (largest that fits)"
+                res = run_subprocess(args, c, variant)
+            if res is None:
+                print(f"| {name} | - | {variant} | out of memory at 1 clip |", flush=True)
+                continue
+            first = first or res
+            inp = f"{c['clips']}x3x{c['frames']}x{c['size']}² + {c['images']} images{note}"
+            line = (f"| {name} | {inp} | {variant} | {res['step_s']:.3f} | {first['step_s'] / res['step_s']:.2f}x "
+                    f"| {c['clips'] / res['step_s']:.1f} | {res['warmup_s']:.0f} | {res['peak_mb']:.0f} |")
+            if cuda:
+                line += f" {res['tflop_per_step'] / res['step_s'] / args.peak_tflops:.1%} |"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ def test_flags_have_paper_defaults_and_presets_override():
     assert (cfg.stage, cfg.model, cfg.lr, cfg.weight_decay, cfg.clip_grad, cfg.lam) == ("joint", "base", 5e-4, 0.05, 3.0, 1.0)
     assert (cfg.frames, cfg.frame_interval, cfg.video_batch, cfg.image_batch) == (16, 8, 8, 64)
     assert train.parse_args(["--stage", "image"]).epochs == 800          # §4.1: 800 ImageNet epochs
-    cpu = train.parse_args(["--preset", "cpu", "--lr", "1e-3", "--short-side", "100", "120"])
-    assert cpu.model == "cpu" and cpu.lr == 1e-3 and cpu.short_side == (100, 120)
+    cpu = train.parse_args(["--preset", "cpu", "--lr", "1e-3", "--short-side", "120", "140"])
+    assert cpu.model == "cpu" and cpu.lr == 1e-3 and cpu.short_side == (120, 140)
     with pytest.raises(SystemExit):
         train.parse_args(["--no-such-flag", "1"])
     with pytest.raises(SystemExit):
