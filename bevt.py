@@ -231,7 +231,7 @@ class BEVT(nn.Module):
         re-derived, never taken from the file.
         """
         if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            checkpoint = swin3d.load_file(checkpoint)
         sd = checkpoint
         for k in ("state_dict", "model"):
             if isinstance(sd, dict) and isinstance(sd.get(k), dict):

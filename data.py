@@ -431,6 +431,12 @@ def read_image(path: PathLike, min_short: Optional[int] = None) -> np.ndarray:
                 s = min_short / min(w, h)
                 if s < 1:
                     im.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                # 16-bit greyscale (PNG): PIL's convert("RGB") clips every value above 255,
+                # which turns the image white; scale 0..65535 to 0..255 instead.
+                grey = np.asarray(im, dtype=np.float64) / 257.0
+                grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except Exception as e:                                       # PIL raises OSError, SyntaxError, ValueError...
         raise BadMedia(path, f"{type(e).__name__}: {e}") from e
@@ -945,6 +951,10 @@ class FinetuneClipTransform:
 # Data sets: robust loading around the transforms
 
 
+class AllBadMedia(ValueError):
+    """Every file tried in a row was bad: the list or the root is wrong, not one file."""
+
+
 class _RobustDataset(Dataset):
     """Shared by the video and image sets: replace samples whose file is bad.
 
@@ -991,8 +1001,9 @@ class _RobustDataset(Dataset):
             skipped.append(f"{self.samples[i][0]}\t{self._bad[i]}")
             i = self._replacement()
         else:
-            raise RuntimeError(f"{MAX_REPLACEMENTS} files in a row could not be decoded, last: "
-                               f"{skipped[-1]!r}; is the data root right?")
+            first = "; ".join(line.replace("\t", " (", 1) + ")" for line in skipped[:3])
+            raise AllBadMedia(f"{MAX_REPLACEMENTS} files in a row could not be decoded, e.g. {first}; "
+                              f"are the list and the root right?")
         out["label"] = self.samples[i][1]
         out["index"] = i
         out["skipped"] = "\n".join(skipped)
@@ -1108,9 +1119,13 @@ class EpochLoader:
 
     def __iter__(self):
         self.skipped = 0
-        for batch in self.loader:
-            self.note_skipped(batch.pop("skipped", None))
-            yield batch
+        try:
+            for batch in self.loader:
+                self.note_skipped(batch.pop("skipped", None))
+                yield batch
+        except AllBadMedia as e:
+            # From a worker, the message carries the worker's traceback; keep its last line.
+            raise AllBadMedia(str(e).strip().splitlines()[-1].split("AllBadMedia: ")[-1]) from None
         if self.report and self.verbose:
             print(f"[data] {self.name} epoch {self.epoch}: {self.skipped} unreadable file(s) skipped "
                   f"({self.skipped_total} in total)", flush=True)
@@ -1141,6 +1156,11 @@ class JointLoader:
 
     def __len__(self):
         return len(self.videos)
+
+    @property
+    def skipped_total(self) -> int:
+        """Unreadable files met over the whole run, videos and images."""
+        return self.videos.skipped_total + self.images.skipped_total
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -1737,4 +1757,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:          # a user error: one line naming it, exit 2 (tracebacks are for bugs)
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

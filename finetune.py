@@ -65,7 +65,7 @@ import torch.nn.functional as F
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (DIST_TIMEOUT_MIN, PRECISIONS, EpochStream, Parser, StepLog, add_dataclass_flags, all_gather_rows,
+from train import (DIST_TIMEOUT_MIN, PRECISIONS, USER_ERRORS, EpochStream, Parser, StepLog, add_dataclass_flags, all_gather_rows,
                    all_rng_states, check_ranges, claim_run_dir, clip_gradients, load_for_resume, lr_at, param_groups,
                    precision_note, resolve_precision, save_checkpoint, seed_everything, set_rng_state,
                    setup_distributed, start_log, wrap_ddp)
@@ -386,9 +386,7 @@ class LoadReport(NamedTuple):
 def _state_dict_of(checkpoint) -> tuple[dict, dict]:
     """(flat state dict, outer dict) of a path / dict; `module.` / `_orig_mod.` stripped."""
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        if not os.path.exists(checkpoint):
-            raise ValueError(f"checkpoint {checkpoint} does not exist")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = swin3d.load_file(checkpoint)
     outer = checkpoint if isinstance(checkpoint, dict) else {}
     sd = checkpoint
     for k in ("state_dict", "model"):
@@ -930,7 +928,7 @@ def main(argv=None) -> dict:
     try:
         tasks = resolve_tasks(cfg, rank)
         results = {t.name: run_task(cfg, t, ddp, rank, world, device) for t in tasks}
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, TimeoutError) as e:
+    except USER_ERRORS as e:
         if dist.is_initialized():                             # bad input: one line naming the mismatch, exit 2
             dist.destroy_process_group()
         print(f"finetune.py: error: {e}", file=sys.stderr, flush=True)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import warnings
 from typing import NamedTuple, Optional
 
@@ -559,4 +560,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:          # a user error: one line naming it, exit 2 (tracebacks are for bugs)
+        print(f"masking.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

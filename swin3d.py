@@ -36,6 +36,7 @@ Run `python tests/bench_swin3d.py` for speed, memory and FLOP counts.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -639,6 +640,23 @@ def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
 
 # -----------------------------------------------------------------------------
 # Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing (DESIGN §7, §9)
+
+
+def load_file(path) -> object:
+    """torch.load of a checkpoint file with weights_only=True (tensors and plain containers, no code).
+
+    Anything that is not such a file (text, a torn zip, a pickle that needs
+    classes to load) is a one-line ValueError. torch's own message would advise
+    retrying with weights_only=False, i.e. running the file's code: never do that
+    with a file you did not make.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a checkpoint of this project, or cannot be loaded safely "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
 
 
 def unwrap_key(key: str) -> str:

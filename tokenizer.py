@@ -1012,5 +1012,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as e:
-        sys.exit(f"error: {e}")
+    except (OSError, ValueError, pickle.UnpicklingError) as e:   # a user error: one line, exit 2
+        print(f"tokenizer.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

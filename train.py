@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -458,12 +459,9 @@ def set_rng_state(st: dict) -> None:
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint safely (weights_only) and verify its checksum; CheckpointError if it cannot be used."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:                              # torn zip, text, a pickle that needs code to load
-        raise CheckpointError(f"{path} is not a checkpoint of this project, or cannot be loaded safely "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        ck = swin3d.load_file(path)                     # torn zip, text, a pickle that needs code: one line
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project (it holds a {type(ck).__name__})")
     stored = ck.pop("checksum", None)
@@ -593,9 +591,11 @@ def resolve_tokenizer(cfg: TrainConfig, data_root: str, rank: int, ddp: bool, de
     import tokenizer
     path = cfg.tokenizer
     if not path:
-        if cfg.preset != "cpu":
-            raise SystemExit("--tokenizer is required: the DALL-E encoder.pkl, its converted .pt "
-                             "(python tokenizer.py convert), or an offline tokenizer (python tokenizer.py fit)")
+        if cfg.preset != "cpu" or cfg.video_root or cfg.image_root:
+            raise ValueError("--tokenizer is required" + (" with your own data" if cfg.preset == "cpu" else "") +
+                             ": the DALL-E encoder.pkl, its converted .pt (python tokenizer.py convert), or an "
+                             "offline tokenizer fitted on your images (python tokenizer.py fit --data DIR "
+                             f"--vocab {cfg.vocab_size} --out tok.pt)")
         path = os.path.join(data_root, f"tokenizer_{cfg.tokenizer_vocab}.pt")
         if rank == 0 and not os.path.exists(path):
             print(f"fitting the offline tokenizer ({cfg.tokenizer_vocab} codes) on {data_root}/images/train ...")
@@ -780,12 +780,17 @@ def claim_run_dir(out_dir: str, cfg, rank: int, ddp: bool):
     return lock, None
 
 
+# What a user's input can raise (bad paths, files, values, a full disk); anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, TimeoutError, pickle.UnpicklingError)
+
+
 def main(argv=None) -> dict:
     """Command-line entry: user errors end in one line naming what was expected and what came, exit 2."""
     cfg = parse_args(argv)
     try:
         return run(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, TimeoutError) as e:
+    except USER_ERRORS as e:
         if dist.is_initialized():
             dist.destroy_process_group()
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
@@ -934,9 +939,9 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
             # Rank 0's targets of this run; the last steps' accuracy is to be read against these.
             print(f"masked-token accuracy baselines ({name}): uniform 1/{cfg.vocab_size} = {1 / cfg.vocab_size:.4f}, "
                   f"always the most frequent code = {float(h.max() / h.sum()):.4f}")
-        skipped = getattr(loader, "skipped", None)
+        skipped = getattr(loader, "skipped_total", 0)
         if skipped:
-            print(f"skipped {skipped} unreadable media files (see the log above for their paths)")
+            print(f"skipped {skipped} unreadable media files over the run (see the log above for their paths)")
     if ddp:
         dist.destroy_process_group()
     return last
