@@ -830,7 +830,8 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
             "decoupled design, cf. Table 6)")
     if init and resume is None:
         report = raw.load_released(init)
-        loaded_encoder = [k for k in raw.encoder.state_dict() if "encoder." + k not in report.missing]
+        loaded_encoder = [k for k in raw.encoder.state_dict() if "encoder." + k not in report.missing
+                          and not k.endswith("relative_position_index")]      # re-derived, never loaded
         if not loaded_encoder:
             raise ValueError(f"--init {init} holds no encoder weights ({len(report.unused)} keys, none of them the "
                              f"encoder's, e.g. {report.unused[:2]}); expected a BEVT or Video Swin checkpoint")

@@ -10,6 +10,7 @@ its parameters to OUT/rank{r}.pt.
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT [compile]
     python tests/ddp_worker.py OUT
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT collectives
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT frozen
 """
 import os
 import sys
@@ -63,6 +64,24 @@ def collectives(out):
     dist.destroy_process_group()
 
 
+def frozen_rank(out):
+    """Rank 1 freezes (sleeps 60 s) before a collective; rank 0, under a 0.05-minute process-group
+    timeout (train.setup_distributed), must fail within seconds instead of waiting for it."""
+    import time
+    ddp, rank, world, device = train.setup_distributed(timeout_min=0.05)
+    if rank == 1:
+        time.sleep(60)
+    t = time.time()
+    try:
+        dist.all_reduce(torch.ones(1))
+        result = "no timeout"
+    except Exception as e:                                        # gloo: RuntimeError "... timed out ..."
+        result = f"{type(e).__name__} after {time.time() - t:.0f} s"
+    with open(os.path.join(out, f"timeout{rank}.txt"), "w") as f:
+        f.write(result + "\n")
+    os._exit(3)                                                   # as a failed rank would: torchrun ends the job
+
+
 def main(out, compiled=False):
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
@@ -103,5 +122,7 @@ def main(out, compiled=False):
 if __name__ == "__main__":
     if sys.argv[2:] == ["collectives"]:
         collectives(sys.argv[1])
+    elif sys.argv[2:] == ["frozen"]:
+        frozen_rank(sys.argv[1])
     else:
         main(sys.argv[1], compiled=sys.argv[2:] == ["compile"])

@@ -1,0 +1,292 @@
+"""Reliability: a run is never lost or silently spoiled, and every user error is one clear line.
+
+One test per way a careless or hostile user (or a full disk, a kill, a frozen
+rank) could lose or spoil a run, each run against the real thing: train.py
+processes on a tiny synthetic set written with PyAV, real 2-process gloo
+torchrun, a real full disk (/dev/full), real damaged files."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import finetune
+import train
+from test_train import ENV, ROOT, args, metrics, run, syn  # noqa: F401  (syn is a fixture)
+
+
+def one_line(r_or_err: str) -> str:
+    lines = [line for line in r_or_err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, r_or_err
+    assert "error:" in lines[0] and "Traceback" not in lines[0]
+    return lines[0]
+
+
+# -----------------------------------------------------------------------------
+# 1. A second run on the same folder: resumed, refused or explicitly overwritten, never wiped
+
+
+def test_rerun_resumes_and_never_wipes_a_previous_run(syn, tmp_path):
+    base = args(syn, tmp_path, "--stage", "image")
+    r = run(base + ["--max-steps", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(base + ["--max-steps", "4"])                               # the same command again, longer
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "step 2" in r.stdout
+    with open(tmp_path / "image" / "metrics.jsonl") as f:              # no gap, no rows of two runs
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+    r = run(base + ["--max-steps", "4", "--resume", "no"])            # a fresh start must be asked for
+    assert r.returncode == 2
+    assert "holds a previous run" in one_line(r.stderr) and "--overwrite" in r.stderr
+    r = run(base + ["--max-steps", "1", "--overwrite"])
+    assert r.returncode == 0 and "resumed" not in r.stdout
+    assert sorted(metrics(tmp_path, "image")) == [1]
+
+
+def test_a_second_process_on_the_same_folder_is_refused_and_a_dead_ones_lock_is_taken_over(syn, tmp_path):
+    (tmp_path / "image").mkdir(parents=True)
+    lock = tmp_path / "image" / "run.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")           # a live holder: this test process
+    r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "1"))
+    assert r.returncode == 2
+    msg = one_line(r.stderr)
+    assert "in use by another run" in msg and str(os.getpid()) in msg
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                                         # its pid is now free
+    lock.write_text(f"{socket.gethostname()} {dead.pid}\n")
+    r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not lock.exists()                                            # released at the end
+
+
+# -----------------------------------------------------------------------------
+# 2-3, 10. Flags: one meaning, ranges checked at parse time, one line and exit 2
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--clip-grad", "-1"], "--clip-grad"), (["--epochs", "0"], "--epochs"), (["--epochs", "-1"], "--epochs"),
+    (["--max-steps", "-5"], "--max-steps"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs"), (["--ckpt-every", "0"], "--ckpt-every"),
+    (["--log-every", "0"], "--log-every"), (["--global-image-batch", "0"], "--global-image-batch"),
+    (["--short-side", "160", "128"], "--short-side"), (["--drop-path", "2"], "--drop-path"),
+    (["--accum-steps", "-1"], "--accum-steps"), (["--precision", "fp8"], "--precision"),
+    (["--mask-strategy", "cube"], "--mask-strategy"), (["--stage", "audio"], "--stage"),
+])
+def test_train_flags_out_of_range_are_one_line_errors(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--preset", "cpu", *argv])
+    assert e.value.code == 2
+    msg = one_line(capsys.readouterr().err)
+    assert flag in msg and argv[-1] in msg                               # names the flag and what came
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--ema", "2"], "--ema"), (["--global-batch", "0"], "--global-batch"), (["--clip-grad", "-1"], "--clip-grad"),
+    (["--epochs", "0"], "--epochs"), (["--recipe", "k600"], "--recipe"), (["--eval-mode", "sideways"], "eval-mode"),
+])
+def test_finetune_flags_out_of_range_are_one_line_errors(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        finetune.parse_args(["--preset", "cpu", *argv])
+    assert e.value.code == 2
+    assert flag in one_line(capsys.readouterr().err)
+
+
+def test_clip_grad_zero_means_no_clipping_in_both_tools():
+    w = torch.nn.Parameter(torch.zeros(3))
+    w.grad = torch.tensor([30.0, 40.0, 0.0])                           # norm 50
+    norm = train.clip_gradients([w], 0.0)
+    assert norm.item() == pytest.approx(50.0) and torch.equal(w.grad, torch.tensor([30.0, 40.0, 0.0]))
+    norm = train.clip_gradients([w], 5.0)
+    assert norm.item() == pytest.approx(50.0) and w.grad.norm().item() == pytest.approx(5.0, rel=1e-4)
+    assert train.parse_args(["--clip-grad", "0"]).clip_grad == 0.0     # accepted: "off", as in finetune.py
+
+
+def test_init_that_is_not_an_encoder_checkpoint_is_a_one_line_error(syn, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    r = run(args(syn, tmp_path / "a", "--stage", "image", "--max-steps", "1", "--init", str(text)))
+    assert r.returncode == 2
+    msg = one_line(r.stderr)
+    assert "not a checkpoint of this project" in msg and "weights_only=False" not in msg
+    tok = os.path.join(syn, "tokenizer_32.pt")                          # written by the earlier runs' fixture use
+    if not os.path.exists(tok):
+        run(args(syn, tmp_path / "b", "--stage", "image", "--max-steps", "1"))
+    r = run(args(syn, tmp_path / "c", "--stage", "image", "--max-steps", "1", "--init", tok))
+    assert r.returncode == 2 and "holds no encoder weights" in one_line(r.stderr)
+
+
+def test_own_data_without_a_tokenizer_says_how_to_make_one(syn, tmp_path):
+    vids = os.path.join(syn, "videos")
+    r = run(["--preset", "cpu", "--stage", "video", "--out", str(tmp_path), "--video-root", vids,
+             "--video-list", os.path.join(vids, "train_motion.txt")])
+    assert r.returncode == 2
+    msg = one_line(r.stderr)
+    assert "--tokenizer is required with your own data" in msg and "tokenizer.py fit" in msg
+
+
+@pytest.mark.parametrize("cmd, expect", [
+    (["data.py", "check", "--ann", "/no/such/list.txt", "--root", "/tmp"], "/no/such/list.txt"),
+    (["masking.py", "--strategy", "tube", "--out", "/tmp/m.png", "--size", "40"], "multiples of"),
+    (["tokenizer.py", "info", "/no/such/tok.pt"], "/no/such/tok.pt"),
+])
+def test_command_line_tools_end_user_errors_in_one_line(cmd, expect):
+    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert expect in one_line(r.stderr)
+
+
+# -----------------------------------------------------------------------------
+# 4, 12, 13. Media: 16-bit images decoded right; an all-bad list named; skips counted over the run
+
+
+def test_16_bit_png_is_scaled_not_clipped_to_white(tmp_path):
+    grey = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")                  # a real 16-bit greyscale PNG
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = data.read_image(tmp_path / "deep.png")
+    assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+    expected = np.rint(grey / 257.0).astype(np.uint8)                  # 65535 -> 255, linear
+    assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1
+    assert rgb.min() == 0 and rgb.max() == 255
+
+
+def _list_of(tmp_path, good: int, bad: int):
+    root = tmp_path / "media"
+    root.mkdir()
+    rows = []
+    for i in range(good):
+        data.write_video(root / f"good{i}.mp4", np.full((8, 32, 32, 3), 40 * i, np.uint8))
+        rows.append(f"good{i}.mp4 0")
+    for i in range(bad):
+        (root / f"bad{i}.mp4").write_bytes(b"\x00" * 100 + os.urandom(200))
+        rows.append(f"bad{i}.mp4 0")
+    (tmp_path / "list.txt").write_text("\n".join(rows) + "\n")
+    return root, tmp_path / "list.txt"
+
+
+def _finetune_cfg(**kw):
+    return data.FinetuneDataConfig(frames=4, interval=1, crop=32, short_side=32, num_workers=0, **kw)
+
+
+def test_an_all_bad_list_is_one_line_naming_its_files(tmp_path):
+    root, ann = _list_of(tmp_path, good=0, bad=4)
+    loader = data.build_finetune_loader("val", dataclasses_replace(_finetune_cfg(), num_workers=1), ann=ann,
+                                        root=root, verbose=False)
+    with pytest.raises(data.AllBadMedia) as e:
+        list(loader)
+    msg = str(e.value)
+    assert "\n" not in msg and "bad" in msg and ".mp4 (" in msg and "are the list and the root right" in msg
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_skip_count_covers_the_whole_run(tmp_path):
+    root, ann = _list_of(tmp_path, good=3, bad=3)
+    loader = data.build_finetune_loader("train", _finetune_cfg(batch_size=2), ann=ann, root=root, verbose=False)
+    per_epoch = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        list(loader)
+        per_epoch.append(loader.skipped)
+    assert all(n >= 1 for n in per_epoch)                               # bad rows are visited every epoch
+    assert loader.skipped_total == sum(per_epoch)                       # what train.py prints at the end
+
+
+# -----------------------------------------------------------------------------
+# 5. A stale lock of a killed synthetic-set generation is taken over, not waited on for 15 minutes
+
+
+def test_stale_synthetic_lock_and_temp_folder_of_a_dead_generator(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = tmp_path / "syn"
+    (tmp_path / ".syn.lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
+    leftover = tmp_path / f".syn.tmp-{dead.pid}"
+    leftover.mkdir()
+    (leftover / "half.mp4").write_bytes(b"x")
+    t = time.time()
+    data.ensure_synthetic(root, seed=0, verbose=False, timeout=60, n_train=2, n_val=1, images_train=1,
+                          images_val=1, frames=8, height=64, width=64)
+    assert (root / data.DONE_NAME).exists() and time.time() - t < 60
+    assert not leftover.exists() and not (tmp_path / ".syn.lock").exists()
+
+
+# -----------------------------------------------------------------------------
+# 6. A frozen rank fails the job within the process-group timeout
+
+
+def test_a_frozen_rank_fails_the_job_within_the_timeout(tmp_path):
+    worker = os.path.join(ROOT, "tests", "ddp_worker.py")
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        worker, str(tmp_path), "frozen"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0
+    assert (tmp_path / "timeout0.txt").read_text().startswith("RuntimeError after")   # rank 0 gave up ...
+    assert time.time() - t < 50                                          # ... long before rank 1's 60 s sleep
+
+
+# -----------------------------------------------------------------------------
+# 7-8, 10. Damaged run files: torn log lines, torn or bit-flipped checkpoints, a full disk
+
+
+def test_torn_last_metrics_line_is_tolerated(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in train.read_metrics(str(path))] == [1, 2]
+    cfg = train.parse_args(["--preset", "cpu"])
+    train.start_log(str(tmp_path), cfg, resumed_step=2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def _two_checkpoints(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    big = torch.arange(2_000_000, dtype=torch.float32)                   # 8 MB: most of the file is tensor data
+    train.save_checkpoint(path, {"model": {"w": big}, "step": 1}, keep_previous=True)
+    train.save_checkpoint(path, {"model": {"w": big + 1}, "step": 2}, keep_previous=True)
+    assert os.path.exists(tmp_path / "ckpt.prev.pt") and train.load_checkpoint(path)["step"] == 2
+    return path
+
+
+def test_checkpoint_cut_in_half_falls_back_to_the_previous_one(tmp_path):
+    path = _two_checkpoints(tmp_path)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    said = []
+    ck = train.load_for_resume(path, said.append)
+    assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(2_000_000, dtype=torch.float32))
+    assert len(said) == 1 and "ckpt.pt" in said[0] and "ckpt.prev.pt" in said[0]
+
+
+def test_flipped_bits_in_a_checkpoint_are_detected_not_trained_on(tmp_path):
+    path = _two_checkpoints(tmp_path)
+    with open(path, "r+b") as f:                                        # 4 KB of flipped bits in the tensor data
+        f.seek(os.path.getsize(path) // 2)
+        block = bytearray(f.read(4096))
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in block))
+    with pytest.raises(train.CheckpointError, match="damaged|not a checkpoint"):
+        train.load_checkpoint(path)
+    said = []
+    assert train.load_for_resume(path, said.append)["step"] == 1 and len(said) == 1
+
+
+def test_full_disk_during_a_checkpoint_names_the_path_and_leaves_nothing(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    os.symlink("/dev/full", f"{path}.tmp-{os.getpid()}")               # every write there fails with ENOSPC
+    with pytest.raises(OSError) as e:
+        train.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "step": 1})
+    assert path in str(e.value) and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []                                   # the temporary file is gone
