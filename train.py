@@ -597,6 +597,9 @@ def resolve_tokenizer(cfg: TrainConfig, data_root: str, rank: int, ddp: bool, de
                              "offline tokenizer fitted on your images (python tokenizer.py fit --data DIR "
                              f"--vocab {cfg.vocab_size} --out tok.pt)")
         path = os.path.join(data_root, f"tokenizer_{cfg.tokenizer_vocab}.pt")
+        if rank == 0 and not os.path.exists(path) and not os.access(data_root, os.W_OK):
+            raise ValueError(f"cannot write the offline tokenizer to {path}: {data_root} is not writable "
+                             f"(pass --tokenizer, or a writable --data)")   # checked before minutes of fitting
         if rank == 0 and not os.path.exists(path):
             print(f"fitting the offline tokenizer ({cfg.tokenizer_vocab} codes) on {data_root}/images/train ...")
             tok = tokenizer.fit_from_dir(os.path.join(data_root, "images", "train"), cfg.tokenizer_vocab,
