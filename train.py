@@ -938,7 +938,11 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
         bar.close()
         save_checkpoint(os.path.join(out_dir, "final.pt"), {"model": raw.state_dict(), "step": step,
                                                             "config": dataclasses.asdict(cfg)})
-        print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
+        if last:
+            print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
+        else:
+            print(f"the run in {out_dir} was already complete at step {step}: nothing to do "
+                  f"(--overwrite starts it again)")
         for name, h in sorted(hist.items()):
             # Rank 0's targets of this run; the last steps' accuracy is to be read against these.
             print(f"masked-token accuracy baselines ({name}): uniform 1/{cfg.vocab_size} = {1 / cfg.vocab_size:.4f}, "
