@@ -298,6 +298,37 @@ class FrameSampling:
 
 # -----------------------------------------------------------------------------
 # Decoding with PyAV
+#
+# What "frame i" means (read_video's contract, the same in every container):
+#
+#     frame i is the i-th picture, counting from 0, that decoding the stream
+#     from its first packet outputs (presentation order); the frame count is
+#     the number of those pictures.
+#
+# In a constant-frame-rate stream this is the frame whose timestamp is
+# t0 + i / fps, t0 the timestamp of frame 0: the rule read_video has always
+# used, and what lets a clip start with a seek instead of decoding everything
+# before it (the fast path). t0 is the container's start time where the
+# container stores every frame's timestamp (MP4/MOV, Matroska/WebM, FLV);
+# elsewhere the start time is unreliable and t0 is the first decoded frame's
+# timestamp (AVI stores no timestamps: FFmpeg derives them from the decode
+# order, and with B-frames the first frame gets 1 while the start time is 0;
+# MPEG-TS/PS start times are estimates from the first packets).
+#
+# The seek check (_decode_after_seek): a seek lands on some keyframe, and the
+# frames decoded from there are placed by their timestamps only if the first
+# key frame out of the decoder is on the t0 + k / fps grid at or before the
+# first needed frame (and, where the container seeks by byte position, has
+# the timestamp of a keyframe in a from-start scan), and every next frame is
+# exactly one frame after the one before. Landing too late, or at the end of
+# the file, means seeking again, earlier.
+#
+# Where timestamps cannot place frames (none at all; not 1/fps apart, as in
+# variable-frame-rate files or AVI "drop frames"; not one frame apart from one
+# decoded frame to the next, as in AVI H.264 with B-frames; or not the same
+# after a seek as from the start, as in MPEG-PS), frames are counted in decode
+# order from the start instead: the slow path. It is exact, logged once per
+# file, and never a reason to drop the file; `data.py check` lists such files.
 
 
 class BadMedia(Exception):
@@ -306,6 +337,18 @@ class BadMedia(Exception):
     def __init__(self, path, reason):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = str(path), str(reason)
+
+
+_MOV = "mov,mp4,m4a,3gp,3g2,mj2"                   # FFmpeg's demuxer names (container.format.name)
+_STORED_START = (_MOV, "matroska,webm", "flv")      # every frame's timestamp is in the file: t0 = start time
+# Containers whose seeks go to a keyframe through an index (or by reading
+# forward) and give frames the timestamps they have from the start. Anywhere
+# else (MPEG-TS/PS seek by byte position and re-derive timestamps from there)
+# a landing is also checked against the keyframe timestamps of a from-start scan.
+_SEEK_BY_INDEX = (_MOV, "matroska,webm", "flv", "avi")
+_GRID_TOL = 0.25            # how far from t0 + k / fps a timestamp may be, in frames (WebM/FLV round to 1 ms)
+_SEEK_BACKOFF_S = (0, 1, 10)  # seek to the first needed frame, then 1 s and 10 s before it, then from the start
+_SLOW: dict = {}            # path -> why its frames are placed by decode order (this process; logged once)
 
 
 def _open_video(path: PathLike, threads: int):
@@ -320,29 +363,94 @@ def _open_video(path: PathLike, threads: int):
     return container, stream
 
 
-def _count_frames(container, stream) -> int:
-    """Frames in the stream: the container's count, else by demuxing (then rewinds).
-
-    MP4 stores the count; Matroska/WebM usually does not (0), so the packets
-    are counted without decoding them (cheap next to a decode).
-    """
-    if stream.frames > 0:
-        return int(stream.frames)
-    n = sum(1 for pkt in container.demux(stream) if pkt.size)
-    container.seek(0)                                            # back to the start for decoding
-    return n
-
-
-def count_frames(path: PathLike) -> int:
-    """Frames in the first video stream of a file (see _count_frames)."""
-    container, stream = _open_video(path, 1)
-    with container:
-        return _count_frames(container, stream)
-
-
 def _frame_rate(stream) -> Optional[Fraction]:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     return Fraction(rate) if rate else None
+
+
+def _scan(container, stream, path: Optional[PathLike] = None) -> tuple[int, Optional[str], Optional[set]]:
+    """(frame count, why timestamps cannot place frames or None, keyframe timestamps or None).
+
+    The count is the pictures with data, one per packet. MP4/MOV store it
+    (the sample table): nothing is read, and the stream's duration checks
+    that the n frames are 1/fps apart. AVI's header counts its empty "drop
+    frame" chunks too, which decode to nothing; its index lists the chunks
+    with data, numbered in time including the drops, so the gaps show.
+    Other containers (Matroska/WebM, MPEG-TS/PS, ...) store no count: the
+    packets are demuxed, not decoded (cheap next to a decode), then the
+    container rewinds; their timestamps must be the 1/fps grid, and the
+    keyframes' are kept for the seek check. A file whose timestamps fail is
+    noted for the slow path (`path`).
+    """
+    rate, tb = _frame_rate(stream), stream.time_base
+    fmt = container.format.name
+    avi = _avi_index(stream) if fmt == "avi" else None
+    if fmt == _MOV and stream.frames > 0:
+        n, why = int(stream.frames), None
+        if stream.duration and stream.base_rate:             # base_rate: the rate all timestamps fit
+            span = float(stream.duration * tb * stream.base_rate)
+            if abs(span - n) > 1:                            # one frame of slack for the last frame's duration
+                why = f"{n} frames span {span:.1f} frame durations (variable frame rate?)"
+        keys = None
+    elif avi is not None:
+        n, why, keys = len(avi), _grid_problem(avi, tb, rate), None
+    else:
+        pts, keys = [], set()
+        for pkt in container.demux(stream):
+            if pkt.size:                                     # the flush packet at the end is empty
+                pts.append(pkt.pts)
+                if pkt.is_keyframe:
+                    keys.add(pkt.pts)
+        container.seek(0)                                    # back to the start for decoding
+        n, why = len(pts), _grid_problem(pts, tb, rate)
+    if why and path is not None:
+        _note_slow(path, why)
+    return n, why, keys
+
+
+def _avi_index(stream) -> Optional[list]:
+    """Times (chunk numbers) of the AVI index's chunks with data; None unless it covers the whole stream."""
+    entries = getattr(stream, "index_entries", None)             # PyAV >= 14: the demuxer's index, no reading
+    if entries is None:
+        return None
+    times = [e.timestamp for e in entries if e.size > 0]
+    return times if times and times[-1] + 1 == stream.frames else None
+
+
+def _grid_problem(pts: list, tb, rate) -> Optional[str]:
+    """Why packet timestamps are not t0 + k / fps for k = 0, 1, ... (None if they are)."""
+    if rate is None or tb is None:
+        return "no frame rate"
+    if not pts or any(p is None for p in pts):
+        return "packets without timestamps"
+    pts = sorted(pts)
+    k = float(tb * rate)                                     # frames per time-base tick
+    for i, p in enumerate(pts):
+        x = (p - pts[0]) * k
+        if abs(x - i) > _GRID_TOL:
+            return (f"timestamps are not 1/fps apart (frame {i} is at {x:.2f} frame durations): "
+                    f"variable frame rate or dropped frames")
+    return None
+
+
+def _count_frames(container, stream, path: Optional[PathLike] = None) -> int:
+    """Frames in the stream (see _scan); the container is left at the start."""
+    return _scan(container, stream, path)[0]
+
+
+def count_frames(path: PathLike) -> int:
+    """Frames in the first video stream of a file: what decoding it from the start outputs (see _scan)."""
+    container, stream = _open_video(path, 1)
+    with container:
+        return _count_frames(container, stream, path)
+
+
+def _note_slow(path, reason: str) -> None:
+    """Remember (and log, once per file) that a file's frames are placed by decode order."""
+    key = str(path)
+    if path is not None and key not in _SLOW:
+        _SLOW[key] = reason
+        log.warning("%s: %s; its frames are decoded from the start (slow path, exact)", key, reason)
 
 
 def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = None, threads: int = 1,
@@ -351,23 +459,30 @@ def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = N
 
     frames: uint8 (*idx.shape, H, W, 3) RGB; idx = sample(num_frames), the
     frame indices (any shape, e.g. (clips, T)); sample None takes every frame.
-    Only frames from the keyframe before min(idx) to max(idx) are decoded,
-    and only the needed ones converted to RGB. Frame i is the one whose
-    timestamp is i / fps after the stream start (constant frame rate, as in
-    Kinetics/SSv2 re-encodes). Raises BadMedia if the file cannot be opened,
-    has no frames, or a needed frame never arrives (truncated file, or a frame
-    count larger than what decodes). `num_frames` skips the count when the
-    caller knows it (the data sets cache it).
+    Frame i is the i-th picture decoding the stream from its start outputs;
+    in a constant-frame-rate stream, the one whose timestamp is i / fps after
+    the first frame's (see "What frame i means" above). Only frames from the
+    keyframe before min(idx) to max(idx) are decoded, after a seek whose
+    landing is checked; where the file's timestamps cannot place frames, from
+    the start (slow path, logged once per file). Only the needed frames are
+    converted to RGB. Raises BadMedia if the file cannot be opened, has no
+    frames, or a needed frame never arrives (truncated file, or a frame count
+    larger than what decodes). `num_frames` skips the count when the caller
+    knows it (the data sets cache it).
     """
     try:
         container, stream = _open_video(path, threads)
         with container:
-            n = _count_frames(container, stream) if num_frames is None else num_frames
+            keys = None
+            if num_frames is None:
+                n, _, keys = _scan(container, stream, path)
+            else:
+                n = num_frames
             if n < 1:
                 raise BadMedia(path, "zero frames")
             idx = np.arange(n) if sample is None else np.asarray(sample(n))
             wanted = np.unique(idx)                              # sorted
-            got = _decode_indices(container, stream, wanted)
+            got = _decode_indices(container, stream, wanted, path, keys)
     except BadMedia:
         raise
     except Exception as e:                                       # anything the demuxer/decoder throws: bad file
@@ -380,41 +495,107 @@ def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = N
     return frames.reshape(*idx.shape, *frames.shape[1:]), idx, n
 
 
-def _decode_indices(container, stream, wanted: np.ndarray) -> dict[int, np.ndarray]:
-    """{index: (H, W, 3) uint8} for the sorted frame indices `wanted`."""
-    first, last = int(wanted[0]), int(wanted[-1])
-    wanted_set = set(int(i) for i in wanted)
-    rate, tb = _frame_rate(stream), stream.time_base
-    start = stream.start_time or 0
-    timed = rate is not None and tb is not None
-    # Pass 1 seeks to the keyframe at or before `first`; pass 2 runs only if
-    # that seek landed after `first` or frames lack timestamps: from the start.
-    for seek in (first > 0 and timed, False):
-        if seek:
-            target = start + int(Fraction(first) / rate / tb)     # pts of frame `first`
-            container.seek(target, stream=stream, backward=True, any_frame=False)
-        elif first > 0:
-            container.seek(0)
-        got, counter, retry = {}, -1, False
-        for frame in container.decode(stream):
-            counter += 1
-            if frame.pts is None or not timed:
-                if seek:                                         # cannot place frames after a seek
-                    retry = True
-                    break
-                i = counter                                      # decoding from the start: count
-            else:
-                i = round((frame.pts - start) * tb * rate)       # timestamp -> frame index
-            if seek and counter == 0 and i > first:              # landed after `first`
-                retry = True
-                break
-            if i > last:
-                break
-            if i in wanted_set and i not in got:
-                got[i] = frame.to_ndarray(format="rgb24")        # YUV -> RGB only for needed frames
-        if not retry:
-            return got
+def _decode_indices(container, stream, wanted: np.ndarray, path: Optional[PathLike] = None,
+                    keys: Optional[set] = None) -> dict[int, np.ndarray]:
+    """{index: (H, W, 3) uint8} for the sorted frame indices `wanted`.
+
+    Seeks (the fast path, checked) when the first needed frame is not frame 0
+    and the file is not known to need the slow path, else and whenever the
+    seek check fails, decodes from the start. `keys`: the keyframe timestamps
+    from _scan, if it ran; `path` names the file for the slow-path record.
+    """
+    first, key = int(wanted[0]), str(path)
+    if first > 0 and key not in _SLOW:
+        if keys is None and container.format.name not in _SEEK_BY_INDEX:
+            keys = _scan(container, stream, path)[2]             # byte-position seeks need the keyframe table
+        if key not in _SLOW:                                     # (the scan may have found a reason)
+            got, why = _decode_after_seek(container, stream, wanted, keys)
+            if got is not None:
+                return got
+            if why:
+                _note_slow(path, why)
+        container.seek(0)
+    return _decode_from_start(container, stream, wanted)
+
+
+def _decode_from_start(container, stream, wanted: np.ndarray) -> dict[int, np.ndarray]:
+    """Frame i = the i-th frame out of the decoder: exact by definition, needs no timestamps."""
+    last, wanted_set, got = int(wanted[-1]), set(int(i) for i in wanted), {}
+    for i, frame in enumerate(container.decode(stream)):
+        if i in wanted_set:
+            got[i] = frame.to_ndarray(format="rgb24")            # YUV -> RGB only for needed frames
+        if i >= last:
+            break
     return got
+
+
+def _decode_after_seek(container, stream, wanted: np.ndarray, keys: Optional[set]):
+    """The fast path: (frames, None), or (None, why the file needs the slow path), or
+    (None, None) when the seek ends up at the start anyway (a short distance, no problem).
+
+    The seek check. A seek goes to a keyframe at or before a target time, but
+    which frame the decoder then outputs first (the landing) depends on the
+    demuxer and the codec, so the landing is trusted only if
+      1. it is the first key frame out of the decoder (frames before it were
+         decoded from references the seek skipped: dropped), its timestamp
+         is on the grid t0 + L / fps, and 0 <= L <= first (the first needed frame);
+      2. where the container seeks by byte position (MPEG-TS/PS), its
+         timestamp is one of the keyframe timestamps a from-start scan read,
+         i.e. the frame was not re-timed after the seek;
+      3. every later frame is exactly one frame after the one before, so its
+         index is its timestamp's place on the grid (and L + its rank).
+    A landing after `first` (a keyframe past the target, or leading pictures
+    of an open GOP the decoder drops after a seek) or no frame at all (a seek
+    past the last keyframe) is retried 1 s, then 10 s earlier; anything else
+    cannot be placed, and the file takes the slow path.
+    """
+    rate, tb = _frame_rate(stream), stream.time_base
+    if rate is None or tb is None:
+        return None, "no frame rate"
+    k = float(tb * rate)                                         # frames per time-base tick
+    if container.format.name in _STORED_START:
+        t0 = stream.start_time or 0
+    else:                                                        # the first decoded frame's timestamp
+        frame = next(iter(container.decode(stream)), None)
+        if frame is None or frame.pts is None:
+            return None, "the first frame has no timestamp"
+        t0 = frame.pts
+    first, last, wanted_set = int(wanted[0]), int(wanted[-1]), set(int(i) for i in wanted)
+    why = None
+    for back in _SEEK_BACKOFF_S:
+        target = first - int(back * rate)                       # frame index to seek to
+        if target <= 0:
+            return None, None                                    # from the start is as cheap
+        got, prev, late = {}, None, None
+        try:
+            container.seek(t0 + int(Fraction(target) / rate / tb), stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                x = None if frame.pts is None else (frame.pts - t0) * k
+                i = None if x is None else round(x)
+                if i is None or abs(x - i) > _GRID_TOL:
+                    return None, f"frame timestamp {frame.pts} off the 1/fps grid after a seek"
+                if prev is None:                                 # the landing
+                    if i > first:                                # past the first needed frame: seek earlier
+                        late = i
+                        break
+                    if not frame.key_frame:                      # decoded from missing references: skip
+                        continue
+                    if i < 0 or (keys is not None and frame.pts not in keys):
+                        return None, f"a seek landed on timestamp {frame.pts}, not a keyframe's from the start"
+                elif i != prev + 1:
+                    return None, f"timestamps not one frame apart after a seek (frame {prev} then {i})"
+                prev = i
+                if i in wanted_set:
+                    got[i] = frame.to_ndarray(format="rgb24")    # YUV -> RGB only for needed frames
+                if i >= last:
+                    break
+        except av.error.FFmpegError as e:                        # e.g. a byte-position seek into a packet
+            return None, f"seeking or decoding after a seek failed ({type(e).__name__}: {e})"
+        if prev is not None:
+            return got, None                                     # landed at or before `first`, all checks passed
+        why = (f"seeks land after the needed frame (asked {first}, landed at {late})" if late is not None
+               else f"a seek to frame {target} gave no frame")  # past the last keyframe
+    return None, why
 
 
 def read_image(path: PathLike, min_short: Optional[int] = None) -> np.ndarray:
@@ -1709,20 +1890,49 @@ def ensure_synthetic(root: PathLike, seed: int = 0, timeout: float = 900.0, verb
 # Command line
 
 
-def check_videos(ann: PathLike, root: PathLike, threads: int = 0) -> list[tuple[str, str]]:
-    """Decode every frame of every listed video; [(path, reason)] of the bad ones."""
+def check_videos(ann: PathLike, root: PathLike, threads: int = 0) -> tuple[list, list]:
+    """Decode every listed video -> (bad, slow), each a list of (path, reason).
+
+    bad: files read_video cannot use: unreadable, no frames, a frame count
+    that disagrees with what decodes from the start, or a seek that returns
+    another frame than decoding from the start gives (probed at a third, two
+    thirds and the last frame; read_video's seek check should make this
+    impossible, so such a file names a bug here). slow: files whose frames
+    cannot be placed exactly after a seek, which read_video decodes from the
+    start (exact, but slower on long videos); the reason says why.
+    """
     from tqdm import tqdm
-    bad = []
-    for path, _ in tqdm(read_annotations(ann, root), desc="decoding", unit="video"):
-        try:
-            container, stream = _open_video(path, threads)
-            with container:
-                n = sum(1 for _ in container.decode(stream))
-            if n == 0:
-                bad.append((str(path), "zero frames"))
-        except Exception as e:
-            bad.append((str(path), f"{type(e).__name__}: {e}"))
-    return bad
+    bad, slow = [], []
+    was_disabled, log.disabled = log.disabled, True              # the report lists the slow-path files itself
+    try:
+        for path, _ in tqdm(read_annotations(ann, root), desc="decoding", unit="video"):
+            try:
+                n = count_frames(path)
+                probe = sorted({n // 3, 2 * n // 3, n - 1}) if n > 0 else []
+                container, stream = _open_video(path, threads)
+                with container:
+                    ref, decoded = {}, 0
+                    for i, frame in enumerate(container.decode(stream)):
+                        if i in probe:
+                            ref[i] = frame.to_ndarray(format="rgb24")
+                        decoded += 1
+                if decoded == 0:
+                    bad.append((str(path), "zero frames"))
+                elif decoded != n:
+                    bad.append((str(path), f"counted {n} frames but {decoded} decode"))
+                else:
+                    for i in probe:                                  # each read seeks (unless slow)
+                        frames, _, _ = read_video(path, lambda m, i=i: np.array([i]), threads, n)
+                        if not np.array_equal(frames[0], ref[i]):
+                            bad.append((str(path), f"frame {i} after a seek is not frame {i} from the start"))
+                            break
+            except Exception as e:
+                bad.append((str(path), f"{type(e).__name__}: {e}"))
+            if str(path) in _SLOW:
+                slow.append((str(path), _SLOW[str(path)]))
+    finally:
+        log.disabled = was_disabled
+    return bad, slow
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -1738,7 +1948,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     m.add_argument("--frames", type=int, default=SYN_FRAMES)
     m.add_argument("--height", type=int, default=SYN_HEIGHT)
     m.add_argument("--width", type=int, default=SYN_WIDTH)
-    c = sub.add_parser("check", help="decode every video of an annotation list and list the bad ones")
+    c = sub.add_parser("check", help="decode every video of an annotation list; list the bad ones and "
+                                     "those read_video must decode from the start (slow path)")
     c.add_argument("--ann", required=True)
     c.add_argument("--root", required=True)
     args = ap.parse_args(argv)
@@ -1749,10 +1960,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(json.dumps(json.loads((root / "info.json").read_text())["classes"]))
         print(f"ready: {root}")
     else:
-        bad = check_videos(args.ann, args.root)
+        bad, slow = check_videos(args.ann, args.root)
         for path, reason in bad:
             print(f"BAD {path}: {reason}")
-        print(f"{len(bad)} bad file(s)")
+        for path, reason in slow:                                    # usable and exact, decoded from the start
+            print(f"SLOW {path}: {reason}")
+        print(f"{len(bad)} bad file(s); {len(slow)} whose frames cannot be placed after a seek (slow path)")
         sys.exit(1 if bad else 0)
 
 
