@@ -11,3 +11,17 @@ import torch  # noqa: E402
 
 # Two cores: more intra-op threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    """A tiny synthetic data set written with PyAV by data.py (8 videos, 24 images, 96x112 px):
+    the smallest on which train.py runs (96-px crops of 4 frames)."""
+    import data
+    root = tmp_path_factory.mktemp("bevt") / "syn"
+    data.ensure_synthetic(root, seed=0, verbose=False, n_train=8, n_val=2, images_train=4, images_val=1,
+                          frames=16, height=96, width=112)
+    return str(root)

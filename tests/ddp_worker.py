@@ -45,7 +45,7 @@ def collectives(out):
     """The trainers' cross-rank helpers under gloo: a NaN on rank 1 only must stop both ranks at the
     same step with the same message; rows of different lengths gather in rank order."""
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     rows = train.all_gather_rows(torch.arange(rank + 2) + 10 * rank, True)           # 2 rows, then 3
     mean = train.all_reduce_mean(torch.tensor([float(rank)]), True)
     log = train.StepLog(os.path.join(out, "metrics.jsonl") if rank == 0 else None, True, torch.device("cpu"))
@@ -68,7 +68,7 @@ def frozen_rank(out):
     """Rank 1 freezes (sleeps 60 s) before a collective; rank 0, under a 0.05-minute process-group
     timeout (train.setup_distributed), must fail within seconds instead of waiting for it."""
     import time
-    ddp, rank, world, device = train.setup_distributed(timeout_min=0.05)
+    rank = train.setup_distributed(timeout_min=0.05)[1]
     if rank == 1:
         time.sleep(60)
     t = time.time()

@@ -20,7 +20,7 @@ from PIL import Image
 import data
 import finetune
 import train
-from test_train import ENV, ROOT, args, metrics, run, syn  # noqa: F401  (syn is a fixture)
+from test_train import ENV, ROOT, args, metrics, run
 
 
 def one_line(r_or_err: str) -> str:

@@ -18,15 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    import data
-    root = tmp_path_factory.mktemp("bevt") / "syn"
-    data.ensure_synthetic(root, seed=0, verbose=False, n_train=8, n_val=2, images_train=4, images_val=1,
-                          frames=16, height=96, width=112)
-    return str(root)
-
-
 def args(syn, out, *extra):
     # Smallest settings that masks allow (96 px: a 6x6 tokenizer grid) and a 32-code tokenizer.
     return ["--preset", "cpu", "--data", syn, "--out", str(out), "--crop", "96", "--short-side", "96", "104",
