@@ -15,8 +15,10 @@ What is here, bottom-up:
     frame sampling        dense with an interval (pretraining 16 x 8, K400 32 x 2), uniform segments
                           (SSv2, 32 frames over the whole video), N evenly spaced test clips; short
                           videos loop (indices mod num_frames), as the released SampleFrames does
-    decoding              PyAV: seek to the keyframe before the first needed frame, decode up to the
-                          last one with decoder threads, convert only the needed frames to RGB
+    decoding              PyAV: frame i is the i-th picture decoding from the start outputs (at i/fps
+                          after the first frame in constant-rate video); seek to the keyframe before
+                          the first needed frame and check where the decoder landed, else decode from
+                          the start (logged once per file); convert only the needed frames to RGB
     augmentation          torch tensors only (torchvision has no CPU build here): short-side rescale,
                           random / centre / three crop, random-resized-crop, flip, colour jitter,
                           RandAugment (n, m), random erasing, Lanczos half-size tokenizer copy,
@@ -74,7 +76,7 @@ Usage (train.py / finetune.py):
 Commands:
 
     python data.py make-synthetic --out data/synthetic [--seed 0 --train 200 --val 60]
-    python data.py check --ann LIST --root DIR      # decode every listed video, report bad files
+    python data.py check --ann LIST --root DIR      # decode every listed video; report bad and slow-path files
 
 Speed: `python tests/bench_data.py`.
 """
