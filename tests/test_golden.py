@@ -31,7 +31,8 @@ read from this project's output:
   per 8x8 pixels of the half-size copy, codes (N, H/16, W/16) with row i,
   column j the pixels [16i, 16i+16) x [16j, 16j+16); clips frame by frame;
 * targets: the video target mask is the input mask repeated x2 in time,
-  interleaved (t0, t0, t1, t1, ...), and target code t is frame t's;
+  interleaved (t0, t0, t1, t1, ...), and target code t is frame t's; an
+  image's targets are the codes of its masked cells;
 * encoder input: ImageNet mean/std in RGB order; the classifier pools the
   final-normed F4.
 
@@ -587,6 +588,21 @@ def test_mvm_loss_reads_the_codes_of_the_masked_frames(step):
     lse = torch.logsumexp(torch.arange(4.0), 0).item()
     frames = (2 * step, 2 * step + 1)
     assert out["loss_mvm"].item() == pytest.approx(lse - sum(frames) / 2, abs=1e-5)
+
+
+def test_mim_loss_reads_the_codes_of_the_masked_cells():
+    """Image stream, same construction: codes[i, j] = 3i + j on a 2 x 3 grid (2 x 3 codes),
+    cells (0, 2) and (1, 0) masked: the loss is logsumexp(b) - (2 + 3) / 2."""
+    torch.manual_seed(0)
+    m = bevt.BEVT(bevt.BEVTConfig(swin=swin3d.get_config("cpu", drop_path_rate=0.0), vocab_size=6))
+    with torch.no_grad():
+        m.head.weight.zero_()
+        m.head.bias.copy_(torch.arange(6.0))
+    masks = torch.tensor([[[False, False, True], [True, False, False]]])
+    codes = torch.arange(6).view(1, 2, 3)
+    out = m(images=torch.randn(1, 3, 32, 48), image_masks=masks, image_codes=codes)
+    lse = torch.logsumexp(torch.arange(6.0), 0).item()
+    assert out["loss_mim"].item() == pytest.approx(lse - 2.5, abs=1e-5)
 
 
 # -----------------------------------------------------------------------------
