@@ -545,14 +545,20 @@ def test_training_targets_are_the_codes_of_each_frame_of_the_tokenizer_copy():
     half = [cells_image(mp, cell=8) for mp in MAPS]                      # half-size copies: 8 px per code
     video_tok = torch.stack([torch.stack(half[3 * b: 3 * b + 3], dim=1) for b in range(2)])   # (2, 3, 3, 16, 24)
     image_tok = torch.stack(half[:3])                                                            # (3, 3, 16, 24)
-    batch = {"video": torch.randn(2, 3, 3, 32, 48), "video_mask": torch.zeros(2, 2, 2, 3, dtype=torch.bool),
-             "video_tok": video_tok,
-             "image": torch.randn(3, 3, 32, 48), "image_mask": torch.zeros(3, 2, 3, dtype=torch.bool),
-             "image_tok": image_tok}
+    g = torch.Generator().manual_seed(0)
+    batch = {"video": torch.randint(0, 256, (2, 3, 3, 32, 48), generator=g, dtype=torch.uint8),
+             "video_mask": torch.zeros(2, 2, 2, 3, dtype=torch.bool), "video_tok": video_tok,
+             "image": torch.randint(0, 256, (3, 3, 32, 48), generator=g, dtype=torch.uint8),
+             "image_mask": torch.zeros(3, 2, 3, dtype=torch.bool), "image_tok": image_tok}
     inputs = train.model_inputs(batch, tok, torch.device("cpu"))
     assert torch.equal(inputs["video_codes"], torch.tensor(MAPS).view(2, 3, 2, 3))
     assert torch.equal(inputs["image_codes"], torch.tensor(MAPS[:3]))
-    assert torch.equal(inputs["videos"], batch["video"]) and torch.equal(inputs["images"], batch["image"])
+    # The encoder input is the uint8 crop, normalised; the codes come from the tokenizer copy only.
+    assert torch.equal(inputs["videos"], data.normalize_batch(batch["video"]))
+    assert torch.equal(inputs["images"], data.normalize_batch(batch["image"]))
+    # The same copies as uint8 (how the loaders ship them) give the same codes.
+    as_u8 = {**batch, "video_tok": data.to_uint8(video_tok), "image_tok": data.to_uint8(image_tok)}
+    assert torch.equal(train.model_inputs(as_u8, tok, torch.device("cpu"))["video_codes"], inputs["video_codes"])
 
 
 # -----------------------------------------------------------------------------
