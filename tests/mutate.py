@@ -190,7 +190,7 @@ MUTATIONS = [
 
     # ---------------------------------------------------------------- tokenizer.py
     M("pixel-map-skipped", "tokenizer.py",
-      [("logits = self.encoder(map_pixels(x_half))", "logits = self.encoder(x_half)")],
+      [("x = map_pixels(x_half)", "x = x_half")],
       "tokenizer", "the dVAE gets [0, 1] pixels instead of (1-2ε)x + ε"),
     M("pixel-map-eps", "tokenizer.py",
       [("return (1 - 2 * eps) * x + eps", "return (1 - eps) * x + eps")],
@@ -218,7 +218,8 @@ MUTATIONS = [
        ("IMAGENET_STD = (58.395, 57.12, 57.375)", "IMAGENET_STD = (57.375, 57.12, 58.395)")],
       "data", "ImageNet mean/std in BGR order (OpenCV habit) on RGB frames"),
     M("video-tok-hw-swapped", "data.py",
-      [("\"video_tok\": tok.transpose(0, 1).contiguous()}", "\"video_tok\": tok.permute(1, 0, 3, 2).contiguous()}")],
+      [("\"video_tok\": to_uint8(tok).transpose(0, 1).contiguous()}",
+        "\"video_tok\": to_uint8(tok).permute(1, 0, 3, 2).contiguous()}")],
       "data", "tokenizer copy of a clip laid out (3, T, W, H)"),
     M("three-crop-order", "data.py",
       [("return [(0, 0), (0, 2 * step), (0, step)]", "return [(0, 0), (0, step), (0, 2 * step)]")],
@@ -229,13 +230,12 @@ MUTATIONS = [
       "data", "dense sampling ignores the frame interval"),
 
     # ---------------------------------------------------------------- train.py
-    M("codes-of-no-transpose", "train.py",
-      [("frames = x_half.transpose(1, 2).reshape(B * T, 3, h, w).float()",
-        "frames = x_half.reshape(B * T, 3, h, w).float()")],
-      "train", "target codes of a clip from frames cut without moving T next to B"),
+    M("codes-of-no-transpose", "tokenizer.py",
+      [("x = x.transpose(1, 2).reshape(B * T, 3, h, w)", "x = x.reshape(B * T, 3, h, w)")],
+      "tokenizer", "target codes of a clip from frames cut without moving T next to B"),
     M("image-codes-of-encoder-input", "train.py",
-      [("out[\"image_codes\"] = codes_of(tok, batch[\"image_tok\"]", "out[\"image_codes\"] = codes_of(tok, batch[\"image\"]")],
-      "train", "image targets tokenized from the normalised encoder input instead of the tokenizer copy"),
+      [("tok.codes_of_copy(batch[f\"{stream}_tok\"]", "tok.codes_of_copy(batch[stream]")],
+      "train", "targets tokenized from the encoder input instead of the tokenizer copy"),
     M("warmup-off-by-one", "train.py",
       [("return lr * (step + 1) / warmup", "return lr * step / warmup")],
       "train", "warm-up starts at lr 0"),
