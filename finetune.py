@@ -67,7 +67,7 @@ import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
 from train import (DIST_TIMEOUT_MIN, PRECISIONS, USER_ERRORS, EpochStream, Parser, StepLog, add_dataclass_flags, all_gather_rows,
                    all_rng_states, check_ranges, claim_run_dir, clip_gradients, load_for_resume, lr_at, param_groups,
-                   precision_note, resolve_precision, save_checkpoint, seed_everything, set_rng_state,
+                   precision_note, resolve_precision, save_checkpoint, save_curves, seed_everything, set_rng_state,
                    setup_distributed, start_log, wrap_ddp)
 
 # -----------------------------------------------------------------------------
@@ -807,6 +807,8 @@ def _run_task(cfg, task, ddp, rank, world, device, out_dir, resume) -> dict:
                                                            for k, m in r.items()} for w, r in results.items()}}) + "\n")
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump({"step": step, "split": split, "views": views, "results": results}, f)
+        note = save_curves(out_dir, title=f"finetune {task.name}, {cfg.model} ({out_dir})")   # + validation top-1
+        print(note or f"[{task.name}] curves: {os.path.join(out_dir, 'curves.png')}")
     return results
 
 
@@ -892,6 +894,9 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
                                             "ema": ema.state_dict() if ema is not None else None, "step": step,
                                             "epoch": stream.epoch, "micro": stream.micro, "world": world, "rng": rngs,
                                             "config": dataclasses.asdict(cfg)}, keep_previous=True)
+                note = save_curves(out_dir, title=f"finetune {task.name}, {cfg.model} ({out_dir})")
+                if note:
+                    bar.write(note)
     if rank == 0:
         bar.close()
         final = {"model": raw.state_dict(), "step": step, "config": dataclasses.asdict(cfg),

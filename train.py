@@ -504,7 +504,8 @@ def start_log(out_dir: str, cfg, resumed_step: Optional[int]) -> str:
     path = os.path.join(out_dir, "metrics.jsonl")
     kept = []
     if resumed_step is not None and os.path.exists(path):
-        kept = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= resumed_step and "eval" not in r]
+        kept = [json.dumps(r) + "\n" for r in read_metrics(path)              # training rows up to the checkpoint
+                if r["step"] <= resumed_step and "eval" not in r and "baselines" not in r]
     write_atomic(path, "".join(kept))
     return path
 
@@ -789,7 +790,11 @@ USER_ERRORS = (ValueError, OSError, TimeoutError, pickle.UnpicklingError)
 
 
 def main(argv=None) -> dict:
-    """Command-line entry: user errors end in one line naming what was expected and what came, exit 2."""
+    """Command-line entry: user errors end in one line naming what was expected and what came, exit 2.
+    `python train.py plot RUN_DIR ... --out cmp.png` draws runs' curves instead (plot_main)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plot"]:
+        return plot_main(argv[1:])
     cfg = parse_args(argv)
     try:
         return run(cfg)
@@ -891,6 +896,7 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
     if rank == 0:
         start_log(out_dir, cfg, step if ck is not None else None)
     steplog = StepLog(metrics_path if rank == 0 else None, ddp, device)
+    curves_title = f"BEVT {cfg.stage} stage, {cfg.model} ({out_dir})"
 
     stream = EpochStream(loader, epoch, micro)
     if ck is not None:
@@ -934,6 +940,9 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                             "epoch": stream.epoch, "micro": stream.micro, "world": world, "rng": rngs,
                                             "config": dataclasses.asdict(cfg)}, keep_previous=True)
+                note = save_curves(out_dir, accuracy_baselines(hist, cfg.vocab_size), title=curves_title)
+                if note:
+                    bar.write(note)
     if rank == 0:
         bar.close()
         save_checkpoint(os.path.join(out_dir, "final.pt"), {"model": raw.state_dict(), "step": step,
@@ -943,10 +952,16 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
         else:
             print(f"the run in {out_dir} was already complete at step {step}: nothing to do "
                   f"(--overwrite starts it again)")
-        for name, h in sorted(hist.items()):
+        baselines = accuracy_baselines(hist, cfg.vocab_size)
+        for key, b in baselines.items():
             # Rank 0's targets of this run; the last steps' accuracy is to be read against these.
-            print(f"masked-token accuracy baselines ({name}): uniform 1/{cfg.vocab_size} = {1 / cfg.vocab_size:.4f}, "
-                  f"always the most frequent code = {float(h.max() / h.sum()):.4f}")
+            print(f"masked-token accuracy baselines ({key[4:]}): uniform 1/{cfg.vocab_size} = {b['uniform']:.4f}, "
+                  f"always the most frequent code = {b['majority']:.4f}")
+        if baselines:                                    # kept with the run, for `train.py plot` later
+            with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "baselines": baselines}) + "\n")
+        note = save_curves(out_dir, baselines, title=curves_title)
+        print(note or f"curves: {os.path.join(out_dir, 'curves.png')}")
         skipped = getattr(loader, "skipped_total", 0)
         if skipped:
             print(f"skipped {skipped} unreadable media files over the run (see the log above for their paths)")
