@@ -743,7 +743,7 @@ class StepLog:
         return rows
 
 
-RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json")
+RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json", "curves.png")
 
 
 def claim_run_dir(out_dir: str, cfg, rank: int, ddp: bool):
