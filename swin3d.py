@@ -30,7 +30,8 @@ Shape vocabulary used in the comments:
     windows  (B, nW, N, C)              N = wt*wh*ww tokens per window
     heads    (B, nW, nh, N, hd)         hd = C / nh
 
-Run `python tests/bench_swin3d.py` for speed, memory and FLOP counts.
+Run `python tests/bench_swin3d.py` for speed, memory and FLOP counts, and
+`python tests/bench_profile.py` for a per-op profile of a training step.
 """
 
 from __future__ import annotations
@@ -141,7 +142,9 @@ def shift_mask(size: Shape3, window: Shape3, shift: Shape3, device=None) -> Opti
     at the far end holds tokens from different regions of the un-rolled map;
     each axis is cut into [0, -w), [-w, -s), [-s, end) and tokens with different
     region labels must not attend to each other: their logit gets -100
-    (Swin's value; exp(-100) underflows to 0 in fp32 softmax).
+    (Swin's value; after the softmax such a weight is ~4e-44 in fp32, a
+    denormal rather than 0, which the CPU training path flushes to 0, see
+    _ExplicitAttention).
     """
     if not any(shift):
         return None
@@ -190,10 +193,62 @@ def relative_position_index(window: Shape3, table_window: Shape3, device=None) -
     return (rel[0] + Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1) + (rel[1] + Wh - 1) * (2 * Ww - 1) + (rel[2] + Ww - 1)
 
 
-# Shift masks and relative indices depend only on shapes, so they are built
-# once per (shape, window, shift, device) and reused by every block of a stage
-# and every step. Under torch.compile they are traced into the graph instead
-# (constant for a given shape, which is what the compiled graph is specialised on).
+def window_order(size: Shape3, window: Shape3, shift: Shape3, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse), two (t*h*w,) permutations of the flattened token grid `size`.
+
+    `order` lists, window after window, which token sits in each slot of the
+    (shifted) windows, i.e. it is the cyclic roll by -shift followed by
+    window_partition, applied once to the token indices:
+        tokens[:, order]   == window_partition(roll(tokens, -shift), window)  (as (B, nW*N, C))
+        windows[:, inverse] == roll(window_reverse(windows), +shift)           (as (B, t*h*w, C))
+    so a block moves its tokens with one gather each way instead of a roll
+    (a copy per shifted axis) plus a permute copy.
+    """
+    idx = torch.arange(math.prod(size), device=device).view(1, *size, 1)
+    if any(shift):
+        idx = torch.roll(idx, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+    order = window_partition(idx, window).flatten()
+    return order, torch.argsort(order)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """x[:, order] for a permutation `order` of dim 1, whose gradient is the gather by `inverse`.
+
+    The same result as indexing; only the backward differs: autograd's generic
+    gradient of an index is a scatter-add (serial on the CPU), while the
+    gradient of a permutation is just the inverse permutation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+class WindowGeometry(NamedTuple):
+    """What a block needs to know about its windows; one per stage and shift, shared by its blocks.
+
+    window: the window used (clamped to the token grid); order/inverse: see
+    window_order; index: (N, N) relative position index; mask: (nW, N, N)
+    shift mask or None.
+    """
+    window: Shape3
+    order: torch.Tensor
+    inverse: torch.Tensor
+    index: torch.Tensor
+    mask: Optional[torch.Tensor]
+
+
+# Shift masks, relative indices and window orders depend only on shapes, so
+# they are built once per (shape, window, shift, device) and reused by every
+# block of a stage and every step. Under torch.compile they are traced into
+# the graph instead (constant for a given shape, which is what the compiled
+# graph is specialised on).
 _GEOMETRY_CACHE: dict = {}
 
 
@@ -206,12 +261,12 @@ def _cached(fn, *args, device):
     return _GEOMETRY_CACHE[key]
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth (Huang et al. 2016): drop the residual branch per sample."""
+def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """x + DropPath(branch): stochastic depth (Huang et al. 2016) drops the residual branch per sample."""
     if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
+        return x + branch
+    keep = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(1.0 - p)
+    return torch.addcmul(x, branch, keep.div_(1.0 - p))      # x + branch·keep/(1-p), in one pass
 
 
 # -----------------------------------------------------------------------------
@@ -259,8 +314,10 @@ class WindowAttention3D(nn.Module):
     """Multi-head self-attention inside windows, with a learned relative position bias.
 
     `attention` selects the kernel: "sdpa" = F.scaled_dot_product_attention with
-    bias + shift mask as a float attn_mask; "explicit" = the softmax formula,
-    the reference the tests compare against; "auto" (default) = SDPA, except on
+    bias + shift mask as a float attn_mask; "explicit" = the softmax formula
+    (attention_reference, the reference the tests compare against, run with a
+    hand-written backward by _ExplicitAttention when there is no attention
+    dropout, autocast or torch.compile); "auto" (default) = SDPA, except on
     the CPU when gradients must reach the bias table (see forward).
 
     Attention(Q, K, V) = softmax(Q Kᵀ / sqrt(hd) + B + M) V, where B is gathered
@@ -298,31 +355,47 @@ class WindowAttention3D(nn.Module):
 
     def bias(self, index: torch.Tensor) -> torch.Tensor:
         """Gather the relative position bias for an (N, N) index -> (nh, N, N)."""
-        N = index.shape[0]
-        b = self.relative_position_bias_table[index.reshape(-1)]  # (N*N, nh)
-        # contiguous: the fused CPU/GPU kernels want a dense last dimension in attn_mask.
-        return b.view(N, N, self.num_heads).permute(2, 0, 1).contiguous()   # (nh, N, N)
+        # Index the transposed (nh, rows) table: the gather writes (nh, N, N)
+        # directly in the dense layout the fused kernels want in attn_mask, with
+        # no permute copy (.contiguous() is then a no-op, kept as a guarantee).
+        return self.relative_position_bias_table.t()[:, index].contiguous()   # (nh, N, N)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """x: windows (B, nW, N, C); index (N, N); mask (nW, N, N) or None -> (B, nW, N, C)."""
         B, nW, N, C = x.shape
-        nh, hd = self.num_heads, C // self.num_heads
-        qkv = self.qkv(x).view(B, nW, N, 3, nh, hd)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)         # each (B, nW, nh, N, hd)
+        qkv = self.qkv(x)                                         # (B, nW, N, 3C), channels (3, nh, hd)
         bias = self.bias(index)                                   # (nh, N, N)
         p = self.attn_drop if self.training else 0.0
         if self.attention == "sdpa" or (self.attention == "auto" and not (
                 # PyTorch's CPU flash kernel has no gradient for attn_mask, so with a
-                # learnable bias SDPA falls back to its math kernel, which is no faster
-                # than the explicit formula (whole model, tests/bench_swin3d.py) and
-                # up to ~25% slower in isolated attention timings. CUDA's
-                # memory-efficient kernel does give that gradient, so GPUs use SDPA.
-                q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad)):
-            out = _sdpa_windows(q, k, v, bias, mask, p)
+                # learnable bias SDPA falls back to its math kernel, which is the
+                # explicit formula plus extra passes (a "safe" softmax that checks
+                # for fully masked rows). The explicit path below keeps only the
+                # passes it needs (_ExplicitAttention). CUDA's memory-efficient
+                # kernel does give that gradient, so GPUs use SDPA.
+                x.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad)):
+            out = _merge_heads(_sdpa_windows(*_split_heads(qkv, self.num_heads), bias, mask, p))
+        elif p == 0.0 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type):
+            out = _ExplicitAttention.apply(qkv, bias, mask, self.num_heads, self.scale)
         else:
-            out = attention_reference(q, k, v, bias, mask, p, self.scale)
-        out = out.permute(0, 1, 3, 2, 4).reshape(B, nW, N, C)     # (B, nW, nh, N, hd) -> (B, nW, N, C)
+            # Dropout on the attention weights, torch.compile (which fuses the plain
+            # formula itself) or autocast (whose per-op casts the plain formula gets).
+            q, k, v = _split_heads(qkv, self.num_heads)
+            out = _merge_heads(attention_reference(q, k, v, bias, mask, p, self.scale))
         return self.proj_drop(self.proj(out))
+
+
+def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, nW, N, 3C) -> q, k, v, each (B, nW, nh, N, hd) (strided views, no copy)."""
+    B, nW, N, C3 = qkv.shape
+    qkv = qkv.view(B, nW, N, 3, num_heads, C3 // (3 * num_heads))
+    return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)                # (3, B, nW, nh, N, hd) unbound
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(B, nW, nh, N, hd) -> (B, nW, N, nh*hd): heads back into channels (a copy)."""
+    B, nW, nh, N, hd = out.shape
+    return out.transpose(2, 3).reshape(B, nW, N, nh * hd)
 
 
 ATTENTION_IMPLS = ("auto", "sdpa", "explicit")
@@ -348,6 +421,73 @@ def attention_reference(q, k, v, bias, mask, dropout_p: float = 0.0, scale: Opti
     return attn @ v
 
 
+class _ExplicitAttention(torch.autograd.Function):
+    """qkv (B, nW, N, 3C) -> attention_reference (no dropout) with heads merged, (B, nW, N, C).
+
+    The same formula and result as the plain path, with a hand-written
+    backward that works in place; it exists for speed on the CPU, where
+    training uses the explicit formula. The (B, nW, nh, N, N) logits are the
+    largest tensors of the model (Swin-T, one 16x224x224 clip: 118 MB per
+    stage-1 block), so every pass over them and every fresh one counts.
+    Autograd's version of the formula allocates six per shifted block
+    (logits, +bias, +mask, softmax; dP and dS in the backward); this one two
+    (the logits, turned into P in place; dP, turned into dS in place). Taking
+    qkv whole and returning merged heads also saves copies: q, k, v are split
+    into heads by one copy that both passes use (autograd copies k and v again
+    for each matmul), and the backward writes dq, dk, dv side by side and
+    moves them to the layout of qkv with one copy (autograd stacks them, then
+    copies the stack).
+
+    Backward, with S = q·kᵀ·scale + B + M, P = softmax(S), O = P·v:
+        dv = Pᵀ·dO,  dP = dO·vᵀ,
+        dS = P ∘ (dP − D),  D_i = Σ_j P_ij dP_ij = dO_i · O_i   (FlashAttention's identity:
+                                                                 D needs no N×N product)
+        dB = Σ over batch and windows of dS,  dq = dS·k·scale,  dk = dSᵀ·(q·scale).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, bias, mask, num_heads, scale):
+        B, nW, N, C3 = qkv.shape
+        heads = qkv.view(B, nW, N, 3, num_heads, C3 // (3 * num_heads))
+        heads = heads.permute(3, 0, 1, 4, 2, 5).contiguous()     # (3, B, nW, nh, N, hd): q, k, v, one copy
+        heads[0] *= scale                                         # q·scale
+        qs, k, v = heads                                          # each (B, nW, nh, N, hd), contiguous
+        attn = qs @ k.transpose(-2, -1)                           # (B, nW, nh, N, N) logits
+        attn += bias                                              # (nh, N, N), broadcast over B, nW
+        if mask is not None:
+            attn += mask[:, None]                                 # (nW, 1, N, N), broadcast over B, heads
+        torch.softmax(attn, dim=-1, out=attn)                     # P, in place (softmax works row by row)
+        if mask is not None:
+            # A masked logit gives exp(-100 + ...) ~ 1e-44: not 0 in fp32 but a
+            # denormal, and x86 CPUs take a slow microcode path on every
+            # denormal operand (the matmuls with P and dS of a shifted image
+            # block ran ~10x slower). Flush them to 0, as flush-to-zero
+            # arithmetic would: P changes by < 1e-38, below fp32 resolution.
+            F.threshold(attn, torch.finfo(attn.dtype).tiny, 0.0, inplace=True)
+        out = attn @ v                                            # (B, nW, nh, N, hd)
+        ctx.save_for_backward(heads, attn, out)
+        ctx.scale = scale
+        return _merge_heads(out)                                  # (B, nW, N, C)
+
+    @staticmethod
+    def backward(ctx, dout):
+        heads, p, out = ctx.saved_tensors
+        qs, k, v = heads
+        B, nW, nh, N, hd = out.shape
+        dout = dout.reshape(B, nW, N, nh, hd).transpose(2, 3).contiguous()   # (B, nW, nh, N, hd)
+        dheads = torch.empty_like(heads)                          # (3, B, nW, nh, N, hd): dq, dk, dv
+        torch.matmul(p.transpose(-2, -1), dout, out=dheads[2])    # dv = Pᵀ·dO
+        ds = dout @ v.transpose(-2, -1)                           # dP (B, nW, nh, N, N)
+        ds -= (dout * out).sum(-1, keepdim=True)                  # dP - D
+        ds *= p                                                   # dS
+        dbias = ds.sum((0, 1)) if ctx.needs_input_grad[1] else None          # (nh, N, N)
+        torch.matmul(ds, k, out=dheads[0])
+        dheads[0] *= ctx.scale                                    # dq = dS·k·scale
+        torch.matmul(ds.transpose(-2, -1), qs, out=dheads[1])     # dk = dSᵀ·(q·scale)
+        # Back to the layout of the qkv Linear's output, (B, nW, N, (3, nh, hd)): one copy.
+        return dheads.permute(1, 2, 4, 0, 3, 5).reshape(B, nW, N, 3 * nh * hd), dbias, None, None, None
+
+
 def _sdpa_windows(q, k, v, bias, mask, dropout_p: float):
     """The same attention through F.scaled_dot_product_attention.
 
@@ -357,7 +497,12 @@ def _sdpa_windows(q, k, v, bias, mask, dropout_p: float):
     with a (1, nh, N, N) mask, a free view. Shifted blocks need a different
     mask per window, so windows go next to the heads instead: (B, nW*nh, N, hd)
     with a (1, nW*nh, N, N) mask that broadcasts over the batch. Either way the
-    mask is never copied B times (the explicit path materialises B*nW*nh*N*N).
+    forward never copies the mask B times (the explicit path materialises
+    B*nW*nh*N*N). The backward does: on CUDA, the memory-efficient kernel
+    returns the gradient of attn_mask at the expanded shape, (B*nW, nh, N, N)
+    or (B, nW*nh, N, N), i.e. B*nW*nh*N*N values, and autograd then sums it
+    back to the bias's shape. (The cuDNN backend is not forced here: in
+    PyTorch 2.13 it gives no gradient for the bias at all.)
     """
     B, nW, nh, N, hd = q.shape
     if mask is None:
@@ -390,9 +535,9 @@ class Mlp(nn.Module):
 class SwinBlock3D(nn.Module):
     """x = x + DropPath(W-MSA(LN(x)));  x = x + DropPath(MLP(LN(x)))  (Swin eq. 3).
 
-    The window, shift, index and mask are decided once per stage (they depend
-    only on the token grid) and passed in, so every block of every stream runs
-    this one code path.
+    The window geometry (window, token order, index and mask) is decided once
+    per stage (it depends only on the token grid) and passed in, so every
+    block of every stream runs this one code path.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: Shape3, mlp_ratio: float, qkv_bias: bool,
@@ -404,30 +549,28 @@ class SwinBlock3D(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, window: Shape3, shift: Shape3,
-                index: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
         """x: tokens (B, t, h, w, C) -> (B, t, h, w, C)."""
-        x = x + drop_path(self._attention(x, window, shift, index, mask), self.drop_path, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-        return x
+        x = add_drop_path(x, self._attention(x, geometry), self.drop_path, self.training)
+        return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path, self.training)
 
-    def _attention(self, x, window, shift, index, mask):
+    def _attention(self, x, geometry: WindowGeometry):
         B, t, h, w, C = x.shape
+        window = geometry.window
         x = self.norm1(x)
         # Zero-pad (after the norm, as Video Swin does) to a multiple of the window.
         pt, ph, pw = ((-t) % window[0], (-h) % window[1], (-w) % window[2])
         if pt or ph or pw:
             x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pt))
         size = x.shape[1:4]
-        if any(shift):
-            # Cyclic shift of the feature map by -shift (Swin §3.2, "shifted window partitioning").
-            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-        x = window_partition(x, window)                           # (B, nW, N, C)
-        x = self.attn(x, index, mask)                             # (B, nW, N, C)
-        x = window_reverse(x, window, size)                       # (B, tp, hp, wp, C)
-        if any(shift):
-            x = torch.roll(x, shifts=tuple(shift), dims=(1, 2, 3))
-        return x[:, :t, :h, :w, :]                                # crop the padding
+        N = math.prod(window)
+        # Cyclic shift by -shift (Swin §3.2, "shifted window partitioning"; none in
+        # even blocks) and window partition, as one gather (see window_order).
+        x = _PermuteTokens.apply(x.reshape(B, -1, C), geometry.order, geometry.inverse)
+        x = self.attn(x.view(B, -1, N, C), geometry.index, geometry.mask)    # (B, nW, N, C)
+        # Window reverse and the shift back by +shift: the inverse gather.
+        x = _PermuteTokens.apply(x.view(B, -1, C), geometry.inverse, geometry.order)
+        return x.view(B, *size, C)[:, :t, :h, :w, :]             # (B, tp, hp, wp, C), crop the padding
 
 
 class PatchMerging(nn.Module):
@@ -446,8 +589,13 @@ class PatchMerging(nn.Module):
         """(B, t, h, w, C) -> (B, t, ceil(h/2), ceil(w/2), 2C)."""
         if x.shape[2] % 2 or x.shape[3] % 2:
             x = F.pad(x, (0, 0, 0, x.shape[3] % 2, 0, x.shape[2] % 2))
-        x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2],
-                       x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], dim=-1)  # (B, t, h/2, w/2, 4C)
+        B, t, h, w, C = x.shape
+        # The released code concatenates the four strided slices x[:, :, 0::2, 0::2],
+        # x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]. The same
+        # tensor as one reshape (neighbour index dh + 2*dw), whose gradient is one
+        # copy back (that of four slices is four zero-filled full-size tensors).
+        x = x.reshape(B, t, h // 2, 2, w // 2, 2, C)              # (B, t, h/2, dh, w/2, dw, C)
+        x = x.permute(0, 1, 2, 4, 5, 3, 6).reshape(B, t, h // 2, w // 2, 4 * C)   # (B, t, h/2, w/2, (dw, dh, C))
         return self.reduction(self.norm(x))
 
 
@@ -471,16 +619,19 @@ class SwinStage(nn.Module):
         window, shift = clamp_window(x.shape[1:4], self.window_size, self.shift_size)
         padded = tuple(math.ceil(s / w) * w for s, w in zip(x.shape[1:4], window))
         index = _cached(relative_position_index, window, self.window_size, device=x.device)
-        mask = _cached(shift_mask, padded, window, shift, device=x.device)
+        geometry = []                                             # [regular windows, shifted windows]
+        for s in ((0, 0, 0), shift):
+            order, inverse = _cached(window_order, padded, window, s, device=x.device)
+            mask = _cached(shift_mask, padded, window, s, device=x.device)
+            geometry.append(WindowGeometry(window, order, inverse, index, mask))
         for i, blk in enumerate(self.blocks):
             # Even blocks: regular windows; odd blocks: shifted windows (Swin §3.2).
-            args = (window, shift, index, mask) if i % 2 else (window, (0, 0, 0), index, None)
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
                 # Same code for both streams (differs from the released code, whose
                 # checkpointed path drops the image flag and runs images as video).
-                x = cp.checkpoint(blk, x, *args, use_reentrant=False)
+                x = cp.checkpoint(blk, x, geometry[i % 2], use_reentrant=False)
             else:
-                x = blk(x, *args)
+                x = blk(x, geometry[i % 2])
         out = x
         if self.downsample is not None:
             x = self.downsample(x)

@@ -7,10 +7,11 @@
 1. Time of each stream for forward+backward (training) and forward only
    under no_grad (inference), for the attention implementations of
    swin3d.WindowAttention3D: "sdpa" (F.scaled_dot_product_attention) and
-   "explicit" (the softmax reference). The default "auto" is "sdpa" except
+   "explicit" (the softmax formula). The default "auto" is "sdpa" except
    for CPU training, where it is "explicit": PyTorch's CPU flash kernel
    cannot give the bias table its gradient, so SDPA falls back to its math
-   kernel, which is no faster than the explicit formula.
+   kernel, which is slower than the explicit path's in-place forward and
+   hand-written backward (swin3d._ExplicitAttention).
    All variants run in one process, interleaved, median of --repeats, so the
    ratios are fair on a shared, noisy machine.
 2. Peak memory of one forward+backward: on CUDA `max_memory_allocated`; on the

@@ -103,6 +103,34 @@ def test_shift_mask_matches_brute_force(size, window, shift):
     assert shift_mask(size, window, (0, 0, 0)) is None
 
 
+@pytest.mark.parametrize("size,window,shift", [((4, 14, 14), (2, 7, 7), (1, 3, 3)),
+                                               ((1, 14, 21), (1, 7, 7), (0, 3, 3)),
+                                               ((4, 8, 12), (4, 4, 4), (0, 0, 0))])
+def test_window_order_is_roll_then_partition(size, window, shift):
+    # The one-gather token order of a block equals the roll + window partition it
+    # replaces, and its inverse undoes both (window reverse, then the roll back).
+    order, inverse = swin3d.window_order(size, window, shift)
+    L = math.prod(size)
+    assert torch.equal(order.sort().values, torch.arange(L))           # a permutation
+    x = torch.randn(2, *size, 3)
+    rolled = torch.roll(x, tuple(-s for s in shift), (1, 2, 3))
+    windows = window_partition(rolled, window)                         # (2, nW, N, 3)
+    assert torch.equal(x.reshape(2, L, 3)[:, order], windows.reshape(2, L, 3))
+    back = torch.roll(window_reverse(windows, window, size), shift, (1, 2, 3))
+    assert torch.equal(windows.reshape(2, L, 3)[:, inverse], back.reshape(2, L, 3))
+    assert torch.equal(back, x)
+
+
+def test_permute_tokens_gradient_is_the_inverse_gather():
+    order, inverse = swin3d.window_order((2, 4, 4), (2, 2, 2), (1, 1, 1))
+    x = torch.randn(2, 32, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: swin3d._PermuteTokens.apply(t, order, inverse), (x,))
+    y = swin3d._PermuteTokens.apply(x, order, inverse)
+    g = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(grad, torch.autograd.grad(x[:, order], x, g)[0])   # what indexing gives
+
+
 def decode_offsets(index, table_window):
     """Invert DESIGN §2's index formula into (dt, dh, dw)."""
     Wt, Wh, Ww = table_window
@@ -162,6 +190,69 @@ def test_window_attention_sdpa_equals_reference():
     assert not close(swin3d.attention_reference(q, k, v, bias, mask), swin3d.attention_reference(q, k, v, bias, None))
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_explicit_attention_function_equals_autograd_of_the_formula(with_mask):
+    # The in-place forward and hand-written backward of _ExplicitAttention against
+    # autograd through attention_reference, in float64 (they differ only by rounding),
+    # and against finite differences (gradcheck), independently of the reference.
+    torch.manual_seed(0)
+    B, nW, nh, N, hd = 2, 3, 2, 10, 4
+    qkv = torch.randn(B, nW, N, 3 * nh * hd, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(nh, N, N, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if with_mask:
+        mask = torch.zeros(nW, N, N, dtype=torch.float64)
+        mask[1:, :4, 4:] = -100.0
+    scale = hd ** -0.5
+
+    def reference(qkv, bias):
+        q, k, v = swin3d._split_heads(qkv, nh)
+        return swin3d._merge_heads(swin3d.attention_reference(q, k, v, bias, mask, 0.0, scale))
+
+    def ours(qkv, bias):
+        return swin3d._ExplicitAttention.apply(qkv, bias, mask, nh, scale)
+
+    out_r, out_o = reference(qkv, table * 1.0), ours(qkv, table * 1.0)     # a non-leaf bias, as in the model
+    assert out_o.shape == (B, nW, N, nh * hd)
+    assert torch.allclose(out_o, out_r, atol=1e-12, rtol=1e-10)
+    g = torch.randn_like(out_r)
+    grads_r = torch.autograd.grad(out_r, (qkv, table), g)
+    grads_o = torch.autograd.grad(out_o, (qkv, table), g)
+    for a, b in zip(grads_o, grads_r):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+    small = qkv[:1, :2, :5, :].detach().clone().requires_grad_()     # 5 tokens per window
+    small_bias = table[:, :5, :5].detach().clone().requires_grad_()
+    mask_small = None if mask is None else mask[:2, :5, :5]
+    assert torch.autograd.gradcheck(
+        lambda t, b: swin3d._ExplicitAttention.apply(t, b, mask_small, nh, scale), (small, small_bias))
+    # A frozen bias gets no gradient and needs no reduction.
+    frozen = ours(qkv, table.detach())
+    assert torch.autograd.grad(frozen, qkv, g)[0].shape == qkv.shape
+
+
+def test_shifted_window_weights_are_flushed_not_denormal():
+    # With the -100 shift mask, the plain fp32 softmax gives masked pairs weights
+    # of ~4e-44: denormals, on which CPU arithmetic is many times slower. The
+    # explicit path's saved P has exact zeros there instead, and the same output.
+    torch.manual_seed(0)
+    B, nW, nh, N, hd = 2, 2, 2, 16, 8
+    qkv = torch.randn(B, nW, N, 3 * nh * hd, requires_grad=True)
+    bias = 0.1 * torch.randn(nh, N, N)
+    mask = torch.zeros(nW, N, N)
+    mask[1, :8, 8:] = mask[1, 8:, :8] = -100.0                          # window 1: two regions
+    scale = hd ** -0.5
+    out = swin3d._ExplicitAttention.apply(qkv, bias, mask, nh, scale)
+    p = out.grad_fn.saved_tensors[1]                                    # P, (B, nW, nh, N, N)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((p > 0) & (p < tiny)).any()
+    assert (p[:, 1, :, :8, 8:] == 0).all() and (p[:, 1, :, :8, :8] > 0).all()
+    q, k, v = swin3d._split_heads(qkv.detach(), nh)
+    plain = ((q * scale) @ k.transpose(-2, -1) + bias + mask[:, None]).softmax(-1)
+    assert ((plain > 0) & (plain < tiny)).any()                        # what is being avoided
+    ref = swin3d._merge_heads(swin3d.attention_reference(q, k, v, bias, mask, 0.0, scale))
+    assert close(out, ref, 1e-6)
+
+
 @pytest.mark.parametrize("stream", ["video", "image"])
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_encoder_sdpa_equals_explicit(stream, with_mask):
@@ -194,6 +285,18 @@ def test_encoder_sdpa_equals_explicit(stream, with_mask):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6, 5), (1, 1, 7, 9, 4)])
+def test_patch_merging_neighbour_order_is_the_released_one(shape):
+    # The released code: concatenate the strided slices (h0,w0), (h1,w0), (h0,w1), (h1,w1)
+    # (after zero-padding odd sizes), then LayerNorm and the reduction Linear.
+    torch.manual_seed(0)
+    merge = swin3d.PatchMerging(shape[-1])
+    x = torch.randn(shape)
+    xp = F.pad(x, (0, 0, 0, shape[3] % 2, 0, shape[2] % 2))
+    cat = torch.cat([xp[:, :, 0::2, 0::2], xp[:, :, 1::2, 0::2], xp[:, :, 0::2, 1::2], xp[:, :, 1::2, 1::2]], -1)
+    assert torch.equal(merge(x), merge.reduction(merge.norm(cat)))
 
 
 # ----------------------------------------------------------------------------- weight sharing
