@@ -42,23 +42,29 @@ def metrics(out, stage):
     return rows
 
 
-def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
+def ddp_against_one_process(tmp_path, *mode):
+    """tests/ddp_worker.py under a 2-process gloo torchrun (`mode`: "compile" or nothing) and as
+    one process with the doubled batch: the two ranks' parameters, the single process's, its init."""
     worker = os.path.join(ROOT, "tests", "ddp_worker.py")
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        worker, str(tmp_path / "ddp")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                        worker, str(tmp_path / "ddp"), *mode], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, worker, str(tmp_path / "one")], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{i}.pt") for i in (0, 1))
-    one = torch.load(tmp_path / "one" / "rank0.pt")
+    return r0, r1, torch.load(tmp_path / "one" / "rank0.pt"), torch.load(tmp_path / "one" / "init.pt")
+
+
+def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
+    r0, r1, one, init = ddp_against_one_process(tmp_path)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k                       # DDP keeps the ranks identical
         assert torch.allclose(r0[k].float(), one[k].float(), atol=1e-5), k
     # ... and the three SGD steps really moved the weights (so the comparison means something).
-    init = torch.load(tmp_path / "one" / "init.pt")
     assert (r0["head.weight"] - init["head.weight"]).abs().max() > 1e-2
     # The trainers' DDP wrapper never re-broadcasts the relative-index buffers (nothing reads them).
     assert (tmp_path / "ddp" / "ddp_flags.txt").read_text().split() == [
@@ -68,19 +74,7 @@ def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
 def test_compiled_ddp_matches_eager_one_process(tmp_path):
     """compile -> DDP (2 gloo processes, accumulation under no_sync) gives the parameters of the
     eager single process after 3 SGD steps, to float-reordering tolerance."""
-    worker = os.path.join(ROOT, "tests", "ddp_worker.py")
-    (tmp_path / "ddp").mkdir()
-    (tmp_path / "one").mkdir()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        worker, str(tmp_path / "ddp"), "compile"], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, worker, str(tmp_path / "one")], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{i}.pt") for i in (0, 1))
-    one = torch.load(tmp_path / "one" / "rank0.pt")
-    init = torch.load(tmp_path / "one" / "init.pt")
+    r0, r1, one, init = ddp_against_one_process(tmp_path, "compile")
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in r0)          # compiled in place: same keys
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
