@@ -1,8 +1,8 @@
 """BEVT: the two streams, their decoders, the shared prediction head and the joint loss.
 
-Implements paper §3 "Decoders" (Fig. 3), eqs. 2-5, as pinned down in
-../shared/DESIGN.md §5, with the released checkpoint layout of §9 and the
-public interface of §10. The encoder is swin3d.SwinTransformer3D.
+Implements paper §3 "Decoders" (Fig. 3) and eqs. 2-5, with a loader for the
+authors' released checkpoint layout (README, "Differences from the released
+code"). The encoder is swin3d.SwinTransformer3D.
 
     clip  (B, 3, T, H, W) + tube mask (B, T/2, H/16, W/16)
         -> encoder -> F3 (B, T/2, H/16, W/16, 4C), F4 (B, T/2, H/32, W/32, 8C)
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import swin3d
 from swin3d import SwinConfig, SwinTransformer3D
 
-VOCAB_SIZE = 8192          # DALL-E dVAE codebook (§3 "Tokenizer"; DESIGN §4)
+VOCAB_SIZE = 8192          # DALL-E dVAE codebook (§3 "Tokenizer"; paper §3 "Tokenizer")
 LAMBDA = 1.0               # eq. 5, "the loss weight λ is simply set to 1" (§4.1)
 
 
@@ -97,7 +97,7 @@ class ImageDecoder(nn.Module):
 
 
 def target_mask(mask: torch.Tensor, frames: int, temporal_patch: int = 2) -> torch.Tensor:
-    """Video input mask (B, T/2, h, w) -> target mask (B, T, h, w): repeated x2 in time (DESIGN §3),
+    """Video input mask (B, T/2, h, w) -> target mask (B, T, h, w): repeated x2 in time (paper §3 "Mask strategy"),
     cropped to the number of frames (odd T is padded by the patch embedding)."""
     return mask.repeat_interleave(temporal_patch, dim=1)[:, :frames]
 
@@ -137,7 +137,7 @@ class BEVT(nn.Module):
         for m in (self.video_decoder, self.image_decoder, self.head):
             m.apply(swin3d._init_weights)
 
-    # -- per-stream features (DESIGN §10: "the decoder output before the head")
+    # -- per-stream features (the public interface: "the decoder output before the head")
     def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decoder output, LayerNorm'd: video (B, T', H/16, W/16, 8C) with T' = 2·ceil(T/2), image (B, H/16, W/16, 8C)."""
         out = self.encoder(x, mask)
@@ -218,7 +218,7 @@ class BEVT(nn.Module):
     def no_weight_decay(self) -> set:
         return {"encoder." + n for n in self.encoder.no_weight_decay()}
 
-    # -- checkpoints in the released layout (DESIGN §9)
+    # -- checkpoints in the released layout
     def load_released(self, checkpoint, strict: bool = False) -> LoadReport:
         """Load a released BEVT checkpoint (path or dict) and report exactly what was not used.
 
@@ -247,7 +247,7 @@ class BEVT(nn.Module):
                         k = new + k[len(old):]
                         break
             if k.endswith("relative_position_index") and k in ours:
-                continue                      # consumed, but re-derived rather than loaded (DESIGN §9)
+                continue                      # consumed, but re-derived rather than loaded
             if k not in ours:
                 unused.append(key)
                 continue

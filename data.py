@@ -1,9 +1,9 @@
 """Data: video clips and images on disk -> augmented, masked batches for BEVT.
 
 Implements the data side of the paper's §4.1 "Implementation details" and the
-finetuning protocols, as pinned down in ../shared/DESIGN.md §6 (pretraining
-recipe and augmentation), §7 (finetuning data, the Table 2 temporal probes) and
-§3 (masks, drawn here per sample with masking.py). The released BEVT configs
+finetuning protocols: §4.1 (pretraining recipe and augmentation; finetuning
+data), §4.2 (the Table 2 temporal probes) and §3 (masks, drawn here per sample
+with masking.py). The released BEVT configs
 (`swin_base_patch244_window877_bevt_in1k_k400.py`, `..._finetune_k400.py`,
 `..._window1677_bevt_finetune_ssv2.py`) settle the details the paper leaves out;
 every difference from them is marked `# Differs from the released code:`.
@@ -114,28 +114,28 @@ log = logging.getLogger("bevt.data")
 # -----------------------------------------------------------------------------
 # The paper's and the released configs' numbers
 
-# Normalisation (DESIGN §6; released img_norm_cfg, RGB on 0-255).
+# Normalisation (paper §4.1; released img_norm_cfg, RGB on 0-255).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
-# Pretraining (DESIGN §6 table; released video_train_pipeline / image_train_pipeline).
+# Pretraining (paper §4.1 table; released video_train_pipeline / image_train_pipeline).
 PRETRAIN_FRAMES = 16            # §4.1: "16 frames"; SampleFrames(clip_len=16)
 PRETRAIN_INTERVAL = 8           # SampleFrames(frame_interval=8)
 CROP = 224                      # §4.1: 224 x 224 crops; RandomCrop(size=224)
 RESCALE_RANGE = (256, 320)      # RandomRescale(scale_range=(256, 320)), bicubic
 FLIP_P = 0.5                    # Flip(flip_ratio=0.5)
 JITTER = 0.4                    # images: ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0)
-VIDEO_BATCH = 8                 # per GPU: omni_videos_per_gpu=[8, 64] (DESIGN §6: 8 clips + 64 images)
+VIDEO_BATCH = 8                 # per GPU: omni_videos_per_gpu=[8, 64] (paper §4.1: 8 clips + 64 images)
 IMAGE_BATCH = 64
 WORKERS = 4                     # released workers_per_gpu=4
 TOKENIZER_DOWNSAMPLE = 2        # §3: the tokenizer sees the crop at 1/2 (CopyResize(scale=(112, 112)))
 
-# Finetuning (DESIGN §7; released finetune configs).
+# Finetuning (paper §4.1-4.2; released finetune configs).
 K400_FRAMES, K400_INTERVAL = 32, 2     # SampleFrames(clip_len=32, frame_interval=2)
 SSV2_FRAMES = 32                       # SampleFrames(clip_len=32, frame_uniform=True): one per segment
 FINETUNE_SHORT_SIDE = 256              # train/val: Resize(scale=(-1, 256))
 TEST_SHORT_SIDE = 224                  # test: Resize(scale=(-1, 224)) + ThreeCrop(224)
-K400_TEST_CLIPS, SSV2_TEST_CLIPS = 4, 1    # §4.1 / DESIGN §7: 4 clips x 3 crops (K400), 1 x 3 (SSv2)
+K400_TEST_CLIPS, SSV2_TEST_CLIPS = 4, 1    # §4.1 / paper §4.1-4.2: 4 clips x 3 crops (K400), 1 x 3 (SSv2)
 TEST_CROPS = 3
 RRC_SCALE = (0.08, 1.0)                # RandomResizedCrop defaults: area_range
 RRC_RATIO = (3 / 4, 4 / 3)             # aspect_ratio_range (w/h)
@@ -753,7 +753,7 @@ _STD = torch.tensor(IMAGENET_STD) / 255.0
 
 
 def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> (x - mean) / std with the ImageNet RGB statistics (DESIGN §6).
+    """(N, 3, H, W) in [0, 1] -> (x - mean) / std with the ImageNet RGB statistics (paper §4.1).
 
     channels_first=True returns (3, N, H, W) instead: the clip layout (3, T,
     H, W), written in the same single pass (x * (1/std) + (-mean/std)).
@@ -793,7 +793,7 @@ def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
 
 
 def tokenizer_copy(x: torch.Tensor, resample: str = "pil") -> torch.Tensor:
-    """(N, 3, H, W) crop in [0, 1] -> (N, 3, H/2, W/2): what the tokenizer encodes (§3, DESIGN §4).
+    """(N, 3, H, W) crop in [0, 1] -> (N, 3, H/2, W/2): what the tokenizer encodes (§3, paper §3 "Tokenizer").
 
     tokenizer.lanczos_resize, the one Lanczos of the project: "pil" is BEiT's
     antialiased Lanczos-3, "cv2" the released CopyResize's OpenCV Lanczos-4.
@@ -1315,7 +1315,7 @@ class EpochLoader:
 
 
 class JointLoader:
-    """The joint stage (BEVT, §3 + DESIGN §6): every video batch comes with an image batch.
+    """The joint stage (BEVT, §3 + paper §4.1): every video batch comes with an image batch.
 
     One epoch = one pass over the videos. The image stream cycles on its own:
     at video epoch e it starts at image epoch e*P, P = ceil(video batches /
@@ -1409,7 +1409,7 @@ def loading_plan(num_workers: int, threads: int, streams: int = 1, local_world_s
 
 @dataclass
 class PretrainDataConfig:
-    """Pretraining data (DESIGN §6). Defaults are the paper's; the CPU demo shrinks them
+    """Pretraining data (paper §4.1). Defaults are the paper's; the CPU demo shrinks them
     (e.g. frames=8, crop=112, short_side=(128, 160))."""
     frames: int = PRETRAIN_FRAMES              # §4.1: 16-frame clips
     interval: int = PRETRAIN_INTERVAL          # released SampleFrames(frame_interval=8)
@@ -1429,7 +1429,7 @@ class PretrainDataConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    """Finetuning data (DESIGN §7). Defaults: the released K400 config; see FINETUNE_RECIPES."""
+    """Finetuning data (paper §4.1-4.2). Defaults: the released K400 config; see FINETUNE_RECIPES."""
     sampling: str = "dense"                    # "dense" (K400) or "uniform" (SSv2 segments)
     frames: int = K400_FRAMES                  # 32 frames
     interval: int = K400_INTERVAL              # x 2 (dense only)
@@ -1526,7 +1526,7 @@ def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, 
 
 
 # -----------------------------------------------------------------------------
-# Table 2's temporal probes (DESIGN §7): does a model need time?
+# Table 2's temporal probes (paper §4.1-4.2): does a model need time?
 
 
 def single_frame(video: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

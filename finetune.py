@@ -1,8 +1,8 @@
 """BEVT finetuning and evaluation: a pretrained encoder -> an evaluated video classifier.
 
 Implements the paper's §4.1 finetuning protocol and §4.2 "Deeper dataset
-analysis" (the temporal-dependency test of Table 2), as pinned down in
-../shared/DESIGN.md §7 (recipes), §2 (encoder), §9 (checkpoint layouts). Model:
+analysis" (the temporal-dependency test of Table 2), with the released
+finetuning configs' recipes and checkpoint layouts. Model:
 swin3d.py; data: data.py; pretraining: train.py (whose helpers this file imports).
 
     video (B, 3, T, H, W) -> Video Swin encoder -> final-normed F4 (B, T/2, H/32, W/32, 8C)
@@ -95,12 +95,12 @@ class FinetuneConfig:
     classes: str = ""                     # optional file of class names, one a line (confusion-matrix labels)
     num_classes: int = 0                  # 0 = the recipe's (K400 400, SSv2 174, Diving48 48) or the synthetic list's
     sampling: str = "dense"               # dense (K400: 32 x 2) | uniform (SSv2: one frame per segment)
-    frames: int = 32                      # DESIGN §7: 32 frames
+    frames: int = 32                      # paper §4.1-4.2: 32 frames
     interval: int = 2                     # K400: frame interval 2
     crop: int = 224
     short_side: int = 256                 # train/val resize (released Resize(-1, 256))
     test_short_side: int = 224            # test resize before ThreeCrop (released)
-    test_clips: int = 4                   # K400: 4 clips x 3 crops; SSv2: 1 x 3 (DESIGN §7)
+    test_clips: int = 4                   # K400: 4 clips x 3 crops; SSv2: 1 x 3 (paper §4.1-4.2)
     test_crops: int = 3
     rrc_scale: tuple = (0.08, 1.0)        # RandomResizedCrop area range (released default)
     flip: float = 0.5                     # K400 0.5; SSv2 0 (left/right matters)
@@ -109,13 +109,13 @@ class FinetuneConfig:
     erase: float = 0.0                    # SSv2: random erasing 0.25
     batch_size: int = 8                   # clips per process (released videos_per_gpu=8)
     eval_batch_size: int = 1              # released val/test videos_per_gpu=1
-    global_batch: int = 256               # K400: 8 GPUs x 8 clips x accumulation 4 (DESIGN §7)
+    global_batch: int = 256               # K400: 8 GPUs x 8 clips x accumulation 4 (paper §4.1-4.2)
     workers: int = 4
     # --- model
-    window: tuple = (8, 7, 7)             # K400 (8,7,7); SSv2 (16,7,7), tables interpolated (DESIGN §7)
-    drop_path: float = 0.3                # K400 0.3, SSv2 0.4 (DESIGN §2)
-    dropout: float = 0.5                  # before the classifier (DESIGN §7, released I3DHead dropout_ratio)
-    # --- optimisation (DESIGN §7)
+    window: tuple = (8, 7, 7)             # K400 (8,7,7); SSv2 (16,7,7), tables interpolated (paper §4.1-4.2)
+    drop_path: float = 0.3                # K400 0.3, SSv2 0.4 (paper §3 "BEVT encoders")
+    dropout: float = 0.5                  # before the classifier (paper §4.1-4.2, released I3DHead dropout_ratio)
+    # --- optimisation (paper §4.1-4.2)
     epochs: int = 60
     warmup_epochs: float = 2.5
     lr: float = 3e-4                      # at the recipe's global batch; scaled linearly with the effective batch
@@ -142,7 +142,7 @@ class FinetuneConfig:
     ckpt_every: int = 500                 # optimizer steps
 
 
-# The released configs (DESIGN §7): swin_base_patch244_window877_bevt_finetune_k400.py and
+# The released configs (paper §4.1-4.2): swin_base_patch244_window877_bevt_finetune_k400.py and
 # swin_base_patch244_window1677_bevt_finetune_ssv2.py.
 RECIPES = {
     "k400": dict(sampling="dense", frames=32, interval=2, flip=0.5, randaug_n=0, erase=0.0,
@@ -226,7 +226,7 @@ def parse_eval_modes(spec: str) -> tuple:
 
 
 # -----------------------------------------------------------------------------
-# The classifier: encoder + average pool + dropout + linear (DESIGN §7)
+# The classifier: encoder + average pool + dropout + linear (paper §4.1-4.2)
 
 
 class VideoClassifier(nn.Module):
@@ -244,7 +244,7 @@ class VideoClassifier(nn.Module):
     def __init__(self, swin: swin3d.SwinConfig, num_classes: int, dropout: float = 0.5):
         super().__init__()
         self.encoder = swin3d.SwinTransformer3D(swin)
-        self.encoder.patch_embed_2d = None      # image stream: pretraining only (DESIGN §7 "drop image embedding")
+        self.encoder.patch_embed_2d = None      # image stream: pretraining only (paper §4.1-4.2 "drop image embedding")
         self.encoder.mask_token = None          # masked modelling only
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.num_features, num_classes)
@@ -367,7 +367,7 @@ class EMA:
 
 
 # -----------------------------------------------------------------------------
-# Loading any pretrained encoder (DESIGN §7, §9)
+# Loading any pretrained encoder (paper §4.1-4.2; the released checkpoint layout)
 
 
 class LoadReport(NamedTuple):
@@ -453,9 +453,9 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
         elif k.startswith(enc_prefix) and not (enc_prefix == "" and k.startswith("head.")):
             name = k[len(enc_prefix):]
             if name.endswith(("relative_position_index", "attn_mask")):
-                rederived.append(orig)                      # DESIGN §9: re-derived, never trusted
+                rederived.append(orig)                      # relative index: re-derived, never trusted
             elif name.startswith("patch_embed_2d.") or name == "mask_token":
-                unused.append(orig)                         # pretraining-only parts (DESIGN §7)
+                unused.append(orig)                         # pretraining-only parts (paper §4.1-4.2)
             else:
                 enc[name] = (orig, v)
         else:
@@ -465,7 +465,7 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
     _check_encoder_shape(tensors, cfg, model_name)
     window = None
     pe = tensors.get("patch_embed.proj.weight")
-    if pe is not None and pe.dim() == 4:                    # a 2D image Swin: inflate to 3D (DESIGN §7)
+    if pe is not None and pe.dim() == 4:                    # a 2D image Swin: inflate to 3D (paper §4.1-4.2)
         kind += ", 2D -> 3D inflated"
         inflated = swin3d.inflate_2d_state_dict(tensors, cfg, image_embed=False)
         tensors = {k: v for k, v in inflated.items()}
@@ -690,7 +690,7 @@ def resolve_tasks(cfg: FinetuneConfig, rank: int) -> list:
         with open(os.path.join(vids, f"classes_{name}.txt")) as f:
             classes = [line.strip() for line in f if line.strip()]
         n = cfg.num_classes or len(classes)
-        # A left-right flip turns "left" into "right": no flip for motion labels (as SSv2, DESIGN §7).
+        # A left-right flip turns "left" into "right": no flip for motion labels (as SSv2, paper §4.1-4.2).
         flip = 0.0 if name == "motion" else cfg.flip
         tasks.append(Task(name, vids, os.path.join(vids, f"train_{name}.txt"), os.path.join(vids, f"val_{name}.txt"),
                           n, classes, flip))

@@ -1,7 +1,7 @@
 """Masks for BEVT's masked image modeling (blockwise) and masked video modeling (tube).
 
 Implements paper §3 "Mask strategy" and the ablations of Table 8 ("Effect of
-masking strategies", §4), as pinned down in ../shared/DESIGN.md §3. The
+masking strategies", §4). The
 blockwise algorithm is BEiT's (Bao et al., 2021, the paper's reference [3]);
 the tube and its wrap-around follow the released BEVT code
 (`MaskedPositionGenerate` in mmaction/datasets/pipelines/mask_generator.py).
@@ -12,7 +12,7 @@ Convention, stated once (and asserted on every mask this module returns):
 
 All masks live on the tokenizer grid h x w = H/16 x W/16 (14 x 14 at 224 px):
 one DALL-E code per 16 x 16 pixels of the encoder input (§3 "Tokenizer"). Each
-call returns two views of one mask (DESIGN §3 "Two views of one mask"):
+call returns two views of one mask (paper §3 "Mask strategy" "Two views of one mask"):
 
     image  input (h, w)        target (h, w)        the same cells
     clip   input (T/2, h, w)   target (T, h, w)     input repeated x2 in time
@@ -91,8 +91,8 @@ TUBE_LENGTHS = {
     "tube-0.75-1.0": (0.75, 1.0),   # Table 8
 }
 
-PATCH_SIZE = 16       # pixels per tokenizer cell: 112-px tokenizer input / 8 (§3 "Tokenizer", DESIGN §4)
-TEMPORAL_PATCH = 2    # frames per video token: patch embedding (2, 4, 4) (DESIGN §2); token time = T/2
+PATCH_SIZE = 16       # pixels per tokenizer cell: 112-px tokenizer input / 8 (§3 "Tokenizer", paper §3 "Tokenizer")
+TEMPORAL_PATCH = 2    # frames per video token: patch embedding (2, 4, 4) (paper §3 "BEVT encoders"); token time = T/2
 MASK_RATIO = 0.5      # §3 "the masking ratio of each masked frame is 0.5"; Table 8 best 0.5-0.7
 MIN_BLOCK = 16        # BEiT min_num_patches; released BEVT config min_num_patches=16
 MIN_ASPECT = 0.3      # BEiT min_aspect; aspect is log-uniform in [0.3, 1/0.3]
@@ -116,7 +116,7 @@ class Block(NamedTuple):
 
 # -----------------------------------------------------------------------------
 # Seeding: one explicit numpy Generator per MaskGenerator, one stream per
-# (base seed, rank, DataLoader worker, epoch) (STYLE §15)
+# (base seed, rank, DataLoader worker, epoch)
 
 
 def derive_seed(base_seed: int, rank: int = 0, worker_id: int = 0, epoch: int = 0) -> int:

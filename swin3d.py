@@ -1,9 +1,8 @@
 """Video Swin Transformer encoder shared by BEVT's image and video streams.
 
 Implements paper §3 "BEVT encoders" and "Weight sharing between streams"
-(the Video Swin Transformer of Liu et al., 2022) as pinned down in
-../shared/DESIGN.md §2, with the released checkpoint layout of §9 and the
-public interface of §10.
+(the Video Swin Transformer of Liu et al., 2022), with the released
+checkpoint's key layout.
 
 One encoder, two entry points:
 
@@ -49,7 +48,7 @@ import torch.utils.checkpoint as cp
 Shape3 = tuple[int, int, int]
 
 # -----------------------------------------------------------------------------
-# Configuration and presets (DESIGN §2, paper §4 "Implementation details")
+# Configuration and presets (paper §3 "BEVT encoders", paper §4 "Implementation details")
 
 
 @dataclass
@@ -71,7 +70,7 @@ class SwinConfig:
 
 
 PRESETS: dict[str, SwinConfig] = {
-    # DESIGN §2 table: params with a 400-class head 28.16M / 49.82M / 88.05M / 196.95M.
+    # paper §3 "BEVT encoders" table: params with a 400-class head 28.16M / 49.82M / 88.05M / 196.95M.
     "tiny": SwinConfig(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
     "small": SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
     "base": SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
@@ -169,7 +168,7 @@ def relative_position_index(window: Shape3, table_window: Shape3, device=None) -
     """(N, N) index into a bias table of (2Tw-1)(2Th-1)(2Tw-1) rows, for a window `window`.
 
     The table is laid out for the configured window `table_window`
-    (DESIGN §2): index = (dt+Wt-1)(2Wh-1)(2Ww-1) + (dh+Wh-1)(2Ww-1) + (dw+Ww-1)
+    (paper §3 "BEVT encoders"): index = (dt+Wt-1)(2Wh-1)(2Ww-1) + (dh+Wh-1)(2Ww-1) + (dw+Ww-1)
     for the relative offset (dt, dh, dw) of query and key. The offsets are
     derived from the window actually used, so a shrunk window keeps the
     correct offsets.
@@ -336,7 +335,7 @@ class WindowAttention3D(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1), num_heads))
         # Kept as a persistent buffer only so that state-dict keys equal the
-        # released layout (DESIGN §9); its value in a checkpoint is never
+        # released layout; its value in a checkpoint is never
         # trusted (see _load_from_state_dict) and the forward pass uses the
         # index derived for the window actually used.
         self.register_buffer("relative_position_index",
@@ -348,7 +347,7 @@ class WindowAttention3D(nn.Module):
         self.attention = _check_attention(attention)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Re-derive the index instead of loading it (DESIGN §9): a checkpoint's
+        # Re-derive the index instead of loading it (the released checkpoint layout): a checkpoint's
         # copy may come from another window or be wrong, and nothing is learned in it.
         state_dict[prefix + "relative_position_index"] = self.relative_position_index
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -648,7 +647,7 @@ class EncoderOutput(NamedTuple):
     stages:  (F1, F2, F3, F4), each stage's output *before* its patch merging.
              Video: (B, T/2, H/4·2^-i, W/4·2^-i, C·2^i); image: (B, H/4·2^-i, W/4·2^-i, C·2^i).
     f4_norm: the final LayerNorm(8C) applied to F4, the feature used for
-             classification (DESIGN §7). The decoders take F3 and F4 (DESIGN §5).
+             classification (paper §4.1-4.2). The decoders take F3 and F4 (paper §3 "Decoders").
     """
 
     stages: tuple
@@ -664,7 +663,7 @@ class EncoderOutput(NamedTuple):
 
 
 class SwinTransformer3D(nn.Module):
-    """Video Swin encoder with BEVT's shared image stream (DESIGN §2, §10).
+    """Video Swin encoder with BEVT's shared image stream (paper §3 "BEVT encoders"; the public interface).
 
     forward(clip (B, 3, T, H, W) or image (B, 3, H, W), mask=None) -> EncoderOutput.
     `mask` is a bool tensor on the tokenizer grid, True = replaced by the mask
@@ -717,7 +716,7 @@ class SwinTransformer3D(nn.Module):
             layer.use_checkpoint = enable
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names kept out of weight decay (DESIGN §6): relative tables, mask token."""
+        """Parameter names kept out of weight decay (paper §4.1): relative tables, mask token."""
         return {n for n, _ in self.named_parameters()
                 if n.endswith("relative_position_bias_table") or n == "mask_token"}
 
@@ -773,7 +772,7 @@ class SwinTransformer3D(nn.Module):
 
 
 def _init_weights(m: nn.Module) -> None:
-    """DESIGN §2 "Init": Linear trunc-normal(0.02), bias 0; LayerNorm 1/0; relative tables trunc-normal(0.02)."""
+    """paper §3 "BEVT encoders" "Init": Linear trunc-normal(0.02), bias 0; LayerNorm 1/0; relative tables trunc-normal(0.02)."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -790,7 +789,7 @@ def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing (DESIGN §7, §9)
+# Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing (paper §4.1-4.2; the released checkpoint layout)
 
 
 def load_file(path) -> object:
@@ -840,7 +839,7 @@ def _table_grid(length: int, window: Sequence[int]) -> tuple:
 def resize_relative_tables(state_dict: dict, old_window: Sequence[int], new_window: Sequence[int]) -> dict:
     """Resize every 3D relative_position_bias_table from `old_window` to `new_window` (trilinear).
 
-    E.g. (8,7,7) -> (16,7,7) for SSv2 finetuning (DESIGN §7): a (15·13·13, nh)
+    E.g. (8,7,7) -> (16,7,7) for SSv2 finetuning (paper §4.1-4.2): a (15·13·13, nh)
     table is viewed as an (nh, 15, 13, 13) grid of offsets and interpolated to
     (nh, 31, 13, 13). With align_corners=False the centre (offset 0) maps to
     the centre, so the Δt = 0 slice is kept exactly. Index buffers are dropped

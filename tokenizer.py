@@ -1,8 +1,8 @@
 """Visual tokenizers: what turns images and clip frames into BEVT's discrete targets.
 
 Implements paper §3 "Tokenizer" and appendix A ("Details on Pretrained
-Tokenizer") as pinned down in ../shared/DESIGN.md §4, with the checkpoint
-layout of §9 and the public interface of §10.
+Tokenizer"), reading the published DALL-E weights and released BEVT
+checkpoints safely.
 
 The pipeline, for a crop `(N, 3, H, W)` of floats in [0, 1] (not mean/std
 normalised), H and W multiples of 16:
@@ -39,7 +39,7 @@ Two tokenizers with one interface (`Tokenizer`: `vocab_size`, `tokenize`,
 Both are frozen: parameters never require grad, `train()` keeps eval mode,
 everything runs under `torch.no_grad()` in fp32 (autocast is switched off
 inside), and neither is a submodule of the trained model, so it never lands in
-a training checkpoint (STYLE 17).
+a training checkpoint.
 
 Usage:
 
@@ -82,7 +82,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# Constants (paper §3 "Tokenizer", appendix A; DESIGN §4)
+# Constants (paper §3 "Tokenizer", appendix A; paper §3 "Tokenizer")
 
 VOCAB_SIZE = 8192            # appendix A: "The vocabulary size of the visual tokens is 8192"
 LOGIT_LAPLACE_EPS = 0.1      # ε of DALL-E's map_pixels x' = (1-2ε)x + ε (dall_e/utils.py)
@@ -187,11 +187,11 @@ def _check_images(images: torch.Tensor, what: str = "images") -> None:
         lo, hi = images.min().item(), images.max().item()
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(f"{what}: expected un-normalised pixels in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                             f"(the tokenizer takes the crop before mean/std normalisation, DESIGN §6)")
+                             f"(the tokenizer takes the crop before mean/std normalisation, paper §4.1)")
 
 
 # -----------------------------------------------------------------------------
-# The DALL-E dVAE encoder (DESIGN §4; openai/DALL-E dall_e/encoder.py, utils.py)
+# The DALL-E dVAE encoder (paper §3 "Tokenizer"; openai/DALL-E dall_e/encoder.py, utils.py)
 #
 #   input (N, 3, h, w) in [ε, 1-ε]
 #   blocks.input   conv 7x7 3 -> 256                       (N, 256,  h,    w)
@@ -218,7 +218,7 @@ class DalleConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Differs from the released code: dall_e's Conv2d runs in fp16 on CUDA
         # (use_float16=True for every conv but the output one); we run fp32
-        # everywhere (DESIGN §4), so near-tie argmaxes can differ from fp16 ones.
+        # everywhere (paper §3 "Tokenizer"), so near-tie argmaxes can differ from fp16 ones.
         return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
 
 
@@ -360,7 +360,7 @@ class Tokenizer(nn.Module):
         _check_images(images)
         x = images.to(self.device, torch.float32)
         H, W = x.shape[-2:]
-        # fp32 even inside a bf16/fp16 autocast region of the training step (DESIGN §4).
+        # fp32 even inside a bf16/fp16 autocast region of the training step (paper §3 "Tokenizer").
         with torch.autocast(device_type=x.device.type, enabled=False):
             x_half = lanczos_resize(x, (H // DOWNSAMPLE, W // DOWNSAMPLE), self.resample)   # (N, 3, H/2, W/2)
             codes = self.codes_from_half(x_half)                                         # (N, H/16, W/16)
@@ -663,7 +663,7 @@ def extract_patches(images: torch.Tensor, resample: str = "pil") -> torch.Tensor
 
 
 # -----------------------------------------------------------------------------
-# Reading encoder.pkl without the dall_e package (DESIGN §4)
+# Reading encoder.pkl without the dall_e package (paper §3 "Tokenizer")
 #
 # encoder.pkl is `torch.save(encoder)` in the old (non-zip) format: a few header
 # pickles, then a pickle of the whole module naming dall_e.encoder.Encoder,
@@ -847,7 +847,7 @@ def _tokenizer_from_object(obj, source: str, **kw) -> Tokenizer:
         raise ValueError(f"{source}: unknown tokenizer kind {obj['kind']!r}; expected {OfflineTokenizer.kind!r}")
     state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
     state = {_strip(k, "module."): v for k, v in state.items() if isinstance(k, str)}
-    vae = "cls_head.vae_encoder."                                     # released BEVT pretraining checkpoint (§9)
+    vae = "cls_head.vae_encoder."                                     # released BEVT pretraining checkpoint
     if any(k.startswith(vae) for k in state):
         return DalleTokenizer.from_state_dict({k[len(vae):]: v for k, v in state.items() if k.startswith(vae)}, **kw)
     if "blocks.input.w" in state:                                     # tokenizer.py convert / a state dict

@@ -1,7 +1,7 @@
 """BEVT pretraining: stages `image` (BEVT-I), `video` (BEVT-V) and `joint` (BEVT).
 
-Implements paper §3 "Training strategies" and §4.1 "Implementation details",
-as pinned down in ../shared/DESIGN.md §6. Model: bevt.py; data: data.py;
+Implements paper §3 "Training strategies" and §4.1 "Implementation details".
+Model: bevt.py; data: data.py;
 masks: masking.py; targets: tokenizer.py.
 
     # CPU demo on the embedded synthetic data (generated, and the offline
@@ -75,21 +75,21 @@ class TrainConfig:
     init: str = ""                        # checkpoint to start from; joint: defaults to <out>/image/final.pt
     resume: str = "auto"                  # auto: continue <out>/<stage>/ckpt.pt if there is one | no | a path
     overwrite: bool = False               # discard a previous run in <out>/<stage> and start again
-    # --- data (DESIGN §6)
+    # --- data (paper §4.1)
     data: str = ""                        # synthetic data folder (CPU preset), generated on first use
     video_root: str = ""
     video_list: str = ""
     image_root: str = ""
     image_list: str = ""
     frames: int = 16                      # clip length T (§4.1)
-    frame_interval: int = 8               # DESIGN §6
+    frame_interval: int = 8               # paper §4.1
     crop: int = 224
-    short_side: tuple = (256, 320)        # random short-side rescale range (DESIGN §6)
-    video_batch: int = 8                  # clips per process (DESIGN §6: 8 clips + 64 images per GPU)
+    short_side: tuple = (256, 320)        # random short-side rescale range (paper §4.1)
+    video_batch: int = 8                  # clips per process (paper §4.1: 8 clips + 64 images per GPU)
     image_batch: int = 64                 # images per process
     global_video_batch: int = 256         # §4.1 batch size 256 clips
     global_image_batch: int = 2048        # §4.1 batch size 2048 images
-    image_cycles: int = 5                 # ImageNet cycled 5x per video epoch in the joint stage (DESIGN §6)
+    image_cycles: int = 5                 # ImageNet cycled 5x per video epoch in the joint stage (paper §4.1)
     workers: int = 8
     mask_strategy: str = "tube"           # masking.STRATEGIES; Table 8
     mask_ratio: float = 0.5               # §3 "the masking ratio of each masked frame is 0.5"
@@ -97,7 +97,7 @@ class TrainConfig:
     tokenizer: str = ""                   # DALL-E encoder.pkl / converted .pt / offline tokenizer file
     vocab_size: int = 8192                # DALL-E codebook
     tokenizer_vocab: int = 8192           # offline tokenizer fitted on first use (CPU preset)
-    # --- optimisation (DESIGN §6)
+    # --- optimisation (paper §4.1)
     epochs: int = 150                     # joint/video: 150 K400 epochs; image: 800 ImageNet epochs
     warmup_epochs: float = 10.0
     lr: float = 5e-4                      # at the paper's global batch
@@ -106,7 +106,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     clip_grad: float = 3.0
     accum_steps: int = 0                  # 0 = derived from the global batch
-    drop_path: float = 0.3                # Swin-B pretraining (DESIGN §2)
+    drop_path: float = 0.3                # Swin-B pretraining (paper §3 "BEVT encoders")
     lam: float = 1.0                      # eq. 5
     max_steps: int = 0                    # stop after this many optimizer steps (0 = the schedule's end)
     # --- runtime
@@ -359,7 +359,7 @@ def seed_everything(seed: int) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Optimiser and schedule (DESIGN §6)
+# Optimiser and schedule (paper §4.1)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
@@ -374,7 +374,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Per-iteration linear warm-up, then cosine to min_lr (DESIGN §6)."""
+    """Per-iteration linear warm-up, then cosine to min_lr (paper §4.1)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -572,7 +572,7 @@ class EpochStream:
 
 
 # -----------------------------------------------------------------------------
-# Targets: the frozen tokenizer, outside the trained model (STYLE 17)
+# Targets: the frozen tokenizer, outside the trained model
 
 
 def model_inputs(batch: dict, tok, device) -> dict:

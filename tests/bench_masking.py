@@ -3,7 +3,7 @@
     python tests/bench_masking.py                  # 500 repeats per case
     python tests/bench_masking.py --repeats 100    # quicker
 
-1. The per-GPU batch of the paper recipe (DESIGN §6, released config
+1. The per-GPU batch of the paper recipe (paper §4.1, released config
    `omni_videos_per_gpu=[8, 64]`): 8 clips of 16 frames with tube masks plus
    64 images with blockwise masks, 224 px. Budget (issue #3): < 5 ms in total,
    i.e. masks must never be what a data-loading worker waits for.
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from masking import STRATEGIES, MaskGenerator  # noqa: E402
 
 BUDGET_MS = 5.0          # issue #3: one per-GPU batch of masks in under 5 ms
-CLIPS, IMAGES = 8, 64    # per GPU (DESIGN §6 table: 8 clips + 64 images)
+CLIPS, IMAGES = 8, 64    # per GPU (paper §4.1 table: 8 clips + 64 images)
 FRAMES, SIZE = 16, 224   # §4: 16-frame clips, 224 px crops
 
 

@@ -20,7 +20,7 @@
 3. Multiply-accumulates of Swin-B for one 32x224x224 view with window (8,7,7)
    and (16,7,7), counted on the meta device with torch.utils.flop_counter
    (which counts 2 FLOPs per MAC), against the published 282 and 321 GFLOPs
-   (fvcore MACs) and the released code's 281.3 and 320.4 GMACs (DESIGN §2).
+   (fvcore MACs) and the released code's 281.3 and 320.4 GMACs (paper §3 "BEVT encoders").
 """
 
 import argparse

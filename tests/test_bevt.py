@@ -1,5 +1,5 @@
 """Tests of bevt.py: decoder shapes, the joint loss (eqs. 3-5), gradient flow,
-stages for DDP, and loading the released checkpoint layout (DESIGN §5, §9, §10)."""
+stages for DDP, and loading the released checkpoint layout (paper §3 "Decoders"; the released checkpoint layout; the public interface)."""
 
 import pytest
 import torch
@@ -110,7 +110,7 @@ def test_tokenizer_gets_no_gradient_inside_a_training_step():
 
 
 def released_state_dict(m):
-    """Our weights under the released names (DESIGN §9), renamed by hand."""
+    """Our weights under the released names (the released checkpoint layout), renamed by hand."""
     rename = {"video_decoder.": "backbone.", "image_decoder.": "backbone.", "encoder.": "backbone.",
               "head.": "cls_head.lm_head."}
     sd = {}

@@ -1,6 +1,6 @@
 """Tests of data.py: decoding real files, frame sampling, augmentations, masks
 per worker, distributed shards, bad media, and the synthetic data set
-(paper §4.1 and Table 2; DESIGN §3, §6, §7).
+(paper §4.1 and Table 2; paper §3 "Mask strategy"; paper §4.1; paper §4.1-4.2).
 
 Every video here is written inside the test with PyAV (H.264 mp4, one VP9
 webm); expected values come from what the test wrote or from hand-computed

@@ -1,10 +1,10 @@
-"""Tests of finetune.py (DESIGN §7): layer-wise lr decay, multi-view averaging,
+"""Tests of finetune.py (paper §4.1-4.2): layer-wise lr decay, multi-view averaging,
 the Table 2 temporal probes, loading every checkpoint kind with the exact
 missing / unused keys, one-line errors on bad input, and a short finetune on
 the synthetic motion labels that beats chance.
 
 The expected values are written from the spec (the released K400 config's
-table, softmax by hand, key layouts of DESIGN §9), never read from the code.
+table, softmax by hand, key layouts of the released checkpoint layout), never read from the code.
 """
 
 import json
@@ -215,7 +215,7 @@ def test_load_train_py_checkpoint():
 
 
 def _released(sd):
-    """Our BEVT keys -> the released layout (DESIGN §9), with DDP's module. prefix."""
+    """Our BEVT keys -> the released layout (the released checkpoint layout), with DDP's module. prefix."""
     names = {"video_decoder.": "backbone.", "image_decoder.": "backbone.", "head.": "cls_head.lm_head.",
              "encoder.": "backbone."}
     out = {}
@@ -324,7 +324,7 @@ def test_encoder_of_another_size_is_a_one_line_error():
 
 
 def test_classifier_parameter_count_is_the_papers():
-    # DESIGN §2: Swin-T with a 400-class head, released classification encoder: 28.16M.
+    # paper §3 "BEVT encoders": Swin-T with a 400-class head, released classification encoder: 28.16M.
     model = finetune.VideoClassifier(swin3d.get_config("tiny"), 400)
     assert swin3d.param_count(model) / 1e6 == pytest.approx(28.16, abs=0.01)
 

@@ -1,8 +1,8 @@
 """Tests of masking.py: shapes, the BEiT blockwise law, tube invariants, the
 Table 8 ablations, seeding across DataLoader workers and ranks, bad input and
-the picture CLI (paper §3 "Mask strategy", Table 8; DESIGN §3).
+the picture CLI (paper §3 "Mask strategy", Table 8; paper §3 "Mask strategy").
 
-Expected numbers come from the paper and DESIGN, not from the code: 98 of 196
+Expected numbers come from the paper and the released code, not from this code: 98 of 196
 cells at 224 px, tube lengths {4..8} of T/2 = 8 token steps, etc."""
 
 import functools
@@ -94,7 +94,7 @@ def test_block_ratio_224_matches_paper():
     assert gen.num_masked == 98                            # released config: 98 of 14x14
     counts = gen.batch(2000)[0].sum(axis=(1, 2))
     assert 0.45 <= counts.mean() / 196 <= 0.50
-    assert (counts == 98).mean() > 0.5                     # "usually equal" to the target (DESIGN §3)
+    assert (counts == 98).mean() > 0.5                     # "usually equal" to the target (paper §3 "Mask strategy")
     # Blockwise, not random: masked cells cluster. A masked cell's 4-neighbours
     # are masked far more often than the 50% a random mask would give.
     m = gen.batch(200)[0]

@@ -1,6 +1,6 @@
 """Tests of swin3d.py: shapes, SDPA == explicit attention, weight sharing between
 the image and video streams, gradient checkpointing, parameter counts,
-checkpoint layout, inflation and window resizing (DESIGN §2, §9, §10)."""
+checkpoint layout, inflation and window resizing (paper §3 "BEVT encoders"; the released checkpoint layout; the public interface)."""
 
 import math
 
@@ -132,7 +132,7 @@ def test_permute_tokens_gradient_is_the_inverse_gather():
 
 
 def decode_offsets(index, table_window):
-    """Invert DESIGN §2's index formula into (dt, dh, dw)."""
+    """Invert paper §3 "BEVT encoders"'s index formula into (dt, dh, dw)."""
     Wt, Wh, Ww = table_window
     dw = index % (2 * Ww - 1) - (Ww - 1)
     dh = (index // (2 * Ww - 1)) % (2 * Wh - 1) - (Wh - 1)
@@ -427,7 +427,7 @@ def test_gradient_checkpointing_same_outputs_and_grads(stream):
 
 @pytest.mark.parametrize("preset,millions", [("tiny", 28.16), ("small", 49.82), ("base", 88.05), ("large", 196.95)])
 def test_parameter_counts_match_released_encoder(preset, millions):
-    # DESIGN §2: the released classification encoder (video patch embed with norm,
+    # paper §3 "BEVT encoders": the released classification encoder (video patch embed with norm,
     # 4 stages, final norm) plus Linear(8C -> 400); no image embedding or mask token.
     with torch.device("meta"):
         m = swin3d.build_encoder(preset)
@@ -439,7 +439,7 @@ def test_parameter_counts_match_released_encoder(preset, millions):
 # ----------------------------------------------------------------------------- checkpoint layout
 
 def released_layout(cfg):
-    """Key -> shape of the released encoder (DESIGN §9), written out independently."""
+    """Key -> shape of the released encoder (the released checkpoint layout), written out independently."""
     C, (Wt, Wh, Ww) = cfg.embed_dim, cfg.window_size
     keys = {"patch_embed.proj.weight": (C, 3, 2, 4, 4), "patch_embed.proj.bias": (C,),
             "patch_embed.norm.weight": (C,), "patch_embed.norm.bias": (C,),

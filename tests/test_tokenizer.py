@@ -1,10 +1,10 @@
 """Tests of tokenizer.py: the DALL-E dVAE encoder's published layout, safe
 loading of encoder.pkl without the dall_e package, the paper's preprocessing,
 the code contract, frozenness inside a training step, and the offline k-means
-tokenizer (paper §3 "Tokenizer", appendix A; DESIGN §4, §9, §10).
+tokenizer (paper §3 "Tokenizer", appendix A; paper §3 "Tokenizer"; the released checkpoint layout; the public interface).
 
 Expected values come from outside the code under test: the parameter list is
-written out from DESIGN §4 (and openai/DALL-E's encoder.py), the resize is
+written out from paper §3 "Tokenizer" (and openai/DALL-E's encoder.py), the resize is
 checked against PIL, the pickle is made by a stand-in `dall_e` package with its
 own forward, exactly as encoder.pkl was made (`torch.save(model)` in the old
 format), and hostile pickles are first shown to run their payload when loaded
@@ -34,7 +34,7 @@ EPS = 0.1   # DALL-E's logit-Laplace ε (dall_e/utils.py), written out independe
 # ----------------------------------------------------------------------------- helpers
 
 def published_shapes():
-    """The 74 tensors of the published encoder.pkl, in its state_dict order (DESIGN §4)."""
+    """The 74 tensors of the published encoder.pkl, in its state_dict order (paper §3 "Tokenizer")."""
     s = OrderedDict()
     s["blocks.input.w"], s["blocks.input.b"] = (256, 3, 7, 7), (256,)
     groups = {1: (256, 256), 2: (256, 512), 3: (512, 1024), 4: (1024, 2048)}   # group: (n_in, n_out)

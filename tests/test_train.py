@@ -1,5 +1,5 @@
 """End-to-end tests of train.py: DDP over a real 2-process gloo torchrun,
-kill-and-resume, stage initialisation and the non-finite-loss stop (DESIGN §6).
+kill-and-resume, stage initialisation and the non-finite-loss stop (paper §4.1).
 
 Each run is a real `train.py` process on a tiny synthetic data set written
 with PyAV by data.py (8 videos, 24 images, 96-px crops of 4 frames)."""
