@@ -48,9 +48,12 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -68,7 +71,7 @@ import swin3d
 from train import (DIST_TIMEOUT_MIN, PRECISIONS, USER_ERRORS, EpochStream, Parser, StepLog, add_dataclass_flags, all_gather_rows,
                    all_rng_states, check_ranges, claim_run_dir, clip_gradients, load_for_resume, lr_at, param_groups,
                    precision_note, resolve_precision, save_checkpoint, save_curves, seed_everything, set_rng_state,
-                   setup_distributed, start_log, wrap_ddp)
+                   setup_distributed, start_log, wrap_ddp, write_atomic)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -900,7 +903,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
     if rank == 0:
         bar.close()
         final = {"model": raw.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
-                 "num_classes": task.num_classes}
+                 "num_classes": task.num_classes, "classes": task.classes}   # class names: for `predict`
         save_checkpoint(os.path.join(out_dir, "final.pt"), final)
         if ema is not None:
             save_checkpoint(os.path.join(out_dir, "final_ema.pt"), {**final, "model": ema.module.state_dict()})
@@ -927,6 +930,9 @@ def table2(results: dict, which: str = "model") -> str:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:                             # the subcommands at the end of this file
+        return TOOLS[argv[0]](argv[1:])
     cfg = parse_args(argv)
     ddp, rank, world, device = setup_distributed(cfg.dist_timeout)
     t0 = time.time()
@@ -948,6 +954,851 @@ def main(argv=None) -> dict:
     if ddp:
         dist.destroy_process_group()
     return results
+
+
+# =============================================================================
+# Tools. The method ends above; below are the tools around it, one subcommand each:
+#
+#   python finetune.py extract --preset cpu --init runs/bevt/joint/final.pt \
+#       --root data/synthetic/videos --list data/synthetic/videos/train_motion.txt --out runs/features/train
+#   python finetune.py probe --train-features runs/features/train --val-features runs/features/val
+#   python finetune.py predict --init runs/finetune/motion/final.pt --video a.mp4 b.mp4 [--json]
+#   python finetune.py tables --preset cpu --tables 1,2,8 --seeds 3
+#
+# `extract` writes the frozen features that `probe` (linear probe and k-NN) reads:
+# one feature path for both. `tables` reruns the mini reproductions of the
+# paper's Tables 1, 2 and 8 on the synthetic set.
+
+# -----------------------------------------------------------------------------
+# Tools: frozen features (`extract`): the final-normed F4, average-pooled, per video or per window
+
+
+@dataclass
+class ExtractConfig:
+    list: str = ""                        # annotation list (`relative/path label` a line) under --root
+    views: str = "centre"                 # centre: one centre clip, centre crop | test: the recipe's clips x crops, averaged
+    clip_len: int = 0                     # > 0: one feature row per window of clip_len frames (every --interval-th)
+    stride: int = 0                       # frames between window starts (0: clip_len x interval, side by side)
+    chunk: int = 64                       # videos per part file under <out>/parts: the unit a rerun skips
+
+
+# The FinetuneConfig fields extract reads (its --help lists only these).
+EXTRACT_FIELDS = {"recipe", "preset", "model", "init", "out", "root", "sampling", "frames", "interval", "crop",
+                  "short_side", "test_short_side", "test_clips", "test_crops", "window", "eval_batch_size",
+                  "workers", "precision", "dist_timeout"}
+FEATURE_FORMAT = 1
+
+
+class WindowSampling:
+    """Every window of `clip_len` frames (each `interval`-th) starting every `stride` frames:
+    num_frames -> frame indices (windows, clip_len). A video shorter than one window gives one
+    window whose missing frames repeat its last frame."""
+
+    def __init__(self, clip_len: int, interval: int, stride: int):
+        self.clip_len, self.interval, self.stride = clip_len, interval, stride
+
+    def __call__(self, num_frames: int) -> np.ndarray:
+        span = (self.clip_len - 1) * self.interval + 1                       # frames one window covers
+        starts = np.arange(0, max(num_frames - span, 0) + 1, self.stride)   # (windows,)
+        idx = starts[:, None] + np.arange(self.clip_len)[None] * self.interval
+        return np.minimum(idx, num_frames - 1)                               # (windows, clip_len)
+
+
+class _EveryVideo(torch.utils.data.Dataset):
+    """Each listed video exactly once (no replacement, unlike training): a file that cannot be
+    decoded comes back as {"row", "bad": reason}, to be listed in bad.txt."""
+
+    def __init__(self, rows: list, sampling, transform, threads: int):
+        self.rows, self.sampling, self.transform, self.threads = rows, sampling, transform, threads
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> dict:
+        row, path = self.rows[k]
+        try:
+            frames, idx, _ = data.read_video(path, self.sampling, self.threads)   # (clips, T, H, W, 3)
+        except data.BadMedia as e:
+            return {"row": row, "bad": e.reason}
+        video = self.transform(frames)["video"]
+        video = video if video.dim() == 5 else video[None]                      # (views, 3, T, c, c)
+        return {"row": row, "video": video, "starts": torch.as_tensor(idx.reshape(len(idx), -1)[:, 0])}
+
+
+def _as_list(batch: list) -> list:
+    return batch                                           # samples differ in view count: no stacking
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def feature_settings(cfg: FinetuneConfig, xcfg: ExtractConfig) -> dict:
+    """Everything the features depend on; its digest names the run, so a changed checkpoint,
+    list or view never reuses old parts."""
+    init = cfg.init or "scratch"
+    return {"format": FEATURE_FORMAT, "init": os.path.abspath(init) if init != "scratch" else init,
+            "init_digest": _file_digest(init) if init != "scratch" else "", "list": os.path.abspath(xcfg.list),
+            "list_digest": _file_digest(xcfg.list), "root": os.path.abspath(cfg.root), "model": cfg.model,
+            "window": list(cfg.window), "sampling": cfg.sampling, "frames": cfg.frames, "interval": cfg.interval,
+            "crop": cfg.crop, "short_side": cfg.short_side, "test_short_side": cfg.test_short_side,
+            "test_clips": cfg.test_clips, "test_crops": cfg.test_crops, "views": xcfg.views,
+            "clip_len": xcfg.clip_len, "stride": xcfg.stride, "precision": cfg.precision}
+
+
+def frozen_encoder(cfg: FinetuneConfig, log_fn=print) -> VideoClassifier:
+    """The encoder of --init (any kind load_pretrained reads), frozen: eval mode, no gradients."""
+    model = build_model(cfg, num_classes=1)                  # the head is never used for features
+    if cfg.init and cfg.init != "scratch":
+        log_fn(describe(load_pretrained(model, cfg.init, cfg.model), cfg.init))
+    else:
+        log_fn("init: scratch (random weights)")
+    return model.eval().requires_grad_(False)
+
+
+def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, ddp: bool = False, rank: int = 0, world: int = 1,
+                     device=torch.device("cpu"), progress: bool = True) -> dict:
+    """Features of every video of xcfg.list into cfg.out; returns meta.json's contents.
+
+    Writes features.npy (rows, 8C) float32, index.tsv (row, path, label, views,
+    start frame), bad.txt (files that could not be decoded, with the reason)
+    and, last, meta.json. The list is cut into chunks of xcfg.chunk videos;
+    chunk k is computed by rank k % world and written atomically to
+    parts/part_<k>.pt, so a killed run redoes only its unfinished chunks and a
+    complete output (meta.json with the same settings) is not recomputed.
+    Rank 0 merges the parts.
+    """
+    if not xcfg.list or not cfg.root or not cfg.out:
+        raise ValueError("extract needs --list (the videos), --root (their folder) and --out (the output folder)")
+    if xcfg.views not in ("centre", "test"):
+        raise ValueError(f"--views must be centre or test, got {xcfg.views!r}")
+    if xcfg.clip_len < 0 or xcfg.stride < 0 or xcfg.chunk < 1:
+        raise ValueError(f"--clip-len and --stride must be >= 0 and --chunk >= 1, got {xcfg.clip_len}, "
+                         f"{xcfg.stride}, {xcfg.chunk}")
+    if xcfg.clip_len and xcfg.views != "centre":
+        raise ValueError("--clip-len (sliding windows) takes centre-crop views; drop --views test")
+    log_fn = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
+    settings = feature_settings(cfg, xcfg)
+    key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
+    meta_path = os.path.join(cfg.out, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            try:
+                meta = json.load(f)
+            except json.JSONDecodeError:
+                meta = {}
+        if meta.get("key") == key and os.path.exists(os.path.join(cfg.out, "features.npy")):
+            log_fn(f"extract: {cfg.out} is complete for these settings ({meta['rows']} rows); nothing to do")
+            return meta
+    t0 = time.time()
+    listed = data.read_annotations(xcfg.list, cfg.root)                  # [(path, label)]
+    rows = [(i, str(p)) for i, (p, _) in enumerate(listed)]
+    labels = [label for _, label in listed]
+    parts_dir = os.path.join(cfg.out, "parts", key)
+    if rank == 0:
+        os.makedirs(parts_dir, exist_ok=True)
+        for old in os.listdir(os.path.join(cfg.out, "parts")):        # parts of other settings: stale
+            if old != key:
+                shutil.rmtree(os.path.join(cfg.out, "parts", old), ignore_errors=True)
+    if ddp:
+        dist.barrier()
+
+    # --- what one sample is: frames -> views (V, 3, T, c, c)
+    interval = cfg.interval if cfg.sampling == "dense" else 1
+    if xcfg.clip_len:
+        sampling = WindowSampling(xcfg.clip_len, interval, xcfg.stride or xcfg.clip_len * interval)
+        transform = data.FinetuneClipTransform("val", cfg.crop, cfg.short_side)
+    elif xcfg.views == "centre":
+        sampling = data.FrameSampling(cfg.frames, interval, cfg.sampling, num_clips=1, test_mode=True)
+        transform = data.FinetuneClipTransform("val", cfg.crop, cfg.short_side)
+    else:
+        sampling = data.FrameSampling(cfg.frames, interval, cfg.sampling, num_clips=cfg.test_clips, test_mode=True)
+        transform = data.FinetuneClipTransform("test", cfg.crop, cfg.short_side, cfg.test_short_side, cfg.test_crops)
+    bf16 = resolve_precision(cfg.precision, device)
+    model = frozen_encoder(cfg, log_fn).to(device)
+    chunks = [rows[k:k + xcfg.chunk] for k in range(0, len(rows), xcfg.chunk)]
+    mine = [k for k in range(len(chunks)) if k % world == rank
+            and not os.path.exists(os.path.join(parts_dir, f"part_{k:05d}.pt"))]
+    done = len([k for k in range(len(chunks)) if k % world == rank]) - len(mine)
+    log_fn(f"extract: {len(rows)} videos in {len(chunks)} chunks over {world} process(es); {done} chunk(s) of "
+           f"rank 0 already written; views: " + (f"windows of {xcfg.clip_len} frames every {sampling.stride}"
+                                                if xcfg.clip_len else xcfg.views) + f"; {precision_note(cfg.precision, bf16, device)}")
+    threads = data.auto_decode_threads(cfg.workers)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(len(chunks[k]) for k in mine), desc="extract", dynamic_ncols=True, file=sys.stdout)
+    with torch.no_grad():
+        for k in mine:
+            ds = _EveryVideo(chunks[k], sampling, transform, threads)
+            loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=cfg.workers, collate_fn=_as_list)
+            feats, out_rows, starts, bad = [], [], [], []
+            for (sample,) in loader:
+                if "bad" in sample:
+                    bad.append((sample["row"], sample["bad"]))
+                else:
+                    video = sample["video"]                                   # (V, 3, T, c, c)
+                    f = torch.cat([_pooled(model, video[i:i + cfg.eval_batch_size], device, bf16)
+                                   for i in range(0, len(video), cfg.eval_batch_size)])   # (V, 8C)
+                    if xcfg.clip_len:                                         # one row per window
+                        feats.append(f)
+                        out_rows += [sample["row"]] * len(f)
+                        starts += sample["starts"].tolist()
+                    else:                                                     # views averaged: one row
+                        feats.append(f.mean(0, keepdim=True))
+                        out_rows.append(sample["row"])
+                        starts.append(-1)
+                if bar is not None:
+                    bar.update(1)
+            dim = model.encoder.num_features
+            part = {"rows": torch.tensor(out_rows, dtype=torch.long),
+                    "features": torch.cat(feats) if feats else torch.zeros(0, dim),
+                    "starts": torch.tensor(starts, dtype=torch.long), "bad": [[r, reason] for r, reason in bad]}
+            tmp = os.path.join(parts_dir, f"part_{k:05d}.pt.tmp-{os.getpid()}")
+            torch.save(part, tmp)
+            os.replace(tmp, os.path.join(parts_dir, f"part_{k:05d}.pt"))
+    if bar is not None:
+        bar.close()
+    if ddp:
+        dist.barrier()                                            # every rank's parts are written
+    meta = None
+    if rank == 0:
+        meta = _merge_parts(cfg, xcfg, settings, key, rows, labels, len(chunks), parts_dir, time.time() - t0)
+        log_fn(f"extract: {meta['rows']} feature rows of dim {meta['dim']} from {meta['videos']} videos "
+               f"({meta['bad']} unreadable, listed in bad.txt) -> {cfg.out} in {meta['seconds']:.0f} s")
+    if ddp:
+        dist.barrier()
+    return meta if rank == 0 else json.load(open(meta_path))
+
+
+def _pooled(model: VideoClassifier, video: torch.Tensor, device, bf16: bool) -> torch.Tensor:
+    """(n, 3, T, c, c) -> (n, 8C) float32 on the CPU: the pooled final-normed F4."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model.features(video.to(device, non_blocking=True)).float().cpu()
+
+
+def _merge_parts(cfg, xcfg, settings, key, rows, labels, n_chunks, parts_dir, seconds) -> dict:
+    parts = [torch.load(os.path.join(parts_dir, f"part_{k:05d}.pt"), weights_only=True) for k in range(n_chunks)]
+    feats = torch.cat([p["features"] for p in parts]).numpy().astype(np.float32)     # (rows, 8C)
+    rws = torch.cat([p["rows"] for p in parts]).tolist()
+    starts = torch.cat([p["starts"] for p in parts]).tolist()
+    bad = [b for p in parts for b in p["bad"]]
+    views = (cfg.test_clips * cfg.test_crops) if (xcfg.views == "test" and not xcfg.clip_len) else 1
+    tmp = os.path.join(cfg.out, f"features.npy.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, feats)
+    os.replace(tmp, os.path.join(cfg.out, "features.npy"))
+    write_atomic(os.path.join(cfg.out, "index.tsv"), "row\tpath\tlabel\tviews\tstart\n" + "".join(
+        f"{r}\t{rows[r][1]}\t{labels[r]}\t{views}\t{s}\n" for r, s in zip(rws, starts)))
+    write_atomic(os.path.join(cfg.out, "bad.txt"), "".join(f"{rows[r][1]}\t{why}\n" for r, why in bad))
+    meta = {"key": key, "rows": len(rws), "dim": int(feats.shape[1]) if feats.ndim == 2 else 0,
+            "videos": len(rows), "bad": len(bad), "seconds": round(seconds, 1), "settings": settings}
+    write_atomic(os.path.join(cfg.out, "meta.json"), json.dumps(meta, indent=1))      # last: marks it complete
+    return meta
+
+
+def load_features(folder: str) -> dict:
+    """A folder written by extract -> {"features": (N, D) float32, "labels": (N,) int64, "paths", "starts", "meta"}."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+        raise ValueError(f"{folder} holds no complete features (no meta.json); write them with "
+                         f"`python finetune.py extract ... --out {folder}`")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    feats = np.load(os.path.join(folder, "features.npy"))
+    paths, labels, starts = [], [], []
+    with open(os.path.join(folder, "index.tsv")) as f:
+        next(f)
+        for line in f:
+            _, path, label, _, start = line.rstrip("\n").split("\t")
+            paths.append(path)
+            labels.append(int(label))
+            starts.append(int(start))
+    if len(labels) != len(feats) or len(feats) != meta["rows"]:
+        raise ValueError(f"{folder}: features.npy has {len(feats)} rows, index.tsv {len(labels)}, meta.json "
+                         f"{meta['rows']}; extract it again")
+    return {"features": feats, "labels": np.asarray(labels, dtype=np.int64), "paths": paths,
+            "starts": np.asarray(starts), "meta": meta}
+
+
+# -----------------------------------------------------------------------------
+# Tools: linear probe and k-NN on frozen features (`probe`)
+#
+# The two standard measures of what a pretrained encoder has learnt without
+# training it: a linear classifier on the features (MAE's protocol: BatchNorm
+# without affine parameters, then one Linear layer, no weight decay) and a
+# weighted k-nearest-neighbour vote (DINO's protocol: cosine similarity, k = 20,
+# each neighbour's vote weighted by exp(similarity / 0.07)). Both read the files
+# `extract` writes, and neither touches the encoder.
+
+
+@dataclass
+class ProbeConfig:
+    train_features: str = ""              # folder written by `finetune.py extract` for the training list
+    val_features: str = ""                # ... for the validation list
+    epochs: int = 100                     # linear probe: passes over the training features
+    lr: float = 0.1                       # linear probe: SGD (momentum 0.9) peak lr, cosine to 0
+    batch_size: int = 256                 # linear probe: features per step
+    k: int = 20                           # k-NN: neighbours (DINO: 20)
+    temperature: float = 0.07             # k-NN: vote weight exp(cosine / T) (DINO: 0.07)
+    seed: int = 0
+    json: bool = False                    # print the results as one JSON line
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 num_classes: int, epochs: int = 100, lr: float = 0.1, batch_size: int = 256,
+                 seed: int = 0) -> dict:
+    """Logistic regression on frozen features: BatchNorm1d(affine=False) + Linear, trained with
+    SGD (momentum 0.9, cosine lr, no weight decay) on (N, D) features; returns train and val top-1 %."""
+    gen = torch.Generator().manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False, eps=1e-6),
+                         nn.Linear(train_x.shape[1], num_classes))
+    with torch.no_grad():
+        nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)   # MAE: std 0.01, bias 0
+        head[1].bias.zero_()
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    n = len(train_x)
+    bs = min(batch_size, n)
+    steps_per_epoch = max(1, n // bs)
+    total = epochs * steps_per_epoch
+    step = 0
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for b in range(steps_per_epoch):
+            idx = order[b * bs:(b + 1) * bs]
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    head.eval()
+    with torch.no_grad():
+        train_acc = (head(train_x).argmax(-1) == train_y).double().mean().item() * 100
+        val_acc = (head(val_x).argmax(-1) == val_y).double().mean().item() * 100
+    return {"train_top1": train_acc, "top1": val_acc}
+
+
+def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 num_classes: int, k: int = 20, temperature: float = 0.07) -> dict:
+    """Weighted k-NN (DINO): cosine similarities to the training features, the k most similar
+    vote for their class with weight exp(sim / T); returns top-1 %."""
+    a = F.normalize(train_x.float(), dim=1)                               # (N, D)
+    b = F.normalize(val_x.float(), dim=1)                                 # (M, D)
+    k = min(k, len(a))
+    sim, idx = (b @ a.T).topk(k, dim=1)                                   # (M, k)
+    votes = torch.zeros(len(b), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+    return {"top1": (votes.argmax(1) == val_y).double().mean().item() * 100, "k": k}
+
+
+def probe_features(train: dict, val: dict, pcfg: ProbeConfig) -> dict:
+    """Linear probe and k-NN from two load_features() results."""
+    if train["features"].shape[1:] != val["features"].shape[1:]:
+        raise ValueError(f"train features have dim {train['features'].shape[1:]}, val features "
+                         f"{val['features'].shape[1:]}: extracted with different encoders")
+    tx, vx = torch.from_numpy(train["features"]), torch.from_numpy(val["features"])
+    ty, vy = torch.from_numpy(train["labels"]), torch.from_numpy(val["labels"])
+    classes = int(max(ty.max(), vy.max())) + 1
+    lin = linear_probe(tx, ty, vx, vy, classes, pcfg.epochs, pcfg.lr, pcfg.batch_size, pcfg.seed)
+    knn = knn_classify(tx, ty, vx, vy, classes, pcfg.k, pcfg.temperature)
+    return {"linear": lin, "knn": knn, "classes": classes, "train": len(tx), "val": len(vx),
+            "chance": 100.0 * np.bincount(vy.numpy(), minlength=classes).max() / len(vy)}
+
+
+# -----------------------------------------------------------------------------
+# Tools: prediction on single videos (`predict`)
+
+
+@dataclass
+class PredictConfig:
+    classes: str = ""                     # class names, one a line (default: those the checkpoint stores, else indices)
+    top: int = 5                          # classes printed per video
+    json: bool = False                    # one JSON document on stdout instead of text
+
+
+# The FinetuneConfig fields predict reads; the view settings default to those the checkpoint was finetuned with.
+PREDICT_FIELDS = {"recipe", "preset", "model", "init", "sampling", "frames", "interval", "crop", "test_short_side",
+                  "test_clips", "test_crops", "window", "eval_batch_size", "precision"}
+VIEW_FIELDS = ("model", "sampling", "frames", "interval", "crop", "test_short_side", "test_clips", "test_crops",
+               "window")
+
+
+def load_classifier(args: dict, log_fn=print) -> tuple[VideoClassifier, FinetuneConfig, Optional[list]]:
+    """A finetuned classifier from --init, its view settings (the checkpoint's config where the
+    flags do not say otherwise) and the class names it stores."""
+    init = args.get("init")
+    if not init or init == "scratch":
+        raise ValueError("predict needs --init: a finetuned checkpoint (finetune.py's final.pt or a released "
+                         "classification checkpoint)")
+    if not os.path.exists(init):
+        raise ValueError(f"--init {init}: no such file")
+    ck = swin3d.load_file(init)
+    stored = ck.get("config") if isinstance(ck, dict) and isinstance(ck.get("config"), dict) else {}
+    base = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in VIEW_FIELDS}
+    if stored.get("preset") == "cpu" and "preset" not in {k for k, v in args.items() if v is not None}:
+        base["preset"] = "cpu"
+    cfg = resolve_config({**base, **{k: v for k, v in args.items() if v is not None}})
+    sd, _ = _state_dict_of(ck)
+    heads = [v for k, (_, v) in sd.items() if k.endswith(("head.weight", "fc_cls.weight")) and v.dim() == 2]
+    num_classes = (ck.get("num_classes") if isinstance(ck, dict) else None) or (heads[0].shape[0] if heads else 0)
+    model = build_model(cfg, num_classes or 1)
+    report = load_pretrained(model, ck, cfg.model)
+    if not num_classes or "head.weight" not in report.loaded:
+        raise ValueError(f"--init {init} holds no classifier head ({report.kind}); predict needs a finetuned "
+                         f"checkpoint")
+    log_fn(describe(report, init))
+    classes = ck.get("classes") if isinstance(ck, dict) else None
+    return model.eval().requires_grad_(False), cfg, classes
+
+
+def predict_video(model: VideoClassifier, cfg: FinetuneConfig, path: str, device, bf16: bool) -> tuple[torch.Tensor, int]:
+    """One video file -> (class probabilities (K,), views): softmax averaged over the recipe's
+    test views (clips x crops, as finetune.py's test evaluation). Raises data.BadMedia."""
+    interval = cfg.interval if cfg.sampling == "dense" else 1
+    sampling = data.FrameSampling(cfg.frames, interval, cfg.sampling, num_clips=cfg.test_clips, test_mode=True)
+    transform = data.FinetuneClipTransform("test", cfg.crop, cfg.short_side, cfg.test_short_side, cfg.test_crops)
+    frames, _, _ = data.read_video(path, sampling)                          # (clips, T, H, W, 3)
+    views = transform(frames)["video"]                                      # (crops*clips, 3, T, c, c)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = torch.cat([model(views[i:i + cfg.eval_batch_size].to(device))
+                            for i in range(0, len(views), cfg.eval_batch_size)])   # (V, K)
+    return average_views(logits, len(views))[0].cpu(), len(views)
+
+
+# -----------------------------------------------------------------------------
+# Tools: the command lines of extract, probe and predict
+
+
+def _tool_parser(name: str, doc: str, fields: Optional[set], extra: tuple) -> Parser:
+    ap = Parser(prog=f"finetune.py {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if fields:
+        add_dataclass_flags(ap, FinetuneConfig, CHOICES, only=fields)
+    for cls, choices in extra:
+        add_dataclass_flags(ap, cls, choices)
+    return ap
+
+
+def _split(args: dict, cls) -> tuple[dict, object]:
+    """Parsed flags -> (the FinetuneConfig ones, an instance of `cls` from its own)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    mine = {k: v for k, v in args.items() if k in names and v is not None}
+    return {k: v for k, v in args.items() if k not in names}, cls(**mine)
+
+
+def extract_main(argv) -> dict:
+    """python finetune.py extract --init CKPT --root R --list L --out DIR [--views test] [--clip-len N --stride S]"""
+    ap = _tool_parser("extract", extract_features.__doc__, EXTRACT_FIELDS, ((ExtractConfig, {"views": ("centre", "test")}),))
+    args, xcfg = _split(vars(ap.parse_args(argv)), ExtractConfig)
+    if args.get("out") is None:
+        ap.error("extract needs --out DIR (where features.npy, index.tsv, bad.txt and meta.json go)")
+    try:
+        cfg = resolve_config(args)
+    except ValueError as e:
+        ap.error(str(e))
+    ddp, rank, world, device = setup_distributed(cfg.dist_timeout)
+    try:
+        if rank == 0:
+            os.makedirs(cfg.out, exist_ok=True)
+        meta = extract_features(cfg, xcfg, ddp, rank, world, device)
+    except USER_ERRORS as e:
+        _fail("extract", e)
+    if ddp:
+        dist.destroy_process_group()
+    return meta
+
+
+def probe_main(argv) -> dict:
+    """python finetune.py probe --train-features DIR --val-features DIR [--json]"""
+    ap = _tool_parser("probe", "Linear probe and k-NN on features written by `finetune.py extract` (MAE's and "
+                      "DINO's protocols).", None, ((ProbeConfig, {}),))
+    _, pcfg = _split(vars(ap.parse_args(argv)), ProbeConfig)
+    if not pcfg.train_features or not pcfg.val_features:
+        ap.error("probe needs --train-features DIR and --val-features DIR (folders written by finetune.py extract)")
+    try:
+        res = probe_features(load_features(pcfg.train_features), load_features(pcfg.val_features), pcfg)
+    except USER_ERRORS as e:
+        _fail("probe", e)
+    if pcfg.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['train']} train / {res['val']} val features, {res['classes']} classes (majority class "
+              f"{res['chance']:.1f}%): linear probe top-1 {res['linear']['top1']:.1f} (train "
+              f"{res['linear']['train_top1']:.1f}), k-NN (k={res['knn']['k']}) top-1 {res['knn']['top1']:.1f}")
+    return res
+
+
+def predict_main(argv) -> list:
+    """python finetune.py predict --init FINETUNED --video a.mp4 [b.mp4 ...] [--classes names.txt] [--json]"""
+    ap = _tool_parser("predict", "Top classes of single videos, softmax averaged over the recipe's test views "
+                      "(the views the checkpoint was finetuned for, unless flags say otherwise).",
+                      PREDICT_FIELDS, ((PredictConfig, {}),))
+    ap.add_argument("--video", nargs="+", required=True, help="video files")
+    args = vars(ap.parse_args(argv))
+    videos = args.pop("video")
+    args, pcfg = _split(args, PredictConfig)
+    quiet = pcfg.json
+    try:
+        model, cfg, classes = load_classifier(args, log_fn=(lambda m: print(m, file=sys.stderr)) if quiet else print)
+        if pcfg.classes:
+            with open(pcfg.classes) as f:
+                classes = [line.strip() for line in f if line.strip()]
+            if len(classes) != model.num_classes:
+                raise ValueError(f"--classes {pcfg.classes} names {len(classes)} classes, the checkpoint has "
+                                 f"{model.num_classes}")
+    except (*USER_ERRORS, OSError) as e:
+        _fail("predict", e)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    bf16 = resolve_precision(cfg.precision, device)
+    names = classes or [str(i) for i in range(model.num_classes)]
+    out, failed = [], 0
+    for path in videos:
+        try:
+            if not os.path.isfile(path):
+                raise data.BadMedia(path, "no such file")
+            probs, views = predict_video(model, cfg, path, device, bf16)
+        except data.BadMedia as e:
+            print(f"finetune.py predict: error: cannot read {path}: {e.reason}", file=sys.stderr, flush=True)
+            out.append({"video": path, "error": e.reason})
+            failed += 1
+            continue
+        p, i = probs.topk(min(pcfg.top, len(probs)))
+        top = [{"class": names[j], "index": j, "prob": round(float(q), 5)} for q, j in zip(p.tolist(), i.tolist())]
+        out.append({"video": path, "views": views, "top": top})
+        if not quiet:
+            print(f"{path} ({views} views): " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top), flush=True)
+    if quiet:
+        print(json.dumps(out))
+    if failed:
+        raise SystemExit(1)                       # every readable video was still predicted
+    return out
+
+
+def _fail(tool: str, e: Exception) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(f"finetune.py {tool}: error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
+# -----------------------------------------------------------------------------
+# Tools: mini reproductions of the paper's Tables 1, 2 and 8 (`tables`)
+#
+# On the synthetic set (data.py): its appearance labels stand in for K400 (one
+# frame tells the class) and its motion labels for SSv2 / Diving48 (the class
+# needs time). Every pretraining uses the cpu preset of train.py and every
+# finetune the cpu preset of this file: one recipe for all rows of a table.
+#   Table 1: scratch, BEVT-I (image stage), BEVT-V (video stage from scratch),
+#            BEVT (image stage, then joint) and, the question of Table 6, the
+#            joint stage from scratch; each by linear probe, k-NN and
+#            finetuning on both label sets. BEVT-V and both joint runs see the
+#            same videos: the video stage and the joint stage run the same
+#            number of steps on the same clip batch.
+#   Table 2: the BEVT finetunes evaluated normally, on single frames and on
+#            shuffled frames.
+#   Table 8: BEVT-V with each mask strategy, by linear probe and finetuning on
+#            the motion labels.
+# Results go cell by cell into a JSON file (a rerun skips the cells it holds),
+# and as mean +- std over seeds into a text table and a chart.
+
+
+@dataclass
+class TablesConfig:
+    tables: str = "1,2,8"                 # comma-separated subset of 1, 2, 8
+    seeds: int = 3                        # seeds 0 .. seeds-1 (pretraining, finetuning and probe draws)
+    out: str = "runs/tables"              # the runs: <out>/s<seed>/<pretraining>/<stage>, <out>/s<seed>/ft/...
+    results: str = "assets/tables.json"   # the cells; a rerun skips the cells already there
+    chart: str = "assets/tables.png"      # mean +- std over seeds as bars
+    data: str = ""                        # synthetic data folder (default data/synthetic, generated on first use)
+    max_steps: int = 0                    # > 0: cap every pretraining and finetune (to try the plumbing)
+    pretrain_args: str = ""               # extra train.py flags for every pretraining (all rows alike)
+    finetune_args: str = ""               # extra finetune.py flags for every finetune and extraction
+
+
+TABLE1_ROWS = ("scratch", "BEVT-I", "BEVT-V", "BEVT", "BEVT, joint from scratch")
+TABLE8_ROWS = ("tube", "tube-fixed", "tube-0.25-0.75", "tube-0.75-1.0", "frame-diff", "random-frame", "random-3d")
+# Table 8's row names, as the paper prints them (Swin-T, BEVT-V, mask ratio 50%).
+TABLE8_NAMES = {"tube": "Tube 0.5T-T", "tube-fixed": "Tube T", "tube-0.25-0.75": "Tube 0.25T-0.75T",
+                "tube-0.75-1.0": "Tube 0.75T-1.0T", "frame-diff": "Frame-Diff", "random-frame": "Random-Frame",
+                "random-3d": "Random-3D"}
+# The paper's numbers beside ours (top-1 %): Table 1 / 6 (Swin-B; SSv2, Diving48, K400), Table 8
+# (Swin-T; SSv2, K400), Table 2 (Swin-B; normal, single-frame, shuffle).
+PAPER = {
+    "1": {"scratch": None, "BEVT-I": (69.2, 81.2, 80.5), "BEVT-V": (67.1, 83.7, 76.2), "BEVT": (70.6, 86.7, 80.6),
+          "BEVT, joint from scratch": (67.9, 85.1, 78.5)},
+    "8": {"tube": (63.3, 71.6), "tube-fixed": (62.6, 71.2), "tube-0.25-0.75": (62.8, 69.5),
+          "tube-0.75-1.0": (63.1, 71.6), "frame-diff": (62.9, 70.6), "random-frame": (62.6, 70.9),
+          "random-3d": (59.1, 67.4)},
+    "2": {"K400": (80.6, 65.3, 77.8), "SSv2": (66.3, 6.3, 19.0), "Diving48": (84.0, 13.8, 50.4)},
+}
+
+
+def _pretrainings(row: str) -> list:
+    """The train.py runs a row's encoder needs, in order: [(run folder name, stage, extra flags)]."""
+    if row == "scratch":
+        return []
+    if row == "BEVT-I":
+        return [("bevt", "image", [])]
+    if row == "BEVT":
+        return [("bevt", "image", []), ("bevt", "joint", [])]        # joint starts from <run>/image/final.pt
+    if row == "BEVT, joint from scratch":
+        return [("joint-scratch", "joint", [])]                    # no image stage in that folder
+    strategy = "tube" if row == "BEVT-V" else row
+    name = "video" if strategy == "tube" else f"video-{strategy}"
+    return [(name, "video", ["--mask-strategy", strategy])]
+
+
+class Tables:
+    """Runs and records the cells of the requested tables; see the section comment above."""
+
+    def __init__(self, tcfg: TablesConfig):
+        self.t = tcfg
+        self.data = tcfg.data or "data/synthetic"
+        self.results = {"cells": {}}
+        if os.path.exists(tcfg.results):
+            with open(tcfg.results) as f:
+                try:
+                    self.results = json.load(f)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{tcfg.results} is not valid JSON (a torn write?); move it away to start again")
+        self.cells = self.results.setdefault("cells", {})
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.t.results)), exist_ok=True)
+        write_atomic(self.t.results, json.dumps(self.results, indent=1, sort_keys=True))
+
+    def record(self, key: str, value: dict, seconds: float) -> None:
+        self.cells[key] = {**value, "seconds": round(seconds, 1)}
+        self.save()
+        print(f"[tables] {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in value.items()
+                                               if isinstance(v, (int, float))), flush=True)
+
+    # --- the runs behind the cells
+    def checkpoint(self, row: str, seed: int) -> str:
+        """Run (or reuse) the pretrainings of `row` for `seed`; return the encoder's checkpoint or 'scratch'."""
+        import train
+        path = "scratch"
+        for name, stage, extra in _pretrainings(row):
+            run = os.path.join(self.t.out, f"s{seed}", name)
+            path = os.path.join(run, stage, "final.pt")
+            if os.path.exists(path):
+                continue
+            argv = ["--preset", "cpu", "--stage", stage, "--out", run, "--seed", str(seed), *extra]
+            argv += ["--data", self.data] if self.t.data else []
+            argv += ["--max-steps", str(self.t.max_steps)] if self.t.max_steps else []
+            train.main(argv + shlex.split(self.t.pretrain_args))
+        return path
+
+    def finetune(self, row: str, task: str, seed: int) -> None:
+        key = f"finetune|{row}|{task}|s{seed}"
+        if key in self.cells:
+            return
+        t0 = time.time()
+        init = self.checkpoint(row, seed)
+        out = os.path.join(self.t.out, f"s{seed}", "ft", _slug(row))
+        argv = ["--preset", "cpu", "--task", task, "--init", init, "--out", out, "--seed", str(seed),
+                "--eval-mode", ",".join(EVAL_MODES)]
+        argv += ["--data", self.data] if self.t.data else []
+        argv += ["--max-steps", str(self.t.max_steps)] if self.t.max_steps else []
+        res = main(argv + shlex.split(self.t.finetune_args))[task]
+        value = {mode: m["top1"] for mode, m in res["model"].items()}
+        value.update({f"ema {mode}": m["top1"] for mode, m in res.get("ema", {}).items()})
+        self.record(key, value, time.time() - t0)
+
+    def probe(self, row: str, seed: int) -> None:
+        """Linear probe and k-NN on both label sets from one extraction per split (same videos)."""
+        keys = {task: f"probe|{row}|{task}|s{seed}" for task in SYNTHETIC_TASKS}
+        if all(k in self.cells for k in keys.values()):
+            return
+        t0 = time.time()
+        init = self.checkpoint(row, seed)
+        vids = os.path.join(self.data, "videos")
+        feats = {}
+        for split in ("train", "val"):
+            out = os.path.join(self.t.out, f"s{seed}", "features", _slug(row), split)
+            argv = ["extract", "--preset", "cpu", "--init", init, "--root", vids, "--out", out,
+                    "--list", os.path.join(vids, f"{split}_appearance.txt")]
+            main(argv + _only_flags(shlex.split(self.t.finetune_args), EXTRACT_FIELDS))
+            feats[split] = load_features(out)
+        for task, key in keys.items():
+            relabelled = {}
+            for split in ("train", "val"):             # the same videos under the task's labels
+                labels = {str(p): l for p, l in data.read_annotations(os.path.join(vids, f"{split}_{task}.txt"),
+                                                                        vids)}
+                relabelled[split] = {**feats[split], "labels": np.asarray([labels[p] for p in feats[split]["paths"]])}
+            res = probe_features(relabelled["train"], relabelled["val"], ProbeConfig(seed=seed))
+            self.record(key, {"linear": res["linear"]["top1"], "knn": res["knn"]["top1"]}, time.time() - t0)
+
+    def run(self, tables: tuple) -> None:
+        for seed in range(self.t.seeds):
+            if "2" in tables:
+                for task in SYNTHETIC_TASKS:
+                    self.finetune("BEVT", task, seed)
+            if "1" in tables:
+                for row in TABLE1_ROWS:
+                    self.probe(row, seed)
+                    for task in SYNTHETIC_TASKS:
+                        self.finetune(row, task, seed)
+            if "8" in tables:
+                for strategy in TABLE8_ROWS:
+                    row = "BEVT-V" if strategy == "tube" else strategy
+                    self.probe(row, seed)
+                    self.finetune(row, "motion", seed)
+
+
+def _only_flags(tokens: list, fields: set) -> list:
+    """The flags of a token list (`--name value...`) whose field is in `fields`."""
+    out, keep = [], False
+    for tok in tokens:
+        if tok.startswith("--"):
+            keep = tok[2:].split("=")[0].replace("-", "_") in fields
+        if keep:
+            out.append(tok)
+    return out
+
+
+def _slug(row: str) -> str:
+    return row.replace(", ", "-").replace(" ", "-").lower()
+
+
+def cell_stats(cells: dict, kind: str, row: str, task: str, measure: str) -> Optional[tuple]:
+    """(mean, std, n) over the seeds that have the cell, or None (std 0 for one seed)."""
+    vals = [c[measure] for k, c in cells.items() if k.rsplit("|", 1)[0] == f"{kind}|{row}|{task}" and measure in c]
+    if not vals:
+        return None
+    v = np.asarray(vals, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def _fmt(s: Optional[tuple]) -> str:
+    return "-" if s is None else f"{s[0]:.1f} ± {s[1]:.1f} ({s[2]})"
+
+
+def tables_text(cells: dict, tables: tuple) -> str:
+    """The requested tables in Markdown: top-1 % as mean ± std (seeds), the paper's beside."""
+    out = []
+    if "1" in tables:
+        out += ["Table 1 (mini): top-1 %, mean ± std (seeds); paper: Swin-B, SSv2 / Diving48 / K400 finetuned",
+                "", "| init | appearance linear | appearance k-NN | appearance finetune | motion linear | "
+                "motion k-NN | motion finetune | paper |", "|---|---|---|---|---|---|---|---|"]
+        for row in TABLE1_ROWS:
+            cols = [_fmt(cell_stats(cells, "probe", row, t, m)) for t in SYNTHETIC_TASKS for m in ("linear", "knn")]
+            cols = [cols[0], cols[1], _fmt(cell_stats(cells, "finetune", row, "appearance", "normal")),
+                    cols[2], cols[3], _fmt(cell_stats(cells, "finetune", row, "motion", "normal"))]
+            paper = PAPER["1"][row]
+            out.append(f"| {row} | " + " | ".join(cols) + f" | {' / '.join(map(str, paper)) if paper else '-'} |")
+        out.append("")
+    if "2" in tables:
+        out += ["Table 2 (mini): BEVT finetuned, top-1 %, mean ± std (seeds)", "",
+                "| labels | Normal | Single-frame | Random-Shuffling |", "|---|---|---|---|"]
+        for task in SYNTHETIC_TASKS:
+            out.append(f"| {task} | " + " | ".join(_fmt(cell_stats(cells, "finetune", "BEVT", task, m))
+                                                    for m in EVAL_MODES) + " |")
+        for name, nums in PAPER["2"].items():
+            out.append(f"| paper, {name} | " + " | ".join(f"{v}" for v in nums) + " |")
+        out.append("")
+    if "8" in tables:
+        out += ["Table 8 (mini): BEVT-V by mask strategy, motion labels, top-1 %, mean ± std (seeds); paper: "
+                "Swin-T, SSv2 / K400 finetuned", "", "| strategy | motion linear | motion finetune | paper |",
+                "|---|---|---|---|"]
+        for strategy in TABLE8_ROWS:
+            row = "BEVT-V" if strategy == "tube" else strategy
+            out.append(f"| {TABLE8_NAMES[strategy]} | {_fmt(cell_stats(cells, 'probe', row, 'motion', 'linear'))} | "
+                       f"{_fmt(cell_stats(cells, 'finetune', row, 'motion', 'normal'))} | "
+                       f"{' / '.join(map(str, PAPER['8'][strategy]))} |")
+    return "\n".join(out)
+
+
+def draw_tables_chart(cells: dict, tables: tuple, path: str) -> None:
+    """One panel per table: bars of the mean top-1 over seeds with ±std error bars (Pillow only)."""
+    from PIL import Image, ImageDraw
+    palette = [(66, 103, 172), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179), (147, 120, 96),
+               (218, 139, 195)]
+    panels = []
+    if "1" in tables:
+        groups = [(f"{t} {m}", [(row, cell_stats(cells, kind, row, t, meas)) for row in TABLE1_ROWS])
+                  for t in SYNTHETIC_TASKS for m, kind, meas in (("linear", "probe", "linear"), ("k-NN", "probe", "knn"),
+                                                                  ("finetune", "finetune", "normal"))]
+        panels.append(("Table 1 (mini): initialisations", groups))
+    if "2" in tables:
+        groups = [(t, [(m, cell_stats(cells, "finetune", "BEVT", t, m)) for m in EVAL_MODES]) for t in SYNTHETIC_TASKS]
+        panels.append(("Table 2 (mini): BEVT finetuned, temporal probes", groups))
+    if "8" in tables:
+        groups = [(m, [(TABLE8_NAMES[s], cell_stats(cells, kind, "BEVT-V" if s == "tube" else s, "motion", meas))
+                       for s in TABLE8_ROWS]) for m, kind, meas in (("motion linear", "probe", "linear"),
+                                                                    ("motion finetune", "finetune", "normal"))]
+        panels.append(("Table 8 (mini): BEVT-V mask strategies", groups))
+    W, PH, left, top = 900, 260, 50, 40
+    img = Image.new("RGB", (W, PH * len(panels) + 10), "white")
+    d = ImageDraw.Draw(img)
+    for p, (title, groups) in enumerate(panels):
+        y0 = p * PH
+        plot_h, base = PH - top - 60, y0 + PH - 60                       # bar area height, y of 0%
+        d.text((left, y0 + 8), title + "  (top-1 %, mean ± std over seeds)", fill="black")
+        for v in (0, 25, 50, 75, 100):
+            y = base - plot_h * v / 100
+            d.line([(left, y), (W - 10, y)], fill=(225, 225, 225))
+            d.text((8, y - 6), f"{v}", fill="grey")
+        series = [name for name, _ in groups[0][1]]
+        gw = (W - left - 10) / len(groups)
+        bw = max(4, (gw - 16) / len(series))
+        for g, (gname, bars) in enumerate(groups):
+            gx = left + g * gw + 8
+            d.text((gx, base + 4), gname, fill="black")
+            for b, (_, st) in enumerate(bars):
+                if st is None:
+                    continue
+                x0 = gx + b * bw
+                y = base - plot_h * st[0] / 100
+                d.rectangle([x0, y, x0 + bw - 2, base], fill=palette[b % len(palette)])
+                lo, hi = base - plot_h * (st[0] - st[1]) / 100, base - plot_h * (st[0] + st[1]) / 100
+                cx = x0 + (bw - 2) / 2
+                d.line([(cx, lo), (cx, hi)], fill="black")
+                d.line([(cx - 3, lo), (cx + 3, lo)], fill="black")
+                d.line([(cx - 3, hi), (cx + 3, hi)], fill="black")
+        x = left
+        for b, name in enumerate(series):                                 # legend
+            d.rectangle([x, base + 22, x + 10, base + 32], fill=palette[b % len(palette)])
+            d.text((x + 14, base + 22), name, fill="black")
+            x += 14 + 7 * len(name) + 16
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def tables_main(argv) -> dict:
+    """python finetune.py tables --tables 1,2,8 --seeds 3 [--results assets/tables.json --chart assets/tables.png]"""
+    ap = _tool_parser("tables", "Mini reproductions of the paper's Tables 1, 2 and 8 on the synthetic set (cpu "
+                      "presets), mean ± std over seeds; resumable cell by cell.", None, ((TablesConfig, {}),))
+    ap.add_argument("--preset", choices=("cpu",), default="cpu", help="the only scale this runs at (default cpu)")
+    args = vars(ap.parse_args(argv))
+    args.pop("preset")
+    _, tcfg = _split(args, TablesConfig)
+    tables = tuple(t.strip() for t in tcfg.tables.split(",") if t.strip())
+    if not tables or any(t not in ("1", "2", "8") for t in tables):
+        ap.error(f"--tables must be a comma-separated subset of 1,2,8, got {tcfg.tables!r}")
+    if tcfg.seeds < 1 or tcfg.max_steps < 0:
+        ap.error(f"--seeds must be >= 1 and --max-steps >= 0, got {tcfg.seeds} and {tcfg.max_steps}")
+    t0 = time.time()
+    try:
+        runner = Tables(tcfg)
+        runner.run(tables)
+    except USER_ERRORS as e:
+        _fail("tables", e)
+    text = tables_text(runner.cells, tables)
+    draw_tables_chart(runner.cells, tables, tcfg.chart)
+    print("\n" + text + f"\n\nresults: {tcfg.results}; chart: {tcfg.chart}; this run took {time.time() - t0:.0f} s")
+    return runner.cells
+
+
+TOOLS = {"extract": extract_main, "probe": probe_main, "predict": predict_main, "tables": tables_main}
 
 
 if __name__ == "__main__":

@@ -163,12 +163,15 @@ def field_help(cls) -> dict:
     return out
 
 
-def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict) -> None:
+def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict, only=None) -> None:
     """One flag per dataclass field, default None so that explicitly given values can be told
     apart from preset values; --help shows each field's comment and default, and enumerated
-    fields list their choices (a wrong one is rejected by argparse)."""
+    fields list their choices (a wrong one is rejected by argparse). `only`: the subset of
+    fields a subcommand uses (e.g. finetune.py extract), so its --help lists no others."""
     defaults, helps = cls(), field_help(cls)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         text = helps.get(f.name, "")
