@@ -180,7 +180,7 @@ CPU_PRESET = dict(
     test_clips=1, test_crops=3, rrc_scale=(0.5, 1.0), randaug_n=0, erase=0.0, batch_size=8, eval_batch_size=8,
     global_batch=8, workers=1, window=(8, 7, 7), drop_path=0.0, dropout=0.0, epochs=20, warmup_epochs=1.0,
     lr=1e-3, weight_decay=0.05, layer_decay=1.0, backbone_lr_mult=1.0, label_smoothing=0.0, ema=0.99,
-    clip_grad=5.0, precision="fp32", eval_mode="normal,single-frame,shuffle", log_every=5, ckpt_every=50)
+    clip_grad=5.0, eval_mode="normal,single-frame,shuffle", log_every=5, ckpt_every=50)
 CPU_INIT = "runs/bevt/joint/final.pt"     # train.py's CPU demo output (default --out runs/bevt)
 SYNTHETIC_TASKS = ("appearance", "motion")
 

@@ -8,6 +8,7 @@
 Inputs (random uint8 pixels as data.py ships them, 50% random masks; data
 loading is benchmarked in bench_data.py):
     cpu   preset: 4 clips 3x8x112x112 + 16 images 112x112 (the CPU demo's batch), 256 codes
+    cpu-finetune: one finetune.py --preset cpu step, 8 clips 3x8x112x112, 4 classes
     tiny  (Swin-T): 1 clip 3x16x224x224 + 8 images 224x224, 8192 codes (--device cpu)
     tiny/small/base/large on --device cuda: 8 clips 3x16x224x224 + 64 images (the paper's per-GPU
     batch), 8192 codes; where that runs out of memory, the batch is halved (clips and images
@@ -46,6 +47,8 @@ import train  # noqa: E402
 CASES = {
     "cpu": dict(model="cpu", clips=4, frames=8, images=16, size=112, vocab=256),   # = train.py --preset cpu
     "tiny": dict(model="tiny", clips=1, frames=16, images=8, size=224, vocab=8192),
+    # finetune.py --preset cpu: one finetuning step (classifier, cross-entropy), 8 clips, no images
+    "cpu-finetune": dict(model="cpu", clips=8, frames=8, images=0, size=112, vocab=0, finetune=True),
 }
 PAPER_BATCH = dict(clips=8, frames=16, images=64, size=224, vocab=8192)       # per GPU, §4.1
 GPU_CASES = {m: dict(model=m, **PAPER_BATCH) for m in ("tiny", "small", "base", "large")}
@@ -80,6 +83,8 @@ def run_case(c, variant, device, warmup, repeats):
     parts = variant.split("+")
     bf16, compile_, ckpt = parts[0] == "bf16", "compile" in parts, "ckpt" in parts
     torch.manual_seed(0)
+    if c.get("finetune"):
+        return run_finetune_case(c, bf16, compile_, ckpt, device, warmup, repeats)
     model = bevt.BEVT(bevt.BEVTConfig(swin=swin3d.get_config(c["model"], drop_path_rate=0.1, use_checkpoint=ckpt),
                                       vocab_size=c["vocab"])).to(device)
     model.set_stage("joint")
@@ -121,6 +126,44 @@ def run_case(c, variant, device, warmup, repeats):
     return res
 
 
+def timed(step, device, warmup, repeats) -> dict:
+    t = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm_s = time.perf_counter() - t
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
+    return {"step_s": statistics.median(times), "warmup_s": warm_s, "peak_mb": peak / 2 ** 20}
+
+
+def run_finetune_case(c, bf16, compile_, ckpt, device, warmup, repeats):
+    """finetune.train_step on normalised float clips (as the finetuning loader ships them) + AdamW."""
+    import finetune
+    raw = finetune.VideoClassifier(swin3d.get_config(c["model"], use_checkpoint=ckpt), 4, dropout=0.0).to(device)
+    model = torch.compile(raw, dynamic=False) if compile_ else raw
+    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    batch = {"video": torch.randn(c["clips"], 3, c["frames"], c["size"], c["size"], generator=g),
+             "label": torch.randint(0, 4, (c["clips"],), generator=g)}
+
+    def step():
+        finetune.train_step(model, raw, [batch], device, False, bf16, 5.0, 0.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return timed(step, device, warmup, repeats)
+
+
 def run_subprocess(args, c, variant):
     out = subprocess.run([sys.executable, __file__, "--device", args.device, "--warmup", str(args.warmup),
                           "--repeats", str(args.repeats), "--one", json.dumps([c, variant])],
@@ -150,7 +193,7 @@ def main():
         return
     cuda = device.type == "cuda"
     table = GPU_CASES if cuda else CASES
-    cases = (args.cases or ("tiny,small,base,large" if cuda else "cpu,tiny")).split(",")
+    cases = (args.cases or ("tiny,small,base,large" if cuda else "cpu,cpu-finetune,tiny")).split(",")
     variants = (args.variants or ("bf16,bf16+compile,bf16+ckpt,bf16+compile+ckpt" if cuda else "fp32,bf16")).split(",")
     print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, CPU bf16 native "
           f"{train.bf16_supported(torch.device('cpu'))}; median of {args.repeats} steps after {args.warmup}")
@@ -170,7 +213,7 @@ def main():
                 print(f"| {name} | - | {variant} | out of memory at 1 clip |", flush=True)
                 continue
             first = first or res
-            inp = f"{c['clips']}x3x{c['frames']}x{c['size']}² + {c['images']} images{note}"
+            inp = f"{c['clips']}x3x{c['frames']}x{c['size']}²" + (f" + {c['images']} images" if c["images"] else "") + note
             line = (f"| {name} | {inp} | {variant} | {res['step_s']:.3f} | {first['step_s'] / res['step_s']:.2f}x "
                     f"| {c['clips'] / res['step_s']:.1f} | {res['warmup_s']:.0f} | {res['peak_mb']:.0f} |")
             if cuda:
