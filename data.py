@@ -481,8 +481,8 @@ def list_image_folder_once(root: PathLike, cache: PathLike, rank: int = 0, timeo
         t0 = time.perf_counter()
         samples, classes = scan_image_folder(root)
         took = time.perf_counter() - t0
-        cache.parent.mkdir(parents=True, exist_ok=True)
         try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
             _write_folder_list(cache, root, samples, classes, fingerprint)
         except OSError as e:
             raise OSError(f"cannot write the image list {cache}: {e.strerror or e} "
