@@ -81,6 +81,9 @@ class TrainConfig:
     video_list: str = ""
     image_root: str = ""
     image_list: str = ""
+    # --image-root without --image-list: rank 0 lists the folder once per run into this file, the other
+    # ranks read it, and later runs reuse it while the folder is unchanged (data.list_image_folder_once).
+    image_list_cache: str = ""            # list file of --image-root (one scan per run); "" = <out>/image_list.txt
     frames: int = 16                      # clip length T (§4.1)
     frame_interval: int = 8               # paper §4.1
     crop: int = 224
@@ -639,8 +642,12 @@ def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int):
     video_root = cfg.video_root or os.path.join(data_root, "videos")
     video_ann = cfg.video_list or (os.path.join(data_root, "videos", "train_appearance.txt") if synthetic else None)
     image_root = cfg.image_root or (os.path.join(data_root, "images", "train") if synthetic else None)
+    image_ann = cfg.image_list or None
+    if image_ann is None and image_root and cfg.stage != "video":       # a folder: scanned once, by rank 0
+        image_ann = data.list_image_folder_once(image_root, cfg.image_list_cache or
+                                                os.path.join(cfg.out, "image_list.txt"), rank=rank)
     return data.build_pretrain_loader(cfg.stage, dcfg, video_ann=video_ann, video_root=video_root,
-                                      image_root=image_root, image_ann=cfg.image_list or None,
+                                      image_root=image_root, image_ann=image_ann,
                                       rank=rank, world_size=world, verbose=rank == 0)
 
 

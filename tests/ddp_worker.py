@@ -11,6 +11,7 @@ its parameters to OUT/rank{r}.pt.
     python tests/ddp_worker.py OUT
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT collectives
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT frozen
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT image-list
 """
 import os
 import sys
@@ -82,6 +83,36 @@ def frozen_rank(out):
     os._exit(3)                                                   # as a failed rank would: torchrun ends the job
 
 
+def image_list(out):
+    """data.list_image_folder_once on the folder OUT/images, the list at OUT/cache/images.txt: each
+    rank counts its own folder scans (the real scan, wrapped; rank 0's is held 1.5 s so that rank 1
+    meets the file before rank 0 has replaced it) and writes OUT/list{rank}.json: its scans, the
+    seconds the call took, the classes and the (path, label) rows its ImageDataset holds."""
+    import json
+    import time
+    import data
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    scans, real = [], data.scan_image_folder
+
+    def counted(root):
+        scans.append(str(root))
+        if rank == 0:
+            time.sleep(1.5)
+        return real(root)
+    data.scan_image_folder = counted
+    root = os.path.join(out, "images")
+    t = time.time()
+    path = data.list_image_folder_once(root, os.path.join(out, "cache", "images.txt"), rank=rank, poll=0.05)
+    took = time.time() - t
+    ds = data.ImageDataset(root, path)
+    with open(os.path.join(out, f"list{rank}.json"), "w") as f:
+        json.dump({"scans": len(scans), "seconds": took, "classes": ds.classes,
+                   "rows": [[str(p), l] for p, l in ds.samples]}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(out, compiled=False):
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
@@ -124,5 +155,7 @@ if __name__ == "__main__":
         collectives(sys.argv[1])
     elif sys.argv[2:] == ["frozen"]:
         frozen_rank(sys.argv[1])
+    elif sys.argv[2:] == ["image-list"]:
+        image_list(sys.argv[1])
     else:
         main(sys.argv[1], compiled=sys.argv[2:] == ["compile"])

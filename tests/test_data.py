@@ -11,6 +11,7 @@ Run: python -m pytest -q tests/test_data.py
 import logging
 import multiprocessing as mp
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,194 @@ def test_image_folder_list_file_and_broken_images(tmp_path):
     loader = data.EpochLoader(ds, 1, shuffle=False, drop_last=False, num_workers=0, verbose=False)
     assert [int(b["label"]) for b in loader] == [0, 0, 0]                   # both broken ones replaced by row 0
     assert loader.skipped >= 2                                              # each bad row visited at least once
+
+
+# -----------------------------------------------------------------------------
+# Sample lists: compact rows, one folder scan per run (issue 21)
+
+
+def old_read_annotations(ann_file, root):
+    """data.read_annotations before issue 21 (a list of (Path, int) tuples), verbatim: the reference."""
+    ann_file, root = Path(ann_file), Path(root)
+    samples = []
+    for lineno, line in enumerate(ann_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        rel, label = parts[0], int(parts[1])
+        samples.append((root / rel, label))
+    return samples
+
+
+def old_scan_image_folder(root):
+    """data.scan_image_folder before issue 21, verbatim: the reference."""
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    samples = [(p, label) for label, c in enumerate(classes)
+               for p in sorted((root / c).rglob("*")) if p.suffix.lower() in data.IMAGE_EXTS and p.is_file()]
+    return samples, classes
+
+
+# Names the readers must keep as they are: spaces (also several, and before the label), non-ASCII
+# (accents, CJK, an emoji), a '#' inside a name, dots, a name that is one suffix, upper-case suffixes.
+ODD_NAMES = ["plain.jpg", "two  spaces.JPEG", "café au lait.png", "日本語の写真.jpg", "emoji 🦓.webp",
+             "not#a comment.jpg", "a.b.c.bmp", "..jpg", "UPPER.JPG", "trailing dot.jpg.", "notes.txt", ".hidden.jpg"]
+
+
+def odd_folder(root):
+    """A class tree with ODD_NAMES in every class, a nested folder, a folder named like an image, a
+    symlinked folder (not entered) and a symlinked file (listed), as rglob treats them."""
+    for cls in ("zebra", "ant é", "mole 2"):
+        (root / cls).mkdir(parents=True)
+        for name in ODD_NAMES:
+            (root / cls / name).write_bytes(b"x")
+    (root / "ant é" / "a").mkdir()
+    (root / "ant é" / "a" / "x.jpg").write_bytes(b"x")          # 'a/x.jpg' sorts before 'a-b.jpg' (by parts)
+    (root / "ant é" / "a-b.jpg").write_bytes(b"x")
+    (root / "ant é" / "dir.jpg").mkdir()                         # a folder, not an image
+    (root / "mole 2" / "linked").symlink_to(root / "zebra", target_is_directory=True)
+    (root / "mole 2" / "link.jpg").symlink_to(root / "zebra" / "plain.jpg")
+    (root / ".cache").mkdir()                                    # hidden: not a class
+    return root
+
+
+def test_compact_lists_give_the_old_readers_pairs(tmp_path):
+    root = odd_folder(tmp_path / "imgs")
+    # The folder scan: same classes, same (path, label) rows in the same order.
+    new, classes = data.scan_image_folder(root)
+    old, old_classes = old_scan_image_folder(root)
+    assert isinstance(new, data.SampleList) and classes == old_classes == ["ant é", "mole 2", "zebra"]
+    assert list(new) == old and len(old) == 3 * 10 + 2 + 1       # 10 image names per class (+ a/x, a-b, link)
+    assert [new[i] for i in (0, -1)] == [old[0], old[-1]]
+    # A list file: comments, blank lines, CRLF, tabs and runs of spaces, './' and '//' in paths.
+    rows = [f"{c}/{n}" for c in classes for n in ODD_NAMES]
+    text = "# header comment\n\n" + "".join(f"{r}{sep}{k % 7}{end}" for k, (r, sep, end) in enumerate(
+        zip(rows, [" ", "\t", "   "] * 20, ["\n", "\r\n", " \n"] * 20)))
+    text += "./zebra//plain.jpg 3\n   indented/path.jpg 4\n"
+    (tmp_path / "list.txt").write_text(text, encoding="utf-8")
+    new = data.read_annotations(tmp_path / "list.txt", root)
+    assert list(new) == old_read_annotations(tmp_path / "list.txt", root)
+    assert len(new) == len(rows) + 2 and new.label(len(rows)) == 3 and new.path(-1) == root / "indented/path.jpg"
+    with pytest.raises(IndexError, match="row 38 of a list of 38"):
+        new[len(new)]
+
+
+def test_compact_list_costs_about_its_bytes(tmp_path):
+    """100k ImageNet-like rows: under 80 bytes a row (the list of tuples took ~400), and none of it
+    in Python objects: a forked worker reading rows must not write into the list's pages."""
+    import gc
+    import tracemalloc
+    n = 100_000
+    with open(tmp_path / "big.txt", "w") as f:
+        for i in range(n):
+            f.write(f"n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG {i % 1000}\n")
+    gc.collect()
+    objects = len(gc.get_objects())
+    tracemalloc.start()
+    samples = data.read_annotations(tmp_path / "big.txt", tmp_path)
+    kept, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(samples) == n and samples.label(n - 1) == (n - 1) % 1000
+    assert samples.path(12345) == tmp_path / "n00000345/n00000345_12345.JPEG"
+    assert kept < 80 * n, kept
+    assert samples.nbytes < 50 * n
+    assert len(gc.get_objects()) - objects < 100                      # no object per row
+
+
+def folder_list(root, cache, **kw):
+    return data.list_image_folder_once(root, cache, verbose=True, **kw)
+
+
+def test_folder_list_is_reused_and_a_stale_or_torn_one_rebuilt(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for k in range(3):
+            (root / cls / f"{k} é.jpg").write_bytes(b"x")
+    cache = tmp_path / "run" / "images.txt"
+    scans = []
+    real = data.scan_image_folder
+    monkeypatch.setattr(data, "scan_image_folder", lambda r: scans.append(r) or real(r))   # a spy: the real scan
+
+    def rows(path):
+        return list(data.ImageDataset(root, path).samples)
+
+    assert folder_list(root, cache) == cache and len(scans) == 1
+    out = capsys.readouterr().out
+    assert "6 images in 2 classes, scanned in" in out and str(cache) in out
+    assert rows(cache) == old_scan_image_folder(root)[0] and data.ImageDataset(root, cache).classes == ["cat", "dog"]
+    good = cache.read_bytes()
+    folder_list(root, cache)                                              # unchanged folder: reused
+    assert len(scans) == 1 and "from " + str(cache) in capsys.readouterr().out
+
+    def rebuilt(reason):
+        n = len(scans)
+        folder_list(root, cache)
+        assert len(scans) == n + 1, reason
+        assert reason in capsys.readouterr().out
+        assert rows(cache) == old_scan_image_folder(root)[0]
+
+    cache.write_bytes(good[:-10])                                         # torn: the last line cut short
+    rebuilt("torn or damaged")
+    cache.write_bytes(good.replace(b"jpg 1\n", b"jpg 0\n", 1))            # same length, a label changed
+    rebuilt("torn or damaged")
+    cache.write_bytes(good.split(b"\n", 2)[2])                            # the rows without the header
+    rebuilt("not a version-1 folder list")
+    cache.write_bytes(b"")
+    rebuilt("not a version-1 folder list")
+    time.sleep(0.05)                                                      # past the file system's clock tick
+    (root / "dog" / "new.png").write_bytes(b"x")                          # stale: an image added
+    rebuilt("the folder changed")
+    assert len(rows(cache)) == 7
+    time.sleep(0.05)
+    (root / "eel").mkdir()                                                # stale: a class added
+    (root / "eel" / "e.jpg").write_bytes(b"x")
+    rebuilt("the folder changed")
+    assert data.ImageDataset(root, cache).classes == ["cat", "dog", "eel"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cat").symlink_to(root / "cat", target_is_directory=True)
+    folder_list(other, cache)                                             # another root: not this list
+    assert "it lists" in capsys.readouterr().out
+    assert list(data.read_annotations(cache, other)) == old_scan_image_folder(other)[0]
+    # A rank other than 0 never scans and never accepts a bad file: it waits, then names the file.
+    cache.write_bytes(good[:-10])
+    n = len(scans)
+    with pytest.raises(TimeoutError, match="images.txt"):
+        data.list_image_folder_once(root, cache, rank=1, timeout=0.3, poll=0.05)
+    assert len(scans) == n
+
+
+def test_folder_list_is_scanned_once_under_two_gloo_processes(tmp_path):
+    """torchrun, 2 processes, gloo (tests/ddp_worker.py image-list): rank 0 scans, rank 1 reads.
+    A stale list from an earlier state of the folder is in place: rank 1 must not take it, but
+    wait for rank 0's new one. A second run reuses the list: no scan at all."""
+    import json
+    import subprocess
+    import sys
+    root = tmp_path / "images"
+    for cls in ("cat", "dog é"):
+        (root / cls).mkdir(parents=True)
+        for k in range(4):
+            (root / cls / f"{k} x.jpg").write_bytes(b"x")
+    data.list_image_folder_once(root, tmp_path / "cache" / "images.txt", verbose=False)
+    time.sleep(0.05)
+    (root / "cat" / "late.png").write_bytes(b"x")                        # the list above is now stale
+    expected = [[str(p), l] for p, l in old_scan_image_folder(root)[0]]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for run, scans in ((1, [1, 0]), (2, [0, 0])):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(repo / "tests" / "ddp_worker.py"), str(tmp_path), "image-list"],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = [json.loads((tmp_path / f"list{k}.json").read_text()) for k in (0, 1)]
+        assert [g["scans"] for g in got] == scans, run
+        for g in got:
+            assert g["rows"] == expected and g["classes"] == ["cat", "dog é"]
+        if run == 1:
+            assert got[1]["seconds"] > 1.0                               # rank 1 waited for rank 0's scan
 
 
 # -----------------------------------------------------------------------------
