@@ -28,6 +28,13 @@ swin3d.py; data: data.py; pretraining: train.py (whose helpers this file imports
     python finetune.py --recipe ssv2 --init runs/finetune/ssv2/final.pt --eval-only \\
         --eval-mode normal,single-frame,shuffle --root ... --val-list ...
 
+Tools, as subcommands (their code follows the method, at the end of this file):
+
+    python finetune.py extract ...   # frozen features (pooled final-normed F4) of a video list, resumable
+    python finetune.py probe ...     # linear probe and k-NN on those features
+    python finetune.py predict ...   # top-5 classes of single videos with a finetuned checkpoint
+    python finetune.py tables ...    # mini reproductions of the paper's Tables 1, 2 and 8 on the synthetic set
+
 Checkpoints accepted by --init (the kind is detected and printed with exactly
 which keys were used and which were not): a train.py checkpoint
 (`{'model': BEVT state dict}`), a released BEVT pretraining checkpoint
