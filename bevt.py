@@ -406,7 +406,6 @@ def show(init: str, out: str, *, video: Optional[str] = None, image: Optional[st
         raise ValueError(f"--out: expected a .png path, got {out!r}")
     if not os.path.isdir(os.path.dirname(out_path)):
         raise ValueError(f"--out {out}: its folder {os.path.dirname(out_path)} does not exist")
-    stream = "video" if video else "image"
     bar = tqdm(total=6, desc="show", unit="step", disable=not progress, file=sys.stderr)
     try:
         return _show(bar, init, out_path, video, image, tokenizer, decoder, model, size, frames, frame_interval,
@@ -433,16 +432,19 @@ def _show(bar, init, out_path, video, image, tokenizer, decoder, model, size, fr
     preset = model or cfg.get("model") or "base"
     net = BEVT(BEVTConfig(swin=swin3d.get_config(preset, drop_path_rate=0.0), vocab_size=vocab))
     report = net.load_released(ck)
+    # The other stream's patch embedding and decoder may be missing; everything else is needed
+    # (a Video Swin classifier, say, has no decoders, mask token or token head).
     other = ("encoder.patch_embed_2d.", "image_decoder.") if video else ("encoder.patch_embed.", "video_decoder.")
-    needed = [k for k in report.missing if not k.startswith(other) and k != "encoder.mask_token"]
-    if needed or "encoder.mask_token" in report.missing:
-        needed += ["encoder.mask_token"] if "encoder.mask_token" in report.missing else []
+    needed = [k for k in report.missing if not k.startswith(other)]
+    if needed:
         raise ValueError(f"--init {init} does not hold the {stream} stream of a BEVT pretraining model: "
                          f"{len(needed)} keys missing, e.g. {needed[:3]}")
     net.eval().to(device)
     notes = []
-    if video and cfg.get("stage") == "image":
-        notes.append("an image-stage (BEVT-I) checkpoint: its video patch embedding and decoder were never trained")
+    untrained = {("video", "image"): "an image-stage (BEVT-I)", ("image", "video"): "a video-stage (BEVT-V)"}
+    if (stream, cfg.get("stage")) in untrained:           # that stage froze this stream's own parts at their init
+        notes.append(f"{untrained[stream, cfg.get('stage')]} checkpoint: its {stream} patch embedding and decoder "
+                     f"were never trained")
     bar.update()
 
     # --- settings: flags, else the checkpoint's config, else the paper's
@@ -515,7 +517,8 @@ def _show(bar, init, out_path, video, image, tokenizer, decoder, model, size, fr
     bar.set_postfix_str("draw")
     shown = sorted(set(np.linspace(0, T - 1, min(columns, T)).round().astype(int).tolist()))
     scale = scale or max(1, round(200 / size))
-    short = lambda p: os.path.join(*os.path.normpath(p).split(os.sep)[-2:])   # noqa: E731  (parent/name)
+    def short(path):                                                   # parent/name
+        return os.path.join(*os.path.normpath(path).split(os.sep)[-2:])
     title = f"BEVT predictions: {short(init)} on {short(video or image)}"
     acc = n_right / max(n_masked, 1)
     sub = (f"{tok.kind} tokenizer ({tok.vocab_size} codes), decoded by {decoded_by}; {strategy} mask, ratio "

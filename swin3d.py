@@ -789,7 +789,8 @@ def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing, torchvision's layout (paper §4.1-4.2; the released checkpoint layout)
+# Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing, torchvision's layout
+# (paper §4.1-4.2; the released checkpoint layout)
 
 
 def load_file(path) -> object:

@@ -273,7 +273,7 @@ def show_setup(syn, tmp_path_factory):
     inp, tgt = masking.MaskGenerator("tube", (4, 96, 96), mask_ratio=0.5, seed=0)()
     masked = torch.from_numpy(tgt)
     values, counts = codes[masked].unique(return_counts=True)
-    c = int(values[counts.argmax()])                                # the commonest masked target: some right, some wrong
+    c = int(values[counts.argmax()])                      # the commonest masked target: some right, some wrong
     config = {"model": "cpu", "crop": 96, "frames": 4, "frame_interval": 2, "mask_strategy": "tube",
               "mask_ratio": 0.5, "tokenizer": str(d / "tok.pt"), "stage": "joint", "preset": "cpu"}
     _save_bevt_checkpoint(d / "final.pt", VOCAB, c, config)
