@@ -421,10 +421,12 @@ def _detect(sd: dict, outer: dict) -> tuple[str, str, Optional[str]]:
         return "released BEVT pretraining", "backbone.", None
     if any(k.startswith("encoder.") for k in keys):
         return "finetune.py classifier", "encoder.", "head."
+    if swin3d.is_torchvision_layout(keys):
+        return swin3d.TORCHVISION_KIND, "", "head."              # keys renamed by load_pretrained; head: K400
     if "patch_embed.proj.weight" in sd:
         return "bare Swin encoder", "", None                   # e.g. a 2D Swin image checkpoint (its head: ImageNet)
-    raise ValueError("checkpoint layout not recognised: no encoder keys (expected backbone.*, encoder.* or "
-                     "patch_embed.proj.weight)")
+    raise ValueError("checkpoint layout not recognised: no encoder keys (expected backbone.*, encoder.*, "
+                     "torchvision's features.* or patch_embed.proj.weight)")
 
 
 def _check_encoder_shape(enc: dict, config: swin3d.SwinConfig, model_name: str) -> None:
@@ -455,6 +457,8 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
     """
     sd, outer = _state_dict_of(checkpoint)
     kind, enc_prefix, head_prefix = _detect(sd, outer)
+    if kind == swin3d.TORCHVISION_KIND:                     # features.* -> layers.* (original names kept)
+        sd = {swin3d.torchvision_key(k): ov for k, ov in sd.items()}
     cfg = model.encoder.config
     unused, rederived, enc, head = [], [], {}, {}
     for k, (orig, v) in sd.items():

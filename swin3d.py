@@ -789,7 +789,8 @@ def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing (paper §4.1-4.2; the released checkpoint layout)
+# Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing, torchvision's layout
+# (paper §4.1-4.2; the released checkpoint layout)
 
 
 def load_file(path) -> object:
@@ -899,6 +900,83 @@ def inflate_2d_state_dict(state_dict_2d: dict, config: SwinConfig, image_embed: 
                 v = t.reshape(nh, -1).T.to(v.dtype)
             v = v.repeat(2 * Wt - 1, 1)                            # ((2Wt-1)(2Wh-1)(2Ww-1), nh), Δt-major
         out[k] = v
+    return out
+
+
+# torchvision's Video Swin (torchvision.models.video.swin3d_t / swin3d_s / swin3d_b)
+#
+# The same network as the released Video Swin encoder, under other names
+# (torchvision/models/video/swin_transformer.py, with the block and the patch
+# merging of torchvision/models/swin_transformer.py):
+#
+#   torchvision                              ours
+#   patch_embed.proj / .norm                 patch_embed.proj / .norm           (same)
+#   features.{2i}.{j}.norm1/.attn.*/.norm2   layers.{i}.blocks.{j}.(same)       stage i, block j
+#   features.{2i}.{j}.mlp.0 / .mlp.3         layers.{i}.blocks.{j}.mlp.fc1 / .fc2   (torchvision's MLP is a
+#                                            Sequential: 0 Linear, 1 GELU, 2 Dropout, 3 Linear, 4 Dropout)
+#   features.{2i+1}.reduction / .norm        layers.{i}.downsample.reduction / .norm   (patch merging)
+#   norm                                     norm                               (same)
+#   head (400-class Linear)                  not the encoder's: a classifier head
+#
+# Nothing is reordered inside a tensor, because every convention agrees:
+# * patch merging: torchvision concatenates x[..., 0::2, 0::2, :],
+#   x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :] over
+#   (H, W), i.e. neighbours (h0,w0), (h1,w0), (h0,w1), (h1,w1): our order
+#   (PatchMerging), so `reduction.weight` (2C, 4C) is taken as it is;
+# * qkv output channels are (3, heads, head_dim) in both;
+# * the relative table is ((2Wt-1)(2Wh-1)(2Ww-1), heads), Δt-major, indexed
+#   the same way (relative_position_index is re-derived here, never read);
+# * tokens in a window are time-major (t, h, w) in both.
+# One thing differs in the forward, not in the weights: where a feature map is
+# smaller than the window in H or W, torchvision slices the index of the full
+# window (`index[:N, :N]`), which pairs wrong offsets; ours is derived for the
+# window actually used (see WindowAttention3D). Where only time shrinks, or
+# nothing does (e.g. 32x224x224 input, window (8,7,7)), both give the same output.
+
+TORCHVISION_KIND = "torchvision Video Swin (swin3d_t/s/b)"
+
+
+def is_torchvision_layout(keys) -> bool:
+    """True for a state dict of torchvision's swin3d_t/s/b (its stages live under `features.`)."""
+    keys = set(keys)
+    return "patch_embed.proj.weight" in keys and any(k.startswith("features.") for k in keys)
+
+
+def torchvision_key(key: str) -> str:
+    """Our encoder's name for a key of torchvision's swin3d state dict (table above).
+
+    Keys that have no place in the encoder (`head.*`, or anything unexpected)
+    come back unchanged, so a loader reports them as unused under their own name.
+    """
+    parts = key.split(".")
+    if parts[0] != "features" or len(parts) < 3 or not parts[1].isdigit():
+        return key                                           # patch_embed.*, norm.*, head.*: as they are
+    k = int(parts[1])
+    if k % 2 == 0 and parts[2].isdigit():                    # features.{2i}.{j}.*: stage i, block j
+        rest = ".".join(parts[3:])
+        for theirs, ours in (("mlp.0.", "mlp.fc1."), ("mlp.3.", "mlp.fc2.")):
+            if rest.startswith(theirs):
+                rest = ours + rest[len(theirs):]
+        return f"layers.{k // 2}.blocks.{parts[2]}.{rest}"
+    if k % 2 == 1 and parts[2] in ("reduction", "norm"):      # features.{2i+1}: stage i's patch merging
+        return f"layers.{k // 2}.downsample." + ".".join(parts[2:])
+    return key
+
+
+def map_torchvision_state_dict(state_dict: dict) -> dict:
+    """A torchvision swin3d_t/s/b state dict -> this encoder's keys (values untouched).
+
+    `head.*` (torchvision's Kinetics-400 classifier) stays under its own name;
+    the loaders (finetune.load_pretrained, BEVT.load_released) decide what it
+    becomes and report it. The relative index buffers keep their (mapped) names
+    and are re-derived on load.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        new = torchvision_key(k)
+        if new in out:
+            raise ValueError(f"torchvision key {k!r} maps onto {new!r}, which another key already took")
+        out[new] = v
     return out
 
 

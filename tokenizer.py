@@ -36,6 +36,12 @@ Two tokenizers with one interface (`Tokenizer`: `vocab_size`, `tokenize`,
   paper-sized runs, smaller for the CPU demo). It is not DALL-E: see
   `OfflineTokenizer` for what that changes.
 
+For pictures (`bevt.py show`), codes go back to pixels: the offline
+tokenizer through its codebook (`OfflineTokenizer.decode_half`), DALL-E
+through its dVAE decoder (`DalleDecoder`, read from the published
+`decoder.pkl` by the same restricted unpickler, with its own allow-list, or
+from its converted state dict: `load_dalle_decoder`).
+
 Both are frozen: parameters never require grad, `train()` keeps eval mode,
 everything runs under `torch.no_grad()` in fp32 (autocast is switched off
 inside), and neither is a submodule of the trained model, so it never lands in
@@ -52,7 +58,8 @@ Usage:
 Commands:
 
     python tokenizer.py convert --pkl encoder.pkl --out dalle_encoder.pt
-        # once: the published pickle -> a plain state dict (weights_only=True loadable)
+        # once: the published pickle -> a plain state dict (weights_only=True loadable);
+        # the same for decoder.pkl -> dalle_decoder.pt (bevt.py show --decoder)
     python tokenizer.py fit --data DIR --vocab 8192 --out tok.pt [--size 224 --seed 0
                             --iters 20 --max-patches 200000 --init kmeans++ --device cpu]
         # the offline tokenizer, from the png/jpg images under DIR (recursively)
@@ -223,19 +230,26 @@ class DalleConv2d(nn.Module):
 
 
 class DalleEncoderBlock(nn.Module):
-    """x -> id_path(x) + (1 / n_layers²) · res_path(x); res_path is 4 convs, width n_out/4."""
+    """x -> id_path(x) + (1 / n_layers²) · res_path(x); res_path is 4 convs, width n_out/4.
+
+    The encoder's convs are 3x3, 3x3, 3x3, 1x1 (`KERNELS`); the decoder's block
+    (DalleDecoderBlock) is the same with 1x1, 3x3, 3x3, 3x3.
+    """
+
+    KERNELS = (3, 3, 3, 1)          # kernel widths of res_path.conv_1 .. conv_4
 
     def __init__(self, n_in: int, n_out: int, n_layers: int):
         super().__init__()
         self.n_hid = n_out // 4
         self.post_gain = 1 / n_layers ** 2
+        k1, k2, k3, k4 = self.KERNELS
         # A 1x1 conv only where the channel count changes (first block of groups 2-4).
         self.id_path = DalleConv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
         self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", DalleConv2d(n_in, self.n_hid, 3)),
-            ("relu_2", nn.ReLU()), ("conv_2", DalleConv2d(self.n_hid, self.n_hid, 3)),
-            ("relu_3", nn.ReLU()), ("conv_3", DalleConv2d(self.n_hid, self.n_hid, 3)),
-            ("relu_4", nn.ReLU()), ("conv_4", DalleConv2d(self.n_hid, n_out, 1)),
+            ("relu_1", nn.ReLU()), ("conv_1", DalleConv2d(n_in, self.n_hid, k1)),
+            ("relu_2", nn.ReLU()), ("conv_2", DalleConv2d(self.n_hid, self.n_hid, k2)),
+            ("relu_3", nn.ReLU()), ("conv_3", DalleConv2d(self.n_hid, self.n_hid, k3)),
+            ("relu_4", nn.ReLU()), ("conv_4", DalleConv2d(self.n_hid, n_out, k4)),
         ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,10 +300,150 @@ def _dalle_config(state: dict[str, torch.Tensor]) -> dict[str, int]:
     for key in ("blocks.input.w", "blocks.output.conv.w"):
         if key not in state:
             raise ValueError(f"not a DALL-E encoder state dict: no {key!r} (keys start {sorted(state)[:3]})")
+    if tuple(state["blocks.input.w"].shape[2:]) == (1, 1):
+        raise ValueError(f"this is a DALL-E decoder state dict (input conv {tuple(state['blocks.input.w'].shape)} "
+                         f"takes one-hot codes); the tokenizer needs the encoder (encoder.pkl)")
     n_hid, c_in = state["blocks.input.w"].shape[:2]
     n_blk = len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")})
     return dict(n_hid=int(n_hid), n_blk_per_group=n_blk, input_channels=int(c_in),
                 vocab_size=int(state["blocks.output.conv.w"].shape[0]))
+
+
+def _load_exact(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """Copy `state` into `module` (built on the meta device) as fp32, after checking that the
+    names and shapes are exactly the module's: one-line errors naming the first differences."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"DALL-E {what} state dict does not match the architecture: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for k, v in expected.items():
+        if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape):
+            got = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+            raise ValueError(f"DALL-E {what} tensor {k!r}: expected shape {tuple(v.shape)}, got {got}")
+    fp32 = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    module.load_state_dict(fp32, strict=True, assign=True)     # assign: the meta tensors are replaced
+    return module.requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# The DALL-E dVAE decoder (openai/DALL-E dall_e/decoder.py, utils.py): codes back to pixels
+#
+# Not part of the method (BEVT only needs the codes); `bevt.py show` uses it to
+# draw what target and predicted codes stand for. The published decoder.pkl is
+# read like encoder.pkl (restricted unpickler, below) or converted once with
+# `python tokenizer.py convert --pkl decoder.pkl --out dalle_decoder.pt`.
+#
+#   codes (N, h, w) int64 -> one-hot (N, 8192, h, w) float32
+#   blocks.input   conv 1x1 8192 -> 128 (n_init)               (N, 128,  h,   w)
+#   blocks.group_1 2 x block(-> 2048)  + upsample x2 nearest   (N, 2048, 2h,  2w)
+#   blocks.group_2 2 x block(-> 1024)  + upsample x2           (N, 1024, 4h,  4w)
+#   blocks.group_3 2 x block(-> 512)   + upsample x2           (N, 512,  8h,  8w)
+#   blocks.group_4 2 x block(-> 256)                           (N, 256,  8h,  8w)
+#   blocks.output  ReLU, conv 1x1 256 -> 6                     (N, 6,    8h,  8w) logit-Laplace statistics
+#   pixels = unmap_pixels(sigmoid(stats[:, :3]))               (N, 3,    8h,  8w) in [0, 1]
+#
+# Parameter names equal the published file's (76 tensors).
+
+
+class DalleDecoderBlock(DalleEncoderBlock):
+    """The decoder's residual block: the encoder's with res_path kernels 1x1, 3x3, 3x3, 3x3."""
+
+    KERNELS = (1, 3, 3, 3)
+
+
+class DalleDecoder(nn.Module):
+    """The DALL-E dVAE decoder: one-hot codes (N, vocab, h, w) -> statistics (N, 2·3, 8h, 8w)."""
+
+    group_count = 4
+
+    def __init__(self, n_init: int = 128, n_hid: int = 256, n_blk_per_group: int = 2, output_channels: int = 3,
+                 vocab_size: int = VOCAB_SIZE):
+        super().__init__()
+        self.n_init, self.n_hid, self.n_blk_per_group = n_init, n_hid, n_blk_per_group
+        self.output_channels, self.vocab_size = output_channels, vocab_size
+        n_layers = self.group_count * n_blk_per_group         # 8: post_gain = 1/64, as in the encoder
+
+        def group(n_in, n_out, upsample):
+            layers = [(f"block_{i + 1}", DalleDecoderBlock(n_in if i == 0 else n_out, n_out, n_layers))
+                      for i in range(n_blk_per_group)]
+            if upsample:
+                layers.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
+            return nn.Sequential(OrderedDict(layers))
+
+        self.blocks = nn.Sequential(OrderedDict([
+            ("input", DalleConv2d(vocab_size, n_init, 1)),
+            ("group_1", group(n_init, 8 * n_hid, upsample=True)),
+            ("group_2", group(8 * n_hid, 4 * n_hid, upsample=True)),
+            ("group_3", group(4 * n_hid, 2 * n_hid, upsample=True)),
+            ("group_4", group(2 * n_hid, 1 * n_hid, upsample=False)),
+            ("output", nn.Sequential(OrderedDict([
+                ("relu", nn.ReLU()),
+                ("conv", DalleConv2d(1 * n_hid, 2 * output_channels, 1)),
+            ]))),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The published interface: one-hot (N, vocab, h, w) float32 -> (N, 2·channels, 8h, 8w)."""
+        if x.dim() != 4 or x.shape[1] != self.vocab_size:
+            raise ValueError(f"DalleDecoder: expected one-hot codes (N, {self.vocab_size}, h, w), got {tuple(x.shape)}")
+        if x.dtype != torch.float32:
+            raise ValueError(f"DalleDecoder: expected float32 input, got {x.dtype}")
+        return self.blocks(x)
+
+    @torch.no_grad()
+    def decode_half(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, h, w) int64 -> the half-size image they stand for, (N, 3, 8h, 8w) in [0, 1].
+
+        The input conv is 1x1 on a one-hot vector, i.e. a lookup of one column of
+        its weight per code: done as that lookup (F.embedding), which equals
+        forward(one_hot(codes)) without the (N, 8192, h, w) one-hot tensor.
+        Then sigmoid of the first 3 statistics (the logit-Laplace means) and the
+        inverse of the encoder's pixel map (dall_e.utils.unmap_pixels).
+        """
+        if codes.dim() != 3 or codes.dtype != torch.long:
+            raise ValueError(f"DalleDecoder.decode_half: expected int64 codes (N, h, w), got "
+                             f"{codes.dtype} {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.vocab_size):
+            raise ValueError(f"DalleDecoder.decode_half: codes must lie in [0, {self.vocab_size}), got "
+                             f"[{codes.min().item()}, {codes.max().item()}]")
+        conv = self.blocks.input
+        table = conv.w[:, :, 0, 0].T                                    # (vocab, n_init): column c = code c
+        x = F.embedding(codes.to(conv.w.device), table) + conv.b        # (N, h, w, n_init)
+        x = x.permute(0, 3, 1, 2)                                       # (N, n_init, h, w)
+        for name, module in self.blocks.named_children():
+            if name != "input":
+                x = module(x)                                           # ... -> (N, 6, 8h, 8w)
+        return unmap_pixels(torch.sigmoid(x[:, :self.output_channels]))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "DalleDecoder":
+        """Build from the published tensors (names as in decoder.pkl), checking every key and shape."""
+        with torch.device("meta"):                                  # no 45M-value random init to throw away
+            dec = cls(**_dalle_decoder_config(state))
+        return _load_exact(dec, state, "decoder").eval()
+
+
+def unmap_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """Inverse of map_pixels: [ε, 1-ε] -> [0, 1], clamped (dall_e.utils.unmap_pixels)."""
+    return ((x - eps) / (1 - 2 * eps)).clamp(0.0, 1.0)
+
+
+def _dalle_decoder_config(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Read DalleDecoder's constructor arguments off a state dict's shapes; a one-line error
+    for an encoder's state dict (its input conv takes 3 channels at 7x7, not one-hot codes)."""
+    for key in ("blocks.input.w", "blocks.output.conv.w"):
+        if key not in state or not isinstance(state[key], torch.Tensor):
+            raise ValueError(f"not a DALL-E decoder state dict: no {key!r} (keys start {sorted(state)[:3]})")
+    w_in, w_out = state["blocks.input.w"], state["blocks.output.conv.w"]
+    if w_in.dim() != 4 or tuple(w_in.shape[2:]) != (1, 1):
+        raise ValueError(f"not a DALL-E decoder: its input conv has shape {tuple(w_in.shape)}, expected "
+                         f"(n_init, vocab, 1, 1) (a (256, 3, 7, 7) input conv is the encoder's: pass decoder.pkl)")
+    n_blk = len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")})
+    return dict(n_init=int(w_in.shape[0]), n_hid=int(w_out.shape[1]), n_blk_per_group=n_blk,
+                output_channels=int(w_out.shape[0]) // 2, vocab_size=int(w_in.shape[1]))
 
 
 # -----------------------------------------------------------------------------
@@ -449,21 +603,7 @@ class DalleTokenizer(Tokenizer):
         cfg = _dalle_config(state)
         with torch.device("meta"):                                  # no 50M-value random init to throw away
             enc = DalleEncoder(**cfg)
-        expected = enc.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"DALL-E encoder state dict does not match the architecture: "
-                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        for k, v in expected.items():
-            if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape):
-                got = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
-                raise ValueError(f"DALL-E encoder tensor {k!r}: expected shape {tuple(v.shape)}, got {got}")
-        fp32 = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        enc.load_state_dict(fp32, strict=True, assign=True)
-        enc.requires_grad_(False)
-        return cls(enc, **kw)
+        return cls(_load_exact(enc, state, "encoder"), **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -663,7 +803,7 @@ def extract_patches(images: torch.Tensor, resample: str = "pil") -> torch.Tensor
 
 
 # -----------------------------------------------------------------------------
-# Reading encoder.pkl without the dall_e package (paper §3 "Tokenizer")
+# Reading encoder.pkl (and decoder.pkl) without the dall_e package (paper §3 "Tokenizer")
 #
 # encoder.pkl is `torch.save(encoder)` in the old (non-zip) format: a few header
 # pickles, then a pickle of the whole module naming dall_e.encoder.Encoder,
@@ -675,6 +815,11 @@ def extract_patches(images: torch.Tensor, resample: str = "pil") -> torch.Tensor
 # torch's legacy loader reads the header objects with `pickle_module.load`, so a
 # shim whose load() were plain pickle.load would run a hostile header's payload
 # before the restricted find_class was ever asked.
+#
+# decoder.pkl is made the same way from dall_e.decoder.Decoder / DecoderBlock
+# (plus nn.Upsample). It gets its own allow-list and shim: each file is read
+# with only the globals its own kind needs, so an encoder path never accepts
+# decoder classes and the reverse.
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -686,7 +831,8 @@ class _PickledDalleModule(nn.Module):
     (nn.Module.__setstate__); we only read tensors off it, it never runs."""
 
     def forward(self, *args, **kwargs):
-        raise RuntimeError("stand-in for a pickled dall_e module: copy its tensors into DalleEncoder instead")
+        raise RuntimeError("stand-in for a pickled dall_e module: copy its tensors into DalleEncoder "
+                           "or DalleDecoder instead")
 
 
 class _PickledEncoder(_PickledDalleModule):          # dall_e.encoder.Encoder
@@ -701,19 +847,39 @@ class _PickledConv2d(_PickledDalleModule):           # dall_e.utils.Conv2d
     pass
 
 
-def _allowed_globals() -> dict[tuple[str, str], object]:
+class _PickledDecoder(_PickledDalleModule):          # dall_e.decoder.Decoder
+    pass
+
+
+class _PickledDecoderBlock(_PickledDalleModule):     # dall_e.decoder.DecoderBlock
+    pass
+
+
+def _allowed_globals(kind: str = "encoder") -> dict[tuple[str, str], object]:
+    """The globals a DALL-E `kind` ("encoder" or "decoder") pickle may name, mapped to what they become."""
     allowed = {
-        ("dall_e.encoder", "Encoder"): _PickledEncoder,
-        ("dall_e.encoder", "EncoderBlock"): _PickledEncoderBlock,
         ("dall_e.utils", "Conv2d"): _PickledConv2d,
         ("collections", "OrderedDict"): OrderedDict,
         ("builtins", "set"): set, ("__builtin__", "set"): set,     # nn.Module._non_persistent_buffers_set
         ("torch", "device"): torch.device,                         # dall_e modules keep a `device` attribute
         ("torch.nn.modules.container", "Sequential"): nn.Sequential,
         ("torch.nn.modules.activation", "ReLU"): nn.ReLU,
-        ("torch.nn.modules.pooling", "MaxPool2d"): nn.MaxPool2d,
         ("torch.nn.modules.linear", "Identity"): nn.Identity,
     }
+    if kind == "encoder":
+        allowed.update({
+            ("dall_e.encoder", "Encoder"): _PickledEncoder,
+            ("dall_e.encoder", "EncoderBlock"): _PickledEncoderBlock,
+            ("torch.nn.modules.pooling", "MaxPool2d"): nn.MaxPool2d,
+        })
+    elif kind == "decoder":
+        allowed.update({
+            ("dall_e.decoder", "Decoder"): _PickledDecoder,
+            ("dall_e.decoder", "DecoderBlock"): _PickledDecoderBlock,
+            ("torch.nn.modules.upsampling", "Upsample"): nn.Upsample,
+        })
+    else:
+        raise ValueError(f"unknown DALL-E pickle kind {kind!r}; expected 'encoder' or 'decoder'")
     for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
         if hasattr(torch._utils, name):
             allowed[("torch._utils", name)] = getattr(torch._utils, name)
@@ -725,43 +891,54 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     return allowed
 
 
-_ALLOWED_GLOBALS = _allowed_globals()
+_ALLOWED_GLOBALS = _allowed_globals("encoder")
+_DECODER_GLOBALS = _allowed_globals("decoder")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
     """An Unpickler that resolves only the globals a DALL-E encoder pickle needs."""
 
+    allowed = _ALLOWED_GLOBALS
+    names = "dall_e's Encoder/EncoderBlock/Conv2d"
+    what = "a DALL-E encoder pickle"
+
     def find_class(self, module: str, name: str):
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
             raise UnsafePickleError(
-                f"refusing global '{module}.{name}': not on the allow-list for a DALL-E encoder pickle "
-                f"(dall_e's Encoder/EncoderBlock/Conv2d, torch tensor rebuilds, nn containers, OrderedDict); "
+                f"refusing global '{module}.{name}': not on the allow-list for {self.what} "
+                f"({self.names}, torch tensor rebuilds, nn containers, OrderedDict); "
                 f"nothing from the file was run") from None
 
 
-def _restricted_load(file, **kwargs):
-    return RestrictedUnpickler(file, **kwargs).load()
+class DecoderUnpickler(RestrictedUnpickler):
+    """The same for a DALL-E decoder pickle (decoder.pkl): its own three classes and nn.Upsample."""
+
+    allowed = _DECODER_GLOBALS
+    names = "dall_e's Decoder/DecoderBlock/Conv2d"
+    what = "a DALL-E decoder pickle"
 
 
-def _restricted_loads(data: bytes, **kwargs):
+def _pickle_shim(unpickler: type, name: str) -> types.ModuleType:
+    """The pickle "module" handed to torch.load: every object it reads, headers
+    included, goes through `unpickler` (its Unpickler *and* its load/loads)."""
     import io
-    return RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
+    shim = types.ModuleType(name)
+    shim.Unpickler = unpickler
+    shim.load = lambda file, **kwargs: unpickler(file, **kwargs).load()
+    shim.loads = lambda data, **kwargs: unpickler(io.BytesIO(data), **kwargs).load()
+    shim.UnpicklingError = pickle.UnpicklingError
+    shim.__doc__ = f"pickle shim whose Unpickler and load() refuse globals outside {unpickler.__name__}'s allow-list"
+    return shim
 
 
-# The pickle "module" handed to torch.load: every object it reads, headers
-# included, goes through RestrictedUnpickler.
-restricted_pickle = types.ModuleType("bevt_restricted_pickle")
-restricted_pickle.Unpickler = RestrictedUnpickler
-restricted_pickle.load = _restricted_load
-restricted_pickle.loads = _restricted_loads
-restricted_pickle.UnpicklingError = pickle.UnpicklingError
-restricted_pickle.__doc__ = "pickle shim whose Unpickler and load() refuse globals outside tokenizer's allow-list"
+restricted_pickle = _pickle_shim(RestrictedUnpickler, "bevt_restricted_pickle")
+restricted_decoder_pickle = _pickle_shim(DecoderUnpickler, "bevt_restricted_decoder_pickle")
 
 
-def restricted_torch_load(path: PathLike):
-    """torch.load of an old-format (non-zip) torch file through the restricted unpickler, on CPU."""
+def restricted_torch_load(path: PathLike, pickle_module: types.ModuleType = restricted_pickle):
+    """torch.load of an old-format (non-zip) torch file through a restricted unpickler, on CPU."""
     path = Path(path)
     with open(path, "rb") as f:
         if zipfile.is_zipfile(f):
@@ -774,12 +951,12 @@ def restricted_torch_load(path: PathLike):
             # The file stores dall_e's class sources; ours differ by design.
             warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
             try:
-                return torch.load(f, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+                return torch.load(f, map_location="cpu", pickle_module=pickle_module, weights_only=False)
             except UnsafePickleError as e:
                 raise UnsafePickleError(f"{path}: {e}") from None
             except Exception as e:      # corrupt or not a pickle at all
                 raise ValueError(f"{path} is not a readable torch/pickle file ({type(e).__name__}: {e}); "
-                                 f"expected encoder.pkl, a state dict or a tokenizer file") from None
+                                 f"expected encoder.pkl, decoder.pkl, a state dict or a tokenizer file") from None
 
 
 def _module_tensors(module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -808,6 +985,58 @@ def load_dalle_pickle(path: PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, _PickledEncoder):
         raise ValueError(f"{path}: expected a pickled dall_e.encoder.Encoder, got {type(obj).__name__}")
     return _module_tensors(obj)
+
+
+def load_dalle_decoder_pickle(path: PathLike) -> dict[str, torch.Tensor]:
+    """The 76 tensors of the published decoder.pkl (or a file made the same way), by name."""
+    obj = restricted_torch_load(path, restricted_decoder_pickle)
+    if not isinstance(obj, _PickledDecoder):
+        raise ValueError(f"{path}: expected a pickled dall_e.decoder.Decoder, got {type(obj).__name__}")
+    return _module_tensors(obj)
+
+
+def read_dalle_pickle(path: PathLike) -> tuple[str, dict[str, torch.Tensor]]:
+    """("encoder" | "decoder", tensors) of a published DALL-E pickle, whichever it is.
+
+    Read as an encoder first; only a refusal that names a dall_e.decoder class
+    (raised by find_class before anything of the file ran) makes it try the
+    decoder's allow-list. Any other global is refused by both.
+    """
+    try:
+        return "encoder", load_dalle_pickle(path)
+    except UnsafePickleError as e:
+        if "'dall_e.decoder." not in str(e):
+            raise
+    return "decoder", load_dalle_decoder_pickle(path)
+
+
+def load_dalle_decoder(spec: PathLike, device: Union[str, torch.device] = "cpu") -> DalleDecoder:
+    """The DALL-E decoder from `decoder.pkl` (restricted unpickler), a directory holding one, or the
+    plain state dict `tokenizer.py convert --pkl decoder.pkl` writes (weights_only=True)."""
+    path = Path(spec)
+    if path.is_dir() and (path / "decoder.pkl").is_file():
+        path = path / "decoder.pkl"
+    if not path.is_file():
+        raise FileNotFoundError(f"DALL-E decoder file not found: {path} (expected decoder.pkl or its "
+                                f"converted .pt from `python tokenizer.py convert --pkl decoder.pkl`)")
+    with open(path, "rb") as f:
+        is_zip = zipfile.is_zipfile(f)
+    if not is_zip:
+        state = load_dalle_decoder_pickle(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path} is a torch zip file that weights_only=True refuses ({first}); "
+                             f"expected a DALL-E decoder state dict") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a DALL-E decoder state dict, got a {type(state).__name__}")
+        state = {_strip(k, "module."): v for k, v in state.items() if isinstance(k, str)}
+    try:
+        return DalleDecoder.from_state_dict(state).to(device)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -967,8 +1196,8 @@ def fit_from_dir(data: PathLike, vocab_size: int, *, size: int = 224, seed: int 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("convert", help="encoder.pkl -> plain state dict (loads with weights_only=True)")
-    c.add_argument("--pkl", required=True, help="the published DALL-E encoder.pkl")
+    c = sub.add_parser("convert", help="encoder.pkl or decoder.pkl -> plain state dict (loads with weights_only=True)")
+    c.add_argument("--pkl", required=True, help="the published DALL-E encoder.pkl (or decoder.pkl, for bevt.py show)")
     c.add_argument("--out", required=True, help="output .pt file")
     f = sub.add_parser("fit", help="fit the offline k-means tokenizer on a directory of images")
     f.add_argument("--data", required=True, help="directory searched recursively for png/jpg images")
@@ -987,14 +1216,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = ap.parse_args(argv)
 
     if args.cmd == "convert":
-        state = load_dalle_pickle(args.pkl)
-        DalleTokenizer.from_state_dict(state)                    # checks names and shapes before writing
+        kind, state = read_dalle_pickle(args.pkl)                # encoder.pkl or decoder.pkl
+        # Check names and shapes before writing anything.
+        DalleTokenizer.from_state_dict(state) if kind == "encoder" else DalleDecoder.from_state_dict(state)
         out = Path(args.out)
         tmp = out.with_name(out.name + ".tmp")
         torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
         os.replace(tmp, out)
         n = sum(v.numel() for v in state.values())
-        print(f"wrote {out}: {len(state)} tensors, {n / 1e6:.1f}M values (load with weights_only=True)")
+        print(f"wrote {out}: DALL-E {kind}, {len(state)} tensors, {n / 1e6:.1f}M values (load with weights_only=True)")
     elif args.cmd == "fit":
         tok = fit_from_dir(args.data, args.vocab, size=args.size, seed=args.seed, iters=args.iters,
                            max_patches=args.max_patches, init=args.init, resample=args.resample,

@@ -154,6 +154,23 @@ def test_load_video_swin_classifier_reports_missing_pretraining_parts(tmp_path):
     assert report.unused == ["cls_head.fc_cls.bias", "cls_head.fc_cls.weight"]
 
 
+def test_load_torchvision_swin3d_for_pretraining():
+    """train.py --init with torchvision's swin3d layout: the encoder is loaded under our names; its
+    400-class head is not the token head and is reported unused, not loaded."""
+    from test_swin3d import torchvision_state_dict
+    sd = torchvision_state_dict(classes=400)
+    m = tiny_bevt(vocab=400)                                  # even a token head of the same shape stays untouched
+    head_before = m.head.weight.detach().clone()
+    report = m.load_released({"module." + k: v for k, v in sd.items()})
+    assert report.unused == ["module.head.bias", "module.head.weight"]
+    assert report.missing == sorted([k for k in m.state_dict() if k.startswith(
+        ("encoder.patch_embed_2d.", "video_decoder.", "image_decoder.", "head."))] + ["encoder.mask_token"])
+    assert torch.equal(m.head.weight, head_before)
+    ours = m.state_dict()
+    assert torch.equal(ours["encoder.layers.2.blocks.1.mlp.fc2.bias"], sd["features.4.1.mlp.3.bias"])
+    assert torch.equal(ours["encoder.layers.0.downsample.norm.weight"], sd["features.1.norm.weight"])
+
+
 def test_load_rejects_wrong_shapes_and_bad_codes():
     m = tiny_bevt()
     with pytest.raises(ValueError, match="backbone.norm.weight"):
@@ -178,3 +195,229 @@ def test_compiled_encoder_and_decoders_have_no_graph_breaks():
         out = m.encoder(x, mask)
         e = torch._dynamo.explain(decoder)(out.f3, out.f4)
         assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+
+
+# ----------------------------------------------------------------------------- bevt.py show (pictures)
+
+import os          # noqa: E402
+import subprocess  # noqa: E402
+import sys         # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import bevt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 16
+
+
+def _save_bevt_checkpoint(path, vocab, constant_code, config):
+    """A freshly initialised cpu-preset BEVT whose head always predicts `constant_code`, saved as train.py saves
+    final.pt. A constant prediction makes "right" exactly "target == constant_code", known without the model."""
+    import train
+    m = tiny_bevt(vocab=vocab)
+    with torch.no_grad():
+        m.head.weight.zero_()
+        m.head.bias.fill_(-10.0)
+        m.head.bias[constant_code] = 10.0
+    train.save_checkpoint(str(path), {"model": m.state_dict(), "step": 0, "config": config})
+
+
+def _codes_of(tok, crop_uint8):
+    """Target codes as train.py computes them: the 8-bit Lanczos half-size copy, then the tokenizer."""
+    import data
+    return tok.codes_of_copy(data.to_uint8(data.tokenizer_copy(data.to_float(crop_uint8), tok.resample)))
+
+
+def _upscale(a, k):
+    return a.repeat(k, 0).repeat(k, 1)
+
+
+def _tile(png, record, row, col):
+    x0, y0, x1, y1 = record["tiles"][row, col]
+    return png[y0:y1, x0:x1]
+
+
+def _codebook_image(tok, codes):
+    """codes (h, w) -> (8h, 8w, 3) uint8 from the codebook rows, each an 8x8 RGB patch in (c, y, x) order."""
+    h, w = codes.shape
+    out = np.zeros((8 * h, 8 * w, 3), np.float32)
+    for i in range(h):
+        for j in range(w):
+            out[8 * i:8 * i + 8, 8 * j:8 * j + 8] = tok.codebook[codes[i, j]].view(3, 8, 8).permute(1, 2, 0).numpy()
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _cell_interiors(a, cell, pad):
+    """(h·cell, w·cell, 3) -> the cells without a `pad`-px border (where the right/wrong frames are drawn)."""
+    h, w = a.shape[0] // cell, a.shape[1] // cell
+    return a.reshape(h, cell, w, cell, 3)[:, pad:cell - pad, :, pad:cell - pad]
+
+
+@pytest.fixture(scope="module")
+def show_setup(syn, tmp_path_factory):
+    """The synthetic set, an offline tokenizer fitted on its images, and the inputs of one clip computed
+    here without bevt.show: frames 4, 6, 8, 10 (4 frames every 2, centred in the 16) cropped to 96 px."""
+    import data
+    import masking
+    import tokenizer as T
+    d = tmp_path_factory.mktemp("show")
+    tok = T.fit_from_dir(os.path.join(syn, "images", "train"), VOCAB, size=96, iters=5, max_patches=4000,
+                         verbose=False)
+    tok.save(d / "tok.pt")
+    video = os.path.join(syn, "videos", "train", "000000.mp4")
+    frames, idx, _ = data.read_video(video, lambda n: np.arange(4, 12, 2))
+    crop = torch.from_numpy(frames).permute(0, 3, 1, 2)[..., :, 8:104].contiguous()   # 96x112: short side is 96
+    codes = _codes_of(tok, crop)                                                     # (4, 6, 6)
+    inp, tgt = masking.MaskGenerator("tube", (4, 96, 96), mask_ratio=0.5, seed=0)()
+    masked = torch.from_numpy(tgt)
+    values, counts = codes[masked].unique(return_counts=True)
+    c = int(values[counts.argmax()])                      # the commonest masked target: some right, some wrong
+    config = {"model": "cpu", "crop": 96, "frames": 4, "frame_interval": 2, "mask_strategy": "tube",
+              "mask_ratio": 0.5, "tokenizer": str(d / "tok.pt"), "stage": "joint", "preset": "cpu"}
+    _save_bevt_checkpoint(d / "final.pt", VOCAB, c, config)
+    return dict(dir=d, tok=tok, video=video, crop=crop, codes=codes, masked=masked, input_mask=torch.from_numpy(inp),
+                code=c, ckpt=str(d / "final.pt"), syn=syn)
+
+
+def test_show_video_draws_inputs_codes_marks_and_decodings(show_setup, tmp_path):
+    s = show_setup
+    out = tmp_path / "pred.png"
+    r = bevt.main(["show", "--init", s["ckpt"], "--video", s["video"], "--out", str(out)])
+    assert os.listdir(tmp_path) == ["pred.png"]                     # no temporary file left beside it
+    # What was computed: the crop, the codes, the tube mask and the constant predictions.
+    assert r["frame_index"] == [4, 6, 8, 10] and r["shown"] == [0, 1, 2, 3]
+    assert torch.equal(r["pixels"], s["crop"])
+    assert torch.equal(r["codes"], s["codes"])
+    assert torch.equal(r["input_mask"], s["input_mask"]) and torch.equal(r["masked"], s["masked"])
+    assert (r["pred"] == s["code"]).all()
+    right = (s["codes"] == s["code"]) & s["masked"]
+    assert r["masked_count"] == int(s["masked"].sum()) and r["correct"] == int(right.sum())
+    assert 0 < r["correct"] < r["masked_count"]                     # both marks appear below
+    # What was drawn: every tile, pixel for pixel where the picture is exact.
+    png = np.asarray(Image.open(out).convert("RGB"))
+    k, cell = r["scale"], r["cell_px"]
+    assert cell == 16 * k and png.shape[1] >= 210 + 4 * 96 * k
+    pad = max(2, cell // 10) + 1
+    for col, t in enumerate(r["shown"]):
+        frame = _upscale(s["crop"][t].permute(1, 2, 0).numpy(), k)
+        mask_px = _upscale(s["masked"][t].numpy(), cell)
+        assert np.array_equal(_tile(png, r, "input", col), frame)
+        grey = _tile(png, r, "masked", col)
+        assert (grey[mask_px] == bevt.MASK_GREY).all() and np.array_equal(grey[~mask_px], frame[~mask_px])
+        # Predicted codes: a green frame on masked cells whose target is the constant code, red on the others,
+        # none on visible cells (sampled in the middle of each cell's top edge).
+        pred_tile = _tile(png, r, "predicted", col)
+        for i in range(6):
+            for j in range(6):
+                edge = tuple(pred_tile[i * cell + 1, j * cell + cell // 2])
+                if s["masked"][t, i, j]:
+                    assert edge == (bevt.RIGHT if s["codes"][t, i, j] == s["code"] else bevt.WRONG), (t, i, j)
+                else:
+                    assert edge not in (bevt.RIGHT, bevt.WRONG), (t, i, j)
+        # Decoded rows: codebook patches of the targets; of the constant code where masked.
+        target_img = _upscale(_codebook_image(s["tok"], s["codes"][t]), 2 * k)
+        mixed = torch.where(s["masked"][t], torch.full_like(s["codes"][t], s["code"]), s["codes"][t])
+        mixed_img = _upscale(_codebook_image(s["tok"], mixed), 2 * k)
+        assert np.abs(_tile(png, r, "decoded_target", col).astype(int) - target_img).max() <= 1
+        got = _cell_interiors(_tile(png, r, "decoded_predicted", col), cell, pad).astype(int)
+        assert np.abs(got - _cell_interiors(mixed_img, cell, pad)).max() <= 1
+
+
+def test_show_image_stream(show_setup, tmp_path):
+    s = show_setup
+    image = os.path.join(s["syn"], "images", "val", "red", "00000.png")
+    out = tmp_path / "img.png"
+    r = bevt.main(["show", "--init", s["ckpt"], "--image", image, "--out", str(out), "--seed", "3"])
+    assert r["stream"] == "image" and r["shown"] == [0]
+    pixels = np.asarray(Image.open(image).convert("RGB"))                # 96x112 -> centre crop 96x96
+    crop = torch.from_numpy(pixels[:, 8:104].copy()).permute(2, 0, 1)[None]
+    assert torch.equal(r["pixels"], crop)
+    assert torch.equal(r["codes"], _codes_of(s["tok"], crop))
+    import masking
+    block = torch.from_numpy(masking.MaskGenerator("block", (96, 96), mask_ratio=0.5, seed=3)()[0])
+    assert torch.equal(r["masked"][0], block)
+    assert r["correct"] == int(((r["codes"] == s["code"]) & r["masked"]).sum())
+    png = np.asarray(Image.open(out).convert("RGB"))
+    assert np.array_equal(_tile(png, r, "input", 0), _upscale(crop[0].permute(1, 2, 0).numpy(), r["scale"]))
+
+
+def test_show_dalle_decodes_through_the_decoder(show_setup, tmp_path):
+    """A DALL-E tokenizer needs --decoder; with it, the decoded row is the decoder's own forward on one-hot codes."""
+    import tokenizer as T
+    s = show_setup
+    torch.manual_seed(0)
+    enc, dec = T.DalleEncoder(n_hid=64, vocab_size=512), T.DalleDecoder(n_init=8, n_hid=64, vocab_size=512)
+    for m in (enc, dec):
+        for conv in m.modules():
+            if isinstance(conv, T.DalleConv2d):
+                conv.b.data.normal_(0, 0.1)
+    torch.save(enc.state_dict(), tmp_path / "dalle_encoder.pt")
+    torch.save(dec.state_dict(), tmp_path / "dalle_decoder.pt")
+    _save_bevt_checkpoint(tmp_path / "dalle.pt", 512, 7, {"model": "cpu", "crop": 96, "stage": "image",
+                                                          "tokenizer": str(tmp_path / "dalle_encoder.pt")})
+    image = os.path.join(s["syn"], "images", "val", "blue", "00000.png")
+    out = tmp_path / "d.png"
+    with pytest.raises(SystemExit) as e:
+        bevt.main(["show", "--init", str(tmp_path / "dalle.pt"), "--image", image, "--out", str(out)])
+    assert e.value.code == 2 and not out.exists()
+    r = bevt.main(["show", "--init", str(tmp_path / "dalle.pt"), "--image", image, "--out", str(out),
+                   "--decoder", str(tmp_path / "dalle_decoder.pt")])
+    with torch.no_grad():
+        stats = dec(F.one_hot(r["codes"], 512).permute(0, 3, 1, 2).float())       # (1, 6, 48, 48)
+    ref = ((torch.sigmoid(stats[:, :3]) - 0.1) / 0.8).clamp(0, 1)                  # dall_e.utils.unmap_pixels
+    assert torch.allclose(r["decoded_target"], ref, atol=1e-5)
+    png = np.asarray(Image.open(out).convert("RGB"))
+    expect = _upscale((ref[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), 2 * r["scale"])
+    assert np.abs(_tile(png, r, "decoded_target", 0).astype(int) - expect).max() <= 1
+
+
+@pytest.mark.parametrize("case", ["no-init", "not-bevt", "not-video", "size", "frames", "out-dir", "out-ext",
+                                  "vocab", "ratio", "both-inputs"])
+def test_show_bad_input_is_one_line_and_leaves_the_old_picture(show_setup, tmp_path, capsys, case):
+    s = show_setup
+    out = tmp_path / "pred.png"
+    out.write_bytes(b"an older picture")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    import tokenizer as T
+    other_vocab = tmp_path / "tok8.pt"
+    if case == "vocab":
+        T.OfflineTokenizer(s["tok"].codebook[:8]).save(other_vocab)
+    base = ["show", "--init", s["ckpt"], "--video", s["video"], "--out", str(out)]
+    argv, expect = {
+        "no-init": (["show", "--init", str(tmp_path / "none.pt"), "--video", s["video"], "--out", str(out)],
+                    "no such file"),
+        "not-bevt": (["show", "--init", str(s["dir"] / "tok.pt"), "--video", s["video"], "--out", str(out)],
+                     "prediction head"),
+        "not-video": (["show", "--init", s["ckpt"], "--video", str(text), "--out", str(out)], "notes.mp4"),
+        "size": (base + ["--size", "100"], "multiple of 16"),
+        "frames": (base + ["--frames", "3"], "multiple of the temporal patch"),
+        "out-dir": (["show", "--init", s["ckpt"], "--video", s["video"], "--out", str(tmp_path / "no" / "p.png")],
+                    "does not exist"),
+        "out-ext": (["show", "--init", s["ckpt"], "--video", s["video"], "--out", str(tmp_path / "p.jpg")], ".png"),
+        "vocab": (base + ["--tokenizer", str(other_vocab)], "8 codes"),
+        "ratio": (base + ["--mask-ratio", "1.5"], "--mask-ratio"),
+        "both-inputs": (base + ["--image", s["video"]], "not allowed with"),
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        bevt.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("show:")]   # minus the progress bar
+    assert len(lines) == 1 and expect in lines[0], err
+    assert out.read_bytes() == b"an older picture"                 # untouched
+    assert sorted(os.listdir(tmp_path)) == sorted(["pred.png", "notes.mp4"] + (["tok8.pt"] if case == "vocab" else []))
+
+
+def test_show_command_line(show_setup, tmp_path):
+    """As a program: --help, and a user error is one line on stderr with exit status 2, no traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    h = subprocess.run([sys.executable, "bevt.py", "show", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert h.returncode == 0 and "--video" in h.stdout and "--decoder" in h.stdout
+    p = subprocess.run([sys.executable, "bevt.py", "show", "--init", str(tmp_path / "none.pt"), "--video",
+                        show_setup["video"], "--out", str(tmp_path / "p.png")], cwd=ROOT, capture_output=True,
+                       text=True, env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("bevt.py show: error:") and "none.pt" in p.stderr

@@ -259,6 +259,27 @@ def test_load_video_swin_classification_checkpoint(tmp_path):
     assert r.unused == ["cls_head.fc_cls.bias", "cls_head.fc_cls.weight"]
 
 
+def test_load_torchvision_swin3d_state_dict():
+    """torchvision's swin3d_t/s/b layout (features.*, norm.*, head.*), written by the test from its
+    key and shape list (test_swin3d.torchvision_layout): detected, renamed, reported exactly."""
+    from test_swin3d import torchvision_state_dict
+    sd = torchvision_state_dict(classes=4)                          # a head of this classifier's size
+    model = classifier(classes=4)
+    r = finetune.load_pretrained(model, {k: v.clone() for k, v in sd.items()}, "cpu")
+    assert r.kind == swin3d.TORCHVISION_KIND
+    assert r.missing == [] and r.unused == []                       # no encoder key left out
+    assert set(r.rederived) == {k for k in sd if k.endswith(INDEX)}  # reported under torchvision's names
+    assert "features.2.0.attn.relative_position_index" in r.rederived
+    ours = model.state_dict()
+    assert torch.equal(ours["encoder.layers.1.blocks.0.mlp.fc1.weight"], sd["features.2.0.mlp.0.weight"])
+    assert torch.equal(ours["encoder.layers.2.downsample.reduction.weight"], sd["features.5.reduction.weight"])
+    assert torch.equal(ours["head.weight"], sd["head.weight"])
+    assert swin3d.TORCHVISION_KIND in finetune.describe(r, "swin3d_t.pth")
+    # The published heads have 400 classes: encoder loaded, head reported unused.
+    r = finetune.load_pretrained(classifier(classes=4), torchvision_state_dict(classes=400), "cpu")
+    assert r.missing == ["head.bias", "head.weight"] and r.unused == ["head.bias", "head.weight"]
+
+
 def _swin2d_sd():
     """A 2D Swin image checkpoint (Liu et al. 2021 layout) at the cpu preset's size."""
     enc = swin3d.SwinTransformer3D(CPU).state_dict()

@@ -1,6 +1,6 @@
 """Tests of swin3d.py: shapes, SDPA == explicit attention, weight sharing between
 the image and video streams, gradient checkpointing, parameter counts,
-checkpoint layout, inflation and window resizing (paper §3 "BEVT encoders"; the released checkpoint layout; the public interface)."""
+checkpoint layout (released and torchvision's), inflation and window resizing (paper §3 "BEVT encoders"; the released checkpoint layout; the public interface)."""
 
 import math
 
@@ -518,6 +518,142 @@ def fake_2d_swin(C=32, depths=(1, 1, 2, 1), heads=(1, 2, 4, 8), window=7):
             sd[f"layers.{i}.downsample.norm.bias"] = torch.randn(4 * c)
             sd[f"layers.{i}.downsample.reduction.weight"] = torch.randn(2 * c, 4 * c)
     return sd
+
+
+# ----------------------------------------------------------------------------- torchvision's Video Swin
+
+# torchvision.models.video.swin3d_t / _s / _b: (embed_dim, depths, heads), patch (2,4,4), window (8,7,7).
+TORCHVISION_ARCHS = {"swin3d_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+                     "swin3d_s": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+                     "swin3d_b": (128, (2, 2, 18, 2), (4, 8, 16, 32))}
+
+
+def torchvision_layout(C, depths, heads, window=(8, 7, 7), classes=400):
+    """Key -> shape of torchvision's SwinTransformer3d state dict, written out from its source
+    (torchvision/models/video/swin_transformer.py and the 2D swin_transformer.py it imports):
+    `features` is a Sequential of [stage 0, merging 0, stage 1, merging 1, ...], a stage a
+    Sequential of SwinTransformerBlocks, whose MLP is torchvision.ops.MLP (0 Linear, 1 GELU,
+    2 Dropout, 3 Linear, 4 Dropout)."""
+    Wt, Wh, Ww = window
+    N = Wt * Wh * Ww
+    keys = {"patch_embed.proj.weight": (C, 3, 2, 4, 4), "patch_embed.proj.bias": (C,),
+            "patch_embed.norm.weight": (C,), "patch_embed.norm.bias": (C,)}
+    for i, (d, nh) in enumerate(zip(depths, heads)):
+        c = C * 2 ** i
+        for j in range(d):
+            p = f"features.{2 * i}.{j}."
+            keys[p + "norm1.weight"] = keys[p + "norm1.bias"] = (c,)
+            keys[p + "attn.relative_position_bias_table"] = ((2 * Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1), nh)
+            keys[p + "attn.relative_position_index"] = (N, N)
+            keys[p + "attn.qkv.weight"], keys[p + "attn.qkv.bias"] = (3 * c, c), (3 * c,)
+            keys[p + "attn.proj.weight"], keys[p + "attn.proj.bias"] = (c, c), (c,)
+            keys[p + "norm2.weight"] = keys[p + "norm2.bias"] = (c,)
+            keys[p + "mlp.0.weight"], keys[p + "mlp.0.bias"] = (4 * c, c), (4 * c,)
+            keys[p + "mlp.3.weight"], keys[p + "mlp.3.bias"] = (c, 4 * c), (c,)
+        if i < len(depths) - 1:
+            p = f"features.{2 * i + 1}."
+            keys[p + "reduction.weight"] = (2 * c, 4 * c)
+            keys[p + "norm.weight"] = keys[p + "norm.bias"] = (4 * c,)
+    C8 = C * 2 ** (len(depths) - 1)
+    keys["norm.weight"], keys["norm.bias"] = (C8,), (C8,)
+    keys["head.weight"], keys["head.bias"] = (classes, C8), (classes,)
+    return keys
+
+
+def torchvision_state_dict(C=32, depths=(1, 1, 2, 1), heads=(1, 2, 4, 8), classes=400, seed=0):
+    """A state dict in torchvision's layout (cpu-preset size by default) with random values of
+    a trained network's scale; the index buffers hold garbage (they must be re-derived)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in torchvision_layout(C, depths, heads, classes=classes).items():
+        if k.endswith("relative_position_index"):
+            sd[k] = torch.randint(0, 5, shape, generator=g)
+        elif k.endswith("norm.weight") or k.endswith(("norm1.weight", "norm2.weight")):
+            sd[k] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[k] = 0.05 * torch.randn(shape, generator=g)
+    return sd
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_ARCHS))
+def test_torchvision_layout_maps_onto_every_encoder_key(name):
+    C, depths, heads = TORCHVISION_ARCHS[name]
+    layout = torchvision_layout(C, depths, heads)
+    assert swin3d.is_torchvision_layout(layout)
+    mapped = swin3d.map_torchvision_state_dict(layout)           # values (shapes here) untouched
+    head = {k for k in mapped if k.startswith("head.")}
+    assert head == {"head.weight", "head.bias"}                  # the classifier stays out of the encoder
+    with torch.device("meta"):
+        ours = swin3d.SwinTransformer3D(swin3d.SwinConfig(embed_dim=C, depths=depths, num_heads=heads))
+    expected = {k: tuple(v.shape) for k, v in ours.state_dict().items()
+                if not k.startswith("patch_embed_2d.") and k != "mask_token"}   # BEVT's pretraining-only parts
+    assert {k: v for k, v in mapped.items() if k not in head} == expected
+    preset = {"swin3d_t": "tiny", "swin3d_s": "small", "swin3d_b": "base"}[name]
+    assert (C, depths, heads) == (swin3d.PRESETS[preset].embed_dim, swin3d.PRESETS[preset].depths,
+                                  swin3d.PRESETS[preset].num_heads)
+
+
+def test_torchvision_state_dict_loads_and_every_tensor_counts():
+    """A mapped load leaves no encoder key missing (but the image stream's embedding and the mask
+    token, which torchvision has not got), and perturbing any one tensor changes the output;
+    perturbing a relative index buffer does not (it is re-derived, never read)."""
+    sd = torchvision_state_dict()
+    mapped = swin3d.map_torchvision_state_dict(sd)
+    head = {k: mapped.pop(k) for k in ("head.weight", "head.bias")}
+    assert torch.equal(head["head.weight"], sd["head.weight"])
+    m = small_model()
+    result = m.load_state_dict(mapped, strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == ["mask_token", "patch_embed_2d.norm.bias", "patch_embed_2d.norm.weight",
+                                           "patch_embed_2d.proj.bias", "patch_embed_2d.proj.weight"]
+    mine = m.state_dict()
+    for k, v in mapped.items():
+        if not k.endswith("relative_position_index"):
+            assert torch.equal(mine[k], v), k
+    m.eval()
+    x = torch.randn(1, 3, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(x).f4_norm
+    changed = []
+    g = torch.Generator().manual_seed(2)
+    for key in sd:
+        if key.startswith("head."):
+            continue
+        ours_key = swin3d.torchvision_key(key)
+        original = mapped[ours_key]
+        # Random, not constant: a constant shift of a bias, or of a bias table, is removed exactly by
+        # the next LayerNorm or softmax, and would prove nothing either way.
+        bumped = (original + 0.5 * torch.randn(original.shape, generator=g) if original.is_floating_point()
+                  else original + 1)
+        m.load_state_dict({ours_key: bumped}, strict=False)
+        with torch.no_grad():
+            out = m(x).f4_norm
+        m.load_state_dict({ours_key: original}, strict=False)
+        if key.endswith("relative_position_index"):
+            assert torch.equal(out, ref), f"{key}: an index buffer was read"
+        elif torch.allclose(out, ref, atol=1e-6, rtol=0):
+            changed.append(key)
+    assert changed == [], f"perturbing these tensors did not change the output: {changed}"
+    with torch.no_grad():
+        assert torch.equal(m(x).f4_norm, ref)                        # every tensor was put back
+
+
+def test_torchvision_patch_merging_order_is_ours():
+    """torchvision's PatchMerging (the 2D class the video model imports) on a 5-D input: pad H, W
+    to even, then cat(x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :],
+    x[..., 1::2, 1::2, :]), norm, reduction. With the mapped weights ours gives the same."""
+    sd = torchvision_state_dict()
+    m = small_model()
+    m.load_state_dict(swin3d.map_torchvision_state_dict({k: v for k, v in sd.items() if k.startswith("features.1.")}),
+                      strict=False)
+    x = torch.randn(2, 3, 7, 9, 32)                                  # odd H, W: padded at the end
+    xp = F.pad(x, (0, 0, 0, x.shape[-2] % 2, 0, x.shape[-3] % 2))
+    cat = torch.cat([xp[..., 0::2, 0::2, :], xp[..., 1::2, 0::2, :], xp[..., 0::2, 1::2, :],
+                     xp[..., 1::2, 1::2, :]], -1)
+    ref = F.linear(F.layer_norm(cat, (128,), sd["features.1.norm.weight"], sd["features.1.norm.bias"]),
+                   sd["features.1.reduction.weight"])
+    with torch.no_grad():
+        assert close(m.layers[0].downsample(x), ref)
 
 
 def test_inflate_2d_checkpoint():

@@ -1,7 +1,7 @@
 """Tests of tokenizer.py: the DALL-E dVAE encoder's published layout, safe
 loading of encoder.pkl without the dall_e package, the paper's preprocessing,
-the code contract, frozenness inside a training step, and the offline k-means
-tokenizer (paper §3 "Tokenizer", appendix A; paper §3 "Tokenizer"; the released checkpoint layout; the public interface).
+the code contract, frozenness inside a training step, the offline k-means
+tokenizer, and the DALL-E decoder used for pictures (paper §3 "Tokenizer", appendix A; paper §3 "Tokenizer"; the released checkpoint layout; the public interface).
 
 Expected values come from outside the code under test: the parameter list is
 written out from paper §3 "Tokenizer" (and openai/DALL-E's encoder.py), the resize is
@@ -162,6 +162,70 @@ class Encoder(nn.Module):
             raise ValueError("input must have dtype torch.float32")
         return self.blocks(x)
 ''',
+    "decoder.py": '''
+from collections import OrderedDict
+from functools import partial
+import torch
+import torch.nn as nn
+from dall_e.utils import Conv2d
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, n_in, n_out, n_layers, device=None, requires_grad=False):
+        super().__init__()
+        self.n_in, self.n_out, self.n_layers = n_in, n_out, n_layers
+        self.device, self.requires_grad = device, requires_grad
+        self.n_hid = self.n_out // 4
+        self.post_gain = 1 / (self.n_layers ** 2)
+        make_conv = partial(Conv2d, device=self.device, requires_grad=self.requires_grad)
+        self.id_path = make_conv(self.n_in, self.n_out, 1) if self.n_in != self.n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", make_conv(self.n_in, self.n_hid, 1)),
+            ("relu_2", nn.ReLU()), ("conv_2", make_conv(self.n_hid, self.n_hid, 3)),
+            ("relu_3", nn.ReLU()), ("conv_3", make_conv(self.n_hid, self.n_hid, 3)),
+            ("relu_4", nn.ReLU()), ("conv_4", make_conv(self.n_hid, self.n_out, 3))]))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class Decoder(nn.Module):
+    group_count = 4
+
+    def __init__(self, n_init=128, n_hid=256, n_blk_per_group=2, output_channels=3, vocab_size=8192,
+                 device=torch.device("cpu"), requires_grad=False, use_mixed_precision=True):
+        super().__init__()
+        self.n_init, self.n_hid, self.n_blk_per_group = n_init, n_hid, n_blk_per_group
+        self.output_channels, self.vocab_size = output_channels, vocab_size
+        self.device, self.requires_grad, self.use_mixed_precision = device, requires_grad, use_mixed_precision
+        blk_range = range(self.n_blk_per_group)
+        n_layers = self.group_count * self.n_blk_per_group
+        make_conv = partial(Conv2d, device=self.device, requires_grad=self.requires_grad)
+        make_blk = partial(DecoderBlock, n_layers=n_layers, device=self.device, requires_grad=self.requires_grad)
+        h = self.n_hid
+        self.blocks = nn.Sequential(OrderedDict([
+            ("input", make_conv(self.vocab_size, self.n_init, 1, use_float16=False)),
+            ("group_1", nn.Sequential(OrderedDict([
+                *[(f"block_{i + 1}", make_blk(self.n_init if i == 0 else 8 * h, 8 * h)) for i in blk_range],
+                ("upsample", nn.Upsample(scale_factor=2, mode="nearest"))]))),
+            ("group_2", nn.Sequential(OrderedDict([
+                *[(f"block_{i + 1}", make_blk(8 * h if i == 0 else 4 * h, 4 * h)) for i in blk_range],
+                ("upsample", nn.Upsample(scale_factor=2, mode="nearest"))]))),
+            ("group_3", nn.Sequential(OrderedDict([
+                *[(f"block_{i + 1}", make_blk(4 * h if i == 0 else 2 * h, 2 * h)) for i in blk_range],
+                ("upsample", nn.Upsample(scale_factor=2, mode="nearest"))]))),
+            ("group_4", nn.Sequential(OrderedDict([
+                *[(f"block_{i + 1}", make_blk(2 * h if i == 0 else 1 * h, 1 * h)) for i in blk_range]]))),
+            ("output", nn.Sequential(OrderedDict([
+                ("relu", nn.ReLU()),
+                ("conv", make_conv(1 * h, 2 * self.output_channels, 1))]))),
+        ]))
+
+    def forward(self, x):
+        if x.shape[1] != self.vocab_size or x.dtype != torch.float32:
+            raise ValueError("expected float32 one-hot codes")
+        return self.blocks(x)
+''',
 }
 
 
@@ -204,6 +268,53 @@ def published(tmp_path_factory):
     assert importlib.util.find_spec("dall_e") is None          # the loader must do without it
     return types.SimpleNamespace(path=path, tensors=tensors, x=x, x_half=x_half, logits=ref_logits,
                                  codes=ref_logits.argmax(1))
+
+
+def published_decoder_shapes():
+    """The 76 tensors of the published decoder.pkl, in its state_dict order (openai/DALL-E decoder.py)."""
+    s = OrderedDict()
+    s["blocks.input.w"], s["blocks.input.b"] = (128, 8192, 1, 1), (128,)
+    groups = {1: (128, 2048), 2: (2048, 1024), 3: (1024, 512), 4: (512, 256)}   # group: (n_in, n_out)
+    for g, (g_in, g_out) in groups.items():
+        for blk in (1, 2):
+            n_in, hid = (g_in if blk == 1 else g_out), g_out // 4
+            p = f"blocks.group_{g}.block_{blk}."
+            if n_in != g_out:
+                s[p + "id_path.w"], s[p + "id_path.b"] = (g_out, n_in, 1, 1), (g_out,)
+            convs = [(n_in, hid, 1), (hid, hid, 3), (hid, hid, 3), (hid, g_out, 3)]   # 1x1 first, unlike the encoder
+            for i, (a, o, k) in enumerate(convs, 1):
+                s[p + f"res_path.conv_{i}.w"], s[p + f"res_path.conv_{i}.b"] = (o, a, k, k), (o,)
+    s["blocks.output.conv.w"], s["blocks.output.conv.b"] = (6, 256, 1, 1), (6,)     # 2 statistics x RGB
+    return s
+
+
+@pytest.fixture(scope="module")
+def published_decoder(tmp_path_factory):
+    """A decoder.pkl made the way the published one was (the full-size dall_e Decoder, old torch format),
+    the fake package removed again; with its tensors, some codes and what dall_e's decoder makes of them."""
+    root = tmp_path_factory.mktemp("fake_dall_e_decoder")
+    (root / "dall_e").mkdir()
+    for name, src in FAKE_DALL_E.items():
+        (root / "dall_e" / name).write_text(src)
+    sys.path.insert(0, str(root))
+    try:
+        import dall_e.decoder
+        torch.manual_seed(1)
+        model = dall_e.decoder.Decoder()                       # n_init 128, n_hid 256, 8192 codes
+        for m in model.modules():
+            if type(m).__name__ == "Conv2d":
+                m.b.data.normal_(0, 0.1)
+        path = root / "decoder.pkl"
+        torch.save(model, path, _use_new_zipfile_serialization=False)
+        tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        codes = torch.randint(0, 8192, (2, 2, 3), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            stats = model(F.one_hot(codes, 8192).permute(0, 3, 1, 2).float())   # (2, 6, 16, 24)
+        del model
+    finally:
+        _drop_fake_dall_e(str(root))
+    assert importlib.util.find_spec("dall_e") is None
+    return types.SimpleNamespace(path=path, tensors=tensors, codes=codes, stats=stats)
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +382,75 @@ def test_released_bevt_checkpoint_tokenizer_tensors(tmp_path):
         for k, v in src.encoder.state_dict().items():
             assert torch.equal(tok.encoder.state_dict()[k], v)
         assert torch.equal(tok.tokenize(x), src.tokenize(x))
+
+
+# ----------------------------------------------------------------------------- the decoder (bevt.py show)
+
+def test_decoder_parameter_names_and_shapes_equal_published():
+    expected = published_decoder_shapes()
+    assert len(expected) == 76
+    with torch.device("meta"):
+        dec = T.DalleDecoder()
+    got = OrderedDict((k, tuple(v.shape)) for k, v in dec.state_dict().items())
+    assert list(got) == list(expected) and got == expected
+    assert [n for n, _ in dec.named_parameters()] == list(expected)
+
+
+def test_decoder_pkl_loads_without_dall_e_bit_identical(published_decoder, tmp_path):
+    assert "dall_e" not in sys.modules
+    dec = T.load_dalle_decoder(published_decoder.path)
+    state = dec.state_dict()
+    assert list(state) == list(published_decoder.tensors)
+    for k, v in published_decoder.tensors.items():
+        assert state[k].dtype == torch.float32 and torch.equal(state[k], v), k
+    codes = published_decoder.codes
+    with torch.no_grad():                                      # our forward == dall_e's forward
+        stats = dec(F.one_hot(codes, 8192).permute(0, 3, 1, 2).float())
+    torch.testing.assert_close(stats, published_decoder.stats, rtol=1e-5, atol=1e-5)
+    # decode_half (an embedding lookup for the one-hot input conv) == dall_e's usage:
+    # x_rec = unmap_pixels(sigmoid(stats[:, :3])), unmap = clamp((x - ε) / (1 - 2ε), 0, 1).
+    ref = ((torch.sigmoid(published_decoder.stats[:, :3]) - EPS) / (1 - 2 * EPS)).clamp(0, 1)
+    half = dec.decode_half(codes)
+    assert half.shape == (2, 3, 16, 24)
+    torch.testing.assert_close(half, ref, rtol=1e-5, atol=1e-5)
+    # convert once -> a plain state dict that loads with weights_only=True and decodes the same
+    out = tmp_path / "dalle_decoder.pt"
+    T.main(["convert", "--pkl", str(published_decoder.path), "--out", str(out)])
+    assert set(torch.load(out, weights_only=True)) == set(published_decoder.tensors)
+    assert torch.equal(T.load_dalle_decoder(out).decode_half(codes), half)
+
+
+def test_decoder_and_encoder_pickles_keep_to_their_own_allow_lists(published, published_decoder):
+    # A decoder pickle is not a tokenizer, and the decoder's reader does not take the encoder's classes.
+    with pytest.raises(UnsafePickleError, match=r"dall_e\.decoder\.Decoder"):
+        load_tokenizer(published_decoder.path)
+    with pytest.raises(UnsafePickleError, match=r"dall_e\.encoder\.Encoder.*DALL-E decoder pickle"):
+        T.load_dalle_decoder(published.path)
+    assert T.read_dalle_pickle(published_decoder.path)[0] == "decoder"
+
+
+def test_decoder_reader_refuses_hostile_globals(tmp_path):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "decoder.pkl"
+    torch.save({"blocks.input.w": torch.zeros(2), "x": _payloads(marker)["os.system"]}, path,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafePickleError, match="refusing global .*system"):
+        T.load_dalle_decoder(path)
+    with pytest.raises(UnsafePickleError, match="refusing global .*system"):
+        T.main(["convert", "--pkl", str(path), "--out", str(tmp_path / "x.pt")])
+    assert not marker.exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_encoder_and_decoder_state_dicts_are_not_confused(tmp_path):
+    torch.save(small_dalle().encoder.state_dict(), tmp_path / "enc.pt")
+    with pytest.raises(ValueError, match="encoder's: pass decoder.pkl"):
+        T.load_dalle_decoder(tmp_path / "enc.pt")
+    torch.manual_seed(0)
+    torch.save(T.DalleDecoder(n_init=8, n_hid=64, vocab_size=512).state_dict(), tmp_path / "dec.pt")
+    with pytest.raises(ValueError, match="decoder state dict.*needs the encoder"):
+        load_tokenizer(tmp_path / "dec.pt")
+    with pytest.raises(FileNotFoundError, match="decoder file not found"):
+        T.load_dalle_decoder(tmp_path / "none.pkl")
 
 
 # ----------------------------------------------------------------------------- hostile pickles
