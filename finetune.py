@@ -1527,6 +1527,8 @@ class TablesConfig:
     results: str = "assets/tables.json"   # the cells; a rerun skips the cells already there
     chart: str = "assets/tables.png"      # mean +- std over seeds as bars
     data: str = ""                        # synthetic data folder (default data/synthetic, generated on first use)
+    only_seeds: str = ""                  # comma-separated subset of the seeds to run now (e.g. "1,3"), so two
+                                          # processes can share the work; the tables report every seed on file
     max_steps: int = 0                    # > 0: cap every pretraining and finetune (to try the plumbing)
     pretrain_args: str = ""               # extra train.py flags for every pretraining (all rows alike)
     finetune_args: str = ""               # extra finetune.py flags for every finetune and extraction
@@ -1580,13 +1582,22 @@ class Tables:
                     raise ValueError(f"{tcfg.results} is not valid JSON (a torn write?); move it away to start again")
         self.cells = self.results.setdefault("cells", {})
 
-    def save(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.t.results)), exist_ok=True)
-        write_atomic(self.t.results, json.dumps(self.results, indent=1, sort_keys=True))
-
     def record(self, key: str, value: dict, seconds: float) -> None:
+        """Add one cell to the results file: under a lock, re-read it and merge, so processes
+        running other seeds into the same file never drop each other's cells."""
         self.cells[key] = {**value, "seconds": round(seconds, 1)}
-        self.save()
+        os.makedirs(os.path.dirname(os.path.abspath(self.t.results)), exist_ok=True)
+        lock = data.FileLock(self.t.results + ".lock")
+        while lock.acquire() is not None:
+            time.sleep(0.2)                                # another process is writing its cell
+        try:
+            if os.path.exists(self.t.results):
+                with open(self.t.results) as f:
+                    on_file = json.load(f).get("cells", {})
+                self.cells.update({k: v for k, v in on_file.items() if k not in self.cells})
+            write_atomic(self.t.results, json.dumps(self.results, indent=1, sort_keys=True))
+        finally:
+            lock.release()
         print(f"[tables] {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in value.items()
                                                if isinstance(v, (int, float))), flush=True)
 
@@ -1647,7 +1658,10 @@ class Tables:
             self.record(key, {"linear": res["linear"]["top1"], "knn": res["knn"]["top1"]}, time.time() - t0)
 
     def run(self, tables: tuple) -> None:
-        for seed in range(self.t.seeds):
+        seeds = range(self.t.seeds)
+        if self.t.only_seeds:
+            seeds = [int(x) for x in self.t.only_seeds.split(",") if x.strip()]
+        for seed in seeds:
             if "2" in tables:
                 for task in SYNTHETIC_TASKS:
                     self.finetune("BEVT", task, seed)
@@ -1797,6 +1811,12 @@ def tables_main(argv) -> dict:
         ap.error(f"--tables must be a comma-separated subset of 1,2,8, got {tcfg.tables!r}")
     if tcfg.seeds < 1 or tcfg.max_steps < 0:
         ap.error(f"--seeds must be >= 1 and --max-steps >= 0, got {tcfg.seeds} and {tcfg.max_steps}")
+    try:
+        only = [int(x) for x in tcfg.only_seeds.split(",") if x.strip()]
+    except ValueError:
+        only = [-1]
+    if any(not 0 <= x < tcfg.seeds for x in only):
+        ap.error(f"--only-seeds must list seeds in 0..{tcfg.seeds - 1}, got {tcfg.only_seeds!r}")
     t0 = time.time()
     try:
         runner = Tables(tcfg)

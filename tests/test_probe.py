@@ -307,6 +307,18 @@ def test_tables_plumbing_writes_cells_resumes_and_draws(syn, tmp_path, capsys):
     assert "| BEVT-V | " in text and "| Random-3D | - | - |" in text
 
 
+def test_tables_processes_sharing_a_results_file_keep_each_others_cells(tmp_path):
+    """Two runs on other seeds write into one file: each write merges what is on file."""
+    a = finetune.Tables(finetune.TablesConfig(results=str(tmp_path / "t.json")))
+    b = finetune.Tables(finetune.TablesConfig(results=str(tmp_path / "t.json")))
+    a.record("finetune|BEVT|motion|s0", {"normal": 90.0}, 1.0)
+    b.record("finetune|BEVT|motion|s1", {"normal": 80.0}, 1.0)
+    a.record("finetune|BEVT|appearance|s0", {"normal": 100.0}, 1.0)
+    cells = json.load(open(tmp_path / "t.json"))["cells"]
+    assert set(cells) == {"finetune|BEVT|motion|s0", "finetune|BEVT|motion|s1", "finetune|BEVT|appearance|s0"}
+    assert not (tmp_path / "t.json.lock").exists()
+
+
 def test_tables_text_gives_mean_and_std_over_seeds():
     cells = {f"finetune|BEVT|motion|s{s}": {"normal": v, "single-frame": 25.0, "shuffle": 25.0}
              for s, v in enumerate((90.0, 100.0, 95.0))}
