@@ -317,6 +317,12 @@ def test_tables_processes_sharing_a_results_file_keep_each_others_cells(tmp_path
     cells = json.load(open(tmp_path / "t.json"))["cells"]
     assert set(cells) == {"finetune|BEVT|motion|s0", "finetune|BEVT|motion|s1", "finetune|BEVT|appearance|s0"}
     assert not (tmp_path / "t.json.lock").exists()
+    # A file made with another recipe is never mixed with this one's cells.
+    other = json.load(open(tmp_path / "t.json"))
+    other["recipe"]["finetune"]["interval"] = 99
+    (tmp_path / "old.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="another CPU recipe"):
+        finetune.Tables(finetune.TablesConfig(results=str(tmp_path / "old.json")))
 
 
 def test_tables_text_gives_mean_and_std_over_seeds():
