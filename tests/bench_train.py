@@ -101,21 +101,7 @@ def run_case(c, variant, device, warmup, repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    t = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    warm_s = time.perf_counter() - t
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
-    res = {"step_s": statistics.median(times), "warmup_s": warm_s, "peak_mb": peak / 2 ** 20}
+    res = timed(step, device, warmup, repeats)
     if device.type == "cuda":
         from torch.utils.flop_counter import FlopCounterMode
         inputs = train.model_inputs(batch, tok, device)
