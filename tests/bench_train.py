@@ -5,7 +5,7 @@
     python tests/bench_train.py --device cuda                    # a GPU: Swin-T/S/B/L at the paper's per-GPU batch,
                                                                  # bf16, eager/compiled x checkpointing off/on, MFU
 
-Inputs (random uint8 pixels as data.py ships them, 50% random masks; data
+Inputs (random uint8 pixels as data.py ships them, tube / blockwise masks at 50%; data
 loading is benchmarked in bench_data.py):
     cpu   preset: 4 clips 3x8x112x112 + 16 images 112x112 (the CPU demo's batch), 256 codes
     cpu-finetune: one finetune.py --preset cpu step, 8 clips 3x8x112x112, 4 classes
@@ -55,14 +55,21 @@ GPU_CASES = {m: dict(model=m, **PAPER_BATCH) for m in ("tiny", "small", "base", 
 
 
 def make_batch(c, device):
+    """One joint step's inputs as the loaders ship them: uint8 pixels and the paper's masks
+    (tube for clips, blockwise for images, 50%), drawn with fixed seeds."""
+    import masking
     g = torch.Generator().manual_seed(0)
-    S, T, h = c["size"], c["frames"], c["size"] // 16
+    S, T = c["size"], c["frames"]
+
     def pixels(*shape):                                             # uint8, as data.py ships them
         return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+
+    def masks(gen, n):
+        return torch.from_numpy(gen.batch(n)[0])                    # input masks (n, ...) bool
     return {"video": pixels(c["clips"], 3, T, S, S), "video_tok": pixels(c["clips"], 3, T, S // 2, S // 2),
-            "video_mask": torch.rand(c["clips"], T // 2, h, h, generator=g) < 0.5,
+            "video_mask": masks(masking.MaskGenerator("tube", (T, S, S), seed=0), c["clips"]),
             "image": pixels(c["images"], 3, S, S), "image_tok": pixels(c["images"], 3, S // 2, S // 2),
-            "image_mask": torch.rand(c["images"], h, h, generator=g) < 0.5}
+            "image_mask": masks(masking.MaskGenerator("block", (S, S), seed=1), c["images"])}
 
 
 def reset_peak_rss():
