@@ -1085,7 +1085,8 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, ddp: bool = False
     chunk k is computed by rank k % world and written atomically to
     parts/part_<k>.pt, so a killed run redoes only its unfinished chunks and a
     complete output (meta.json with the same settings) is not recomputed.
-    Rank 0 merges the parts.
+    Rank 0 merges the parts. The encoder runs on batches of --eval-batch-size
+    views gathered across videos.
     """
     if not xcfg.list or not cfg.root or not cfg.out:
         raise ValueError("extract needs --list (the videos), --root (their folder) and --out (the output folder)")
@@ -1151,24 +1152,35 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, ddp: bool = False
         for k in mine:
             ds = _EveryVideo(chunks[k], sampling, transform, threads)
             loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=cfg.workers, collate_fn=_as_list)
-            feats, out_rows, starts, bad = [], [], [], []
+            feats, out_rows, starts, bad, pending = [], [], [], [], []
+
+            def run_pending():
+                """The views of the waiting videos, in batches of --eval-batch-size across videos."""
+                views = torch.cat([s["video"] for s in pending])                   # (sum V, 3, T, c, c)
+                f = torch.cat([_pooled(model, views[i:i + cfg.eval_batch_size], device, bf16)
+                               for i in range(0, len(views), cfg.eval_batch_size)])   # (sum V, 8C)
+                for s, fv in zip(pending, f.split([len(s["video"]) for s in pending])):
+                    if xcfg.clip_len:                                             # one row per window
+                        feats.append(fv)
+                        out_rows.extend([s["row"]] * len(fv))
+                        starts.extend(s["starts"].tolist())
+                    else:                                                         # views averaged: one row
+                        feats.append(fv.mean(0, keepdim=True))
+                        out_rows.append(s["row"])
+                        starts.append(-1)
+                pending.clear()
+
             for (sample,) in loader:
                 if "bad" in sample:
                     bad.append((sample["row"], sample["bad"]))
                 else:
-                    video = sample["video"]                                   # (V, 3, T, c, c)
-                    f = torch.cat([_pooled(model, video[i:i + cfg.eval_batch_size], device, bf16)
-                                   for i in range(0, len(video), cfg.eval_batch_size)])   # (V, 8C)
-                    if xcfg.clip_len:                                         # one row per window
-                        feats.append(f)
-                        out_rows += [sample["row"]] * len(f)
-                        starts += sample["starts"].tolist()
-                    else:                                                     # views averaged: one row
-                        feats.append(f.mean(0, keepdim=True))
-                        out_rows.append(sample["row"])
-                        starts.append(-1)
+                    pending.append(sample)
+                    if sum(len(s["video"]) for s in pending) >= cfg.eval_batch_size:
+                        run_pending()
                 if bar is not None:
                     bar.update(1)
+            if pending:
+                run_pending()
             dim = model.encoder.num_features
             part = {"rows": torch.tensor(out_rows, dtype=torch.long),
                     "features": torch.cat(feats) if feats else torch.zeros(0, dim),
