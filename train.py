@@ -22,9 +22,16 @@ masks: masking.py; targets: tokenizer.py.
     torchrun --nnodes=4 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \\
         --nproc_per_node=8 train.py --stage joint ...
 
+    # the job requeued on 2 nodes: --nnodes=2, otherwise the same command; the checkpoint's
+    # effective batch is kept with accumulation 2 (README, "Running under SLURM")
+
 Global batch (paper): 2048 images (image stage), 256 clips + 2048 images
 (joint), 256 clips (video stage). Per process: 64 images, 8 clips + 64
 images, 8 clips; gradient accumulation makes up the rest (printed at start).
+Every global batch is cut from one epoch order for all processes, and every
+sample's crops and masks are keyed by (seed, epoch, index), so a run depends on
+its seed and effective batch, not on the number of processes: `--resume` on
+another number keeps the effective batch by changing the accumulation.
 Learning rate 5e-4 at the paper's global batch, scaled linearly with the
 effective batch: lr = base_lr · effective_batch / paper_batch.
 
