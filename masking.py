@@ -40,6 +40,7 @@ Usage:
     inp, tgt = gen()             # (8, 14, 14), (16, 14, 14) bool
     inp, tgt = gen.batch(8)      # (8, 8, 14, 14), (8, 16, 14, 14)
     DataLoader(ds, num_workers=4, worker_init_fn=seed_worker)   # distinct streams
+    gen.reseed_sample(epoch, index)   # one sample's stream (data.py: before every sample)
 
 A picture of sample masks (one row per sample, one cell per frame, masked dark):
 

@@ -195,11 +195,12 @@ def final_model(out):
 def resume_on_other_world(syn, tmp_path, first, then, note):
     """`first` to step K, then `then` to step N, against `first` straight to step N."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    r = run(cross_world_args(syn, straight, "--max-steps", str(N)), launcher=first)
+    # ~10 s each on 2 idle cores; the generous limit is for a machine shared with other jobs.
+    r = run(cross_world_args(syn, straight, "--max-steps", str(N)), launcher=first, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    r = run(cross_world_args(syn, resumed, "--max-steps", str(K)), launcher=first)
+    r = run(cross_world_args(syn, resumed, "--max-steps", str(K)), launcher=first, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    r = run(cross_world_args(syn, resumed, "--max-steps", str(N)), launcher=then)
+    r = run(cross_world_args(syn, resumed, "--max-steps", str(N)), launcher=then, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     ckpt = resumed / "joint" / "ckpt.pt"
     # The log says what changed, and where the run goes on: the middle of epoch 1.
