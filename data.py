@@ -25,11 +25,14 @@ What is here, bottom-up:
                           random / centre / three crop, random-resized-crop, flip, colour jitter,
                           RandAugment (n, m), random erasing, Lanczos half-size tokenizer copy,
                           mean/std normalisation. One crop and flip for all frames of a clip.
-    masks                 masking.MaskGenerator per sample, reseeded per (rank, worker, epoch)
+    masks                 masking.MaskGenerator per sample; every random choice of a sample (frames,
+                          crop, flip, jitter, mask, replacement) keyed by (seed, epoch, row index)
     robustness            a file that cannot be decoded is replaced by another sample, logged once
                           with its path and counted; every epoch reports the count
-    loaders               DistributedSampler + DataLoader (`EpochLoader`); the joint stage pairs each
-                          video batch with an image batch in the recipe ratio (`JointLoader`)
+    loaders               training: global batches cut from one epoch order for all processes, each
+                          process its share as micro-batches (`GlobalBatchSampler`, `EpochLoader`);
+                          evaluation: DistributedSampler shards; the joint stage pairs each video
+                          batch with an image batch in the recipe ratio (`JointLoader`)
     synthetic data        `make-synthetic`: a small real data set (H.264 mp4, PNG/JPEG) whose labels
                           need appearance only or need time (CPU stand-in for K400 vs SSv2, Table 2)
 
@@ -67,10 +70,11 @@ Usage (train.py / finetune.py):
     root = ensure_synthetic("data/synthetic")                              # generated on first use
     loader = build_pretrain_loader("joint", cfg, video_ann=root / "videos/train_appearance.txt",
                                    video_root=root / "videos", image_root=root / "images/train",
-                                   rank=rank, world_size=world_size)
+                                   rank=rank, world_size=world_size, accum=accum)
     for epoch in range(epochs):
-        loader.set_epoch(epoch)              # DistributedSampler order, mask streams
-        for batch in loader: ...             # batch["video"], batch["image_tok"], ...
+        loader.set_epoch(epoch)              # the epoch's global order; keys every sample's crops and masks
+        for batch in loader: ...             # this rank's `accum` micro-batches of each global batch:
+                                             # batch["video"], batch["image_tok"], ...
 
     ft = FINETUNE_RECIPES["ssv2"]            # or "k400"; dataclasses.replace(ft, frames=8, ...)
     train = build_finetune_loader("train", ft, ann=..., root=..., rank=rank, world_size=world_size)
@@ -92,7 +96,7 @@ Speed: `python tests/bench_data.py`. Memory of the sample lists at ImageNet / K4
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
 import hashlib
 import json
 import logging
@@ -116,7 +120,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from masking import MaskGenerator, derive_seed, seed_worker
+from masking import (KEY_ORDER, KEY_PIXELS, KEY_REPLACE, MaskGenerator, derive_seed, find_mask_generators,
+                     sample_seed)
 from tokenizer import lanczos_resize
 
 PathLike = Union[str, os.PathLike]
@@ -521,7 +526,7 @@ def list_image_folder_once(root: PathLike, cache: PathLike, rank: int = 0, timeo
 #
 # All modes return an int64 array (num_clips, clip_len) of frame indices in
 # [0, num_frames). Random choices use torch's global generator, which the
-# DataLoader seeds differently in every worker and epoch.
+# data sets seed per sample from (seed, epoch, index) (_RobustDataset).
 
 
 def _randint(lo: int, hi: int) -> int:
@@ -1444,16 +1449,27 @@ class AllBadMedia(ValueError):
 
 
 class _RobustDataset(Dataset):
-    """Shared by the video and image sets: replace samples whose file is bad.
+    """Shared by the video and image sets: per-sample randomness, and bad files replaced.
 
-    A file that raises BadMedia while decoding is replaced by a random other
-    sample not yet known to be bad (up to MAX_REPLACEMENTS tries); the sample
-    records every failure in `skipped` ("path<TAB>reason" lines), which
-    EpochLoader logs once per path in the main process and counts per epoch.
-    A row known to be bad (in this process) is not decoded again, but still
-    counted when visited. Only decoding is guarded: an error in a transform is
-    a bug and propagates. `epoch` is read by masking.seed_worker to give each
-    epoch its mask stream.
+    Randomness: sample `index` of epoch `epoch` draws every random choice
+    (frame offsets, rescale, crop, flip, jitter: torch's CPU generator; its
+    masks: the transform's MaskGenerators) from streams keyed by (seed, epoch,
+    index) alone (masking.sample_seed), never from a stream of the rank or the
+    DataLoader worker. A sample is therefore the same whichever process and
+    whichever batch position draws it, which lets train.py re-shard a run over
+    another number of processes. `seed` and `epoch` are set by EpochLoader.
+    torch's generator is forked around the sample, so a loader without workers
+    leaves the trainer's own torch stream (dropout, drop path) untouched.
+
+    Bad files: a file that raises BadMedia while decoding is replaced by the
+    next row of a replacement sequence drawn from (seed, epoch, index) (up to
+    MAX_REPLACEMENTS tries); the sample records every failure in `skipped`
+    ("path<TAB>reason" lines), which EpochLoader logs once per path in the
+    main process and counts per epoch. A row known to be bad (in this process)
+    is not decoded again, but still counted when visited; since the sequence
+    and each try's key do not depend on what this process already knows, the
+    replacement is the same in every process. Only decoding is guarded: an
+    error in a transform is a bug and propagates.
 
     `samples` is a SampleList (compact, shared by forked workers); the
     known-bad rows are one flag per row (a bool array, 1.3 MB at ImageNet
@@ -1465,7 +1481,8 @@ class _RobustDataset(Dataset):
 
     def __init__(self, samples: SampleList):
         self.samples = samples
-        self.epoch = 0
+        self.seed, self.epoch = 0, 0                             # the key of the samples' streams (EpochLoader)
+        self._mask_gens = None                                   # the transform's MaskGenerators, found on first use
         self._bad = np.zeros(len(samples), np.bool_)             # row -> known bad, this process
         self._reasons: dict[int, str] = {}                       # row -> why, for the first KEPT_REASONS
 
@@ -1475,28 +1492,36 @@ class _RobustDataset(Dataset):
     def load(self, index: int) -> dict:
         raise NotImplementedError
 
-    def _replacement(self) -> int:
-        """A random row not known to be bad (any row if they all are)."""
-        for _ in range(100):
-            i = int(torch.randint(len(self.samples), ()).item())
-            if not self._bad[i]:
-                return i
-        return i
+    @contextlib.contextmanager
+    def _sample_streams(self, index: int, attempt: int):
+        """Within: torch's CPU generator and the masks draw from the streams of (seed, epoch, index, attempt)."""
+        if self._mask_gens is None:
+            self._mask_gens = find_mask_generators(getattr(self, "transform", None))
+        with torch.random.fork_rng(devices=[]):                  # restores the caller's CPU stream after
+            # Only the CPU generator (torch.manual_seed would also reseed the GPUs, the trainer's).
+            torch.default_generator.manual_seed(sample_seed(self.seed, KEY_PIXELS, self.epoch, index, attempt))
+            for g in self._mask_gens:
+                g.reseed_sample(self.epoch, index, attempt)
+            yield
 
     def __getitem__(self, index: int) -> dict:
         skipped = []
-        i = index
-        for _ in range(MAX_REPLACEMENTS):
+        i, replacements = index, None
+        for attempt in range(MAX_REPLACEMENTS):
             if not self._bad[i]:
                 try:
-                    out = self.load(i)
+                    with self._sample_streams(index, attempt):
+                        out = self.load(i)
                     break
                 except BadMedia as e:
                     self._bad[i] = True
                     if len(self._reasons) < self.KEPT_REASONS:
                         self._reasons[i] = e.reason
             skipped.append(f"{self.samples.path(i)}\t{self._reasons.get(i, 'known bad (reason not kept)')}")
-            i = self._replacement()
+            if replacements is None:                             # drawn only once a file has failed
+                rng = np.random.default_rng(sample_seed(self.seed, KEY_REPLACE, self.epoch, index))
+                replacements = rng.integers(len(self.samples), size=MAX_REPLACEMENTS)
+            i = int(replacements[attempt])
         else:
             first = "; ".join(line.replace("\t", " (", 1) + ")" for line in skipped[:3])
             raise AllBadMedia(f"{MAX_REPLACEMENTS} files in a row could not be decoded, e.g. {first}; "
@@ -1557,18 +1582,87 @@ class ImageDataset(_RobustDataset):
 
 
 # -----------------------------------------------------------------------------
-# Loaders: DistributedSampler + DataLoader, epochs, skipped-file reports
+# Loaders: global batches for training, DistributedSampler shards for evaluation
+#
+# Training is defined by the seed and the global batch, not by the process
+# count: the order of an epoch's samples and which of them form global step s
+# are drawn once for all processes (GlobalBatchSampler), each process computes
+# its share of every global batch as micro-batches, and every random choice of
+# a sample is keyed by (seed, epoch, index) (_RobustDataset). Running the same
+# global batch on another number of processes therefore changes only who
+# computes which part of it (train.py resumes a run that way).
 
 _LOGGED_BAD: set = set()          # paths already logged by this process ("logged once")
 
 
-class EpochLoader:
-    """A DataLoader over a DistributedSampler with `set_epoch`, yielding dicts.
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """The row indices of one process's micro-batches, cut from global batches.
 
-    set_epoch(e): the sampler's shuffle for epoch e (the same permutation on
-    every rank, so the shards are disjoint), `dataset.epoch = e` for the mask
-    streams of the workers (masking.seed_worker), and with num_workers = 0 the
-    generators are reseeded here to (rank, worker 0, e), since no worker does it.
+    Epoch e: a permutation of the n rows drawn from (seed, epoch) alone
+    (masking.sample_seed; the identity when shuffle=False). The epoch holds
+    `steps` = n // G global batches of G = world x accum x batch rows; global
+    step s of the epoch is perm[s*G : (s+1)*G], and the n - steps*G rows left
+    over wait for another epoch's order (a step never spans two epochs).
+    Process r takes the contiguous rows [r*accum*batch, (r+1)*accum*batch) of
+    every global batch, as `accum` micro-batches of `batch` rows:
+
+        one global batch (G = 8 rows, batch 2):  | 0 1 | 2 3 | 4 5 | 6 7 |
+        world 2, accum 2:                          r0 m0 r0 m1 r1 m0 r1 m1
+        world 1, accum 4:                          m0    m1    m2    m3
+
+    so with the same global and per-process batch, the micro-batches are the
+    same rows on any number of processes. set_epoch(e, start) begins at global
+    step `start` of epoch e, without drawing the skipped samples.
+    """
+
+    def __init__(self, n: int, batch: int, accum: int = 1, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True):
+        if not (0 <= rank < world and batch >= 1 and accum >= 1):
+            raise ValueError(f"expected 0 <= rank < world, batch >= 1 and accum >= 1, got rank {rank}, world "
+                             f"{world}, batch {batch}, accum {accum}")
+        self.n, self.batch, self.accum, self.rank, self.world = n, batch, accum, rank, world
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch = world * accum * batch
+        self.steps = n // self.global_batch                     # global batches per epoch
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.steps:
+            raise ValueError(f"start step {start} outside the epoch's {self.steps} steps")
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """(n,) int64: the rows of epoch `epoch` in the order the global batches take them."""
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, KEY_ORDER, epoch))
+        return torch.randperm(self.n, generator=g)
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.accum             # micro-batches still to come this epoch
+
+    def __iter__(self):
+        perm = self.order(self.epoch)
+        share = self.accum * self.batch                           # rows of one process per global batch
+        for s in range(self.start, self.steps):
+            first = s * self.global_batch + self.rank * share
+            rows = perm[first:first + share].view(self.accum, self.batch)     # (accum, batch)
+            for m in range(self.accum):
+                yield rows[m].tolist()
+
+
+class EpochLoader:
+    """A DataLoader with `set_epoch`, yielding dicts.
+
+    Training (drop_last=True): the micro-batches of this process's share of
+    every global batch (GlobalBatchSampler: `accum` micro-batches of
+    `batch_size` per global step, `steps_per_epoch` steps per epoch); `len()`
+    is the micro-batches of a whole epoch. set_epoch(e, start) also sets
+    `dataset.epoch = e` and `dataset.seed`, which key every sample's random
+    choices, so an epoch's batches are a function of (seed, epoch) and the
+    global batch, not of the rank, the workers or the trainer's RNG use.
+    Evaluation (drop_last=False): DistributedSampler shards, which keep every
+    sample (the last shard is padded with repeats; drop them by `index`).
     Each batch's `skipped` entries are logged once per path and counted;
     `skipped` (this epoch) and `skipped_total` hold the counts, and with
     `report=True` the end of every epoch prints them (rank 0).
@@ -1576,38 +1670,53 @@ class EpochLoader:
 
     def __init__(self, dataset: _RobustDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  num_workers: int, rank: int = 0, world_size: int = 1, seed: int = 0, name: str = "data",
-                 verbose: Optional[bool] = None, report: bool = True):
+                 verbose: Optional[bool] = None, report: bool = True, accum: int = 1):
         self.dataset, self.name, self.rank, self.seed = dataset, name, rank, seed
         self.verbose = (rank == 0) if verbose is None else verbose
         self.report = report
-        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                          seed=seed, drop_last=drop_last)
-        self.mask_gens = [g for g in _mask_generators(dataset)]
-        init = functools.partial(seed_worker, rank=rank) if (self.mask_gens and num_workers > 0) else None
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 drop_last=drop_last, worker_init_fn=init, pin_memory=torch.cuda.is_available())
-        if len(self.loader) == 0:
-            raise ValueError(f"{name}: {len(dataset)} samples give no batch of {batch_size} per rank over "
-                             f"{world_size} rank(s) (drop_last={drop_last}); use a smaller batch or more data")
+        pin = torch.cuda.is_available()
+        if drop_last:
+            self.sampler = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world_size, seed, shuffle)
+            if self.sampler.steps == 0:
+                raise ValueError(f"{name}: {len(dataset)} samples give no global batch of {self.sampler.global_batch} "
+                                 f"({world_size} process(es) x {batch_size} x accumulation {accum}); use a smaller "
+                                 f"batch or more data")
+            self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=pin)
+        else:
+            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                              seed=seed, drop_last=False)
+            self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                     drop_last=False, pin_memory=pin)
+            if len(self.loader) == 0:
+                raise ValueError(f"{name}: {len(dataset)} samples give no batch of {batch_size} per rank over "
+                                 f"{world_size} rank(s); use a smaller batch or more data")
         self.skipped, self.skipped_total = 0, 0
         self.set_epoch(0)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global steps (optimizer steps) per epoch of a training loader."""
+        return self.sampler.steps
+
     def __len__(self):
+        if isinstance(self.sampler, GlobalBatchSampler):
+            return self.sampler.steps * self.sampler.accum       # a whole epoch, whatever set_epoch's start
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch `epoch`, from its global step `start` (training loaders; evaluation: start 0)."""
         self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-        self.dataset.epoch = epoch
-        # The workers' torch/numpy/python seeds (crops, flips, frame offsets) derive from
-        # a base seed the DataLoader draws from this generator when an epoch's iterator
-        # starts; seeding it from (seed, rank, epoch) makes every epoch's batches a
-        # function of those alone, not of the trainer's RNG use, so a resumed run
-        # replays the same batches. (Masks have their own streams: seed_worker.)
+        if isinstance(self.sampler, GlobalBatchSampler):
+            self.sampler.set_epoch(epoch, start)
+        elif start:
+            raise ValueError("an evaluation loader (drop_last=False) starts its epochs at 0")
+        else:
+            self.sampler.set_epoch(epoch)
+        self.dataset.seed, self.dataset.epoch = self.seed, epoch    # the key of every sample's streams
+        # The workers' own seeds come from this generator when an epoch's iterator starts.
+        # Nothing in a sample draws from them any more (see _RobustDataset), but a generator
+        # of its own keeps the DataLoader from drawing them from the trainer's torch stream.
         self.loader.generator = torch.Generator().manual_seed(derive_seed(self.seed, rank=self.rank, epoch=epoch))
-        if self.loader.num_workers == 0:
-            for g in self.mask_gens:
-                g.reseed(rank=self.rank, worker_id=0, epoch=epoch)
 
     def note_skipped(self, skipped) -> None:
         """Log (once per path) and count the failures a batch carries."""
@@ -1637,12 +1746,15 @@ class EpochLoader:
 class JointLoader:
     """The joint stage (BEVT, §3 + paper §4.1): every video batch comes with an image batch.
 
-    One epoch = one pass over the videos. The image stream cycles on its own:
-    at video epoch e it starts at image epoch e*P, P = ceil(video batches /
-    image batches), and moves to the next image epoch whenever it runs out, so
-    every video epoch sees fresh image orders and a resume reproduces them.
-    Yields one dict: the video keys, the image keys, and
-    video_label/video_index/image_label/image_index.
+    One epoch = one pass over the videos, in global steps; every micro-batch
+    of videos is paired with the next micro-batch of images (both loaders cut
+    their global batches with the same world and accumulation). The image
+    stream cycles on its own, in its own global steps: at video step s of
+    epoch e it is at image epoch e*P + s // S, step s % S, with S image steps
+    per image epoch and P = ceil(video steps / S). Every video epoch thus sees
+    fresh image orders, and a resume (set_epoch(e, start)) finds its place in
+    both streams without replaying them. Yields one dict: the video keys, the
+    image keys, and video_label/video_index/image_label/image_index.
 
     Differs from the released code: its MultiSourceRunner also pairs each K400
     batch with the next batch of a cycled ImageNet loader (RepeatDataset x5),
@@ -1654,29 +1766,38 @@ class JointLoader:
     def __init__(self, videos: EpochLoader, images: EpochLoader):
         self.videos, self.images = videos, images
         self.videos.report = self.images.report = False              # reported here, per video epoch
-        self.passes = math.ceil(len(videos) / len(images))
-        self.epoch = 0
+        self.passes = math.ceil(videos.steps_per_epoch / images.steps_per_epoch)
+        self.epoch, self.start = 0, 0
 
     def __len__(self):
         return len(self.videos)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.videos.steps_per_epoch
 
     @property
     def skipped_total(self) -> int:
         """Unreadable files met over the whole run, videos and images."""
         return self.videos.skipped_total + self.images.skipped_total
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.videos.set_epoch(epoch)
-        self.images.set_epoch(epoch * self.passes)
+    def image_position(self, epoch: int, step: int) -> tuple[int, int]:
+        """(image epoch, image step) paired with video step `step` of video epoch `epoch`."""
+        per = self.images.steps_per_epoch
+        return epoch * self.passes + step // per, step % per
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+        self.videos.set_epoch(epoch, start)
+        self.images.set_epoch(*self.image_position(epoch, start))
 
     @staticmethod
     def _prefixed(batch: dict, prefix: str) -> dict:
         return {(f"{prefix}_{k}" if k in ("label", "index") else k): v for k, v in batch.items()}
 
     def __iter__(self):
-        img_epoch = self.epoch * self.passes
-        self.images.set_epoch(img_epoch)
+        img_epoch, img_start = self.image_position(self.epoch, self.start)
+        self.images.set_epoch(img_epoch, img_start)
         images = iter(self.images)
         skipped_images = 0
         for vb in self.videos:
@@ -1694,12 +1815,6 @@ class JointLoader:
         if self.videos.verbose:
             print(f"[data] joint epoch {self.epoch}: {self.videos.skipped} unreadable video(s) and "
                   f"{skipped_images} image(s) skipped", flush=True)
-
-
-def _mask_generators(dataset) -> list:
-    t = getattr(dataset, "transform", None)
-    g = getattr(t, "mask_gen", None)
-    return [g] if g is not None else []
 
 
 def auto_decode_threads(num_workers: int, local_world_size: Optional[int] = None) -> int:
@@ -1784,13 +1899,15 @@ FINETUNE_RECIPES = {
 def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Optional[PathLike] = None,
                           video_root: Optional[PathLike] = None, image_root: Optional[PathLike] = None,
                           image_ann: Optional[PathLike] = None, rank: int = 0, world_size: int = 1,
-                          verbose: Optional[bool] = None) -> Union[EpochLoader, JointLoader]:
+                          accum: int = 1, verbose: Optional[bool] = None) -> Union[EpochLoader, JointLoader]:
     """The training loader of a pretraining stage: "image" (BEVT-I), "video" (BEVT-V) or "joint" (BEVT).
 
     Videos: `video_ann` list under `video_root`; images: the folder tree
     `image_root` or the list `image_ann` under it. Returns an object with
-    set_epoch(epoch), len() and iteration over batch dicts (module docstring).
-    Mask generators: images seed cfg.seed, clips cfg.seed + 1 (distinct streams).
+    set_epoch(epoch, start_step), len(), steps_per_epoch and iteration over
+    batch dicts (module docstring): this process's `accum` micro-batches of
+    every global batch of world_size x accum x batch samples.
+    Seeds (orders, pixels, masks): images cfg.seed, clips cfg.seed + 1 (distinct streams).
     """
     if stage not in ("image", "video", "joint"):
         raise ValueError(f"stage must be image, video or joint, got {stage!r}")
@@ -1799,7 +1916,7 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
     if verbose or (verbose is None and rank == 0):
         print(loading_plan(cfg.num_workers, threads, streams), flush=True)
     common = dict(shuffle=True, drop_last=True, num_workers=cfg.num_workers, rank=rank,
-                  world_size=world_size, seed=cfg.seed, verbose=verbose)
+                  world_size=world_size, accum=accum, verbose=verbose)
     videos = images = None
     if stage in ("video", "joint"):
         if video_ann is None or video_root is None:
@@ -1808,22 +1925,24 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
                             seed=cfg.seed + 1)
         transform = PretrainClipTransform(cfg.crop, cfg.short_side, cfg.flip, gen, cfg.tok_resample)
         ds = VideoDataset(video_ann, video_root, FrameSampling(cfg.frames, cfg.interval), transform, threads)
-        videos = EpochLoader(ds, cfg.video_batch, name="videos", **common)
+        videos = EpochLoader(ds, cfg.video_batch, name="videos", seed=cfg.seed + 1, **common)
     if stage in ("image", "joint"):
         if image_root is None:
             raise ValueError(f"stage {stage!r} needs image_root (a folder tree, or the root of image_ann)")
         gen = MaskGenerator("block", (cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio, seed=cfg.seed)
         transform = PretrainImageTransform(cfg.crop, cfg.short_side, cfg.flip, cfg.jitter, gen, cfg.tok_resample)
         ds = ImageDataset(image_root, image_ann, transform, min_short=max(cfg.short_side))
-        images = EpochLoader(ds, cfg.image_batch, name="images", **common)
+        images = EpochLoader(ds, cfg.image_batch, name="images", seed=cfg.seed, **common)
     if stage == "joint":
         return JointLoader(videos, images)
     return videos if stage == "video" else images
 
 
 def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, root: PathLike,
-                          rank: int = 0, world_size: int = 1, verbose: Optional[bool] = None) -> EpochLoader:
-    """Finetuning loader: "train" (shuffled, drop_last), "val" (1 centre clip) or "test" (clips x crops).
+                          rank: int = 0, world_size: int = 1, accum: int = 1,
+                          verbose: Optional[bool] = None) -> EpochLoader:
+    """Finetuning loader: "train" (shuffled global batches of world_size x accum x batch_size, this
+    process's share as `accum` micro-batches each), "val" (1 centre clip) or "test" (clips x crops).
 
     val/test keep every sample (DistributedSampler pads the last shard with
     repeats; drop them by `index` for exact numbers).
@@ -1842,7 +1961,7 @@ def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, 
     ds = VideoDataset(ann, root, sampling, transform, threads)
     return EpochLoader(ds, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train, drop_last=train,
                        num_workers=cfg.num_workers, rank=rank, world_size=world_size, seed=cfg.seed,
-                       name=f"finetune-{mode}", verbose=verbose)
+                       name=f"finetune-{mode}", verbose=verbose, accum=accum if train else 1)
 
 
 # -----------------------------------------------------------------------------
@@ -2101,21 +2220,28 @@ def _pid_alive(pid: int) -> bool:
 
 
 class FileLock:
-    """One writer per folder: a lock file created exclusively, holding "host pid".
+    """One writer per folder: a lock file created exclusively, holding "host pid [job]".
 
     `acquire()` returns None when the lock is ours, or a description of the
     holder. A holder that died without cleaning up (SIGKILL, a closed terminal)
     leaves its file behind; on the same host a dead pid is detected and its
-    lock taken over. A holder on another host cannot be checked and counts as live.
+    lock taken over. A holder on another host cannot be checked and counts as
+    live, unless it names the same `job` as ours: a cluster job that is
+    requeued or restarted (train.py passes its SLURM job id) runs again only
+    once its earlier processes are gone, on whatever nodes, so their lock is
+    stale and taken over.
     """
 
-    def __init__(self, path: PathLike):
-        self.path, self.held = Path(path), False
+    def __init__(self, path: PathLike, job: Optional[str] = None):
+        self.path, self.job, self.held = Path(path), job, False
 
-    def holder(self) -> Optional[tuple[str, int]]:
+    def holder(self) -> Optional[tuple]:
+        """(host, pid, job or None) of the lock file, or None if there is none or it cannot be read."""
         try:
-            host, pid = self.path.read_text().split()
-            return host, int(pid)
+            host, pid, *job = self.path.read_text().split()
+            if len(job) > 1:
+                return None
+            return host, int(pid), (job[0] if job else None)
         except (OSError, ValueError):
             return None
 
@@ -2130,14 +2256,19 @@ class FileLock:
                     h = self.holder()
                     if h is None:
                         return f"an unreadable lock file {self.path}"
-                host, pid = h
+                host, pid, job = h
                 if host == socket.gethostname() and not _pid_alive(pid):
                     log.warning("taking over %s: its holder (pid %d) is dead", self.path, pid)
                     self.path.unlink(missing_ok=True)
                     continue
-                return f"pid {pid} on {host} (lock file {self.path})"
+                if self.job is not None and job == self.job:
+                    log.warning("taking over %s: its holder (pid %d on %s) was an earlier run of job %s",
+                                self.path, pid, host, job)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                return f"pid {pid} on {host}{f' (job {job})' if job else ''} (lock file {self.path})"
             with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+                f.write(f"{socket.gethostname()} {os.getpid()}{f' {self.job}' if self.job else ''}\n")
             self.held = True
             return None
         return f"a lock file {self.path} that keeps coming back"

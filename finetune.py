@@ -76,9 +76,10 @@ import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
 from train import (DIST_TIMEOUT_MIN, PRECISIONS, USER_ERRORS, EpochStream, Parser, StepLog, add_dataclass_flags, all_gather_rows,
-                   all_rng_states, check_ranges, claim_run_dir, clip_gradients, load_for_resume, lr_at, param_groups,
-                   precision_note, resolve_precision, save_checkpoint, save_curves, seed_everything, set_rng_state,
-                   setup_distributed, start_log, wrap_ddp, write_atomic)
+                   all_rng_states, batch_record, check_ranges, claim_run_dir, clip_gradients, load_for_resume, lr_at,
+                   param_groups, precision_note, resolve_precision, resume_accumulation, resume_position, resume_rng,
+                   save_checkpoint, save_curves, saved_batch, seed_everything, setup_distributed, start_log, wrap_ddp,
+                   write_atomic)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -95,6 +96,7 @@ class FinetuneConfig:
     out: str = "runs/finetune"
     resume: str = "auto"                  # auto: continue <out>/<task>/ckpt.pt if there is one | no | a path
     overwrite: bool = False               # discard a previous run in <out>/<task> and start again
+    allow_batch_change: bool = False      # resume on a world size that cannot keep the effective batch: go on with the nearest one, lr rescaled
     eval_only: bool = False               # evaluate --init as it is (a finetuned checkpoint), no training
     # --- data: your lists, or the synthetic set (CPU preset, no --train-list)
     data: str = ""                        # synthetic data folder, generated on first use
@@ -832,14 +834,25 @@ def _run_task(cfg, task, ddp, rank, world, device, out_dir, resume) -> dict:
 
 def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_dir, metrics_path, resume) -> int:
     """The finetuning loop (train.py's structure: accumulation, schedule, resume, tqdm, JSONL, non-finite stop)."""
-    loader = data.build_finetune_loader("train", dcfg, ann=task.train_list, root=task.root, rank=rank,
-                                        world_size=world, verbose=rank == 0)
-    accum = cfg.accum_steps or max(1, cfg.global_batch // (cfg.batch_size * world))
+    # Batch: as train.py, a resumed run keeps its checkpoint's effective batch on any number of processes.
+    def derived_accum(c: dict, w: int) -> int:       # the accumulation of config c on w processes
+        return c.get("accum_steps") or max(1, c["global_batch"] // (c["batch_size"] * w))
+
+    per_process = {"clips": cfg.batch_size}
+    ck, saved, batch_note = None, None, ""
+    if resume is None:
+        accum = derived_accum(dataclasses.asdict(cfg), world)
+    else:
+        ck = load_for_resume(resume, lambda m: log(rank, m))
+        saved = saved_batch(ck, {"clips": "batch_size"}, derived_accum)
+        request = cfg.accum_steps if cfg.accum_steps != ck.get("config", {}).get("accum_steps", 0) else 0
+        accum, batch_note = resume_accumulation(saved, per_process, world, request, cfg.allow_batch_change,
+                                                {"clips": "--batch-size"}, resume, lambda e: cfg.lr * e / cfg.global_batch)
     eff = cfg.batch_size * world * accum
     lr = cfg.lr * eff / cfg.global_batch
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"an epoch has {len(loader)} batches per process, fewer than accumulation {accum}")
+    loader = data.build_finetune_loader("train", dcfg, ann=task.train_list, root=task.root, rank=rank,
+                                        world_size=world, accum=accum, verbose=rank == 0)
+    steps_per_epoch = loader.steps_per_epoch                          # global steps: samples // effective batch
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     log(rank, f"world {world} x {cfg.batch_size} clips x accum {accum} = effective batch {eff}; lr = base_lr "
@@ -854,26 +867,23 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
         g.pop("names")
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
 
-    step, epoch, micro = 0, 0, 0
+    step, epoch, epoch_step = 0, 0, 0
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ck = None
-    if resume is not None:
-        ck = load_for_resume(resume, lambda m: log(rank, m))
-        if ck.get("world") != world:
-            raise ValueError(f"{resume} was written by {ck['world']} processes; resume with the same number, got {world}")
+    if ck is not None:
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if ema is not None and ck.get("ema"):
             ema.load_state_dict(ck["ema"])
-        step, epoch, micro = ck["step"], ck["epoch"], ck["micro"]
-        log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, batch {micro} of the epoch")
+        step, epoch, epoch_step = resume_position(ck, saved, "clips", eff, steps_per_epoch)
+        log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, step {epoch_step} of the epoch"
+            + (f"; {batch_note}" if batch_note else ""))
     if rank == 0:
         start_log(out_dir, cfg, step if ck is not None else None)
 
     steplog = StepLog(metrics_path if rank == 0 else None, ddp, device)
-    stream = EpochStream(loader, epoch, micro)
+    stream = EpochStream(loader, epoch, epoch_step)
     if ck is not None:
-        set_rng_state(ck["rng"][rank])
+        resume_rng(ck, saved, cfg.seed, rank, world, step, lambda m: log(rank, m))
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     bar = None
     if rank == 0:
@@ -910,7 +920,8 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
                                             "ema": ema.state_dict() if ema is not None else None, "step": step,
-                                            "epoch": stream.epoch, "micro": stream.micro, "world": world, "rng": rngs,
+                                            "epoch": stream.epoch, "epoch_step": stream.step, "world": world,
+                                            "batch": batch_record(world, accum, per_process), "rng": rngs,
                                             "config": dataclasses.asdict(cfg)}, keep_previous=True)
                 note = save_curves(out_dir, title=f"finetune {task.name}, {cfg.model} ({out_dir})")
                 if note:

@@ -40,6 +40,7 @@ Usage:
     inp, tgt = gen()             # (8, 14, 14), (16, 14, 14) bool
     inp, tgt = gen.batch(8)      # (8, 8, 14, 14), (8, 16, 14, 14)
     DataLoader(ds, num_workers=4, worker_init_fn=seed_worker)   # distinct streams
+    gen.reseed_sample(epoch, index)   # one sample's stream (data.py: before every sample)
 
 A picture of sample masks (one row per sample, one cell per frame, masked dark):
 
@@ -116,7 +117,7 @@ class Block(NamedTuple):
 
 # -----------------------------------------------------------------------------
 # Seeding: one explicit numpy Generator per MaskGenerator, one stream per
-# (base seed, rank, DataLoader worker, epoch)
+# (base seed, rank, DataLoader worker, epoch), or per sample (base seed, epoch, row)
 
 
 def derive_seed(base_seed: int, rank: int = 0, worker_id: int = 0, epoch: int = 0) -> int:
@@ -131,6 +132,29 @@ def derive_seed(base_seed: int, rank: int = 0, worker_id: int = 0, epoch: int = 
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     ss = np.random.SeedSequence(entropy=int(base_seed), spawn_key=(int(rank), int(worker_id), int(epoch)))
+    return int(ss.generate_state(1, np.uint64)[0])
+
+
+# Purposes of the per-sample keys below: distinct non-zero tags, so that the streams of
+# one sample (its masks, its pixels, its replacements) and the epoch orders never share a seed.
+KEY_MASKS, KEY_PIXELS, KEY_REPLACE, KEY_ORDER = 1, 2, 3, 4
+
+
+def sample_seed(base_seed: int, purpose: int, epoch: int, index: int = 0, attempt: int = 0) -> int:
+    """A 64-bit seed for one sample's randomness: (base seed, purpose, epoch, row index, attempt).
+
+    Keyed by what a sample *is* (its row and its epoch), not by who draws it
+    (rank, DataLoader worker, position in a batch), so that a run re-sharded
+    over another number of processes draws the same crops and masks for every
+    sample (train.py resume on a different world size). `attempt` counts the
+    files tried for one sample (a bad file is replaced, data.py). The key has 4
+    entries, derive_seed's 3, so the two families of streams never coincide.
+    """
+    for name, v in (("base_seed", base_seed), ("purpose", purpose), ("epoch", epoch), ("index", index),
+                    ("attempt", attempt)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    ss = np.random.SeedSequence(entropy=int(base_seed), spawn_key=(int(purpose), int(epoch), int(index), int(attempt)))
     return int(ss.generate_state(1, np.uint64)[0])
 
 
@@ -281,6 +305,17 @@ class MaskGenerator:
         # Python list. This only groups the same stream of rng.random() values.
         self._ubuf: list = []
         self._upos = 0
+
+    def reseed_sample(self, epoch: int, index: int, attempt: int = 0) -> None:
+        """Switch to the stream of one sample: (seed, epoch, row index, attempt) via `sample_seed`.
+
+        data.py calls this before every sample, so a sample's mask depends on
+        nothing but its key: not on the rank, worker or batch that draws it.
+        (`reseed` and `seed_worker` remain for per-worker streams elsewhere.)
+        """
+        self.stream = ("sample", epoch, index, attempt)
+        self.rng = np.random.default_rng(sample_seed(self.seed, KEY_MASKS, epoch, index, attempt))
+        self._ubuf, self._upos = [], 0                             # drop the previous stream's buffered draws
 
     def _uniform(self) -> float:
         """Next uniform in [0, 1) of this generator's stream."""

@@ -22,9 +22,16 @@ masks: masking.py; targets: tokenizer.py.
     torchrun --nnodes=4 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \\
         --nproc_per_node=8 train.py --stage joint ...
 
+    # the job requeued on 2 nodes: --nnodes=2, otherwise the same command; the checkpoint's
+    # effective batch is kept with accumulation 2 (README, "Running under SLURM")
+
 Global batch (paper): 2048 images (image stage), 256 clips + 2048 images
 (joint), 256 clips (video stage). Per process: 64 images, 8 clips + 64
 images, 8 clips; gradient accumulation makes up the rest (printed at start).
+Every global batch is cut from one epoch order for all processes, and every
+sample's crops and masks are keyed by (seed, epoch, index), so a run depends on
+its seed and effective batch, not on the number of processes: `--resume` on
+another number keeps the effective batch by changing the accumulation.
 Learning rate 5e-4 at the paper's global batch, scaled linearly with the
 effective batch: lr = base_lr · effective_batch / paper_batch.
 
@@ -57,6 +64,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bevt
 import data
+import masking
 import swin3d
 
 # -----------------------------------------------------------------------------
@@ -75,6 +83,7 @@ class TrainConfig:
     init: str = ""                        # checkpoint to start from; joint: defaults to <out>/image/final.pt
     resume: str = "auto"                  # auto: continue <out>/<stage>/ckpt.pt if there is one | no | a path
     overwrite: bool = False               # discard a previous run in <out>/<stage> and start again
+    allow_batch_change: bool = False      # resume on a world size that cannot keep the effective batch: go on with the nearest one, lr rescaled
     # --- data (paper §4.1)
     data: str = ""                        # synthetic data folder (CPU preset), generated on first use
     video_root: str = ""
@@ -211,7 +220,6 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> TrainConfig:
     """argparse generated from TrainConfig: every field is a flag with its paper default."""
-    import masking
     ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(ap, TrainConfig, {**CHOICES, "mask_strategy": tuple(masking.STRATEGIES)})
     args = vars(ap.parse_args(argv))
@@ -501,6 +509,151 @@ def all_rng_states(ddp: bool, world: int) -> list:
     return states
 
 
+# -----------------------------------------------------------------------------
+# Resuming on another number of processes (a requeued cluster job)
+#
+# A run is a function of its seed and its effective batch (the samples of one
+# optimizer step over all processes), not of the process count: data.py cuts
+# every global batch from one epoch order shared by all processes, and keys
+# every random choice of a sample by (seed, epoch, index). A checkpoint records
+# the batch it was trained with (`batch_record`); a resume on another world
+# size keeps that effective batch by changing the accumulation steps, and the
+# model, optimizer, step, schedule and data position carry over. What changes:
+# the order in which gradients are summed (float rounding), and the trainer's
+# own per-process RNG (drop path), which is reseeded per rank.
+
+BATCH_FLAGS = {"clips": "--video-batch", "images": "--image-batch"}    # the per-process batch of each unit
+
+
+def batch_record(world: int, accum: int, per_process: dict) -> dict:
+    """A checkpoint's record of its batch. per_process: {unit: samples per micro-batch}, the unit that
+    decides the accumulation first (clips, then images in the joint stage)."""
+    return {"world": world, "accum": accum, "per_process": dict(per_process),
+            "effective": {u: n * world * accum for u, n in per_process.items()}}
+
+
+def saved_batch(ck: dict, config_keys: dict, accum_of) -> dict:
+    """The batch record of checkpoint `ck`. A checkpoint written before records existed: rebuilt from
+    its world, its config (config_keys: unit -> config field of its per-process batch) and
+    accum_of(config, world), the accumulation that trainer derived."""
+    if "batch" in ck:
+        return ck["batch"]
+    c, w = ck.get("config", {}), ck.get("world", 1)
+    return batch_record(w, accum_of(c, w), {u: c[k] for u, k in config_keys.items()})
+
+
+def _sizes(values: list) -> str:
+    """[1, 2, 4] -> '1, 2 or 4'."""
+    return ", ".join(map(str, values[:-1])) + " or " + str(values[-1]) if len(values) > 1 else str(values[0])
+
+
+def resume_accumulation(saved: dict, per_process: dict, world: int, accum_flag: int, allow_change: bool,
+                        flags: dict, source: str, lr_of) -> tuple:
+    """(accumulation steps, a line on what changed) for resuming `source` on `world` processes.
+
+    per_process: {unit: samples per micro-batch now}, the deciding unit first.
+    The checkpoint's effective batch (every unit's) is kept when per-process x
+    world divides it: accumulation = effective / (per-process x world).
+    accum_flag: an --accum-steps that differs from the checkpoint's own (0 =
+    none); it is followed when it keeps the batch. Anything else is a
+    ValueError (one line: the sizes that keep the batch, and the flag), unless
+    allow_change: then the run goes on with the nearest effective batch (or the
+    one accum_flag gives) and the learning rate lr_of(effective) rescaled.
+    """
+    unit, b = next(iter(per_process.items()))
+    kept = {u: saved["effective"].get(u) for u in per_process}
+    want = kept[unit]
+
+    def effective(a: int) -> dict:
+        return {u: n * world * a for u, n in per_process.items()}
+
+    def show(eff: dict) -> str:
+        return " + ".join(f"{eff[u]} {u}" for u in per_process)
+
+    def moved(a: int) -> str:                        # what differs from the checkpoint's batch
+        out = [f"{name} {saved[key]} -> {v}" for name, key, v in
+               (("world", "world", world), ("accumulation", "accum", a)) if saved[key] != v]
+        return ", ".join(out + [f"{flags[u]} {saved['per_process'].get(u)} -> {n}" for u, n in per_process.items()
+                                if saved["per_process"].get(u) != n])
+
+    was = (f"{saved['world']} process(es) x {show(saved['per_process'])} x accumulation {saved['accum']}")
+    accum = accum_flag or (want // (b * world) if want % (b * world) == 0 else 0)
+    if accum and effective(accum) == kept:
+        return accum, (f"{moved(accum)}: effective batch {show(kept)} kept" if moved(accum) else "")
+    near = accum or max(1, round(want / (b * world)))
+    new = effective(near)
+    lr_text = (f"learning rate {lr_of(want):.3g} -> {lr_of(new[unit]):.3g}" if new[unit] != want
+               else "learning rate unchanged")
+    go_on = f"--allow-batch-change goes on with {show(new)} per step ({lr_text})"
+    if allow_change:
+        return near, f"{moved(near)}: effective batch {show(kept)} -> {show(new)}, {lr_text} (--allow-batch-change)"
+    if accum_flag:
+        raise ValueError(f"--accum-steps {accum_flag} would change the effective batch of {source} from {show(kept)} "
+                         f"to {show(new)} per step; leave it out to keep the batch, or {go_on}")
+    if not accum:
+        # The sizes that would keep it: per-process batches on this many processes, process counts with this batch.
+        batches = [n for n in range(1, want // world + 1) if want % (n * world) == 0]
+        worlds = [w for w in range(1, want // b + 1) if want % (b * w) == 0]
+        on_this = (f"{flags[unit]} {_sizes(batches)} on {world} process(es)" if batches
+                   else f"no {flags[unit]} on {world} process(es)")
+        with_this = (f"{_sizes(worlds)} process(es) with {flags[unit]} {b}" if worlds
+                     else f"no process count with {flags[unit]} {b}")
+        raise ValueError(f"{source} was trained with an effective batch of {show(kept)} ({was}), which {world} "
+                         f"process(es) x {b} {unit} cannot make up; sizes that keep it: {on_this}, or {with_this}; "
+                         f"or {go_on}")
+    u = next(u for u in per_process if effective(accum)[u] != kept[u])         # another unit (joint: images)
+    fit = kept[u] // (world * accum) if kept[u] % (world * accum) == 0 else None
+    raise ValueError(f"{source} was trained with {show(kept)} per step ({was}); {world} process(es) x accumulation "
+                     f"{accum} make {show(effective(accum))}: "
+                     + (f"{flags[u]} {fit} keeps it" if fit else f"no {flags[u]} keeps it on {world} process(es)")
+                     + f"; or {go_on}")
+
+
+BATCH_CONFIG_KEYS = {"clips": "video_batch", "images": "image_batch"}    # TrainConfig field of each unit
+
+
+def stage_batches(cfg) -> dict:
+    """{unit: samples per micro-batch} of a pretraining stage, the unit that sets the accumulation first."""
+    if cfg.stage == "image":
+        return {"images": cfg.image_batch}
+    if cfg.stage == "video":
+        return {"clips": cfg.video_batch}
+    return {"clips": cfg.video_batch, "images": cfg.image_batch}
+
+
+def resume_position(ck: dict, saved: dict, unit: str, eff: int, steps_per_epoch: int) -> tuple:
+    """(step, epoch, step of the epoch) to resume checkpoint `ck` at, with effective batch `eff` now.
+
+    The same effective batch: the checkpoint's own. A changed one (--allow-batch-change):
+    the epoch and the samples taken from it are kept, re-expressed in steps of the new
+    batch (rounded down: at most eff - 1 samples are seen twice), and so is the step
+    count (epochs x steps per epoch + that), so the schedule resumes at the same point
+    of its epochs. Checkpoints written before `epoch_step` existed saved micro-batches."""
+    epoch = ck["epoch"]
+    epoch_step = ck["epoch_step"] if "epoch_step" in ck else ck.get("micro", 0) // saved["accum"]
+    old = saved["effective"][unit]
+    if old == eff:
+        return ck["step"], epoch, epoch_step
+    epoch_step = epoch_step * old // eff                                 # samples taken // the new batch
+    return epoch * steps_per_epoch + epoch_step, epoch, epoch_step
+
+
+def resume_rng(ck: dict, saved: dict, seed: int, rank: int, world: int, step: int, log_fn) -> None:
+    """The trainer's own RNG streams (python, numpy, torch: drop path, dropout) on a resume.
+
+    The same world size: every rank gets its saved state back, so the run goes on
+    bit for bit. Another world size: the ranks are other processes now, so each
+    is seeded from (seed, rank, step); a model that draws at random (drop path > 0)
+    then draws other numbers than an uninterrupted run would, from the same law.
+    (The data's randomness is per sample and carries over either way.)"""
+    if saved["world"] == world and len(ck.get("rng", ())) == world:
+        set_rng_state(ck["rng"][rank])
+        return
+    seed_everything(masking.derive_seed(seed, rank=rank, epoch=step))
+    log_fn(f"training RNG (drop path, dropout) reseeded per process from (seed {seed}, rank, step {step}): "
+           f"the checkpoint's {saved['world']} states do not map onto {world} processes")
+
+
 def start_log(out_dir: str, cfg, resumed_step: Optional[int]) -> str:
     """Rank 0, before the loop: write config.json and prepare metrics.jsonl, whose path it returns.
 
@@ -540,38 +693,34 @@ def write_atomic(path: str, text: str) -> None:
 
 
 class EpochStream:
-    """The micro-batches of a loader in order across epochs, with the position a checkpoint saves.
+    """The micro-batches of a training loader in order across epochs, with the position a checkpoint saves.
 
-    `epoch` and `micro` (batches taken from the current epoch) are exactly what
-    a resumed run passes back in. An epoch's batches (order, crops, masks) are a
-    function of (seed, rank, epoch) alone (data.EpochLoader.set_epoch), so
-    resuming replays the interrupted epoch and skips the first `micro` batches.
-    Skipping decodes them again: seconds here, minutes late in a Kinetics epoch.
+    The position is (`epoch`, `step`): global steps taken from the current
+    epoch. An epoch's global batches (order, crops, masks) are a function of
+    the seed, the epoch and the global batch alone (data.GlobalBatchSampler,
+    data._RobustDataset), not of the process count, so a resumed run, on any
+    number of processes, starts the interrupted epoch at `step` and gets the
+    same global batches; the skipped ones are not decoded again.
     """
 
-    def __init__(self, loader, epoch: int = 0, micro: int = 0):
-        self.loader, self.epoch, self.micro = loader, epoch, micro
-        self._it = self._start(epoch, micro)
+    def __init__(self, loader, epoch: int = 0, step: int = 0):
+        if step >= loader.steps_per_epoch:                        # saved right after an epoch's last step
+            epoch, step = epoch + step // loader.steps_per_epoch, step % loader.steps_per_epoch
+        self.loader, self.epoch, self.step = loader, epoch, step
+        self._it = self._start(epoch, step)
 
-    def _start(self, epoch: int, skip: int):
-        self.loader.set_epoch(epoch)
-        it = iter(self.loader)
-        for _ in range(skip):
-            next(it)
-        return it
+    def _start(self, epoch: int, step: int):
+        self.loader.set_epoch(epoch, step)
+        return iter(self.loader)
 
     def take(self, n: int) -> list:
-        """The next n micro-batches (one optimizer step's worth), crossing into the next epoch if needed."""
-        out = []
-        for _ in range(n):
-            try:
-                batch = next(self._it)
-            except StopIteration:                                     # end of an epoch
-                self.epoch, self.micro = self.epoch + 1, 0
-                self._it = self._start(self.epoch, 0)
-                batch = next(self._it)
-            self.micro += 1
-            out.append(batch)
+        """The next global step's n micro-batches (n = the loader's accumulation)."""
+        if self.step == self.loader.steps_per_epoch:                 # the epoch is done: the next one
+            assert next(self._it, None) is None, "an epoch yielded more micro-batches than its steps"
+            self.epoch, self.step = self.epoch + 1, 0
+            self._it = self._start(self.epoch, 0)
+        out = [next(self._it) for _ in range(n)]
+        self.step += 1
         return out
 
 
@@ -631,9 +780,10 @@ def build_data_root(cfg: TrainConfig, rank: int, ddp: bool) -> str:
     return root
 
 
-def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int):
+def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int, accum: int):
     """data.py's loader for the stage; your data via --video-root/--video-list/--image-root/--image-list,
-    or the synthetic set (clips: appearance train list; images: its ImageNet-style tree)."""
+    or the synthetic set (clips: appearance train list; images: its ImageNet-style tree). Each
+    global step is world x accum x the per-process batch; this process gets its `accum` micro-batches."""
     dcfg = data.PretrainDataConfig(
         frames=cfg.frames, interval=cfg.frame_interval, crop=cfg.crop, short_side=tuple(cfg.short_side),
         video_mask=cfg.mask_strategy, mask_ratio=cfg.mask_ratio, video_batch=cfg.video_batch,
@@ -648,7 +798,7 @@ def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int):
                                                 os.path.join(cfg.out, "image_list.txt"), rank=rank)
     return data.build_pretrain_loader(cfg.stage, dcfg, video_ann=video_ann, video_root=video_root,
                                       image_root=image_root, image_ann=image_ann,
-                                      rank=rank, world_size=world, verbose=rank == 0)
+                                      rank=rank, world_size=world, accum=accum, verbose=rank == 0)
 
 
 def log(rank: int, *args) -> None:
@@ -771,7 +921,9 @@ def claim_run_dir(out_dir: str, cfg, rank: int, ddp: bool):
         os.makedirs(out_dir, exist_ok=True)
         if not os.access(out_dir, os.W_OK):
             raise ValueError(f"--out: cannot write to {out_dir}")
-        lock = data.FileLock(os.path.join(out_dir, "run.lock"))
+        # Under SLURM the lock names the job: a requeued job (same id, other nodes) takes over its own lock.
+        job = os.environ.get("SLURM_JOB_ID")
+        lock = data.FileLock(os.path.join(out_dir, "run.lock"), job=f"slurm-{job}" if job else None)
         busy = lock.acquire()
         if busy is not None:
             raise ValueError(f"{out_dir} is in use by another run ({busy}); wait for it or choose another --out")
@@ -836,7 +988,30 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
     data_root = build_data_root(cfg, rank, ddp)
     tok, tok_path = resolve_tokenizer(cfg, data_root, rank, ddp, device)
     tok.set_precision(cfg.tokenizer_precision)
-    loader = build_loader(cfg, data_root, rank, world)
+
+    # --- batch: per process x world x accumulation = the effective batch (printed below). A
+    # resumed run keeps its checkpoint's effective batch, on whatever number of processes.
+    per_process = stage_batches(cfg)                                    # {unit: samples per micro-batch}
+    unit, per_proc = next(iter(per_process.items()))
+    paper_key = "global_image_batch" if cfg.stage == "image" else "global_video_batch"
+    paper_batch = getattr(cfg, paper_key)
+
+    def derived_accum(c: dict, w: int) -> int:       # the accumulation of config c on w processes
+        return c.get("accum_steps") or max(1, c[paper_key] // (c[BATCH_CONFIG_KEYS[unit]] * w))
+
+    ck, saved, batch_note = None, None, ""
+    if resume is None:
+        accum = derived_accum(dataclasses.asdict(cfg), world)
+    else:
+        ck = load_for_resume(resume, lambda m: log(rank, m))
+        saved = saved_batch(ck, {u: BATCH_CONFIG_KEYS[u] for u in per_process}, derived_accum)
+        # The run's own --accum-steps (the same command line, requeued) is no request to change it.
+        request = cfg.accum_steps if cfg.accum_steps != ck.get("config", {}).get("accum_steps", 0) else 0
+        accum, batch_note = resume_accumulation(saved, per_process, world, request, cfg.allow_batch_change,
+                                                BATCH_FLAGS, resume, lambda e: cfg.lr * e / paper_batch)
+    eff = per_proc * world * accum
+    lr = cfg.lr * eff / paper_batch
+    loader = build_loader(cfg, data_root, rank, world, accum)
 
     # --- model: encoder + decoders + head; the tokenizer stays outside it
     swin = swin3d.get_config(cfg.model, drop_path_rate=cfg.drop_path, use_checkpoint=cfg.grad_checkpointing)
@@ -863,19 +1038,10 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
         raw.compile_streams(dynamic=False)                              # one graph per input shape
     model = wrap_ddp(raw, device) if ddp else raw
 
-    # --- batch, learning rate, schedule (printed with their formulas)
-    per_proc = cfg.image_batch if cfg.stage == "image" else cfg.video_batch
-    paper_batch = cfg.global_image_batch if cfg.stage == "image" else cfg.global_video_batch
-    accum = cfg.accum_steps or max(1, paper_batch // (per_proc * world))
-    eff = per_proc * world * accum
-    lr = cfg.lr * eff / paper_batch
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"an epoch has {len(loader)} batches per process, fewer than the {accum} micro-batches of "
-                         f"one step (--accum-steps); use more data or a smaller accumulation")
+    # --- learning rate, schedule (printed with their formulas)
+    steps_per_epoch = loader.steps_per_epoch                            # global steps: samples // effective batch
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    unit = "images" if cfg.stage == "image" else "clips"
     log(rank, f"stage {cfg.stage}: world {world} x {per_proc} {unit} x accum {accum} = effective batch {eff} "
               f"{unit}" + (f" (+ {cfg.image_batch * world * accum} images)" if cfg.stage == "joint" else ""))
     log(rank, f"lr = base_lr {cfg.lr:g} x effective {eff} / paper batch {paper_batch} = {lr:.3g}; "
@@ -886,22 +1052,18 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
     opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=lr, betas=cfg.betas,
                             fused=device.type == "cuda")
 
-    # --- resume: model, optimiser, step, data position, RNG states
-    step, epoch, micro = 0, 0, 0
+    # --- resume: model, optimiser, step, schedule and data position, RNG states
+    step, epoch, epoch_step = 0, 0, 0
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ck = None
-    if resume is not None:
-        ck = load_for_resume(resume, lambda m: log(rank, m))
-        if ck.get("world") != world:
-            raise ValueError(f"{resume} was written by {ck.get('world')} processes; resume with the same number, "
-                             f"got {world}")
+    if ck is not None:
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        step, epoch, micro = ck["step"], ck["epoch"], ck["micro"]
+        step, epoch, epoch_step = resume_position(ck, saved, unit, eff, steps_per_epoch)
         changed = {k: (v, getattr(cfg, k)) for k, v in ck.get("config", {}).items()
-                   if k not in ("resume", "overwrite", "max_steps") and hasattr(cfg, k)
+                   if k not in ("resume", "overwrite", "max_steps", "allow_batch_change") and hasattr(cfg, k)
                    and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)}
-        log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, batch {micro} of the epoch"
+        log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, step {epoch_step} of the epoch"
+            + (f"; {batch_note}" if batch_note else "")
             + ("; changed flags: " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
                if changed else ""))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -910,9 +1072,9 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
     steplog = StepLog(metrics_path if rank == 0 else None, ddp, device)
     curves_title = f"BEVT {cfg.stage} stage, {cfg.model} ({out_dir})"
 
-    stream = EpochStream(loader, epoch, micro)
+    stream = EpochStream(loader, epoch, epoch_step)
     if ck is not None:
-        set_rng_state(ck["rng"][rank])
+        resume_rng(ck, saved, cfg.seed, rank, world, step, lambda m: log(rank, m))
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     bar = None
     if rank == 0:
@@ -950,7 +1112,8 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
             rngs = all_rng_states(ddp, world)
             if rank == 0:
                 save_checkpoint(ckpt_path, {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                            "epoch": stream.epoch, "micro": stream.micro, "world": world, "rng": rngs,
+                                            "epoch": stream.epoch, "epoch_step": stream.step, "world": world,
+                                            "batch": batch_record(world, accum, per_process), "rng": rngs,
                                             "config": dataclasses.asdict(cfg)}, keep_previous=True)
                 note = save_curves(out_dir, accuracy_baselines(hist, cfg.vocab_size), title=curves_title)
                 if note:

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
-from torch.utils.data import DataLoader
 
 import data
 from masking import MaskGenerator
@@ -161,6 +160,29 @@ def test_bad_videos_are_skipped_logged_once_and_counted(tmp_path, caplog):
     for b in bad:                                                            # named, and only once over 2 epochs
         assert sum(str(tmp_path / b) in m for m in logged) == 1, b
     assert loader.skipped_total >= 2 * len(bad)
+
+
+def test_a_bad_files_replacement_does_not_depend_on_what_the_process_already_knows(tmp_path):
+    """Replacements are keyed by (seed, epoch, index) like every random choice: a process that has
+    already met the bad files (and skips them undecoded) returns the same replacement, with the same
+    random frames, as a fresh process that decodes them and fails, so re-sharded runs agree."""
+    rows, bad = _bad_files(tmp_path)
+    ann = write_list(tmp_path / "list.txt", rows)
+
+    def dataset():
+        ds = data.VideoDataset(ann, tmp_path, data.FrameSampling(8, 2),                 # random offsets
+                               data.FinetuneClipTransform("val", crop=48, short_side=64))
+        ds.seed, ds.epoch = 5, 1
+        return ds
+
+    seasoned = dataset()
+    for i in range(len(rows)):
+        seasoned[i]                                                      # learns every bad row
+    assert seasoned._bad.sum() == len(bad)
+    fresh = dataset()
+    for i in range(len(rows) - len(bad), len(rows)):                     # the bad rows' samples
+        a, b = fresh[i], seasoned[i]
+        assert a["index"] == b["index"] and a["index"] < 4 and torch.equal(a["video"], b["video"]), i
 
 
 def test_missing_paths_are_errors_naming_them(tmp_path):
@@ -569,7 +591,7 @@ def test_temporal_probes():
 
 
 # -----------------------------------------------------------------------------
-# Loaders: shards, masks per worker, the joint ratio
+# Loaders: global batches, per-sample keys, shards, the joint ratio
 
 
 def _image_cfg(num_workers=0):
@@ -595,25 +617,59 @@ def test_distributed_shards_are_disjoint(synthetic):
     assert len(set(shards[0]) | set(shards[1])) == 24
 
 
-def test_two_workers_draw_different_masks(synthetic):
-    cfg = _image_cfg(num_workers=2)
-    loader = data.build_pretrain_loader("image", cfg, image_root=synthetic / "images/train", verbose=False)
-    loader.loader = DataLoader(loader.dataset, batch_size=1, num_workers=2, sampler=loader.sampler,
-                               worker_init_fn=loader.loader.worker_init_fn)  # one sample per batch
+def test_global_batches_are_cut_the_same_for_any_process_count():
+    """GlobalBatchSampler (no data needed): an epoch's global batches are one order for every process;
+    world 1 x accumulation 4 and world 2 x accumulation 2 give the same micro-batches (the same rows in
+    the same order within each global batch), and the shares of the processes never overlap."""
+    n, batch = 50, 3                                                    # 50 rows, global batch 12: 4 steps, 2 left over
+    one = data.GlobalBatchSampler(n, batch, accum=4, rank=0, world=1, seed=7)
+    two = [data.GlobalBatchSampler(n, batch, accum=2, rank=r, world=2, seed=7) for r in (0, 1)]
+    for epoch in (0, 3):
+        for smp in (one, *two):
+            smp.set_epoch(epoch)
+        a, b = list(one), [list(t) for t in two]
+        assert one.steps == 4 and len(a) == 16 and len(b[0]) == len(b[1]) == 8
+        for s in range(4):                                              # step s: micro m of 1 process = ...
+            for m in range(4):                                          # ... micro m % 2 of rank m // 2
+                assert a[4 * s + m] == b[m // 2][2 * s + m % 2], (epoch, s, m)
+        rows = [i for mb in a for i in mb]
+        assert rows == one.order(epoch)[:48].tolist() and len(set(rows)) == 48    # a permutation, cut in order
+        assert not {i for mb in b[0] for i in mb} & {i for mb in b[1] for i in mb}
+    assert one.order(0).tolist() != one.order(1).tolist()               # a new order each epoch ...
+    assert one.order(1).tolist() == data.GlobalBatchSampler(n, 2, 1, 0, 1, seed=7).order(1).tolist()   # ... of (seed, epoch)
+    one.set_epoch(3, start=2)                                           # a resume: from global step 2, nothing replayed
+    assert list(one) == a[8:]
 
-    def masks(l, epoch):
-        l.set_epoch(epoch)
-        out = [b["image_mask"][0] for b in l]
-        return out[0::2][:6], out[1::2][:6]                                 # batches alternate workers 0, 1
 
-    w0, w1 = masks(loader, 0)
-    assert not all(torch.equal(a, b) for a, b in zip(w0, w1))
-    e1_w0, _ = masks(loader, 1)
-    assert not all(torch.equal(a, b) for a, b in zip(w0, e1_w0))            # a new stream each epoch
-    # Control: without masking.seed_worker both workers copy one generator state and agree.
-    plain = DataLoader(loader.dataset, batch_size=1, num_workers=2, sampler=loader.sampler)
-    out = [b["image_mask"][0] for b in plain]
-    assert all(torch.equal(a, b) for a, b in zip(out[0::2][:6], out[1::2][:6]))
+def test_samples_are_keyed_by_seed_epoch_and_index_not_by_rank_or_worker(synthetic):
+    """Every random choice of a sample (frames, crop, flip, mask) is keyed by (seed, epoch, index): the
+    joint loader gives the same micro-batches on 1 process x accumulation 2, on each of 2 processes,
+    with 2 workers, and from a resumed position; and different samples or epochs still differ."""
+    def batches(rank=0, world=1, accum=2, workers=0, epoch=1, start=0):
+        cfg = data.PretrainDataConfig(frames=4, interval=2, crop=96, short_side=(96, 112), video_batch=2,
+                                      image_batch=2, num_workers=workers)
+        loader = data.build_pretrain_loader(
+            "joint", cfg, video_ann=synthetic / "videos/train_motion.txt", video_root=synthetic / "videos",
+            image_root=synthetic / "images/train", rank=rank, world_size=world, accum=accum, verbose=False)
+        loader.set_epoch(epoch, start)
+        return list(loader)
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    one = batches()                                                     # 24 clips / 4 per step: 6 steps x 2 micro
+    assert len(one) == 12
+    ranks = [batches(rank=r, world=2, accum=1) for r in (0, 1)]
+    for s in range(6):
+        assert same(one[2 * s], ranks[0][s]) and same(one[2 * s + 1], ranks[1][s]), s
+    assert all(same(a, b) for a, b in zip(one, batches(workers=2)))     # worker processes change nothing
+    assert all(same(a, b) for a, b in zip(one[6:], batches(start=3)))   # resumed at global step 3
+    # ... and the keys really vary: other samples, another epoch, draw other masks and crops.
+    masks = torch.cat([b["video_mask"] for b in one])                   # (24, T/2, h, w)
+    assert len({m.numpy().tobytes() for m in masks}) > 12
+    other = {int(i): m for b in batches(epoch=2) for i, m in zip(b["video_index"], b["video_mask"])}
+    here = {int(i): m for b in one for i, m in zip(b["video_index"], b["video_mask"])}
+    assert sum(not torch.equal(here[i], other[i]) for i in here) > 12   # the same clip, a new epoch: new masks
 
 
 def test_joint_loader_ratio_and_image_cycling(synthetic):

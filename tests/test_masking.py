@@ -288,6 +288,25 @@ def test_derive_seed():
         derive_seed(0, rank=-1)
 
 
+def test_sample_streams_depend_on_the_sample_only():
+    """reseed_sample: a sample's mask is a function of (seed, epoch, index, attempt), whatever the
+    generator drew before; other keys give other masks, and no key collides with a derive_seed stream."""
+    a, b = make("tube", seed=3), make("tube", seed=3)
+    b.batch(5)                                                          # b has drawn other masks before
+    a.reseed_sample(epoch=2, index=17)
+    b.reseed_sample(epoch=2, index=17)
+    ref = a.batch(1)[0]
+    assert np.array_equal(b.batch(1)[0], ref)
+    for key in ((3, 17, 0), (2, 18, 0), (2, 17, 1)):
+        a.reseed_sample(*key)
+        assert not np.array_equal(a.batch(1)[0], ref), key
+    keys = {masking.sample_seed(0, p, e, i, t) for p in range(1, 5) for e in range(3) for i in range(4) for t in range(2)}
+    assert len(keys) == 4 * 3 * 4 * 2
+    assert not keys & {derive_seed(0, r, w, e) for r in range(5) for w in range(5) for e in range(5)}
+    with pytest.raises(ValueError, match="index"):
+        masking.sample_seed(0, 1, 0, index=-1)
+
+
 class MaskDataset(torch.utils.data.Dataset):
     """Draws a fresh tube mask per item, as a training data set does in its workers."""
 

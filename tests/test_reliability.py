@@ -68,6 +68,30 @@ def test_a_second_process_on_the_same_folder_is_refused_and_a_dead_ones_lock_is_
     assert not lock.exists()                                            # released at the end
 
 
+def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
+    """A requeued job comes back on other nodes; its earlier rank 0 (killed by the preemption) left
+    run.lock naming another host. The same SLURM job id takes it over; another job, or no job, is refused."""
+    out = tmp_path / "joint"
+    out.mkdir()
+    lock = out / "run.lock"
+    cfg = train.parse_args(["--preset", "cpu", "--out", str(tmp_path)])
+    for env, taken in ((None, False), ("78", False), ("77", True)):
+        lock.write_text("node-that-was-preempted 4242 slurm-77\n")
+        if env is None:
+            monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        else:
+            monkeypatch.setenv("SLURM_JOB_ID", env)
+        if not taken:
+            with pytest.raises(ValueError, match="in use by another run .*pid 4242 on node-that-was-preempted"):
+                train.claim_run_dir(str(out), cfg, rank=0, ddp=False)
+            continue
+        held, ckpt = train.claim_run_dir(str(out), cfg, rank=0, ddp=False)
+        assert held is not None and ckpt is None
+        assert lock.read_text() == f"{socket.gethostname()} {os.getpid()} slurm-77\n"       # ours now
+        held.release()
+        assert not lock.exists()
+
+
 # -----------------------------------------------------------------------------
 # 2-3, 10. Flags: one meaning, ranges checked at parse time, one line and exit 2
 

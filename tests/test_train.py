@@ -137,6 +137,9 @@ def test_kill_and_resume_continues_the_same_loss_curve(syn, tmp_path):
     for step in range(killed_at + 1, 11):
         assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5, abs=1e-6), step
         assert resumed[step]["lr"] == pytest.approx(full[step]["lr"], rel=1e-9)
+    # On the same number of processes the resume is exact: the same weights, bit for bit.
+    a, b = (torch.load(o / "video" / "final.pt", weights_only=True)["model"] for o in (tmp_path / "full", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_joint_stage_starts_from_the_image_stage(syn, tmp_path):
@@ -157,3 +160,96 @@ def test_non_finite_loss_stops_the_run_naming_the_step(syn, tmp_path):
     r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "6", "--lr", "1e30", "--clip-grad", "1e30"))
     assert r.returncode != 0
     assert "non-finite loss" in r.stderr and "at step" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Resume on another number of processes (a requeued cluster job): the effective batch is kept by
+# changing the accumulation, and model, optimizer, step, schedule and data position carry over.
+
+ONE = (sys.executable,)
+TWO = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+K, N = 3, 6                              # resume after step 3 (mid-epoch: 2 steps per epoch), stop at 6
+# Tolerance of the parameters after N AdamW steps, resumed vs straight. The two runs see the same
+# global batches, cut into the same micro-batches of 1 clip + 2 images; only the order in which
+# the 4 micro-batch gradients are summed differs (2 ranks x 2 accumulated, averaged by DDP, vs 4
+# accumulated in one process), i.e. fp32 rounding, which the following steps carry on and grow.
+# Measured on the cpu preset in fp32: 2 processes straight vs 1 process straight to step 6 differ
+# by 1.3e-5 at most, the resumed runs from the straight ones by 4.5e-6 (2 -> 1) and 2.7e-6 (1 -> 2):
+# under 1% of one step's move (AdamW moves a weight by ~lr = 2e-3 per step). A real fault is far
+# larger: resuming one global step off left the weights 7.8e-3 apart. 1e-4 is 8x the largest
+# measured rounding and 20x below one step. Absolute, not relative: many weights are near 0.
+ATOL = 1e-4
+
+
+def cross_world_args(syn, out, *extra):
+    """The joint stage (both streams) at an effective batch of 4 clips + 8 images: 2 processes x
+    accumulation 2 or 1 process x accumulation 4, in fp32 (bf16 rounding would swamp the comparison)."""
+    return args(syn, out, "--stage", "joint", "--video-batch", "1", "--image-batch", "2", "--global-video-batch", "4",
+                "--global-image-batch", "8", "--precision", "fp32", "--ckpt-every", "100", *extra)
+
+
+def final_model(out):
+    return torch.load(os.path.join(out, "joint", "final.pt"), weights_only=True)["model"]
+
+
+def resume_on_other_world(syn, tmp_path, first, then, note):
+    """`first` to step K, then `then` to step N, against `first` straight to step N."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # ~10 s each on 2 idle cores; the generous limit is for a machine shared with other jobs.
+    r = run(cross_world_args(syn, straight, "--max-steps", str(N)), launcher=first, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run(cross_world_args(syn, resumed, "--max-steps", str(K)), launcher=first, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run(cross_world_args(syn, resumed, "--max-steps", str(N)), launcher=then, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    ckpt = resumed / "joint" / "ckpt.pt"
+    # The log says what changed, and where the run goes on: the middle of epoch 1.
+    assert f"resumed from {ckpt}: step {K}, epoch 1, step 1 of the epoch; {note}" in r.stdout, r.stdout[-3000:]
+    a, b = final_model(straight), final_model(resumed)
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < ATOL, worst
+    # The steps after the resume really moved the weights, by far more than the tolerance
+    # (measured 5.7e-3: 3 steps of lr <= 2e-3), so a missing or repeated step cannot pass.
+    at_k = torch.load(resumed / "joint" / "ckpt.prev.pt", weights_only=True)
+    assert at_k["step"] == K
+    assert max((at_k["model"][k].float() - b[k].float()).abs().max().item() for k in b) > 20 * ATOL
+    # The same schedule (lr per step, exactly) and the same losses, step by step.
+    full, res = metrics(straight, "joint"), metrics(resumed, "joint")
+    assert sorted(res) == list(range(1, N + 1))
+    for step in range(K + 1, N + 1):
+        assert res[step]["lr"] == full[step]["lr"], step
+        assert res[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-4), step
+    ck = torch.load(ckpt, weights_only=True)
+    assert ck["step"] == N and ck["batch"]["effective"] == {"clips": 4, "images": 8}
+
+
+def test_two_processes_then_one_with_double_accumulation_match_two_straight(syn, tmp_path):
+    resume_on_other_world(syn, tmp_path, TWO, ONE,
+                          "world 2 -> 1, accumulation 2 -> 4: effective batch 4 clips + 8 images kept")
+
+
+def test_one_process_then_two_match_one_straight(syn, tmp_path):
+    resume_on_other_world(syn, tmp_path, ONE, TWO,
+                          "world 1 -> 2, accumulation 4 -> 2: effective batch 4 clips + 8 images kept")
+
+
+def test_a_batch_that_cannot_keep_the_effective_batch_is_refused_in_one_line(syn, tmp_path):
+    """1 process x 3 clips cannot make up the run's 4 clips per step: one line naming the sizes that
+    do and the flag; with --allow-batch-change the run goes on at 3 clips, the lr rescaled and printed."""
+    base = cross_world_args(syn, tmp_path, "--stage", "video")
+    r = run(base + ["--max-steps", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(base + ["--max-steps", "2", "--video-batch", "3"])
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), r.stderr
+    msg = lines[0]
+    assert "effective batch of 4 clips" in msg and "1 process(es) x 3 clips cannot make up" in msg
+    assert "--video-batch 1, 2 or 4 on 1 process(es)" in msg and "--allow-batch-change" in msg
+    assert torch.load(tmp_path / "video" / "ckpt.pt", weights_only=True)["step"] == 1      # untouched
+    r = run(base + ["--max-steps", "2", "--video-batch", "3", "--allow-batch-change"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("accumulation 4 -> 1, --video-batch 1 -> 3: effective batch 4 clips -> 3 clips, "
+            "learning rate 0.002 -> 0.0015 (--allow-batch-change)") in r.stdout
+    assert "effective batch 3 clips" in r.stdout and "= 0.0015" in r.stdout

@@ -115,3 +115,60 @@ def test_bf16_steps_follow_the_fp32_loss_curve():
     assert max(rel) < 0.05, rel
     assert abs((bf16[0] - bf16[-1]) - (fp32[0] - fp32[-1])) < 0.1 * (fp32[0] - fp32[-1])
     assert bf16 != fp32                                                # bf16 really ran (it rounds)
+
+
+# -----------------------------------------------------------------------------
+# Resuming on another number of processes: which accumulation keeps the effective batch
+
+
+def _accum(world, per_process, flag=0, allow=False):
+    saved = train.batch_record(2, 1, {"clips": 2, "images": 4})           # 2 processes x (2 clips + 4 images)
+    return train.resume_accumulation(saved, per_process, world, flag, allow, train.BATCH_FLAGS, "ck.pt",
+                                     lambda e: 2e-3 * e / 4)
+
+
+def test_resume_keeps_the_effective_batch_by_changing_the_accumulation():
+    both = {"clips": 2, "images": 4}
+    assert _accum(2, both) == (1, "")                                     # nothing changed, nothing said
+    assert _accum(1, both) == (2, "world 2 -> 1, accumulation 1 -> 2: effective batch 4 clips + 8 images kept")
+    accum, note = _accum(4, {"clips": 1, "images": 2})                    # 4 processes with half the batch
+    assert accum == 1 and "--video-batch 2 -> 1, --image-batch 4 -> 2: effective batch 4 clips + 8 images kept" in note
+
+
+@pytest.mark.parametrize("world, per_process, flag, expect", [
+    # 3 x 2 clips divides no 4: the batches that keep it on 3 (none) and the process counts with 2 clips.
+    (3, {"clips": 2, "images": 4}, 0, "which 3 process(es) x 2 clips cannot make up; sizes that keep it: no "
+                                      "--video-batch on 3 process(es), or 1 or 2 process(es) with --video-batch 2; "
+                                      "or --allow-batch-change goes on with 6 clips + 12 images per step "
+                                      "(learning rate 0.002 -> 0.003)"),
+    (4, {"clips": 2, "images": 4}, 0, "sizes that keep it: --video-batch 1 on 4 process(es), or 1 or 2 process(es) "
+                                      "with --video-batch 2"),
+    # The clips fit, the images do not: the image batch that keeps them is named.
+    (1, {"clips": 2, "images": 8}, 0, "1 process(es) x accumulation 2 make 4 clips + 16 images: --image-batch 4 "
+                                      "keeps it"),
+    # A new --accum-steps that would change the batch is a request to be confirmed.
+    (2, {"clips": 2, "images": 4}, 2, "--accum-steps 2 would change the effective batch of ck.pt from 4 clips + 8 "
+                                      "images to 8 clips + 16 images per step"),
+])
+def test_resume_that_cannot_keep_the_effective_batch_is_one_line(world, per_process, flag, expect):
+    with pytest.raises(ValueError) as e:
+        _accum(world, per_process, flag)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_allow_batch_change_goes_on_with_the_nearest_batch_and_a_rescaled_lr():
+    accum, note = _accum(3, {"clips": 2, "images": 4}, allow=True)
+    assert accum == 1 and note == ("world 2 -> 3: effective batch 4 clips + 8 images -> 6 clips + 12 images, "
+                                   "learning rate 0.002 -> 0.003 (--allow-batch-change)")
+    assert _accum(2, {"clips": 2, "images": 4}, flag=2, allow=True)[0] == 2       # the requested accumulation
+
+
+def test_resume_position_keeps_the_epoch_and_its_samples_in_steps_of_the_new_batch():
+    saved = train.batch_record(2, 2, {"clips": 2})                          # 8 clips per step
+    ck = {"step": 23, "epoch": 2, "epoch_step": 3}                          # 10 steps per epoch: 2 x 10 + 3
+    assert train.resume_position(ck, saved, "clips", 8, 10) == (23, 2, 3)   # kept: the checkpoint's own
+    # 6 clips per step: 3 x 8 = 24 samples of epoch 2 taken -> step 4 of it (24 // 6), 13 steps/epoch.
+    assert train.resume_position(ck, saved, "clips", 6, 13) == (2 * 13 + 4, 2, 4)
+    # A checkpoint from before the batch record counted micro-batches of the epoch.
+    old = {"step": 23, "epoch": 2, "micro": 6}
+    assert train.resume_position(old, saved, "clips", 8, 10) == (23, 2, 3)
