@@ -1130,10 +1130,9 @@ def check_vocab(tokenizer: Union[Tokenizer, int], head_classes: int) -> None:
 # -----------------------------------------------------------------------------
 # Command line: convert, fit, info
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
-
-
 def list_images(root: PathLike) -> list[Path]:
+    """Every image under `root` (the extensions the image stream reads, data.IMAGE_EXTS), sorted."""
+    from data import IMAGE_EXTS                       # imported here, not at the top: data.py imports this module
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image directory not found: {root}")
@@ -1143,7 +1142,7 @@ def list_images(root: PathLike) -> list[Path]:
     return files
 
 
-def read_image(path: Path, size: int) -> torch.Tensor:
+def read_square_image(path: Path, size: int) -> torch.Tensor:
     """An image file -> (3, size, size) in [0, 1]: short side to `size` (bicubic), centre crop."""
     from PIL import Image
     import numpy as np
@@ -1177,7 +1176,7 @@ def fit_from_dir(data: PathLike, vocab_size: int, *, size: int = 224, seed: int 
         except ImportError:
             pass
     for i in it:
-        x = torch.stack([read_image(p, size) for p in files[i:i + batch]])   # (b, 3, size, size)
+        x = torch.stack([read_square_image(p, size) for p in files[i:i + batch]])   # (b, 3, size, size)
         f = extract_patches(x, resample).view(x.shape[0], -1, 3 * DVAE_PATCH ** 2)   # (b, P, 192)
         for fi in f:
             keep = torch.randperm(fi.shape[0], generator=g)[:per_image]

@@ -109,7 +109,7 @@ def agreement(images_dir, device, weights="", count=64, size=224):
     trained model's, so this bounds how often near-ties flip rather than giving
     the published tokenizer's figure; pass a real encoder with --tokenizer."""
     files = T.list_images(images_dir)[:count]
-    x = torch.stack([T.read_image(f, size) for f in files]).to(device)
+    x = torch.stack([T.read_square_image(f, size) for f in files]).to(device)
     tok = T.load_tokenizer(weights, device=device) if weights else T.DalleTokenizer().to(device)
     ref = tok.tokenize(x)
     for precision in ("bf16", "fp16"):

@@ -118,7 +118,7 @@ def check_sdpa(device):
 def check_tokenizer(device, path, images_dir):
     tok = tokenizer.load_tokenizer(path, device=device) if path else tokenizer.DalleTokenizer().to(device)
     files = tokenizer.list_images(images_dir)[:8 if DRY else 192]
-    x = torch.stack([tokenizer.read_image(f, 224) for f in files]).to(device)       # (N, 3, 224, 224) in [0, 1]
+    x = torch.stack([tokenizer.read_square_image(f, 224) for f in files]).to(device)       # (N, 3, 224, 224) in [0, 1]
     half = tokenizer.lanczos_resize(x, (112, 112))                                    # what the dVAE sees
     print(f"tokenizer {tok.kind} ({'given weights' if path else 'random weights'}), {len(half)} frames of 112 px:")
     ref = None
