@@ -126,7 +126,7 @@ from masking import (KEY_ORDER, KEY_PIXELS, KEY_REPLACE, MaskGenerator, derive_s
 from tokenizer import lanczos_resize
 
 PathLike = Union[str, os.PathLike]
-log = logging.getLogger("bevt.data")
+logger = logging.getLogger("bevt.data")
 
 # -----------------------------------------------------------------------------
 # The paper's and the released configs' numbers
@@ -366,7 +366,7 @@ def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
             labels.append(label)
     for what, items in (("unreadable folder(s)", unreadable), ("image(s) whose name a list cannot hold", unlistable)):
         if items:
-            log.warning("%s: skipped %d %s, e.g. %r", root, len(items), what, items[0])
+            logger.warning("%s: skipped %d %s, e.g. %r", root, len(items), what, items[0])
     if not ends:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
     return SampleList.from_parts(root, paths, ends, labels), classes
@@ -763,7 +763,7 @@ def _note_slow(path, reason: str) -> None:
     key = str(path)
     if path is not None and key not in _SLOW:
         _SLOW[key] = reason
-        log.warning("%s: %s; its frames are decoded from the start (slow path, exact)", key, reason)
+        logger.warning("%s: %s; its frames are decoded from the start (slow path, exact)", key, reason)
 
 
 def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = None, threads: int = 1,
@@ -1728,7 +1728,7 @@ class EpochLoader:
                 self.skipped_total += 1
                 if path not in _LOGGED_BAD:
                     _LOGGED_BAD.add(path)
-                    log.warning("skipped unreadable file %s (%s); replaced by another sample", path, reason)
+                    logger.warning("skipped unreadable file %s (%s); replaced by another sample", path, reason)
 
     def __iter__(self):
         self.skipped = 0
@@ -2259,11 +2259,11 @@ class FileLock:
                         return f"an unreadable lock file {self.path}"
                 host, pid, job = h
                 if host == socket.gethostname() and not _pid_alive(pid):
-                    log.warning("taking over %s: its holder (pid %d) is dead", self.path, pid)
+                    logger.warning("taking over %s: its holder (pid %d) is dead", self.path, pid)
                     self.path.unlink(missing_ok=True)
                     continue
                 if self.job is not None and job == self.job:
-                    log.warning("taking over %s: its holder (pid %d on %s) was an earlier run of job %s",
+                    logger.warning("taking over %s: its holder (pid %d on %s) was an earlier run of job %s",
                                 self.path, pid, host, job)
                     self.path.unlink(missing_ok=True)
                     continue
@@ -2915,7 +2915,7 @@ def check_files(ann: PathLike, root: PathLike, threads: int = 0, quick: bool = F
     from tqdm import tqdm
     samples = read_annotations(ann, root)
     missing, bad, slow = [], [], []
-    was_disabled, log.disabled = log.disabled, True              # the report lists the slow-path files itself
+    was_disabled, logger.disabled = logger.disabled, True              # the report lists the slow-path files itself
     try:
         for path, _ in tqdm(samples, desc="opening" if quick else "decoding", unit="video"):
             if not path.is_file():
@@ -2951,7 +2951,7 @@ def check_files(ann: PathLike, root: PathLike, threads: int = 0, quick: bool = F
                 if str(path) in _SLOW:
                     slow.append((str(path), _SLOW[str(path)]))
     finally:
-        log.disabled = was_disabled
+        logger.disabled = was_disabled
     return CheckReport(len(samples), missing, bad, slow)
 
 
