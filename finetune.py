@@ -955,6 +955,14 @@ def table2(results: dict, which: str = "model") -> str:
     return "\n".join(lines)
 
 
+def _fail(tool: str, e: Exception) -> None:
+    """A user error of finetune.py (or of one of its tools): one line on stderr, exit status 2."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(f"finetune.py{' ' + tool if tool else ''}: error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in TOOLS:                             # the subcommands at the end of this file
@@ -966,10 +974,7 @@ def main(argv=None) -> dict:
         tasks = resolve_tasks(cfg, rank)
         results = {t.name: run_task(cfg, t, ddp, rank, world, device) for t in tasks}
     except USER_ERRORS as e:
-        if dist.is_initialized():                             # bad input: one line naming the mismatch, exit 2
-            dist.destroy_process_group()
-        print(f"finetune.py: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        _fail("", e)                                          # bad input: one line naming the mismatch, exit 2
     if rank == 0:
         for which in ("model", "ema"):
             if all(which in r for r in results.values()):
@@ -1210,7 +1215,10 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, ddp: bool = False
                f"({meta['bad']} unreadable, listed in bad.txt) -> {cfg.out} in {meta['seconds']:.0f} s")
     if ddp:
         dist.barrier()
-    return meta if rank == 0 else json.load(open(meta_path))
+    if rank == 0:
+        return meta
+    with open(meta_path) as f:
+        return json.load(f)
 
 
 def _pooled(model: VideoClassifier, video: torch.Tensor, device, bf16: bool) -> torch.Tensor:
@@ -1379,8 +1387,8 @@ def load_classifier(args: dict, log_fn=print) -> tuple[VideoClassifier, Finetune
     ck = swin3d.load_file(init)
     stored = ck.get("config") if isinstance(ck, dict) and isinstance(ck.get("config"), dict) else {}
     base = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in VIEW_FIELDS}
-    if stored.get("preset") == "cpu" and "preset" not in {k for k, v in args.items() if v is not None}:
-        base["preset"] = "cpu"
+    if stored.get("preset") == "cpu":
+        base["preset"] = "cpu"                              # a --preset flag still overrides it, below
     cfg = resolve_config({**base, **{k: v for k, v in args.items() if v is not None}})
     sd, _ = _state_dict_of(ck)
     heads = [v for k, (_, v) in sd.items() if k.endswith(("head.weight", "fc_cls.weight")) and v.dim() == 2]
@@ -1516,13 +1524,6 @@ def predict_main(argv) -> list:
     if failed:
         raise SystemExit(1)                       # every readable video was still predicted
     return out
-
-
-def _fail(tool: str, e: Exception) -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    print(f"finetune.py {tool}: error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(2) from None
 
 
 # -----------------------------------------------------------------------------

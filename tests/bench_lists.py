@@ -82,15 +82,8 @@ def load_module(version: str, ref: str, tmp: Path):
     if version == "new":
         import data
         return data
-    import importlib.util
-    src = subprocess.run(["git", "show", f"{ref}:data.py"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    path = tmp / "data_ref.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("data_ref", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["data_ref"] = module                            # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    from bench_decode import load_reference                     # the same import of data.py at `ref`
+    return load_reference(ref, tmp)
 
 
 class Probe:

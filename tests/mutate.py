@@ -46,7 +46,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Test selections: the golden tests first (seconds, and they catch most layout
 # mistakes), then the component's own tests. `-x` stops at the first failure.
 
-SLOW = "tests/test_finetune.py::test_short_finetune_on_motion_labels_beats_chance"
 SELECTIONS = {
     "bevt": ["tests/test_golden.py", "tests/test_bevt.py"],
     "swin3d": ["tests/test_golden.py", "tests/test_swin3d.py"],
@@ -55,7 +54,7 @@ SELECTIONS = {
     "data": ["tests/test_golden.py", "tests/test_data.py", "-k",
              "golden or pretrain_clip or crop_and_flip or finetune_val or sampling"],
     "train": ["tests/test_golden.py", "tests/test_train_units.py"],
-    "finetune": ["tests/test_golden.py", "tests/test_finetune.py", "--deselect", SLOW],
+    "finetune": ["tests/test_golden.py", "tests/test_finetune.py"],
 }
 
 
