@@ -119,7 +119,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from masking import (KEY_ORDER, KEY_PIXELS, KEY_REPLACE, MaskGenerator, derive_seed, find_mask_generators,
                      sample_seed)
@@ -1494,24 +1494,27 @@ class _RobustDataset(Dataset):
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def _sample_streams(self, index: int, attempt: int):
+    def _sample_streams(self, seed: int, epoch: int, index: int, attempt: int):
         """Within: torch's CPU generator and the masks draw from the streams of (seed, epoch, index, attempt)."""
         if self._mask_gens is None:
             self._mask_gens = find_mask_generators(getattr(self, "transform", None))
         with torch.random.fork_rng(devices=[]):                  # restores the caller's CPU stream after
             # Only the CPU generator (torch.manual_seed would also reseed the GPUs, the trainer's).
-            torch.default_generator.manual_seed(sample_seed(self.seed, KEY_PIXELS, self.epoch, index, attempt))
+            torch.default_generator.manual_seed(sample_seed(seed, KEY_PIXELS, epoch, index, attempt))
             for g in self._mask_gens:
-                g.reseed_sample(self.epoch, index, attempt)
+                g.reseed_sample(epoch, index, attempt)
             yield
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        """key: (index, seed, epoch) as EpochLoader sends it, or a row index alone (the dataset's
+        own `seed` and `epoch`, for direct use)."""
+        index, seed, epoch = key if isinstance(key, tuple) else (key, self.seed, self.epoch)
         skipped = []
         i, replacements = index, None
         for attempt in range(MAX_REPLACEMENTS):
             if not self._bad[i]:
                 try:
-                    with self._sample_streams(index, attempt):
+                    with self._sample_streams(seed, epoch, index, attempt):
                         out = self.load(i)
                     break
                 except BadMedia as e:
@@ -1520,7 +1523,7 @@ class _RobustDataset(Dataset):
                         self._reasons[i] = e.reason
             skipped.append(f"{self.samples.path(i)}\t{self._reasons.get(i, 'known bad (reason not kept)')}")
             if replacements is None:                             # drawn only once a file has failed
-                rng = np.random.default_rng(sample_seed(self.seed, KEY_REPLACE, self.epoch, index))
+                rng = np.random.default_rng(sample_seed(seed, KEY_REPLACE, epoch, index))
                 replacements = rng.integers(len(self.samples), size=MAX_REPLACEMENTS)
             i = int(replacements[attempt])
         else:
@@ -1652,6 +1655,22 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 yield rows[m].tolist()
 
 
+class _KeyedBatches(Sampler):
+    """A batch sampler's batches of row indices -> batches of sample keys (index, seed, epoch),
+    with the owner's (EpochLoader's) seed and epoch when an epoch's iteration starts."""
+
+    def __init__(self, batches, owner):
+        self.batches, self.owner = batches, owner
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        seed, epoch = self.owner.seed, self.owner.epoch
+        for batch in self.batches:
+            yield [(i, seed, epoch) for i in batch]
+
+
 class EpochLoader:
     """A DataLoader with `set_epoch`, yielding dicts.
 
@@ -1675,22 +1694,25 @@ class EpochLoader:
         self.dataset, self.name, self.rank, self.seed = dataset, name, rank, seed
         self.verbose = (rank == 0) if verbose is None else verbose
         self.report = report
-        pin = torch.cuda.is_available()
         if drop_last:
             self.sampler = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world_size, seed, shuffle)
             if self.sampler.steps == 0:
                 raise ValueError(f"{name}: {len(dataset)} samples give no global batch of {self.sampler.global_batch} "
                                  f"({world_size} process(es) x {batch_size} x accumulation {accum}); use a smaller "
                                  f"batch or more data")
-            self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=pin)
+            batches = self.sampler
         else:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                               seed=seed, drop_last=False)
-            self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                     drop_last=False, pin_memory=pin)
-            if len(self.loader) == 0:
+            batches = BatchSampler(self.sampler, batch_size, drop_last=False)
+            if len(batches) == 0:
                 raise ValueError(f"{name}: {len(dataset)} samples give no batch of {batch_size} per rank over "
                                  f"{world_size} rank(s); use a smaller batch or more data")
+        # Workers live as long as the loader (persistent): restarting them every
+        # epoch cost ~1 s each time on the CPU demo. They keep their own copy of
+        # the dataset, so each index travels with its key (index, seed, epoch).
+        self.loader = DataLoader(dataset, batch_sampler=_KeyedBatches(batches, self), num_workers=num_workers,
+                                 pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
         self.skipped, self.skipped_total = 0, 0
         self.set_epoch(0)
 
@@ -1713,7 +1735,7 @@ class EpochLoader:
             raise ValueError("an evaluation loader (drop_last=False) starts its epochs at 0")
         else:
             self.sampler.set_epoch(epoch)
-        self.dataset.seed, self.dataset.epoch = self.seed, epoch    # the key of every sample's streams
+        self.dataset.seed, self.dataset.epoch = self.seed, epoch    # for direct indexing; batches carry their keys
         # The workers' own seeds come from this generator when an epoch's iterator starts.
         # Nothing in a sample draws from them any more (see _RobustDataset), but a generator
         # of its own keeps the DataLoader from drawing them from the trainer's torch stream.
@@ -1986,19 +2008,23 @@ def shuffle_frames(video: torch.Tensor, generator: Optional[torch.Generator] = N
 # The synthetic data set: appearance labels vs labels that need time
 #
 # Each video is a smooth, weakly tinted grey texture with one saturated object
-# (3 shapes x 6 colours). The whole scene drifts in one of 4 directions: the
+# (3 shapes x 6 colours). The whole scene drifts right or left: the
 # background pans at 1-2 px per frame and the object moves, faster (2-3.5 px
 # per frame), the same way. Both live on a torus (the texture is periodic and
-# the object wraps around the edges). Every video carries two labels, drawn
-# independently:
-#   appearance (6 classes, the object's colour; its shape is a nuisance): one
-#     frame tells it (a K400 stand-in);
-#   motion (4 classes, the direction): one frame cannot, because the start
-#     position of the object and the texture phase are uniform, so at every
-#     time step a frame has the same law whatever the direction; reversing or
-#     shuffling the frames destroys it (an SSv2/Diving48 stand-in, paper
-#     Table 2). Flipping a clip left-right swaps "left" and "right": use
-#     flip=0 for motion labels, as SSv2 does.
+# the object wraps around the edges). Every video carries two labels,
+# independent of each other:
+#   appearance (6 classes, the object's colour, drawn at random; its shape is
+#     a nuisance): one frame tells it (a K400 stand-in);
+#   motion (2 classes, right or left; even-numbered videos move right and odd
+#     ones left, so every split is balanced and the majority class is chance):
+#     only the order of the frames tells it (an SSv2 stand-in: SSv2 has such
+#     pairs, e.g. "pushing something from left to right" and "... from right
+#     to left"). One frame cannot, because the start position of the object
+#     and the texture phase are uniform, so at every time step a frame has the
+#     same law whatever the direction; and a shuffled clip moving right has
+#     the same law as a shuffled clip moving left, so shuffling destroys the
+#     label completely (paper Table 2). Flipping a clip left-right swaps the
+#     two classes: use flip=0 for motion labels, as SSv2 does.
 # Images are single frames of the same kind of scene, in a folder tree by
 # appearance class, for the image stream and for fitting the offline tokenizer.
 #
@@ -2009,7 +2035,14 @@ def shuffle_frames(video: torch.Tensor, generator: Optional[torch.Generator] = N
 # the tokens). Colour on a 18-26 px object, and a drift every token sees, are
 # learnt in a few hundred steps (README, "Finetuning"), which the 10-minute
 # CPU demo can afford.
-SYNTHETIC_VERSION = 2
+# Why two directions (version 3): version 2 had four (right, left, down, up).
+# A shuffled clip still shows its axis (the frames' positions spread along x
+# or along y), so shuffled frames told "right or left" from "down or up" and a
+# model could score 50% on them with no temporal order at all (seeds of the
+# demo gave 33-45% against a 25% chance). Any set of straight motions has that
+# leak unless all of them share one axis; with one axis, the only classes that
+# shuffling cannot separate are a motion and its reverse.
+SYNTHETIC_VERSION = 3
 SYN_FRAMES = 32                       # frames per video (2 s at 16 fps)
 SYN_HEIGHT, SYN_WIDTH = 128, 160      # short side 128: the CPU demo rescales to [128, 160] and crops 112
 SYN_FPS = 16
@@ -2026,8 +2059,8 @@ SHAPES = ("circle", "square", "triangle")
 COLOURS = {"blue": (40, 80, 225), "cyan": (40, 205, 220), "green": (40, 185, 60),
            "magenta": (215, 50, 200), "red": (220, 45, 40), "yellow": (235, 210, 40)}   # saturation >= 145
 APPEARANCE_CLASSES = tuple(sorted(COLOURS))                                          # sorted = label order
-MOTION_CLASSES = ("right", "left", "down", "up")
-MOTION_VECTORS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}   # (dx, dy), y down
+MOTION_CLASSES = ("right", "left")
+MOTION_VECTORS = {"right": (1, 0), "left": (-1, 0)}                 # (dx, dy) per unit of speed
 RADIUS_FRAC = (0.14, 0.20)            # object radius as a fraction of the frame height (18-26 px at 128)
 SPEED_FRAC = (0.0125, 0.022)          # object: pixels per frame as a fraction of the width (2-3.5 px at 160)
 PAN_FRAC = (0.006, 0.0125)            # background: pixels per frame as a fraction of the width (1-2 px at 160)
@@ -2039,7 +2072,7 @@ def _syn_params(seed: int, split: str, k: int, height: int, width: int) -> dict:
     rng = np.random.default_rng([seed, {"train": 0, "val": 1, "img-train": 2, "img-val": 3}[split], k])
     return {
         "shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
-        "direction": int(rng.integers(len(MOTION_CLASSES))),
+        "direction": k % len(MOTION_CLASSES),                           # balanced splits
         "radius": rng.uniform(*RADIUS_FRAC) * height, "speed": rng.uniform(*SPEED_FRAC) * width,
         "pan": rng.uniform(*PAN_FRAC) * width,
         "x0": rng.uniform(0, width), "y0": rng.uniform(0, height),
