@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 import swin3d
 from swin3d import SwinConfig, SwinTransformer3D
+from tokenizer import VOCAB_SIZE   # 8192 DALL-E codes (appendix A): the token head predicts one of them
 
-VOCAB_SIZE = 8192          # DALL-E dVAE codebook (§3 "Tokenizer"; paper §3 "Tokenizer")
 LAMBDA = 1.0               # eq. 5, "the loss weight λ is simply set to 1" (§4.1)
 
 
@@ -105,13 +105,6 @@ def target_mask(mask: torch.Tensor, frames: int, temporal_patch: int = 2) -> tor
     """Video input mask (B, T/2, h, w) -> target mask (B, T, h, w): repeated x2 in time (paper §3 "Mask strategy"),
     cropped to the number of frames (odd T is padded by the patch embedding)."""
     return mask.repeat_interleave(temporal_patch, dim=1)[:, :frames]
-
-
-class LoadReport(NamedTuple):
-    """What a checkpoint load did: `missing` = our keys it did not provide,
-    `unused` = its keys (original names) that were not loaded."""
-    missing: list
-    unused: list
 
 
 # Released key (after `module.`/`backbone.`/`cls_head.` handling) -> our module.
@@ -224,7 +217,7 @@ class BEVT(nn.Module):
         return {"encoder." + n for n in self.encoder.no_weight_decay()}
 
     # -- checkpoints in the released layout
-    def load_released(self, checkpoint, strict: bool = False) -> LoadReport:
+    def load_released(self, checkpoint, strict: bool = False) -> swin3d.LoadReport:
         """Load a released BEVT checkpoint (path or dict) and report exactly what was not used.
 
         Accepts `{'state_dict': ...}`, `{'model': ...}` or a bare state dict, with
@@ -244,7 +237,7 @@ class BEVT(nn.Module):
                 sd = sd[k]
                 break
         ours = self.state_dict()
-        mapped, unused = {}, []
+        mapped, unused, rederived = {}, [], []
         # torchvision's swin3d_t/s/b (features.* layout): renamed to the encoder's keys; its `head` is a
         # Kinetics-400 classifier, not the token head, so it is reported unused.
         torchvision = swin3d.is_torchvision_layout(swin3d.unwrap_key(k) for k in sd)
@@ -258,7 +251,8 @@ class BEVT(nn.Module):
                         k = new + k[len(old):]
                         break
             if k.endswith("relative_position_index") and k in ours:
-                continue                      # consumed, but re-derived rather than loaded
+                rederived.append(key)         # consumed, but re-derived rather than loaded
+                continue
             if k not in ours:
                 unused.append(key)
                 continue
@@ -268,7 +262,8 @@ class BEVT(nn.Module):
         missing = sorted(result.missing_keys)
         if strict and (missing or unused):
             raise ValueError(f"checkpoint does not match: missing {missing}, unused {unused}")
-        return LoadReport(missing, sorted(unused))
+        kind = "torchvision swin3d (encoder only)" if torchvision else "BEVT pretraining (released or train.py layout)"
+        return swin3d.LoadReport(kind, sorted(mapped), missing, sorted(unused), sorted(rederived))
 
 
 # -----------------------------------------------------------------------------

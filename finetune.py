@@ -75,11 +75,11 @@ import torch.nn.functional as F
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (DIST_TIMEOUT_MIN, PRECISIONS, USER_ERRORS, EpochStream, Parser, StepLog, add_dataclass_flags, all_gather_rows,
-                   all_rng_states, batch_record, check_ranges, claim_run_dir, clip_gradients, load_for_resume, lr_at,
-                   param_groups, precision_note, resolve_precision, resume_accumulation, resume_position, resume_rng,
-                   save_checkpoint, save_curves, saved_batch, seed_everything, setup_distributed, start_log, wrap_ddp,
-                   write_atomic)
+from train import (DIST_TIMEOUT_MIN, PRECISIONS, USER_ERRORS, EpochStream, Parser, Runtime, StepLog, add_dataclass_flags,
+                   all_gather_rows, all_rng_states, batch_record, check_ranges, claim_run_dir, clip_gradients,
+                   load_for_resume, lr_at, param_groups, precision_note, resolve_precision, resume_accumulation,
+                   resume_position, resume_rng, save_checkpoint, save_curves, saved_batch, seed_everything,
+                   setup_distributed, start_log, unwrap, wrap_ddp, write_atomic)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -187,11 +187,14 @@ RECIPE_CLASSES = {"k400": 400, "ssv2": 174, "diving48": 48}
 # Frames: 8 with interval 4, i.e. the whole 32-frame synthetic video, in which
 # the object moves 8-14 px between sampled frames, more than a 4-px patch. With
 # interval 2 the step at which the loss leaves ln(4) varied so much that one
-# seed in three never got there in 500 steps (README, "Finetuning").
+# seed in three never got there in 500 steps (README, "Finetuning"). (Those
+# measurements were on version 2 of the synthetic set, with 4 directions.)
+# Workers: 2 loading processes beside the step ran 1.2x faster than 1 on the
+# 2-core CPU (150 steps, one run); a sample does not depend on the worker count.
 CPU_PRESET = dict(
     model="cpu", sampling="dense", frames=8, interval=4, crop=112, short_side=128, test_short_side=112,
     test_clips=1, test_crops=3, rrc_scale=(0.5, 1.0), randaug_n=0, erase=0.0, batch_size=8, eval_batch_size=8,
-    global_batch=8, workers=1, window=(8, 7, 7), drop_path=0.0, dropout=0.0, epochs=20, warmup_epochs=1.0,
+    global_batch=8, workers=2, window=(8, 7, 7), drop_path=0.0, dropout=0.0, epochs=20, warmup_epochs=1.0,
     lr=1e-3, weight_decay=0.05, layer_decay=1.0, backbone_lr_mult=1.0, label_smoothing=0.0, ema=0.99,
     clip_grad=5.0, eval_mode="normal,single-frame,shuffle", log_every=5, ckpt_every=50)
 CPU_INIT = "runs/bevt/joint/final.pt"     # train.py's CPU demo output (default --out runs/bevt)
@@ -386,19 +389,6 @@ class EMA:
 # Loading any pretrained encoder (paper §4.1-4.2; the released checkpoint layout)
 
 
-class LoadReport(NamedTuple):
-    """kind: what the checkpoint was detected as; loaded: our keys that were set;
-    missing: our keys it did not provide; unused: its keys (original names) not used;
-    rederived: index / attention-mask buffers it carried, recomputed rather than loaded;
-    window: (checkpoint window, model window) if the relative tables were resized, else None."""
-    kind: str
-    loaded: list
-    missing: list
-    unused: list
-    rederived: list
-    window: Optional[tuple]
-
-
 def _state_dict_of(checkpoint) -> tuple[dict, dict]:
     """(flat state dict, outer dict) of a path / dict; `module.` / `_orig_mod.` stripped."""
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
@@ -453,7 +443,7 @@ def _check_encoder_shape(enc: dict, config: swin3d.SwinConfig, model_name: str) 
                          f"--model {model_name} has embed_dim={want[0]}, depths={want[1]}, heads={want[2]}")
 
 
-def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -> LoadReport:
+def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -> swin3d.LoadReport:
     """Load the encoder (and a classifier head of the right size) from any supported checkpoint.
 
     Returns a LoadReport; raises a one-line ValueError on an encoder of another
@@ -520,25 +510,8 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
             unused.append(orig)                             # e.g. a K400 head (400 classes) for SSv2
     result = model.load_state_dict(mapped, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    return LoadReport(kind, sorted(mapped), sorted(result.missing_keys), sorted(unused), sorted(rederived), window)
-
-
-def describe(report: LoadReport, path: str) -> str:
-    def short(keys, n=6):
-        return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
-    lines = [f"init from {path}: {report.kind}; {len(report.loaded)} tensors loaded"]
-    if report.window:
-        lines.append(f"  window {report.window[0]} -> {report.window[1]}: relative tables trilinearly resized")
-    lines.append(f"  missing ({len(report.missing)}, trained from scratch): {short(report.missing)}")
-    groups = {}
-    for k in report.unused:
-        g = ".".join(k.split(".")[:2])
-        groups[g] = groups.get(g, 0) + 1
-    lines.append(f"  unused ({len(report.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in sorted(groups.items()))
-                                                       or "none"))
-    if report.rederived:
-        lines.append(f"  re-derived, not loaded: {len(report.rederived)} index/mask buffers")
-    return "\n".join(lines)
+    return swin3d.LoadReport(kind, sorted(mapped), sorted(result.missing_keys), sorted(unused), sorted(rederived),
+                             window)
 
 
 # -----------------------------------------------------------------------------
@@ -578,7 +551,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classe
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device, mode: str, seed: int, bf16: bool, rank: int = 0,
+def predict(model: nn.Module, loader, mode: str, seed: int, rt: Runtime,
             progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run a val/test loader once over this process's shard: probs (n, K), labels (n,), sample index (n,)."""
     model.eval()
@@ -591,13 +564,13 @@ def predict(model: nn.Module, loader, device, mode: str, seed: int, bf16: bool, 
     for batch in it:
         video = temporal_probe(batch["video"], mode, gen)
         views = video.shape[1] if video.dim() == 6 else 1
-        flat = video.reshape(-1, *video.shape[-4:]).to(device, non_blocking=True)   # (B·V, 3, T, H, W)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        flat = video.reshape(-1, *video.shape[-4:]).to(rt.device, non_blocking=True)   # (B·V, 3, T, H, W)
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
             logits = model(flat)
         probs.append(average_views(logits, views))                  # (B, K), left on the device
         labels.append(batch["label"])
         index.append(batch["index"])
-    return torch.cat(probs), torch.cat(labels).to(device), torch.cat(index).to(device)
+    return torch.cat(probs), torch.cat(labels).to(rt.device), torch.cat(index).to(rt.device)
 
 
 def gather_predictions(probs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
@@ -643,14 +616,13 @@ def save_confusion_png(conf, path: str, classes: Optional[list] = None, title: s
     img.save(path)
 
 
-def evaluate(model: nn.Module, loader, device, modes: tuple, seed: int, bf16: bool, ddp: bool, rank: int,
-             num_classes: int) -> dict:
+def evaluate(model: nn.Module, loader, modes: tuple, seed: int, rt: Runtime, num_classes: int) -> dict:
     """mode -> metrics over the whole (deduplicated) evaluation set, on every rank."""
     out = {}
     for mode in modes:
         loader.set_epoch(0)
-        probs, labels, index = predict(model, loader, device, mode, seed, bf16, rank, progress=rank == 0)
-        p, y = gather_predictions(probs, labels, index, ddp)
+        probs, labels, index = predict(model, loader, mode, seed, rt, progress=rt.rank == 0)
+        p, y = gather_predictions(probs, labels, index, rt.ddp)
         out[mode] = classification_metrics(p, y, num_classes)
     return out
 
@@ -721,7 +693,7 @@ def resolve_tasks(cfg: FinetuneConfig, rank: int) -> list:
 # Training
 
 
-def train_step(model, raw, batches: list, device, ddp: bool, bf16: bool, clip_grad: float, smoothing: float):
+def train_step(model, batches: list, rt: Runtime, clip_grad: float, smoothing: float):
     """Forward/backward over the micro-batches of one optimizer step, then clip.
 
     As train.train_step: gradients are all-reduced only on the last micro-step
@@ -732,11 +704,11 @@ def train_step(model, raw, batches: list, device, ddp: bool, bf16: bool, clip_gr
     """
     accum, loss_sum, acc_sum = len(batches), 0.0, 0.0
     for k, batch in enumerate(batches):
-        video = batch["video"].to(device, non_blocking=True)          # (B, 3, T, H, W)
-        label = batch["label"].to(device, non_blocking=True)          # (B,)
-        ctx = model.no_sync() if ddp and k < accum - 1 else contextlib.nullcontext()
+        video = batch["video"].to(rt.device, non_blocking=True)       # (B, 3, T, H, W)
+        label = batch["label"].to(rt.device, non_blocking=True)       # (B,)
+        ctx = model.no_sync() if rt.ddp and k < accum - 1 else contextlib.nullcontext()
         with ctx:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
                 logits = model(video)
             # Label smoothing (SSv2 recipe, 0.1): the released LabelSmoothing blending is
             # y·(1 − ε) + ε/K, which is exactly F.cross_entropy's label_smoothing.
@@ -744,7 +716,7 @@ def train_step(model, raw, batches: list, device, ddp: bool, bf16: bool, clip_gr
             (loss / accum).backward()
         loss_sum = loss_sum + loss.detach() / accum
         acc_sum = acc_sum + (logits.argmax(-1) == label).float().mean() / accum
-    gnorm = clip_gradients(list(raw.parameters()), clip_grad)        # clip_grad 0: SSv2, norm only logged
+    gnorm = clip_gradients(list(model.parameters()), clip_grad)      # clip_grad 0: SSv2, norm only logged
     return loss_sum, acc_sum, gnorm
 
 
@@ -759,20 +731,20 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> VideoClassifier:
     return VideoClassifier(swin, num_classes, cfg.dropout)
 
 
-def run_task(cfg: FinetuneConfig, task: Task, ddp: bool, rank: int, world: int, device) -> dict:
+def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime) -> dict:
     """Finetune (unless --eval-only) and evaluate one label set; returns {'model': metrics, 'ema': metrics}."""
-    seed_everything(cfg.seed + rank)                              # seed = base + rank
+    seed_everything(cfg.seed + rt.rank)                           # seed = base + rank
     out_dir = os.path.join(cfg.out, task.name)
-    lock, resume = claim_run_dir(out_dir, cfg, rank, ddp)
+    lock, resume = claim_run_dir(out_dir, cfg, rt.rank, rt.ddp)
     try:
-        return _run_task(cfg, task, ddp, rank, world, device, out_dir, resume)
+        return _run_task(cfg, task, rt, out_dir, resume)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_task(cfg, task, ddp, rank, world, device, out_dir, resume) -> dict:
-    bf16 = resolve_precision(cfg.precision, device)
+def _run_task(cfg: FinetuneConfig, task: Task, rt: Runtime, out_dir: str, resume: Optional[str]) -> dict:
+    ddp, rank, world, device, bf16 = rt
     modes = parse_eval_modes(cfg.eval_mode)
     dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
     check_classes(task.val_list, task.root, task.num_classes, train=False)
@@ -788,7 +760,7 @@ def _run_task(cfg, task, ddp, rank, world, device, out_dir, resume) -> dict:
                              "--preset cpu --stage image && python train.py --preset cpu --stage joint, or pass "
                              "--init scratch)" if init == CPU_INIT else ""))
         report = load_pretrained(raw, init, cfg.model)
-        log(rank, describe(report, init))
+        log(rank, report.describe(init))
     else:
         log(rank, "init: scratch (random weights)")
     raw.to(device)
@@ -807,13 +779,12 @@ def _run_task(cfg, task, ddp, rank, world, device, out_dir, resume) -> dict:
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     step = 0
     if not cfg.eval_only:
-        step = train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_dir, metrics_path, resume)
+        step = train(cfg, task, model, ema, rt, out_dir, resume)
 
     # --- evaluation: the model and, alongside, its EMA
-    results = {"model": evaluate(model, val_loader, device, modes, cfg.seed + 1, bf16, ddp, rank, task.num_classes)}
+    results = {"model": evaluate(model, val_loader, modes, cfg.seed + 1, rt, task.num_classes)}
     if ema is not None:
-        results["ema"] = evaluate(ema.module, val_loader, device, modes, cfg.seed + 1, bf16, ddp, rank,
-                                  task.num_classes)
+        results["ema"] = evaluate(ema.module, val_loader, modes, cfg.seed + 1, rt, task.num_classes)
     if rank == 0:
         views = f"{cfg.test_clips} clips x {cfg.test_crops} crops" if split == "test" else "1 centre clip"
         for which, res in results.items():
@@ -832,8 +803,14 @@ def _run_task(cfg, task, ddp, rank, world, device, out_dir, resume) -> dict:
     return results
 
 
-def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_dir, metrics_path, resume) -> int:
-    """The finetuning loop (train.py's structure: accumulation, schedule, resume, tqdm, JSONL, non-finite stop)."""
+def train(cfg: FinetuneConfig, task: Task, model: nn.Module, ema: Optional[EMA], rt: Runtime, out_dir: str,
+          resume: Optional[str]) -> int:
+    """The finetuning loop (train.py's structure: accumulation, schedule, resume, tqdm, JSONL, non-finite stop).
+    `model` may be compiled and DDP-wrapped; checkpoints and the EMA read the module under the wrappers."""
+    ddp, rank, world, device, bf16 = rt
+    raw = unwrap(model)
+    dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
     # Batch: as train.py, a resumed run keeps its checkpoint's effective batch on any number of processes.
     def derived_accum(c: dict, w: int) -> int:       # the accumulation of config c on w processes
         return c.get("accum_steps") or max(1, c["global_batch"] // (c["batch_size"] * w))
@@ -880,7 +857,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
     if rank == 0:
         start_log(out_dir, cfg, step if ck is not None else None)
 
-    steplog = StepLog(metrics_path if rank == 0 else None, ddp, device)
+    steplog = StepLog(metrics_path if rank == 0 else None, rt)
     stream = EpochStream(loader, epoch, epoch_step)
     if ck is not None:
         resume_rng(ck, saved, cfg.seed, rank, world, step, lambda m: log(rank, m))
@@ -896,7 +873,7 @@ def train(cfg, task, dcfg, raw, model, ema, ddp, rank, world, device, bf16, out_
         for g in opt.param_groups:
             g["lr"] = cur_lr * g["lr_scale"]
         batches = stream.take(accum)
-        loss, acc, gnorm = train_step(model, raw, batches, device, ddp, bf16, cfg.clip_grad, cfg.label_smoothing)
+        loss, acc, gnorm = train_step(model, batches, rt, cfg.clip_grad, cfg.label_smoothing)
         seen += sum(len(b["video"]) for b in batches)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -968,11 +945,12 @@ def main(argv=None) -> dict:
     if argv and argv[0] in TOOLS:                             # the subcommands at the end of this file
         return TOOLS[argv[0]](argv[1:])
     cfg = parse_args(argv)
-    ddp, rank, world, device = setup_distributed(cfg.dist_timeout)
+    rt = setup_distributed(cfg.dist_timeout, cfg.precision)
+    rank = rt.rank
     t0 = time.time()
     try:
         tasks = resolve_tasks(cfg, rank)
-        results = {t.name: run_task(cfg, t, ddp, rank, world, device) for t in tasks}
+        results = {t.name: run_task(cfg, t, rt) for t in tasks}
     except USER_ERRORS as e:
         _fail("", e)                                          # bad input: one line naming the mismatch, exit 2
     if rank == 0:
@@ -982,7 +960,7 @@ def main(argv=None) -> dict:
                       f"set(s), {time.time() - t0:.0f} s in all (paper: K400 80.6 / 65.3 / 77.8, SSv2 66.3 / 6.3 "
                       f"/ 19.0)")
                 print(table2(results, which))
-    if ddp:
+    if rt.ddp:
         dist.destroy_process_group()
     return results
 
@@ -1085,14 +1063,13 @@ def frozen_encoder(cfg: FinetuneConfig, log_fn=print) -> VideoClassifier:
     """The encoder of --init (any kind load_pretrained reads), frozen: eval mode, no gradients."""
     model = build_model(cfg, num_classes=1)                  # the head is never used for features
     if cfg.init and cfg.init != "scratch":
-        log_fn(describe(load_pretrained(model, cfg.init, cfg.model), cfg.init))
+        log_fn(load_pretrained(model, cfg.init, cfg.model).describe(cfg.init))
     else:
         log_fn("init: scratch (random weights)")
     return model.eval().requires_grad_(False)
 
 
-def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, ddp: bool = False, rank: int = 0, world: int = 1,
-                     device=torch.device("cpu"), progress: bool = True) -> dict:
+def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, progress: bool = True) -> dict:
     """Features of every video of xcfg.list into cfg.out; returns meta.json's contents.
 
     Writes features.npy (rows, 8C) float32, index.tsv (row, path, label, views,
@@ -1113,6 +1090,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, ddp: bool = False
                          f"{xcfg.stride}, {xcfg.chunk}")
     if xcfg.clip_len and xcfg.views != "centre":
         raise ValueError("--clip-len (sliding windows) takes centre-crop views; drop --views test")
+    ddp, rank, world, device, bf16 = rt
     log_fn = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
     settings = feature_settings(cfg, xcfg)
     key = hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=8).hexdigest()
@@ -1150,7 +1128,6 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, ddp: bool = False
     else:
         sampling = data.FrameSampling(cfg.frames, interval, cfg.sampling, num_clips=cfg.test_clips, test_mode=True)
         transform = data.FinetuneClipTransform("test", cfg.crop, cfg.short_side, cfg.test_short_side, cfg.test_crops)
-    bf16 = resolve_precision(cfg.precision, device)
     model = frozen_encoder(cfg, log_fn).to(device)
     chunks = [rows[k:k + xcfg.chunk] for k in range(0, len(rows), xcfg.chunk)]
     mine = [k for k in range(len(chunks)) if k % world == rank
@@ -1173,7 +1150,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, ddp: bool = False
             def run_pending():
                 """The views of the waiting videos, in batches of --eval-batch-size across videos."""
                 views = torch.cat([s["video"] for s in pending])                   # (sum V, 3, T, c, c)
-                f = torch.cat([_pooled(model, views[i:i + cfg.eval_batch_size], device, bf16)
+                f = torch.cat([_pooled(model, views[i:i + cfg.eval_batch_size], rt)
                                for i in range(0, len(views), cfg.eval_batch_size)])   # (sum V, 8C)
                 for s, fv in zip(pending, f.split([len(s["video"]) for s in pending])):
                     if xcfg.clip_len:                                             # one row per window
@@ -1221,10 +1198,10 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, ddp: bool = False
         return json.load(f)
 
 
-def _pooled(model: VideoClassifier, video: torch.Tensor, device, bf16: bool) -> torch.Tensor:
+def _pooled(model: VideoClassifier, video: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """(n, 3, T, c, c) -> (n, 8C) float32 on the CPU: the pooled final-normed F4."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return model.features(video.to(device, non_blocking=True)).float().cpu()
+    with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
+        return model.features(video.to(rt.device, non_blocking=True)).float().cpu()
 
 
 def _merge_parts(cfg, xcfg, settings, key, rows, labels, n_chunks, parts_dir, seconds) -> dict:
@@ -1398,7 +1375,7 @@ def load_classifier(args: dict, log_fn=print) -> tuple[VideoClassifier, Finetune
     if not num_classes or "head.weight" not in report.loaded:
         raise ValueError(f"--init {init} holds no classifier head ({report.kind}); predict needs a finetuned "
                          f"checkpoint")
-    log_fn(describe(report, init))
+    log_fn(report.describe(init))
     classes = ck.get("classes") if isinstance(ck, dict) else None
     return model.eval().requires_grad_(False), cfg, classes
 
@@ -1447,14 +1424,14 @@ def extract_main(argv) -> dict:
         cfg = resolve_config(args)
     except ValueError as e:
         ap.error(str(e))
-    ddp, rank, world, device = setup_distributed(cfg.dist_timeout)
+    rt = setup_distributed(cfg.dist_timeout, cfg.precision)
     try:
-        if rank == 0:
+        if rt.rank == 0:
             os.makedirs(cfg.out, exist_ok=True)
-        meta = extract_features(cfg, xcfg, ddp, rank, world, device)
+        meta = extract_features(cfg, xcfg, rt)
     except USER_ERRORS as e:
         _fail("extract", e)
-    if ddp:
+    if rt.ddp:
         dist.destroy_process_group()
     return meta
 
@@ -1491,6 +1468,9 @@ def predict_main(argv) -> list:
     quiet = pcfg.json
     try:
         model, cfg, classes = load_classifier(args, log_fn=(lambda m: print(m, file=sys.stderr)) if quiet else print)
+        if classes and len(classes) != model.num_classes:
+            raise ValueError(f"{args.get('init')} names {len(classes)} classes but its head has {model.num_classes}; "
+                             f"pass --classes names.txt")
         if pcfg.classes:
             with open(pcfg.classes) as f:
                 classes = [line.strip() for line in f if line.strip()]
@@ -1584,8 +1564,8 @@ def tables_recipe() -> dict:
     """The recipe every cell depends on: both CPU presets and the pretraining stages' epochs."""
     import train
     norm = lambda d: json.loads(json.dumps(d))                   # tuples -> lists, as stored in JSON
-    return {"train": norm(train.CPU_PRESET), "stage_epochs": norm(train.CPU_STAGE_EPOCHS),
-            "finetune": norm(CPU_PRESET)}
+    return {"synthetic_version": data.SYNTHETIC_VERSION, "train": norm(train.CPU_PRESET),
+            "stage_epochs": norm(train.CPU_STAGE_EPOCHS), "finetune": norm(CPU_PRESET)}
 
 
 def _pretrainings(row: str) -> list:

@@ -798,6 +798,41 @@ def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
 # (paper §4.1-4.2; the released checkpoint layout)
 
 
+class LoadReport(NamedTuple):
+    """What loading a checkpoint did (BEVT.load_released, finetune.load_pretrained).
+
+    kind: what the checkpoint was detected as; loaded: our keys that were set;
+    missing: our keys it did not provide; unused: its keys (original names)
+    that were not used; rederived: index / attention-mask buffers it carried,
+    recomputed rather than loaded; window: (checkpoint window, model window) if
+    the relative tables were resized, else None.
+    """
+    kind: str
+    loaded: list
+    missing: list
+    unused: list
+    rederived: list
+    window: Optional[tuple] = None
+
+    def describe(self, path) -> str:
+        """A few lines for the log: what was loaded from `path`, what was not, grouped by module."""
+        def short(keys, n=6):
+            return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
+        lines = [f"init from {path}: {self.kind}; {len(self.loaded)} tensors loaded"]
+        if self.window:
+            lines.append(f"  window {self.window[0]} -> {self.window[1]}: relative tables trilinearly resized")
+        lines.append(f"  missing ({len(self.missing)}, trained from scratch): {short(self.missing)}")
+        groups = {}
+        for k in self.unused:
+            g = ".".join(k.split(".")[:2])
+            groups[g] = groups.get(g, 0) + 1
+        lines.append(f"  unused ({len(self.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in sorted(groups.items()))
+                                                         or "none"))
+        if self.rederived:
+            lines.append(f"  re-derived, not loaded: {len(self.rederived)} index/mask buffers")
+        return "\n".join(lines)
+
+
 def load_file(path) -> object:
     """torch.load of a checkpoint file with weights_only=True (tensors and plain containers, no code).
 

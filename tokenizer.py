@@ -172,6 +172,13 @@ def lanczos_resize(x: torch.Tensor, size: tuple[int, int], kind: str = "pil") ->
     return x.clamp(0.0, 1.0)
 
 
+def half_copy(x: torch.Tensor, kind: str = "pil") -> torch.Tensor:
+    """(..., H, W) floats in [0, 1] -> (..., H/2, W/2): the copy of a crop the tokenizer reads
+    (§3 "Tokenizer": a 224² crop is tokenized at 112²). data.py makes it in the loader
+    (data.tokenizer_copy), `Tokenizer.tokenize` here; both through this function."""
+    return lanczos_resize(x, (x.shape[-2] // DOWNSAMPLE, x.shape[-1] // DOWNSAMPLE), kind)
+
+
 def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
     """DALL-E's input map: [0, 1] -> [ε, 1-ε] (the dVAE's logit-Laplace range)."""
     return (1 - 2 * eps) * x + eps
@@ -507,28 +514,21 @@ class Tokenizer(nn.Module):
         # .train()) asks, as the released head's train() override does.
         return super().train(False)
 
-    @torch.no_grad()
-    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W) floats in [0, 1] -> codes (N, H/16, W/16) int64,
-        on the tokenizer's device. Never builds an autograd graph."""
-        _check_images(images)
-        x = images.to(self.device, torch.float32)
-        H, W = x.shape[-2:]
-        # fp32 even inside a bf16/fp16 autocast region of the training step (paper §3 "Tokenizer").
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x_half = lanczos_resize(x, (H // DOWNSAMPLE, W // DOWNSAMPLE), self.resample)   # (N, 3, H/2, W/2)
-            codes = self.codes_from_half(x_half)                                         # (N, H/16, W/16)
-        return codes
+    # The one path from pixels to targets: crop -> half_copy (in the data loader:
+    # data.tokenizer_copy, shipped as uint8) -> codes_of_copy (in the training
+    # step: train.model_inputs). `tokenize` / `tokenize_clip` run both halves in
+    # one call, with input checks, for crops you hold yourself.
 
     @torch.no_grad()
-    def codes_of_copy(self, x_half: torch.Tensor) -> torch.Tensor:
+    def codes_of_copy(self, x_half: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
         """The training step's entry: codes of the half-size tokenizer copy the data loader made.
 
         image (N, 3, H/2, W/2) -> (N, H/16, W/16); clip (B, 3, T, H/2, W/2) ->
-        (B, T, H/16, W/16), frame by frame in chunks of `chunk_size`. uint8 (as
-        data.py ships it) or floats in [0, 1]. Nothing here reads a value back
-        to the host (no input checks on values), so it never stalls a GPU step;
-        `tokenize` / `tokenize_clip` are the checked entries for raw crops.
+        (B, T, H/16, W/16), frame by frame (§3: Z_vid in V^{T x H/16 x W/16}) in
+        chunks of `chunk_size` frames per encoder call (memory vs speed; the codes
+        do not depend on it). uint8 (as data.py ships it) or floats in [0, 1].
+        Nothing here reads a value back to the host (no input checks on values),
+        so it never stalls a GPU step.
         """
         x = x_half.to(self.device, non_blocking=True)
         x = x.float().mul_(1.0 / 255.0) if x.dtype == torch.uint8 else x.float()
@@ -536,26 +536,36 @@ class Tokenizer(nn.Module):
         if clip:
             B, _, T, h, w = x.shape
             x = x.transpose(1, 2).reshape(B * T, 3, h, w)                  # (B*T, 3, H/2, W/2), b-major
-        n = self.chunk_size
-        # fp32 whatever the training step's autocast (a bf16/fp16 precision re-enables it inside).
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            codes = torch.cat([self.codes_from_half(x[i:i + n]) for i in range(0, max(len(x), 1), n)])
+        n = chunk_size or self.chunk_size
+        if len(x) == 0:
+            codes = torch.zeros(0, x.shape[-2] // DVAE_PATCH, x.shape[-1] // DVAE_PATCH, dtype=torch.long,
+                                device=self.device)
+        else:
+            # fp32 whatever the training step's autocast (a bf16/fp16 precision re-enables it inside).
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                codes = torch.cat([self.codes_from_half(x[i:i + n]) for i in range(0, len(x), n)])
         return codes.view(B, T, *codes.shape[1:]) if clip else codes      # (B, T, H/16, W/16) | (N, H/16, W/16)
 
     @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) floats in [0, 1] -> codes (N, H/16, W/16) int64,
+        on the tokenizer's device. Never builds an autograd graph."""
+        _check_images(images)
+        x = images.to(self.device, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):     # fp32 Lanczos in any autocast
+            return self.codes_of_copy(half_copy(x, self.resample))        # (N, 3, H/2, W/2) -> (N, H/16, W/16)
+
+    @torch.no_grad()
     def tokenize_clip(self, clips: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
-        """clips (B, 3, T, H, W) -> codes (B, T, H/16, W/16): every frame on its own
-        (§3: Z_vid in V^{T x H/16 x W/16}), `chunk_size` frames per encoder call."""
+        """clips (B, 3, T, H, W) floats in [0, 1] -> codes (B, T, H/16, W/16), every frame on its own."""
         if not isinstance(clips, torch.Tensor) or clips.dim() != 5 or clips.shape[1] != 3:
             shape = tuple(clips.shape) if isinstance(clips, torch.Tensor) else type(clips).__name__
             raise ValueError(f"clips: expected shape (B, 3, T, H, W), got {shape}")
         B, _, T, H, W = clips.shape
-        frames = clips.transpose(1, 2).reshape(B * T, 3, H, W)      # (B*T, 3, H, W), b-major
-        n = chunk_size or self.chunk_size
-        if B * T == 0:
-            return torch.zeros(B, T, H // PATCH, W // PATCH, dtype=torch.long, device=self.device)
-        codes = torch.cat([self.tokenize(frames[i:i + n]) for i in range(0, B * T, n)])
-        return codes.view(B, T, H // PATCH, W // PATCH)               # (B, T, H/16, W/16)
+        _check_images(clips.transpose(1, 2).reshape(B * T, 3, H, W), "clips")   # (B*T, 3, H, W): the same checks
+        x = clips.to(self.device, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.codes_of_copy(half_copy(x, self.resample), chunk_size)   # (B, 3, T, H/2, W/2) -> codes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.tokenize(images)
@@ -755,8 +765,7 @@ class OfflineTokenizer(Tokenizer):
     def quantization_error(self, images: torch.Tensor) -> float:
         """Mean squared error per value between the half-size images and their decoded codes."""
         _check_images(images)
-        x = images.to(self.device, torch.float32)
-        x_half = lanczos_resize(x, (x.shape[-2] // DOWNSAMPLE, x.shape[-1] // DOWNSAMPLE), self.resample)
+        x_half = half_copy(images.to(self.device, torch.float32), self.resample)
         return F.mse_loss(self.decode_half(self.codes_from_half(x_half)), x_half).item()
 
     def save(self, path: PathLike) -> None:
@@ -796,9 +805,7 @@ class OfflineTokenizer(Tokenizer):
 def extract_patches(images: torch.Tensor, resample: str = "pil") -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] -> the offline tokenizer's features (N*H/16*W/16, 192)."""
     _check_images(images)
-    x = images.to(torch.float32)
-    x_half = lanczos_resize(x, (x.shape[-2] // DOWNSAMPLE, x.shape[-1] // DOWNSAMPLE), resample)
-    f = half_patches(x_half)
+    f = half_patches(half_copy(images.to(torch.float32), resample))
     return f.reshape(-1, f.shape[-1])
 
 

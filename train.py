@@ -55,7 +55,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -104,11 +104,11 @@ class TrainConfig:
     image_cycles: int = 5                 # ImageNet cycled 5x per video epoch in the joint stage (paper §4.1)
     workers: int = 8
     mask_strategy: str = "tube"           # masking.STRATEGIES; Table 8
-    mask_ratio: float = 0.5               # §3 "the masking ratio of each masked frame is 0.5"
+    mask_ratio: float = masking.MASK_RATIO  # §3 "the masking ratio of each masked frame is 0.5"
     # --- targets (§3 "Tokenizer")
     tokenizer: str = ""                   # DALL-E encoder.pkl / converted .pt / offline tokenizer file
-    vocab_size: int = 8192                # DALL-E codebook
-    tokenizer_vocab: int = 8192           # offline tokenizer fitted on first use (CPU preset)
+    vocab_size: int = bevt.VOCAB_SIZE     # DALL-E codebook, 8192 (appendix A)
+    tokenizer_vocab: int = bevt.VOCAB_SIZE  # offline tokenizer fitted on first use (CPU preset)
     # --- optimisation (paper §4.1)
     epochs: int = 150                     # joint/video: 150 K400 epochs; image: 800 ImageNet epochs
     warmup_epochs: float = 10.0
@@ -250,13 +250,23 @@ def parse_args(argv=None) -> TrainConfig:
 # Distributed set-up (nanoGPT style, with gloo on CPU)
 
 
-def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN):
-    """(ddp, rank, world, device): NCCL on CUDA, gloo on CPUs, one process per device.
+class Runtime(NamedTuple):
+    """Where this process runs: what every step, evaluation and logging function needs to know."""
+    ddp: bool                 # one of several processes (torchrun): a DDP-wrapped model, collectives
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool                # the model runs under bf16 autocast (--precision, resolved for this device)
+
+
+def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN, precision: str = "fp32") -> Runtime:
+    """The Runtime of this process: NCCL on CUDA, gloo on CPUs, one process per device.
 
     Under torchrun (RANK set) each process binds its GPU *before* creating the
     process group (NCCL otherwise guesses device 0 for its first collectives),
     and passes it as `device_id`, which lets NCCL connect eagerly. `timeout_min`
     bounds how long a collective waits for a rank that died or froze.
+    `precision` (--precision) is resolved for the device (resolve_precision).
     """
     ddp = int(os.environ.get("RANK", -1)) != -1
     timeout = datetime.timedelta(minutes=timeout_min)
@@ -275,7 +285,13 @@ def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # every step has the same shapes: tune the convolutions once
-    return ddp, rank, world, device
+    return Runtime(ddp, rank, world, device, resolve_precision(precision, device))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The trained module itself, from under its DDP and torch.compile wrappers (same parameters)."""
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "_orig_mod", model)
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
@@ -731,9 +747,13 @@ class EpochStream:
 def model_inputs(batch: dict, tok, device) -> dict:
     """A data.py batch -> BEVT.forward's arguments, on the training device.
 
-    Pixels arrive as uint8 and are normalised here (data.normalize_batch); the
-    targets are the frozen tokenizer's codes of the half-size copy (eqs. 3-4's
-    z), computed in fp32 and no_grad whatever the step's autocast.
+    Pixels arrive as uint8 and are normalised here (data.normalize_batch).
+    Targets (eqs. 3-4's z), the one path from pixels to codes: the loader
+    halves every crop with the tokenizer's own Lanczos (tokenizer.half_copy,
+    called by data.tokenizer_copy; §3 "Tokenizer": 112² for a 224² crop) and
+    ships it as `<stream>_tok`, uint8 (B, 3, T, S/2, S/2) or (N, 3, S/2, S/2);
+    here the frozen tokenizer encodes it (Tokenizer.codes_of_copy, fp32,
+    no_grad, whatever the step's autocast) into (B, T, S/16, S/16) or (N, S/16, S/16) codes.
     """
     out = {}
     for stream, key in (("video", "videos"), ("image", "images")):
@@ -836,8 +856,7 @@ def clip_gradients(params: list, clip_grad: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
-def train_step(model, raw, batches: list, tok, device, ddp: bool, bf16: bool, clip_grad: float,
-               hist: Optional[dict] = None):
+def train_step(model, batches: list, tok, rt: Runtime, clip_grad: float, hist: Optional[dict] = None):
     """Forward/backward over the micro-batches of one optimizer step, then clip (§4.1).
 
     Gradients are all-reduced only on the last micro-step; the others accumulate
@@ -849,17 +868,17 @@ def train_step(model, raw, batches: list, tok, device, ddp: bool, bf16: bool, cl
     """
     accum, sums = len(batches), {}
     for k, batch in enumerate(batches):
-        inputs = model_inputs(batch, tok, device)
+        inputs = model_inputs(batch, tok, rt.device)
         if hist is not None:
             count_targets(hist, inputs, tok.vocab_size)
-        ctx = model.no_sync() if ddp and k < accum - 1 else contextlib.nullcontext()
+        ctx = model.no_sync() if rt.ddp and k < accum - 1 else contextlib.nullcontext()
         with ctx:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
                 out = model(**inputs)
             (out["loss"] / accum).backward()
         for key, v in out.items():
             sums[key] = sums.get(key, 0.0) + v.detach().float() / accum
-    gnorm = clip_gradients(list(raw.parameters()), clip_grad)
+    gnorm = clip_gradients(list(model.parameters()), clip_grad)      # DDP / compile wrappers: the same tensors
     return sums, gnorm
 
 
@@ -875,8 +894,8 @@ class StepLog:
     `flush` before saving a checkpoint, so that a non-finite step is never saved.
     """
 
-    def __init__(self, path: Optional[str], ddp: bool, device: torch.device):
-        self.path, self.ddp, self.device = path, ddp, device
+    def __init__(self, path: Optional[str], rt: Runtime):
+        self.path, self.ddp, self.device = path, rt.ddp, rt.device
         self.pending = []                                      # (host fields, keys, device vector)
 
     def add(self, host: dict, metrics: dict) -> None:
@@ -970,19 +989,19 @@ def main(argv=None) -> dict:
 
 
 def run(cfg: TrainConfig) -> dict:
-    ddp, rank, world, device = setup_distributed(cfg.dist_timeout)
-    seed_everything(cfg.seed + rank)                               # seed = base + rank
+    rt = setup_distributed(cfg.dist_timeout, cfg.precision)
+    seed_everything(cfg.seed + rt.rank)                            # seed = base + rank
     out_dir = os.path.join(cfg.out, cfg.stage)
-    lock, resume = claim_run_dir(out_dir, cfg, rank, ddp)
+    lock, resume = claim_run_dir(out_dir, cfg, rt.rank, rt.ddp)
     try:
-        return train(cfg, ddp, rank, world, device, out_dir, resume)
+        return train(cfg, rt, out_dir, resume)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: str, resume: Optional[str]) -> dict:
-    bf16 = resolve_precision(cfg.precision, device)
+def train(cfg: TrainConfig, rt: Runtime, out_dir: str, resume: Optional[str]) -> dict:
+    ddp, rank, world, device, bf16 = rt
 
     # --- data and targets
     data_root = build_data_root(cfg, rank, ddp)
@@ -1025,13 +1044,10 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
             "decoupled design, cf. Table 6)")
     if init and resume is None:
         report = raw.load_released(init)
-        loaded_encoder = [k for k in raw.encoder.state_dict() if "encoder." + k not in report.missing
-                          and not k.endswith("relative_position_index")]      # re-derived, never loaded
-        if not loaded_encoder:
+        if not any(k.startswith("encoder.") for k in report.loaded):
             raise ValueError(f"--init {init} holds no encoder weights ({len(report.unused)} keys, none of them the "
                              f"encoder's, e.g. {report.unused[:2]}); expected a BEVT or Video Swin checkpoint")
-        log(rank, f"init from {init}: {len(report.missing)} missing keys {report.missing[:6]}"
-                  f"{'...' if len(report.missing) > 6 else ''}; {len(report.unused)} unused keys {report.unused[:6]}")
+        log(rank, report.describe(init))
     raw.set_stage(cfg.stage)
     raw.to(device)
     if cfg.compile:                                                     # after .to, before DDP (nanoGPT's order)
@@ -1069,7 +1085,7 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0:
         start_log(out_dir, cfg, step if ck is not None else None)
-    steplog = StepLog(metrics_path if rank == 0 else None, ddp, device)
+    steplog = StepLog(metrics_path if rank == 0 else None, rt)
     curves_title = f"BEVT {cfg.stage} stage, {cfg.model} ({out_dir})"
 
     stream = EpochStream(loader, epoch, epoch_step)
@@ -1088,8 +1104,7 @@ def train(cfg: TrainConfig, ddp: bool, rank: int, world: int, device, out_dir: s
         for g in opt.param_groups:
             g["lr"] = cur_lr
         batches = stream.take(accum)
-        sums, gnorm = train_step(model, raw, batches, tok, device, ddp, bf16, cfg.clip_grad,
-                                 hist if rank == 0 else None)
+        sums, gnorm = train_step(model, batches, tok, rt, cfg.clip_grad, hist if rank == 0 else None)
         seen += sum(len(b["video" if "video" in b else "image"]) for b in batches)
         opt.step()
         opt.zero_grad(set_to_none=True)

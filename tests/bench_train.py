@@ -102,7 +102,7 @@ def run_case(c, variant, device, warmup, repeats):
     batch = make_batch(c, device)
 
     def step():
-        train.train_step(model, model, [batch], tok, device, False, bf16, 3.0)
+        train.train_step(model, [batch], tok, train.Runtime(False, 0, 1, device, bf16), 3.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -148,7 +148,7 @@ def run_finetune_case(c, bf16, compile_, ckpt, device, warmup, repeats):
              "label": torch.randint(0, 4, (c["clips"],), generator=g)}
 
     def step():
-        finetune.train_step(model, raw, [batch], device, False, bf16, 5.0, 0.0)
+        finetune.train_step(model, [batch], train.Runtime(False, 0, 1, device, bf16), 5.0, 0.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":

@@ -49,7 +49,8 @@ def collectives(out):
     rank = dist.get_rank()
     rows = train.all_gather_rows(torch.arange(rank + 2) + 10 * rank, True)           # 2 rows, then 3
     mean = train.all_reduce_mean(torch.tensor([float(rank)]), True)
-    log = train.StepLog(os.path.join(out, "metrics.jsonl") if rank == 0 else None, True, torch.device("cpu"))
+    log = train.StepLog(os.path.join(out, "metrics.jsonl") if rank == 0 else None,
+                         train.Runtime(True, rank, dist.get_world_size(), torch.device("cpu"), False))
     result = [f"rows={rows.tolist()} mean={mean.item()}"]
     for step in (1, 2, 3):
         bad = rank == 1 and step == 2
@@ -142,7 +143,8 @@ def main(out, compiled=False):
     mine = {k: v.chunk(world)[rank] for k, v in full.items()}
     micro = [{k: v.chunk(2)[i] for k, v in mine.items()} for i in range(2)] if ddp else [mine]
     for _ in range(3):
-        sums, gnorm = train.train_step(wrapped, model, micro, tok, torch.device("cpu"), ddp, False, 1e9)
+        rt = train.Runtime(ddp, rank, world, torch.device("cpu"), False)
+        sums, gnorm = train.train_step(wrapped, micro, tok, rt, 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
     torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))

@@ -143,7 +143,7 @@ def check_step(device):
     batch = make_batch(dict(clips=clips, images=images, frames=T, size=S), device)
 
     def step():
-        train.train_step(model, model, [batch], tok, device, False, True, 3.0)
+        train.train_step(model, [batch], tok, train.Runtime(False, 0, 1, device, True), 3.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

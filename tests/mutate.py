@@ -205,14 +205,14 @@ MUTATIONS = [
       [("x = x.permute(0, 2, 4, 1, 3, 5)", "x = x.permute(0, 2, 4, 3, 5, 1)")],
       "tokenizer", "offline tokenizer's patch features in (y, x, c) order instead of (c, y, x)"),
     M("clip-frames-no-transpose", "tokenizer.py",
-      [("frames = clips.transpose(1, 2).reshape(B * T, 3, H, W)", "frames = clips.reshape(B * T, 3, H, W)")],
+      [("x = x.transpose(1, 2).reshape(B * T, 3, h, w)", "x = x.reshape(B * T, 3, h, w)")],
       "tokenizer", "clip (B, 3, T, H, W) cut into frames without moving T next to B"),
     M("dalle-post-gain", "tokenizer.py",
       [("self.post_gain = 1 / n_layers ** 2", "self.post_gain = 1 / n_layers")],
       "tokenizer", "dVAE residual gain 1/n_layers instead of 1/n_layers²"),
     M("half-size-hw-swapped", "tokenizer.py",
-      [("x_half = lanczos_resize(x, (H // DOWNSAMPLE, W // DOWNSAMPLE), self.resample)",
-        "x_half = lanczos_resize(x, (W // DOWNSAMPLE, H // DOWNSAMPLE), self.resample)")],
+      [("return lanczos_resize(x, (x.shape[-2] // DOWNSAMPLE, x.shape[-1] // DOWNSAMPLE), kind)",
+        "return lanczos_resize(x, (x.shape[-1] // DOWNSAMPLE, x.shape[-2] // DOWNSAMPLE), kind)")],
       "tokenizer", "half-size copy with height and width exchanged"),
 
     # ---------------------------------------------------------------- data.py

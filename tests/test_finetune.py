@@ -18,6 +18,7 @@ import bevt
 import data
 import finetune
 import swin3d
+import train
 
 CPU = swin3d.get_config("cpu")
 
@@ -124,7 +125,7 @@ def test_predict_averages_the_views_of_each_sample():
     vals = torch.tensor([[0.0, 1.0, -2.0, 3.0], [1.0, 1.0, 1.0, 1.0], [-1.0, 0.5, 2.0, 0.0]])
     video += vals[:, :, None, None, None, None]
     batch = {"video": video, "label": torch.tensor([0, 1, 0]), "index": torch.tensor([5, 6, 7])}
-    probs, labels, index = finetune.predict(_ViewModel(), [batch], torch.device("cpu"), "normal", 0, False)
+    probs, labels, index = finetune.predict(_ViewModel(), [batch], "normal", 0, train.Runtime(False, 0, 1, torch.device("cpu"), False))
     for b in range(B):
         p0 = sum(1 / (1 + math.exp(-v)) for v in vals[b].tolist()) / V      # softmax([v, 0])[0] = sigmoid(v)
         assert probs[b][0].item() == pytest.approx(p0, abs=1e-6)
@@ -272,7 +273,7 @@ def test_load_torchvision_swin3d_state_dict():
     assert torch.equal(ours["encoder.layers.1.blocks.0.mlp.fc1.weight"], sd["features.2.0.mlp.0.weight"])
     assert torch.equal(ours["encoder.layers.2.downsample.reduction.weight"], sd["features.5.reduction.weight"])
     assert torch.equal(ours["head.weight"], sd["head.weight"])
-    assert swin3d.TORCHVISION_KIND in finetune.describe(r, "swin3d_t.pth")
+    assert swin3d.TORCHVISION_KIND in r.describe("swin3d_t.pth")
     # The published heads have 400 classes: encoder loaded, head reported unused.
     r = finetune.load_pretrained(classifier(classes=4), torchvision_state_dict(classes=400), "cpu")
     assert r.missing == ["head.bias", "head.weight"] and r.unused == ["head.bias", "head.weight"]
@@ -384,9 +385,9 @@ def test_class_count_mismatch_is_a_one_line_error(syn, tmp_path, capsys):
     argv = [*SMALL, "--recipe", "k400", "--init", "scratch", "--out", str(tmp_path), "--root", vids,
             "--train-list", os.path.join(vids, "train_motion.txt"), "--val-list", os.path.join(vids, "val_motion.txt")]
     with pytest.raises(SystemExit) as e:
-        finetune.main(argv)                                    # K400's 400 classes vs 4 labels
+        finetune.main(argv)                                    # K400's 400 classes vs 2 labels
     msg = one_line_error(capsys, e)
-    assert "400" in msg and "train_motion.txt" in msg and "4 classes" in msg
+    assert "400" in msg and "train_motion.txt" in msg and "2 classes" in msg
 
 
 def test_encoder_mismatch_from_the_command_line(syn, tmp_path, capsys):

@@ -130,7 +130,7 @@ def test_extraction_and_probe_never_change_the_encoder(syn, pretrained, tmp_path
     for split in ("train", "val"):
         extract(syn, pretrained, tmp_path / split, split=split)
     res = finetune.main(["probe", "--train-features", str(tmp_path / "train"), "--val-features", str(tmp_path / "val")])
-    assert 0 <= res["linear"]["top1"] <= 100 and res["classes"] == 4
+    assert 0 <= res["linear"]["top1"] <= 100 and res["classes"] == len(data.MOTION_CLASSES)
     assert open(pretrained, "rb").read() == before
     assert all(torch.equal(state[k], v) for k, v in enc.state_dict().items())
     again = finetune.frozen_encoder(cfg, log_fn=lambda m: None).state_dict()
@@ -218,12 +218,13 @@ def test_extract_bad_flags_are_one_line_errors(syn, pretrained, tmp_path, capsys
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-    """A finetune.py final.pt: the cpu classifier, 4 motion classes, 96-px views, 1 clip x 3 crops."""
+    """A finetune.py final.pt: the cpu classifier, the motion classes, 96-px views, 1 clip x 3 crops."""
     torch.manual_seed(2)
     cfg = finetune.resolve_config({"preset": "cpu", "crop": 96, "short_side": 96, "test_short_side": 96})
-    model = finetune.build_model(cfg, 4)
+    k = len(data.MOTION_CLASSES)
+    model = finetune.build_model(cfg, k)
     path = tmp_path_factory.mktemp("ft") / "final.pt"
-    torch.save({"model": model.state_dict(), "config": finetune.dataclasses.asdict(cfg), "num_classes": 4,
+    torch.save({"model": model.state_dict(), "config": finetune.dataclasses.asdict(cfg), "num_classes": k,
                 "classes": list(data.MOTION_CLASSES)}, path)
     return str(path), model.eval(), cfg
 
@@ -251,7 +252,7 @@ def test_predict_reports_top_classes_and_skips_unreadable_videos(syn, finetuned,
         views = batch["video"][0]                                 # (3, 3, T, c, c)
         want = model(views).softmax(-1).mean(0)
     top = out[0]["top"]
-    assert len(top) == 4 and out[0]["views"] == 3
+    assert len(top) == len(data.MOTION_CLASSES) and out[0]["views"] == 3
     assert top[0]["index"] == int(want.argmax()) and top[0]["class"] == data.MOTION_CLASSES[int(want.argmax())]
     assert abs(top[0]["prob"] - float(want.max())) < 1e-4
     assert abs(sum(t["prob"] for t in top) - 1) < 1e-3 and top == sorted(top, key=lambda t: -t["prob"])
@@ -266,6 +267,21 @@ def test_predict_needs_a_finetuned_checkpoint(syn, pretrained, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "classifier head" in err, err
 
+
+
+def test_predict_refuses_class_names_that_do_not_fit_the_head(syn, finetuned, tmp_path, capsys):
+    path, _, _ = finetuned
+    ck = torch.load(path, weights_only=True)
+    ck["classes"] = ck["classes"] + ["extra"]                        # one name more than the head's outputs
+    bad = tmp_path / "bad.pt"
+    torch.save(ck, bad)
+    vids = os.path.join(syn, "videos")
+    video = str(data.read_annotations(os.path.join(vids, "val_motion.txt"), vids)[0][0])
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["predict", "--init", str(bad), "--video", video])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "names 3 classes but its head has 2" in err, err
 
 # -----------------------------------------------------------------------------
 # tables: the cells are written, a rerun skips them, the chart is drawn

@@ -150,7 +150,7 @@ def test_joint_stage_starts_from_the_image_stage(syn, tmp_path):
     r = run(args(syn, tmp_path, "--stage", "joint", "--max-steps", "1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"initialising from the image stage's {final}" in r.stdout
-    assert "0 missing keys [];" in r.stdout and "0 unused keys" in r.stdout
+    assert "missing (0, trained from scratch): []" in r.stdout and "unused (0): none" in r.stdout
     # Without an image-stage checkpoint the joint stage says it starts from scratch.
     r = run(args(syn, tmp_path / "fresh", "--stage", "joint", "--max-steps", "1"))
     assert r.returncode == 0 and "starting from scratch" in r.stdout

@@ -97,7 +97,7 @@ def _loss_curve(bf16: bool, steps: int = 30) -> list:
     opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=2e-3)
     batch, losses = _fixed_batch(), []
     for _ in range(steps):
-        sums, gnorm = train.train_step(model, model, [batch], tok, torch.device("cpu"), False, bf16, 3.0)
+        sums, gnorm = train.train_step(model, [batch], tok, train.Runtime(False, 0, 1, torch.device("cpu"), bf16), 3.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(sums["loss"].item())
