@@ -46,7 +46,10 @@ A picture of sample masks (one row per sample, one cell per frame, masked dark):
 
     python masking.py --strategy tube --out tube.png [--frames 16 --size 224 --rows 6 --seed 0]
 
-Speed: `python tests/bench_masking.py`.
+Speed: the BEiT loop is written plainly (`MaskGenerator.blockwise`: one numpy
+(h, w) array, a slice per block). The per-GPU batch of the paper recipe, 8 tube
+clips + 64 images = 72 blockwise masks on 14 x 14, takes ~2 ms on one CPU core,
+within the 5 ms budget per batch: `python tests/bench_masking.py`.
 """
 
 from __future__ import annotations
@@ -99,6 +102,20 @@ MIN_BLOCK = 16        # BEiT min_num_patches; released BEVT config min_num_patch
 MIN_ASPECT = 0.3      # BEiT min_aspect; aspect is log-uniform in [0.3, 1/0.3]
 MAX_ATTEMPTS = 10     # BEiT: tries per block before a round gives up (MaskingGenerator._mask)
 _UNIFORM_CHUNK = 2048  # uniforms drawn per refill of the scalar buffer (a speed knob, not a paper number)
+
+
+def tube_length_range(strategy: str, t: int) -> Optional[tuple]:
+    """(min, max) number l of masked token time steps out of t, both inclusive; None without lengths.
+
+    Released code: l in {max(int(lo*t), 1) .. min(int(hi*t), t)}, i.e. {4..8}
+    for t = 8. For very short clips int(hi*t) can fall below the minimum
+    (t = 1, [0.25, 0.75]); the range then collapses to it.
+    """
+    if strategy not in TUBE_LENGTHS:
+        return None
+    lo, hi = TUBE_LENGTHS[strategy]
+    l_min = max(int(lo * t), 1)
+    return l_min, max(min(int(hi * t), t), l_min)
 
 
 class Block(NamedTuple):
@@ -167,6 +184,18 @@ def _fail(what: str, expected: str, got) -> ValueError:
     return ValueError(f"{what}: expected {expected}, got {got!r}")
 
 
+def _check(*rows) -> None:
+    """Raise `_fail(what, expected, got)` for the first row (what, ok, expected, got) whose ok is false."""
+    for what, ok, expected, got in rows:
+        if not ok:
+            raise _fail(what, expected, got)
+
+
+def _is_int(v, low: int = 1) -> bool:
+    """An int (Python or numpy) >= low."""
+    return isinstance(v, (int, np.integer)) and v >= low
+
+
 class MaskGenerator:
     """Draws (input_mask, target_mask) pairs for one strategy and one input size.
 
@@ -178,109 +207,58 @@ class MaskGenerator:
     epoch) via `derive_seed`; `reseed` switches to another stream.
     """
 
-    def __init__(self, strategy: str, input_size, patch_size: int = PATCH_SIZE,
-                 mask_ratio: float = MASK_RATIO, min_block: int = MIN_BLOCK,
-                 min_aspect: float = MIN_ASPECT, max_aspect: Optional[float] = None,
-                 max_attempts: int = MAX_ATTEMPTS, temporal_patch: int = TEMPORAL_PATCH,
-                 seed: int = 0):
-        # ---- strategy and input size
+    def __init__(self, strategy: str, input_size, patch_size: int = PATCH_SIZE, mask_ratio: float = MASK_RATIO,
+                 min_block: int = MIN_BLOCK, min_aspect: float = MIN_ASPECT, max_aspect: Optional[float] = None,
+                 max_attempts: int = MAX_ATTEMPTS, temporal_patch: int = TEMPORAL_PATCH, seed: int = 0):
+        # ---- arguments, checked in order: the first bad one raises a one-line ValueError
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown mask strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)}")
         size = tuple(input_size) if isinstance(input_size, (tuple, list)) else (input_size,)
-        if len(size) not in (2, 3) or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
-            raise _fail("input_size", "(H, W) or (T, H, W) positive ints", input_size)
-        is_video = len(size) == 3
-        if strategy in IMAGE_STRATEGIES and is_video:
-            raise _fail(f"input_size for {strategy!r} (images)", "(H, W)", input_size)
-        if strategy in VIDEO_STRATEGIES and not is_video:
-            raise _fail(f"input_size for {strategy!r} (clips)", "(T, H, W)", input_size)
-        if not (isinstance(patch_size, (int, np.integer)) and patch_size > 0):
-            raise _fail("patch_size", "a positive int", patch_size)
-        H, W = size[-2:]
-        # Differs from the released code: it takes the grid size and T // 2 as
-        # given; here sizes that do not divide evenly raise instead of being cut.
-        if H % patch_size or W % patch_size:
-            # The encoder places mask tokens by upsampling this grid x4 onto its
-            # H/4 x W/4 tokens; a cropped grid would misalign them.
-            raise _fail("input H, W", f"multiples of patch_size={patch_size}", (H, W))
-        self.grid = (H // patch_size, W // patch_size)             # (h, w) tokenizer grid
-        if is_video:
-            T = size[0]
-            if not (isinstance(temporal_patch, (int, np.integer)) and temporal_patch > 0):
-                raise _fail("temporal_patch", "a positive int", temporal_patch)
-            if T // temporal_patch < 1:
-                raise _fail(f"token time T/{temporal_patch}", f">= 1 (T >= {temporal_patch} frames)", T)
-            if T % temporal_patch:
-                raise _fail("number of frames T", f"a multiple of temporal_patch={temporal_patch}", T)
-            self.time = T // temporal_patch                          # token time steps, T/2
-        else:
-            self.time = 0
-
-        # ---- BEiT parameters
-        if not (isinstance(mask_ratio, (int, float, np.floating)) and 0.0 < mask_ratio < 1.0):
-            raise _fail("mask_ratio", "a number in the open interval (0, 1)", mask_ratio)
-        if not (isinstance(min_block, (int, np.integer)) and min_block >= 1):
-            raise _fail("min_block", "an int >= 1", min_block)
-        if not (isinstance(max_attempts, (int, np.integer)) and max_attempts >= 1):
-            raise _fail("max_attempts", "an int >= 1", max_attempts)
+        is_video, tp, p = len(size) == 3, temporal_patch, patch_size
+        kind, want = ("clips", "(T, H, W)") if strategy in VIDEO_STRATEGIES else ("images", "(H, W)")
         max_aspect = 1.0 / min_aspect if (max_aspect is None and min_aspect > 0) else max_aspect
-        if not (0.0 < min_aspect <= max_aspect):
-            raise _fail("aspect range", "0 < min_aspect <= max_aspect", (min_aspect, max_aspect))
-        gh, gw = self.grid
-        cells = gh * gw
-        if cells < min_block:
-            raise _fail(f"tokenizer grid {gh}x{gw} ({cells} cells) for min_block={min_block}",
-                        f"at least {min_block} cells (input >= {math.ceil(math.sqrt(min_block)) * patch_size} px)",
-                        (H, W))
+        _check(("input_size", len(size) in (2, 3) and all(map(_is_int, size)), "(H, W) or (T, H, W) positive ints",
+                input_size),
+               (f"input_size for {strategy!r} ({kind})", is_video == (kind == "clips"), want, input_size),
+               ("patch_size", _is_int(p), "a positive int", p),
+               ("temporal_patch", not is_video or _is_int(tp), "a positive int", tp))
+        (T, H, W) = size if is_video else (0, *size)
+        # Differs from the released code (which crops): uneven sizes raise, as the encoder places mask
+        # tokens by upsampling this grid x4 onto its H/4 x W/4 tokens; a cropped grid would misalign them.
+        _check(("input H, W", H % p == 0 and W % p == 0, f"multiples of patch_size={p}", (H, W)),
+               (f"token time T/{tp}", not is_video or T // tp >= 1, f">= 1 (T >= {tp} frames)", T),
+               ("number of frames T", not is_video or T % tp == 0, f"a multiple of temporal_patch={tp}", T),
+               ("mask_ratio", isinstance(mask_ratio, (int, float, np.floating)) and 0 < mask_ratio < 1,
+                "a number in the open interval (0, 1)", mask_ratio),
+               ("min_block", _is_int(min_block), "an int >= 1", min_block),
+               ("max_attempts", _is_int(max_attempts), "an int >= 1", max_attempts),
+               ("aspect range", 0 < min_aspect <= max_aspect, "0 < min_aspect <= max_aspect", (min_aspect, max_aspect)))
+
+        # ---- can BEiT's loop fill this grid? (method, not bookkeeping)
+        gh, gw = self.grid = (H // p, W // p)                       # (h, w) tokenizer grid
+        cells, self.num_masked = gh * gw, int(round(mask_ratio * gh * gw))    # 98 of 196 at 224 px
         # BEiT accepts a block only if h < grid height and w < grid width, so a
         # grid can hold min_block cells and still fit no block: with h, w the
         # rounded sqrt(area*r), sqrt(area/r), the smallest area fits iff some
         # aspect r gives sqrt(a*r) < gh - 1/2 and sqrt(a/r) < gw - 1/2.
-        r_lo = max(min_aspect, min_block / (gw - 0.5) ** 2)
-        r_hi = min(max_aspect, (gh - 0.5) ** 2 / min_block)
-        if r_lo >= r_hi:
-            raise _fail(f"tokenizer grid {gh}x{gw} for min_block={min_block}, aspect "
-                        f"[{min_aspect:.3g}, {max_aspect:.3g}]",
-                        "room for a block with h < grid height and w < grid width", (H, W))
-        self.num_masked = int(round(mask_ratio * cells))            # 98 of 196 at 224 px
-        if self.num_masked < min_block:
-            # BEiT's first block then has to be smaller than min_block to pass
-            # "new <= remaining", which only rounding allows: most masks would
-            # come out empty. Differs from the released code (which would just
-            # return them): ask for a larger ratio or grid instead.
-            raise _fail(f"masked count round(mask_ratio * {cells} cells) of the {gh}x{gw} grid",
-                        f"at least min_block={min_block}", self.num_masked)
+        r_lo, r_hi = max(min_aspect, min_block / (gw - 0.5) ** 2), min(max_aspect, (gh - 0.5) ** 2 / min_block)
+        _check((f"tokenizer grid {gh}x{gw} ({cells} cells) for min_block={min_block}", cells >= min_block,
+                f"at least {min_block} cells (input >= {math.ceil(math.sqrt(min_block)) * p} px)", (H, W)),
+               (f"tokenizer grid {gh}x{gw} for min_block={min_block}, aspect [{min_aspect:.3g}, {max_aspect:.3g}]",
+                r_lo < r_hi, "room for a block with h < grid height and w < grid width", (H, W)),
+               # Fewer than min_block cells to mask: BEiT's first block would have to be smaller than
+               # min_block to pass "new <= remaining", which only rounding allows, so most masks would
+               # come out empty. Differs from the released code (which returns them): ask for more.
+               (f"masked count round(mask_ratio * {cells} cells) of the {gh}x{gw} grid",
+                self.num_masked >= min_block, f"at least min_block={min_block}", self.num_masked))
 
-        self.strategy = strategy
-        self.input_size = size
-        self.patch_size = int(patch_size)
-        self.temporal_patch = int(temporal_patch)
-        self.mask_ratio = float(mask_ratio)
-        self.min_block = int(min_block)
+        self.strategy, self.input_size, self.seed = strategy, size, seed
+        self.patch_size, self.temporal_patch = int(p), int(tp)
+        self.time = T // tp if is_video else 0                      # token time steps, T/2 (0 for images)
+        self.mask_ratio, self.min_block, self.max_attempts = float(mask_ratio), int(min_block), int(max_attempts)
         self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
-        self.max_attempts = int(max_attempts)
-        # Precomputed once: the log-aspect bounds and, for the fast bit-mask
-        # loop below, the bit pattern of every h x w block at the origin.
-        self._log_aspect = (math.log(self.min_aspect), math.log(self.max_aspect))
-        # Row i of an h x w block is w ones ((1 << w) - 1) shifted by i*gw bits.
-        self._block_bits = [[sum(((1 << w) - 1) << (i * gw) for i in range(h)) for w in range(gw)]
-                            for h in range(gh)]
-        if is_video:
-            self.input_shape = (self.time, gh, gw)
-            self.target_shape = (self.time * self.temporal_patch, gh, gw)
-        else:
-            self.input_shape = self.target_shape = (gh, gw)
-        if strategy in TUBE_LENGTHS:
-            # Released code: lengths in {max(int(lo*t), 1) .. min(int(hi*t), t)},
-            # i.e. {4..8} for t = 8. For very short clips int(hi*t) can fall below
-            # the minimum (t = 1, [0.25, 0.75]); the range then collapses to it.
-            lo, hi = TUBE_LENGTHS[strategy]
-            l_min = max(int(lo * self.time), 1)
-            self.length_range = (l_min, max(min(int(hi * self.time), self.time), l_min))
-        else:
-            self.length_range = None
-
-        self.seed = seed
+        self.input_shape, self.target_shape = ((self.time, gh, gw), (T, gh, gw)) if is_video else ((gh, gw),) * 2
+        self.length_range = tube_length_range(strategy, self.time)  # (4, 8) for "tube" at T = 16
         self.reseed()
 
     # ---- randomness
@@ -331,65 +309,59 @@ class MaskGenerator:
 
     # ---- blockwise masking (BEiT), the 2D building block of every strategy but Random-3D
 
-    def _blockwise_bits(self, trace: Optional[list] = None) -> int:
-        """One BEiT blockwise mask as an int with bit (i*w + j) set for masked cell (i, j).
+    def blockwise(self, trace: Optional[list] = None) -> np.ndarray:
+        """One BEiT blockwise mask, (h, w) bool; pass a list as `trace` to receive its `Block`s.
 
-        Why an int: the loop asks "how many cells of this block are new?" ~20
-        times per mask. With a Python int per mask that is one AND and a
-        popcount (~0.1 us) instead of slicing and summing a numpy array (~3 us),
-        which keeps 72 masks per GPU step well under the 5 ms budget. An h x w
-        block at (top, left) is the precomputed origin block shifted by
-        top*w + left; it never wraps into the next row because left + w <= grid w.
+        BEiT's Algorithm 1 ("Blockwise Masking", `MaskingGenerator` in its
+        code), written out with one numpy array: rectangles of random area and
+        aspect ratio are dropped on the grid one after another until num_masked
+        cells are masked. Blocks may overlap; a block counts only the cells it
+        turns from visible to masked, and is refused if that is none or more
+        than what is left of the target. A round is up to max_attempts tries for
+        one block; the mask is done when the target is reached or a whole
+        round places nothing (then it stays a little under the target).
 
         min_block bounds the drawn *area*, as in BEiT: rounding h and w can
         leave the rectangle a little smaller (area 16 at aspect 0.39 gives
         2 x 6 = 12 cells; about 5% of blocks at 224 px have 12-15 cells).
+
+        Random numbers come from this generator's stream in a fixed order: per
+        try 2 uniforms (area, aspect), then 2 more (top, left) if the block fits
+        the grid. That order is part of the contract: one stream, one mask.
         """
         gh, gw = self.grid
-        min_block, target = self.min_block, self.num_masked
-        log_lo, log_hi = self._log_aspect
-        uniform, blocks = self._uniform, self._block_bits
-        mask, count, rnd = 0, 0, 0
+        target = self.num_masked                       # 98 of 14 x 14 at 224 px
+        log_lo, log_hi = math.log(self.min_aspect), math.log(self.max_aspect)   # aspect bounds, log scale
+        mask = np.zeros((gh, gw), MASK_DTYPE)          # (h, w), True = masked
+        count, rnd = 0, 0                              # cells masked so far, rounds done
         while count < target:                          # BEiT __call__: until the target is reached ...
             remaining = target - count                 # per-block max = remaining (max_num_patches=None)
-            delta = 0
+            added = 0
             for attempt in range(self.max_attempts):   # BEiT _mask: 10 tries for one block
                 # random.uniform(min, remaining): when remaining < min_block this
                 # draws from [remaining, min_block], as BEiT's does (uniform(a, b)
                 # is a + (b-a)u either way); the overlap test below then lets only
                 # blocks that add <= remaining new cells through.
-                area = min_block + (remaining - min_block) * uniform()
-                aspect = math.exp(log_lo + (log_hi - log_lo) * uniform())
+                area = self.min_block + (remaining - self.min_block) * self._uniform()
+                aspect = math.exp(log_lo + (log_hi - log_lo) * self._uniform())   # log-uniform h/w
                 h = round(math.sqrt(area * aspect))    # Python round(): half to even, as in BEiT
                 w = round(math.sqrt(area / aspect))
                 if h < gh and w < gw:                  # strict: a block never spans the grid
                     top = self._randint(0, gh - h)
                     left = self._randint(0, gw - w)
-                    block = blocks[h][w] << (top * gw + left)
-                    new = h * w - (block & mask).bit_count()   # cells not masked yet
+                    block = mask[top:top + h, left:left + w]   # (h, w) view into the mask
+                    new = h * w - int(block.sum())     # cells not masked yet
                     if 0 < new <= remaining:           # adds something, never overshoots
-                        mask |= block
-                        delta = new
+                        block[...] = True
+                        added = new
                         if trace is not None:
                             trace.append(Block(rnd, attempt, area, aspect, h, w, top, left, new, remaining))
                         break
-            if delta == 0:                             # ... or a round of 10 tries adds nothing
+            if added == 0:                             # ... or a round of 10 tries adds nothing
                 break
-            count += delta
+            count += added
             rnd += 1
         return mask
-
-    def _bits_to_array(self, bits: list) -> np.ndarray:
-        """List of n bit-masks -> (n, h, w) bool, with one unpackbits for all."""
-        gh, gw = self.grid
-        nbytes = (gh * gw + 7) // 8
-        raw = np.frombuffer(b"".join(b.to_bytes(nbytes, "little") for b in bits), np.uint8)
-        flat = np.unpackbits(raw.reshape(len(bits), nbytes), axis=1, count=gh * gw, bitorder="little")
-        return flat.reshape(len(bits), gh, gw).view(np.bool_)   # 0/1 bytes are valid bools
-
-    def blockwise(self, trace: Optional[list] = None) -> np.ndarray:
-        """One 2D blockwise mask (h, w); pass a list as `trace` to receive its `Block`s."""
-        return self._bits_to_array([self._blockwise_bits(trace)])[0]
 
     # ---- which token time steps are masked
 
@@ -417,7 +389,7 @@ class MaskGenerator:
         """
         s = self.strategy
         if s == "block":
-            return self._bits_to_array([self._blockwise_bits() for _ in range(n)])
+            return np.stack([self.blockwise() for _ in range(n)])        # (n, h, w)
         if s == "random-3d":
             # Uniform over all t*h*w cells, exactly round(ratio * cells) of them
             # (Table 8: 50%); the first k of a random permutation is a uniform k-subset.
@@ -432,14 +404,14 @@ class MaskGenerator:
             # Frames chosen as for the tube, but a fresh 2D mask on every masked frame.
             for i in range(n):
                 steps = self._tube_steps()
-                out[i, steps] = self._bits_to_array([self._blockwise_bits() for _ in steps])
+                out[i, steps] = np.stack([self.blockwise() for _ in steps])   # (l, h, w), one per step
             return out
         # tube, tube-fixed, tube-0.25-0.75, tube-0.75-1.0, random-frame: one
         # shared 2D mask on the chosen steps ("the shape of the 3D mask is a tube").
         pick = self._random_steps if s == "random-frame" else self._tube_steps
         for i in range(n):
             steps = pick()
-            out[i, steps] = self._bits_to_array([self._blockwise_bits()])[0]
+            out[i, steps] = self.blockwise()                           # one (h, w) on every chosen step
         return out
 
     # ---- public API
