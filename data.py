@@ -8,7 +8,8 @@ with masking.py). The released BEVT configs
 `..._window1677_bevt_finetune_ssv2.py`) settle the details the paper leaves out;
 every difference from them is marked `# Differs from the released code:`.
 
-What is here, bottom-up:
+What is here, in the order of the file: the pretraining path first, in the
+order a sample goes through it, then what finetuning adds, then the tools.
 
     annotation lists      `relative/path.mp4 label` per line + a root folder (Kinetics/SSv2 style);
                           images as an ImageNet folder tree (`class/xxx.JPEG`) or the same list format;
@@ -21,10 +22,10 @@ What is here, bottom-up:
                           after the first frame in constant-rate video); seek to the keyframe before
                           the first needed frame and check where the decoder landed, else decode from
                           the start (logged once per file); convert only the needed frames to RGB
-    augmentation          torch tensors only (torchvision has no CPU build here): short-side rescale,
-                          random / centre / three crop, random-resized-crop, flip, colour jitter,
-                          RandAugment (n, m), random erasing, Lanczos half-size tokenizer copy,
-                          mean/std normalisation. One crop and flip for all frames of a clip.
+    pretraining transform torch tensors only (torchvision has no CPU build here): short-side rescale,
+                          colour jitter (images), random crop, flip, Lanczos half-size tokenizer copy;
+                          mean/std normalisation on the training device. One crop and flip for all
+                          frames of a clip; an image is the one-frame case of a clip (`PretrainTransform`)
     masks                 masking.MaskGenerator per sample; every random choice of a sample (frames,
                           crop, flip, jitter, mask, replacement) keyed by (seed, epoch, row index)
     robustness            a file that cannot be decoded is replaced by another sample, logged once
@@ -32,9 +33,15 @@ What is here, bottom-up:
     loaders               training: global batches cut from one epoch order for all processes, each
                           process its share as micro-batches (`GlobalBatchSampler`, `EpochLoader`);
                           evaluation: DistributedSampler shards; the joint stage pairs each video
-                          batch with an image batch in the recipe ratio (`JointLoader`)
-    synthetic data        `make-synthetic`: a small real data set (H.264 mp4, PNG/JPEG) whose labels
-                          need appearance only or need time (CPU stand-in for K400 vs SSv2, Table 2)
+                          batch with an image batch in the recipe ratio (`JointLoader`); the
+                          pretraining config and loader (`build_pretrain_loader`)
+    finetuning            what only the finetuning recipes use: centre / three crops, random-resized-
+                          crop, random erasing, RandAugment (n, m); the clip transform, config and
+                          loader (`build_finetune_loader`); Table 2's temporal probes
+    tools                 `lists`, `resize`, `check` (a real data set from the downloaders' files to
+                          what the loaders read), then `make-synthetic`: a small real data set (H.264
+                          mp4, PNG/JPEG) whose labels need appearance only or need time (CPU stand-in
+                          for K400 vs SSv2, Table 2), and the command line
 
 Sample layouts (one dict per sample; the default collate stacks them into a
 batch with a leading B axis; `label` and `index` become int64 tensors):
@@ -48,21 +55,21 @@ batch with a leading B axis; `label` and `index` become int64 tensors):
                           label, index  int                 annotation label; row of the annotation list
     pretraining image     image (3, H, W), image_tok (3, H/2, W/2), image_mask (H/16, W/16),
                           image_target (H/16, W/16), label, index      (same conventions, uint8)
+    finetuning clip       video (3, T, H, W) normalised, label, index            (train / val)
+                          video (V, 3, T, H, W), V = clips x crops, crop-major   (test)
+    joint batch           the video keys and the image keys in one dict, with `video_label`,
+                          `video_index`, `image_label`, `image_index` instead of label / index
 
 Pretraining samples leave the workers as uint8, a quarter of the bytes of
 float32: a paper-size batch (8 clips of 16 x 224² + 64 images) is ~24 MB
 through shared memory and the host-to-device copy instead of ~96 MB + 48 MB.
 The trainer normalises on its device (`normalize_batch`). Finetuning samples
 are still float32, because RandAugment and random erasing run in the workers.
-    finetuning clip       video (3, T, H, W) normalised, label, index            (train / val)
-                          video (V, 3, T, H, W), V = clips x crops, crop-major   (test)
-    joint batch           the video keys and the image keys in one dict, with `video_label`,
-                          `video_index`, `image_label`, `image_index` instead of label / index
 
 `index` is the row actually returned (a replaced bad file gives its
 replacement's row), so evaluation can drop the duplicates that
 DistributedSampler pads in. Samples also carry `skipped` (a string naming the
-files that failed before this sample was found); the loaders below consume it.
+files that failed before this sample was found); the loaders consume it.
 
 Usage (train.py / finetune.py):
 
@@ -76,10 +83,11 @@ Usage (train.py / finetune.py):
         for batch in loader: ...             # this rank's `accum` micro-batches of each global batch:
                                              # batch["video"], batch["image_tok"], ...
 
-    ft = FINETUNE_RECIPES["ssv2"]            # or "k400"; dataclasses.replace(ft, frames=8, ...)
+    # The finetuning recipes (K400, SSv2, Diving48) are finetune.py's RECIPES:
+    ft = finetune.data_config(finetune.resolve_config({"recipe": "ssv2", "frames": 8}))
     train = build_finetune_loader("train", ft, ann=..., root=..., rank=rank, world_size=world_size)
 
-Commands:
+Commands (the tools at the end of this file):
 
     python data.py make-synthetic --out data/synthetic [--seed 0 --train 200 --val 60]
     python data.py check --ann LIST --root DIR [--official k400-val | --expect N] [--quick]
@@ -121,21 +129,23 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from masking import (KEY_ORDER, KEY_PIXELS, KEY_REPLACE, MaskGenerator, derive_seed, find_mask_generators,
-                     sample_seed)
-from tokenizer import lanczos_resize
+from masking import (KEY_ORDER, KEY_PIXELS, KEY_REPLACE, MASK_RATIO, MaskGenerator, derive_seed,
+                     find_mask_generators, sample_seed)
+from tokenizer import DOWNSAMPLE, lanczos_resize
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger("bevt.data")
 
 # -----------------------------------------------------------------------------
-# The paper's and the released configs' numbers
+# The pretraining recipe's numbers: paper §4.1 and the released
+# video_train_pipeline / image_train_pipeline. Defined once: the mask ratio is
+# masking.MASK_RATIO, the tokenizer's half size tokenizer.DOWNSAMPLE; the
+# finetuning numbers open the finetuning section below.
 
 # Normalisation (paper §4.1; released img_norm_cfg, RGB on 0-255).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
-# Pretraining (paper §4.1 table; released video_train_pipeline / image_train_pipeline).
 PRETRAIN_FRAMES = 16            # §4.1: "16 frames"; SampleFrames(clip_len=16)
 PRETRAIN_INTERVAL = 8           # SampleFrames(frame_interval=8)
 CROP = 224                      # §4.1: 224 x 224 crops; RandomCrop(size=224)
@@ -145,32 +155,6 @@ JITTER = 0.4                    # images: ColorJitter(brightness=0.4, contrast=0
 VIDEO_BATCH = 8                 # per GPU: omni_videos_per_gpu=[8, 64] (paper §4.1: 8 clips + 64 images)
 IMAGE_BATCH = 64
 WORKERS = 4                     # released workers_per_gpu=4
-TOKENIZER_DOWNSAMPLE = 2        # §3: the tokenizer sees the crop at 1/2 (CopyResize(scale=(112, 112)))
-
-# Finetuning (paper §4.1-4.2; released finetune configs).
-K400_FRAMES, K400_INTERVAL = 32, 2     # SampleFrames(clip_len=32, frame_interval=2)
-SSV2_FRAMES = 32                       # SampleFrames(clip_len=32, frame_uniform=True): one per segment
-FINETUNE_SHORT_SIDE = 256              # train/val: Resize(scale=(-1, 256))
-TEST_SHORT_SIDE = 224                  # test: Resize(scale=(-1, 224)) + ThreeCrop(224)
-K400_TEST_CLIPS, SSV2_TEST_CLIPS = 4, 1    # §4.1 / paper §4.1-4.2: 4 clips x 3 crops (K400), 1 x 3 (SSv2)
-TEST_CROPS = 3
-RRC_SCALE = (0.08, 1.0)                # RandomResizedCrop defaults: area_range
-RRC_RATIO = (3 / 4, 4 / 3)             # aspect_ratio_range (w/h)
-RRC_ATTEMPTS = 10                      # get_crop_bbox(max_attempts=10), then a centre crop
-RANDAUG_N, RANDAUG_M = 4, 7            # SSv2: Imgaug RandAugment(n=4, m=7)
-RANDAUG_M_MAX = 30                     # imgaug's RandAugment magnitude scale [0 .. 30]
-RANDAUG_FILL = 128                     # imgaug RandAugment cval
-ERASE_P = 0.25                         # SSv2: RandomErasing(probability=0.25) (timm)
-ERASE_AREA = (0.02, 1 / 3)             # timm RandomErasing min_area, max_area
-ERASE_ASPECT = 0.3                     # timm min_aspect; log-uniform in [0.3, 1/0.3]
-FINETUNE_BATCH = 8                     # videos_per_gpu=8
-EVAL_BATCH = 1                         # val/test videos_per_gpu=1
-
-# Robustness: how many replacement samples to try before deciding the data set
-# itself (not one file) is broken. Not a paper number.
-MAX_REPLACEMENTS = 50
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 # -----------------------------------------------------------------------------
@@ -188,6 +172,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # A folder tree given instead of a list (the image stream) is scanned once per
 # run, by rank 0, into a list file the other ranks read (`list_image_folder_once`).
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")   # the image files a folder scan lists
 LIST_MAGIC = b"# bevt image-folder list"       # first line of a list file written by a folder scan
 LIST_VERSION = 1                               # bump when the scan or the file format changes
 
@@ -937,13 +922,15 @@ def read_image(path: PathLike, min_short: Optional[int] = None) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# Augmentations on tensors
+# The pretraining transform: decoded pixels -> the sample dicts of the module docstring
 #
 # Shape vocabulary: decoded frames (T, H, W, 3) uint8 -> `frames_to_tensor` ->
 # (T, 3, H, W) uint8 in channels-last memory (a view, no copy), which is the
 # layout torch's fast uint8 resize takes. Geometry (resize, crops) runs on
 # uint8 so only the crop is ever converted to float; colour ops, the tokenizer
 # copy and normalisation run on floats in [0, 1]. An image is a 1-frame clip.
+# The pixel operations come in the order the transform (`PretrainTransform`,
+# at the end of this section) applies them.
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -977,57 +964,8 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> to
     return y.clamp_(0.0, 1.0) if y.is_floating_point() else y   # bicubic overshoots on floats
 
 
-def random_crop_box(h: int, w: int, size: int) -> tuple[int, int]:
-    """Top-left (top, left) of a uniformly random size x size window.
-
-    Differs from the released code: its np.random.randint(0, h - size) never
-    picks the last offset; here all h - size + 1 offsets are possible.
-    """
-    if size > h or size > w:
-        raise ValueError(f"crop {size} larger than the frame {h}x{w}")
-    return _randint(0, h - size), _randint(0, w - size)
-
-
-def center_crop_box(h: int, w: int, size: int) -> tuple[int, int]:
-    return (h - size) // 2, (w - size) // 2
-
-
-def three_crop_boxes(h: int, w: int, size: int) -> list[tuple[int, int]]:
-    """Three size x size windows along the long side: start, end, middle (released ThreeCrop order)."""
-    if min(h, w) != size:
-        raise ValueError(f"three-crop needs the short side resized to the crop size {size}, got {h}x{w}")
-    if w >= h:
-        step = (w - size) // 2
-        return [(0, 0), (0, 2 * step), (0, step)]               # left, right, middle
-    step = (h - size) // 2
-    return [(0, 0), (2 * step, 0), (step, 0)]                   # top, bottom, middle
-
-
-def random_resized_crop_box(h: int, w: int, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
-    """(top, left, ch, cw): area in `scale` x h*w, aspect cw/ch log-uniform in `ratio`.
-
-    The released get_crop_bbox: 10 candidates, the first that fits wins,
-    else the centred square of the short side.
-    """
-    area = h * w
-    for _ in range(RRC_ATTEMPTS):
-        target = _uniform(*scale) * area
-        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < ch <= h and 0 < cw <= w:
-            return _randint(0, h - ch), _randint(0, w - cw), ch, cw
-    s = min(h, w)
-    return (h - s) // 2, (w - s) // 2, s, s
-
-
-def hflip(x: torch.Tensor) -> torch.Tensor:
-    return x.flip(-1)
-
-
-# Greyscale weights: the released ColorJitter uses torchvision's; RandAugment's
-# enhance ops are PIL's ("L" conversion, ITU-R 601-2).
+# Greyscale weights of the released ColorJitter (torchvision's).
 _GREY_JITTER = (0.2989, 0.587, 0.114)
-_GREY_PIL = (0.299, 0.587, 0.114)
 
 
 def _grey(x: torch.Tensor, weights) -> torch.Tensor:
@@ -1059,6 +997,36 @@ def color_jitter(x: torch.Tensor, brightness=JITTER, contrast=JITTER, saturation
     return x.clamp(0.0, 1.0)
 
 
+def random_crop_box(h: int, w: int, size: int) -> tuple[int, int]:
+    """Top-left (top, left) of a uniformly random size x size window.
+
+    Differs from the released code: its np.random.randint(0, h - size) never
+    picks the last offset; here all h - size + 1 offsets are possible.
+    """
+    if size > h or size > w:
+        raise ValueError(f"crop {size} larger than the frame {h}x{w}")
+    return _randint(0, h - size), _randint(0, w - size)
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)
+
+
+def tokenizer_copy(x: torch.Tensor, resample: str = "pil") -> torch.Tensor:
+    """(N, 3, H, W) crop in [0, 1] -> (N, 3, H/2, W/2): what the tokenizer encodes (§3, paper §3 "Tokenizer").
+
+    tokenizer.lanczos_resize, the one Lanczos of the project: "pil" is BEiT's
+    antialiased Lanczos-3, "cv2" the released CopyResize's OpenCV Lanczos-4.
+    """
+    h, w = x.shape[-2:]
+    return lanczos_resize(x, (h // DOWNSAMPLE, w // DOWNSAMPLE), kind=resample)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] -> uint8, rounded to the nearest level (what a sample ships as)."""
+    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 _MEAN = torch.tensor(IMAGENET_MEAN) / 255.0
 _STD = torch.tensor(IMAGENET_STD) / 255.0
 
@@ -1081,11 +1049,6 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return x * _STD.view(3, 1, 1) + _MEAN.view(3, 1, 1)
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Floats in [0, 1] -> uint8, rounded to the nearest level (what a sample ships as)."""
-    return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
 def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     """A uint8 pretraining batch on the training device -> float32, mean/std normalised.
 
@@ -1103,346 +1066,88 @@ def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     return torch.addcmul(shift, x.float().mul_(1.0 / 255.0), scale)
 
 
-def tokenizer_copy(x: torch.Tensor, resample: str = "pil") -> torch.Tensor:
-    """(N, 3, H, W) crop in [0, 1] -> (N, 3, H/2, W/2): what the tokenizer encodes (§3, paper §3 "Tokenizer").
-
-    tokenizer.lanczos_resize, the one Lanczos of the project: "pil" is BEiT's
-    antialiased Lanczos-3, "cv2" the released CopyResize's OpenCV Lanczos-4.
-    """
-    h, w = x.shape[-2:]
-    return lanczos_resize(x, (h // TOKENIZER_DOWNSAMPLE, w // TOKENIZER_DOWNSAMPLE), kind=resample)
-
-
-def random_erasing(x: torch.Tensor, p: float = ERASE_P, area=ERASE_AREA, min_aspect: float = ERASE_ASPECT):
-    """timm RandomErasing(mode='const'): with probability p one rectangle set to 0 in every frame.
-
-    x: (..., H, W) *normalised* (it runs after Normalize, so 0 is the mean
-    colour), e.g. a clip (3, T, H, W). The released wrapper replays one RNG state per frame, so all
-    frames of a clip lose the same rectangle; here it is drawn once.
-    """
-    if p <= 0 or _uniform(0, 1) >= p:
-        return x
-    h, w = x.shape[-2:]
-    log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
-    for _ in range(10):                                          # timm: 10 attempts
-        target = _uniform(*area) * h * w
-        aspect = math.exp(_uniform(log_lo, log_hi))
-        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if ew < w and eh < h:
-            top, left = _randint(0, h - eh), _randint(0, w - ew)
-            x = x.clone()
-            x[..., top:top + eh, left:left + ew] = 0.0
-            break
-    return x
-
-
-# ---- RandAugment (SSv2 finetuning): imgaug's iaa.RandAugment(n, m) on tensors
-
-
-def _conv_same(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Depthwise 2D filter of (N, 3, H, W) with edge replication (PIL filters keep the border)."""
-    k = kernel.shape[-1]
-    weight = kernel.to(x.dtype).expand(3, 1, k, k)
-    return F.conv2d(F.pad(x, (k // 2,) * 4, mode="replicate"), weight, groups=3)
-
-
-_SMOOTH = torch.tensor([[1., 1, 1], [1, 5, 1], [1, 1, 1]]) / 13             # PIL ImageFilter.SMOOTH
-_BLUR = torch.tensor([[1., 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1],
-                      [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]) / 16               # PIL ImageFilter.BLUR
-
-
-def _affine(x: torch.Tensor, m: torch.Tensor, fill: float) -> torch.Tensor:
-    """Warp (N, 3, H, W) with m: 2x3 map from output to input pixel coordinates; outside -> fill."""
-    n, _, h, w = x.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
-    src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]               # (H, W) input x of every output pixel
-    src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
-    grid = torch.stack([(2 * src_x + 1) / w - 1, (2 * src_y + 1) / h - 1], -1)   # align_corners=False
-    grid = grid.expand(n, h, w, 2)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    inside = F.grid_sample(torch.ones_like(x[:, :1]), grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
-    return out + fill * (1 - inside)                           # blend the fill in where samples fell outside
-
-
-class RandAugment:
-    """imgaug's `iaa.RandAugment(n, m)` as the released SSv2 config runs it, on tensors.
-
-    Same ops and magnitudes (m on imgaug's [0, 30] scale): a random crop of up
-    to m/224 of each side resized back, then `n` distinct ops in random order
-    from: identity, autocontrast, equalize, invert, rotate +-m deg, posterize
-    to 8 - int(6m/30) bits, solarize above 256 - int(256m/30), colour /
-    contrast / brightness / sharpness factor 1 +- 0.9m/30, shear x/y +-m/30 *
-    0.3 rad, translate x/y +-0.33m/30 of the size, one square cutout of
-    (20/32)m/30 of the height, PIL's BLUR and SMOOTH filters. Affine ops fill
-    with grey 128 and sample bilinearly. The released Imgaug wrapper freezes
-    one draw (`to_deterministic`) for all frames of a clip; here one draw is
-    applied to the whole (T, 3, H, W) tensor. Statistics-based ops
-    (autocontrast, equalize, contrast) use each frame's own statistics, as
-    imgaug applied per frame does.
-
-    Differs from the released code: imgaug's RandAugment also flips
-    horizontally with p = 0.5 before the ops, although the SSv2 config sets
-    Flip(flip_ratio=0) because left/right matters there ("pushing something
-    from left to right"). That flip is off here (`flip=False`); pass
-    flip=True to reproduce the released behaviour.
-    """
-
-    OPS = ("identity", "autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "color",
-           "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
-           "cutout", "blur", "smooth")
-    # imgaug's maxima (reached at m = 30), from iaa.RandAugment._create_*_augmenters_list:
-    CROP_PX = 224              # initial crop: Uniform(0, m)/224 of each side
-    ROTATE_DEG = 30            # rotate: +-30 degrees
-    POSTERIZE_BITS = 6         # posterize: drop up to 6 of the 8 bits
-    SOLARIZE = 256             # solarize threshold 256 - int(256 * m/30)
-    ENHANCE = 0.9              # colour/contrast/brightness/sharpness factor 1 +- 0.9, clipped to [0.1, 1.9]
-    SHEAR_RAD = 0.3            # shear: +-0.3 rad
-    TRANSLATE = 0.33           # translate: +-0.33 of the size
-    CUTOUT = 20 / 32           # cutout side: up to 20/32 of the image
-
-    def __init__(self, n: int = RANDAUG_N, m: int = RANDAUG_M, fill: int = RANDAUG_FILL, flip: bool = False):
-        if not 0 <= n <= len(self.OPS):
-            raise ValueError(f"RandAugment n must be in [0, {len(self.OPS)}], got {n}")
-        self.n, self.m, self.fill, self.flip = n, m, fill / 255.0, flip
-        self.level = m / RANDAUG_M_MAX                          # magnitude as a fraction of imgaug's max
-
-    def __repr__(self):
-        return f"RandAugment(n={self.n}, m={self.m}, flip={self.flip})"
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, 3, H, W) floats in [0, 1] -> same shape, one random draw for all T frames."""
-        h, w = x.shape[-2:]
-        if self.flip and _uniform(0, 1) < 0.5:
-            x = hflip(x)
-        # imgaug: Crop(percent=Uniform(0, m)/224 per side) + KeepSizeByResize(linear).
-        t, b, l, r = (int(round(_uniform(0, self.m) / self.CROP_PX * s)) for s in (h, h, w, w))
-        if t + b < h and l + r < w and (t or b or l or r):
-            x = F.interpolate(x[..., t:h - b, l:w - r], size=(h, w), mode="bilinear", align_corners=False)
-        for op in torch.randperm(len(self.OPS))[:self.n].tolist():   # SomeOf(n, random_order=True)
-            x = self.apply(self.OPS[op], x).clamp(0.0, 1.0)
-        return x
-
-    def _sign(self) -> float:
-        return 1.0 if _uniform(0, 1) < 0.5 else -1.0
-
-    def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One op on (T, 3, H, W) floats in [0, 1]."""
-        lv, h, w = self.level, x.shape[-2], x.shape[-1]
-        if name == "identity":
-            return x
-        if name == "autocontrast":                              # per frame and channel: min -> 0, max -> 1
-            lo = x.amin(dim=(-2, -1), keepdim=True)
-            hi = x.amax(dim=(-2, -1), keepdim=True)
-            return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
-        if name == "equalize":
-            return _equalize(x)
-        if name == "invert":
-            return 1.0 - x
-        if name == "posterize":                                 # keep the top 8 - int(6*lv) bits
-            bits = 8 - min(int(self.POSTERIZE_BITS * lv), self.POSTERIZE_BITS)
-            q = (x * 255).round().to(torch.uint8) & (0xFF << (8 - bits) & 0xFF)
-            return q.float() / 255
-        if name == "solarize":                                  # invert values >= threshold (0-255 scale)
-            thr = max(0, min(256, self.SOLARIZE - int(self.SOLARIZE * lv))) / 255.0
-            return torch.where(x >= thr, 1.0 - x, x)
-        if name in ("color", "contrast", "brightness", "sharpness"):
-            f = min(max(1.0 + self._sign() * self.ENHANCE * lv, 0.1), 1.9)   # 1 +- 0.9*m/30, clipped
-            if name == "color":
-                degenerate = _grey(x, _GREY_PIL).expand_as(x)
-            elif name == "contrast":                            # PIL: mean of the grey image, per frame
-                degenerate = _grey(x, _GREY_PIL).mean(dim=(-3, -2, -1), keepdim=True).expand_as(x)
-            elif name == "brightness":
-                degenerate = torch.zeros_like(x)
-            else:
-                degenerate = _conv_same(x, _SMOOTH)
-            return degenerate + f * (x - degenerate)            # PIL ImageEnhance blend
-        if name == "rotate":                                    # about the centre, +-30*lv degrees
-            a = math.radians(self._sign() * self.ROTATE_DEG * lv)
-            cx, cy = (w - 1) / 2, (h - 1) / 2
-            cos, sin = math.cos(a), math.sin(a)
-            m = torch.tensor([[cos, -sin, cx - cos * cx + sin * cy], [sin, cos, cy - sin * cx - cos * cy]])
-            return _affine(x, m, self.fill)
-        if name in ("shear_x", "shear_y"):                      # about the top-left corner (imgaug center=(0, 0))
-            s = math.tan(self._sign() * self.SHEAR_RAD * lv)    # shear angle +-0.3 rad * m/30
-            m = torch.tensor([[1.0, s, 0.0], [0.0, 1.0, 0.0]]) if name == "shear_x" else \
-                torch.tensor([[1.0, 0.0, 0.0], [s, 1.0, 0.0]])
-            return _affine(x, m, self.fill)
-        if name in ("translate_x", "translate_y"):              # +-0.33*lv of the width / height
-            d = self._sign() * self.TRANSLATE * lv
-            m = torch.tensor([[1.0, 0.0, d * w], [0.0, 1.0, 0.0]]) if name == "translate_x" else \
-                torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, d * h]])
-            return _affine(x, m, self.fill)
-        if name == "cutout":                                    # one grey square, centre uniform over the image
-            side = max(1, int(round(min(self.CUTOUT * lv, self.CUTOUT) * h)))
-            cy, cx = _uniform(0, h), _uniform(0, w)
-            t, l = max(0, int(cy - side / 2)), max(0, int(cx - side / 2))
-            x = x.clone()
-            x[..., t:int(cy + side / 2), l:int(cx + side / 2)] = self.fill
-            return x
-        if name == "blur":
-            return _conv_same(x, _BLUR)
-        if name == "smooth":
-            return _conv_same(x, _SMOOTH)
-        raise ValueError(f"unknown RandAugment op {name!r}")
-
-
-def _equalize(x: torch.Tensor) -> torch.Tensor:
-    """PIL ImageOps.equalize per frame and channel of (T, 3, H, W) floats in [0, 1]."""
-    t, c, h, w = x.shape
-    v = (x * 255).round().long().reshape(t * c, h * w)                       # (T*3, H*W) levels
-    hist = torch.zeros(t * c, 256, dtype=torch.long).scatter_add_(1, v, torch.ones_like(v))
-    # PIL: step = (pixels - count of the last non-empty level) // 255; identity if 0.
-    last = 255 - torch.argmax((hist.flip(1) > 0).long(), dim=1)              # last non-empty level
-    step = (h * w - hist.gather(1, last[:, None])[:, 0]) // 255              # (T*3,)
-    cum = torch.cumsum(hist, 1) - hist                                        # pixels below each level
-    lut = ((step[:, None] // 2 + cum) // step.clamp_min(1)[:, None]).clamp(max=255)
-    lut = torch.where(step[:, None] > 0, lut, torch.arange(256).expand(t * c, 256))
-    return (lut.gather(1, v).float() / 255).reshape(t, c, h, w)
-
-
-# -----------------------------------------------------------------------------
-# Sample transforms: decoded pixels -> the sample dicts of the module docstring
-
-
-class PretrainClipTransform:
-    """Pretraining clip: rescale short side, random crop, flip, tokenizer copy, normalise, masks.
+class PretrainTransform:
+    """A pretraining sample, clip or image: rescale the short side, [colour jitter], random crop, flip,
+    tokenizer copy, masks.
 
     The released video_train_pipeline: RandomRescale(256, 320) bicubic ->
     RandomCrop(224) -> Flip(0.5) -> CopyResize(112, lanczos) -> Normalize, then
-    MaskedPositionGenerate (tube). One scale, crop and flip for all frames.
+    MaskedPositionGenerate (tube). Its image_train_pipeline is the same with
+    ColorJitter(0.4, 0.4, 0.4, hue 0) after the rescale, and the blockwise
+    mask: an image is the one-frame case of a clip, and colour jitter (images
+    only) is where the two recipes differ. One scale, crop and flip for all
+    frames of a clip. The random draws, in this order: short side, [jitter
+    factors and order], crop offsets, flip. Normalize runs on the training
+    device (`normalize_batch`): samples ship as uint8.
+
+    stream "video": frames (1, T, H, W, 3) uint8 -> {video, video_tok, video_mask, video_target};
+    stream "image": an image (H, W, 3) uint8 -> {image, image_tok, image_mask, image_target}
+    (shapes in the module docstring; no masks without a mask_gen). The
+    recipes' defaults: PretrainClipTransform and PretrainImageTransform below.
     """
 
-    def __init__(self, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
+    def __init__(self, stream: str, crop: int, short_side, flip: float, jitter: float,
                  mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
+        if stream not in ("video", "image"):
+            raise ValueError(f"stream must be 'video' or 'image', got {stream!r}")
         if min(short_side) < crop:
             raise ValueError(f"short side range {short_side} must be >= the crop {crop}")
-        self.crop, self.short_side, self.flip, self.resample = crop, tuple(short_side), flip, resample
-        self.mask_gen = mask_gen
+        self.stream, self.crop, self.short_side, self.flip = stream, crop, tuple(short_side), flip
+        self.jitter, self.mask_gen, self.resample = jitter, mask_gen, resample
 
-    def __call__(self, frames: np.ndarray) -> dict:
-        """frames (1, T, H, W, 3) uint8 -> {video, video_tok, video_mask, video_target}."""
-        assert frames.ndim == 5 and frames.shape[0] == 1, f"one clip (1, T, H, W, 3) expected, got {frames.shape}"
-        x = frames_to_tensor(frames[0])                                      # (T, 3, H, W) uint8
+    def __call__(self, pixels: np.ndarray) -> dict:
+        if self.stream == "video":
+            assert pixels.ndim == 5 and pixels.shape[0] == 1, f"one clip (1, T, H, W, 3) expected, got {pixels.shape}"
+            x = frames_to_tensor(pixels[0])                                  # (T, 3, H, W) uint8
+        else:
+            x = frames_to_tensor(pixels[None])                               # (1, 3, H, W) uint8: T = 1
         size = short_side_size(*x.shape[-2:], _randint(*self.short_side))
         x = resize(x, size, "bicubic")                                       # (T, 3, h', w') uint8
+        if self.jitter > 0:                        # the whole frame (contrast: its mean grey), back to 8 bits
+            x = to_uint8(color_jitter(to_float(x), self.jitter, self.jitter, self.jitter))   # (T, 3, h', w')
         top, left = random_crop_box(*size, self.crop)
         x = x[..., top:top + self.crop, left:left + self.crop]               # (T, 3, crop, crop) uint8 view
         if _uniform(0, 1) < self.flip:
             x = hflip(x)                                                     # flipped while still 1 byte/px
         tok = tokenizer_copy(to_float(x), self.resample)                     # (T, 3, crop/2, crop/2) in [0, 1]
         # Both ship as uint8 and are normalised on the training device (normalize_batch).
-        out = {"video": x.transpose(0, 1).contiguous(),                      # (3, T, crop, crop) uint8
-               "video_tok": to_uint8(tok).transpose(0, 1).contiguous()}      # (3, T, crop/2, crop/2) uint8
-        if self.mask_gen is not None:
-            inp, tgt = self.mask_gen()                                       # (T/2, h, w), (T, h, w)
-            out["video_mask"], out["video_target"] = torch.from_numpy(inp), torch.from_numpy(tgt)
+        x = x.transpose(0, 1).contiguous()                                   # (3, T, crop, crop) uint8
+        tok = to_uint8(tok).transpose(0, 1).contiguous()                     # (3, T, crop/2, crop/2) uint8
+        if self.stream == "image":
+            x, tok = x[:, 0], tok[:, 0]                                      # (3, crop, crop), (3, crop/2, crop/2)
+        out = {self.stream: x, f"{self.stream}_tok": tok}
+        if self.mask_gen is not None:                  # video (T/2, h, w), (T, h, w); image (h, w), (h, w)
+            inp, tgt = self.mask_gen()
+            out[f"{self.stream}_mask"], out[f"{self.stream}_target"] = torch.from_numpy(inp), torch.from_numpy(tgt)
         return out
 
 
-class PretrainImageTransform:
-    """Pretraining image: rescale short side, colour jitter, random crop, flip, tokenizer copy, normalise, mask.
-
-    The released image_train_pipeline: RandomRescale(256, 320) bicubic ->
-    ColorJitter(0.4, 0.4, 0.4, hue 0) -> RandomCrop(224) -> Flip(0.5) ->
-    CopyResize(112, lanczos) -> Normalize, then the blockwise mask.
-    """
+class PretrainClipTransform(PretrainTransform):
+    """The released video_train_pipeline: frames (1, T, H, W, 3) -> the video keys; no colour jitter."""
 
     def __init__(self, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
-                 jitter: float = JITTER, mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
-        if min(short_side) < crop:
-            raise ValueError(f"short side range {short_side} must be >= the crop {crop}")
-        self.crop, self.short_side, self.flip, self.jitter = crop, tuple(short_side), flip, jitter
-        self.mask_gen, self.resample = mask_gen, resample
-
-    def __call__(self, image: np.ndarray) -> dict:
-        """image (H, W, 3) uint8 -> {image, image_tok, image_mask, image_target}."""
-        x = frames_to_tensor(image[None])                                    # (1, 3, H, W) uint8
-        size = short_side_size(*x.shape[-2:], _randint(*self.short_side))
-        x = to_float(resize(x, size, "bicubic"))                             # (1, 3, h', w')
-        if self.jitter > 0:
-            x = color_jitter(x, self.jitter, self.jitter, self.jitter)
-        top, left = random_crop_box(*size, self.crop)
-        x = x[..., top:top + self.crop, left:left + self.crop]               # (1, 3, crop, crop)
-        if _uniform(0, 1) < self.flip:
-            x = hflip(x)
-        x = to_uint8(x)                                                      # (1, 3, crop, crop): ships as uint8
-        tok = tokenizer_copy(to_float(x), self.resample)                     # from the 8-bit image, as a video's
-        out = {"image": x[0].contiguous(),                                   # (3, crop, crop) uint8
-               "image_tok": to_uint8(tok)[0]}                                # (3, crop/2, crop/2) uint8
-        if self.mask_gen is not None:
-            inp, tgt = self.mask_gen()                                       # (h, w), (h, w)
-            out["image_mask"], out["image_target"] = torch.from_numpy(inp), torch.from_numpy(tgt)
-        return out
+                 mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
+        super().__init__("video", crop, short_side, flip, 0.0, mask_gen, resample)
 
 
-class FinetuneClipTransform:
-    """Finetuning clip transforms of the released K400 / SSv2 configs.
+class PretrainImageTransform(PretrainTransform):
+    """The released image_train_pipeline: an image (H, W, 3) -> the image keys; colour jitter 0.4."""
 
-    mode "train": Resize(short 256) -> RandomResizedCrop -> Resize(224x224) ->
-        Flip(p) -> [RandAugment(n, m)] -> Normalize -> [RandomErasing(p)]
-    mode "val":   Resize(short 256) -> CenterCrop(224)          -> (3, T, 224, 224)
-    mode "test":  Resize(short 224) -> ThreeCrop(224) (or 1 centre crop) per clip
-                  -> (clips*crops, 3, T, 224, 224), crop-major as the released FormatShape
-
-    Differs from the released code: training resizes once, from the decoded
-    frame straight to 224 x 224 (the random-resized-crop box is drawn in the
-    256-short-side frame and mapped back), instead of resizing to 256 and
-    then resizing the crop; for 256-px Kinetics re-encodes both are the same.
-    """
-
-    def __init__(self, mode: str, crop: int = CROP, short_side: int = FINETUNE_SHORT_SIDE,
-                 test_short_side: int = TEST_SHORT_SIDE, test_crops: int = TEST_CROPS,
-                 rrc_scale=RRC_SCALE, rrc_ratio=RRC_RATIO, flip: float = FLIP_P,
-                 randaug: Optional[RandAugment] = None, erase: float = 0.0):
-        if mode not in ("train", "val", "test"):
-            raise ValueError(f"mode must be train, val or test, got {mode!r}")
-        if test_crops not in (1, 3):
-            raise ValueError(f"test_crops must be 1 (centre) or 3 (three-crop), got {test_crops}")
-        self.mode, self.crop, self.short_side, self.test_short_side = mode, crop, short_side, test_short_side
-        self.test_crops, self.rrc_scale, self.rrc_ratio = test_crops, tuple(rrc_scale), tuple(rrc_ratio)
-        self.flip, self.randaug, self.erase = flip, randaug, erase
-
-    def __call__(self, frames: np.ndarray) -> dict:
-        """frames (clips, T, H, W, 3) uint8 -> {"video": ...} (shapes in the class docstring)."""
-        clips, T = frames.shape[:2]
-        x = frames_to_tensor(frames.reshape(clips * T, *frames.shape[2:]))   # (clips*T, 3, H, W) uint8
-        H, W = x.shape[-2:]
-        c = self.crop
-        if self.mode == "train":
-            assert clips == 1, "training takes one clip"
-            nh, nw = short_side_size(H, W, self.short_side)
-            top, left, ch, cw = random_resized_crop_box(nh, nw, self.rrc_scale, self.rrc_ratio)
-            sy, sx = H / nh, W / nw                                          # 256-short-side -> decoded pixels
-            t0, l0 = int(round(top * sy)), int(round(left * sx))
-            t1, l1 = max(t0 + 1, int(round((top + ch) * sy))), max(l0 + 1, int(round((left + cw) * sx)))
-            x = resize(x[..., t0:t1, l0:l1], (c, c), "bilinear")             # (T, 3, c, c) uint8
-            if _uniform(0, 1) < self.flip:
-                x = hflip(x)
-            x = to_float(x)
-            if self.randaug is not None:
-                x = self.randaug(x)
-            x = normalize(x, channels_first=True)                            # (3, T, c, c)
-            if self.erase > 0:
-                x = random_erasing(x, self.erase)                            # same rectangle in every frame
-            return {"video": x}
-        if self.mode == "val":
-            x = resize(x, short_side_size(H, W, self.short_side), "bilinear")
-            top, left = center_crop_box(*x.shape[-2:], c)
-            x = normalize(to_float(x[..., top:top + c, left:left + c]))     # (clips*T, 3, c, c)
-            x = x.view(clips, T, 3, c, c).transpose(1, 2)                    # (clips, 3, T, c, c)
-            return {"video": (x[0] if clips == 1 else x).contiguous()}
-        # test: every clip x every crop
-        x = resize(x, short_side_size(H, W, self.test_short_side), "bilinear")
-        h, w = x.shape[-2:]
-        boxes = three_crop_boxes(h, w, c) if self.test_crops == 3 else [center_crop_box(h, w, c)]
-        views = [normalize(to_float(x[..., t:t + c, l:l + c])).view(clips, T, 3, c, c) for t, l in boxes]
-        x = torch.cat(views).transpose(1, 2)                                 # (crops*clips, 3, T, c, c)
-        return {"video": x.contiguous()}
+    def __init__(self, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P, jitter: float = JITTER,
+                 mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
+        super().__init__("image", crop, short_side, flip, jitter, mask_gen, resample)
 
 
 # -----------------------------------------------------------------------------
-# Data sets: robust loading around the transforms
+# Masks and robustness: the data sets around the transforms
+#
+# Every random choice of a sample (frames, rescale, crop, flip, jitter, its
+# masks) is drawn from streams keyed by (seed, epoch, row index); a file that
+# cannot be decoded is replaced by another sample (`_RobustDataset`).
+
+# How many replacement samples to try before deciding the data set itself
+# (not one file) is broken. Not a paper number.
+MAX_REPLACEMENTS = 50
 
 
 class AllBadMedia(ValueError):
@@ -1862,7 +1567,7 @@ def loading_plan(num_workers: int, threads: int, streams: int = 1, local_world_s
 
 
 # -----------------------------------------------------------------------------
-# Configs and builders for train.py / finetune.py
+# The pretraining data config and loader (train.py)
 
 
 @dataclass
@@ -1876,47 +1581,13 @@ class PretrainDataConfig:
     flip: float = FLIP_P                       # Flip(0.5)
     jitter: float = JITTER                     # images only: brightness/contrast/saturation 0.4
     video_mask: str = "tube"                   # §3 MVM: tube masking (Table 8 ablations: masking.STRATEGIES)
-    mask_ratio: float = 0.5                    # §3: 0.5 per masked frame
+    mask_ratio: float = MASK_RATIO             # §3: 0.5 per masked frame (masking.py)
     video_batch: int = VIDEO_BATCH             # per GPU: 8 clips ...
     image_batch: int = IMAGE_BATCH             # ... + 64 images (omni_videos_per_gpu=[8, 64])
     num_workers: int = WORKERS                 # per rank
     decode_threads: Optional[int] = None       # None: cores // workers (auto_decode_threads)
     tok_resample: str = "pil"                  # tokenizer copy: "pil" (BEiT) or "cv2" (released CopyResize)
     seed: int = 0                              # base of the mask streams and of the sampler shuffle
-
-
-@dataclass
-class FinetuneDataConfig:
-    """Finetuning data (paper §4.1-4.2). Defaults: the released K400 config; see FINETUNE_RECIPES."""
-    sampling: str = "dense"                    # "dense" (K400) or "uniform" (SSv2 segments)
-    frames: int = K400_FRAMES                  # 32 frames
-    interval: int = K400_INTERVAL              # x 2 (dense only)
-    crop: int = CROP
-    short_side: int = FINETUNE_SHORT_SIDE      # train / val resize
-    test_short_side: int = TEST_SHORT_SIDE     # test resize before ThreeCrop
-    test_clips: int = K400_TEST_CLIPS          # K400: 4 clips x 3 crops
-    test_crops: int = TEST_CROPS
-    rrc_scale: tuple = RRC_SCALE
-    rrc_ratio: tuple = RRC_RATIO
-    flip: float = FLIP_P                       # K400 0.5; SSv2 0 (left/right matters)
-    randaug_n: int = 0                         # 0 = off; SSv2: RandAugment(n=4, m=7)
-    randaug_m: int = RANDAUG_M
-    erase: float = 0.0                         # SSv2: random erasing 0.25
-    batch_size: int = FINETUNE_BATCH           # per GPU, training
-    eval_batch_size: int = EVAL_BATCH          # val / test
-    num_workers: int = WORKERS
-    decode_threads: Optional[int] = None
-    seed: int = 0
-
-
-FINETUNE_RECIPES = {
-    # released swin_base_patch244_window877_bevt_finetune_k400.py
-    "k400": FinetuneDataConfig(),
-    # released swin_base_patch244_window1677_bevt_finetune_ssv2.py
-    "ssv2": FinetuneDataConfig(sampling="uniform", frames=SSV2_FRAMES, interval=1, flip=0.0,
-                               randaug_n=RANDAUG_N, randaug_m=RANDAUG_M, erase=ERASE_P,
-                               test_clips=SSV2_TEST_CLIPS),
-}
 
 
 def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Optional[PathLike] = None,
@@ -1959,6 +1630,350 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
     if stage == "joint":
         return JointLoader(videos, images)
     return videos if stage == "video" else images
+
+
+# -----------------------------------------------------------------------------
+# Finetuning (paper §4.1-4.2)
+#
+# Finetuning reuses the pretraining path's lists, frame sampling, decoding,
+# data sets and loaders. What only its recipes use follows: the evaluation
+# crops, random-resized-crop, random erasing and RandAugment (SSv2), the clip
+# transform, its config and loader. Which recipe turns on what (K400, SSv2,
+# Diving48) is finetune.py's RECIPES; FinetuneDataConfig's defaults are K400's.
+
+# The released finetune configs' numbers (paper §4.1-4.2).
+K400_FRAMES, K400_INTERVAL = 32, 2     # SampleFrames(clip_len=32, frame_interval=2)
+FINETUNE_SHORT_SIDE = 256              # train/val: Resize(scale=(-1, 256))
+TEST_SHORT_SIDE = 224                  # test: Resize(scale=(-1, 224)) + ThreeCrop(224)
+K400_TEST_CLIPS = 4                    # paper §4.1-4.2: 4 clips x 3 crops (K400; SSv2 1 x 3)
+TEST_CROPS = 3
+RRC_SCALE = (0.08, 1.0)                # RandomResizedCrop defaults: area_range
+RRC_RATIO = (3 / 4, 4 / 3)             # aspect_ratio_range (w/h)
+RRC_ATTEMPTS = 10                      # get_crop_bbox(max_attempts=10), then a centre crop
+RANDAUG_N, RANDAUG_M = 4, 7            # SSv2: Imgaug RandAugment(n=4, m=7)
+RANDAUG_M_MAX = 30                     # imgaug's RandAugment magnitude scale [0 .. 30]
+RANDAUG_FILL = 128                     # imgaug RandAugment cval
+ERASE_P = 0.25                         # SSv2: RandomErasing(probability=0.25) (timm)
+ERASE_AREA = (0.02, 1 / 3)             # timm RandomErasing min_area, max_area
+ERASE_ASPECT = 0.3                     # timm min_aspect; log-uniform in [0.3, 1/0.3]
+FINETUNE_BATCH = 8                     # videos_per_gpu=8
+EVAL_BATCH = 1                         # val/test videos_per_gpu=1
+
+
+def center_crop_box(h: int, w: int, size: int) -> tuple[int, int]:
+    return (h - size) // 2, (w - size) // 2
+
+
+def three_crop_boxes(h: int, w: int, size: int) -> list[tuple[int, int]]:
+    """Three size x size windows along the long side: start, end, middle (released ThreeCrop order)."""
+    if min(h, w) != size:
+        raise ValueError(f"three-crop needs the short side resized to the crop size {size}, got {h}x{w}")
+    if w >= h:
+        step = (w - size) // 2
+        return [(0, 0), (0, 2 * step), (0, step)]               # left, right, middle
+    step = (h - size) // 2
+    return [(0, 0), (2 * step, 0), (step, 0)]                   # top, bottom, middle
+
+
+def random_resized_crop_box(h: int, w: int, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, ch, cw): area in `scale` x h*w, aspect cw/ch log-uniform in `ratio`.
+
+    The released get_crop_bbox: 10 candidates, the first that fits wins,
+    else the centred square of the short side.
+    """
+    area = h * w
+    for _ in range(RRC_ATTEMPTS):
+        target = _uniform(*scale) * area
+        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < ch <= h and 0 < cw <= w:
+            return _randint(0, h - ch), _randint(0, w - cw), ch, cw
+    s = min(h, w)
+    return (h - s) // 2, (w - s) // 2, s, s
+
+
+def random_erasing(x: torch.Tensor, p: float = ERASE_P, area=ERASE_AREA, min_aspect: float = ERASE_ASPECT):
+    """timm RandomErasing(mode='const'): with probability p one rectangle set to 0 in every frame.
+
+    x: (..., H, W) *normalised* (it runs after Normalize, so 0 is the mean
+    colour), e.g. a clip (3, T, H, W). The released wrapper replays one RNG state per frame, so all
+    frames of a clip lose the same rectangle; here it is drawn once.
+    """
+    if p <= 0 or _uniform(0, 1) >= p:
+        return x
+    h, w = x.shape[-2:]
+    log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
+    for _ in range(10):                                          # timm: 10 attempts
+        target = _uniform(*area) * h * w
+        aspect = math.exp(_uniform(log_lo, log_hi))
+        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if ew < w and eh < h:
+            top, left = _randint(0, h - eh), _randint(0, w - ew)
+            x = x.clone()
+            x[..., top:top + eh, left:left + ew] = 0.0
+            break
+    return x
+
+
+# ---- RandAugment (SSv2 finetuning): imgaug's iaa.RandAugment(n, m) on tensors
+
+# Greyscale weights of RandAugment's enhance ops: PIL's ("L" conversion, ITU-R 601-2).
+_GREY_PIL = (0.299, 0.587, 0.114)
+
+
+def _conv_same(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Depthwise 2D filter of (N, 3, H, W) with edge replication (PIL filters keep the border)."""
+    k = kernel.shape[-1]
+    weight = kernel.to(x.dtype).expand(3, 1, k, k)
+    return F.conv2d(F.pad(x, (k // 2,) * 4, mode="replicate"), weight, groups=3)
+
+
+_SMOOTH = torch.tensor([[1., 1, 1], [1, 5, 1], [1, 1, 1]]) / 13             # PIL ImageFilter.SMOOTH
+_BLUR = torch.tensor([[1., 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1],
+                      [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]) / 16               # PIL ImageFilter.BLUR
+
+
+def _affine(x: torch.Tensor, m: torch.Tensor, fill: float) -> torch.Tensor:
+    """Warp (N, 3, H, W) with m: 2x3 map from output to input pixel coordinates; outside -> fill."""
+    n, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+    src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]               # (H, W) input x of every output pixel
+    src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+    grid = torch.stack([(2 * src_x + 1) / w - 1, (2 * src_y + 1) / h - 1], -1)   # align_corners=False
+    grid = grid.expand(n, h, w, 2)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    inside = F.grid_sample(torch.ones_like(x[:, :1]), grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)
+    return out + fill * (1 - inside)                           # blend the fill in where samples fell outside
+
+
+class RandAugment:
+    """imgaug's `iaa.RandAugment(n, m)` as the released SSv2 config runs it, on tensors.
+
+    Same ops and magnitudes (m on imgaug's [0, 30] scale): a random crop of up
+    to m/224 of each side resized back, then `n` distinct ops in random order
+    from: identity, autocontrast, equalize, invert, rotate +-m deg, posterize
+    to 8 - int(6m/30) bits, solarize above 256 - int(256m/30), colour /
+    contrast / brightness / sharpness factor 1 +- 0.9m/30, shear x/y +-m/30 *
+    0.3 rad, translate x/y +-0.33m/30 of the size, one square cutout of
+    (20/32)m/30 of the height, PIL's BLUR and SMOOTH filters. Affine ops fill
+    with grey 128 and sample bilinearly. The released Imgaug wrapper freezes
+    one draw (`to_deterministic`) for all frames of a clip; here one draw is
+    applied to the whole (T, 3, H, W) tensor. Statistics-based ops
+    (autocontrast, equalize, contrast) use each frame's own statistics, as
+    imgaug applied per frame does.
+
+    Differs from the released code: imgaug's RandAugment also flips
+    horizontally with p = 0.5 before the ops, although the SSv2 config sets
+    Flip(flip_ratio=0) because left/right matters there ("pushing something
+    from left to right"). That flip is off here (`flip=False`); pass
+    flip=True to reproduce the released behaviour.
+    """
+
+    OPS = ("identity", "autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "color",
+           "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y",
+           "cutout", "blur", "smooth")
+    # imgaug's maxima (reached at m = 30), from iaa.RandAugment._create_*_augmenters_list:
+    CROP_PX = 224              # initial crop: Uniform(0, m)/224 of each side
+    ROTATE_DEG = 30            # rotate: +-30 degrees
+    POSTERIZE_BITS = 6         # posterize: drop up to 6 of the 8 bits
+    SOLARIZE = 256             # solarize threshold 256 - int(256 * m/30)
+    ENHANCE = 0.9              # colour/contrast/brightness/sharpness factor 1 +- 0.9, clipped to [0.1, 1.9]
+    SHEAR_RAD = 0.3            # shear: +-0.3 rad
+    TRANSLATE = 0.33           # translate: +-0.33 of the size
+    CUTOUT = 20 / 32           # cutout side: up to 20/32 of the image
+
+    def __init__(self, n: int = RANDAUG_N, m: int = RANDAUG_M, fill: int = RANDAUG_FILL, flip: bool = False):
+        if not 0 <= n <= len(self.OPS):
+            raise ValueError(f"RandAugment n must be in [0, {len(self.OPS)}], got {n}")
+        self.n, self.m, self.fill, self.flip = n, m, fill / 255.0, flip
+        self.level = m / RANDAUG_M_MAX                          # magnitude as a fraction of imgaug's max
+
+    def __repr__(self):
+        return f"RandAugment(n={self.n}, m={self.m}, flip={self.flip})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, 3, H, W) floats in [0, 1] -> same shape, one random draw for all T frames."""
+        h, w = x.shape[-2:]
+        if self.flip and _uniform(0, 1) < 0.5:
+            x = hflip(x)
+        # imgaug: Crop(percent=Uniform(0, m)/224 per side) + KeepSizeByResize(linear).
+        t, b, l, r = (int(round(_uniform(0, self.m) / self.CROP_PX * s)) for s in (h, h, w, w))
+        if t + b < h and l + r < w and (t or b or l or r):
+            x = F.interpolate(x[..., t:h - b, l:w - r], size=(h, w), mode="bilinear", align_corners=False)
+        for op in torch.randperm(len(self.OPS))[:self.n].tolist():   # SomeOf(n, random_order=True)
+            x = self.apply(self.OPS[op], x).clamp(0.0, 1.0)
+        return x
+
+    def _sign(self) -> float:
+        return 1.0 if _uniform(0, 1) < 0.5 else -1.0
+
+    def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One op on (T, 3, H, W) floats in [0, 1]."""
+        lv, h, w = self.level, x.shape[-2], x.shape[-1]
+        if name == "identity":
+            return x
+        if name == "autocontrast":                              # per frame and channel: min -> 0, max -> 1
+            lo = x.amin(dim=(-2, -1), keepdim=True)
+            hi = x.amax(dim=(-2, -1), keepdim=True)
+            return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
+        if name == "equalize":
+            return _equalize(x)
+        if name == "invert":
+            return 1.0 - x
+        if name == "posterize":                                 # keep the top 8 - int(6*lv) bits
+            bits = 8 - min(int(self.POSTERIZE_BITS * lv), self.POSTERIZE_BITS)
+            q = (x * 255).round().to(torch.uint8) & (0xFF << (8 - bits) & 0xFF)
+            return q.float() / 255
+        if name == "solarize":                                  # invert values >= threshold (0-255 scale)
+            thr = max(0, min(256, self.SOLARIZE - int(self.SOLARIZE * lv))) / 255.0
+            return torch.where(x >= thr, 1.0 - x, x)
+        if name in ("color", "contrast", "brightness", "sharpness"):
+            f = min(max(1.0 + self._sign() * self.ENHANCE * lv, 0.1), 1.9)   # 1 +- 0.9*m/30, clipped
+            if name == "color":
+                degenerate = _grey(x, _GREY_PIL).expand_as(x)
+            elif name == "contrast":                            # PIL: mean of the grey image, per frame
+                degenerate = _grey(x, _GREY_PIL).mean(dim=(-3, -2, -1), keepdim=True).expand_as(x)
+            elif name == "brightness":
+                degenerate = torch.zeros_like(x)
+            else:
+                degenerate = _conv_same(x, _SMOOTH)
+            return degenerate + f * (x - degenerate)            # PIL ImageEnhance blend
+        if name == "rotate":                                    # about the centre, +-30*lv degrees
+            a = math.radians(self._sign() * self.ROTATE_DEG * lv)
+            cx, cy = (w - 1) / 2, (h - 1) / 2
+            cos, sin = math.cos(a), math.sin(a)
+            m = torch.tensor([[cos, -sin, cx - cos * cx + sin * cy], [sin, cos, cy - sin * cx - cos * cy]])
+            return _affine(x, m, self.fill)
+        if name in ("shear_x", "shear_y"):                      # about the top-left corner (imgaug center=(0, 0))
+            s = math.tan(self._sign() * self.SHEAR_RAD * lv)    # shear angle +-0.3 rad * m/30
+            m = torch.tensor([[1.0, s, 0.0], [0.0, 1.0, 0.0]]) if name == "shear_x" else \
+                torch.tensor([[1.0, 0.0, 0.0], [s, 1.0, 0.0]])
+            return _affine(x, m, self.fill)
+        if name in ("translate_x", "translate_y"):              # +-0.33*lv of the width / height
+            d = self._sign() * self.TRANSLATE * lv
+            m = torch.tensor([[1.0, 0.0, d * w], [0.0, 1.0, 0.0]]) if name == "translate_x" else \
+                torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, d * h]])
+            return _affine(x, m, self.fill)
+        if name == "cutout":                                    # one grey square, centre uniform over the image
+            side = max(1, int(round(min(self.CUTOUT * lv, self.CUTOUT) * h)))
+            cy, cx = _uniform(0, h), _uniform(0, w)
+            t, l = max(0, int(cy - side / 2)), max(0, int(cx - side / 2))
+            x = x.clone()
+            x[..., t:int(cy + side / 2), l:int(cx + side / 2)] = self.fill
+            return x
+        if name == "blur":
+            return _conv_same(x, _BLUR)
+        if name == "smooth":
+            return _conv_same(x, _SMOOTH)
+        raise ValueError(f"unknown RandAugment op {name!r}")
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    """PIL ImageOps.equalize per frame and channel of (T, 3, H, W) floats in [0, 1]."""
+    t, c, h, w = x.shape
+    v = (x * 255).round().long().reshape(t * c, h * w)                       # (T*3, H*W) levels
+    hist = torch.zeros(t * c, 256, dtype=torch.long).scatter_add_(1, v, torch.ones_like(v))
+    # PIL: step = (pixels - count of the last non-empty level) // 255; identity if 0.
+    last = 255 - torch.argmax((hist.flip(1) > 0).long(), dim=1)              # last non-empty level
+    step = (h * w - hist.gather(1, last[:, None])[:, 0]) // 255              # (T*3,)
+    cum = torch.cumsum(hist, 1) - hist                                        # pixels below each level
+    lut = ((step[:, None] // 2 + cum) // step.clamp_min(1)[:, None]).clamp(max=255)
+    lut = torch.where(step[:, None] > 0, lut, torch.arange(256).expand(t * c, 256))
+    return (lut.gather(1, v).float() / 255).reshape(t, c, h, w)
+
+
+# ---- The finetuning clip transform, config and loader (finetune.py)
+
+
+class FinetuneClipTransform:
+    """Finetuning clip transforms of the released K400 / SSv2 configs.
+
+    mode "train": Resize(short 256) -> RandomResizedCrop -> Resize(224x224) ->
+        Flip(p) -> [RandAugment(n, m)] -> Normalize -> [RandomErasing(p)]
+    mode "val":   Resize(short 256) -> CenterCrop(224)          -> (3, T, 224, 224)
+    mode "test":  Resize(short 224) -> ThreeCrop(224) (or 1 centre crop) per clip
+                  -> (clips*crops, 3, T, 224, 224), crop-major as the released FormatShape
+
+    Differs from the released code: training resizes once, from the decoded
+    frame straight to 224 x 224 (the random-resized-crop box is drawn in the
+    256-short-side frame and mapped back), instead of resizing to 256 and
+    then resizing the crop; for 256-px Kinetics re-encodes both are the same.
+    """
+
+    def __init__(self, mode: str, crop: int = CROP, short_side: int = FINETUNE_SHORT_SIDE,
+                 test_short_side: int = TEST_SHORT_SIDE, test_crops: int = TEST_CROPS,
+                 rrc_scale=RRC_SCALE, rrc_ratio=RRC_RATIO, flip: float = FLIP_P,
+                 randaug: Optional[RandAugment] = None, erase: float = 0.0):
+        if mode not in ("train", "val", "test"):
+            raise ValueError(f"mode must be train, val or test, got {mode!r}")
+        if test_crops not in (1, 3):
+            raise ValueError(f"test_crops must be 1 (centre) or 3 (three-crop), got {test_crops}")
+        self.mode, self.crop, self.short_side, self.test_short_side = mode, crop, short_side, test_short_side
+        self.test_crops, self.rrc_scale, self.rrc_ratio = test_crops, tuple(rrc_scale), tuple(rrc_ratio)
+        self.flip, self.randaug, self.erase = flip, randaug, erase
+
+    def __call__(self, frames: np.ndarray) -> dict:
+        """frames (clips, T, H, W, 3) uint8 -> {"video": ...} (shapes in the class docstring)."""
+        clips, T = frames.shape[:2]
+        x = frames_to_tensor(frames.reshape(clips * T, *frames.shape[2:]))   # (clips*T, 3, H, W) uint8
+        H, W = x.shape[-2:]
+        c = self.crop
+        if self.mode == "train":
+            assert clips == 1, "training takes one clip"
+            nh, nw = short_side_size(H, W, self.short_side)
+            top, left, ch, cw = random_resized_crop_box(nh, nw, self.rrc_scale, self.rrc_ratio)
+            sy, sx = H / nh, W / nw                                          # 256-short-side -> decoded pixels
+            t0, l0 = int(round(top * sy)), int(round(left * sx))
+            t1, l1 = max(t0 + 1, int(round((top + ch) * sy))), max(l0 + 1, int(round((left + cw) * sx)))
+            x = resize(x[..., t0:t1, l0:l1], (c, c), "bilinear")             # (T, 3, c, c) uint8
+            if _uniform(0, 1) < self.flip:
+                x = hflip(x)
+            x = to_float(x)
+            if self.randaug is not None:
+                x = self.randaug(x)
+            x = normalize(x, channels_first=True)                            # (3, T, c, c)
+            if self.erase > 0:
+                x = random_erasing(x, self.erase)                            # same rectangle in every frame
+            return {"video": x}
+        if self.mode == "val":
+            x = resize(x, short_side_size(H, W, self.short_side), "bilinear")
+            top, left = center_crop_box(*x.shape[-2:], c)
+            x = normalize(to_float(x[..., top:top + c, left:left + c]))     # (clips*T, 3, c, c)
+            x = x.view(clips, T, 3, c, c).transpose(1, 2)                    # (clips, 3, T, c, c)
+            return {"video": (x[0] if clips == 1 else x).contiguous()}
+        # test: every clip x every crop
+        x = resize(x, short_side_size(H, W, self.test_short_side), "bilinear")
+        h, w = x.shape[-2:]
+        boxes = three_crop_boxes(h, w, c) if self.test_crops == 3 else [center_crop_box(h, w, c)]
+        views = [normalize(to_float(x[..., t:t + c, l:l + c])).view(clips, T, 3, c, c) for t, l in boxes]
+        x = torch.cat(views).transpose(1, 2)                                 # (crops*clips, 3, T, c, c)
+        return {"video": x.contiguous()}
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Finetuning data (paper §4.1-4.2). Defaults: the released K400 config; the recipes of every
+    data set are finetune.py's RECIPES (finetune.data_config makes this config from them)."""
+    sampling: str = "dense"                    # "dense" (K400) or "uniform" (SSv2 segments)
+    frames: int = K400_FRAMES                  # 32 frames
+    interval: int = K400_INTERVAL              # x 2 (dense only)
+    crop: int = CROP
+    short_side: int = FINETUNE_SHORT_SIDE      # train / val resize
+    test_short_side: int = TEST_SHORT_SIDE     # test resize before ThreeCrop
+    test_clips: int = K400_TEST_CLIPS          # K400: 4 clips x 3 crops
+    test_crops: int = TEST_CROPS
+    rrc_scale: tuple = RRC_SCALE
+    rrc_ratio: tuple = RRC_RATIO
+    flip: float = FLIP_P                       # K400 0.5; SSv2 0 (left/right matters)
+    randaug_n: int = 0                         # 0 = off; SSv2: RandAugment(n=4, m=7)
+    randaug_m: int = RANDAUG_M
+    erase: float = 0.0                         # SSv2: random erasing 0.25
+    batch_size: int = FINETUNE_BATCH           # per GPU, training
+    eval_batch_size: int = EVAL_BATCH          # val / test
+    num_workers: int = WORKERS
+    decode_threads: Optional[int] = None
+    seed: int = 0
 
 
 def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, root: PathLike,
@@ -2004,380 +2019,8 @@ def shuffle_frames(video: torch.Tensor, generator: Optional[torch.Generator] = N
     return video[..., perm, :, :]
 
 
-# -----------------------------------------------------------------------------
-# The synthetic data set: appearance labels vs labels that need time
-#
-# Each video is a smooth, weakly tinted grey texture with one saturated object
-# (3 shapes x 6 colours). The whole scene drifts right or left: the
-# background pans at 1-2 px per frame and the object moves, faster (2-3.5 px
-# per frame), the same way. Both live on a torus (the texture is periodic and
-# the object wraps around the edges). Every video carries two labels,
-# independent of each other:
-#   appearance (6 classes, the object's colour, drawn at random; its shape is
-#     a nuisance): one frame tells it (a K400 stand-in);
-#   motion (2 classes, right or left; even-numbered videos move right and odd
-#     ones left, so every split is balanced and the majority class is chance):
-#     only the order of the frames tells it (an SSv2 stand-in: SSv2 has such
-#     pairs, e.g. "pushing something from left to right" and "... from right
-#     to left"). One frame cannot, because the start position of the object
-#     and the texture phase are uniform, so at every time step a frame has the
-#     same law whatever the direction; and a shuffled clip moving right has
-#     the same law as a shuffled clip moving left, so shuffling destroys the
-#     label completely (paper Table 2). Flipping a clip left-right swaps the
-#     two classes: use flip=0 for motion labels, as SSv2 does.
-# Images are single frames of the same kind of scene, in a folder tree by
-# appearance class, for the image stream and for fitting the offline tokenizer.
-#
-# Why these sizes (version 2): with a 10-15 px object, 3 shapes x 2 colours
-# as the appearance classes and a static background (version 1), the CPU
-# Swin from scratch had learnt only the colour after 500 finetuning steps and
-# nothing of the direction after 600 (its one moving object covered ~2% of
-# the tokens). Colour on a 18-26 px object, and a drift every token sees, are
-# learnt in a few hundred steps (README, "Finetuning"), which the 10-minute
-# CPU demo can afford.
-# Why two directions (version 3): version 2 had four (right, left, down, up).
-# A shuffled clip still shows its axis (the frames' positions spread along x
-# or along y), so shuffled frames told "right or left" from "down or up" and a
-# model could score 50% on them with no temporal order at all (seeds of the
-# demo gave 33-45% against a 25% chance). Any set of straight motions has that
-# leak unless all of them share one axis; with one axis, the only classes that
-# shuffling cannot separate are a motion and its reverse.
-SYNTHETIC_VERSION = 3
-SYN_FRAMES = 32                       # frames per video (2 s at 16 fps)
-SYN_HEIGHT, SYN_WIDTH = 128, 160      # short side 128: the CPU demo rescales to [128, 160] and crops 112
-SYN_FPS = 16
-SYN_GOP = 16                          # a keyframe every 16 frames, so seeking has something to do
-SYN_CRF = 26                          # x264 quality: ~10 KB per video
-# One thread and no assembly: with either, this x264 build (PyAV's) wrote different bytes for the
-# same frames in about 1 run in 20 (measured); without both, 0 in 400. Encoding costs ~50% more
-# (48 vs 31 ms per 32-frame video), and the data set is byte-reproducible from its seed.
-SYN_X264 = {"crf": str(SYN_CRF), "preset": "veryfast", "threads": "1", "x264-params": "asm=0"}
-SYN_TRAIN, SYN_VAL = 200, 60          # videos per split (each video is listed in both label sets)
-SYN_IMAGES_TRAIN, SYN_IMAGES_VAL = 80, 10     # images per appearance class
-SYN_PNG_EVERY = 8                     # every 8th image is PNG, the rest JPEG (quality 90)
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"blue": (40, 80, 225), "cyan": (40, 205, 220), "green": (40, 185, 60),
-           "magenta": (215, 50, 200), "red": (220, 45, 40), "yellow": (235, 210, 40)}   # saturation >= 145
-APPEARANCE_CLASSES = tuple(sorted(COLOURS))                                          # sorted = label order
-MOTION_CLASSES = ("right", "left")
-MOTION_VECTORS = {"right": (1, 0), "left": (-1, 0)}                 # (dx, dy) per unit of speed
-RADIUS_FRAC = (0.14, 0.20)            # object radius as a fraction of the frame height (18-26 px at 128)
-SPEED_FRAC = (0.0125, 0.022)          # object: pixels per frame as a fraction of the width (2-3.5 px at 160)
-PAN_FRAC = (0.006, 0.0125)            # background: pixels per frame as a fraction of the width (1-2 px at 160)
-DONE_NAME = "DONE"
-
-
-def _syn_params(seed: int, split: str, k: int, height: int, width: int) -> dict:
-    """The random draws of one video: its own stream, so sizes never change other videos."""
-    rng = np.random.default_rng([seed, {"train": 0, "val": 1, "img-train": 2, "img-val": 3}[split], k])
-    return {
-        "shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
-        "direction": k % len(MOTION_CLASSES),                           # balanced splits
-        "radius": rng.uniform(*RADIUS_FRAC) * height, "speed": rng.uniform(*SPEED_FRAC) * width,
-        "pan": rng.uniform(*PAN_FRAC) * width,
-        "x0": rng.uniform(0, width), "y0": rng.uniform(0, height),
-        "colour_jitter": rng.normal(0, 12, 3), "bg_seed": int(rng.integers(2 ** 31)),
-    }
-
-
-def _periodic_noise(rng: np.random.Generator, height: int, width: int, sigma: float) -> np.ndarray:
-    """(H, W) smooth noise that tiles the torus: white noise low-passed with a Gaussian of
-    `sigma` px in the Fourier domain, scaled to unit standard deviation."""
-    fy = np.fft.fftfreq(height)[:, None]                         # cycles per pixel, (H, 1)
-    fx = np.fft.rfftfreq(width)[None, :]                         # (1, W//2+1)
-    spectrum = np.fft.rfft2(rng.standard_normal((height, width)))
-    z = np.fft.irfft2(spectrum * np.exp(-2 * (np.pi * sigma) ** 2 * (fx ** 2 + fy ** 2)), s=(height, width))
-    return z / max(z.std(), 1e-8)
-
-
-def _syn_background(seed: int, height: int, width: int) -> np.ndarray:
-    """(H, W, 3) float64: a smooth grey texture with a weak tint (low saturation, so the object
-    stands out), periodic in both axes so that it can pan forever. Not yet clipped to [0, 255].
-
-    Numpy only: torch's OpenMP threads would spin between calls and steal the
-    two cores from the x264 encoder threads.
-    """
-    rng = np.random.default_rng(seed)
-    base = rng.uniform(70, 180)                                  # mean grey level
-    lum = base + 28 * _periodic_noise(rng, height, width, 8.0) + 8 * _periodic_noise(rng, height, width, 2.0)
-    tint = 10 * rng.standard_normal(3) + 6 * np.stack([_periodic_noise(rng, height, width, 16.0) for _ in range(3)], -1)
-    return lum[..., None] + tint
-
-
-def _pan(background: np.ndarray, shifts) -> np.ndarray:
-    """background (H, W, 3) periodic -> (n, H, W, 3): copies translated by (dx, dy) px each
-    (sub-pixel, exact on the torus: a phase ramp in the Fourier domain), clipped to [0, 255]."""
-    H, W = background.shape[:2]
-    fy = np.fft.fftfreq(H)[:, None, None]                        # (H, 1, 1)
-    fx = np.fft.rfftfreq(W)[None, :, None]                       # (1, W//2+1, 1)
-    spectrum = np.fft.rfft2(background, axes=(0, 1))             # (H, W//2+1, 3)
-    d = np.asarray(shifts, np.float64).reshape(-1, 2)[:, :, None, None, None]   # (n, 2, 1, 1, 1)
-    ramp = np.exp(-2j * np.pi * (fx * d[:, 0] + fy * d[:, 1]))   # (n, H, W//2+1, 1)
-    return np.clip(np.fft.irfft2(spectrum * ramp, s=(H, W), axes=(1, 2)), 0, 255)
-
-
-def render_synthetic(p: dict, times, height: int, width: int) -> np.ndarray:
-    """Frames at `times` of the video with parameters p -> (len(times), H, W, 3) uint8.
-
-    Frame t: the background translated by pan·t and the object centred at
-    (x0, y0) + speed·t, both along the video's direction; rendering any subset
-    of times gives the same frames as rendering them all.
-    """
-    dx, dy = MOTION_VECTORS[MOTION_CLASSES[p["direction"]]]
-    bg = _pan(_syn_background(p["bg_seed"], height, width),
-              [(dx * p["pan"] * t, dy * p["pan"] * t) for t in times]).astype(np.float32)   # (n, H, W, 3)
-    t = np.asarray(times, np.float32)[:, None, None]             # (n, 1, 1)
-    cx = p["x0"] + dx * p["speed"] * t                           # object centre at each time
-    cy = p["y0"] + dy * p["speed"] * t
-    xs = np.arange(width, dtype=np.float32)[None, None, :] + 0.5     # pixel centres, (1, 1, W)
-    ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5    # (1, H, 1)
-    # Offsets to the centre on the torus (the object wraps around the edges);
-    # separable, (n, 1, W) and (n, H, 1), broadcast to (n, H, W) only below.
-    ox = (xs - cx + width / 2) % width - width / 2
-    oy = (ys - cy + height / 2) % height - height / 2
-    r = p["radius"]
-    shape = SHAPES[p["shape"]]
-    if shape == "circle":                                        # signed distance to the outline, px
-        sd = np.sqrt(ox ** 2 + oy ** 2) - r
-    elif shape == "square":                                      # same area as the circle: side r*sqrt(pi)
-        half = r * math.sqrt(math.pi) / 2
-        sd = np.maximum(np.abs(ox), np.abs(oy)) - half
-    else:                                                        # equilateral, apex up, circumradius 1.3 r
-        R = 1.3 * r
-        c30 = math.cos(math.pi / 6)
-        sd = np.maximum(np.maximum(oy, -c30 * ox - 0.5 * oy), c30 * ox - 0.5 * oy) - R / 2
-    alpha = np.clip(0.5 - sd, 0.0, 1.0)[..., None]               # 1-px antialiased edge, (n, H, W, 1)
-    colour = (np.array(COLOURS[APPEARANCE_CLASSES[p["colour"]]]) + p["colour_jitter"]).astype(np.float32)
-    return np.clip(bg + alpha * (colour - bg) + 0.5, 0, 255).astype(np.uint8)
-
-
-def write_video(path: PathLike, frames: np.ndarray, fps: int = SYN_FPS, codec: str = "libx264",
-                gop: int = SYN_GOP, options: Optional[dict] = None) -> None:
-    """(T, H, W, 3) uint8 RGB -> a yuv420p video file with PyAV (H.264 mp4, VP9 webm, ...).
-
-    Every frame gets its pts (frame number, time base 1/fps), so the encoder
-    never sees undefined timestamps.
-    """
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps, options=dict(options or {}))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.codec_context.gop_size = gop
-        stream.codec_context.time_base = Fraction(1, fps)
-        for i, f in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():                              # flush the encoder
-            container.mux(packet)
-
-
-def make_synthetic(out: PathLike, seed: int = 0, n_train: int = SYN_TRAIN, n_val: int = SYN_VAL,
-                   images_train: int = SYN_IMAGES_TRAIN, images_val: int = SYN_IMAGES_VAL,
-                   frames: int = SYN_FRAMES, height: int = SYN_HEIGHT, width: int = SYN_WIDTH,
-                   verbose: bool = False) -> Path:
-    """Write the synthetic data set into `out` (which must not hold one yet); DONE last.
-
-    Layout (paths in the lists are relative to videos/ and images/):
-        videos/{train,val}/NNNNNN.mp4
-        videos/{train,val}_{appearance,motion}.txt, videos/classes_{appearance,motion}.txt
-        images/{train,val}/<appearance class>/NNNNN.{png,jpg}, images/{train,val}_list.txt
-        info.json, DONE
-    Deterministic: the same arguments give byte-identical files.
-    """
-    out = Path(out)
-    if (out / DONE_NAME).exists():
-        raise FileExistsError(f"{out} already holds a synthetic data set")
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    for split, n in (("train", n_train), ("val", n_val)):
-        (out / "videos" / split).mkdir(exist_ok=True)
-        rows = {"appearance": [], "motion": []}
-        for k in range(n):
-            p = _syn_params(seed, split, k, height, width)
-            rel = f"{split}/{k:06d}.mp4"
-            write_video(out / "videos" / rel, render_synthetic(p, range(frames), height, width),
-                        options=SYN_X264)
-            rows["appearance"].append(f"{rel} {p['colour']}")
-            rows["motion"].append(f"{rel} {p['direction']}")
-        for task, lines in rows.items():
-            (out / "videos" / f"{split}_{task}.txt").write_text("\n".join(lines) + "\n")
-    (out / "videos" / "classes_appearance.txt").write_text("\n".join(APPEARANCE_CLASSES) + "\n")
-    (out / "videos" / "classes_motion.txt").write_text("\n".join(MOTION_CLASSES) + "\n")
-    for split, per_class in (("train", images_train), ("val", images_val)):
-        lines = []
-        for label, name in enumerate(APPEARANCE_CLASSES):
-            (out / "images" / split / name).mkdir(parents=True, exist_ok=True)
-            for k in range(per_class):
-                p = _syn_params(seed, f"img-{split}", label * 100_000 + k, height, width)
-                p["colour"] = label                                     # the class fixes the colour
-                t = int(np.random.default_rng([seed, 7, label, k]).integers(frames))
-                img = Image.fromarray(render_synthetic(p, [t], height, width)[0])
-                ext = "png" if k % SYN_PNG_EVERY == 0 else "jpg"
-                rel = f"{split}/{name}/{k:05d}.{ext}"
-                if ext == "png":
-                    img.save(out / "images" / rel, "PNG")
-                else:
-                    img.save(out / "images" / rel, "JPEG", quality=90)
-                lines.append(f"{rel} {label}")
-        (out / "images" / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
-    info = {"version": SYNTHETIC_VERSION, "seed": seed, "frames": frames, "height": height, "width": width,
-            "fps": SYN_FPS, "videos": {"train": n_train, "val": n_val},
-            "images_per_class": {"train": images_train, "val": images_val},
-            "classes": {"appearance": list(APPEARANCE_CLASSES), "motion": list(MOTION_CLASSES)},
-            "notes": {"appearance": "one frame suffices (K400-like); any recipe",
-                      "motion": "needs time (SSv2-like); finetune with flip=0: a flip swaps left/right"}}
-    (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-    (out / DONE_NAME).write_text(json.dumps(_syn_key(seed, n_train, n_val, images_train, images_val,
-                                                     frames, height, width)) + "\n")
-    if verbose:
-        mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
-        print(f"synthetic data set: {n_train}+{n_val} videos, {len(APPEARANCE_CLASSES)}x"
-              f"({images_train}+{images_val}) images, {mb:.1f} MB in {time.time() - t0:.1f} s")
-    return out
-
-
-def _syn_key(seed, n_train, n_val, images_train, images_val, frames, height, width) -> dict:
-    return {"version": SYNTHETIC_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
-            "images_train": images_train, "images_val": images_val, "frames": frames,
-            "height": height, "width": width}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)                                   # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:                               # exists, owned by someone else
-        return True
-    return True
-
-
-class FileLock:
-    """One writer per folder: a lock file created exclusively, holding "host pid [job]".
-
-    `acquire()` returns None when the lock is ours, or a description of the
-    holder. A holder that died without cleaning up (SIGKILL, a closed terminal)
-    leaves its file behind; on the same host a dead pid is detected and its
-    lock taken over. A holder on another host cannot be checked and counts as
-    live, unless it names the same `job` as ours: a cluster job that is
-    requeued or restarted (train.py passes its SLURM job id) runs again only
-    once its earlier processes are gone, on whatever nodes, so their lock is
-    stale and taken over.
-    """
-
-    def __init__(self, path: PathLike, job: Optional[str] = None):
-        self.path, self.job, self.held = Path(path), job, False
-
-    def holder(self) -> Optional[tuple]:
-        """(host, pid, job or None) of the lock file, or None if there is none or it cannot be read."""
-        try:
-            host, pid, *job = self.path.read_text().split()
-            if len(job) > 1:
-                return None
-            return host, int(pid), (job[0] if job else None)
-        except (OSError, ValueError):
-            return None
-
-    def acquire(self) -> Optional[str]:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                h = self.holder()
-                if h is None:                             # being written this instant, or garbage
-                    time.sleep(0.05)
-                    h = self.holder()
-                    if h is None:
-                        return f"an unreadable lock file {self.path}"
-                host, pid, job = h
-                if host == socket.gethostname() and not _pid_alive(pid):
-                    logger.warning("taking over %s: its holder (pid %d) is dead", self.path, pid)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if self.job is not None and job == self.job:
-                    logger.warning("taking over %s: its holder (pid %d on %s) was an earlier run of job %s",
-                                self.path, pid, host, job)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                return f"pid {pid} on {host}{f' (job {job})' if job else ''} (lock file {self.path})"
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}{f' {self.job}' if self.job else ''}\n")
-            self.held = True
-            return None
-        return f"a lock file {self.path} that keeps coming back"
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-def ensure_synthetic(root: PathLike, seed: int = 0, timeout: float = 900.0, verbose: bool = True,
-                     **sizes) -> Path:
-    """The synthetic data set at `root`, generated first if it is not there. Safe for concurrent ranks.
-
-    Whoever creates the lock file `.<root>.lock` beside root generates into a
-    temporary folder and renames it to root (so a half-written set is never
-    seen); everyone else waits for root/DONE. An existing complete set made
-    with other arguments is an error (delete it to regenerate); so is a
-    non-empty root without DONE (not ours). `sizes`: make_synthetic's size
-    arguments (n_train, n_val, images_train, images_val, frames, height, width).
-    """
-    root = Path(root)
-    key = _syn_key(seed, *(sizes.get(k, d) for k, d in (
-        ("n_train", SYN_TRAIN), ("n_val", SYN_VAL), ("images_train", SYN_IMAGES_TRAIN),
-        ("images_val", SYN_IMAGES_VAL), ("frames", SYN_FRAMES), ("height", SYN_HEIGHT), ("width", SYN_WIDTH))))
-    done = root / DONE_NAME
-    lock = FileLock(root.parent / f".{root.name}.lock")
-    deadline, told = time.time() + timeout, False
-    while True:
-        if done.exists():
-            found = json.loads(done.read_text())
-            if found != key:
-                raise ValueError(f"{root} holds a synthetic data set made with {found}, not {key}; "
-                                 f"delete it to regenerate, or pass another path")
-            return root
-        if root.exists() and any(root.iterdir()):
-            raise FileExistsError(f"{root} exists and is not a complete synthetic data set (no {DONE_NAME}); "
-                                  f"delete it or choose another path")
-        root.parent.mkdir(parents=True, exist_ok=True)
-        busy = lock.acquire()
-        if busy is not None:                                     # someone else is generating: wait
-            if verbose and not told:
-                print(f"waiting for {busy}, which is generating {root} ...", flush=True)
-                told = True
-            if time.time() > deadline:
-                raise TimeoutError(f"waited {timeout:.0f} s for {done} from {busy}; if that process is "
-                                   f"gone, delete {lock.path}")
-            time.sleep(0.2)
-            continue
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        # Temporary folders of generators that died (their pid is gone) are removed.
-        for old in root.parent.glob(f".{root.name}.tmp-*"):
-            pid = old.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(old, ignore_errors=True)
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if verbose:
-                print(f"generating the synthetic data set (seed {seed}) in {root} ...", flush=True)
-            make_synthetic(tmp, seed=seed, verbose=verbose, **sizes)
-            if root.exists():
-                root.rmdir()                                     # empty (checked above)
-            os.rename(tmp, root)                                 # atomic: complete or absent
-            if verbose:
-                print(f"-> {root}", flush=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            lock.release()
-
-
-# -----------------------------------------------------------------------------
-# Tools: the command line (make-synthetic, check, lists, resize)
-#
-# Besides the synthetic set, three tools take a real data set from what the
-# common downloaders leave on disk to what the loaders above read:
+# =============================================================================
+# Tools. The method ends above; below are the tools around it, one subcommand each:
 #
 #     lists    official annotations -> `relative/path label` list + class-name file
 #              (Kinetics-400 CSV, Something-Something-v2 JSON, Diving48 JSON)
@@ -2385,6 +2028,11 @@ def ensure_synthetic(root: PathLike, seed: int = 0, timeout: float = 900.0, verb
 #              (PyAV decode + encode, parallel processes, resumable, failures listed)
 #     check    a list -> the files that are missing, unreadable, or on the slow decoding
 #              path, and the count against the official split size
+#     make-synthetic
+#              the synthetic data set (labels that need appearance vs labels that need time)
+#
+# The first three take a real data set from what the common downloaders leave
+# on disk to what the loaders above read; the command line (`main`) is last.
 #
 # ---- Conventions: how the downloaders name the files, and what the lists say
 #
@@ -3002,6 +2650,374 @@ def count_line(report: CheckReport, expected: int, name: Optional[str] = None) -
     diff = report.listed - expected
     return (f"count: {what} {expected:,}; the list has {report.listed:,} rows"
             f"{f' ({diff:+,})' if diff else ' (all)'}, {usable:,} usable ({usable / max(expected, 1):.1%} of {expected:,})")
+
+
+# ---- make-synthetic: the synthetic data set, appearance labels vs labels that need time
+#
+# Each video is a smooth, weakly tinted grey texture with one saturated object
+# (3 shapes x 6 colours). The whole scene drifts right or left: the
+# background pans at 1-2 px per frame and the object moves, faster (2-3.5 px
+# per frame), the same way. Both live on a torus (the texture is periodic and
+# the object wraps around the edges). Every video carries two labels,
+# independent of each other:
+#   appearance (6 classes, the object's colour, drawn at random; its shape is
+#     a nuisance): one frame tells it (a K400 stand-in);
+#   motion (2 classes, right or left; even-numbered videos move right and odd
+#     ones left, so every split is balanced and the majority class is chance):
+#     only the order of the frames tells it (an SSv2 stand-in: SSv2 has such
+#     pairs, e.g. "pushing something from left to right" and "... from right
+#     to left"). One frame cannot, because the start position of the object
+#     and the texture phase are uniform, so at every time step a frame has the
+#     same law whatever the direction; and a shuffled clip moving right has
+#     the same law as a shuffled clip moving left, so shuffling destroys the
+#     label completely (paper Table 2). Flipping a clip left-right swaps the
+#     two classes: use flip=0 for motion labels, as SSv2 does.
+# Images are single frames of the same kind of scene, in a folder tree by
+# appearance class, for the image stream and for fitting the offline tokenizer.
+#
+# Why these sizes (version 2): with a 10-15 px object, 3 shapes x 2 colours
+# as the appearance classes and a static background (version 1), the CPU
+# Swin from scratch had learnt only the colour after 500 finetuning steps and
+# nothing of the direction after 600 (its one moving object covered ~2% of
+# the tokens). Colour on a 18-26 px object, and a drift every token sees, are
+# learnt in a few hundred steps (README, "Finetuning"), which the 10-minute
+# CPU demo can afford.
+# Why two directions (version 3): version 2 had four (right, left, down, up).
+# A shuffled clip still shows its axis (the frames' positions spread along x
+# or along y), so shuffled frames told "right or left" from "down or up" and a
+# model could score 50% on them with no temporal order at all (seeds of the
+# demo gave 33-45% against a 25% chance). Any set of straight motions has that
+# leak unless all of them share one axis; with one axis, the only classes that
+# shuffling cannot separate are a motion and its reverse.
+SYNTHETIC_VERSION = 3
+SYN_FRAMES = 32                       # frames per video (2 s at 16 fps)
+SYN_HEIGHT, SYN_WIDTH = 128, 160      # short side 128: the CPU demo rescales to [128, 160] and crops 112
+SYN_FPS = 16
+SYN_GOP = 16                          # a keyframe every 16 frames, so seeking has something to do
+SYN_CRF = 26                          # x264 quality: ~10 KB per video
+# One thread and no assembly: with either, this x264 build (PyAV's) wrote different bytes for the
+# same frames in about 1 run in 20 (measured); without both, 0 in 400. Encoding costs ~50% more
+# (48 vs 31 ms per 32-frame video), and the data set is byte-reproducible from its seed.
+SYN_X264 = {"crf": str(SYN_CRF), "preset": "veryfast", "threads": "1", "x264-params": "asm=0"}
+SYN_TRAIN, SYN_VAL = 200, 60          # videos per split (each video is listed in both label sets)
+SYN_IMAGES_TRAIN, SYN_IMAGES_VAL = 80, 10     # images per appearance class
+SYN_PNG_EVERY = 8                     # every 8th image is PNG, the rest JPEG (quality 90)
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"blue": (40, 80, 225), "cyan": (40, 205, 220), "green": (40, 185, 60),
+           "magenta": (215, 50, 200), "red": (220, 45, 40), "yellow": (235, 210, 40)}   # saturation >= 145
+APPEARANCE_CLASSES = tuple(sorted(COLOURS))                                          # sorted = label order
+MOTION_CLASSES = ("right", "left")
+MOTION_VECTORS = {"right": (1, 0), "left": (-1, 0)}                 # (dx, dy) per unit of speed
+RADIUS_FRAC = (0.14, 0.20)            # object radius as a fraction of the frame height (18-26 px at 128)
+SPEED_FRAC = (0.0125, 0.022)          # object: pixels per frame as a fraction of the width (2-3.5 px at 160)
+PAN_FRAC = (0.006, 0.0125)            # background: pixels per frame as a fraction of the width (1-2 px at 160)
+DONE_NAME = "DONE"
+
+
+def _syn_params(seed: int, split: str, k: int, height: int, width: int) -> dict:
+    """The random draws of one video: its own stream, so sizes never change other videos."""
+    rng = np.random.default_rng([seed, {"train": 0, "val": 1, "img-train": 2, "img-val": 3}[split], k])
+    return {
+        "shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
+        "direction": k % len(MOTION_CLASSES),                           # balanced splits
+        "radius": rng.uniform(*RADIUS_FRAC) * height, "speed": rng.uniform(*SPEED_FRAC) * width,
+        "pan": rng.uniform(*PAN_FRAC) * width,
+        "x0": rng.uniform(0, width), "y0": rng.uniform(0, height),
+        "colour_jitter": rng.normal(0, 12, 3), "bg_seed": int(rng.integers(2 ** 31)),
+    }
+
+
+def _periodic_noise(rng: np.random.Generator, height: int, width: int, sigma: float) -> np.ndarray:
+    """(H, W) smooth noise that tiles the torus: white noise low-passed with a Gaussian of
+    `sigma` px in the Fourier domain, scaled to unit standard deviation."""
+    fy = np.fft.fftfreq(height)[:, None]                         # cycles per pixel, (H, 1)
+    fx = np.fft.rfftfreq(width)[None, :]                         # (1, W//2+1)
+    spectrum = np.fft.rfft2(rng.standard_normal((height, width)))
+    z = np.fft.irfft2(spectrum * np.exp(-2 * (np.pi * sigma) ** 2 * (fx ** 2 + fy ** 2)), s=(height, width))
+    return z / max(z.std(), 1e-8)
+
+
+def _syn_background(seed: int, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) float64: a smooth grey texture with a weak tint (low saturation, so the object
+    stands out), periodic in both axes so that it can pan forever. Not yet clipped to [0, 255].
+
+    Numpy only: torch's OpenMP threads would spin between calls and steal the
+    two cores from the x264 encoder threads.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(70, 180)                                  # mean grey level
+    lum = base + 28 * _periodic_noise(rng, height, width, 8.0) + 8 * _periodic_noise(rng, height, width, 2.0)
+    tint = 10 * rng.standard_normal(3) + 6 * np.stack([_periodic_noise(rng, height, width, 16.0) for _ in range(3)], -1)
+    return lum[..., None] + tint
+
+
+def _pan(background: np.ndarray, shifts) -> np.ndarray:
+    """background (H, W, 3) periodic -> (n, H, W, 3): copies translated by (dx, dy) px each
+    (sub-pixel, exact on the torus: a phase ramp in the Fourier domain), clipped to [0, 255]."""
+    H, W = background.shape[:2]
+    fy = np.fft.fftfreq(H)[:, None, None]                        # (H, 1, 1)
+    fx = np.fft.rfftfreq(W)[None, :, None]                       # (1, W//2+1, 1)
+    spectrum = np.fft.rfft2(background, axes=(0, 1))             # (H, W//2+1, 3)
+    d = np.asarray(shifts, np.float64).reshape(-1, 2)[:, :, None, None, None]   # (n, 2, 1, 1, 1)
+    ramp = np.exp(-2j * np.pi * (fx * d[:, 0] + fy * d[:, 1]))   # (n, H, W//2+1, 1)
+    return np.clip(np.fft.irfft2(spectrum * ramp, s=(H, W), axes=(1, 2)), 0, 255)
+
+
+def render_synthetic(p: dict, times, height: int, width: int) -> np.ndarray:
+    """Frames at `times` of the video with parameters p -> (len(times), H, W, 3) uint8.
+
+    Frame t: the background translated by pan·t and the object centred at
+    (x0, y0) + speed·t, both along the video's direction; rendering any subset
+    of times gives the same frames as rendering them all.
+    """
+    dx, dy = MOTION_VECTORS[MOTION_CLASSES[p["direction"]]]
+    bg = _pan(_syn_background(p["bg_seed"], height, width),
+              [(dx * p["pan"] * t, dy * p["pan"] * t) for t in times]).astype(np.float32)   # (n, H, W, 3)
+    t = np.asarray(times, np.float32)[:, None, None]             # (n, 1, 1)
+    cx = p["x0"] + dx * p["speed"] * t                           # object centre at each time
+    cy = p["y0"] + dy * p["speed"] * t
+    xs = np.arange(width, dtype=np.float32)[None, None, :] + 0.5     # pixel centres, (1, 1, W)
+    ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5    # (1, H, 1)
+    # Offsets to the centre on the torus (the object wraps around the edges);
+    # separable, (n, 1, W) and (n, H, 1), broadcast to (n, H, W) only below.
+    ox = (xs - cx + width / 2) % width - width / 2
+    oy = (ys - cy + height / 2) % height - height / 2
+    r = p["radius"]
+    shape = SHAPES[p["shape"]]
+    if shape == "circle":                                        # signed distance to the outline, px
+        sd = np.sqrt(ox ** 2 + oy ** 2) - r
+    elif shape == "square":                                      # same area as the circle: side r*sqrt(pi)
+        half = r * math.sqrt(math.pi) / 2
+        sd = np.maximum(np.abs(ox), np.abs(oy)) - half
+    else:                                                        # equilateral, apex up, circumradius 1.3 r
+        R = 1.3 * r
+        c30 = math.cos(math.pi / 6)
+        sd = np.maximum(np.maximum(oy, -c30 * ox - 0.5 * oy), c30 * ox - 0.5 * oy) - R / 2
+    alpha = np.clip(0.5 - sd, 0.0, 1.0)[..., None]               # 1-px antialiased edge, (n, H, W, 1)
+    colour = (np.array(COLOURS[APPEARANCE_CLASSES[p["colour"]]]) + p["colour_jitter"]).astype(np.float32)
+    return np.clip(bg + alpha * (colour - bg) + 0.5, 0, 255).astype(np.uint8)
+
+
+def write_video(path: PathLike, frames: np.ndarray, fps: int = SYN_FPS, codec: str = "libx264",
+                gop: int = SYN_GOP, options: Optional[dict] = None) -> None:
+    """(T, H, W, 3) uint8 RGB -> a yuv420p video file with PyAV (H.264 mp4, VP9 webm, ...).
+
+    Every frame gets its pts (frame number, time base 1/fps), so the encoder
+    never sees undefined timestamps.
+    """
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=dict(options or {}))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.gop_size = gop
+        stream.codec_context.time_base = Fraction(1, fps)
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():                              # flush the encoder
+            container.mux(packet)
+
+
+def make_synthetic(out: PathLike, seed: int = 0, n_train: int = SYN_TRAIN, n_val: int = SYN_VAL,
+                   images_train: int = SYN_IMAGES_TRAIN, images_val: int = SYN_IMAGES_VAL,
+                   frames: int = SYN_FRAMES, height: int = SYN_HEIGHT, width: int = SYN_WIDTH,
+                   verbose: bool = False) -> Path:
+    """Write the synthetic data set into `out` (which must not hold one yet); DONE last.
+
+    Layout (paths in the lists are relative to videos/ and images/):
+        videos/{train,val}/NNNNNN.mp4
+        videos/{train,val}_{appearance,motion}.txt, videos/classes_{appearance,motion}.txt
+        images/{train,val}/<appearance class>/NNNNN.{png,jpg}, images/{train,val}_list.txt
+        info.json, DONE
+    Deterministic: the same arguments give byte-identical files.
+    """
+    out = Path(out)
+    if (out / DONE_NAME).exists():
+        raise FileExistsError(f"{out} already holds a synthetic data set")
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for split, n in (("train", n_train), ("val", n_val)):
+        (out / "videos" / split).mkdir(exist_ok=True)
+        rows = {"appearance": [], "motion": []}
+        for k in range(n):
+            p = _syn_params(seed, split, k, height, width)
+            rel = f"{split}/{k:06d}.mp4"
+            write_video(out / "videos" / rel, render_synthetic(p, range(frames), height, width),
+                        options=SYN_X264)
+            rows["appearance"].append(f"{rel} {p['colour']}")
+            rows["motion"].append(f"{rel} {p['direction']}")
+        for task, lines in rows.items():
+            (out / "videos" / f"{split}_{task}.txt").write_text("\n".join(lines) + "\n")
+    (out / "videos" / "classes_appearance.txt").write_text("\n".join(APPEARANCE_CLASSES) + "\n")
+    (out / "videos" / "classes_motion.txt").write_text("\n".join(MOTION_CLASSES) + "\n")
+    for split, per_class in (("train", images_train), ("val", images_val)):
+        lines = []
+        for label, name in enumerate(APPEARANCE_CLASSES):
+            (out / "images" / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                p = _syn_params(seed, f"img-{split}", label * 100_000 + k, height, width)
+                p["colour"] = label                                     # the class fixes the colour
+                t = int(np.random.default_rng([seed, 7, label, k]).integers(frames))
+                img = Image.fromarray(render_synthetic(p, [t], height, width)[0])
+                ext = "png" if k % SYN_PNG_EVERY == 0 else "jpg"
+                rel = f"{split}/{name}/{k:05d}.{ext}"
+                if ext == "png":
+                    img.save(out / "images" / rel, "PNG")
+                else:
+                    img.save(out / "images" / rel, "JPEG", quality=90)
+                lines.append(f"{rel} {label}")
+        (out / "images" / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
+    info = {"version": SYNTHETIC_VERSION, "seed": seed, "frames": frames, "height": height, "width": width,
+            "fps": SYN_FPS, "videos": {"train": n_train, "val": n_val},
+            "images_per_class": {"train": images_train, "val": images_val},
+            "classes": {"appearance": list(APPEARANCE_CLASSES), "motion": list(MOTION_CLASSES)},
+            "notes": {"appearance": "one frame suffices (K400-like); any recipe",
+                      "motion": "needs time (SSv2-like); finetune with flip=0: a flip swaps left/right"}}
+    (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+    (out / DONE_NAME).write_text(json.dumps(_syn_key(seed, n_train, n_val, images_train, images_val,
+                                                     frames, height, width)) + "\n")
+    if verbose:
+        mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+        print(f"synthetic data set: {n_train}+{n_val} videos, {len(APPEARANCE_CLASSES)}x"
+              f"({images_train}+{images_val}) images, {mb:.1f} MB in {time.time() - t0:.1f} s")
+    return out
+
+
+def _syn_key(seed, n_train, n_val, images_train, images_val, frames, height, width) -> dict:
+    return {"version": SYNTHETIC_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
+            "images_train": images_train, "images_val": images_val, "frames": frames,
+            "height": height, "width": width}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                                   # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:                               # exists, owned by someone else
+        return True
+    return True
+
+
+class FileLock:
+    """One writer per folder: a lock file created exclusively, holding "host pid [job]".
+
+    `acquire()` returns None when the lock is ours, or a description of the
+    holder. A holder that died without cleaning up (SIGKILL, a closed terminal)
+    leaves its file behind; on the same host a dead pid is detected and its
+    lock taken over. A holder on another host cannot be checked and counts as
+    live, unless it names the same `job` as ours: a cluster job that is
+    requeued or restarted (train.py passes its SLURM job id) runs again only
+    once its earlier processes are gone, on whatever nodes, so their lock is
+    stale and taken over.
+    """
+
+    def __init__(self, path: PathLike, job: Optional[str] = None):
+        self.path, self.job, self.held = Path(path), job, False
+
+    def holder(self) -> Optional[tuple]:
+        """(host, pid, job or None) of the lock file, or None if there is none or it cannot be read."""
+        try:
+            host, pid, *job = self.path.read_text().split()
+            if len(job) > 1:
+                return None
+            return host, int(pid), (job[0] if job else None)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> Optional[str]:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                h = self.holder()
+                if h is None:                             # being written this instant, or garbage
+                    time.sleep(0.05)
+                    h = self.holder()
+                    if h is None:
+                        return f"an unreadable lock file {self.path}"
+                host, pid, job = h
+                if host == socket.gethostname() and not _pid_alive(pid):
+                    logger.warning("taking over %s: its holder (pid %d) is dead", self.path, pid)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if self.job is not None and job == self.job:
+                    logger.warning("taking over %s: its holder (pid %d on %s) was an earlier run of job %s",
+                                self.path, pid, host, job)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                return f"pid {pid} on {host}{f' (job {job})' if job else ''} (lock file {self.path})"
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}{f' {self.job}' if self.job else ''}\n")
+            self.held = True
+            return None
+        return f"a lock file {self.path} that keeps coming back"
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def ensure_synthetic(root: PathLike, seed: int = 0, timeout: float = 900.0, verbose: bool = True,
+                     **sizes) -> Path:
+    """The synthetic data set at `root`, generated first if it is not there. Safe for concurrent ranks.
+
+    Whoever creates the lock file `.<root>.lock` beside root generates into a
+    temporary folder and renames it to root (so a half-written set is never
+    seen); everyone else waits for root/DONE. An existing complete set made
+    with other arguments is an error (delete it to regenerate); so is a
+    non-empty root without DONE (not ours). `sizes`: make_synthetic's size
+    arguments (n_train, n_val, images_train, images_val, frames, height, width).
+    """
+    root = Path(root)
+    key = _syn_key(seed, *(sizes.get(k, d) for k, d in (
+        ("n_train", SYN_TRAIN), ("n_val", SYN_VAL), ("images_train", SYN_IMAGES_TRAIN),
+        ("images_val", SYN_IMAGES_VAL), ("frames", SYN_FRAMES), ("height", SYN_HEIGHT), ("width", SYN_WIDTH))))
+    done = root / DONE_NAME
+    lock = FileLock(root.parent / f".{root.name}.lock")
+    deadline, told = time.time() + timeout, False
+    while True:
+        if done.exists():
+            found = json.loads(done.read_text())
+            if found != key:
+                raise ValueError(f"{root} holds a synthetic data set made with {found}, not {key}; "
+                                 f"delete it to regenerate, or pass another path")
+            return root
+        if root.exists() and any(root.iterdir()):
+            raise FileExistsError(f"{root} exists and is not a complete synthetic data set (no {DONE_NAME}); "
+                                  f"delete it or choose another path")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        busy = lock.acquire()
+        if busy is not None:                                     # someone else is generating: wait
+            if verbose and not told:
+                print(f"waiting for {busy}, which is generating {root} ...", flush=True)
+                told = True
+            if time.time() > deadline:
+                raise TimeoutError(f"waited {timeout:.0f} s for {done} from {busy}; if that process is "
+                                   f"gone, delete {lock.path}")
+            time.sleep(0.2)
+            continue
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        # Temporary folders of generators that died (their pid is gone) are removed.
+        for old in root.parent.glob(f".{root.name}.tmp-*"):
+            pid = old.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if verbose:
+                print(f"generating the synthetic data set (seed {seed}) in {root} ...", flush=True)
+            make_synthetic(tmp, seed=seed, verbose=verbose, **sizes)
+            if root.exists():
+                root.rmdir()                                     # empty (checked above)
+            os.rename(tmp, root)                                 # atomic: complete or absent
+            if verbose:
+                print(f"-> {root}", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            lock.release()
 
 
 # ---- main

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 import data
+import finetune
 from masking import MaskGenerator
 
 # A tiny synthetic set shared by several tests: 24 + 8 videos of 16 frames,
@@ -718,9 +719,10 @@ def test_joint_loader_ratio_and_image_cycling(synthetic):
 
 
 def test_finetune_loaders_on_synthetic(synthetic):
-    ft = data.FinetuneDataConfig(**{**vars(data.FINETUNE_RECIPES["ssv2"]), "frames": 8, "crop": 48,
-                                    "short_side": 64, "test_short_side": 48, "batch_size": 4,
-                                    "eval_batch_size": 2, "num_workers": 0})
+    # The SSv2 recipe as finetune.py defines it (RECIPES), at test sizes.
+    ft = finetune.data_config(finetune.resolve_config(dict(recipe="ssv2", frames=8, crop=48, short_side=64,
+                                                           test_short_side=48, batch_size=4, eval_batch_size=2,
+                                                           workers=0)))
     kw = dict(ann=synthetic / "videos/val_motion.txt", root=synthetic / "videos", verbose=False)
     b = next(iter(data.build_finetune_loader("train", ft, **kw)))
     assert b["video"].shape == (4, 3, 8, 48, 48) and b["label"].shape == (4,)
