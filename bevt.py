@@ -266,6 +266,9 @@ class BEVT(nn.Module):
         return swin3d.LoadReport(kind, sorted(mapped), missing, sorted(unused), sorted(rederived))
 
 
+# =============================================================================
+# Tools. The method ends above; below are the tools around it.
+#
 # -----------------------------------------------------------------------------
 # Tools: pictures of what the model predicts
 #
@@ -477,7 +480,7 @@ def _show(bar, init, out_path, video, image, tokenizer, decoder, model, size, fr
     x, frame_idx = _read_crop(video, image, size, T, interval)              # (T, 3, S, S) uint8
     bar.update()
     bar.set_postfix_str("tokenize")
-    half = data.to_uint8(data.tokenizer_copy(data.to_float(x), tok.resample))   # (T, 3, S/2, S/2), as data.py ships it
+    half = data.to_uint8(tokenizer_mod.half_copy(data.to_float(x), tok.resample))   # (T, 3, S/2, S/2), as data.py ships it
     codes = tok.codes_of_copy(half.to(device)).cpu()                      # (T, h, w) int64
     gen = masking.MaskGenerator(strategy, (T, size, size) if video else (size, size), mask_ratio=ratio,
                                 temporal_patch=pt, seed=seed)

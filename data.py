@@ -131,7 +131,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from masking import (KEY_ORDER, KEY_PIXELS, KEY_REPLACE, MASK_RATIO, MaskGenerator, derive_seed,
                      find_mask_generators, sample_seed)
-from tokenizer import DOWNSAMPLE, lanczos_resize
+from tokenizer import half_copy
 
 PathLike = Union[str, os.PathLike]
 logger = logging.getLogger("bevt.data")
@@ -1012,16 +1012,6 @@ def hflip(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1)
 
 
-def tokenizer_copy(x: torch.Tensor, resample: str = "pil") -> torch.Tensor:
-    """(N, 3, H, W) crop in [0, 1] -> (N, 3, H/2, W/2): what the tokenizer encodes (§3, paper §3 "Tokenizer").
-
-    tokenizer.lanczos_resize, the one Lanczos of the project: "pil" is BEiT's
-    antialiased Lanczos-3, "cv2" the released CopyResize's OpenCV Lanczos-4.
-    """
-    h, w = x.shape[-2:]
-    return lanczos_resize(x, (h // DOWNSAMPLE, w // DOWNSAMPLE), kind=resample)
-
-
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Floats in [0, 1] -> uint8, rounded to the nearest level (what a sample ships as)."""
     return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
@@ -1109,7 +1099,7 @@ class PretrainTransform:
         x = x[..., top:top + self.crop, left:left + self.crop]               # (T, 3, crop, crop) uint8 view
         if _uniform(0, 1) < self.flip:
             x = hflip(x)                                                     # flipped while still 1 byte/px
-        tok = tokenizer_copy(to_float(x), self.resample)                     # (T, 3, crop/2, crop/2) in [0, 1]
+        tok = half_copy(to_float(x), self.resample)                          # (T, 3, crop/2, crop/2) in [0, 1]
         # Both ship as uint8 and are normalised on the training device (normalize_batch).
         x = x.transpose(0, 1).contiguous()                                   # (3, T, crop, crop) uint8
         tok = to_uint8(tok).transpose(0, 1).contiguous()                     # (3, T, crop/2, crop/2) uint8

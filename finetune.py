@@ -75,11 +75,11 @@ import torch.nn.functional as F
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (DIST_TIMEOUT_MIN, PRECISIONS, USER_ERRORS, EpochStream, Parser, Runtime, StepLog, add_dataclass_flags,
-                   all_gather_rows, all_rng_states, batch_record, check_ranges, claim_run_dir, clip_gradients,
-                   load_for_resume, lr_at, param_groups, precision_note, resolve_precision, resume_accumulation,
-                   resume_position, resume_rng, save_checkpoint, save_curves, saved_batch, seed_everything,
-                   setup_distributed, start_log, unwrap, wrap_ddp, write_atomic)
+from train import (DIST_TIMEOUT_MIN, PRECISIONS, USER_ERRORS, EpochStream, Parser, Runtime, StepLog,
+                   add_dataclass_flags, all_gather_rows, all_rng_states, batch_record, check_ranges, claim_run_dir,
+                   clip_gradients, data_config_from, load_for_resume, lr_at, param_groups, precision_note,
+                   resolve_precision, resume_accumulation, resume_position, resume_rng, save_checkpoint, save_curves,
+                   saved_batch, seed_everything, setup_distributed, start_log, unwrap, wrap_ddp, write_atomic)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -642,12 +642,8 @@ def check_classes(ann: str, root: str, num_classes: int, train: bool) -> list:
 
 
 def data_config(cfg: FinetuneConfig) -> data.FinetuneDataConfig:
-    return data.FinetuneDataConfig(
-        sampling=cfg.sampling, frames=cfg.frames, interval=cfg.interval, crop=cfg.crop, short_side=cfg.short_side,
-        test_short_side=cfg.test_short_side, test_clips=cfg.test_clips, test_crops=cfg.test_crops,
-        rrc_scale=tuple(cfg.rrc_scale), flip=cfg.flip, randaug_n=cfg.randaug_n, randaug_m=cfg.randaug_m,
-        erase=cfg.erase, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-        num_workers=cfg.workers, seed=cfg.seed)
+    """The data side of the recipe: FinetuneDataConfig's fields taken from the flags of the same name."""
+    return data_config_from(data.FinetuneDataConfig, cfg, num_workers="workers")
 
 
 class Task(NamedTuple):

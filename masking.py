@@ -520,8 +520,11 @@ def seed_worker(worker_id: int, rank: Optional[int] = None) -> None:
         g.reseed(rank=rank, worker_id=info.id, epoch=epoch)
 
 
+# =============================================================================
+# Tools. The method ends above; below are the tools around it.
+#
 # -----------------------------------------------------------------------------
-# A picture for readers: python masking.py --strategy tube --out tube.png
+# Tools: a picture for readers: python masking.py --strategy tube --out tube.png
 
 
 def render_sheet(masks: np.ndarray, cell: int = 4, gap: int = 3):

@@ -175,7 +175,7 @@ def lanczos_resize(x: torch.Tensor, size: tuple[int, int], kind: str = "pil") ->
 def half_copy(x: torch.Tensor, kind: str = "pil") -> torch.Tensor:
     """(..., H, W) floats in [0, 1] -> (..., H/2, W/2): the copy of a crop the tokenizer reads
     (§3 "Tokenizer": a 224² crop is tokenized at 112²). data.py makes it in the loader
-    (data.tokenizer_copy), `Tokenizer.tokenize` here; both through this function."""
+    (data.PretrainTransform), `Tokenizer.tokenize` here; both through this function."""
     return lanczos_resize(x, (x.shape[-2] // DOWNSAMPLE, x.shape[-1] // DOWNSAMPLE), kind)
 
 
@@ -515,7 +515,7 @@ class Tokenizer(nn.Module):
         return super().train(False)
 
     # The one path from pixels to targets: crop -> half_copy (in the data loader:
-    # data.tokenizer_copy, shipped as uint8) -> codes_of_copy (in the training
+    # data.PretrainTransform, shipped as uint8) -> codes_of_copy (in the training
     # step: train.model_inputs). `tokenize` / `tokenize_clip` run both halves in
     # one call, with input checks, for crops you hold yourself.
 
@@ -1134,8 +1134,11 @@ def check_vocab(tokenizer: Union[Tokenizer, int], head_classes: int) -> None:
                          f"classes; build the head with {v} classes or load the matching tokenizer")
 
 
+# =============================================================================
+# Tools. The method ends above; below are the tools around it.
+#
 # -----------------------------------------------------------------------------
-# Command line: convert, fit, info
+# Tools: the command line (convert, fit, info)
 
 def list_images(root: PathLike) -> list[Path]:
     """Every image under `root` (the extensions the image stream reads, data.IMAGE_EXTS), sorted."""

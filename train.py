@@ -750,7 +750,7 @@ def model_inputs(batch: dict, tok, device) -> dict:
     Pixels arrive as uint8 and are normalised here (data.normalize_batch).
     Targets (eqs. 3-4's z), the one path from pixels to codes: the loader
     halves every crop with the tokenizer's own Lanczos (tokenizer.half_copy,
-    called by data.tokenizer_copy; §3 "Tokenizer": 112² for a 224² crop) and
+    called by data.PretrainTransform; §3 "Tokenizer": 112² for a 224² crop) and
     ships it as `<stream>_tok`, uint8 (B, 3, T, S/2, S/2) or (N, 3, S/2, S/2);
     here the frozen tokenizer encodes it (Tokenizer.codes_of_copy, fp32,
     no_grad, whatever the step's autocast) into (B, T, S/16, S/16) or (N, S/16, S/16) codes.
@@ -800,14 +800,27 @@ def build_data_root(cfg: TrainConfig, rank: int, ddp: bool) -> str:
     return root
 
 
+def data_config_from(cls, cfg, **renamed):
+    """data.py's config `cls` (PretrainDataConfig, FinetuneDataConfig) from a trainer's config:
+    every field of `cls` that `cfg` holds, under the same name or under renamed[field]; the
+    others keep data.py's defaults. One source for each number: the trainer's flags."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        src = renamed.get(f.name, f.name)
+        if hasattr(cfg, src):
+            v = getattr(cfg, src)
+            values[f.name] = tuple(v) if isinstance(v, list) else v     # JSON / argparse lists -> tuples
+        elif f.name in renamed:
+            raise AttributeError(f"{type(cfg).__name__} has no field {src!r} for {cls.__name__}.{f.name}")
+    return cls(**values)
+
+
 def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int, accum: int):
     """data.py's loader for the stage; your data via --video-root/--video-list/--image-root/--image-list,
     or the synthetic set (clips: appearance train list; images: its ImageNet-style tree). Each
     global step is world x accum x the per-process batch; this process gets its `accum` micro-batches."""
-    dcfg = data.PretrainDataConfig(
-        frames=cfg.frames, interval=cfg.frame_interval, crop=cfg.crop, short_side=tuple(cfg.short_side),
-        video_mask=cfg.mask_strategy, mask_ratio=cfg.mask_ratio, video_batch=cfg.video_batch,
-        image_batch=cfg.image_batch, num_workers=cfg.workers, seed=cfg.seed)
+    dcfg = data_config_from(data.PretrainDataConfig, cfg, interval="frame_interval", video_mask="mask_strategy",
+                            num_workers="workers")
     synthetic = not (cfg.video_root or cfg.image_root)
     video_root = cfg.video_root or os.path.join(data_root, "videos")
     video_ann = cfg.video_list or (os.path.join(data_root, "videos", "train_appearance.txt") if synthetic else None)
@@ -1160,6 +1173,9 @@ def train(cfg: TrainConfig, rt: Runtime, out_dir: str, resume: Optional[str]) ->
     return last
 
 
+# =============================================================================
+# Tools. The method ends above; below are the tools around it.
+#
 # -----------------------------------------------------------------------------
 # Tools: pictures of a run (training curves from metrics.jsonl, Pillow only)
 #

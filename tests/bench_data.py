@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import tokenizer  # noqa: E402
 from masking import MaskGenerator  # noqa: E402
 
 BATCH = 4
@@ -98,7 +99,7 @@ def breakdown(ann, root, recipe, clips) -> dict:
         t2 = time.perf_counter()
         x = data.to_float(data.hflip(x))
         t3 = time.perf_counter()
-        data.tokenizer_copy(x)
+        tokenizer.half_copy(x)
         t4 = time.perf_counter()
         data.normalize(x, channels_first=True)
         t5 = time.perf_counter()

@@ -52,15 +52,15 @@ ROOT = Path(__file__).resolve().parent.parent
 LONG_FRAMES, LONG_FPS, LONG_SIZE = 3000, 30, (256, 340)
 
 
-def load_reference(ref: str, tmp: Path):
-    """data.py at git revision `ref`, imported as module `data_ref`."""
-    src = subprocess.run(["git", "show", f"{ref}:data.py"], cwd=ROOT, check=True,
+def load_reference(ref: str, tmp: Path, name: str = "data"):
+    """<name>.py at git revision `ref`, imported as module `<name>_ref` (the benchmarks' before/after)."""
+    src = subprocess.run(["git", "show", f"{ref}:{name}.py"], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout
-    path = tmp / "data_ref.py"
+    path = tmp / f"{name}_ref.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location("data_ref", path)
+    spec = importlib.util.spec_from_file_location(f"{name}_ref", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["data_ref"] = module                            # dataclasses look their module up
+    sys.modules[f"{name}_ref"] = module                         # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

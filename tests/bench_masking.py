@@ -38,10 +38,8 @@ so the plain loop, within the 5 ms budget, became the implementation.
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,15 +71,8 @@ def timed(fn, repeats, warmup=20):
 
 def load_reference(ref: str, tmp: Path):
     """masking.py at git revision `ref`, imported as module `masking_ref`."""
-    src = subprocess.run(["git", "show", f"{ref}:masking.py"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
-    path = tmp / "masking_ref.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("masking_ref", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["masking_ref"] = module
-    spec.loader.exec_module(module)
-    return module
+    from bench_decode import load_reference as load                # one way of importing a file at a revision
+    return load(ref, tmp, "masking")
 
 
 def recipe(module):

@@ -227,7 +227,8 @@ def _save_bevt_checkpoint(path, vocab, constant_code, config):
 def _codes_of(tok, crop_uint8):
     """Target codes as train.py computes them: the 8-bit Lanczos half-size copy, then the tokenizer."""
     import data
-    return tok.codes_of_copy(data.to_uint8(data.tokenizer_copy(data.to_float(crop_uint8), tok.resample)))
+    import tokenizer
+    return tok.codes_of_copy(data.to_uint8(tokenizer.half_copy(data.to_float(crop_uint8), tok.resample)))
 
 
 def _upscale(a, k):

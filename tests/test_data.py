@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 import data
 import finetune
+import tokenizer
 from masking import MaskGenerator
 
 # A tiny synthetic set shared by several tests: 24 + 8 videos of 16 frames,
@@ -432,7 +433,7 @@ def test_pretrain_clip_one_crop_and_flip_for_all_frames_and_tokenizer_copy():
             assert torch.equal(v[:, t], v[:, 0]) and torch.equal(tok[:, t], tok[:, 0])
         pixels = data.to_float(v.transpose(0, 1))                            # (T, 3, H, W) in [0, 1]
         # video_tok is the same crop as video, Lanczos-halved, then rounded to 8 bits.
-        half = data.tokenizer_copy(pixels).transpose(0, 1) * 255
+        half = tokenizer.half_copy(pixels).transpose(0, 1) * 255
         assert (half - tok.float()).abs().max() <= 0.5 + 1e-3
         # On the device, normalisation gives exactly what normalising in the worker gave.
         batch = v[None].clone()
@@ -446,7 +447,7 @@ def test_pretrain_image_ships_uint8_and_its_own_tokenizer_copy():
     out = tf(img)
     x, tok = out["image"], out["image_tok"]
     assert x.shape == (3, 96, 96) and x.dtype == torch.uint8 and tok.shape == (3, 48, 48) and tok.dtype == torch.uint8
-    half = data.tokenizer_copy(data.to_float(x[None]))[0] * 255            # the copy is of the 8-bit image
+    half = tokenizer.half_copy(data.to_float(x[None]))[0] * 255            # the copy is of the 8-bit image
     assert (half - tok.float()).abs().max() <= 0.5 + 1e-3
     imgs = x[None].expand(2, -1, -1, -1)
     assert torch.equal(data.normalize_batch(imgs)[1], data.normalize(data.to_float(x[None]))[0])
