@@ -1351,17 +1351,18 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
 
 class _KeyedBatches(Sampler):
-    """A batch sampler's batches of row indices -> batches of sample keys (index, seed, epoch),
-    with the owner's (EpochLoader's) seed and epoch when an epoch's iteration starts."""
+    """A batch sampler's batches of row indices -> batches of sample keys (index, seed, epoch).
+    EpochLoader.set_epoch sets `epoch` (no reference back to the loader: no cycle keeps a
+    finished loader, and its worker processes, alive)."""
 
-    def __init__(self, batches, owner):
-        self.batches, self.owner = batches, owner
+    def __init__(self, batches, seed: int):
+        self.batches, self.seed, self.epoch = batches, seed, 0
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
-        seed, epoch = self.owner.seed, self.owner.epoch
+        seed, epoch = self.seed, self.epoch
         for batch in self.batches:
             yield [(i, seed, epoch) for i in batch]
 
@@ -1406,7 +1407,8 @@ class EpochLoader:
         # Workers live as long as the loader (persistent): restarting them every
         # epoch cost ~1 s each time on the CPU demo. They keep their own copy of
         # the dataset, so each index travels with its key (index, seed, epoch).
-        self.loader = DataLoader(dataset, batch_sampler=_KeyedBatches(batches, self), num_workers=num_workers,
+        self.keys = _KeyedBatches(batches, seed)
+        self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=num_workers,
                                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
         self.skipped, self.skipped_total = 0, 0
         self.set_epoch(0)
@@ -1430,6 +1432,7 @@ class EpochLoader:
             raise ValueError("an evaluation loader (drop_last=False) starts its epochs at 0")
         else:
             self.sampler.set_epoch(epoch)
+        self.keys.epoch = epoch                                      # what every index of the epoch carries
         self.dataset.seed, self.dataset.epoch = self.seed, epoch    # for direct indexing; batches carry their keys
         # The workers' own seeds come from this generator when an epoch's iterator starts.
         # Nothing in a sample draws from them any more (see _RobustDataset), but a generator

@@ -8,7 +8,7 @@ swin3d.py; data: data.py; pretraining: train.py (whose helpers this file imports
     video (B, 3, T, H, W) -> Video Swin encoder -> final-normed F4 (B, T/2, H/32, W/32, 8C)
         -> average pool over (T', H', W') -> (B, 8C) -> Dropout(0.5) -> Linear(8C -> classes)
 
-    # CPU demo (synthetic data, ~6 min on 2 cores): finetune the demo pretraining
+    # CPU demo (synthetic data, ~3 min on 2 cores): finetune the demo pretraining
     # (runs/bevt/joint/final.pt from `python train.py --preset cpu --stage image &&
     # python train.py --preset cpu --stage joint`) once for the appearance labels and once
     # for the motion labels, then print a Table-2-style table

@@ -700,6 +700,23 @@ def test_persistent_workers_follow_the_epoch(synthetic):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(got[0][0]["video"], got[1][0]["video"])           # epochs really differ
 
+
+def test_a_finished_loader_lets_its_workers_go(synthetic):
+    """Persistent workers end with their loader: nothing (no reference cycle) keeps a loader
+    that went out of scope alive, so runs that build many loaders in one process (finetune.py
+    tables) do not pile up idle worker processes."""
+    cfg = data.PretrainDataConfig(frames=4, interval=2, crop=96, short_side=(96, 112), video_batch=2,
+                                  num_workers=2)
+    loader = data.build_pretrain_loader("video", cfg, video_ann=synthetic / "videos/train_motion.txt",
+                                        video_root=synthetic / "videos", verbose=False)
+    next(iter(loader))
+    assert len(mp.active_children()) >= 2                                   # its two workers
+    del loader                                                              # no gc.collect(): refcounts alone
+    deadline = time.time() + 20
+    while mp.active_children() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not mp.active_children()
+
 def test_joint_loader_ratio_and_image_cycling(synthetic):
     cfg = data.PretrainDataConfig(frames=4, interval=2, crop=96, short_side=(96, 112), video_batch=2,
                                   image_batch=16, num_workers=0)
