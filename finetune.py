@@ -883,9 +883,9 @@ def train(cfg: FinetuneConfig, task: Task, model: nn.Module, ema: Optional[EMA],
             bar.update(1)
         save = step % cfg.ckpt_every == 0 or step == stop_at
         if step % cfg.log_every == 0 or save:
-            last = steplog.flush()[-1]             # before any save: a non-finite step is never checkpointed
+            rate = seen * world / max(time.time() - t0, 1e-9)   # clips per second since this process began
+            last = steplog.flush({"clips_per_s": rate})[-1]   # before any save: a non-finite step is never saved
             if rank == 0:
-                rate = seen * world / max(time.time() - t0, 1e-9)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.2f}", lr=f"{cur_lr:.2e}",
                                 **{"clips/s": f"{rate:.1f}"})
         if save:

@@ -905,6 +905,7 @@ class StepLog:
     one rank stops every rank at the same step with the same message, instead
     of one rank leaving while the others wait in the next collective. Call
     `flush` before saving a checkpoint, so that a non-finite step is never saved.
+    `flush(tail)` adds host-side fields (the throughput so far) to the last row.
     """
 
     def __init__(self, path: Optional[str], rt: Runtime):
@@ -916,7 +917,7 @@ class StepLog:
         vec = torch.stack([torch.as_tensor(metrics[k], device=self.device).float().reshape(()) for k in keys])
         self.pending.append((host, keys, all_reduce_mean(vec, self.ddp)))
 
-    def flush(self) -> list:
+    def flush(self, tail: Optional[dict] = None) -> list:
         if not self.pending:
             return []
         values = torch.stack([v for _, _, v in self.pending]).tolist()     # the one read-back
@@ -928,6 +929,8 @@ class StepLog:
                 break
             rows.append(row)
         self.pending = []
+        if rows and bad is None and tail:
+            rows[-1].update(tail)
         if self.path is not None:                              # the finite steps before a bad one are kept
             with open(self.path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -1128,11 +1131,10 @@ def train(cfg: TrainConfig, rt: Runtime, out_dir: str, resume: Optional[str]) ->
             bar.update(1)
         save = step % cfg.ckpt_every == 0 or step == stop_at
         if step % cfg.log_every == 0 or save:
-            rows = steplog.flush()                 # before any save: a non-finite step is never checkpointed
+            rate = seen * world / max(time.time() - t0, 1e-9)   # samples per second since this process began
+            rows = steplog.flush({f"{unit}_per_s": rate})   # before any save: a non-finite step is never saved
             last = rows[-1]
             if rank == 0:
-                rate = seen * world / max(time.time() - t0, 1e-9)
-                last[f"{unit}_per_s"] = rate
                 shown = {"loss": f"{last['loss']:.3f}"}
                 shown.update({k[4:]: f"{last[k]:.3f}" for k in ("acc_mim", "acc_mvm") if k in last})
                 bar.set_postfix(**shown, lr=f"{cur_lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})

@@ -301,6 +301,13 @@ def test_tables_plumbing_writes_cells_resumes_and_draws(syn, tmp_path, capsys):
     assert json.load(open(tmp_path / "t.json"))["cells"] == cells
     from PIL import Image
     assert Image.open(tmp_path / "t.png").size[0] > 100
+    # Every run logs its throughput with its last step (images/s in the image stage, clips/s otherwise).
+    logs = sorted((tmp_path / "runs").rglob("metrics.jsonl"))
+    assert {p.parent.name for p in logs} >= {"image", "joint", "appearance", "motion"}, logs
+    for p in logs:
+        last = [r for r in map(json.loads, p.read_text().splitlines()) if "loss" in r][-1]
+        unit = "images_per_s" if p.parent.name == "image" else "clips_per_s"
+        assert last["step"] == 2 and last[unit] > 0, (p, last)
     # A rerun trains nothing: the runs' folders may even be gone.
     import shutil
     shutil.rmtree(tmp_path / "runs")

@@ -114,6 +114,7 @@ def test_kill_and_resume_continues_the_same_loss_curve(syn, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     full = metrics(tmp_path / "full", "video")
     assert sorted(full) == list(range(1, 11))
+    assert all(r["clips_per_s"] > 0 for r in full.values())         # logged with every row (--log-every 1)
 
     # The same run, killed (SIGKILL) once its first checkpoint is on disk, then resumed.
     out = tmp_path / "killed"
