@@ -731,7 +731,7 @@ def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime) -> dict:
     """Finetune (unless --eval-only) and evaluate one label set; returns {'model': metrics, 'ema': metrics}."""
     seed_everything(cfg.seed + rt.rank)                           # seed = base + rank
     out_dir = os.path.join(cfg.out, task.name)
-    lock, resume = claim_run_dir(out_dir, cfg, rt.rank, rt.ddp)
+    lock, resume = claim_run_dir(out_dir, cfg, rt)
     try:
         return _run_task(cfg, task, rt, out_dir, resume)
     finally:

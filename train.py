@@ -775,16 +775,20 @@ def resolve_tokenizer(cfg: TrainConfig, data_root: str, rank: int, ddp: bool, de
                              "offline tokenizer fitted on your images (python tokenizer.py fit --data DIR "
                              f"--vocab {cfg.vocab_size} --out tok.pt)")
         path = os.path.join(data_root, f"tokenizer_{cfg.tokenizer_vocab}.pt")
-        if rank == 0 and not os.path.exists(path) and not os.access(data_root, os.W_OK):
-            raise ValueError(f"cannot write the offline tokenizer to {path}: {data_root} is not writable "
-                             f"(pass --tokenizer, or a writable --data)")   # checked before minutes of fitting
+        error = None
         if rank == 0 and not os.path.exists(path):
-            print(f"fitting the offline tokenizer ({cfg.tokenizer_vocab} codes) on {data_root}/images/train ...")
-            tok = tokenizer.fit_from_dir(os.path.join(data_root, "images", "train"), cfg.tokenizer_vocab,
-                                         size=cfg.crop, seed=cfg.seed, iters=10, max_patches=50_000, verbose=False)
-            tok.save(path)
-        if ddp:
-            dist.barrier()
+            try:
+                if not os.access(data_root, os.W_OK):         # checked before minutes of fitting
+                    raise ValueError(f"cannot write the offline tokenizer to {path}: {data_root} is not writable "
+                                     f"(pass --tokenizer, or a writable --data)")
+                print(f"fitting the offline tokenizer ({cfg.tokenizer_vocab} codes) on {data_root}/images/train ...")
+                tok = tokenizer.fit_from_dir(os.path.join(data_root, "images", "train"), cfg.tokenizer_vocab,
+                                             size=cfg.crop, seed=cfg.seed, iters=10, max_patches=50_000,
+                                             verbose=False)
+                tok.save(path)
+            except USER_ERRORS as e:
+                error = e
+        share_rank0_outcome(error, rank, ddp, device)       # the barrier: the file is there, or every rank stops
     tok = tokenizer.load_tokenizer(path, device=device)
     tokenizer.check_vocab(tok, cfg.vocab_size)
     return tok, path
@@ -943,31 +947,56 @@ class StepLog:
 RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json", "curves.png")
 
 
-def claim_run_dir(out_dir: str, cfg, rank: int, ddp: bool):
+def share_rank0_outcome(error: Optional[BaseException], rank: int, ddp: bool, device) -> None:
+    """The barrier after work that only rank 0 does (claiming the run folder, fitting the tokenizer).
+
+    One broadcast tells every rank whether rank 0 failed, so that all of them stop
+    at once with the same kind of one-line error. With a plain barrier, when rank
+    0 raised before reaching it, the other ranks would wait in it until
+    --dist-timeout (NCCL), or end in a traceback once rank 0's connections close
+    (gloo). torchrun stops its local workers when one fails; ranks on other
+    nodes, or ranks started by srun, are not stopped.
+    """
+    if ddp:
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=device)   # NCCL takes no CPU tensors
+        dist.broadcast(failed, src=0)
+        if failed.item() and rank != 0:
+            raise ValueError("rank 0 stopped with an error before training (its message is on rank 0's stderr)")
+    if error is not None:
+        raise error
+
+
+def claim_run_dir(out_dir: str, cfg, rt: Runtime):
     """Lock the run folder (rank 0) and decide what happens to a previous run in it.
 
     --resume auto (default): continue its ckpt.pt (or ckpt.prev.pt) when there is one.
     --overwrite: discard its files and start again. --resume no with a previous
     run there: an error, never a silent wipe. A second process on the same
-    folder gets an error naming the first. Returns (lock, checkpoint path or None).
+    folder gets an error naming the first, on every rank. Returns (lock,
+    checkpoint path or None).
     """
-    lock = None
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise ValueError(f"--out: cannot write to {out_dir}")
-        # Under SLURM the lock names the job: a requeued job (same id, other nodes) takes over its own lock.
-        job = os.environ.get("SLURM_JOB_ID")
-        lock = data.FileLock(os.path.join(out_dir, "run.lock"), job=f"slurm-{job}" if job else None)
-        busy = lock.acquire()
-        if busy is not None:
-            raise ValueError(f"{out_dir} is in use by another run ({busy}); wait for it or choose another --out")
-        if cfg.overwrite:
-            for name in RUN_FILES:
-                if os.path.exists(os.path.join(out_dir, name)):
-                    os.remove(os.path.join(out_dir, name))
-    if ddp:
-        dist.barrier()                                                  # rank 0 has cleaned up
+    lock, error = None, None
+    if rt.rank == 0:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            if not os.access(out_dir, os.W_OK):
+                raise ValueError(f"--out: cannot write to {out_dir}")
+            # Under SLURM the lock names the job: a requeued job (same id, other nodes) takes over its own lock.
+            job = os.environ.get("SLURM_JOB_ID")
+            lock = data.FileLock(os.path.join(out_dir, "run.lock"), job=f"slurm-{job}" if job else None)
+            busy = lock.acquire()
+            if busy is not None:
+                lock = None
+                raise ValueError(f"{out_dir} is in use by another run ({busy}); wait for it or choose another --out")
+            if cfg.overwrite:
+                for name in RUN_FILES:
+                    if os.path.exists(os.path.join(out_dir, name)):
+                        os.remove(os.path.join(out_dir, name))
+        except USER_ERRORS as e:
+            error = e
+            if lock is not None:
+                lock.release()
+    share_rank0_outcome(error, rt.rank, rt.ddp, rt.device)            # rank 0 has cleaned up, or all stop
     ckpt = os.path.join(out_dir, "ckpt.pt")
     if cfg.resume == "auto":
         found = [p for p in (ckpt, previous_path(ckpt)) if os.path.exists(p)]
@@ -1008,7 +1037,7 @@ def run(cfg: TrainConfig) -> dict:
     rt = setup_distributed(cfg.dist_timeout, cfg.precision)
     seed_everything(cfg.seed + rt.rank)                            # seed = base + rank
     out_dir = os.path.join(cfg.out, cfg.stage)
-    lock, resume = claim_run_dir(out_dir, cfg, rt.rank, rt.ddp)
+    lock, resume = claim_run_dir(out_dir, cfg, rt)
     try:
         return train(cfg, rt, out_dir, resume)
     finally:

@@ -22,6 +22,8 @@ import finetune
 import train
 from test_train import ENV, ROOT, args, metrics, run
 
+ONE_PROCESS = train.Runtime(ddp=False, rank=0, world=1, device=torch.device("cpu"), bf16=False)
+
 
 def one_line(r_or_err: str) -> str:
     lines = [line for line in r_or_err.strip().splitlines() if line.strip()]
@@ -83,9 +85,9 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path
             monkeypatch.setenv("SLURM_JOB_ID", env)
         if not taken:
             with pytest.raises(ValueError, match="in use by another run .*pid 4242 on node-that-was-preempted"):
-                train.claim_run_dir(str(out), cfg, rank=0, ddp=False)
+                train.claim_run_dir(str(out), cfg, ONE_PROCESS)
             continue
-        held, ckpt = train.claim_run_dir(str(out), cfg, rank=0, ddp=False)
+        held, ckpt = train.claim_run_dir(str(out), cfg, ONE_PROCESS)
         assert held is not None and ckpt is None
         assert lock.read_text() == f"{socket.gethostname()} {os.getpid()} slurm-77\n"       # ours now
         held.release()
@@ -260,6 +262,32 @@ def test_a_frozen_rank_fails_the_job_within_the_timeout(tmp_path):
     assert r.returncode != 0
     assert (tmp_path / "timeout0.txt").read_text().startswith("RuntimeError after")   # rank 0 gave up ...
     assert time.time() - t < 50                                          # ... long before rank 1's 60 s sleep
+
+
+def test_an_error_on_rank_0_before_training_stops_every_rank_at_once(syn, tmp_path):
+    """Ranks started one by one, as srun starts them (no torchrun agent to stop the others): rank 0
+    finds the run folder in use and stops; rank 1 learns it at once, not after --dist-timeout."""
+    (tmp_path / "video").mkdir()
+    holder = data.FileLock(tmp_path / "video" / "run.lock")
+    assert holder.acquire() is None                                      # another live run holds the folder
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, os.path.join(ROOT, "train.py"),
+            *args(syn, tmp_path, "--stage", "video", "--max-steps", "1", "--dist-timeout", "10")]
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]          # NCCL's plain barrier: 10 min
+    finally:
+        for p in procs:
+            p.kill()
+        holder.release()
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert "Traceback" not in errs[0] + errs[1]
+    assert "train.py: error: " in errs[0] and "in use by another run" in errs[0]
+    assert "train.py: error: rank 0 stopped with an error" in errs[1]
 
 
 # -----------------------------------------------------------------------------
