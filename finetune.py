@@ -1533,9 +1533,12 @@ class TablesConfig:
     data: str = ""                        # synthetic data folder (default data/synthetic, generated on first use)
     only_seeds: str = ""                  # comma-separated subset of the seeds to run now (e.g. "1,3"), so two
                                           # processes can share the work; the tables report every seed on file
+    rows: str = ""                        # comma-separated subset of the rows to run now, by Table 1 row slug
+                                          # (scratch, bevt-i, bevt-v, bevt, bevt-joint-from-scratch) or Table 8
+                                          # strategy (tube, tube-fixed, ..., random-3d); default every row
     max_steps: int = 0                    # > 0: cap every pretraining and finetune (to try the plumbing)
-    pretrain_args: str = ""               # extra train.py flags for every pretraining (all rows alike)
-    finetune_args: str = ""               # extra finetune.py flags for every finetune and extraction
+    pretrain_args: str = ""               # extra train.py flags for every pretraining (all rows alike; part of
+    finetune_args: str = ""               # the file's recipe) / for every finetune and extraction
 
 
 TABLE1_ROWS = ("scratch", "BEVT-I", "BEVT-V", "BEVT", "BEVT, joint from scratch")
@@ -1556,12 +1559,23 @@ PAPER = {
 }
 
 
-def tables_recipe() -> dict:
-    """The recipe every cell depends on: both CPU presets and the pretraining stages' epochs."""
+def tables_recipe(pretrain_args: str = "", finetune_args: str = "") -> dict:
+    """The recipe every cell depends on: both CPU presets, the pretraining stages' epochs, and the
+    extra flags given to every run (recorded only when there are some)."""
     import train
     norm = lambda d: json.loads(json.dumps(d))                   # tuples -> lists, as stored in JSON
-    return {"synthetic_version": data.SYNTHETIC_VERSION, "train": norm(train.CPU_PRESET),
-            "stage_epochs": norm(train.CPU_STAGE_EPOCHS), "finetune": norm(CPU_PRESET)}
+    recipe = {"synthetic_version": data.SYNTHETIC_VERSION, "train": norm(train.CPU_PRESET),
+              "stage_epochs": norm(train.CPU_STAGE_EPOCHS), "finetune": norm(CPU_PRESET)}
+    recipe.update({k: v for k, v in (("pretrain_args", pretrain_args), ("finetune_args", finetune_args)) if v})
+    return recipe
+
+
+def row_names(tables: tuple) -> dict:
+    """{name accepted by --rows: row as the runner knows it} for the requested tables."""
+    names = {"bevt": "BEVT"} if "2" in tables else {}
+    names.update({_slug(r): r for r in TABLE1_ROWS} if "1" in tables else {})
+    names.update({s: s for s in TABLE8_ROWS} if "8" in tables else {})
+    return names
 
 
 def _pretrainings(row: str) -> list:
@@ -1594,7 +1608,7 @@ class Tables:
                     raise ValueError(f"{tcfg.results} is not valid JSON (a torn write?); move it away to start again")
         self.cells = self.results.setdefault("cells", {})
         # Cells of one file come from one recipe: a file made with other presets is not mixed in.
-        recipe = tables_recipe()
+        recipe = tables_recipe(tcfg.pretrain_args, tcfg.finetune_args)
         if self.results.setdefault("recipe", recipe) != recipe:
             raise ValueError(f"{tcfg.results} holds cells made with another CPU recipe (train.py / finetune.py "
                              f"presets changed since); pass another --results file")
@@ -1678,17 +1692,18 @@ class Tables:
         seeds = range(self.t.seeds)
         if self.t.only_seeds:
             seeds = [int(x) for x in self.t.only_seeds.split(",") if x.strip()]
+        wanted = {x.strip() for x in self.t.rows.split(",") if x.strip()} or set(row_names(tables))
         for seed in seeds:
-            if "2" in tables:
+            if "2" in tables and "bevt" in wanted:
                 for task in SYNTHETIC_TASKS:
                     self.finetune("BEVT", task, seed)
             if "1" in tables:
-                for row in TABLE1_ROWS:
+                for row in (r for r in TABLE1_ROWS if _slug(r) in wanted):
                     self.probe(row, seed)
                     for task in SYNTHETIC_TASKS:
                         self.finetune(row, task, seed)
             if "8" in tables:
-                for strategy in TABLE8_ROWS:
+                for strategy in (s for s in TABLE8_ROWS if s in wanted):
                     row = "BEVT-V" if strategy == "tube" else strategy
                     self.probe(row, seed)
                     self.finetune(row, "motion", seed)
@@ -1834,6 +1849,11 @@ def tables_main(argv) -> dict:
         only = [-1]
     if any(not 0 <= x < tcfg.seeds for x in only):
         ap.error(f"--only-seeds must list seeds in 0..{tcfg.seeds - 1}, got {tcfg.only_seeds!r}")
+    names = row_names(tables)
+    unknown = [x.strip() for x in tcfg.rows.split(",") if x.strip() and x.strip() not in names]
+    if unknown:
+        ap.error(f"--rows: {', '.join(unknown)} is not a row of table(s) {','.join(tables)}; "
+                 f"choose from {', '.join(names)}")
     t0 = time.time()
     try:
         runner = Tables(tcfg)

@@ -346,6 +346,38 @@ def test_tables_processes_sharing_a_results_file_keep_each_others_cells(tmp_path
     (tmp_path / "old.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="another CPU recipe"):
         finetune.Tables(finetune.TablesConfig(results=str(tmp_path / "old.json")))
+    # Extra flags for every run (a longer pretraining) make another recipe too.
+    with pytest.raises(ValueError, match="another CPU recipe"):
+        finetune.Tables(finetune.TablesConfig(results=str(tmp_path / "t.json"), pretrain_args="--epochs 32"))
+
+
+class _Calls(finetune.Tables):
+    """The runner with its two kinds of run replaced by a record of which were asked for."""
+    def __init__(self, tcfg):
+        super().__init__(tcfg)
+        self.calls = []
+
+    def probe(self, row, seed):
+        self.calls.append(("probe", row, seed))
+
+    def finetune(self, row, task, seed):
+        self.calls.append(("finetune", row, task, seed))
+
+
+def test_tables_rows_selects_what_runs_now(tmp_path, capsys):
+    everything = _Calls(finetune.TablesConfig(results=str(tmp_path / "t.json"), seeds=2))
+    everything.run(("1", "2", "8"))
+    assert len(everything.calls) == 2 * (2 + 5 * 3 + 7 * 2)         # per seed: Table 2, 1 and 8's runs
+    some = _Calls(finetune.TablesConfig(results=str(tmp_path / "t.json"), seeds=2, rows="tube,random-3d,bevt-i"))
+    some.run(("1", "8"))
+    assert some.calls == [c for s in (0, 1) for c in (
+        ("probe", "BEVT-I", s), ("finetune", "BEVT-I", "appearance", s), ("finetune", "BEVT-I", "motion", s),
+        ("probe", "BEVT-V", s), ("finetune", "BEVT-V", "motion", s),           # Table 8's tube row is BEVT-V
+        ("probe", "random-3d", s), ("finetune", "random-3d", "motion", s))]
+    with pytest.raises(SystemExit):
+        finetune.main(["tables", "--tables", "8", "--rows", "bevt-i", "--results", str(tmp_path / "t.json")])
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--rows: bevt-i is not a row of table(s) 8" in err and "random-3d" in err
 
 
 def test_tables_text_gives_mean_and_std_over_seeds():
