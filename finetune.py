@@ -235,8 +235,13 @@ def parse_args(argv=None) -> FinetuneConfig:
         ap.error(str(e))
 
 
+def comma_items(spec: str) -> list:
+    """The items of a comma-separated flag value, stripped, empty ones dropped."""
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
+
 def parse_eval_modes(spec: str) -> tuple:
-    modes = tuple(m.strip() for m in spec.split(",") if m.strip())
+    modes = tuple(comma_items(spec))
     bad = [m for m in modes if m not in EVAL_MODES]
     if bad or not modes:
         raise ValueError(f"unknown --eval-mode {','.join(bad) or spec!r}; expected a comma-separated subset of "
@@ -1533,12 +1538,12 @@ class TablesConfig:
     data: str = ""                        # synthetic data folder (default data/synthetic, generated on first use)
     only_seeds: str = ""                  # comma-separated subset of the seeds to run now (e.g. "1,3"), so two
                                           # processes can share the work; the tables report every seed on file
-    rows: str = ""                        # comma-separated subset of the rows to run now, by Table 1 row slug
-                                          # (scratch, bevt-i, bevt-v, bevt, bevt-joint-from-scratch) or Table 8
-                                          # strategy (tube, tube-fixed, ..., random-3d); default every row
+    rows: str = ""                        # comma-separated rows to run now (e.g. "bevt-i,tube"; default all)
+                                          # by Table 1 slug (scratch, bevt-i, bevt-v, bevt,
+                                          # bevt-joint-from-scratch) or Table 8 strategy (tube, ..., random-3d)
     max_steps: int = 0                    # > 0: cap every pretraining and finetune (to try the plumbing)
-    pretrain_args: str = ""               # extra train.py flags for every pretraining (all rows alike; part of
-    finetune_args: str = ""               # the file's recipe) / for every finetune and extraction
+    pretrain_args: str = ""               # extra train.py flags for every pretraining (part of the recipe)
+    finetune_args: str = ""               # extra finetune.py flags for every finetune (part of the recipe)
 
 
 TABLE1_ROWS = ("scratch", "BEVT-I", "BEVT-V", "BEVT", "BEVT, joint from scratch")
@@ -1691,8 +1696,8 @@ class Tables:
     def run(self, tables: tuple) -> None:
         seeds = range(self.t.seeds)
         if self.t.only_seeds:
-            seeds = [int(x) for x in self.t.only_seeds.split(",") if x.strip()]
-        wanted = {x.strip() for x in self.t.rows.split(",") if x.strip()} or set(row_names(tables))
+            seeds = [int(x) for x in comma_items(self.t.only_seeds)]
+        wanted = set(comma_items(self.t.rows)) or set(row_names(tables))
         for seed in seeds:
             if "2" in tables and "bevt" in wanted:
                 for task in SYNTHETIC_TASKS:
@@ -1838,19 +1843,19 @@ def tables_main(argv) -> dict:
     args = vars(ap.parse_args(argv))
     args.pop("preset")
     _, tcfg = _split(args, TablesConfig)
-    tables = tuple(t.strip() for t in tcfg.tables.split(",") if t.strip())
+    tables = tuple(comma_items(tcfg.tables))
     if not tables or any(t not in ("1", "2", "8") for t in tables):
         ap.error(f"--tables must be a comma-separated subset of 1,2,8, got {tcfg.tables!r}")
     if tcfg.seeds < 1 or tcfg.max_steps < 0:
         ap.error(f"--seeds must be >= 1 and --max-steps >= 0, got {tcfg.seeds} and {tcfg.max_steps}")
     try:
-        only = [int(x) for x in tcfg.only_seeds.split(",") if x.strip()]
+        only = [int(x) for x in comma_items(tcfg.only_seeds)]
     except ValueError:
         only = [-1]
     if any(not 0 <= x < tcfg.seeds for x in only):
         ap.error(f"--only-seeds must list seeds in 0..{tcfg.seeds - 1}, got {tcfg.only_seeds!r}")
     names = row_names(tables)
-    unknown = [x.strip() for x in tcfg.rows.split(",") if x.strip() and x.strip() not in names]
+    unknown = [x for x in comma_items(tcfg.rows) if x not in names]
     if unknown:
         ap.error(f"--rows: {', '.join(unknown)} is not a row of table(s) {','.join(tables)}; "
                  f"choose from {', '.join(names)}")

@@ -17,7 +17,8 @@ crop, flip, Lanczos half-size tokenizer copy, normalise, tube mask):
 For each, clips/s through the training loader (`build_pretrain_loader`:
 EpochLoader with its global batch sampler, batches of 4, collate) with 0, 1
 and 2 DataLoader workers, within one epoch; the first batch (worker start-up,
-which persistent workers pay once per loader, not once per epoch) is not timed; 0 workers runs in the main process with torch's default intra-op
+which persistent workers pay once per loader, not once per epoch) is not
+timed; 0 workers runs in the main process with torch's default intra-op
 threads (all cores), and once more with one thread. Then where one clip's time goes, in this process: decode (seek +
 decode + RGB conversion of the needed frames), rescale + crop (uint8), float
 conversion + flip, the tokenizer copy (tokenizer.lanczos_resize), normalise,
