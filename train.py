@@ -1024,13 +1024,22 @@ def main(argv=None) -> dict:
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
     cfg = parse_args(argv)
+    return run_cli("train.py", run, cfg)
+
+
+def run_cli(prog: str, fn, *args):
+    """The one way every command line (train.py, finetune.py, tools/*.py) ends on a user error:
+    one line `PROG: error: ...` on stderr and exit 2; on Ctrl-C one line and exit 130."""
     try:
-        return run(cfg)
+        return fn(*args)
     except USER_ERRORS as e:
         if dist.is_initialized():
             dist.destroy_process_group()
-        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def run(cfg: TrainConfig) -> dict:

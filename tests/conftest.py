@@ -14,10 +14,11 @@ import pytest
 
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
-    """A tiny synthetic data set written with PyAV by data.py (8 videos, 24 images, 96x112 px):
-    the smallest on which train.py runs (96-px crops of 4 frames)."""
-    import data
+    """A tiny synthetic data set written with PyAV by tools/synthetic.py (8 videos, 24 images,
+    96x112 px) with its 32-code offline tokenizer fitted on 96-px crops: the smallest on which
+    train.py runs (96-px crops of 4 frames; tests/test_train.py's `args`)."""
+    from tools import synthetic
     root = tmp_path_factory.mktemp("bevt") / "syn"
-    data.ensure_synthetic(root, seed=0, verbose=False, n_train=8, n_val=2, images_train=4, images_val=1,
-                          frames=16, height=96, width=112)
+    synthetic.prepare(root, seed=0, verbose=False, vocab=32, size=96, n_train=8, n_val=2, images_train=4,
+                      images_val=1, frames=16, height=96, width=112)
     return str(root)

@@ -1,0 +1,78 @@
+"""The layout is part of the specification: the seven component files are the method a
+reader came for, each ending in one banner behind which stands only what running needs;
+everything run around the method is a script in tools/ (README, "How to read this code")."""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPONENTS = ("swin3d", "masking", "tokenizer", "bevt", "data", "train", "finetune")
+# Line budgets: the seven files together at most 5,000 lines, comments included.
+BUDGET = {"swin3d": 700, "masking": 330, "tokenizer": 700, "bevt": 320, "data": 1300, "train": 900,
+          "finetune": 750}
+MAX_FUNCTION_LINES = 60
+BANNER = "# Machinery"          # the one banner: "# ====...", then a line starting with this
+
+
+def source(name):
+    with open(os.path.join(ROOT, f"{name}.py")) as f:
+        return f.read()
+
+
+def imports(name):
+    """Top-level module names that component `name` imports (at any depth of its code)."""
+    found = set()
+    for node in ast.walk(ast.parse(source(name))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_seven_files_fit_their_budget():
+    lines = {n: source(n).count("\n") for n in COMPONENTS}
+    assert sum(lines.values()) <= 5000, lines
+    over = {n: (lines[n], BUDGET[n]) for n in COMPONENTS if lines[n] > BUDGET[n]}
+    assert not over, f"over budget (lines, budget): {over}"
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_no_function_is_longer_than_a_screen(name):
+    long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(ast.parse(source(name)))
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"{name}.py: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_components_never_import_tools(name):
+    assert "tools" not in imports(name)
+
+
+def test_no_import_cycle_among_the_components():
+    graph = {n: imports(n) & set(COMPONENTS) - {n} for n in COMPONENTS}
+
+    def reaches(a, b, seen=()):
+        return any(c == b or (c not in seen and reaches(c, b, (*seen, c))) for c in graph[a])
+    cycles = [n for n in COMPONENTS if reaches(n, n)]
+    assert not cycles, f"import cycle through {cycles}: {graph}"
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_one_banner_then_only_machinery(name):
+    lines = source(name).splitlines()
+    banners = [i for i, l in enumerate(lines[:-1]) if l.startswith("# ====") and lines[i + 1].startswith("# ")
+               and not lines[i + 1].startswith("# ====")]
+    assert len(banners) == 1, f"{name}.py: expected one banner, found {[lines[i + 1] for i in banners]}"
+    assert lines[banners[0] + 1].startswith(BANNER), lines[banners[0] + 1]
+    assert "Tools" not in "\n".join(lines), f"{name}.py still has a Tools section"
+
+
+def test_tools_run_as_scripts_import_the_components():
+    tools = [f for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py") and f != "__init__.py"]
+    assert tools
+    clash = [f for f in tools if f[:-3] in COMPONENTS]
+    # `python tools/X.py` puts tools/ first on sys.path: a tool named like a component would shadow it.
+    assert not clash, f"tools named like a component: {clash}"
