@@ -2,11 +2,11 @@
 
 Run by hand (pytest does not collect it: the name does not start with test_):
 
-    python tests/mutate.py                      # every mutation, then the score
-    python tests/mutate.py concat-video merge-order     # some, by name
-    python tests/mutate.py --list               # names, files and what each one breaks
-    python tests/mutate.py --check              # only verify that every edit still applies
-    python tests/mutate.py --without-golden     # the same without tests/test_golden.py
+    python tools/mutate.py                      # every mutation, then the score
+    python tools/mutate.py concat-video merge-order     # some, by name
+    python tools/mutate.py --list               # names, files and what each one breaks
+    python tools/mutate.py --check              # only verify that every edit still applies
+    python tools/mutate.py --without-golden     # the same without tests/test_golden.py
 
 Each entry of MUTATIONS below is one semantic mistake someone re-writing the
 method could make: a plausible line, not a syntax error. For each, the
@@ -321,7 +321,7 @@ def copy_project(files: list, dest: str) -> None:
             continue
         os.makedirs(os.path.dirname(os.path.join(dest, rel)) or dest, exist_ok=True)
         shutil.copy2(src, os.path.join(dest, rel))
-    for rel in ("tests/test_golden.py", "tests/mutate.py"):      # also before they are committed
+    for rel in ("tests/test_golden.py", "tools/mutate.py"):      # also before they are committed
         src = os.path.join(ROOT, rel)
         if os.path.isfile(src) and rel not in files:
             shutil.copy2(src, os.path.join(dest, rel))
