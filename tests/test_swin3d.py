@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import swin3d
+from tools import convert_checkpoint
 from swin3d import (clamp_window, get_config, relative_position_index,
                     shift_mask, window_partition, window_reverse)
 
@@ -480,7 +481,7 @@ def test_released_checkpoint_loads_and_index_is_rederived():
         ckpt["state_dict"]["backbone." + k] = (torch.randint(0, 5, shape) if k.endswith("index")
                                                else torch.randn(shape))
     ckpt["state_dict"]["cls_head.lm_head.weight"] = torch.randn(8192, 8 * m.embed_dim)
-    sd = swin3d.strip_prefix(ckpt["state_dict"], "backbone.")
+    sd = convert_checkpoint.strip_prefix(ckpt["state_dict"], "backbone.")
     result = m.load_state_dict(sd, strict=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
     table = "layers.2.blocks.1.attn.relative_position_bias_table"
@@ -580,7 +581,7 @@ def test_torchvision_layout_maps_onto_every_encoder_key(name):
     C, depths, heads = TORCHVISION_ARCHS[name]
     layout = torchvision_layout(C, depths, heads)
     assert swin3d.is_torchvision_layout(layout)
-    mapped = swin3d.map_torchvision_state_dict(layout)           # values (shapes here) untouched
+    mapped = convert_checkpoint.map_torchvision_state_dict(layout)           # values (shapes here) untouched
     head = {k for k in mapped if k.startswith("head.")}
     assert head == {"head.weight", "head.bias"}                  # the classifier stays out of the encoder
     with torch.device("meta"):
@@ -598,7 +599,7 @@ def test_torchvision_state_dict_loads_and_every_tensor_counts():
     token, which torchvision has not got), and perturbing any one tensor changes the output;
     perturbing a relative index buffer does not (it is re-derived, never read)."""
     sd = torchvision_state_dict()
-    mapped = swin3d.map_torchvision_state_dict(sd)
+    mapped = convert_checkpoint.map_torchvision_state_dict(sd)
     head = {k: mapped.pop(k) for k in ("head.weight", "head.bias")}
     assert torch.equal(head["head.weight"], sd["head.weight"])
     m = small_model()
@@ -644,7 +645,7 @@ def test_torchvision_patch_merging_order_is_ours():
     x[..., 1::2, 1::2, :]), norm, reduction. With the mapped weights ours gives the same."""
     sd = torchvision_state_dict()
     m = small_model()
-    m.load_state_dict(swin3d.map_torchvision_state_dict({k: v for k, v in sd.items() if k.startswith("features.1.")}),
+    m.load_state_dict(convert_checkpoint.map_torchvision_state_dict({k: v for k, v in sd.items() if k.startswith("features.1.")}),
                       strict=False)
     x = torch.randn(2, 3, 7, 9, 32)                                  # odd H, W: padded at the end
     xp = F.pad(x, (0, 0, 0, x.shape[-2] % 2, 0, x.shape[-3] % 2))
