@@ -452,6 +452,11 @@ def test_window_resize_of_relative_tables():
     out = swin3d.resize_relative_tables({key: separable_table(8)}, (8, 7, 7), (16, 7, 7))[key]
     assert out.shape == (31 * 13 * 13, 2)
     torch.testing.assert_close(out, expected_resized(16, 8), atol=1e-3, rtol=1e-5)
+    # The same window leaves the table as it is; a table of another window is a one-line error.
+    assert torch.equal(swin3d.resize_relative_tables({key: separable_table(8)}, (8, 7, 7), (8, 7, 7))[key],
+                       separable_table(8))
+    with pytest.raises(ValueError, match="needs"):
+        swin3d.resize_relative_tables({key: separable_table(8)}, (4, 7, 7), (16, 7, 7))
 
 
 def test_finetune_loader_resizes_a_k400_window_for_ssv2():
