@@ -349,19 +349,24 @@ class MaskGenerator:
 # (base seed, rank, DataLoader worker, epoch), or per sample (base seed, epoch, row)
 
 
-def derive_seed(base_seed: int, rank: int = 0, worker_id: int = 0, epoch: int = 0) -> int:
-    """A 64-bit seed for the stream of one (rank, worker, epoch), from one base seed.
+def _seed(**key) -> int:
+    """A 64-bit seed from numpy's SeedSequence of (first value = entropy, the rest = spawn key).
 
-    numpy's SeedSequence hashes the base entropy together with the spawn key,
-    so streams for different keys are statistically independent (unlike
-    `base + rank + worker`, where rank 1 / worker 0 collides with rank 0 /
-    worker 1). Same arguments -> same seed, on any machine.
+    SeedSequence hashes the entropy with the spawn key, so streams of different
+    keys are statistically independent (unlike `base + rank + worker`, where
+    rank 1 / worker 0 collides with rank 0 / worker 1); same key, same seed, on
+    any machine.
     """
-    for name, v in (("base_seed", base_seed), ("rank", rank), ("worker_id", worker_id), ("epoch", epoch)):
+    for name, v in key.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-    ss = np.random.SeedSequence(entropy=int(base_seed), spawn_key=(int(rank), int(worker_id), int(epoch)))
-    return int(ss.generate_state(1, np.uint64)[0])
+    base, *spawn = (int(v) for v in key.values())
+    return int(np.random.SeedSequence(entropy=base, spawn_key=tuple(spawn)).generate_state(1, np.uint64)[0])
+
+
+def derive_seed(base_seed: int, rank: int = 0, worker_id: int = 0, epoch: int = 0) -> int:
+    """A 64-bit seed for the stream of one (rank, worker, epoch), from one base seed."""
+    return _seed(base_seed=base_seed, rank=rank, worker_id=worker_id, epoch=epoch)
 
 
 # Purposes of the per-sample keys below: distinct non-zero tags, so that the streams of
@@ -373,18 +378,12 @@ def sample_seed(base_seed: int, purpose: int, epoch: int, index: int = 0, attemp
     """A 64-bit seed for one sample's randomness: (base seed, purpose, epoch, row index, attempt).
 
     Keyed by what a sample *is* (its row and its epoch), not by who draws it
-    (rank, DataLoader worker, position in a batch), so that a run re-sharded
-    over another number of processes draws the same crops and masks for every
-    sample (train.py resume on a different world size). `attempt` counts the
-    files tried for one sample (a bad file is replaced, data.py). The key has 4
-    entries, derive_seed's 3, so the two families of streams never coincide.
+    (rank, worker, position in a batch), so a run re-sharded over another number
+    of processes draws the same crops and masks for every sample. `attempt`
+    counts the files tried for one sample (a bad file is replaced, data.py). The
+    key has 4 entries, derive_seed's 3, so the two families never coincide.
     """
-    for name, v in (("base_seed", base_seed), ("purpose", purpose), ("epoch", epoch), ("index", index),
-                    ("attempt", attempt)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-    ss = np.random.SeedSequence(entropy=int(base_seed), spawn_key=(int(purpose), int(epoch), int(index), int(attempt)))
-    return int(ss.generate_state(1, np.uint64)[0])
+    return _seed(base_seed=base_seed, purpose=purpose, epoch=epoch, index=index, attempt=attempt)
 
 
 # -----------------------------------------------------------------------------

@@ -594,23 +594,17 @@ class SwinTransformer3D(nn.Module):
 
     # -- input checks: one-line errors naming what was expected and what came
     def _check(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        if x.dim() not in (4, 5):
-            raise ValueError(f"expected a clip (B, {self.config.in_chans}, T, H, W) or an image "
-                             f"(B, {self.config.in_chans}, H, W), got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.config.in_chans:
-            raise ValueError(f"expected {self.config.in_chans} input channels at dim 1, "
-                             f"got shape {tuple(x.shape)}")
-        if mask is None:
-            return
-        if mask.dtype != torch.bool:
+        c, pt, (H, W) = self.config.in_chans, self.config.patch_size[0], x.shape[-2:]
+        if x.dim() not in (4, 5) or x.shape[1] != c:
+            raise ValueError(f"expected a clip (B, {c}, T, H, W) or an image (B, {c}, H, W) with {c} input "
+                             f"channels at dim 1, got a tensor of shape {tuple(x.shape)}")
+        if mask is not None and mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
-        pt = self.config.patch_size[0]
-        H, W = x.shape[-2:]
-        if H % 16 or W % 16:
+        if mask is not None and (H % 16 or W % 16):
             raise ValueError(f"a mask needs H and W divisible by 16 (the tokenizer grid), got {H}x{W}")
-        expected = (x.shape[0], H // 16, W // 16) if x.dim() == 4 else \
-                   (x.shape[0], math.ceil(x.shape[2] / pt), H // 16, W // 16)
-        if tuple(mask.shape) != expected:
+        expected = ((x.shape[0], H // 16, W // 16) if x.dim() == 4
+                    else (x.shape[0], -(-x.shape[2] // pt), H // 16, W // 16))
+        if mask is not None and tuple(mask.shape) != expected:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the input {tuple(x.shape)}: "
                              f"expected {expected} (batch, [T/{pt},] H/16, W/16)")
 
@@ -668,15 +662,9 @@ def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
 # gradients); SwinConfig.token_moves / .attention or the device picks them.
 
 def window_order(size: Shape3, window: Shape3, shift: Shape3, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, inverse), two (t*h*w,) permutations of the flattened token grid `size`.
-
-    `order` lists, window after window, which token sits in each slot of the
-    (shifted) windows, i.e. it is the cyclic roll by -shift followed by
-    window_partition, applied once to the token indices:
+    """(order, inverse), two (t*h*w,) permutations of the flattened token grid `size`:
         tokens[:, order]   == window_partition(roll(tokens, -shift), window)  (as (B, nW*N, C))
         windows[:, inverse] == roll(window_reverse(windows), +shift)           (as (B, t*h*w, C))
-    so a block moves its tokens with one gather each way instead of a roll
-    (a copy per shifted axis) plus a permute copy.
     """
     idx = torch.arange(math.prod(size), device=device).view(1, *size, 1)
     if any(shift):
@@ -686,12 +674,8 @@ def window_order(size: Shape3, window: Shape3, shift: Shape3, device=None) -> tu
 
 
 class _PermuteTokens(torch.autograd.Function):
-    """x[:, order] for a permutation `order` of dim 1, whose gradient is the gather by `inverse`.
-
-    The same result as indexing; only the backward differs: autograd's generic
-    gradient of an index is a scatter-add (serial on the CPU), while the
-    gradient of a permutation is just the inverse permutation.
-    """
+    """x[:, order] for a permutation `order` of dim 1, whose gradient is the gather by `inverse`
+    (autograd's generic gradient of an index is a scatter-add, serial on the CPU)."""
 
     @staticmethod
     def forward(ctx, x, order, inverse):
@@ -709,12 +693,9 @@ def _use_gather(moves: str, x: torch.Tensor) -> bool:
 
 
 def attention_by_gather(attn: WindowAttention3D, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-    """roll(-shift), window_partition, attn, window_reverse, roll(+shift) as two gathers.
-
-    x: padded tokens (B, tp, hp, wp, C) -> (B, tp, hp, wp, C), bit-identical to
-    the visible path (both only move values). One gather each way instead of a
-    roll (a copy per shifted axis) plus a permute copy.
-    """
+    """roll(-shift), window_partition, attn, window_reverse, roll(+shift) as one gather each way
+    (instead of a copy per shifted axis plus a permute copy): padded tokens (B, tp, hp, wp, C) ->
+    (B, tp, hp, wp, C), bit-identical to the visible path (both only move values)."""
     B, C, size = x.shape[0], x.shape[-1], x.shape[1:4]
     N = math.prod(geometry.window)
     x = _PermuteTokens.apply(x.reshape(B, -1, C), geometry.order, geometry.inverse)    # (B, nW*N, C)
@@ -734,26 +715,17 @@ def _check_choice(name: str, choices: tuple, what: str) -> str:
 
 
 def _use_explicit(attention: str, x: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether WindowAttention3D runs explicit_attention instead of SDPA.
-
-    "auto" picks it for CPU training: PyTorch's CPU flash kernel has no
-    gradient for attn_mask, so with a learnable bias SDPA falls back to its
-    math kernel, which is the explicit formula plus extra passes (a "safe"
-    softmax that checks for fully masked rows). CUDA's memory-efficient kernel
-    does give that gradient, so GPUs use SDPA.
-    """
+    """Whether WindowAttention3D runs explicit_attention instead of SDPA. "auto": for CPU training,
+    where PyTorch's flash kernel has no gradient for attn_mask and SDPA falls back to its math
+    kernel, the explicit formula plus extra passes. CUDA's kernels give that gradient."""
     if attention == "auto":
         return x.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad
     return attention == "explicit"
 
 
 def explicit_attention(qkv, bias, mask, num_heads: int, scale: float, dropout_p: float) -> torch.Tensor:
-    """qkv (B, nW, N, 3C) -> attention_reference with heads merged, (B, nW, N, C).
-
-    _ExplicitAttention's hand-written backward where it applies; the plain
-    formula with attention dropout, under torch.compile (which fuses the plain
-    formula itself) or autocast (whose per-op casts the plain formula gets).
-    """
+    """qkv (B, nW, N, 3C) -> (B, nW, N, C): _ExplicitAttention, or the plain formula with attention
+    dropout, under torch.compile (which fuses it) or autocast (whose per-op casts it gets)."""
     if dropout_p == 0.0 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(qkv.device.type):
         return _ExplicitAttention.apply(qkv, bias, mask, num_heads, scale)
     q, k, v = _split_heads(qkv, num_heads)
@@ -763,19 +735,11 @@ def explicit_attention(qkv, bias, mask, num_heads: int, scale: float, dropout_p:
 class _ExplicitAttention(torch.autograd.Function):
     """qkv (B, nW, N, 3C) -> attention_reference (no dropout) with heads merged, (B, nW, N, C).
 
-    The same formula and result as the plain path, with a hand-written
-    backward that works in place; it exists for speed on the CPU, where
-    training uses the explicit formula. The (B, nW, nh, N, N) logits are the
-    largest tensors of the model (Swin-T, one 16x224x224 clip: 118 MB per
-    stage-1 block), so every pass over them and every fresh one counts.
-    Autograd's version of the formula allocates six per shifted block
-    (logits, +bias, +mask, softmax; dP and dS in the backward); this one two
-    (the logits, turned into P in place; dP, turned into dS in place). Taking
-    qkv whole and returning merged heads also saves copies: q, k, v are split
-    into heads by one copy that both passes use (autograd copies k and v again
-    for each matmul), and the backward writes dq, dk, dv side by side and
-    moves them to the layout of qkv with one copy (autograd stacks them, then
-    copies the stack).
+    The same formula with a hand-written backward that works in place. The
+    (B, nW, nh, N, N) logits are the model's largest tensors: autograd's
+    version of the formula allocates six of them per shifted block (logits,
+    +bias, +mask, softmax; dP, dS), this one two (logits turned into P, dP
+    turned into dS, in place), and q, k, v / dq, dk, dv move with one copy each.
 
     Backward, with S = q·kᵀ·scale + B + M, P = softmax(S), O = P·v:
         dv = Pᵀ·dO,  dP = dO·vᵀ,
@@ -797,11 +761,9 @@ class _ExplicitAttention(torch.autograd.Function):
             attn += mask[:, None]                                 # (nW, 1, N, N), broadcast over B, heads
         torch.softmax(attn, dim=-1, out=attn)                     # P, in place (softmax works row by row)
         if mask is not None:
-            # A masked logit gives exp(-100 + ...) ~ 1e-44: not 0 in fp32 but a
-            # denormal, and x86 CPUs take a slow microcode path on every
-            # denormal operand (the matmuls with P and dS of a shifted image
-            # block ran ~10x slower). Flush them to 0, as flush-to-zero
-            # arithmetic would: P changes by < 1e-38, below fp32 resolution.
+            # A masked logit gives exp(-100 + ...) ~ 1e-44: a denormal in fp32, on which
+            # x86 CPUs take a slow path. Flush to 0, as flush-to-zero arithmetic would
+            # (P changes by < 1e-38, below fp32 resolution).
             F.threshold(attn, torch.finfo(attn.dtype).tiny, 0.0, inplace=True)
         out = attn @ v                                            # (B, nW, nh, N, hd)
         ctx.save_for_backward(heads, attn, out)
@@ -827,11 +789,8 @@ class _ExplicitAttention(torch.autograd.Function):
         return dheads.permute(1, 2, 4, 0, 3, 5).reshape(B, nW, N, 3 * nh * hd), dbias, None, None, None
 
 
-# Shift masks, relative indices and window orders depend only on shapes, so
-# they are built once per (shape, window, shift, device) and reused by every
-# block of a stage and every step. Under torch.compile they are traced into
-# the graph instead (constant for a given shape, which is what the compiled
-# graph is specialised on).
+# Shift masks, relative indices and window orders depend only on shapes: built once per
+# (shape, window, shift, device) and reused by every block and step (traced under torch.compile).
 _GEOMETRY_CACHE: dict = {}
 
 
@@ -849,14 +808,9 @@ def _cached(fn, *args, device):
 
 
 class LoadReport(NamedTuple):
-    """What loading a checkpoint did (BEVT.load_released, finetune.load_pretrained).
-
-    kind: what the checkpoint was detected as; loaded: our keys that were set;
-    missing: our keys it did not provide; unused: its keys (original names)
-    that were not used; rederived: index / attention-mask buffers it carried,
-    recomputed rather than loaded; window: (checkpoint window, model window) if
-    the relative tables were resized, else None.
-    """
+    """What loading a checkpoint did (BEVT.load_released, finetune.load_pretrained): its detected
+    kind; our keys loaded / missing; its keys unused (original names); index / mask buffers it
+    carried, re-derived; (checkpoint window, model window) if the tables were resized."""
     kind: str
     loaded: list
     missing: list
@@ -884,13 +838,8 @@ class LoadReport(NamedTuple):
 
 
 def load_file(path) -> object:
-    """torch.load of a checkpoint file with weights_only=True (tensors and plain containers, no code).
-
-    Anything that is not such a file (text, a torn zip, a pickle that needs
-    classes to load) is a one-line ValueError. torch's own message would advise
-    retrying with weights_only=False, i.e. running the file's code: never do that
-    with a file you did not make.
-    """
+    """torch.load with weights_only=True (tensors and plain containers, never the file's code);
+    anything else (text, a torn zip, a pickle that needs classes) is a one-line ValueError."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path}: no such file")
     try:
