@@ -206,7 +206,6 @@ import sys         # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import bevt  # noqa: E402
 from tools import show  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,7 @@
-"""Tests of swin3d.py: shapes, SDPA == explicit attention, weight sharing between
-the image and video streams, gradient checkpointing, parameter counts,
-checkpoint layout (released and torchvision's), inflation and window resizing (paper §3 "BEVT encoders"; the released checkpoint layout; the public interface)."""
+"""Tests of swin3d.py (paper §3 "BEVT encoders"; the released checkpoint layout; the public
+interface): shapes, SDPA == explicit attention, torch.roll == the permutation gathers, weight
+sharing between the streams, gradient checkpointing, parameter counts, checkpoint layouts, and
+the specification of drop path, shifted-window regions and padding."""
 
 import math
 
@@ -622,8 +623,8 @@ def test_torchvision_patch_merging_order_is_ours():
     x[..., 1::2, 1::2, :]), norm, reduction. With the mapped weights ours gives the same."""
     sd = torchvision_state_dict()
     m = small_model()
-    m.load_state_dict(convert_checkpoint.map_torchvision_state_dict({k: v for k, v in sd.items() if k.startswith("features.1.")}),
-                      strict=False)
+    first_merge = {k: v for k, v in sd.items() if k.startswith("features.1.")}
+    m.load_state_dict(convert_checkpoint.map_torchvision_state_dict(first_merge), strict=False)
     x = torch.randn(2, 3, 7, 9, 32)                                  # odd H, W: padded at the end
     xp = F.pad(x, (0, 0, 0, x.shape[-2] % 2, 0, x.shape[-3] % 2))
     cat = torch.cat([xp[..., 0::2, 0::2, :], xp[..., 1::2, 0::2, :], xp[..., 0::2, 1::2, :],
@@ -649,6 +650,26 @@ def test_inflate_2d_checkpoint():
         ours, _ = m.layers[0](x.unsqueeze(1))
         ref = reference_2d_block(m.layers[0].blocks[0], x, (7, 7), (0, 0))
     assert close(ours.squeeze(1), ref)
+
+
+def test_convert_checkpoint_tool_writes_loadable_files(tmp_path, capsys):
+    """tools/convert_checkpoint.py: each command writes {"state_dict": ...} that the encoder loads."""
+    torch.save({"model": fake_2d_swin()}, tmp_path / "swin2d.pth")
+    torch.save(torchvision_state_dict(), tmp_path / "tv.pth")
+    convert_checkpoint.main(["inflate", "--preset", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
+    convert_checkpoint.main(["resize", "--old-window", "8", "7", "7", "--new-window", "16", "7", "7",
+                             str(tmp_path / "3d.pt"), str(tmp_path / "16.pt")])
+    convert_checkpoint.main(["torchvision", str(tmp_path / "tv.pth"), str(tmp_path / "tv.pt")])
+    for name, window, extra in (("3d", (8, 7, 7), set()), ("16", (16, 7, 7), set()),
+                                ("tv", (8, 7, 7), {"head.weight", "head.bias"})):
+        sd = swin3d.load_file(str(tmp_path / f"{name}.pt"))["state_dict"]
+        r = small_model(window_size=window).load_state_dict(sd, strict=False)
+        assert set(r.unexpected_keys) == extra, name
+        assert set(r.missing_keys) <= {"mask_token", "patch_embed_2d.proj.weight", "patch_embed_2d.proj.bias",
+                                       "patch_embed_2d.norm.weight", "patch_embed_2d.norm.bias"}, name
+    with pytest.raises(SystemExit) as e:                              # a user error: one line, exit 2
+        convert_checkpoint.main(["torchvision", str(tmp_path / "none.pth"), str(tmp_path / "x.pt")])
+    assert e.value.code == 2 and "convert_checkpoint.py: error:" in capsys.readouterr().err
 
 
 def test_inflate_resizes_a_different_2d_window():

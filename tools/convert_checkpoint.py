@@ -102,7 +102,8 @@ def main(argv=None):
     p = sub.add_parser("inflate", help="2D Swin image checkpoint -> 3D encoder keys")
     p.add_argument("--preset", default="base", choices=sorted(swin3d.PRESETS))
     p.add_argument("--window", type=int, nargs=3, help="3D window (default: the preset's)")
-    p.add_argument("--no-image-embed", action="store_true", help="do not copy the 2D patch embedding to the image stream")
+    p.add_argument("--no-image-embed", action="store_true",
+                   help="do not copy the 2D patch embedding to the image stream")
     p = sub.add_parser("resize", help="resize the relative bias tables to another window")
     p.add_argument("--old-window", type=int, nargs=3, required=True)
     p.add_argument("--new-window", type=int, nargs=3, required=True)
