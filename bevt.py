@@ -219,6 +219,7 @@ _RELEASED_PREFIXES = (
     ("backbone.", "encoder."),
 )
 
+
 def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadReport:
     """Load a released BEVT checkpoint (path or dict) and report exactly what was not used.
 

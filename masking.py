@@ -41,6 +41,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+
 # -----------------------------------------------------------------------------
 # Conventions and the paper's numbers
 

@@ -51,6 +51,7 @@ import torch.utils.checkpoint as cp
 
 Shape3 = tuple[int, int, int]
 
+
 # -----------------------------------------------------------------------------
 # Configuration and presets (paper §3 "BEVT encoders", paper §4 "Implementation details")
 
@@ -98,6 +99,7 @@ def get_config(preset: str, **overrides) -> SwinConfig:
         raise ValueError(f"unknown SwinConfig fields {sorted(unknown)}; expected some of {sorted(cfg)}")
     cfg.update(overrides)
     return SwinConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
 
 # -----------------------------------------------------------------------------
 # Small pure functions: window clamping, partition, shift mask, relative index
@@ -195,6 +197,7 @@ def relative_position_index(window: Shape3, table_window: Shape3, device=None) -
     Wt, Wh, Ww = table_window
     return (rel[0] + Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1) + (rel[1] + Wh - 1) * (2 * Ww - 1) + (rel[2] + Ww - 1)
 
+
 class WindowGeometry(NamedTuple):
     """What a block needs to know about its windows; one per stage and shift, shared by its blocks.
 
@@ -256,6 +259,7 @@ class PatchEmbed(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return x
+
 
 # -----------------------------------------------------------------------------
 # Window attention with relative position bias (Swin eq. 4)
@@ -373,6 +377,7 @@ def _sdpa_windows(q, k, v, bias, mask, dropout_p: float):
         q, k, v = (t.reshape(B, nW * nh, N, hd) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return out.view(B, nW, nh, N, hd)
+
 
 # -----------------------------------------------------------------------------
 # Swin block, patch merging and stages
@@ -500,6 +505,7 @@ class SwinStage(nn.Module):
         if self.downsample is not None:
             x = self.downsample(x)
         return out, x
+
 
 # -----------------------------------------------------------------------------
 # The encoder
@@ -653,6 +659,7 @@ def _init_weights(m: nn.Module) -> None:
 def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
     return SwinTransformer3D(get_config(preset, **overrides))
 
+
 # =============================================================================
 # Machinery: what running the method needs (not the method itself).
 
@@ -686,6 +693,7 @@ class _PermuteTokens(torch.autograd.Function):
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         return grad.index_select(1, inverse), None, None
+
 
 def _use_gather(moves: str, x: torch.Tensor) -> bool:
     """Whether a block moves its tokens by attention_by_gather; "auto": on CPUs, where copies cost most."""
@@ -801,6 +809,7 @@ def _cached(fn, *args, device):
     if key not in _GEOMETRY_CACHE:
         _GEOMETRY_CACHE[key] = fn(*args, device=device)
     return _GEOMETRY_CACHE[key]
+
 
 # -----------------------------------------------------------------------------
 # Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing, torchvision's layout
