@@ -1,8 +1,7 @@
 """Masks for BEVT's masked image modeling (blockwise) and masked video modeling (tube).
 
 Implements paper §3 "Mask strategy" and the ablations of Table 8 ("Effect of
-masking strategies", §4). The
-blockwise algorithm is BEiT's (Bao et al., 2021, the paper's reference [3]);
+masking strategies", §4). The blockwise algorithm is BEiT's (Bao et al., 2021, the paper's reference [3]);
 the tube and its wrap-around follow the released BEVT code
 (`MaskedPositionGenerate` in mmaction/datasets/pipelines/mask_generator.py).
 
@@ -21,47 +20,27 @@ The input mask is at token time T/2 because the video patch embedding has
 temporal patch 2, so mask tokens are placed per pair of frames; the target
 mask selects which of the T per-frame tokenizer codes are predicted.
 
-Strategies (`STRATEGIES`; train.py's `--mask-strategy`):
-
-    block           images: BEiT blockwise 2D mask, 50% of the grid
-    tube            paper default: one blockwise 2D mask on l consecutive token
-                    time steps, l uniform in [0.5, 1.0] * T/2, wrapping past the end
-    tube-fixed      tube of length T/2, i.e. every frame   (Table 8 "T")
-    tube-0.25-0.75  tube length in [0.25, 0.75] * T/2        (Table 8)
-    tube-0.75-1.0   tube length in [0.75, 1.0] * T/2         (Table 8)
-    frame-diff      tube frames, a fresh blockwise mask per frame (Table 8)
-    random-frame    l random (not necessarily consecutive) steps, one shared
-                    blockwise mask                            (Table 8)
-    random-3d       uniformly random cells of the whole 3D grid, 50% (Table 8)
+Strategies: `STRATEGIES` below (train.py's `--mask-strategy`): "block" for
+images (BEiT), "tube" (the paper's default) and the ablations of Table 8.
 
 Usage:
 
     gen = MaskGenerator("tube", (16, 224, 224), seed=0)
-    inp, tgt = gen()             # (8, 14, 14), (16, 14, 14) bool
+    inp, tgt = gen()             # (8, 14, 14), (16, 14, 14) bool; tgt == target_mask(inp)
     inp, tgt = gen.batch(8)      # (8, 8, 14, 14), (8, 16, 14, 14)
-    DataLoader(ds, num_workers=4, worker_init_fn=seed_worker)   # distinct streams
     gen.reseed_sample(epoch, index)   # one sample's stream (data.py: before every sample)
 
-A picture of sample masks (one row per sample, one cell per frame, masked dark):
-
-    python masking.py --strategy tube --out tube.png [--frames 16 --size 224 --rows 6 --seed 0]
-
-Speed: the BEiT loop is written plainly (`MaskGenerator.blockwise`: one numpy
-(h, w) array, a slice per block). The per-GPU batch of the paper recipe, 8 tube
-clips + 64 images = 72 blockwise masks on 14 x 14, takes ~2 ms on one CPU core,
-within the 5 ms budget per batch: `python tests/bench_masking.py`.
+Pictures: `python tools/mask_sheet.py --strategy tube --out tube.png`; speed:
+`python tools/bench_masking.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
-import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
+
 
 # -----------------------------------------------------------------------------
 # Conventions and the paper's numbers
@@ -118,6 +97,22 @@ def tube_length_range(strategy: str, t: int) -> Optional[tuple]:
     return l_min, max(min(int(hi * t), t), l_min)
 
 
+def target_mask(input_mask, frames: Optional[int] = None, temporal_patch: int = TEMPORAL_PATCH):
+    """The one definition of a clip's target mask: (..., T/2, h, w) -> (..., T, h, w), numpy or torch.
+
+    Each token time step covers `temporal_patch` frames, whose tokenizer codes
+    are all predicted where the step is masked (paper §3 "Mask strategy"; the
+    released code's nearest interpolation x2 in time is this repeat). `frames`
+    crops the end (an odd T is padded by the patch embedding). An image's
+    target mask is its input mask.
+    """
+    if isinstance(input_mask, np.ndarray):
+        out = np.repeat(input_mask, temporal_patch, axis=-3)
+    else:
+        out = input_mask.repeat_interleave(temporal_patch, dim=-3)    # torch
+    return out[..., :frames, :, :]
+
+
 class Block(NamedTuple):
     """One block accepted by the BEiT loop (recorded when tracing)."""
     round: int        # 0-based round of the outer loop
@@ -133,67 +128,7 @@ class Block(NamedTuple):
 
 
 # -----------------------------------------------------------------------------
-# Seeding: one explicit numpy Generator per MaskGenerator, one stream per
-# (base seed, rank, DataLoader worker, epoch), or per sample (base seed, epoch, row)
-
-
-def derive_seed(base_seed: int, rank: int = 0, worker_id: int = 0, epoch: int = 0) -> int:
-    """A 64-bit seed for the stream of one (rank, worker, epoch), from one base seed.
-
-    numpy's SeedSequence hashes the base entropy together with the spawn key,
-    so streams for different keys are statistically independent (unlike
-    `base + rank + worker`, where rank 1 / worker 0 collides with rank 0 /
-    worker 1). Same arguments -> same seed, on any machine.
-    """
-    for name, v in (("base_seed", base_seed), ("rank", rank), ("worker_id", worker_id), ("epoch", epoch)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-    ss = np.random.SeedSequence(entropy=int(base_seed), spawn_key=(int(rank), int(worker_id), int(epoch)))
-    return int(ss.generate_state(1, np.uint64)[0])
-
-
-# Purposes of the per-sample keys below: distinct non-zero tags, so that the streams of
-# one sample (its masks, its pixels, its replacements) and the epoch orders never share a seed.
-KEY_MASKS, KEY_PIXELS, KEY_REPLACE, KEY_ORDER = 1, 2, 3, 4
-
-
-def sample_seed(base_seed: int, purpose: int, epoch: int, index: int = 0, attempt: int = 0) -> int:
-    """A 64-bit seed for one sample's randomness: (base seed, purpose, epoch, row index, attempt).
-
-    Keyed by what a sample *is* (its row and its epoch), not by who draws it
-    (rank, DataLoader worker, position in a batch), so that a run re-sharded
-    over another number of processes draws the same crops and masks for every
-    sample (train.py resume on a different world size). `attempt` counts the
-    files tried for one sample (a bad file is replaced, data.py). The key has 4
-    entries, derive_seed's 3, so the two families of streams never coincide.
-    """
-    for name, v in (("base_seed", base_seed), ("purpose", purpose), ("epoch", epoch), ("index", index),
-                    ("attempt", attempt)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-    ss = np.random.SeedSequence(entropy=int(base_seed), spawn_key=(int(purpose), int(epoch), int(index), int(attempt)))
-    return int(ss.generate_state(1, np.uint64)[0])
-
-
-# -----------------------------------------------------------------------------
 # The mask generator: blockwise (BEiT), tube and the Table 8 ablations
-
-
-def _fail(what: str, expected: str, got) -> ValueError:
-    """One-line ValueError: what is wrong, what was expected and what came."""
-    return ValueError(f"{what}: expected {expected}, got {got!r}")
-
-
-def _check(*rows) -> None:
-    """Raise `_fail(what, expected, got)` for the first row (what, ok, expected, got) whose ok is false."""
-    for what, ok, expected, got in rows:
-        if not ok:
-            raise _fail(what, expected, got)
-
-
-def _is_int(v, low: int = 1) -> bool:
-    """An int (Python or numpy) >= low."""
-    return isinstance(v, (int, np.integer)) and v >= low
 
 
 class MaskGenerator:
@@ -203,36 +138,19 @@ class MaskGenerator:
     for clips (every other strategy). The grid is H/patch_size x W/patch_size
     and token time T/temporal_patch; see the module docstring for the shapes.
     All other arguments default to the paper's values (see the constants above).
-    The generator owns its numpy Generator, seeded from (seed, rank, worker_id,
-    epoch) via `derive_seed`; `reseed` switches to another stream.
+    The generator owns its numpy Generator, seeded from `seed` via derive_seed;
+    `reseed_sample` switches to one sample's stream.
     """
 
     def __init__(self, strategy: str, input_size, patch_size: int = PATCH_SIZE, mask_ratio: float = MASK_RATIO,
                  min_block: int = MIN_BLOCK, min_aspect: float = MIN_ASPECT, max_aspect: Optional[float] = None,
                  max_attempts: int = MAX_ATTEMPTS, temporal_patch: int = TEMPORAL_PATCH, seed: int = 0):
-        # ---- arguments, checked in order: the first bad one raises a one-line ValueError
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown mask strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)}")
         size = tuple(input_size) if isinstance(input_size, (tuple, list)) else (input_size,)
-        is_video, tp, p = len(size) == 3, temporal_patch, patch_size
-        kind, want = ("clips", "(T, H, W)") if strategy in VIDEO_STRATEGIES else ("images", "(H, W)")
         max_aspect = 1.0 / min_aspect if (max_aspect is None and min_aspect > 0) else max_aspect
-        _check(("input_size", len(size) in (2, 3) and all(map(_is_int, size)), "(H, W) or (T, H, W) positive ints",
-                input_size),
-               (f"input_size for {strategy!r} ({kind})", is_video == (kind == "clips"), want, input_size),
-               ("patch_size", _is_int(p), "a positive int", p),
-               ("temporal_patch", not is_video or _is_int(tp), "a positive int", tp))
+        _check_arguments(strategy, input_size, size, patch_size, temporal_patch, mask_ratio, min_block,
+                         (min_aspect, max_aspect), max_attempts)
+        is_video, tp, p = len(size) == 3, temporal_patch, patch_size
         (T, H, W) = size if is_video else (0, *size)
-        # Differs from the released code (which crops): uneven sizes raise, as the encoder places mask
-        # tokens by upsampling this grid x4 onto its H/4 x W/4 tokens; a cropped grid would misalign them.
-        _check(("input H, W", H % p == 0 and W % p == 0, f"multiples of patch_size={p}", (H, W)),
-               (f"token time T/{tp}", not is_video or T // tp >= 1, f">= 1 (T >= {tp} frames)", T),
-               ("number of frames T", not is_video or T % tp == 0, f"a multiple of temporal_patch={tp}", T),
-               ("mask_ratio", isinstance(mask_ratio, (int, float, np.floating)) and 0 < mask_ratio < 1,
-                "a number in the open interval (0, 1)", mask_ratio),
-               ("min_block", _is_int(min_block), "an int >= 1", min_block),
-               ("max_attempts", _is_int(max_attempts), "an int >= 1", max_attempts),
-               ("aspect range", 0 < min_aspect <= max_aspect, "0 < min_aspect <= max_aspect", (min_aspect, max_aspect)))
 
         # ---- can BEiT's loop fill this grid? (method, not bookkeeping)
         gh, gw = self.grid = (H // p, W // p)                       # (h, w) tokenizer grid
@@ -259,37 +177,22 @@ class MaskGenerator:
         self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
         self.input_shape, self.target_shape = ((self.time, gh, gw), (T, gh, gw)) if is_video else ((gh, gw),) * 2
         self.length_range = tube_length_range(strategy, self.time)  # (4, 8) for "tube" at T = 16
-        self.reseed()
+        # Differs from the released code: it draws masks from Python's global `random` module,
+        # seeded per DataLoader worker. Here each generator owns its numpy stream, re-keyed per
+        # sample by reseed_sample (data.py), so a mask depends on nothing but its sample.
+        self.stream = (0, 0, 0)
+        self.rng = np.random.default_rng(derive_seed(seed, 0, 0, 0))
+        # The BEiT loop consumes ~100 scalars per mask; one numpy call per scalar costs
+        # ~1 us, so uniforms are drawn in chunks and read from a Python list (_uniform).
+        self._ubuf, self._upos = [], 0
 
     # ---- randomness
-
-    def reseed(self, rank: int = 0, worker_id: int = 0, epoch: int = 0, seed: Optional[int] = None) -> None:
-        """Switch to the stream of (seed, rank, worker_id, epoch); seed defaults to the base seed.
-
-        The constructor calls reseed() with all zeros, so a fresh generator and
-        one reseeded to (0, 0, 0) draw the same masks.
-        """
-        if seed is not None:
-            self.seed = seed
-        self.stream = (rank, worker_id, epoch)
-        # Differs from the released code: it draws masks from Python's global
-        # `random` module, seeded per worker with seed + num_workers*rank +
-        # worker_id (mmaction's worker_init_fn, and only when a seed is given;
-        # otherwise forked workers share one state), the same every epoch. Here
-        # each generator owns its stream, and the epoch is part of the key.
-        self.rng = np.random.default_rng(derive_seed(self.seed, rank, worker_id, epoch))
-        # The BEiT loop consumes ~100 scalars per mask; one numpy call per
-        # scalar costs ~1 us, so uniforms are drawn in chunks and read from a
-        # Python list. This only groups the same stream of rng.random() values.
-        self._ubuf: list = []
-        self._upos = 0
 
     def reseed_sample(self, epoch: int, index: int, attempt: int = 0) -> None:
         """Switch to the stream of one sample: (seed, epoch, row index, attempt) via `sample_seed`.
 
         data.py calls this before every sample, so a sample's mask depends on
         nothing but its key: not on the rank, worker or batch that draws it.
-        (`reseed` and `seed_worker` remain for per-worker streams elsewhere.)
         """
         self.stream = ("sample", epoch, index, attempt)
         self.rng = np.random.default_rng(sample_seed(self.seed, KEY_MASKS, epoch, index, attempt))
@@ -424,15 +327,9 @@ class MaskGenerator:
     def batch(self, n: int):
         """(input_masks (n, *input_shape), target_masks (n, *target_shape)) of n samples."""
         if not (isinstance(n, (int, np.integer)) and n >= 1):
-            raise _fail("batch size n", "an int >= 1", n)
+            raise _error("batch size n", "an int >= 1", n)
         inp = self._draw_inputs(int(n))
-        if self.time:
-            # Target: each token time step covers temporal_patch frames, whose
-            # tokenizer codes are all predicted where the step is masked (the
-            # released code's nearest interpolation x2 in time is this repeat).
-            tgt = np.repeat(inp, self.temporal_patch, axis=1)
-        else:
-            tgt = inp.copy()           # images: the same cells, a separate array
+        tgt = target_mask(inp, temporal_patch=self.temporal_patch) if self.time else inp.copy()
         assert inp.dtype == MASK_DTYPE and inp.shape == (n, *self.input_shape)
         assert tgt.dtype == MASK_DTYPE and tgt.shape == (n, *self.target_shape)
         return inp, tgt
@@ -445,133 +342,91 @@ class MaskGenerator:
                 f"{extra}, seed={self.seed}, stream={self.stream})")
 
 
-# -----------------------------------------------------------------------------
-# DataLoader workers: one stream per (rank, worker, epoch)
-
-
-def find_mask_generators(obj, _depth: int = 0, _seen: Optional[set] = None) -> list:
-    """The MaskGenerators reachable from `obj` through attributes and small containers.
-
-    Looks at most 6 levels deep (e.g. ConcatDataset.datasets[0].dataset.gen,
-    dataset.transform.mask_generator), into lists/tuples/dicts of up to 100
-    items only (never through a data set's list of files).
-    """
-    seen = set() if _seen is None else _seen
-    if id(obj) in seen or _depth > 6:
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, MaskGenerator):
-        return [obj]
-    if isinstance(obj, dict):
-        children = list(obj.values()) if len(obj) <= 100 else []
-    elif isinstance(obj, (list, tuple)):
-        children = list(obj) if len(obj) <= 100 else []
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        children = list(vars(obj).values())
-    else:
-        return []
-    found = []
-    for child in children:
-        if isinstance(child, (str, bytes, int, float, np.ndarray)) or child is None:
-            continue
-        found += find_mask_generators(child, _depth + 1, seen)
-    return found
-
-
-def _current_rank() -> int:
-    """The distributed rank: torch.distributed if initialised, else $RANK (torchrun), else 0."""
-    try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:
-        pass
-    return int(os.environ.get("RANK", 0))
-
-
-def seed_worker(worker_id: int, rank: Optional[int] = None) -> None:
-    """DataLoader `worker_init_fn`: reseed every MaskGenerator of the worker's dataset copy.
-
-        DataLoader(ds, num_workers=4, worker_init_fn=masking.seed_worker)
-        DataLoader(ds, ..., worker_init_fn=functools.partial(masking.seed_worker, rank=rank))
-
-    Every worker process starts with a copy of the dataset, hence of the
-    generators' states: without this, all workers (and all ranks) would draw
-    identical masks. Each generator moves to the stream (its seed, rank,
-    worker id, epoch), with rank from the argument, torch.distributed or $RANK,
-    and epoch from `dataset.epoch` (0 if absent). With non-persistent workers
-    (the default) workers restart every epoch: set `dataset.epoch = epoch` before
-    iterating, or the same mask sequence repeats every epoch.
-    Give the generators of one dataset different seeds (e.g. images 0, clips 1):
-    equal seeds give identical random streams.
-    """
-    import torch.utils.data
-    info = torch.utils.data.get_worker_info()
-    if info is None:
-        raise RuntimeError("seed_worker is a DataLoader worker_init_fn; call it inside a worker process")
-    rank = _current_rank() if rank is None else rank
-    epoch = int(getattr(info.dataset, "epoch", 0))
-    gens = find_mask_generators(info.dataset)
-    if not gens:
-        raise RuntimeError(f"seed_worker found no MaskGenerator on {type(info.dataset).__name__}")
-    if len({g.seed for g in gens}) < len(gens):
-        warnings.warn("several MaskGenerators share a seed: they will draw from identical streams")
-    for g in gens:
-        g.reseed(rank=rank, worker_id=info.id, epoch=epoch)
-
-
 # =============================================================================
-# Tools. The method ends above; below are the tools around it.
-#
+# Machinery: what running the method needs (not the method itself).
+
 # -----------------------------------------------------------------------------
-# Tools: a picture for readers: python masking.py --strategy tube --out tube.png
+# Seeding: one explicit numpy Generator per MaskGenerator, one stream per
+# (base seed, rank, DataLoader worker, epoch), or per sample (base seed, epoch, row)
 
 
-def render_sheet(masks: np.ndarray, cell: int = 4, gap: int = 3):
-    """A grey-scale PIL image of masks (rows, cols, h, w): one row per sample, one
-    grid per column (frame), each tokenizer cell `cell` px, masked cells dark."""
-    from PIL import Image
-    rows, cols, gh, gw = masks.shape
-    DARK, LIGHT, PAPER = 40, 225, 255             # masked cell, visible cell, background
-    H, W = gh * cell, gw * cell
-    sheet = np.full((gap + rows * (H + gap), gap + cols * (W + gap)), PAPER, np.uint8)
-    for r in range(rows):
-        for c in range(cols):
-            tile = np.where(masks[r, c], DARK, LIGHT).astype(np.uint8)
-            y, x = gap + r * (H + gap), gap + c * (W + gap)
-            sheet[y:y + H, x:x + W] = tile.repeat(cell, 0).repeat(cell, 1)   # nearest upsampling
-    return Image.fromarray(sheet, mode="L")
+def _seed(**key) -> int:
+    """A 64-bit seed from numpy's SeedSequence of (first value = entropy, the rest = spawn key).
+
+    SeedSequence hashes the entropy with the spawn key, so streams of different
+    keys are statistically independent (unlike `base + rank + worker`, where
+    rank 1 / worker 0 collides with rank 0 / worker 1); same key, same seed, on
+    any machine.
+    """
+    for name, v in key.items():
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    base, *spawn = (int(v) for v in key.values())
+    return int(np.random.SeedSequence(entropy=base, spawn_key=tuple(spawn)).generate_state(1, np.uint64)[0])
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Write a PNG sheet of sample masks: one row per sample, "
-                                             "one cell per frame (target view) or token step (input view), "
-                                             "masked cells dark. Images ('block'): --cols samples per row.")
-    ap.add_argument("--strategy", default="tube", choices=STRATEGIES)
-    ap.add_argument("--out", required=True, help="PNG path")
-    ap.add_argument("--frames", type=int, default=16, help="T, clip length in frames (§4: 16)")
-    ap.add_argument("--size", type=int, default=224, help="crop size in pixels (§4: 224)")
-    ap.add_argument("--rows", type=int, default=6, help="samples (rows)")
-    ap.add_argument("--cols", type=int, default=8, help="'block' only: image samples per row")
-    ap.add_argument("--view", choices=("target", "input"), default="target",
-                    help="clips: T frames (target) or T/2 token steps (input)")
-    ap.add_argument("--cell", type=int, default=4, help="pixels per tokenizer cell")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.strategy in IMAGE_STRATEGIES:
-        gen = MaskGenerator(args.strategy, (args.size, args.size), seed=args.seed)
-        masks = gen.batch(args.rows * args.cols)[0].reshape(args.rows, args.cols, *gen.grid)
-    else:
-        gen = MaskGenerator(args.strategy, (args.frames, args.size, args.size), seed=args.seed)
-        inp, tgt = gen.batch(args.rows)
-        masks = tgt if args.view == "target" else inp
-    render_sheet(masks, cell=args.cell).save(args.out, optimize=True)
-    print(f"{gen}\nwrote {args.out}: {masks.shape[0]} rows x {masks.shape[1]} cells, masked = dark")
+def derive_seed(base_seed: int, rank: int = 0, worker_id: int = 0, epoch: int = 0) -> int:
+    """A 64-bit seed for the stream of one (rank, worker, epoch), from one base seed."""
+    return _seed(base_seed=base_seed, rank=rank, worker_id=worker_id, epoch=epoch)
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:          # a user error: one line naming it, exit 2 (tracebacks are for bugs)
-        print(f"masking.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+# Purposes of the per-sample keys below: distinct non-zero tags, so that the streams of
+# one sample (its masks, its pixels, its replacements) and the epoch orders never share a seed.
+KEY_MASKS, KEY_PIXELS, KEY_REPLACE, KEY_ORDER = 1, 2, 3, 4
+
+
+def sample_seed(base_seed: int, purpose: int, epoch: int, index: int = 0, attempt: int = 0) -> int:
+    """A 64-bit seed for one sample's randomness: (base seed, purpose, epoch, row index, attempt).
+
+    Keyed by what a sample *is* (its row and its epoch), not by who draws it
+    (rank, worker, position in a batch), so a run re-sharded over another number
+    of processes draws the same crops and masks for every sample. `attempt`
+    counts the files tried for one sample (a bad file is replaced, data.py). The
+    key has 4 entries, derive_seed's 3, so the two families never coincide.
+    """
+    return _seed(base_seed=base_seed, purpose=purpose, epoch=epoch, index=index, attempt=attempt)
+
+
+# -----------------------------------------------------------------------------
+# Argument checks: one-line errors
+
+
+def _error(what: str, expected: str, got) -> ValueError:
+    """One-line ValueError (returned, for the caller to raise): what is wrong, what was expected, what came."""
+    return ValueError(f"{what}: expected {expected}, got {got!r}")
+
+
+def _check(*rows) -> None:
+    """Raise `_error(what, expected, got)` for the first row (what, ok, expected, got) whose ok is false."""
+    for what, ok, expected, got in rows:
+        if not ok:
+            raise _error(what, expected, got)
+
+
+def _is_int(v, low: int = 1) -> bool:
+    """An int (Python or numpy) >= low."""
+    return isinstance(v, (int, np.integer)) and v >= low
+
+
+def _check_arguments(strategy, input_size, size, p, tp, mask_ratio, min_block, aspects, max_attempts) -> None:
+    """MaskGenerator's arguments, checked in order: the first bad one raises a one-line ValueError."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown mask strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)}")
+    is_video = len(size) == 3
+    kind, want = ("clips", "(T, H, W)") if strategy in VIDEO_STRATEGIES else ("images", "(H, W)")
+    _check(("input_size", len(size) in (2, 3) and all(map(_is_int, size)), "(H, W) or (T, H, W) positive ints",
+            input_size),
+           (f"input_size for {strategy!r} ({kind})", is_video == (kind == "clips"), want, input_size),
+           ("patch_size", _is_int(p), "a positive int", p),
+           ("temporal_patch", not is_video or _is_int(tp), "a positive int", tp))
+    (T, H, W) = size if is_video else (0, *size)
+    # Differs from the released code (which crops): uneven sizes raise, as the encoder places mask
+    # tokens by upsampling this grid x4 onto its H/4 x W/4 tokens; a cropped grid would misalign them.
+    _check(("input H, W", H % p == 0 and W % p == 0, f"multiples of patch_size={p}", (H, W)),
+           (f"token time T/{tp}", not is_video or T // tp >= 1, f">= 1 (T >= {tp} frames)", T),
+           ("number of frames T", not is_video or T % tp == 0, f"a multiple of temporal_patch={tp}", T),
+           ("mask_ratio", isinstance(mask_ratio, (int, float, np.floating)) and 0 < mask_ratio < 1,
+            "a number in the open interval (0, 1)", mask_ratio),
+           ("min_block", _is_int(min_block), "an int >= 1", min_block),
+           ("max_attempts", _is_int(max_attempts), "an int >= 1", max_attempts),
+           ("aspect range", 0 < aspects[0] <= aspects[1], "0 < min_aspect <= max_aspect", aspects))

@@ -29,8 +29,12 @@ Shape vocabulary used in the comments:
     windows  (B, nW, N, C)              N = wt*wh*ww tokens per window
     heads    (B, nW, nh, N, hd)         hd = C / nh
 
-Run `python tests/bench_swin3d.py` for speed, memory and FLOP counts, and
-`python tests/bench_profile.py` for a per-op profile of a training step.
+A block reads as the paper: torch.roll, window_partition, SDPA with bias +
+shift mask, window_reverse, torch.roll back. Two faster equivalents stand
+behind the machinery banner, selected by SwinConfig.attention / .token_moves
+(and by the device under "auto"), each held equal by tests/test_swin3d.py.
+Run it: `python -c "import swin3d; print(swin3d.build_encoder('tiny'))"`;
+`python tools/bench_swin3d.py` measures speed, memory and FLOPs.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
 Shape3 = tuple[int, int, int]
+
 
 # -----------------------------------------------------------------------------
 # Configuration and presets (paper §3 "BEVT encoders", paper §4 "Implementation details")
@@ -67,6 +72,7 @@ class SwinConfig:
     patch_norm: bool = True                # LayerNorm after the patch embedding (released encoder)
     use_checkpoint: bool = False           # gradient checkpointing per block
     attention: str = "auto"                # "auto" | "sdpa" | "explicit" (see WindowAttention3D)
+    token_moves: str = "auto"              # "auto" | "roll" | "gather" (see SwinBlock3D)
 
 
 PRESETS: dict[str, SwinConfig] = {
@@ -192,73 +198,23 @@ def relative_position_index(window: Shape3, table_window: Shape3, device=None) -
     return (rel[0] + Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1) + (rel[1] + Wh - 1) * (2 * Ww - 1) + (rel[2] + Ww - 1)
 
 
-def window_order(size: Shape3, window: Shape3, shift: Shape3, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, inverse), two (t*h*w,) permutations of the flattened token grid `size`.
-
-    `order` lists, window after window, which token sits in each slot of the
-    (shifted) windows, i.e. it is the cyclic roll by -shift followed by
-    window_partition, applied once to the token indices:
-        tokens[:, order]   == window_partition(roll(tokens, -shift), window)  (as (B, nW*N, C))
-        windows[:, inverse] == roll(window_reverse(windows), +shift)           (as (B, t*h*w, C))
-    so a block moves its tokens with one gather each way instead of a roll
-    (a copy per shifted axis) plus a permute copy.
-    """
-    idx = torch.arange(math.prod(size), device=device).view(1, *size, 1)
-    if any(shift):
-        idx = torch.roll(idx, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-    order = window_partition(idx, window).flatten()
-    return order, torch.argsort(order)
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """x[:, order] for a permutation `order` of dim 1, whose gradient is the gather by `inverse`.
-
-    The same result as indexing; only the backward differs: autograd's generic
-    gradient of an index is a scatter-add (serial on the CPU), while the
-    gradient of a permutation is just the inverse permutation.
-    """
-
-    @staticmethod
-    def forward(ctx, x, order, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, order)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
 class WindowGeometry(NamedTuple):
     """What a block needs to know about its windows; one per stage and shift, shared by its blocks.
 
-    window: the window used (clamped to the token grid); order/inverse: see
-    window_order; index: (N, N) relative position index; mask: (nW, N, N)
-    shift mask or None.
+    window/shift: as used (clamped to the token grid); index: (N, N) relative
+    position index; mask: (nW, N, N) shift mask or None; order/inverse: the
+    same moves as token permutations (window_order, the faster equivalent).
     """
     window: Shape3
-    order: torch.Tensor
-    inverse: torch.Tensor
+    shift: Shape3
     index: torch.Tensor
     mask: Optional[torch.Tensor]
+    order: torch.Tensor
+    inverse: torch.Tensor
 
 
-# Shift masks, relative indices and window orders depend only on shapes, so
-# they are built once per (shape, window, shift, device) and reused by every
-# block of a stage and every step. Under torch.compile they are traced into
-# the graph instead (constant for a given shape, which is what the compiled
-# graph is specialised on).
-_GEOMETRY_CACHE: dict = {}
-
-
-def _cached(fn, *args, device):
-    if torch.compiler.is_compiling():
-        return fn(*args, device=device)
-    key = (fn.__name__, *args, str(device))
-    if key not in _GEOMETRY_CACHE:
-        _GEOMETRY_CACHE[key] = fn(*args, device=device)
-    return _GEOMETRY_CACHE[key]
-
+# -----------------------------------------------------------------------------
+# Stochastic depth (Huang et al. 2016; Swin's drop path)
 
 def add_drop_path(x: torch.Tensor, branch: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """x + DropPath(branch): stochastic depth (Huang et al. 2016) drops the residual branch per sample."""
@@ -312,17 +268,13 @@ class PatchEmbed(nn.Module):
 class WindowAttention3D(nn.Module):
     """Multi-head self-attention inside windows, with a learned relative position bias.
 
-    `attention` selects the kernel: "sdpa" = F.scaled_dot_product_attention with
-    bias + shift mask as a float attn_mask; "explicit" = the softmax formula
-    (attention_reference, the reference the tests compare against, run with a
-    hand-written backward by _ExplicitAttention when there is no attention
-    dropout, autocast or torch.compile); "auto" (default) = SDPA, except on
-    the CPU when gradients must reach the bias table (see forward).
-
     Attention(Q, K, V) = softmax(Q Kᵀ / sqrt(hd) + B + M) V, where B is gathered
     from `relative_position_bias_table` by the relative index and M is the
     shifted-window mask. The bias table is sized for the configured window;
     smaller windows (clamped for small inputs, or images) index into it.
+    `attention`: "sdpa" = F.scaled_dot_product_attention; "explicit" = the
+    formula with its own backward (the faster equivalent on CPUs); "auto" =
+    SDPA except for CPU training (_use_explicit).
     """
 
     def __init__(self, dim: int, window_size: Shape3, num_heads: int, qkv_bias: bool = True,
@@ -344,7 +296,7 @@ class WindowAttention3D(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.attention = _check_attention(attention)
+        self.attention = _check_choice(attention, ATTENTION_IMPLS, "attention implementation")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Re-derive the index instead of loading it (the released checkpoint layout): a checkpoint's
@@ -356,8 +308,7 @@ class WindowAttention3D(nn.Module):
         """Gather the relative position bias for an (N, N) index -> (nh, N, N)."""
         # Gather from the transposed (nh, rows) table: index_select writes (nh, N, N)
         # directly in the dense layout the fused kernels want in attn_mask, with
-        # no permute copy, and its backward (an index_add) ran 2.5x faster than
-        # that of advanced indexing (fwd+bwd, 392-token windows). With one head the
+        # no permute copy, and its backward is an index_add. With one head the
         # transpose is a view(1, -1) instead, so that the table's gradient keeps the
         # table's own strides, which DDP's gradient buckets expect.
         table = self.relative_position_bias_table                        # (rows, nh)
@@ -366,27 +317,15 @@ class WindowAttention3D(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """x: windows (B, nW, N, C); index (N, N); mask (nW, N, N) or None -> (B, nW, N, C)."""
-        B, nW, N, C = x.shape
         qkv = self.qkv(x)                                         # (B, nW, N, 3C), channels (3, nh, hd)
         bias = self.bias(index)                                   # (nh, N, N)
         p = self.attn_drop if self.training else 0.0
-        if self.attention == "sdpa" or (self.attention == "auto" and not (
-                # PyTorch's CPU flash kernel has no gradient for attn_mask, so with a
-                # learnable bias SDPA falls back to its math kernel, which is the
-                # explicit formula plus extra passes (a "safe" softmax that checks
-                # for fully masked rows). The explicit path below keeps only the
-                # passes it needs (_ExplicitAttention). CUDA's memory-efficient
-                # kernel does give that gradient, so GPUs use SDPA.
-                x.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad)):
-            out = _merge_heads(_sdpa_windows(*_split_heads(qkv, self.num_heads), bias, mask, p))
-        elif p == 0.0 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type):
-            out = _ExplicitAttention.apply(qkv, bias, mask, self.num_heads, self.scale)
-        else:
-            # Dropout on the attention weights, torch.compile (which fuses the plain
-            # formula itself) or autocast (whose per-op casts the plain formula gets).
-            q, k, v = _split_heads(qkv, self.num_heads)
-            out = _merge_heads(attention_reference(q, k, v, bias, mask, p, self.scale))
-        return self.proj_drop(self.proj(out))
+        if _use_explicit(self.attention, x, bias):                # the faster equivalent, see the machinery
+            return self.proj_drop(self.proj(explicit_attention(qkv, bias, mask, self.num_heads, self.scale, p)))
+        q, k, v = _split_heads(qkv, self.num_heads)               # each (B, nW, nh, N, hd)
+        # softmax(q·kᵀ/sqrt(hd) + B + M)·v as F.scaled_dot_product_attention(q, k, v, attn_mask=B + M)
+        out = _sdpa_windows(q, k, v, bias, mask, p)               # (B, nW, nh, N, hd)
+        return self.proj_drop(self.proj(_merge_heads(out)))      # (B, nW, N, C)
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -400,15 +339,6 @@ def _merge_heads(out: torch.Tensor) -> torch.Tensor:
     """(B, nW, nh, N, hd) -> (B, nW, N, nh*hd): heads back into channels (a copy)."""
     B, nW, nh, N, hd = out.shape
     return out.transpose(2, 3).reshape(B, nW, N, nh * hd)
-
-
-ATTENTION_IMPLS = ("auto", "sdpa", "explicit")
-
-
-def _check_attention(name: str) -> str:
-    if name not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention implementation {name!r}; expected one of {ATTENTION_IMPLS}")
-    return name
 
 
 def attention_reference(q, k, v, bias, mask, dropout_p: float = 0.0, scale: Optional[float] = None):
@@ -425,88 +355,17 @@ def attention_reference(q, k, v, bias, mask, dropout_p: float = 0.0, scale: Opti
     return attn @ v
 
 
-class _ExplicitAttention(torch.autograd.Function):
-    """qkv (B, nW, N, 3C) -> attention_reference (no dropout) with heads merged, (B, nW, N, C).
-
-    The same formula and result as the plain path, with a hand-written
-    backward that works in place; it exists for speed on the CPU, where
-    training uses the explicit formula. The (B, nW, nh, N, N) logits are the
-    largest tensors of the model (Swin-T, one 16x224x224 clip: 118 MB per
-    stage-1 block), so every pass over them and every fresh one counts.
-    Autograd's version of the formula allocates six per shifted block
-    (logits, +bias, +mask, softmax; dP and dS in the backward); this one two
-    (the logits, turned into P in place; dP, turned into dS in place). Taking
-    qkv whole and returning merged heads also saves copies: q, k, v are split
-    into heads by one copy that both passes use (autograd copies k and v again
-    for each matmul), and the backward writes dq, dk, dv side by side and
-    moves them to the layout of qkv with one copy (autograd stacks them, then
-    copies the stack).
-
-    Backward, with S = q·kᵀ·scale + B + M, P = softmax(S), O = P·v:
-        dv = Pᵀ·dO,  dP = dO·vᵀ,
-        dS = P ∘ (dP − D),  D_i = Σ_j P_ij dP_ij = dO_i · O_i   (FlashAttention's identity:
-                                                                 D needs no N×N product)
-        dB = Σ over batch and windows of dS,  dq = dS·k·scale,  dk = dSᵀ·(q·scale).
-    """
-
-    @staticmethod
-    def forward(ctx, qkv, bias, mask, num_heads, scale):
-        B, nW, N, C3 = qkv.shape
-        heads = qkv.view(B, nW, N, 3, num_heads, C3 // (3 * num_heads))
-        heads = heads.permute(3, 0, 1, 4, 2, 5).contiguous()     # (3, B, nW, nh, N, hd): q, k, v, one copy
-        heads[0] *= scale                                         # q·scale
-        qs, k, v = heads                                          # each (B, nW, nh, N, hd), contiguous
-        attn = qs @ k.transpose(-2, -1)                           # (B, nW, nh, N, N) logits
-        attn += bias                                              # (nh, N, N), broadcast over B, nW
-        if mask is not None:
-            attn += mask[:, None]                                 # (nW, 1, N, N), broadcast over B, heads
-        torch.softmax(attn, dim=-1, out=attn)                     # P, in place (softmax works row by row)
-        if mask is not None:
-            # A masked logit gives exp(-100 + ...) ~ 1e-44: not 0 in fp32 but a
-            # denormal, and x86 CPUs take a slow microcode path on every
-            # denormal operand (the matmuls with P and dS of a shifted image
-            # block ran ~10x slower). Flush them to 0, as flush-to-zero
-            # arithmetic would: P changes by < 1e-38, below fp32 resolution.
-            F.threshold(attn, torch.finfo(attn.dtype).tiny, 0.0, inplace=True)
-        out = attn @ v                                            # (B, nW, nh, N, hd)
-        ctx.save_for_backward(heads, attn, out)
-        ctx.scale = scale
-        return _merge_heads(out)                                  # (B, nW, N, C)
-
-    @staticmethod
-    def backward(ctx, dout):
-        heads, p, out = ctx.saved_tensors
-        qs, k, v = heads
-        B, nW, nh, N, hd = out.shape
-        dout = dout.reshape(B, nW, N, nh, hd).transpose(2, 3).contiguous()   # (B, nW, nh, N, hd)
-        dheads = torch.empty_like(heads)                          # (3, B, nW, nh, N, hd): dq, dk, dv
-        torch.matmul(p.transpose(-2, -1), dout, out=dheads[2])    # dv = Pᵀ·dO
-        ds = dout @ v.transpose(-2, -1)                           # dP (B, nW, nh, N, N)
-        ds -= (dout * out).sum(-1, keepdim=True)                  # dP - D
-        ds *= p                                                   # dS
-        dbias = ds.sum((0, 1)) if ctx.needs_input_grad[1] else None          # (nh, N, N)
-        torch.matmul(ds, k, out=dheads[0])
-        dheads[0] *= ctx.scale                                    # dq = dS·k·scale
-        torch.matmul(ds.transpose(-2, -1), qs, out=dheads[1])     # dk = dSᵀ·(q·scale)
-        # Back to the layout of the qkv Linear's output, (B, nW, N, (3, nh, hd)): one copy.
-        return dheads.permute(1, 2, 4, 0, 3, 5).reshape(B, nW, N, 3 * nh * hd), dbias, None, None, None
-
-
 def _sdpa_windows(q, k, v, bias, mask, dropout_p: float):
-    """The same attention through F.scaled_dot_product_attention.
+    """attention_reference through F.scaled_dot_product_attention, attn_mask = bias + shift mask.
 
-    The fused kernels take 4-D (batch, heads, N, hd) inputs and an attn_mask
-    broadcastable to (batch, heads, N, N). The bias is shared by all windows,
-    so unshifted blocks fold the windows into the batch: (B*nW, nh, N, hd)
-    with a (1, nh, N, N) mask, a free view. Shifted blocks need a different
-    mask per window, so windows go next to the heads instead: (B, nW*nh, N, hd)
-    with a (1, nW*nh, N, N) mask that broadcasts over the batch. Either way the
-    forward never copies the mask B times (the explicit path materialises
-    B*nW*nh*N*N). The backward does: on CUDA, the memory-efficient kernel
-    returns the gradient of attn_mask at the expanded shape, (B*nW, nh, N, N)
-    or (B, nW*nh, N, N), i.e. B*nW*nh*N*N values, and autograd then sums it
-    back to the bias's shape. (The cuDNN backend is not forced here: in
-    PyTorch 2.13 it gives no gradient for the bias at all.)
+    q, k, v (B, nW, nh, N, hd) -> (B, nW, nh, N, hd). The fused kernels take
+    4-D (batch, heads, N, hd) inputs and an attn_mask broadcastable to
+    (batch, heads, N, N). The bias is shared by all windows, so unshifted
+    blocks fold the windows into the batch: (B*nW, nh, N, hd) with a
+    (1, nh, N, N) mask, a free view. Shifted blocks need a different mask per
+    window, so windows go next to the heads: (B, nW*nh, N, hd) with a
+    (1, nW*nh, N, N) mask that broadcasts over the batch. The mask is never
+    copied B times in the forward.
     """
     B, nW, nh, N, hd = q.shape
     if mask is None:
@@ -539,7 +398,7 @@ class Mlp(nn.Module):
 class SwinBlock3D(nn.Module):
     """x = x + DropPath(W-MSA(LN(x)));  x = x + DropPath(MLP(LN(x)))  (Swin eq. 3).
 
-    The window geometry (window, token order, index and mask) is decided once
+    The window geometry (window, shift, index and mask) is decided once
     per stage (it depends only on the token grid) and passed in, so every
     block of every stream runs this one code path.
     """
@@ -552,29 +411,35 @@ class SwinBlock3D(nn.Module):
         self.drop_path = drop_path
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.token_moves = "auto"                                 # SwinTransformer3D.set_token_moves
 
     def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
         """x: tokens (B, t, h, w, C) -> (B, t, h, w, C)."""
         x = add_drop_path(x, self._attention(x, geometry), self.drop_path, self.training)
         return add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path, self.training)
 
-    def _attention(self, x, geometry: WindowGeometry):
+    def _attention(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+        """W-MSA(LN(x)) or SW-MSA(LN(x)) on tokens (B, t, h, w, C) -> (B, t, h, w, C)."""
         B, t, h, w, C = x.shape
-        window = geometry.window
+        window, shift = geometry.window, geometry.shift
         x = self.norm1(x)
-        # Zero-pad (after the norm, as Video Swin does) to a multiple of the window.
+        # Zero-pad (after the norm, as Video Swin does) at the END of each axis to a multiple of the window.
         pt, ph, pw = ((-t) % window[0], (-h) % window[1], (-w) % window[2])
         if pt or ph or pw:
-            x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pt))
-        size = x.shape[1:4]
-        N = math.prod(window)
-        # Cyclic shift by -shift (Swin §3.2, "shifted window partitioning"; none in
-        # even blocks) and window partition, as one gather (see window_order).
-        x = _PermuteTokens.apply(x.reshape(B, -1, C), geometry.order, geometry.inverse)
-        x = self.attn(x.view(B, -1, N, C), geometry.index, geometry.mask)    # (B, nW, N, C)
-        # Window reverse and the shift back by +shift: the inverse gather.
-        x = _PermuteTokens.apply(x.view(B, -1, C), geometry.inverse, geometry.order)
-        return x.view(B, *size, C)[:, :t, :h, :w, :]             # (B, tp, hp, wp, C), crop the padding
+            x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pt))            # (B, tp, hp, wp, C)
+        size = tuple(x.shape[1:4])
+        if _use_gather(self.token_moves, x):                      # the faster equivalent, see the machinery
+            x = attention_by_gather(self.attn, x, geometry)
+        else:
+            # Cyclic shift by -shift (Swin §3.2, "shifted window partitioning"; shift is 0 in even blocks).
+            if any(shift):
+                x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+            windows = window_partition(x, window)                 # (B, nW, N, C)
+            windows = self.attn(windows, geometry.index, geometry.mask)
+            x = window_reverse(windows, window, size)             # (B, tp, hp, wp, C)
+            if any(shift):
+                x = torch.roll(x, shifts=shift, dims=(1, 2, 3))   # and back by +shift
+        return x[:, :t, :h, :w, :]                                # crop the padding from the end: (B, t, h, w, C)
 
 
 class PatchMerging(nn.Module):
@@ -627,7 +492,7 @@ class SwinStage(nn.Module):
         for s in ((0, 0, 0), shift):
             order, inverse = _cached(window_order, padded, window, s, device=x.device)
             mask = _cached(shift_mask, padded, window, s, device=x.device)
-            geometry.append(WindowGeometry(window, order, inverse, index, mask))
+            geometry.append(WindowGeometry(window, s, index, mask, order, inverse))
         for i, blk in enumerate(self.blocks):
             # Even blocks: regular windows; odd blocks: shifted windows (Swin §3.2).
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -707,14 +572,22 @@ class SwinTransformer3D(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)               # final norm (also the decoders' norm)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.set_token_moves(c.token_moves)
 
     # -- switches used by tests, benchmarks and train.py
     def set_attention(self, attention: str) -> None:
         """Switch every block between "auto", "sdpa" and "explicit"."""
-        _check_attention(attention)
+        _check_choice(attention, ATTENTION_IMPLS, "attention implementation")
         for m in self.modules():
             if isinstance(m, WindowAttention3D):
                 m.attention = attention
+
+    def set_token_moves(self, moves: str) -> None:
+        """Switch every block between "auto", "roll" (torch.roll + window_partition) and "gather"."""
+        _check_choice(moves, TOKEN_MOVES, "token moves")
+        for m in self.modules():
+            if isinstance(m, SwinBlock3D):
+                m.token_moves = moves
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for layer in self.layers:
@@ -727,23 +600,17 @@ class SwinTransformer3D(nn.Module):
 
     # -- input checks: one-line errors naming what was expected and what came
     def _check(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        if x.dim() not in (4, 5):
-            raise ValueError(f"expected a clip (B, {self.config.in_chans}, T, H, W) or an image "
-                             f"(B, {self.config.in_chans}, H, W), got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.config.in_chans:
-            raise ValueError(f"expected {self.config.in_chans} input channels at dim 1, "
-                             f"got shape {tuple(x.shape)}")
-        if mask is None:
-            return
-        if mask.dtype != torch.bool:
+        c, pt, (H, W) = self.config.in_chans, self.config.patch_size[0], x.shape[-2:]
+        if x.dim() not in (4, 5) or x.shape[1] != c:
+            raise ValueError(f"expected a clip (B, {c}, T, H, W) or an image (B, {c}, H, W) with {c} input "
+                             f"channels at dim 1, got a tensor of shape {tuple(x.shape)}")
+        if mask is not None and mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
-        pt = self.config.patch_size[0]
-        H, W = x.shape[-2:]
-        if H % 16 or W % 16:
+        if mask is not None and (H % 16 or W % 16):
             raise ValueError(f"a mask needs H and W divisible by 16 (the tokenizer grid), got {H}x{W}")
-        expected = (x.shape[0], H // 16, W // 16) if x.dim() == 4 else \
-                   (x.shape[0], math.ceil(x.shape[2] / pt), H // 16, W // 16)
-        if tuple(mask.shape) != expected:
+        expected = ((x.shape[0], H // 16, W // 16) if x.dim() == 4
+                    else (x.shape[0], -(-x.shape[2] // pt), H // 16, W // 16))
+        if mask is not None and tuple(mask.shape) != expected:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the input {tuple(x.shape)}: "
                              f"expected {expected} (batch, [T/{pt},] H/16, W/16)")
 
@@ -793,20 +660,166 @@ def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
     return SwinTransformer3D(get_config(preset, **overrides))
 
 
+# =============================================================================
+# Machinery: what running the method needs (not the method itself).
+
+# -----------------------------------------------------------------------------
+# Faster equivalents of the block's token moves and of its attention. Each gives
+# the visible path's result (tests/test_swin3d.py holds them equal, forward and
+# gradients); SwinConfig.token_moves / .attention or the device picks them.
+
+def window_order(size: Shape3, window: Shape3, shift: Shape3, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse), two (t*h*w,) permutations of the flattened token grid `size`:
+        tokens[:, order]   == window_partition(roll(tokens, -shift), window)  (as (B, nW*N, C))
+        windows[:, inverse] == roll(window_reverse(windows), +shift)           (as (B, t*h*w, C))
+    """
+    idx = torch.arange(math.prod(size), device=device).view(1, *size, 1)
+    if any(shift):
+        idx = torch.roll(idx, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+    order = window_partition(idx, window).flatten()
+    return order, torch.argsort(order)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """x[:, order] for a permutation `order` of dim 1, whose gradient is the gather by `inverse`
+    (autograd's generic gradient of an index is a scatter-add, serial on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def _use_gather(moves: str, x: torch.Tensor) -> bool:
+    """Whether a block moves its tokens by attention_by_gather; "auto": on CPUs, where copies cost most."""
+    return moves == "gather" or (moves == "auto" and x.device.type == "cpu")
+
+
+def attention_by_gather(attn: WindowAttention3D, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
+    """roll(-shift), window_partition, attn, window_reverse, roll(+shift) as one gather each way
+    (instead of a copy per shifted axis plus a permute copy): padded tokens (B, tp, hp, wp, C) ->
+    (B, tp, hp, wp, C), bit-identical to the visible path (both only move values)."""
+    B, C, size = x.shape[0], x.shape[-1], x.shape[1:4]
+    N = math.prod(geometry.window)
+    x = _PermuteTokens.apply(x.reshape(B, -1, C), geometry.order, geometry.inverse)    # (B, nW*N, C)
+    x = attn(x.view(B, -1, N, C), geometry.index, geometry.mask)                        # (B, nW, N, C)
+    x = _PermuteTokens.apply(x.view(B, -1, C), geometry.inverse, geometry.order)       # (B, tp*hp*wp, C)
+    return x.view(B, *size, C)
+
+
+ATTENTION_IMPLS = ("auto", "sdpa", "explicit")
+TOKEN_MOVES = ("auto", "roll", "gather")
+
+
+def _check_choice(name: str, choices: tuple, what: str) -> str:
+    if name not in choices:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {choices}")
+    return name
+
+
+def _use_explicit(attention: str, x: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether WindowAttention3D runs explicit_attention instead of SDPA. "auto": for CPU training,
+    where PyTorch's flash kernel has no gradient for attn_mask and SDPA falls back to its math
+    kernel, the explicit formula plus extra passes. CUDA's kernels give that gradient."""
+    if attention == "auto":
+        return x.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad
+    return attention == "explicit"
+
+
+def explicit_attention(qkv, bias, mask, num_heads: int, scale: float, dropout_p: float) -> torch.Tensor:
+    """qkv (B, nW, N, 3C) -> (B, nW, N, C): _ExplicitAttention, or the plain formula with attention
+    dropout, under torch.compile (which fuses it) or autocast (whose per-op casts it gets)."""
+    if dropout_p == 0.0 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(qkv.device.type):
+        return _ExplicitAttention.apply(qkv, bias, mask, num_heads, scale)
+    q, k, v = _split_heads(qkv, num_heads)
+    return _merge_heads(attention_reference(q, k, v, bias, mask, dropout_p, scale))
+
+
+class _ExplicitAttention(torch.autograd.Function):
+    """qkv (B, nW, N, 3C) -> attention_reference (no dropout) with heads merged, (B, nW, N, C).
+
+    The same formula with a hand-written backward that works in place. The
+    (B, nW, nh, N, N) logits are the model's largest tensors: autograd's
+    version of the formula allocates six of them per shifted block (logits,
+    +bias, +mask, softmax; dP, dS), this one two (logits turned into P, dP
+    turned into dS, in place), and q, k, v / dq, dk, dv move with one copy each.
+
+    Backward, with S = q·kᵀ·scale + B + M, P = softmax(S), O = P·v:
+        dv = Pᵀ·dO,  dP = dO·vᵀ,
+        dS = P ∘ (dP − D),  D_i = Σ_j P_ij dP_ij = dO_i · O_i   (FlashAttention's identity:
+                                                                 D needs no N×N product)
+        dB = Σ over batch and windows of dS,  dq = dS·k·scale,  dk = dSᵀ·(q·scale).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, bias, mask, num_heads, scale):
+        B, nW, N, C3 = qkv.shape
+        heads = qkv.view(B, nW, N, 3, num_heads, C3 // (3 * num_heads))
+        heads = heads.permute(3, 0, 1, 4, 2, 5).contiguous()     # (3, B, nW, nh, N, hd): q, k, v, one copy
+        heads[0] *= scale                                         # q·scale
+        qs, k, v = heads                                          # each (B, nW, nh, N, hd), contiguous
+        attn = qs @ k.transpose(-2, -1)                           # (B, nW, nh, N, N) logits
+        attn += bias                                              # (nh, N, N), broadcast over B, nW
+        if mask is not None:
+            attn += mask[:, None]                                 # (nW, 1, N, N), broadcast over B, heads
+        torch.softmax(attn, dim=-1, out=attn)                     # P, in place (softmax works row by row)
+        if mask is not None:
+            # A masked logit gives exp(-100 + ...) ~ 1e-44: a denormal in fp32, on which
+            # x86 CPUs take a slow path. Flush to 0, as flush-to-zero arithmetic would
+            # (P changes by < 1e-38, below fp32 resolution).
+            F.threshold(attn, torch.finfo(attn.dtype).tiny, 0.0, inplace=True)
+        out = attn @ v                                            # (B, nW, nh, N, hd)
+        ctx.save_for_backward(heads, attn, out)
+        ctx.scale = scale
+        return _merge_heads(out)                                  # (B, nW, N, C)
+
+    @staticmethod
+    def backward(ctx, dout):
+        heads, p, out = ctx.saved_tensors
+        qs, k, v = heads
+        B, nW, nh, N, hd = out.shape
+        dout = dout.reshape(B, nW, N, nh, hd).transpose(2, 3).contiguous()   # (B, nW, nh, N, hd)
+        dheads = torch.empty_like(heads)                          # (3, B, nW, nh, N, hd): dq, dk, dv
+        torch.matmul(p.transpose(-2, -1), dout, out=dheads[2])    # dv = Pᵀ·dO
+        ds = dout @ v.transpose(-2, -1)                           # dP (B, nW, nh, N, N)
+        ds -= (dout * out).sum(-1, keepdim=True)                  # dP - D
+        ds *= p                                                   # dS
+        dbias = ds.sum((0, 1)) if ctx.needs_input_grad[1] else None          # (nh, N, N)
+        torch.matmul(ds, k, out=dheads[0])
+        dheads[0] *= ctx.scale                                    # dq = dS·k·scale
+        torch.matmul(ds.transpose(-2, -1), qs, out=dheads[1])     # dk = dSᵀ·(q·scale)
+        # Back to the layout of the qkv Linear's output, (B, nW, N, (3, nh, hd)): one copy.
+        return dheads.permute(1, 2, 4, 0, 3, 5).reshape(B, nW, N, 3 * nh * hd), dbias, None, None, None
+
+
+# Shift masks, relative indices and window orders depend only on shapes: built once per
+# (shape, window, shift, device) and reused by every block and step (traced under torch.compile).
+_GEOMETRY_CACHE: dict = {}
+
+
+def _cached(fn, *args, device):
+    if torch.compiler.is_compiling():
+        return fn(*args, device=device)
+    key = (fn.__name__, *args, str(device))
+    if key not in _GEOMETRY_CACHE:
+        _GEOMETRY_CACHE[key] = fn(*args, device=device)
+    return _GEOMETRY_CACHE[key]
+
+
 # -----------------------------------------------------------------------------
 # Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing, torchvision's layout
 # (paper §4.1-4.2; the released checkpoint layout)
 
 
 class LoadReport(NamedTuple):
-    """What loading a checkpoint did (BEVT.load_released, finetune.load_pretrained).
-
-    kind: what the checkpoint was detected as; loaded: our keys that were set;
-    missing: our keys it did not provide; unused: its keys (original names)
-    that were not used; rederived: index / attention-mask buffers it carried,
-    recomputed rather than loaded; window: (checkpoint window, model window) if
-    the relative tables were resized, else None.
-    """
+    """What loading a checkpoint did (BEVT.load_released, finetune.load_pretrained): its detected
+    kind; our keys loaded / missing; its keys unused (original names); index / mask buffers it
+    carried, re-derived; (checkpoint window, model window) if the tables were resized."""
     kind: str
     loaded: list
     missing: list
@@ -834,13 +847,8 @@ class LoadReport(NamedTuple):
 
 
 def load_file(path) -> object:
-    """torch.load of a checkpoint file with weights_only=True (tensors and plain containers, no code).
-
-    Anything that is not such a file (text, a torn zip, a pickle that needs
-    classes to load) is a one-line ValueError. torch's own message would advise
-    retrying with weights_only=False, i.e. running the file's code: never do that
-    with a file you did not make.
-    """
+    """torch.load with weights_only=True (tensors and plain containers, never the file's code);
+    anything else (text, a torn zip, a pickle that needs classes) is a one-line ValueError."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path}: no such file")
     try:
@@ -862,11 +870,6 @@ def check_shape(name: str, value: torch.Tensor, expected: torch.Tensor) -> None:
     if tuple(value.shape) != tuple(expected.shape):
         raise ValueError(f"checkpoint key {name!r} has shape {tuple(value.shape)}, the model expects "
                          f"{tuple(expected.shape)}")
-
-
-def strip_prefix(state_dict: dict, prefix: str) -> dict:
-    """Keep the entries under `prefix` with it removed, e.g. strip_prefix(sd, 'backbone.')."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _table_grid(length: int, window: Sequence[int]) -> tuple:
@@ -943,36 +946,6 @@ def inflate_2d_state_dict(state_dict_2d: dict, config: SwinConfig, image_embed: 
     return out
 
 
-# torchvision's Video Swin (torchvision.models.video.swin3d_t / swin3d_s / swin3d_b)
-#
-# The same network as the released Video Swin encoder, under other names
-# (torchvision/models/video/swin_transformer.py, with the block and the patch
-# merging of torchvision/models/swin_transformer.py):
-#
-#   torchvision                              ours
-#   patch_embed.proj / .norm                 patch_embed.proj / .norm           (same)
-#   features.{2i}.{j}.norm1/.attn.*/.norm2   layers.{i}.blocks.{j}.(same)       stage i, block j
-#   features.{2i}.{j}.mlp.0 / .mlp.3         layers.{i}.blocks.{j}.mlp.fc1 / .fc2   (torchvision's MLP is a
-#                                            Sequential: 0 Linear, 1 GELU, 2 Dropout, 3 Linear, 4 Dropout)
-#   features.{2i+1}.reduction / .norm        layers.{i}.downsample.reduction / .norm   (patch merging)
-#   norm                                     norm                               (same)
-#   head (400-class Linear)                  not the encoder's: a classifier head
-#
-# Nothing is reordered inside a tensor, because every convention agrees:
-# * patch merging: torchvision concatenates x[..., 0::2, 0::2, :],
-#   x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :] over
-#   (H, W), i.e. neighbours (h0,w0), (h1,w0), (h0,w1), (h1,w1): our order
-#   (PatchMerging), so `reduction.weight` (2C, 4C) is taken as it is;
-# * qkv output channels are (3, heads, head_dim) in both;
-# * the relative table is ((2Wt-1)(2Wh-1)(2Ww-1), heads), Δt-major, indexed
-#   the same way (relative_position_index is re-derived here, never read);
-# * tokens in a window are time-major (t, h, w) in both.
-# One thing differs in the forward, not in the weights: where a feature map is
-# smaller than the window in H or W, torchvision slices the index of the full
-# window (`index[:N, :N]`), which pairs wrong offsets; ours is derived for the
-# window actually used (see WindowAttention3D). Where only time shrinks, or
-# nothing does (e.g. 32x224x224 input, window (8,7,7)), both give the same output.
-
 TORCHVISION_KIND = "torchvision Video Swin (swin3d_t/s/b)"
 
 
@@ -1001,23 +974,6 @@ def torchvision_key(key: str) -> str:
     if k % 2 == 1 and parts[2] in ("reduction", "norm"):      # features.{2i+1}: stage i's patch merging
         return f"layers.{k // 2}.downsample." + ".".join(parts[2:])
     return key
-
-
-def map_torchvision_state_dict(state_dict: dict) -> dict:
-    """A torchvision swin3d_t/s/b state dict -> this encoder's keys (values untouched).
-
-    `head.*` (torchvision's Kinetics-400 classifier) stays under its own name;
-    the loaders (finetune.load_pretrained, BEVT.load_released) decide what it
-    becomes and report it. The relative index buffers keep their (mapped) names
-    and are re-derived on load.
-    """
-    out = {}
-    for k, v in state_dict.items():
-        new = torchvision_key(k)
-        if new in out:
-            raise ValueError(f"torchvision key {k!r} maps onto {new!r}, which another key already took")
-        out[new] = v
-    return out
 
 
 def param_count(model: nn.Module, exclude: Sequence[str] = ()) -> int:

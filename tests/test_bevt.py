@@ -197,7 +197,7 @@ def test_compiled_encoder_and_decoders_have_no_graph_breaks():
         assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
 
 
-# ----------------------------------------------------------------------------- bevt.py show (pictures)
+# ----------------------------------------------------------------------------- tools/show.py (pictures)
 
 import os          # noqa: E402
 import subprocess  # noqa: E402
@@ -206,7 +206,7 @@ import sys         # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import bevt  # noqa: E402
+from tools import show  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 16
@@ -259,7 +259,7 @@ def _cell_interiors(a, cell, pad):
 @pytest.fixture(scope="module")
 def show_setup(syn, tmp_path_factory):
     """The synthetic set, an offline tokenizer fitted on its images, and the inputs of one clip computed
-    here without bevt.show: frames 4, 6, 8, 10 (4 frames every 2, centred in the 16) cropped to 96 px."""
+    here without tools/show.py: frames 4, 6, 8, 10 (4 frames every 2, centred in the 16) cropped to 96 px."""
     import data
     import masking
     import tokenizer as T
@@ -285,7 +285,7 @@ def show_setup(syn, tmp_path_factory):
 def test_show_video_draws_inputs_codes_marks_and_decodings(show_setup, tmp_path):
     s = show_setup
     out = tmp_path / "pred.png"
-    r = bevt.main(["show", "--init", s["ckpt"], "--video", s["video"], "--out", str(out)])
+    r = show.main(["--init", s["ckpt"], "--video", s["video"], "--out", str(out)])
     assert os.listdir(tmp_path) == ["pred.png"]                     # no temporary file left beside it
     # What was computed: the crop, the codes, the tube mask and the constant predictions.
     assert r["frame_index"] == [4, 6, 8, 10] and r["shown"] == [0, 1, 2, 3]
@@ -306,7 +306,7 @@ def test_show_video_draws_inputs_codes_marks_and_decodings(show_setup, tmp_path)
         mask_px = _upscale(s["masked"][t].numpy(), cell)
         assert np.array_equal(_tile(png, r, "input", col), frame)
         grey = _tile(png, r, "masked", col)
-        assert (grey[mask_px] == bevt.MASK_GREY).all() and np.array_equal(grey[~mask_px], frame[~mask_px])
+        assert (grey[mask_px] == show.MASK_GREY).all() and np.array_equal(grey[~mask_px], frame[~mask_px])
         # Predicted codes: a green frame on masked cells whose target is the constant code, red on the others,
         # none on visible cells (sampled in the middle of each cell's top edge).
         pred_tile = _tile(png, r, "predicted", col)
@@ -314,9 +314,9 @@ def test_show_video_draws_inputs_codes_marks_and_decodings(show_setup, tmp_path)
             for j in range(6):
                 edge = tuple(pred_tile[i * cell + 1, j * cell + cell // 2])
                 if s["masked"][t, i, j]:
-                    assert edge == (bevt.RIGHT if s["codes"][t, i, j] == s["code"] else bevt.WRONG), (t, i, j)
+                    assert edge == (show.RIGHT if s["codes"][t, i, j] == s["code"] else show.WRONG), (t, i, j)
                 else:
-                    assert edge not in (bevt.RIGHT, bevt.WRONG), (t, i, j)
+                    assert edge not in (show.RIGHT, show.WRONG), (t, i, j)
         # Decoded rows: codebook patches of the targets; of the constant code where masked.
         target_img = _upscale(_codebook_image(s["tok"], s["codes"][t]), 2 * k)
         mixed = torch.where(s["masked"][t], torch.full_like(s["codes"][t], s["code"]), s["codes"][t])
@@ -330,7 +330,7 @@ def test_show_image_stream(show_setup, tmp_path):
     s = show_setup
     image = os.path.join(s["syn"], "images", "val", "red", "00000.png")
     out = tmp_path / "img.png"
-    r = bevt.main(["show", "--init", s["ckpt"], "--image", image, "--out", str(out), "--seed", "3"])
+    r = show.main(["--init", s["ckpt"], "--image", image, "--out", str(out), "--seed", "3"])
     assert r["stream"] == "image" and r["shown"] == [0]
     pixels = np.asarray(Image.open(image).convert("RGB"))                # 96x112 -> centre crop 96x96
     crop = torch.from_numpy(pixels[:, 8:104].copy()).permute(2, 0, 1)[None]
@@ -361,9 +361,9 @@ def test_show_dalle_decodes_through_the_decoder(show_setup, tmp_path):
     image = os.path.join(s["syn"], "images", "val", "blue", "00000.png")
     out = tmp_path / "d.png"
     with pytest.raises(SystemExit) as e:
-        bevt.main(["show", "--init", str(tmp_path / "dalle.pt"), "--image", image, "--out", str(out)])
+        show.main(["--init", str(tmp_path / "dalle.pt"), "--image", image, "--out", str(out)])
     assert e.value.code == 2 and not out.exists()
-    r = bevt.main(["show", "--init", str(tmp_path / "dalle.pt"), "--image", image, "--out", str(out),
+    r = show.main(["--init", str(tmp_path / "dalle.pt"), "--image", image, "--out", str(out),
                    "--decoder", str(tmp_path / "dalle_decoder.pt")])
     with torch.no_grad():
         stats = dec(F.one_hot(r["codes"], 512).permute(0, 3, 1, 2).float())       # (1, 6, 48, 48)
@@ -386,28 +386,29 @@ def test_show_bad_input_is_one_line_and_leaves_the_old_picture(show_setup, tmp_p
     other_vocab = tmp_path / "tok8.pt"
     if case == "vocab":
         T.OfflineTokenizer(s["tok"].codebook[:8]).save(other_vocab)
-    base = ["show", "--init", s["ckpt"], "--video", s["video"], "--out", str(out)]
+    base = ["--init", s["ckpt"], "--video", s["video"], "--out", str(out)]
     argv, expect = {
-        "no-init": (["show", "--init", str(tmp_path / "none.pt"), "--video", s["video"], "--out", str(out)],
+        "no-init": (["--init", str(tmp_path / "none.pt"), "--video", s["video"], "--out", str(out)],
                     "no such file"),
-        "not-bevt": (["show", "--init", str(s["dir"] / "tok.pt"), "--video", s["video"], "--out", str(out)],
+        "not-bevt": (["--init", str(s["dir"] / "tok.pt"), "--video", s["video"], "--out", str(out)],
                      "prediction head"),
-        "not-video": (["show", "--init", s["ckpt"], "--video", str(text), "--out", str(out)], "notes.mp4"),
+        "not-video": (["--init", s["ckpt"], "--video", str(text), "--out", str(out)], "notes.mp4"),
         "size": (base + ["--size", "100"], "multiple of 16"),
         "frames": (base + ["--frames", "3"], "multiple of the temporal patch"),
-        "out-dir": (["show", "--init", s["ckpt"], "--video", s["video"], "--out", str(tmp_path / "no" / "p.png")],
+        "out-dir": (["--init", s["ckpt"], "--video", s["video"], "--out", str(tmp_path / "no" / "p.png")],
                     "does not exist"),
-        "out-ext": (["show", "--init", s["ckpt"], "--video", s["video"], "--out", str(tmp_path / "p.jpg")], ".png"),
+        "out-ext": (["--init", s["ckpt"], "--video", s["video"], "--out", str(tmp_path / "p.jpg")], ".png"),
         "vocab": (base + ["--tokenizer", str(other_vocab)], "8 codes"),
         "ratio": (base + ["--mask-ratio", "1.5"], "--mask-ratio"),
         "both-inputs": (base + ["--image", s["video"]], "not allowed with"),
     }[case]
     with pytest.raises(SystemExit) as e:
-        bevt.main(argv)
+        show.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("show:")]   # minus the progress bar
-    assert len(lines) == 1 and expect in lines[0], err
+    # One line from run_cli; argparse's own errors (a bad flag) come after its usage lines.
+    assert lines[-1].startswith("show.py: error:") and expect in lines[-1], err
     assert out.read_bytes() == b"an older picture"                 # untouched
     assert sorted(os.listdir(tmp_path)) == sorted(["pred.png", "notes.mp4"] + (["tok8.pt"] if case == "vocab" else []))
 
@@ -415,10 +416,10 @@ def test_show_bad_input_is_one_line_and_leaves_the_old_picture(show_setup, tmp_p
 def test_show_command_line(show_setup, tmp_path):
     """As a program: --help, and a user error is one line on stderr with exit status 2, no traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    h = subprocess.run([sys.executable, "bevt.py", "show", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
+    h = subprocess.run([sys.executable, "tools/show.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert h.returncode == 0 and "--video" in h.stdout and "--decoder" in h.stdout
-    p = subprocess.run([sys.executable, "bevt.py", "show", "--init", str(tmp_path / "none.pt"), "--video",
+    p = subprocess.run([sys.executable, "tools/show.py", "--init", str(tmp_path / "none.pt"), "--video",
                         show_setup["video"], "--out", str(tmp_path / "p.png")], cwd=ROOT, capture_output=True,
                        text=True, env=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith("bevt.py show: error:") and "none.pt" in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("show.py: error:") and "none.pt" in p.stderr

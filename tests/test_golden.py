@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import bevt
+import masking
 import data
 import finetune
 import swin3d
@@ -451,6 +452,11 @@ def test_window_resize_of_relative_tables():
     out = swin3d.resize_relative_tables({key: separable_table(8)}, (8, 7, 7), (16, 7, 7))[key]
     assert out.shape == (31 * 13 * 13, 2)
     torch.testing.assert_close(out, expected_resized(16, 8), atol=1e-3, rtol=1e-5)
+    # The same window leaves the table as it is; a table of another window is a one-line error.
+    assert torch.equal(swin3d.resize_relative_tables({key: separable_table(8)}, (8, 7, 7), (8, 7, 7))[key],
+                       separable_table(8))
+    with pytest.raises(ValueError, match="needs"):
+        swin3d.resize_relative_tables({key: separable_table(8)}, (4, 7, 7), (16, 7, 7))
 
 
 def test_finetune_loader_resizes_a_k400_window_for_ssv2():
@@ -568,11 +574,11 @@ def test_training_targets_are_the_codes_of_each_frame_of_the_tokenizer_copy():
 def test_target_mask_is_interleaved_in_time():
     torch.manual_seed(8)
     mask = torch.rand(3, 4, 2, 3) < 0.5                               # (B, T/2, h, w)
-    tgt = bevt.target_mask(mask, 8)
+    tgt = masking.target_mask(mask, 8)
     assert tgt.shape == (3, 8, 2, 3)
     for t in range(4):
         assert torch.equal(tgt[:, 2 * t], mask[:, t]) and torch.equal(tgt[:, 2 * t + 1], mask[:, t])
-    assert torch.equal(bevt.target_mask(mask, 7), tgt[:, :7])            # odd T: the padded frame dropped
+    assert torch.equal(masking.target_mask(mask, 7), tgt[:, :7])            # odd T: the padded frame dropped
 
 
 @pytest.mark.parametrize("step", [0, 1])

@@ -1,6 +1,7 @@
-"""Tests of swin3d.py: shapes, SDPA == explicit attention, weight sharing between
-the image and video streams, gradient checkpointing, parameter counts,
-checkpoint layout (released and torchvision's), inflation and window resizing (paper §3 "BEVT encoders"; the released checkpoint layout; the public interface)."""
+"""Tests of swin3d.py (paper §3 "BEVT encoders"; the released checkpoint layout; the public
+interface): shapes, SDPA == explicit attention, torch.roll == the permutation gathers, weight
+sharing between the streams, gradient checkpointing, parameter counts, checkpoint layouts, and
+the specification of drop path, shifted-window regions and padding."""
 
 import math
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import swin3d
+from tools import convert_checkpoint
 from swin3d import (clamp_window, get_config, relative_position_index,
                     shift_mask, window_partition, window_reverse)
 
@@ -138,17 +140,6 @@ def decode_offsets(index, table_window):
     dh = (index // (2 * Ww - 1)) % (2 * Wh - 1) - (Wh - 1)
     dt = index // ((2 * Wh - 1) * (2 * Ww - 1)) - (Wt - 1)
     return dt, dh, dw
-
-
-@pytest.mark.parametrize("window", [(8, 7, 7), (3, 7, 7), (8, 4, 4), (1, 7, 7), (2, 3, 5)])
-def test_relative_index_encodes_true_offsets(window):
-    idx = relative_position_index(window, (8, 7, 7))
-    coords = [(t, h, w) for t in range(window[0]) for h in range(window[1]) for w in range(window[2])]
-    dt, dh, dw = decode_offsets(idx, (8, 7, 7))
-    for i in (0, len(coords) // 3, len(coords) - 1):
-        for j in range(len(coords)):
-            assert (dt[i, j].item(), dh[i, j].item(), dw[i, j].item()) == tuple(
-                a - b for a, b in zip(coords[i], coords[j]))
 
 
 def test_image_index_is_the_dt0_submatrix_of_the_video_index():
@@ -285,18 +276,6 @@ def test_encoder_sdpa_equals_explicit(stream, with_mask):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, atol=1e-9, rtol=1e-7)
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 8, 6, 5), (1, 1, 7, 9, 4)])
-def test_patch_merging_neighbour_order_is_the_released_one(shape):
-    # The released code: concatenate the strided slices (h0,w0), (h1,w0), (h0,w1), (h1,w1)
-    # (after zero-padding odd sizes), then LayerNorm and the reduction Linear.
-    torch.manual_seed(0)
-    merge = swin3d.PatchMerging(shape[-1])
-    x = torch.randn(shape)
-    xp = F.pad(x, (0, 0, 0, shape[3] % 2, 0, shape[2] % 2))
-    cat = torch.cat([xp[:, :, 0::2, 0::2], xp[:, :, 1::2, 0::2], xp[:, :, 0::2, 1::2], xp[:, :, 1::2, 1::2]], -1)
-    assert torch.equal(merge(x), merge.reduction(merge.norm(cat)))
 
 
 # ----------------------------------------------------------------------------- weight sharing
@@ -480,7 +459,7 @@ def test_released_checkpoint_loads_and_index_is_rederived():
         ckpt["state_dict"]["backbone." + k] = (torch.randint(0, 5, shape) if k.endswith("index")
                                                else torch.randn(shape))
     ckpt["state_dict"]["cls_head.lm_head.weight"] = torch.randn(8192, 8 * m.embed_dim)
-    sd = swin3d.strip_prefix(ckpt["state_dict"], "backbone.")
+    sd = convert_checkpoint.strip_prefix(ckpt["state_dict"], "backbone.")
     result = m.load_state_dict(sd, strict=True)
     assert result.missing_keys == [] and result.unexpected_keys == []
     table = "layers.2.blocks.1.attn.relative_position_bias_table"
@@ -580,7 +559,7 @@ def test_torchvision_layout_maps_onto_every_encoder_key(name):
     C, depths, heads = TORCHVISION_ARCHS[name]
     layout = torchvision_layout(C, depths, heads)
     assert swin3d.is_torchvision_layout(layout)
-    mapped = swin3d.map_torchvision_state_dict(layout)           # values (shapes here) untouched
+    mapped = convert_checkpoint.map_torchvision_state_dict(layout)           # values (shapes here) untouched
     head = {k for k in mapped if k.startswith("head.")}
     assert head == {"head.weight", "head.bias"}                  # the classifier stays out of the encoder
     with torch.device("meta"):
@@ -598,7 +577,7 @@ def test_torchvision_state_dict_loads_and_every_tensor_counts():
     token, which torchvision has not got), and perturbing any one tensor changes the output;
     perturbing a relative index buffer does not (it is re-derived, never read)."""
     sd = torchvision_state_dict()
-    mapped = swin3d.map_torchvision_state_dict(sd)
+    mapped = convert_checkpoint.map_torchvision_state_dict(sd)
     head = {k: mapped.pop(k) for k in ("head.weight", "head.bias")}
     assert torch.equal(head["head.weight"], sd["head.weight"])
     m = small_model()
@@ -644,8 +623,8 @@ def test_torchvision_patch_merging_order_is_ours():
     x[..., 1::2, 1::2, :]), norm, reduction. With the mapped weights ours gives the same."""
     sd = torchvision_state_dict()
     m = small_model()
-    m.load_state_dict(swin3d.map_torchvision_state_dict({k: v for k, v in sd.items() if k.startswith("features.1.")}),
-                      strict=False)
+    first_merge = {k: v for k, v in sd.items() if k.startswith("features.1.")}
+    m.load_state_dict(convert_checkpoint.map_torchvision_state_dict(first_merge), strict=False)
     x = torch.randn(2, 3, 7, 9, 32)                                  # odd H, W: padded at the end
     xp = F.pad(x, (0, 0, 0, x.shape[-2] % 2, 0, x.shape[-3] % 2))
     cat = torch.cat([xp[..., 0::2, 0::2, :], xp[..., 1::2, 0::2, :], xp[..., 0::2, 1::2, :],
@@ -660,17 +639,10 @@ def test_inflate_2d_checkpoint():
     m = small_model()
     sd2 = fake_2d_swin()
     sd3 = swin3d.inflate_2d_state_dict(sd2, m.config)
+    # (The kernel and table values: test_golden.test_inflation_of_2d_kernel_and_table.)
     result = m.load_state_dict(sd3, strict=False)
     assert set(result.missing_keys) == {"mask_token"}
     assert result.unexpected_keys == []
-    t2 = sd2["layers.2.blocks.1.attn.relative_position_bias_table"]
-    t3 = m.layers[2].blocks[1].attn.relative_position_bias_table.detach()
-    assert t3.shape == (15 * 13 * 13, 4)
-    assert torch.equal(t3.view(15, 169, 4)[7], t2)                     # Δt = 0 rows = the 2D table
-    assert torch.equal(t3.view(15, 169, 4)[0], t2)                     # tiled over every Δt
-    w3 = m.patch_embed.proj.weight.detach()
-    assert w3.shape == (32, 3, 2, 4, 4) and close(w3.sum(2), sd2["patch_embed.proj.weight"])
-    assert torch.equal(m.patch_embed_2d.proj.weight, sd2["patch_embed.proj.weight"])
     # The inflated model's image stream equals a 2D Swin block on the same tokens.
     x = torch.randn(1, 14, 14, 32)
     m.eval()
@@ -680,34 +652,30 @@ def test_inflate_2d_checkpoint():
     assert close(ours.squeeze(1), ref)
 
 
+def test_convert_checkpoint_tool_writes_loadable_files(tmp_path, capsys):
+    """tools/convert_checkpoint.py: each command writes {"state_dict": ...} that the encoder loads."""
+    torch.save({"model": fake_2d_swin()}, tmp_path / "swin2d.pth")
+    torch.save(torchvision_state_dict(), tmp_path / "tv.pth")
+    convert_checkpoint.main(["inflate", "--preset", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
+    convert_checkpoint.main(["resize", "--old-window", "8", "7", "7", "--new-window", "16", "7", "7",
+                             str(tmp_path / "3d.pt"), str(tmp_path / "16.pt")])
+    convert_checkpoint.main(["torchvision", str(tmp_path / "tv.pth"), str(tmp_path / "tv.pt")])
+    for name, window, extra in (("3d", (8, 7, 7), set()), ("16", (16, 7, 7), set()),
+                                ("tv", (8, 7, 7), {"head.weight", "head.bias"})):
+        sd = swin3d.load_file(str(tmp_path / f"{name}.pt"))["state_dict"]
+        r = small_model(window_size=window).load_state_dict(sd, strict=False)
+        assert set(r.unexpected_keys) == extra, name
+        assert set(r.missing_keys) <= {"mask_token", "patch_embed_2d.proj.weight", "patch_embed_2d.proj.bias",
+                                       "patch_embed_2d.norm.weight", "patch_embed_2d.norm.bias"}, name
+    with pytest.raises(SystemExit) as e:                              # a user error: one line, exit 2
+        convert_checkpoint.main(["torchvision", str(tmp_path / "none.pth"), str(tmp_path / "x.pt")])
+    assert e.value.code == 2 and "convert_checkpoint.py: error:" in capsys.readouterr().err
+
+
 def test_inflate_resizes_a_different_2d_window():
     cfg = get_config("cpu")
     sd3 = swin3d.inflate_2d_state_dict(fake_2d_swin(window=12), cfg)
     assert sd3["layers.0.blocks.0.attn.relative_position_bias_table"].shape == (15 * 13 * 13, 1)
-
-
-def test_resize_relative_tables_8_to_16():
-    m8 = small_model()
-    sd = m8.state_dict()
-    sd16 = swin3d.resize_relative_tables(sd, (8, 7, 7), (16, 7, 7))
-    m16 = small_model(window_size=(16, 7, 7))
-    result = m16.load_state_dict(sd16, strict=False)
-    assert result.unexpected_keys == []
-    assert all(k.endswith("relative_position_index") for k in result.missing_keys)
-    t8 = sd["layers.1.blocks.0.attn.relative_position_bias_table"].view(15, 13, 13, -1)
-    t16 = m16.layers[1].blocks[0].attn.relative_position_bias_table.detach().view(31, 13, 13, -1)
-    assert close(t16[15], t8[7])                                        # Δt = 0 kept exactly
-    assert close(t16[0], t8[0]) and close(t16[-1], t8[-1])              # ends map to ends
-    # Between grid points, trilinear: the value lies between its neighbours.
-    mid = t16[16]
-    lo, hi = torch.minimum(t8[7], t8[8]), torch.maximum(t8[7], t8[8])
-    assert ((mid >= lo - 1e-6) & (mid <= hi + 1e-6)).all()
-    # Same window: unchanged.
-    same = swin3d.resize_relative_tables(sd, (8, 7, 7), (8, 7, 7))
-    assert torch.equal(same["layers.1.blocks.0.attn.relative_position_bias_table"],
-                       sd["layers.1.blocks.0.attn.relative_position_bias_table"])
-    with pytest.raises(ValueError, match="needs"):
-        swin3d.resize_relative_tables(sd, (4, 7, 7), (16, 7, 7))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -749,3 +717,100 @@ def test_auto_attention_picks_a_kernel_and_agrees():
     assert close(outs["sdpa", "train"], outs["explicit", "train"])
     with pytest.raises(ValueError, match="expected one of"):
         m.set_attention("flash")
+
+
+# ----------------------------------------------------------------------------- specification: drop path,
+# shifted-window regions, padding, and the faster equivalents held equal to the visible path
+
+def test_stochastic_depth_keeps_the_expectation_and_is_identity_in_eval():
+    """DropPath: each sample's branch is kept with probability 1-p and then scaled by 1/(1-p), so
+    E[x + DropPath(b)] = x + b; in eval mode it is x + b exactly."""
+    torch.manual_seed(0)
+    n, p = 20000, 0.3
+    x, b = torch.zeros(n, 2, 3), torch.ones(n, 2, 3)
+    y = swin3d.add_drop_path(x, b, p, training=True)
+    per_sample = y.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / (1 - p)).all(1)).all()   # whole samples, scaled
+    kept = (per_sample[:, 0] > 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.02                                   # kept with probability 1 - p
+    assert abs(y.mean().item() - 1.0) < 0.03                            # expectation = the branch
+    assert torch.equal(swin3d.add_drop_path(x, b, p, training=False), x + b)
+
+
+def wrapped_labels(size, shift):
+    """Independent of Swin's slicing: after roll(-shift), the token at position p of an axis of
+    length L came from position (p + s) mod L; it wrapped around iff p >= L - s. Label each token
+    of the rolled grid by which axes it wrapped along."""
+    t, h, w = (torch.arange(n) >= n - s if s else torch.zeros(n, dtype=torch.bool) for n, s in zip(size, shift))
+    return t[:, None, None] * 4 + h[None, :, None] * 2 + w[None, None, :] * 1          # (t, h, w)
+
+
+@pytest.mark.parametrize("size,window,shift", [((4, 14, 14), (2, 7, 7), (1, 3, 3)),
+                                               ((2, 12, 8), (2, 4, 4), (0, 2, 2)),
+                                               ((6, 9, 6), (3, 3, 3), (1, 1, 1))])
+def test_shift_mask_regions_where_the_window_is_smaller_than_the_map(size, window, shift):
+    """After roll(-shift), two tokens of one window may attend to each other iff they were
+    neighbours before the roll, i.e. iff they wrapped around along the same axes: mask 0 there,
+    -100 elsewhere. Checked window by window, windows in window_partition's order."""
+    mask = shift_mask(size, window, shift)
+    labels = wrapped_labels(size, shift)
+    wt, wh, ww = window
+    k = 0
+    for t0 in range(0, size[0], wt):
+        for h0 in range(0, size[1], wh):
+            for w0 in range(0, size[2], ww):
+                lab = labels[t0:t0 + wt, h0:h0 + wh, w0:w0 + ww].flatten()          # time-major, as the windows
+                want = torch.where(lab[:, None] == lab[None, :], 0.0, -100.0)
+                assert torch.equal(mask[k], want), (t0, h0, w0)
+                k += 1
+    assert k == mask.shape[0] and (mask != 0).any() and (mask[0] == 0).all()   # only the far windows straddle
+
+
+def test_padding_is_at_the_end_and_cropped_from_the_end():
+    """A time axis of 3 with window 2 is padded to 4 at the END, and the block's output keeps the
+    first 3 steps. Moving step 0 to the end (or cropping the start) changes which tokens share a
+    window, so an independent block on the explicitly end-padded input must agree exactly."""
+    torch.manual_seed(0)
+    blk = swin3d.SwinBlock3D(8, 2, (2, 2, 2), 2.0, True, 0.0, 0.0, 0.0, "sdpa").eval()
+    x = torch.randn(1, 3, 2, 2, 8)                                      # t = 3: padded to 4 at the end
+    geom = lambda size: swin3d.WindowGeometry((2, 2, 2), (0, 0, 0), relative_position_index((2, 2, 2), (2, 2, 2)),
+                                              None, *swin3d.window_order(size, (2, 2, 2), (0, 0, 0)))
+    with torch.no_grad():
+        out = blk._attention(x, geom((4, 2, 2)))
+        # By hand: normalise, pad a zero step at the end, windows {0,1} and {2,pad}, keep the first 3.
+        y = F.pad(blk.norm1(x), (0, 0, 0, 0, 0, 0, 0, 1))
+        windows = window_partition(y, (2, 2, 2))
+        ref = window_reverse(blk.attn(windows, geom((4, 2, 2)).index, None), (2, 2, 2), (4, 2, 2))[:, :3]
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    # Step 0 attends only to step 1 (its window), never to step 2: the padding did not go first.
+    x2 = x.clone()
+    x2[:, 2] += 1.0
+    with torch.no_grad():
+        assert torch.equal(blk._attention(x2, geom((4, 2, 2)))[:, :2], out[:, :2])
+
+
+@pytest.mark.parametrize("stream", ["video", "image"])
+def test_roll_and_gather_token_moves_are_bit_identical(stream):
+    """The visible torch.roll + window_partition path and the permutation gathers give the
+    same outputs and gradients, bit for bit (both only move values)."""
+    x = torch.randn(2, 3, 6, 72, 64) if stream == "video" else torch.randn(2, 3, 72, 64)
+    results = []
+    for moves in ("roll", "gather"):
+        # Two blocks per stage and a (2, 7, 7) window: stage 1 shifts along t, h and w and pads t and h.
+        m = small_model(token_moves=moves, depths=(2, 2, 2, 2), window_size=(2, 7, 7)).train()
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)
+        loss = sum((s.float() ** 2).mean() for s in out.stages) + out.f4_norm.sum()
+        loss.backward()
+        results.append([s.detach() for s in out.stages] + [xi.grad] + [p.grad for p in m.parameters()
+                                                                         if p.grad is not None])
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_token_moves_auto_picks_by_device():
+    assert swin3d._use_gather("auto", torch.zeros(1)) and not swin3d._use_gather("roll", torch.zeros(1))
+    with pytest.raises(ValueError, match="token moves"):
+        small_model().set_token_moves("scatter")

@@ -1,8 +1,8 @@
 """Benchmark of the Video Swin encoder (swin3d.py): speed, memory and FLOPs.
 
-    python tests/bench_swin3d.py                 # CPU preset + Swin-T on this CPU, FLOPs of Swin-B
-    python tests/bench_swin3d.py --quick         # fewer repeats, CPU preset only
-    python tests/bench_swin3d.py --device cuda   # the same on a GPU, in bf16 autocast
+    python tools/bench_swin3d.py                 # CPU preset + Swin-T on this CPU, FLOPs of Swin-B
+    python tools/bench_swin3d.py --quick         # fewer repeats, CPU preset only
+    python tools/bench_swin3d.py --device cuda   # the same on a GPU, in bf16 autocast
 
 1. Time of each stream for forward+backward (training) and forward only
    under no_grad (inference), for the attention implementations of

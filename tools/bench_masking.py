@@ -1,10 +1,10 @@
 """Benchmark of the mask generators (masking.py): time to draw masks on this CPU.
 
-    python tests/bench_masking.py                  # 500 repeats per case
-    python tests/bench_masking.py --repeats 100    # quicker
-    python tests/bench_masking.py --ref 559f448    # ... and against the bit-packed loop it replaced (issue 15)
+    python tools/bench_masking.py                  # 500 repeats per case
+    python tools/bench_masking.py --repeats 100    # quicker
+    python tools/bench_masking.py --ref 559f448    # ... and against the bit-packed loop it replaced (issue 15)
 
-(On a shared machine pin it: `OMP_NUM_THREADS=1 taskset -c 1 python tests/bench_masking.py ...`.)
+(On a shared machine pin it: `OMP_NUM_THREADS=1 taskset -c 1 python tools/bench_masking.py ...`.)
 
 1. The per-GPU batch of the paper recipe (paper §4.1, released config
    `omni_videos_per_gpu=[8, 64]`): 8 clips of 16 frames with tube masks plus
@@ -26,7 +26,7 @@ Times are the median over --repeats after a warm-up, one process, one thread
 (the generators are pure Python + numpy, single-threaded); p90 shows the noise.
 The machine's load average is printed first.
 
-Measured for issue 15 (`OMP_NUM_THREADS=1 taskset -c 1 python tests/bench_masking.py
+Measured for issue 15 (`OMP_NUM_THREADS=1 taskset -c 1 python tools/bench_masking.py
 --ref 559f448`, one pinned core of a shared 2-core machine, load 1.6, 500 repeats):
 
     per-GPU batch, drawn by     ms/batch   us/mask

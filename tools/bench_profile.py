@@ -1,10 +1,10 @@
 """Per-op profile and step time of one joint BEVT pretraining step on the CPU, fp32.
 
-    python tests/bench_profile.py                    # top ops + step time of this tree's swin3d.py
-    python tests/bench_profile.py --compare HEAD~1   # ... against the encoder of another git revision
-    python tests/bench_profile.py --compare old.py   # ... or of another swin3d.py file
+    python tools/bench_profile.py                    # top ops + step time of this tree's swin3d.py
+    python tools/bench_profile.py --compare HEAD~1   # ... against the encoder of another git revision
+    python tools/bench_profile.py --compare old.py   # ... or of another swin3d.py file
 
-The step is the Swin-T case of tests/bench_train.py without the optimiser:
+The step is the Swin-T case of tools/bench_train.py without the optimiser:
 bevt.BEVT with swin3d.get_config("tiny") and an 8192-code head, 1 clip
 3x16x224x224 with a tube mask + 8 images 224x224 with block masks (real masks
 from masking.py, 50% of the tokenizer grid), random codes; zero_grad, the
