@@ -27,6 +27,7 @@ from PIL import Image
 import tokenizer as T
 from tokenizer import (DalleEncoder, DalleTokenizer, OfflineTokenizer, Tokenizer, UnsafePickleError,
                        check_vocab, load_tokenizer)
+from tools import dalle_decoder, tokenizer_tool
 
 EPS = 0.1   # DALL-E's logit-Laplace ε (dall_e/utils.py), written out independently of tokenizer.py
 
@@ -363,7 +364,7 @@ def test_encoder_pkl_loads_without_dall_e_bit_identical(published, dalle_tok, tm
     assert torch.equal(dalle_tok.tokenize(published.x), published.codes)
     # convert once -> a plain state dict that loads with weights_only=True and gives the same codes
     out = tmp_path / "dalle_encoder.pt"
-    T.main(["convert", "--pkl", str(published.path), "--out", str(out)])
+    tokenizer_tool.main(["convert", "--pkl", str(published.path), "--out", str(out)])
     plain = torch.load(out, weights_only=True)
     assert set(plain) == set(published.tensors)
     assert torch.equal(load_tokenizer(out).tokenize(published.x), published.codes)
@@ -384,13 +385,13 @@ def test_released_bevt_checkpoint_tokenizer_tensors(tmp_path):
         assert torch.equal(tok.tokenize(x), src.tokenize(x))
 
 
-# ----------------------------------------------------------------------------- the decoder (bevt.py show)
+# ----------------------------------------------------------------------------- the decoder (tools/dalle_decoder.py)
 
 def test_decoder_parameter_names_and_shapes_equal_published():
     expected = published_decoder_shapes()
     assert len(expected) == 76
     with torch.device("meta"):
-        dec = T.DalleDecoder()
+        dec = dalle_decoder.DalleDecoder()
     got = OrderedDict((k, tuple(v.shape)) for k, v in dec.state_dict().items())
     assert list(got) == list(expected) and got == expected
     assert [n for n, _ in dec.named_parameters()] == list(expected)
@@ -398,7 +399,7 @@ def test_decoder_parameter_names_and_shapes_equal_published():
 
 def test_decoder_pkl_loads_without_dall_e_bit_identical(published_decoder, tmp_path):
     assert "dall_e" not in sys.modules
-    dec = T.load_dalle_decoder(published_decoder.path)
+    dec = dalle_decoder.load_dalle_decoder(published_decoder.path)
     state = dec.state_dict()
     assert list(state) == list(published_decoder.tensors)
     for k, v in published_decoder.tensors.items():
@@ -415,9 +416,9 @@ def test_decoder_pkl_loads_without_dall_e_bit_identical(published_decoder, tmp_p
     torch.testing.assert_close(half, ref, rtol=1e-5, atol=1e-5)
     # convert once -> a plain state dict that loads with weights_only=True and decodes the same
     out = tmp_path / "dalle_decoder.pt"
-    T.main(["convert", "--pkl", str(published_decoder.path), "--out", str(out)])
+    tokenizer_tool.main(["convert", "--pkl", str(published_decoder.path), "--out", str(out)])
     assert set(torch.load(out, weights_only=True)) == set(published_decoder.tensors)
-    assert torch.equal(T.load_dalle_decoder(out).decode_half(codes), half)
+    assert torch.equal(dalle_decoder.load_dalle_decoder(out).decode_half(codes), half)
 
 
 def test_decoder_and_encoder_pickles_keep_to_their_own_allow_lists(published, published_decoder):
@@ -425,8 +426,8 @@ def test_decoder_and_encoder_pickles_keep_to_their_own_allow_lists(published, pu
     with pytest.raises(UnsafePickleError, match=r"dall_e\.decoder\.Decoder"):
         load_tokenizer(published_decoder.path)
     with pytest.raises(UnsafePickleError, match=r"dall_e\.encoder\.Encoder.*DALL-E decoder pickle"):
-        T.load_dalle_decoder(published.path)
-    assert T.read_dalle_pickle(published_decoder.path)[0] == "decoder"
+        dalle_decoder.load_dalle_decoder(published.path)
+    assert tokenizer_tool.read_dalle_pickle(published_decoder.path)[0] == "decoder"
 
 
 def test_decoder_reader_refuses_hostile_globals(tmp_path):
@@ -435,22 +436,22 @@ def test_decoder_reader_refuses_hostile_globals(tmp_path):
     torch.save({"blocks.input.w": torch.zeros(2), "x": _payloads(marker)["os.system"]}, path,
                _use_new_zipfile_serialization=False)
     with pytest.raises(UnsafePickleError, match="refusing global .*system"):
-        T.load_dalle_decoder(path)
+        dalle_decoder.load_dalle_decoder(path)
     with pytest.raises(UnsafePickleError, match="refusing global .*system"):
-        T.main(["convert", "--pkl", str(path), "--out", str(tmp_path / "x.pt")])
+        tokenizer_tool.convert(path, tmp_path / "x.pt")
     assert not marker.exists() and not (tmp_path / "x.pt").exists()
 
 
 def test_encoder_and_decoder_state_dicts_are_not_confused(tmp_path):
     torch.save(small_dalle().encoder.state_dict(), tmp_path / "enc.pt")
     with pytest.raises(ValueError, match="encoder's: pass decoder.pkl"):
-        T.load_dalle_decoder(tmp_path / "enc.pt")
+        dalle_decoder.load_dalle_decoder(tmp_path / "enc.pt")
     torch.manual_seed(0)
-    torch.save(T.DalleDecoder(n_init=8, n_hid=64, vocab_size=512).state_dict(), tmp_path / "dec.pt")
+    torch.save(dalle_decoder.DalleDecoder(n_init=8, n_hid=64, vocab_size=512).state_dict(), tmp_path / "dec.pt")
     with pytest.raises(ValueError, match="decoder state dict.*needs the encoder"):
         load_tokenizer(tmp_path / "dec.pt")
     with pytest.raises(FileNotFoundError, match="decoder file not found"):
-        T.load_dalle_decoder(tmp_path / "none.pkl")
+        dalle_decoder.load_dalle_decoder(tmp_path / "none.pkl")
 
 
 # ----------------------------------------------------------------------------- hostile pickles
@@ -671,12 +672,12 @@ def test_fit_command_on_an_image_directory(tmp_path, capsys):
             im.save(data / "sub" / f"img{i}.jpg", quality=95)
     (data / "notes.txt").write_text("not an image")
     out = tmp_path / "tok.pt"
-    T.main(["fit", "--data", str(data), "--vocab", "16", "--out", str(out), "--size", "64",
+    tokenizer_tool.main(["fit", "--data", str(data), "--vocab", "16", "--out", str(out), "--size", "64",
             "--iters", "5", "--max-patches", "100", "--quiet"])
     tok = load_tokenizer(out)
     assert isinstance(tok, OfflineTokenizer) and tok.vocab_size == 16
     assert tok.config["n_images"] == 7 and tok.config["size"] == 64 and tok.config["n_patches"] <= 100
-    T.main(["info", str(out)])
+    tokenizer_tool.main(["info", str(out)])
     assert "offline-kmeans" in capsys.readouterr().out
 
 
