@@ -1,8 +1,7 @@
 """Visual tokenizers: what turns images and clip frames into BEVT's discrete targets.
 
-Implements paper §3 "Tokenizer" and appendix A ("Details on Pretrained Tokenizer").
-For a crop `(N, 3, H, W)` of floats in [0, 1] (not mean/std normalised), H and W
-multiples of 16:
+Implements paper §3 "Tokenizer" and appendix A ("Details on Pretrained Tokenizer"). For a
+crop `(N, 3, H, W)` of floats in [0, 1] (not mean/std normalised), H and W multiples of 16:
 
     images (N, 3, H, W) --Lanczos 1/2--> (N, 3, H/2, W/2)      §3: "downsample by 1/2"
                         --x' = (1-2ε)x + ε, ε = 0.1-->           DALL-E's map_pixels
@@ -11,33 +10,26 @@ multiples of 16:
 
     clips (B, 3, T, H, W) -> frames (B*T, 3, H, W), in chunks -> codes (B, T, H/16, W/16)
 
-Two tokenizers with one interface (`Tokenizer`: `vocab_size`, `tokenize`,
-`tokenize_clip`, `codes_of_copy`), chosen by the file given to `load_tokenizer`:
+Two tokenizers with one interface (`Tokenizer`: `vocab_size`, `tokenize`, `tokenize_clip`,
+`codes_of_copy`), chosen by the file given to `load_tokenizer`:
 
-* `DalleTokenizer`: the DALL-E dVAE encoder the paper uses (8192 codes, one per
-  8x8 pixels of its input), with the published parameter names and shapes.
-* `OfflineTokenizer`: a k-means codebook over the same 8x8 patches of the
-  half-size image, fitted on your own images, for machines that cannot download
-  DALL-E's weights (no machine of this project can). Same grid, same code dtype,
-  a vocabulary of your choice. It is not DALL-E: see `OfflineTokenizer`.
+* `DalleTokenizer`: the DALL-E dVAE encoder the paper uses (8192 codes, one per 8x8 pixels
+  of its input), with the published parameter names and shapes.
+* `OfflineTokenizer`: a k-means codebook over the same 8x8 patches of the half-size image,
+  fitted on your own images, for machines that cannot download DALL-E's weights (no machine
+  of this project can). Same grid and code dtype, your vocabulary. It is not DALL-E.
 
-Both are frozen: parameters never require grad, `train()` keeps eval mode,
-everything runs under `torch.no_grad()` in fp32, and neither is a submodule of
-the trained model, so it never lands in a training checkpoint. Behind the banner:
-reading the published `encoder.pkl` without the `dall_e` package and without
-running anything from the file (a restricted unpickler), and `load_tokenizer`.
+Both are frozen (no grad, eval mode, fp32 under `torch.no_grad()`) and neither is a submodule
+of the trained model, so it never lands in a training checkpoint. Behind the banner:
+`load_tokenizer`, reading the published `encoder.pkl` without running anything from it.
 
-    tok = load_tokenizer("encoder.pkl")            # or dalle_encoder.pt, a BEVT
-                                                   # checkpoint, or tok.pt (offline)
-    check_vocab(tok, head_classes=8192)            # before building/loading the head
-    codes = tok.tokenize(images)                   # (N, H/16, W/16) int64
-    codes = tok.tokenize_clip(clips)               # (B, T, H/16, W/16) int64
+    tok = load_tokenizer("encoder.pkl")     # or dalle_encoder.pt, a BEVT checkpoint, tok.pt (offline)
+    check_vocab(tok, head_classes=8192)     # before building/loading the head
+    codes = tok.tokenize(images)            # (N, H/16, W/16) int64
+    codes = tok.tokenize_clip(clips)        # (B, T, H/16, W/16) int64
 
-Convert encoder.pkl, fit an offline tokenizer, inspect a file:
-`python tools/tokenizer_tool.py convert|fit|info` (`--help`).
+Convert encoder.pkl, fit an offline tokenizer, inspect a file: tools/tokenizer_tool.py.
 """
-
-from __future__ import annotations
 
 import functools
 import math
@@ -49,7 +41,7 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -65,9 +57,6 @@ DVAE_PATCH = 8               # the dVAE gives one code per 8x8 pixels of its inp
 PATCH = DOWNSAMPLE * DVAE_PATCH   # = 16: one code per 16x16 pixels of the encoder's input
 RESAMPLE_KINDS = ("pil", "cv2")   # see lanczos_resize
 TOKENIZER_PRECISIONS = ("fp32", "bf16", "fp16")   # see Tokenizer.set_precision
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-PathLike = Union[str, os.PathLike]
 
 # -----------------------------------------------------------------------------
 # Preprocessing: Lanczos resize by 1/2 and DALL-E's pixel map
@@ -83,17 +72,14 @@ def _lanczos_kernel(x: torch.Tensor, a: int) -> torch.Tensor:
 def _resize_matrix(n_in: int, n_out: int, kind: str) -> torch.Tensor:
     """(n_out, n_in) float64 matrix M with resized = M @ signal, for one axis.
 
-    kind "pil": PIL's `Image.resize(..., Image.LANCZOS)` (LibImaging/Resample.c,
-        precompute_coeffs): an antialiased Lanczos-3 whose support is stretched
-        by the scale, i.e. 3 * 2 = 6 input pixels on each side of the output
-        centre for a x1/2 downscale; taps outside the image are dropped and the
-        rest renormalised. This is the filter of BEiT's torchvision pipeline.
-    kind "cv2": OpenCV's INTER_LANCZOS4 (imgproc/resize.cpp): 8 taps of a
-        Lanczos-4 at the source position (i + 0.5) * scale - 0.5, *not*
-        stretched when downscaling (so it aliases), edge pixels replicated.
-        This is what the released BEVT pipeline runs: `CopyResize(scale=(112,
-        112), interpolation="lanczos")` calls `mmcv.imresize`, whose default
-        backend is cv2.
+    kind "pil": PIL's `Image.resize(..., Image.LANCZOS)` (Resample.c, precompute_coeffs), BEiT's
+        filter: an antialiased Lanczos-3 whose support is stretched by the scale (6 input pixels
+        on each side of the output centre for a x1/2 downscale); taps outside the image are
+        dropped and the rest renormalised.
+    kind "cv2": OpenCV's INTER_LANCZOS4 (resize.cpp): 8 taps of a Lanczos-4 at the source
+        position (i + 0.5) * scale - 0.5, *not* stretched when downscaling (so it aliases), edge
+        pixels replicated. The released pipeline's `CopyResize(scale=(112, 112),
+        interpolation="lanczos")` runs it through `mmcv.imresize`.
     """
     scale = n_in / n_out
     M = torch.zeros(n_out, n_in, dtype=torch.float64)
@@ -122,10 +108,9 @@ def _resize_matrix(n_in: int, n_out: int, kind: str) -> torch.Tensor:
 def lanczos_resize(x: torch.Tensor, size: tuple[int, int], kind: str = "pil") -> torch.Tensor:
     """Separable Lanczos resize of `(..., H, W)` floats in [0, 1] to `size` = (h, w).
 
-    Width first, then height, as PIL does. The output is clamped to [0, 1]: the
-    reference pipelines resize 8-bit images, which saturate (PIL also after the
-    first pass, since it stores the intermediate image as 8 bits). Without 8-bit
-    rounding the result differs from PIL's by at most about 1/255.
+    Width first, then height, as PIL does. Clamped to [0, 1] as the reference pipelines' 8-bit
+    images saturate (PIL also after the first pass, its intermediate image being 8-bit).
+    Without 8-bit rounding the result differs from PIL's by at most about 1/255.
     """
     h, w = size
     Mw = _resize_matrix(x.shape[-1], w, kind).to(x.device, x.dtype)   # (w, W)
@@ -139,8 +124,7 @@ def lanczos_resize(x: torch.Tensor, size: tuple[int, int], kind: str = "pil") ->
 
 def half_copy(x: torch.Tensor, kind: str = "pil") -> torch.Tensor:
     """(..., H, W) floats in [0, 1] -> (..., H/2, W/2): the copy of a crop the tokenizer reads
-    (§3 "Tokenizer": a 224² crop is tokenized at 112²). data.py makes it in the loader
-    (data.PretrainTransform), `Tokenizer.tokenize` here; both through this function."""
+    (§3 "Tokenizer": a 224² crop is tokenized at 112²); the data loader makes it, or `tokenize`."""
     return lanczos_resize(x, (x.shape[-2] // DOWNSAMPLE, x.shape[-1] // DOWNSAMPLE), kind)
 
 
@@ -153,20 +137,16 @@ def _check_pixels(x, what: str = "images") -> None:
     """One-line ValueErrors for crops the tokenizers cannot take: images (N, 3, H, W) or
     clips (B, 3, T, H, W) of un-normalised floats in [0, 1], H and W multiples of 16."""
     shape = "(N, 3, H, W)" if what == "images" else "(B, 3, T, H, W)"
-    if not isinstance(x, torch.Tensor) or x.dim() != len(shape.split(",")) or x.shape[1] != 3:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{what}: expected a tensor of shape {shape}, got {got}")
+    if not isinstance(x, torch.Tensor) or x.dim() != shape.count(",") + 1 or x.shape[1] != 3:
+        raise ValueError(f"{what}: expected a tensor of shape {shape}, got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
         raise ValueError(f"{what}: expected floats in [0, 1], got dtype {x.dtype} (divide uint8 pixels by 255)")
-    H, W = x.shape[-2:]
-    if H % PATCH or W % PATCH:
-        raise ValueError(f"{what}: image size {H}x{W} is not a multiple of {PATCH} (one code per "
-                         f"{PATCH}x{PATCH} pixels); crop or resize to e.g. {H // PATCH * PATCH or PATCH}x"
-                         f"{W // PATCH * PATCH or PATCH}")
-    if x.numel() and (x.min().item() < -1e-3 or x.max().item() > 1 + 1e-3):
-        raise ValueError(f"{what}: expected un-normalised pixels in [0, 1], got values in "
-                         f"[{x.min().item():.3g}, {x.max().item():.3g}] (the tokenizer takes the crop "
-                         f"before mean/std normalisation, paper §4.1)")
+    if x.shape[-2] % PATCH or x.shape[-1] % PATCH:
+        raise ValueError(f"{what}: image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of {PATCH} "
+                         f"(one code per {PATCH}x{PATCH} pixels); crop or resize it")
+    if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+        raise ValueError(f"{what}: expected un-normalised pixels in [0, 1], got values in [{x.min():.3g}, "
+                         f"{x.max():.3g}] (the tokenizer takes the crop before mean/std normalisation, §4.1)")
 
 
 # -----------------------------------------------------------------------------
@@ -202,13 +182,9 @@ class DalleConv2d(nn.Module):
 
 
 class DalleEncoderBlock(nn.Module):
-    """x -> id_path(x) + (1 / n_layers²) · res_path(x); res_path is 4 convs, width n_out/4.
+    """x -> id_path(x) + (1 / n_layers²) · res_path(x); res_path is 4 convs, width n_out/4."""
 
-    The encoder's convs are 3x3, 3x3, 3x3, 1x1 (`KERNELS`); the decoder's block
-    (tools/dalle_decoder.py) is the same with 1x1, 3x3, 3x3, 3x3.
-    """
-
-    KERNELS = (3, 3, 3, 1)          # kernel widths of res_path.conv_1 .. conv_4
+    KERNELS = (3, 3, 3, 1)          # res_path.conv_1 .. conv_4 (the decoder's block: 1, 3, 3, 3)
 
     def __init__(self, n_in: int, n_out: int, n_layers: int):
         super().__init__()
@@ -229,8 +205,7 @@ class DalleEncoderBlock(nn.Module):
 
 
 def dalle_group(block: type, n_in: int, n_out: int, n_blk: int, n_layers: int, last: Optional[tuple]):
-    """One group of `n_blk` residual blocks (the first changes n_in -> n_out), then `last`
-    = (name, module) if given: the encoder's max-pool or the decoder's upsampling."""
+    """`n_blk` residual blocks (the first n_in -> n_out), then `last` = (name, module) if any."""
     layers = [(f"block_{i + 1}", block(n_in if i == 0 else n_out, n_out, n_layers)) for i in range(n_blk)]
     return nn.Sequential(OrderedDict(layers + ([last] if last else [])))
 
@@ -243,8 +218,7 @@ class DalleEncoder(nn.Module):
     def __init__(self, n_hid: int = 256, n_blk_per_group: int = 2, input_channels: int = 3,
                  vocab_size: int = VOCAB_SIZE):
         super().__init__()
-        self.n_hid, self.n_blk_per_group = n_hid, n_blk_per_group
-        self.input_channels, self.vocab_size = input_channels, vocab_size
+        self.vocab_size = vocab_size
         n_layers = self.group_count * n_blk_per_group         # 8: sets post_gain = 1/64
         group = functools.partial(dalle_group, DalleEncoderBlock, n_blk=n_blk_per_group, n_layers=n_layers)
         pool = lambda: ("pool", nn.MaxPool2d(kernel_size=2))   # noqa: E731
@@ -254,15 +228,11 @@ class DalleEncoder(nn.Module):
             ("group_2", group(1 * n_hid, 2 * n_hid, last=pool())),
             ("group_3", group(2 * n_hid, 4 * n_hid, last=pool())),
             ("group_4", group(4 * n_hid, 8 * n_hid, last=None)),
-            ("output", nn.Sequential(OrderedDict([
-                ("relu", nn.ReLU()),
-                ("conv", DalleConv2d(8 * n_hid, vocab_size, 1)),
-            ]))),
+            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()),
+                                                  ("conv", DalleConv2d(8 * n_hid, vocab_size, 1))]))),
         ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32:                           # as dall_e's own Encoder checks
-            raise ValueError(f"DalleEncoder: expected float32 input, got {x.dtype}")
         return self.blocks(x)
 
 
@@ -271,75 +241,47 @@ class DalleEncoder(nn.Module):
 
 
 class Tokenizer(nn.Module):
-    """Frozen image -> code map on the H/16 x W/16 grid. Subclasses define
-    `vocab_size` and `codes_from_half` (the codes of an already half-size image).
-
-    `resample` picks the 1/2 downscale filter ("pil" or "cv2", see
-    `lanczos_resize`); `chunk_size` is how many frames one encoder call takes
-    (memory vs speed; the codes do not depend on it).
+    """Frozen image -> code map on the H/16 x W/16 grid. Subclasses define `kind`, `vocab_size`
+    and `codes_from_half(x_half)`: (N, 3, H/2, W/2) fp32 in [0, 1] -> (N, H/16, W/16) int64.
+    `resample` picks the 1/2 downscale filter ("pil" or "cv2", see `lanczos_resize`); `chunk_size`
+    is how many frames one encoder call takes (memory vs speed; the codes do not depend on it).
     """
-
-    kind = "base"
 
     def __init__(self, resample: str = "pil", chunk_size: int = 64):
         super().__init__()
-        if resample not in RESAMPLE_KINDS:
-            raise ValueError(f"unknown resample kind {resample!r}; expected one of {RESAMPLE_KINDS}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        # Differs from the released code: its data pipeline halves the 8-bit crop
-        # with mmcv.imresize, i.e. OpenCV's INTER_LANCZOS4 (not antialiased), and
-        # rounds to 8 bits. Our default is PIL's antialiased Lanczos-3 (BEiT's
-        # torchvision pipeline) on the float crop; resample="cv2" gives the
-        # released filter (without the 8-bit rounding).
-        self.resample, self.chunk_size = resample, chunk_size
-        self.precision = "fp32"
-
-    @property
-    def vocab_size(self) -> int:
-        raise NotImplementedError
-
-    def codes_from_half(self, x_half: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H/2, W/2) fp32 in [0, 1] -> (N, H/16, W/16) int64."""
-        raise NotImplementedError
+        # Differs from the released code: its data pipeline halves the 8-bit crop with
+        # mmcv.imresize, i.e. OpenCV's INTER_LANCZOS4 (not antialiased), and rounds to 8 bits.
+        # Our default is PIL's antialiased Lanczos-3 (BEiT's pipeline) on the float crop;
+        # resample="cv2" gives the released filter (without the 8-bit rounding).
+        self.resample, self.chunk_size, self.precision = resample, chunk_size, "fp32"
 
     def set_precision(self, precision: str) -> "Tokenizer":
-        """"fp32" (default): the argmax of fp32 logits. "bf16" / "fp16": autocast the DALL-E encoder
-        (channels-last), which on GPUs costs a fraction of fp32 but can flip near-tie argmaxes.
-        The DALL-E encoder costs as much as the training step itself (52 GFLOP per 112² frame);
-        the offline tokenizer always runs in fp32."""
+        """"fp32" (default): the argmax of fp32 logits. "bf16" / "fp16": autocast the DALL-E
+        encoder (52 GFLOP per 112² frame, as much as the training step) in channels-last: a
+        fraction of fp32's cost on GPUs, but near-tie argmaxes can flip. Offline: always fp32."""
         if precision not in TOKENIZER_PRECISIONS:
             raise ValueError(f"tokenizer precision must be one of {TOKENIZER_PRECISIONS}, got {precision!r}")
         self.precision = precision
+        for m in self.children():                               # the DALL-E encoder (offline: none)
+            m.to(memory_format=torch.contiguous_format if precision == "fp32" else torch.channels_last)
         return self
 
     @property
     def device(self) -> torch.device:
-        t = next(self.parameters(), None)
-        if t is None:
-            t = next(self.buffers(), None)
-        return t.device if t is not None else torch.device("cpu")
+        return [*self.parameters(), *self.buffers()][0].device
 
     def train(self, mode: bool = True) -> "Tokenizer":
-        # Frozen: stays in eval mode whatever the caller (or a parent module's
-        # .train()) asks, as the released head's train() override does.
-        return super().train(False)
+        return super().train(False)     # frozen: eval mode whatever is asked, as the released head does
 
-    # The one path from pixels to targets: crop -> half_copy (in the data loader:
-    # data.PretrainTransform, shipped as uint8) -> codes_of_copy (in the training
-    # step: train.model_inputs). `tokenize` / `tokenize_clip` run both halves in
-    # one call, with input checks, for crops you hold yourself.
+    # The one path from pixels to targets: crop -> half_copy (in the data loader, shipped as
+    # uint8) -> codes_of_copy (in the training step). `tokenize` / `tokenize_clip` run both
+    # halves in one call, with input checks, for crops you hold yourself.
 
     @torch.no_grad()
     def codes_of_copy(self, x_half: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
-        """The training step's entry: codes of the half-size tokenizer copy the data loader made.
-
-        image (N, 3, H/2, W/2) -> (N, H/16, W/16); clip (B, 3, T, H/2, W/2) ->
-        (B, T, H/16, W/16), frame by frame (§3: Z_vid in V^{T x H/16 x W/16}) in
-        chunks of `chunk_size` frames per encoder call. uint8 (as data.py ships
-        it) or floats in [0, 1]. Nothing here reads a value back to the host (no
-        input checks on values), so it never stalls a GPU step.
-        """
+        """The training step's entry: codes of the half-size copy (uint8 as data.py ships it, or
+        [0, 1] floats). image (N, 3, H/2, W/2) -> (N, H/16, W/16); clip (B, 3, T, H/2, W/2) ->
+        (B, T, H/16, W/16), frame by frame (§3: Z_vid in V^{T x H/16 x W/16}). No host sync."""
         x = x_half.to(self.device, non_blocking=True)
         x = x.float().mul_(1.0 / 255.0) if x.dtype == torch.uint8 else x.float()
         clip = x.dim() == 5
@@ -347,34 +289,24 @@ class Tokenizer(nn.Module):
             B, _, T, h, w = x.shape
             x = x.transpose(1, 2).reshape(B * T, 3, h, w)                  # (B*T, 3, H/2, W/2), b-major
         n = chunk_size or self.chunk_size
-        if len(x) == 0:
-            codes = torch.zeros(0, x.shape[-2] // DVAE_PATCH, x.shape[-1] // DVAE_PATCH, dtype=torch.long,
-                                device=self.device)
-        else:
-            # fp32 whatever the training step's autocast (a bf16/fp16 precision re-enables it inside).
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                codes = torch.cat([self.codes_from_half(x[i:i + n]) for i in range(0, len(x), n)])
+        # fp32 whatever the training step's autocast (a bf16/fp16 precision re-enables it inside).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            codes = [self.codes_from_half(x[i:i + n]) for i in range(0, len(x), n)]
+        empty = x.new_zeros(0, x.shape[-2] // DVAE_PATCH, x.shape[-1] // DVAE_PATCH, dtype=torch.long)
+        codes = torch.cat(codes) if codes else empty                       # (N or B*T, H/16, W/16)
         return codes.view(B, T, *codes.shape[1:]) if clip else codes      # (B, T, H/16, W/16) | (N, H/16, W/16)
 
     @torch.no_grad()
-    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W) floats in [0, 1] -> codes (N, H/16, W/16) int64,
-        on the tokenizer's device. Never builds an autograd graph."""
-        _check_pixels(images)
+    def tokenize(self, images: torch.Tensor, chunk_size: Optional[int] = None, what: str = "images") -> torch.Tensor:
+        """images (N, 3, H, W) floats in [0, 1] -> codes (N, H/16, W/16) int64 on the tokenizer's device."""
+        _check_pixels(images, what)
         x = images.to(self.device, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):     # fp32 Lanczos in any autocast
-            return self.codes_of_copy(half_copy(x, self.resample))        # (N, 3, H/2, W/2) -> (N, H/16, W/16)
+            return self.codes_of_copy(half_copy(x, self.resample), chunk_size)   # (N, 3, H/2, W/2) -> codes
 
-    @torch.no_grad()
     def tokenize_clip(self, clips: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
         """clips (B, 3, T, H, W) floats in [0, 1] -> codes (B, T, H/16, W/16), every frame on its own."""
-        _check_pixels(clips, "clips")
-        x = clips.to(self.device, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.codes_of_copy(half_copy(x, self.resample), chunk_size)   # (B, 3, T, H/2, W/2) -> codes
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tokenize(images)
+        return self.tokenize(clips, chunk_size, "clips")
 
 
 class DalleTokenizer(Tokenizer):
@@ -384,8 +316,7 @@ class DalleTokenizer(Tokenizer):
 
     def __init__(self, encoder: Optional[DalleEncoder] = None, resample: str = "pil", chunk_size: int = 32):
         super().__init__(resample, chunk_size)
-        self.encoder = encoder if encoder is not None else DalleEncoder()
-        self.encoder.requires_grad_(False)
+        self.encoder = encoder if encoder is not None else DalleEncoder()   # frozen from birth (DalleConv2d)
         self.eval()
 
     @property
@@ -399,15 +330,10 @@ class DalleTokenizer(Tokenizer):
         else:
             # Reduced precision as the released apex run (fp16): channels-last is
             # the layout the GPU's tensor-core convolutions want.
-            with torch.autocast(x.device.type, dtype=_DTYPES[self.precision]):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            with torch.autocast(x.device.type, dtype=dtype):
                 logits = self.encoder(x.contiguous(memory_format=torch.channels_last))
         return logits.argmax(dim=1)                                # (N, H/16, W/16) int64
-
-    def set_precision(self, precision: str) -> "DalleTokenizer":
-        super().set_precision(precision)
-        fmt = torch.contiguous_format if precision == "fp32" else torch.channels_last
-        self.encoder.to(memory_format=fmt)
-        return self
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], **kw) -> "DalleTokenizer":
@@ -429,21 +355,11 @@ def half_patches(x_half: torch.Tensor, p: int = DVAE_PATCH) -> torch.Tensor:
     return x.reshape(N, H // p, W // p, C * p * p)
 
 
-def unpatch(feats: torch.Tensor, p: int = DVAE_PATCH) -> torch.Tensor:
-    """Inverse of half_patches: (N, h, w, 3*p*p) -> (N, 3, h*p, w*p)."""
-    N, h, w, D = feats.shape
-    C = D // (p * p)
-    x = feats.reshape(N, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5)  # (N, C, h, p, w, p)
-    return x.reshape(N, C, h * p, w * p)
-
-
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, codebook_sq: Optional[torch.Tensor] = None,
                  chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows x (M, D): index of the nearest codebook row (K, D) and the squared distance.
-
-    ||x - c||² = ||x||² - 2 x·c + ||c||², in chunks of rows so that the (chunk, K)
-    distance matrix stays small (8192 x 8192 fp32 = 256 MB).
-    """
+    ||x - c||² = ||x||² - 2 x·c + ||c||², in chunks of rows so that the (chunk, K) distance
+    matrix stays small (8192 x 8192 fp32 = 256 MB)."""
     if codebook_sq is None:
         codebook_sq = codebook.pow(2).sum(1)
     idx, dist = [], []
@@ -453,21 +369,16 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, codebook_sq: Optional[
         m, j = d.min(dim=1)
         idx.append(j)
         dist.append((m + xc.pow(2).sum(1)).clamp_min(0.0))
-    if not idx:
-        return x.new_zeros(0, dtype=torch.long), x.new_zeros(0)
     return torch.cat(idx), torch.cat(dist)
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, init: str = "kmeans++",
            verbose: bool = False) -> tuple[torch.Tensor, float]:
-    """Lloyd's k-means of rows x (M, D) into k centroids; returns (centroids (k, D), mean squared error per value).
-
-    Deterministic given `seed` (a torch.Generator drives the initialisation;
-    Lloyd's steps are deterministic): "kmeans++" (Arthur & Vassilvitskii,
-    O(k·M·D), fine up to a few thousand codes on a CPU) or "random" (k distinct
-    rows). A cluster that empties is re-seeded with the row farthest from its
-    centroid. Stops early when no assignment changes.
-    """
+    """Lloyd's k-means of rows x (M, D) into k centroids: (centroids (k, D), mean squared error per value).
+    Deterministic given `seed` (it drives the initialisation; Lloyd's steps are deterministic):
+    "kmeans++" (Arthur & Vassilvitskii, O(k·M·D), fine up to a few thousand codes on a CPU) or
+    "random" (k distinct rows). A cluster that empties is re-seeded with the row farthest from
+    its centroid. Stops early when no assignment changes."""
     M, D = x.shape
     if M < k:
         raise ValueError(f"k-means needs at least as many patches as codes: {M} patches for vocabulary {k}")
@@ -510,21 +421,18 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, init: str
 class OfflineTokenizer(Tokenizer):
     """A vector-quantising tokenizer you can fit offline: k-means codes of 8x8 patches.
 
-    Same grid and interface as DALL-E: the crop is halved with the same Lanczos
-    filter, cut into 8x8 patches (one per 16x16 pixels of the crop), and each
-    patch gets the index of its nearest codebook row. Features are the raw
-    8x8x3 RGB values in [0, 1], not mean-centred, so a code stands for a
-    patch's colour and structure together (as a dVAE code does, since the
-    decoder reconstructs both) and the quantisation error is the mean squared
+    Same grid and interface as DALL-E: the crop is halved with the same Lanczos filter, cut
+    into 8x8 patches (one per 16x16 pixels of the crop), and each patch gets the index of its
+    nearest codebook row. Features are the raw 8x8x3 RGB values in [0, 1], not mean-centred,
+    so a code stands for a patch's colour and structure together (as a dVAE code does, its
+    decoder reconstructing both) and the quantisation error is the mean squared
     reconstruction error of the half-size image.
 
-    What changes against DALL-E: the codes are clusters of pixels learnt from
-    your images, not the codes of a dVAE trained on DALL-E's web-scale image
-    set; each code sees only its own 8x8 patch (the dVAE's receptive field is
-    wider), so the targets are lower-level and BEVT's masked prediction moves
-    towards predicting local colour/texture. Results are not comparable with the
-    paper's numbers; use it to run the method end to end, or with a vocabulary
-    other than 8192.
+    What changes against DALL-E: the codes are clusters of pixels learnt from your images,
+    not the codes of a dVAE trained on web-scale images; each code sees only its own 8x8
+    patch (the dVAE's receptive field is wider), so the targets are lower-level and masked
+    prediction moves towards local colour/texture. Results are not comparable with the
+    paper's; use it to run the method end to end, or with a vocabulary other than 8192.
     """
 
     kind = "offline-kmeans"
@@ -535,8 +443,8 @@ class OfflineTokenizer(Tokenizer):
         super().__init__(resample or config.get("resample", "pil"), chunk_size)
         D = 3 * DVAE_PATCH * DVAE_PATCH
         if not isinstance(codebook, torch.Tensor) or codebook.dim() != 2 or codebook.shape[1] != D:
-            got = tuple(codebook.shape) if isinstance(codebook, torch.Tensor) else type(codebook).__name__
-            raise ValueError(f"offline tokenizer codebook: expected shape (vocab, {D}), got {got}")
+            raise ValueError(f"offline tokenizer codebook: expected shape (vocab, {D}), got "
+                             f"{getattr(codebook, 'shape', type(codebook))}")
         if config.get("vocab_size", codebook.shape[0]) != codebook.shape[0]:
             raise ValueError(f"offline tokenizer: config says {config['vocab_size']} codes, "
                              f"the codebook has {codebook.shape[0]}")
@@ -556,45 +464,23 @@ class OfflineTokenizer(Tokenizer):
         idx, _ = nearest_code(f.reshape(-1, f.shape[-1]), self.codebook, self.codebook_sq)
         return idx.view(f.shape[:3])                               # (N, h, w) int64
 
-    @torch.no_grad()
-    def decode_half(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (N, h, w) -> the half-size image they stand for, (N, 3, 8h, 8w) in [0, 1]."""
-        return unpatch(self.codebook[codes])
-
-    @torch.no_grad()
-    def quantization_error(self, images: torch.Tensor) -> float:
-        """Mean squared error per value between the half-size images and their decoded codes."""
-        _check_pixels(images)
-        x_half = half_copy(images.to(self.device, torch.float32), self.resample)
-        return F.mse_loss(self.decode_half(self.codes_from_half(x_half)), x_half).item()
-
-    def save(self, path: PathLike) -> None:
+    def save(self, path: Union[str, os.PathLike]) -> None:
         """{'kind': 'offline-kmeans', 'config': {...}, 'codebook': (K, 192)}; loads with weights_only=True."""
         obj = {"kind": self.kind, "config": dict(self.config), "codebook": self.codebook.detach().cpu().clone()}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = f"{path}.tmp"
         torch.save(obj, tmp)
         os.replace(tmp, path)                                      # never a half-written file
 
     @classmethod
-    def fit(cls, images: Union[torch.Tensor, Iterable[torch.Tensor]], vocab_size: int, *, seed: int = 0,
-            max_patches: int = 200_000, resample: str = "pil", **kw) -> "OfflineTokenizer":
-        """Fit on images (N, 3, H, W) in [0, 1], or an iterable of such batches. At most
-        `max_patches` patches are used, drawn uniformly at random (seeded) when there are more;
-        `kw` goes to `fit_patches`."""
-        g = torch.Generator().manual_seed(seed)
-        batches = [images] if isinstance(images, torch.Tensor) else images
-        feats = torch.cat([extract_patches(b, resample=resample) for b in batches])   # (M, 192)
-        if feats.shape[0] > max_patches:
-            feats = feats[torch.randperm(feats.shape[0], generator=g)[:max_patches]]
-        return cls.fit_patches(feats, vocab_size, seed=seed, resample=resample, **kw)
+    def fit(cls, images: torch.Tensor, vocab_size: int, *, resample: str = "pil", **kw) -> "OfflineTokenizer":
+        """Fit on all patches of images (N, 3, H, W) in [0, 1]; `kw` goes to `fit_patches`."""
+        return cls.fit_patches(extract_patches(images, resample), vocab_size, resample=resample, **kw)
 
     @classmethod
     def fit_patches(cls, feats: torch.Tensor, vocab_size: int, *, seed: int = 0, iters: int = 20,
                     init: str = "kmeans++", resample: str = "pil", device: Union[str, torch.device] = "cpu",
                     verbose: bool = False, **config) -> "OfflineTokenizer":
-        """k-means on patch features (M, 192) (`extract_patches`); `config` entries are stored
-        with the codebook."""
+        """k-means on patch features (M, 192) (`extract_patches`); `config` is stored with the codebook."""
         C, mse = kmeans(feats.to(device, torch.float32), vocab_size, iters=iters, seed=seed, init=init,
                         verbose=verbose)
         config.update(seed=seed, iters=iters, init=init, n_patches=int(feats.shape[0]), fit_mse=mse,
@@ -615,35 +501,23 @@ def extract_patches(images: torch.Tensor, resample: str = "pil") -> torch.Tensor
 # -----------------------------------------------------------------------------
 # Reading encoder.pkl without the dall_e package, and without running the file
 #
-# encoder.pkl is `torch.save(encoder)` in the old (non-zip) format: a few header
-# pickles, then a pickle of the whole module naming dall_e.encoder.Encoder,
-# dall_e.encoder.EncoderBlock, dall_e.utils.Conv2d, torch's nn containers and
-# tensor-rebuild functions, then the raw storages. `torch.load(weights_only=True)`
-# refuses old-format module pickles; `weights_only=False` would import dall_e
-# and run any callable the file names. We pass torch.load a pickle "module"
-# whose Unpickler *and* load() resolve globals only from an allow-list: torch's
-# legacy loader reads the header objects with `pickle_module.load`, so a shim
-# whose load() were plain pickle.load would run a hostile header's payload
-# before the restricted find_class was ever asked.
-#
-# Every class the file names becomes an inert stand-in (`PickledModule`) that we
-# only read tensors off. BUILD (setting an object's state) is allowed on those
-# stand-ins only: on an allowed function it would change that function for the
-# whole process (a `_rebuild_tensor_v2.__defaults__` set by a header pickle
-# would negate every tensor torch.load rebuilds afterwards, weights_only or not).
+# encoder.pkl is `torch.save(encoder)` in the old (non-zip) format: header pickles, a pickle
+# of the whole module (naming dall_e's classes, nn containers, tensor rebuilds), the raw
+# storages. weights_only=True refuses it; weights_only=False would import dall_e and run any
+# callable the file names. So torch.load gets a pickle "module" whose Unpickler *and* load()
+# (torch reads the headers with it) resolve globals only from an allow-list, every class
+# becoming an inert stand-in, and BUILD (setting state) only those stand-ins: on an allowed
+# function it would change it for the whole process (`_rebuild_tensor_v2.__defaults__`
+# set by a header would negate every tensor torch.load rebuilds later).
 
 
 class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle named a global outside the allow-list, or set the state of something other
-    than a stand-in; nothing from it was run."""
+    """A pickle named a global off the allow-list or set state on a non-stand-in: refused."""
 
 
 class PickledModule(nn.Module):
-    """Inert stand-in for each module class a DALL-E pickle names: unpickling restores
-    its __dict__ (nn.Module.__setstate__); we only read tensors off it, it never runs."""
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("stand-in for a pickled module: copy its tensors into a real one")
+    """Inert stand-in for a module class a DALL-E pickle names (nn.Module.__setstate__ restores
+    its __dict__); it has no forward: we only read tensors off it."""
 
 
 class PickledEncoder(PickledModule):        # dall_e.encoder.Encoder, the root of encoder.pkl
@@ -651,24 +525,20 @@ class PickledEncoder(PickledModule):        # dall_e.encoder.Encoder, the root o
 
 
 def allowed_globals(own: dict) -> dict:
-    """A DALL-E pickle's allow-list, (module, name) -> what it becomes: `own` (its dall_e
-    classes) plus what both published pickles name: dall_e's Conv2d and torch's nn
-    containers (stand-ins too), torch's tensor rebuilds, OrderedDict, set, torch.device."""
-    allowed = {("collections", "OrderedDict"): OrderedDict,
-               ("builtins", "set"): set, ("__builtin__", "set"): set,    # nn.Module._non_persistent_buffers_set
-               ("torch", "device"): torch.device}                        # dall_e modules keep a `device`
+    """A DALL-E pickle's allow-list, (module, name) -> what it becomes: `own` (its dall_e classes)
+    plus what both published pickles name (torch itself resolves the storage types)."""
+    allowed = {("collections", "OrderedDict"): OrderedDict, ("torch", "device"): torch.device,
+               ("builtins", "set"): set, ("__builtin__", "set"): set}   # nn.Module._non_persistent_buffers_set
     for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
         allowed[("torch._utils", name)] = getattr(torch._utils, name)
-    # (torch's legacy loader resolves the typed storages' names itself, before asking us)
     for module, name in (("dall_e.utils", "Conv2d"), ("torch.nn.modules.container", "Sequential"),
                          ("torch.nn.modules.activation", "ReLU"), ("torch.nn.modules.linear", "Identity")):
         allowed[(module, name)] = PickledModule
     return {**allowed, **own}
 
 
-class RestrictedUnpickler(pickle._Unpickler):
-    """Resolves only the `allowed` globals and sets state (BUILD) only on PickledModules.
-    The pure-Python Unpickler: the C one has no hook on BUILD."""
+class RestrictedUnpickler(pickle._Unpickler):       # the Python Unpickler: the C one has no BUILD hook
+    """Resolves only the `allowed` globals; sets state (BUILD) only on PickledModules."""
 
     allowed = allowed_globals({("dall_e.encoder", "Encoder"): PickledEncoder,
                                ("dall_e.encoder", "EncoderBlock"): PickledModule,
@@ -676,12 +546,11 @@ class RestrictedUnpickler(pickle._Unpickler):
     what = "a DALL-E encoder pickle"
 
     def find_class(self, module: str, name: str):
-        try:
-            return self.allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"refusing global '{module}.{name}': not on the allow-list for {self.what} (dall_e's "
-                f"classes, torch tensor rebuilds, nn containers, OrderedDict); nothing from the file was run") from None
+        if (module, name) not in self.allowed:
+            raise UnsafePickleError(f"refusing global '{module}.{name}': not on the allow-list for {self.what} "
+                                    f"(dall_e's classes, torch tensor rebuilds, nn containers, OrderedDict); "
+                                    f"nothing from the file was run")
+        return self.allowed[(module, name)]
 
     def load_build(self):
         target = self.stack[-2]                               # stack: ..., object, state
@@ -693,24 +562,19 @@ class RestrictedUnpickler(pickle._Unpickler):
     dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
 
-def _function_state(fns: list) -> list:
-    """What a pickle could still change of the allowed functions: their defaults and attributes."""
-    return [(f.__defaults__, f.__kwdefaults__, *vars(f), *vars(f).values()) for f in fns]
-
-
-def restricted_torch_load(path: PathLike, unpickler: type = RestrictedUnpickler,
+def restricted_torch_load(path: Union[str, os.PathLike], unpickler: type = RestrictedUnpickler,
                           what: str = "a tokenizer file"):
-    """A torch file read without running anything from it, on CPU: zip files (every
-    torch.save since 1.6) with weights_only=True; old-format (non-zip) pickles through
-    `unpickler`. Tar archives (torch's oldest format, which torch.load would extract to disk
-    unfiltered: links, FIFOs) are refused before anything is extracted."""
+    """A torch file read on CPU without running anything from it: zip files (every torch.save
+    since 1.6) with weights_only=True, old-format pickles through `unpickler`. Tar archives
+    (torch's oldest format, which torch.load extracts to disk unfiltered: links, FIFOs) are
+    refused before anything is extracted."""
     path = Path(path)
     with open(path, "rb") as f:
         if zipfile.is_zipfile(f):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = (str(e).strip() or type(e).__name__).splitlines()[0]
                 raise ValueError(f"{path} is a torch zip file that weights_only=True refuses ({first}); "
                                  f"expected {what}") from None
         f.seek(0)
@@ -718,14 +582,14 @@ def restricted_torch_load(path: PathLike, unpickler: type = RestrictedUnpickler,
             raise ValueError(f"{path} is a tar archive (torch's oldest format), refused: torch.load would "
                              f"extract it unfiltered; expected {what}")
         f.seek(0)
-        shim = types.ModuleType("restricted_pickle")               # every object, headers included,
-        shim.Unpickler, shim.UnpicklingError = unpickler, pickle.UnpicklingError   # goes through `unpickler`
+        shim = types.ModuleType("restricted_pickle")     # every pickle of the file, headers included,
+        shim.Unpickler, shim.UnpicklingError = unpickler, pickle.UnpicklingError   # through `unpickler`
         shim.load = lambda file, **kwargs: unpickler(file, **kwargs).load()
         fns = [v for v in unpickler.allowed.values() if isinstance(v, types.FunctionType)]
-        before = _function_state(fns)
+        state = lambda: [x for f in fns for x in (f.__defaults__, f.__kwdefaults__, *vars(f).values())]  # noqa
+        before = state()                  # what a pickle could change of an allowed function
         with warnings.catch_warnings():
-            # The file stores dall_e's class sources; our stand-ins differ by design.
-            warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
+            warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)   # stand-ins by design
             try:
                 obj = torch.load(f, map_location="cpu", pickle_module=shim, weights_only=False)
             except UnsafePickleError as e:
@@ -733,27 +597,23 @@ def restricted_torch_load(path: PathLike, unpickler: type = RestrictedUnpickler,
             except Exception as e:      # corrupt or not a pickle at all
                 raise ValueError(f"{path} is not a readable torch/pickle file ({type(e).__name__}: {e}); "
                                  f"expected {what}") from None
-    if any(a is not b for old, new in zip(before, _function_state(fns)) for a, b in zip(old, new)):
+    after = state()
+    if len(after) != len(before) or any(a is not b for a, b in zip(before, after)):
         raise UnsafePickleError(f"{path} changed a function of torch's; do not use this process any more")
     return obj
 
 
 def module_tensors(module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Parameters and buffers of an unpickled module tree, by walking its
-    _parameters/_buffers/_modules dicts (no hooks, no forward, no state_dict())."""
+    """Parameters and buffers of an unpickled module tree, read off its _parameters, _buffers
+    and _modules dicts (no hooks, no forward, no state_dict())."""
     if not isinstance(module, nn.Module):
         raise ValueError(f"unexpected object {type(module).__name__} at {prefix or 'the root'} of the pickle")
-    out = {}
-    d = module.__dict__
-    for table in ("_parameters", "_buffers"):
-        for name, t in (d.get(table) or {}).items():
-            if t is not None and not isinstance(t, torch.Tensor):
-                raise ValueError(f"pickled module entry {prefix + name!r} is a {type(t).__name__}, not a tensor")
-            if t is not None:
-                out[prefix + name] = t.detach()
+    d, out = module.__dict__, {}
+    for name, t in [*(d.get("_parameters") or {}).items(), *(d.get("_buffers") or {}).items()]:
+        if t is not None:
+            out[prefix + name] = t                              # load_exact checks that they are tensors
     for name, child in (d.get("_modules") or {}).items():
-        if child is not None:
-            out.update(module_tensors(child, prefix + name + "."))
+        out.update(module_tensors(child, prefix + name + ".") if child is not None else {})
     return out
 
 
@@ -763,35 +623,27 @@ def strip_prefix(state: dict, prefix: str = "module.") -> dict:
 
 
 def _dalle_config(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Read DalleEncoder's constructor arguments off a state dict's shapes."""
-    for key in ("blocks.input.w", "blocks.output.conv.w"):
-        if key not in state:
-            raise ValueError(f"not a DALL-E encoder state dict: no {key!r} (keys start {sorted(state)[:3]})")
-    if tuple(state["blocks.input.w"].shape[2:]) == (1, 1):
-        raise ValueError(f"this is a DALL-E decoder state dict (input conv {tuple(state['blocks.input.w'].shape)} "
-                         f"takes one-hot codes); the tokenizer needs the encoder (encoder.pkl)")
-    n_hid, c_in = state["blocks.input.w"].shape[:2]
+    """DalleEncoder's constructor arguments, read off a state dict's shapes."""
+    if "blocks.input.w" not in state or "blocks.output.conv.w" not in state:
+        raise ValueError(f"not a DALL-E encoder state dict (keys start {sorted(state)[:3]})")
+    w_in = state["blocks.input.w"]
+    if tuple(w_in.shape[2:]) == (1, 1):
+        raise ValueError(f"this is a DALL-E decoder state dict (input conv {tuple(w_in.shape)} takes one-hot "
+                         f"codes); the tokenizer needs the encoder (encoder.pkl)")
     n_blk = len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")})
-    return dict(n_hid=int(n_hid), n_blk_per_group=n_blk, input_channels=int(c_in),
+    return dict(n_hid=int(w_in.shape[0]), n_blk_per_group=n_blk, input_channels=int(w_in.shape[1]),
                 vocab_size=int(state["blocks.output.conv.w"].shape[0]))
 
 
 def load_exact(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
-    """Copy `state` into `module` (built on the meta device) as fp32, after checking that the
-    names and shapes are exactly the module's: one-line errors naming the first differences."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
+    """Copy `state` into `module` (built on the meta device) as fp32, with torch's strict
+    check that names and shapes are exactly the module's, as a one-line error."""
+    try:
+        fp32 = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        module.load_state_dict(fp32, strict=True, assign=True)     # assign: the meta tensors are replaced
+    except (RuntimeError, AttributeError) as e:                     # AttributeError: not a tensor
         raise ValueError(f"DALL-E {what} state dict does not match the architecture: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for k, v in expected.items():
-        if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape):
-            got = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
-            raise ValueError(f"DALL-E {what} tensor {k!r}: expected shape {tuple(v.shape)}, got {got}")
-    fp32 = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    module.load_state_dict(fp32, strict=True, assign=True)     # assign: the meta tensors are replaced
+                         f"{' '.join(str(e).split())[:500]}") from None
     return module.requires_grad_(False)
 
 
@@ -805,12 +657,8 @@ def _tokenizer_from_object(obj, source: str, **kw) -> Tokenizer:
     if not isinstance(obj, dict):
         raise ValueError(f"{source}: expected a DALL-E encoder, a state dict, a BEVT checkpoint or an offline "
                          f"tokenizer file, got a {type(obj).__name__}")
-    if obj.get("kind") == OfflineTokenizer.kind:                      # tools/tokenizer_tool.py fit
-        if "codebook" not in obj:
-            raise ValueError(f"{source}: offline tokenizer file without a 'codebook'")
+    if obj.get("kind") == OfflineTokenizer.kind and "codebook" in obj:   # tools/tokenizer_tool.py fit
         return OfflineTokenizer(obj["codebook"], obj.get("config"), **kw)
-    if isinstance(obj.get("kind"), str):
-        raise ValueError(f"{source}: unknown tokenizer kind {obj['kind']!r}; expected {OfflineTokenizer.kind!r}")
     state = strip_prefix(obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj)
     vae = "cls_head.vae_encoder."                                     # released BEVT pretraining checkpoint
     if any(k.startswith(vae) for k in state):
@@ -824,42 +672,27 @@ def _tokenizer_from_object(obj, source: str, **kw) -> Tokenizer:
                      f"'{vae}...' or an offline tokenizer, got keys {sorted(map(str, state))[:4]}")
 
 
-def load_tokenizer(spec: Union[PathLike, Tokenizer], *, device: Union[str, torch.device] = "cpu",
+def load_tokenizer(spec: Union[str, os.PathLike, Tokenizer], *, device: Union[str, torch.device] = "cpu",
                    **kw) -> Tokenizer:
-    """A tokenizer from a file, dispatching on what the file holds:
-
-    * the published `encoder.pkl` (old-format pickle of dall_e's Encoder, read
-      through the restricted unpickler), or a directory holding one (the
-      released config's `vae_weight_path`);
-    * a plain DALL-E state dict (`tools/tokenizer_tool.py convert`), weights_only=True;
-    * a released BEVT pretraining checkpoint: the tensors under
-      `cls_head.vae_encoder.` (with or without a `module.` prefix);
-    * an offline tokenizer file (`tools/tokenizer_tool.py fit`), weights_only=True;
-    * "dalle-random": the DALL-E architecture with random weights (for speed
-      and smoke tests only: its codes mean nothing).
-
-    `kw` goes to the tokenizer (`resample`, `chunk_size`).
-    """
+    """A tokenizer from what the file holds: the published `encoder.pkl` (or the released
+    config's `vae_weight_path` directory holding it), a DALL-E state dict (tokenizer_tool.py
+    convert), a released BEVT pretraining checkpoint (its `cls_head.vae_encoder.` tensors) or
+    an offline tokenizer (tokenizer_tool.py fit). `kw` goes to the tokenizer."""
     if isinstance(spec, Tokenizer):
         return spec.to(device)
-    if isinstance(spec, str) and spec == "dalle-random":
-        warnings.warn("dalle-random: DALL-E architecture with random weights; its codes are meaningless")
-        return DalleTokenizer(**kw).to(device)
     path = Path(spec)
     if path.is_dir() and (path / "encoder.pkl").is_file():
         path = path / "encoder.pkl"
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path} (expected encoder.pkl, a converted DALL-E "
-                                f"state dict, a BEVT pretraining checkpoint, a `tools/tokenizer_tool.py fit` "
-                                f"file or 'dalle-random')")
-    what = "a state dict, a BEVT checkpoint or an offline tokenizer file"
-    return _tokenizer_from_object(restricted_torch_load(path, what=what), str(path), **kw).to(device)
+                                f"state dict, a BEVT pretraining checkpoint or a `tools/tokenizer_tool.py fit` file)")
+    obj = restricted_torch_load(path, what="a state dict, a BEVT checkpoint or an offline tokenizer file")
+    return _tokenizer_from_object(obj, str(path), **kw).to(device)
 
 
 def check_vocab(tokenizer: Union[Tokenizer, int], head_classes: int) -> None:
     """Raise if the tokenizer's vocabulary and the prediction head's class count differ."""
-    v = tokenizer if isinstance(tokenizer, int) else tokenizer.vocab_size
-    kind = "" if isinstance(tokenizer, int) else f" ({tokenizer.kind})"
+    v = getattr(tokenizer, "vocab_size", tokenizer)
     if v != head_classes:
-        raise ValueError(f"tokenizer vocabulary{kind} has {v} codes but the prediction head has {head_classes} "
-                         f"classes; build the head with {v} classes or load the matching tokenizer")
+        raise ValueError(f"tokenizer vocabulary ({getattr(tokenizer, 'kind', 'given')}) has {v} codes but the "
+                         f"prediction head has {head_classes} classes; build it with {v} or load the matching tokenizer")

@@ -2,7 +2,7 @@
 
     python tools/tokenizer_tool.py convert --pkl encoder.pkl --out dalle_encoder.pt
         # once: the published pickle -> a plain state dict (weights_only=True loadable);
-        # the same for decoder.pkl -> dalle_decoder.pt (prediction pictures, tools/dalle_decoder.py)
+        # the same for decoder.pkl -> dalle_decoder.pt (prediction pictures, tools/decoders.py)
     python tools/tokenizer_tool.py fit --data DIR --vocab 8192 --out tok.pt [--size 224 --seed 0
                             --iters 20 --max-patches 200000 --init kmeans++ --device cpu]
         # the offline tokenizer (tokenizer.OfflineTokenizer), from the images under DIR (recursively)
@@ -24,7 +24,7 @@ from PIL import Image            # noqa: E402
 import data                      # noqa: E402
 import tokenizer                 # noqa: E402
 import train                     # noqa: E402
-from tools import dalle_decoder  # noqa: E402
+from tools import decoders        # noqa: E402
 
 PROG = "tokenizer_tool.py"
 
@@ -97,8 +97,8 @@ def read_dalle_pickle(path) -> tuple:
     except tokenizer.UnsafePickleError as e:
         if "'dall_e.decoder." not in str(e):
             raise
-        obj = tokenizer.restricted_torch_load(path, dalle_decoder.DecoderUnpickler, what="decoder.pkl")
-    for kind, root in (("encoder", tokenizer.PickledEncoder), ("decoder", dalle_decoder.PickledDecoder)):
+        obj = tokenizer.restricted_torch_load(path, decoders.DecoderUnpickler, what="decoder.pkl")
+    for kind, root in (("encoder", tokenizer.PickledEncoder), ("decoder", decoders.PickledDecoder)):
         if isinstance(obj, root):
             return kind, tokenizer.module_tensors(obj)
     raise ValueError(f"{path}: expected a pickled dall_e Encoder or Decoder, got a {type(obj).__name__}")
@@ -107,10 +107,10 @@ def read_dalle_pickle(path) -> tuple:
 def convert(pkl, out) -> None:
     kind, state = read_dalle_pickle(pkl)
     # Check names and shapes before writing anything.
-    (tokenizer.DalleTokenizer if kind == "encoder" else dalle_decoder.DalleDecoder).from_state_dict(state)
+    (tokenizer.DalleTokenizer if kind == "encoder" else decoders.DalleDecoder).from_state_dict(state)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
+    torch.save({k: v.detach().contiguous() for k, v in state.items()}, tmp)
     os.replace(tmp, out)
     n = sum(v.numel() for v in state.values())
     print(f"wrote {out}: DALL-E {kind}, {len(state)} tensors, {n / 1e6:.1f}M values (load with weights_only=True)")

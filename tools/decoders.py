@@ -1,13 +1,16 @@
-"""The DALL-E dVAE decoder: codes back to pixels, for prediction pictures (tools/show.py).
+"""Codes back to pixels, for prediction pictures (tools/show.py): the DALL-E dVAE decoder and
+the offline tokenizer's codebook.
 
-Not part of the method: BEVT only needs the encoder's codes (tokenizer.py). A picture of
-what target and predicted codes stand for needs the decoder (openai/DALL-E
+Not part of the method: BEVT only needs the codes (tokenizer.py). A picture of what target
+and predicted codes stand for needs the way back: for DALL-E its decoder (openai/DALL-E
 dall_e/decoder.py, utils.py), read from the published `decoder.pkl` by tokenizer.py's
 restricted unpickler with the decoder's own allow-list, or from the plain state dict
-`python tools/tokenizer_tool.py convert --pkl decoder.pkl --out dalle_decoder.pt` writes.
+`python tools/tokenizer_tool.py convert --pkl decoder.pkl --out dalle_decoder.pt` writes;
+for the offline tokenizer each code's codebook row (`decode_offline`).
 
     dec = load_dalle_decoder("decoder.pkl")        # or dalle_decoder.pt, or a folder holding decoder.pkl
     half = dec.decode_half(codes)                  # codes (N, h, w) -> (N, 3, 8h, 8w) in [0, 1]
+    half = decode_offline(tok, codes)              # the same for a tokenizer.OfflineTokenizer
 
     codes (N, h, w) int64 -> one-hot (N, 8192, h, w) float32
     blocks.input   conv 1x1 8192 -> 128 (n_init)               (N, 128,  h,   w)
@@ -62,10 +65,8 @@ class DalleDecoder(nn.Module):
             ("group_2", group(8 * n_hid, 4 * n_hid, last=up())),
             ("group_3", group(4 * n_hid, 2 * n_hid, last=up())),
             ("group_4", group(2 * n_hid, 1 * n_hid, last=None)),
-            ("output", nn.Sequential(OrderedDict([
-                ("relu", nn.ReLU()),
-                ("conv", DalleConv2d(1 * n_hid, 2 * output_channels, 1)),
-            ]))),
+            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()),
+                                                  ("conv", DalleConv2d(1 * n_hid, 2 * output_channels, 1))]))),
         ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,3 +168,13 @@ def load_dalle_decoder(spec, device="cpu") -> DalleDecoder:
         return DalleDecoder.from_state_dict(read_decoder_state(path)).to(device)
     except ValueError as e:
         raise ValueError(e if str(path) in str(e) else f"{path}: {e}") from None
+
+
+def decode_offline(tok: tokenizer.OfflineTokenizer, codes: torch.Tensor) -> torch.Tensor:
+    """An offline tokenizer's codes (N, h, w) -> the half-size image they stand for, (N, 3, 8h, 8w)
+    in [0, 1]: each code's codebook row put back as its 8x8 patch (inverse of half_patches)."""
+    feats = tok.codebook[codes]                                         # (N, h, w, 3*p*p)
+    N, h, w, _ = feats.shape
+    p = tokenizer.DVAE_PATCH
+    x = feats.reshape(N, h, w, 3, p, p).permute(0, 3, 1, 4, 2, 5)       # (N, 3, h, p, w, p)
+    return x.reshape(N, 3, h * p, w * p)
