@@ -511,6 +511,84 @@ def test_foreign_class_is_refused_by_name(tmp_path):
         load_tokenizer(path)
 
 
+def _poisoning_encoder_pkl(path):
+    """An old-format file whose first header pickle sets `torch._utils._rebuild_tensor_v2.__defaults__`
+    to ({'neg': True},) with a BUILD (slot state) on that allowed function, pops it and goes on
+    as the real magic-number header: a file that loads cleanly while poisoning the process."""
+    torch.save({"blocks.input.w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    with open(path, "rb") as f:
+        pickle.Unpickler(f).load()                             # the real first header (the magic number)
+        first_len = f.tell()
+    state = pickle.dumps((None, {"__defaults__": ({"neg": True},)}), protocol=2)[2:-1]   # no PROTO, no STOP
+    magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
+    header = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n" + state + pickle.BUILD + pickle.POP + magic + pickle.STOP
+    path.write_bytes(header + raw[first_len:])
+
+
+def test_header_build_on_an_allowed_function_is_refused_and_poisons_nothing(tmp_path):
+    import torch._utils as U
+    good, evil = tmp_path / "good.pt", tmp_path / "encoder.pkl"
+    torch.save({"x": torch.arange(3.0)}, good)                 # an ordinary zip file, read with weights_only=True
+    _poisoning_encoder_pkl(evil)
+    saved = U._rebuild_tensor_v2.__defaults__
+    try:
+        # Control: a shim with the allow-list but C pickle's BUILD loads it, and poisons the process.
+        class AllowListOnly(pickle.Unpickler):
+            def find_class(self, module, name):
+                return T.RestrictedUnpickler.allowed[(module, name)]
+        naive = types.ModuleType("naive_shim")
+        naive.Unpickler, naive.UnpicklingError = AllowListOnly, pickle.UnpicklingError
+        naive.load = lambda f, **kw: AllowListOnly(f, **kw).load()
+        torch.load(evil, pickle_module=naive, weights_only=False)
+        assert torch.equal(torch.load(good, weights_only=True)["x"], -torch.arange(3.0))
+        U._rebuild_tensor_v2.__defaults__ = saved
+        # The loader refuses the BUILD before it happens ...
+        with pytest.raises(UnsafePickleError, match="refusing to set the state of function"):
+            load_tokenizer(evil)
+        assert U._rebuild_tensor_v2.__defaults__ is saved
+        x = torch.load(good, weights_only=True)["x"]
+        assert torch.equal(x, torch.arange(3.0)) and not x.is_neg()
+        # ... and would notice a changed allowed function if a BUILD ever got through.
+        class Leaky(T.RestrictedUnpickler):
+            dispatch = pickle._Unpickler.dispatch
+        with pytest.raises(UnsafePickleError, match="changed a function"):
+            T.restricted_torch_load(evil, Leaky)
+    finally:
+        U._rebuild_tensor_v2.__defaults__ = saved
+
+
+@pytest.mark.parametrize("kind", ["hardlink", "fifo", "symlink"])
+def test_tar_archives_are_refused_before_anything_is_extracted(tmp_path, kind):
+    """torch.load extracts an old tar-format file's `storages` member unfiltered: a hard link
+    takes on the archive's mode for a file elsewhere, a FIFO hangs the load, a symlink reads
+    another file. Refused in one line, nothing on disk touched, no hang."""
+    import subprocess
+    import tarfile
+    secret = tmp_path / "secret"
+    secret.write_text("top secret")
+    os.chmod(secret, 0o600)
+    before = os.stat(secret)
+    member = tarfile.TarInfo("storages")
+    member.mode, member.uid, member.gid = 0o7777, 4242, 4242
+    member.type = {"hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE, "symlink": tarfile.SYMTYPE}[kind]
+    member.linkname = str(secret) if kind != "fifo" else ""
+    path = tmp_path / "encoder.pkl"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(member)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch))
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "tokenizer_tool.py")
+    r = subprocess.run([sys.executable, tool, "info", str(path)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "tar archive" in r.stderr and "load key" not in r.stderr     # the other file was not read
+    after = os.stat(secret)
+    assert (after.st_mode, after.st_uid, after.st_nlink) == (before.st_mode, before.st_uid, before.st_nlink)
+    assert list(scratch.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- preprocessing
 
 @pytest.mark.parametrize("kind", ["noise", "smooth"])
