@@ -27,6 +27,7 @@ from PIL import Image
 import tokenizer as T
 from tokenizer import (DalleEncoder, DalleTokenizer, OfflineTokenizer, Tokenizer, UnsafePickleError,
                        check_vocab, load_tokenizer)
+from tools import decoders, tokenizer_tool
 
 EPS = 0.1   # DALL-E's logit-Laplace ε (dall_e/utils.py), written out independently of tokenizer.py
 
@@ -363,7 +364,7 @@ def test_encoder_pkl_loads_without_dall_e_bit_identical(published, dalle_tok, tm
     assert torch.equal(dalle_tok.tokenize(published.x), published.codes)
     # convert once -> a plain state dict that loads with weights_only=True and gives the same codes
     out = tmp_path / "dalle_encoder.pt"
-    T.main(["convert", "--pkl", str(published.path), "--out", str(out)])
+    tokenizer_tool.main(["convert", "--pkl", str(published.path), "--out", str(out)])
     plain = torch.load(out, weights_only=True)
     assert set(plain) == set(published.tensors)
     assert torch.equal(load_tokenizer(out).tokenize(published.x), published.codes)
@@ -384,13 +385,13 @@ def test_released_bevt_checkpoint_tokenizer_tensors(tmp_path):
         assert torch.equal(tok.tokenize(x), src.tokenize(x))
 
 
-# ----------------------------------------------------------------------------- the decoder (bevt.py show)
+# ----------------------------------------------------------------------------- the decoder (tools/decoders.py)
 
 def test_decoder_parameter_names_and_shapes_equal_published():
     expected = published_decoder_shapes()
     assert len(expected) == 76
     with torch.device("meta"):
-        dec = T.DalleDecoder()
+        dec = decoders.DalleDecoder()
     got = OrderedDict((k, tuple(v.shape)) for k, v in dec.state_dict().items())
     assert list(got) == list(expected) and got == expected
     assert [n for n, _ in dec.named_parameters()] == list(expected)
@@ -398,7 +399,7 @@ def test_decoder_parameter_names_and_shapes_equal_published():
 
 def test_decoder_pkl_loads_without_dall_e_bit_identical(published_decoder, tmp_path):
     assert "dall_e" not in sys.modules
-    dec = T.load_dalle_decoder(published_decoder.path)
+    dec = decoders.load_dalle_decoder(published_decoder.path)
     state = dec.state_dict()
     assert list(state) == list(published_decoder.tensors)
     for k, v in published_decoder.tensors.items():
@@ -415,9 +416,9 @@ def test_decoder_pkl_loads_without_dall_e_bit_identical(published_decoder, tmp_p
     torch.testing.assert_close(half, ref, rtol=1e-5, atol=1e-5)
     # convert once -> a plain state dict that loads with weights_only=True and decodes the same
     out = tmp_path / "dalle_decoder.pt"
-    T.main(["convert", "--pkl", str(published_decoder.path), "--out", str(out)])
+    tokenizer_tool.main(["convert", "--pkl", str(published_decoder.path), "--out", str(out)])
     assert set(torch.load(out, weights_only=True)) == set(published_decoder.tensors)
-    assert torch.equal(T.load_dalle_decoder(out).decode_half(codes), half)
+    assert torch.equal(decoders.load_dalle_decoder(out).decode_half(codes), half)
 
 
 def test_decoder_and_encoder_pickles_keep_to_their_own_allow_lists(published, published_decoder):
@@ -425,8 +426,8 @@ def test_decoder_and_encoder_pickles_keep_to_their_own_allow_lists(published, pu
     with pytest.raises(UnsafePickleError, match=r"dall_e\.decoder\.Decoder"):
         load_tokenizer(published_decoder.path)
     with pytest.raises(UnsafePickleError, match=r"dall_e\.encoder\.Encoder.*DALL-E decoder pickle"):
-        T.load_dalle_decoder(published.path)
-    assert T.read_dalle_pickle(published_decoder.path)[0] == "decoder"
+        decoders.load_dalle_decoder(published.path)
+    assert tokenizer_tool.read_dalle_pickle(published_decoder.path)[0] == "decoder"
 
 
 def test_decoder_reader_refuses_hostile_globals(tmp_path):
@@ -435,22 +436,22 @@ def test_decoder_reader_refuses_hostile_globals(tmp_path):
     torch.save({"blocks.input.w": torch.zeros(2), "x": _payloads(marker)["os.system"]}, path,
                _use_new_zipfile_serialization=False)
     with pytest.raises(UnsafePickleError, match="refusing global .*system"):
-        T.load_dalle_decoder(path)
+        decoders.load_dalle_decoder(path)
     with pytest.raises(UnsafePickleError, match="refusing global .*system"):
-        T.main(["convert", "--pkl", str(path), "--out", str(tmp_path / "x.pt")])
+        tokenizer_tool.convert(path, tmp_path / "x.pt")
     assert not marker.exists() and not (tmp_path / "x.pt").exists()
 
 
 def test_encoder_and_decoder_state_dicts_are_not_confused(tmp_path):
     torch.save(small_dalle().encoder.state_dict(), tmp_path / "enc.pt")
     with pytest.raises(ValueError, match="encoder's: pass decoder.pkl"):
-        T.load_dalle_decoder(tmp_path / "enc.pt")
+        decoders.load_dalle_decoder(tmp_path / "enc.pt")
     torch.manual_seed(0)
-    torch.save(T.DalleDecoder(n_init=8, n_hid=64, vocab_size=512).state_dict(), tmp_path / "dec.pt")
+    torch.save(decoders.DalleDecoder(n_init=8, n_hid=64, vocab_size=512).state_dict(), tmp_path / "dec.pt")
     with pytest.raises(ValueError, match="decoder state dict.*needs the encoder"):
         load_tokenizer(tmp_path / "dec.pt")
     with pytest.raises(FileNotFoundError, match="decoder file not found"):
-        T.load_dalle_decoder(tmp_path / "none.pkl")
+        decoders.load_dalle_decoder(tmp_path / "none.pkl")
 
 
 # ----------------------------------------------------------------------------- hostile pickles
@@ -508,6 +509,84 @@ def test_foreign_class_is_refused_by_name(tmp_path):
     path.write_bytes(b"\x80\x02cdall_e.decoder\nDecoder\n)\x81.")
     with pytest.raises(UnsafePickleError, match=r"dall_e\.decoder\.Decoder"):
         load_tokenizer(path)
+
+
+def _poisoning_encoder_pkl(path):
+    """An old-format file whose first header pickle sets `torch._utils._rebuild_tensor_v2.__defaults__`
+    to ({'neg': True},) with a BUILD (slot state) on that allowed function, pops it and goes on
+    as the real magic-number header: a file that loads cleanly while poisoning the process."""
+    torch.save({"blocks.input.w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    with open(path, "rb") as f:
+        pickle.Unpickler(f).load()                             # the real first header (the magic number)
+        first_len = f.tell()
+    state = pickle.dumps((None, {"__defaults__": ({"neg": True},)}), protocol=2)[2:-1]   # no PROTO, no STOP
+    magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
+    header = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n" + state + pickle.BUILD + pickle.POP + magic + pickle.STOP
+    path.write_bytes(header + raw[first_len:])
+
+
+def test_header_build_on_an_allowed_function_is_refused_and_poisons_nothing(tmp_path):
+    import torch._utils as U
+    good, evil = tmp_path / "good.pt", tmp_path / "encoder.pkl"
+    torch.save({"x": torch.arange(3.0)}, good)                 # an ordinary zip file, read with weights_only=True
+    _poisoning_encoder_pkl(evil)
+    saved = U._rebuild_tensor_v2.__defaults__
+    try:
+        # Control: a shim with the allow-list but C pickle's BUILD loads it, and poisons the process.
+        class AllowListOnly(pickle.Unpickler):
+            def find_class(self, module, name):
+                return T.RestrictedUnpickler.allowed[(module, name)]
+        naive = types.ModuleType("naive_shim")
+        naive.Unpickler, naive.UnpicklingError = AllowListOnly, pickle.UnpicklingError
+        naive.load = lambda f, **kw: AllowListOnly(f, **kw).load()
+        torch.load(evil, pickle_module=naive, weights_only=False)
+        assert torch.equal(torch.load(good, weights_only=True)["x"], -torch.arange(3.0))
+        U._rebuild_tensor_v2.__defaults__ = saved
+        # The loader refuses the BUILD before it happens ...
+        with pytest.raises(UnsafePickleError, match="refusing to set the state of function"):
+            load_tokenizer(evil)
+        assert U._rebuild_tensor_v2.__defaults__ is saved
+        x = torch.load(good, weights_only=True)["x"]
+        assert torch.equal(x, torch.arange(3.0)) and not x.is_neg()
+        # ... and would notice a changed allowed function if a BUILD ever got through.
+        class Leaky(T.RestrictedUnpickler):
+            dispatch = pickle._Unpickler.dispatch
+        with pytest.raises(UnsafePickleError, match="changed a function"):
+            T.restricted_torch_load(evil, Leaky)
+    finally:
+        U._rebuild_tensor_v2.__defaults__ = saved
+
+
+@pytest.mark.parametrize("kind", ["hardlink", "fifo", "symlink"])
+def test_tar_archives_are_refused_before_anything_is_extracted(tmp_path, kind):
+    """torch.load extracts an old tar-format file's `storages` member unfiltered: a hard link
+    takes on the archive's mode for a file elsewhere, a FIFO hangs the load, a symlink reads
+    another file. Refused in one line, nothing on disk touched, no hang."""
+    import subprocess
+    import tarfile
+    secret = tmp_path / "secret"
+    secret.write_text("top secret")
+    os.chmod(secret, 0o600)
+    before = os.stat(secret)
+    member = tarfile.TarInfo("storages")
+    member.mode, member.uid, member.gid = 0o7777, 4242, 4242
+    member.type = {"hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE, "symlink": tarfile.SYMTYPE}[kind]
+    member.linkname = str(secret) if kind != "fifo" else ""
+    path = tmp_path / "encoder.pkl"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(member)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch))
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "tokenizer_tool.py")
+    r = subprocess.run([sys.executable, tool, "info", str(path)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "tar archive" in r.stderr and "load key" not in r.stderr     # the other file was not read
+    after = os.stat(secret)
+    assert (after.st_mode, after.st_uid, after.st_nlink) == (before.st_mode, before.st_uid, before.st_nlink)
+    assert list(scratch.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -615,9 +694,15 @@ def test_fp32_inside_autocast():
 
 # ----------------------------------------------------------------------------- offline tokenizer
 
+def quantization_error(tok, images):
+    """Mean squared error per value between the half-size images and their decoded codes."""
+    x_half = T.half_copy(images, tok.resample)
+    return F.mse_loss(decoders.decode_offline(tok, tok.tokenize(images)), x_half).item()
+
+
 def test_offline_error_falls_as_vocabulary_grows():
     train, held_out = synth_images(24, size=64, seed=10), synth_images(8, size=64, seed=11)
-    errs = [OfflineTokenizer.fit(train, k, seed=0, iters=10).quantization_error(held_out) for k in (4, 16, 64)]
+    errs = [quantization_error(OfflineTokenizer.fit(train, k, seed=0, iters=10), held_out) for k in (4, 16, 64)]
     assert errs[0] > errs[1] > errs[2]
     # and the codes decode to something far better than the mean colour
     x_half = T.lanczos_resize(held_out, (32, 32))
@@ -639,9 +724,9 @@ def test_offline_save_load_identical_codes(offline_tok, tmp_path):
 
 def test_offline_fit_deterministic_from_seed():
     x = synth_images(12, size=64, seed=14)
-    a = OfflineTokenizer.fit(x, 32, seed=5, iters=8, max_patches=150)
-    b = OfflineTokenizer.fit(x, 32, seed=5, iters=8, max_patches=150)
-    c = OfflineTokenizer.fit(x, 32, seed=6, iters=8, max_patches=150)
+    a = OfflineTokenizer.fit(x, 32, seed=5, iters=8)
+    b = OfflineTokenizer.fit(x, 32, seed=5, iters=8)
+    c = OfflineTokenizer.fit(x, 32, seed=6, iters=8)
     assert torch.equal(a.codebook, b.codebook)
     assert not torch.equal(a.codebook, c.codebook)
 
@@ -671,12 +756,12 @@ def test_fit_command_on_an_image_directory(tmp_path, capsys):
             im.save(data / "sub" / f"img{i}.jpg", quality=95)
     (data / "notes.txt").write_text("not an image")
     out = tmp_path / "tok.pt"
-    T.main(["fit", "--data", str(data), "--vocab", "16", "--out", str(out), "--size", "64",
+    tokenizer_tool.main(["fit", "--data", str(data), "--vocab", "16", "--out", str(out), "--size", "64",
             "--iters", "5", "--max-patches", "100", "--quiet"])
     tok = load_tokenizer(out)
     assert isinstance(tok, OfflineTokenizer) and tok.vocab_size == 16
     assert tok.config["n_images"] == 7 and tok.config["size"] == 64 and tok.config["n_patches"] <= 100
-    T.main(["info", str(out)])
+    tokenizer_tool.main(["info", str(out)])
     assert "offline-kmeans" in capsys.readouterr().out
 
 
@@ -710,7 +795,7 @@ def test_dalle_state_dict_with_wrong_tensors(tmp_path):
         DalleTokenizer.from_state_dict(broken)
     bad = dict(state)
     bad["blocks.group_1.block_1.res_path.conv_2.w"] = torch.zeros(16, 16, 5, 5)
-    with pytest.raises(ValueError, match="conv_2.w.*expected shape"):
+    with pytest.raises(ValueError, match="conv_2.w.*shape"):
         DalleTokenizer.from_state_dict(bad)
 
 

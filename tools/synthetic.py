@@ -12,8 +12,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the component files
 
 import data        # noqa: E402
-import tokenizer   # noqa: E402
 import train       # noqa: E402
+from tools import tokenizer_tool   # noqa: E402
 
 # The offline tokenizer the CPU demo reads: 256 codes fitted on 112-px crops of the training
 # images (the cpu preset's crop), 10 k-means iterations over at most 50,000 patches, seed = the set's.
@@ -32,8 +32,8 @@ def prepare(root, seed: int = 0, verbose: bool = True, vocab: int = TOKENIZER_VO
     if not os.path.exists(path):
         if verbose:
             print(f"fitting the offline tokenizer ({vocab} codes) on {root}/images/train ...")
-        tok = tokenizer.fit_from_dir(os.path.join(str(root), "images", "train"), vocab, size=size, seed=seed,
-                                     iters=10, max_patches=50_000, verbose=False)
+        tok = tokenizer_tool.fit_from_dir(os.path.join(str(root), "images", "train"), vocab, size=size, seed=seed,
+                                          iters=10, max_patches=50_000, verbose=False)
         tok.save(path)
     return str(root)
 

@@ -1,9 +1,9 @@
 """Benchmark of the tokenizers (tokenizer.py): codes per second on this machine.
 
-    python tests/bench_tokenizer.py                    # batch of 8 224-px crops, CPU
-    python tests/bench_tokenizer.py --batch 32 --repeats 5
-    python tests/bench_tokenizer.py --size 112         # the CPU demo's crops
-    python tests/bench_tokenizer.py --agreement data/synthetic/images/val   # + bf16/fp16 code agreement
+    python tools/bench_tokenizer.py                    # batch of 8 224-px crops, CPU
+    python tools/bench_tokenizer.py --batch 32 --repeats 5
+    python tools/bench_tokenizer.py --size 112         # the CPU demo's crops
+    python tools/bench_tokenizer.py --agreement data/synthetic/images/val   # + bf16/fp16 code agreement
 
 What is timed, for a batch of `--batch` crops of `--size` px (default 224, the
 paper's crop), each halved with Lanczos to the 112-px image the dVAE sees and
@@ -29,10 +29,11 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the component files
 import torch  # noqa: E402
 
 import tokenizer as T  # noqa: E402
+from tools import tokenizer_tool  # noqa: E402
 
 
 def timed(fn, repeats, device):
@@ -108,8 +109,8 @@ def agreement(images_dir, device, weights="", count=64, size=224):
     With random weights (all we have here) the logits' margins are not the
     trained model's, so this bounds how often near-ties flip rather than giving
     the published tokenizer's figure; pass a real encoder with --tokenizer."""
-    files = T.list_images(images_dir)[:count]
-    x = torch.stack([T.read_square_image(f, size) for f in files]).to(device)
+    files = tokenizer_tool.list_images(images_dir)[:count]
+    x = torch.stack([tokenizer_tool.read_square_image(f, size) for f in files]).to(device)
     tok = T.load_tokenizer(weights, device=device) if weights else T.DalleTokenizer().to(device)
     ref = tok.tokenize(x)
     for precision in ("bf16", "fp16"):
