@@ -206,7 +206,7 @@ import sys         # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tools import show  # noqa: E402
+from tools import decoders, show, tokenizer_tool  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 16
@@ -264,7 +264,7 @@ def show_setup(syn, tmp_path_factory):
     import masking
     import tokenizer as T
     d = tmp_path_factory.mktemp("show")
-    tok = T.fit_from_dir(os.path.join(syn, "images", "train"), VOCAB, size=96, iters=5, max_patches=4000,
+    tok = tokenizer_tool.fit_from_dir(os.path.join(syn, "images", "train"), VOCAB, size=96, iters=5, max_patches=4000,
                          verbose=False)
     tok.save(d / "tok.pt")
     video = os.path.join(syn, "videos", "train", "000000.mp4")
@@ -349,7 +349,7 @@ def test_show_dalle_decodes_through_the_decoder(show_setup, tmp_path):
     import tokenizer as T
     s = show_setup
     torch.manual_seed(0)
-    enc, dec = T.DalleEncoder(n_hid=64, vocab_size=512), T.DalleDecoder(n_init=8, n_hid=64, vocab_size=512)
+    enc, dec = T.DalleEncoder(n_hid=64, vocab_size=512), decoders.DalleDecoder(n_init=8, n_hid=64, vocab_size=512)
     for m in (enc, dec):
         for conv in m.modules():
             if isinstance(conv, T.DalleConv2d):

@@ -39,6 +39,7 @@ import masking                      # noqa: E402
 import swin3d                       # noqa: E402
 import tokenizer as tokenizer_mod   # noqa: E402
 import train                        # noqa: E402
+from tools import decoders          # noqa: E402
 
 PROG = "show.py"
 
@@ -205,12 +206,12 @@ def _show(bar, init, out_path, video, image, tokenizer, decoder, model, size, fr
     tok = tokenizer_mod.load_tokenizer(tok_path, device=device)
     tokenizer_mod.check_vocab(tok, vocab)
     if isinstance(tok, tokenizer_mod.OfflineTokenizer):
-        decode, decoded_by = tok.decode_half, "the offline tokenizer's codebook"
+        decode, decoded_by = (lambda codes: decoders.decode_offline(tok, codes)), "the offline tokenizer's codebook"
     else:
         if not decoder:
             raise ValueError(f"--decoder: a {tok.kind} tokenizer decodes codes through its dVAE decoder; expected "
                              f"--decoder decoder.pkl (or its converted .pt), got none")
-        dec = tokenizer_mod.load_dalle_decoder(decoder, device=device)
+        dec = decoders.load_dalle_decoder(decoder, device=device)
         if dec.vocab_size != tok.vocab_size:
             raise ValueError(f"--decoder {decoder} has {dec.vocab_size} codes, the tokenizer {tok.vocab_size}")
         decode, decoded_by = dec.decode_half, "the DALL-E decoder"
