@@ -94,9 +94,7 @@ class TrainConfig:
     video_list: str = ""
     image_root: str = ""
     image_list: str = ""
-    # --image-root without --image-list: rank 0 lists the folder once per run into this file, the other
-    # ranks read it, and later runs reuse it while the folder is unchanged (data.list_image_folder_once).
-    image_list_cache: str = ""            # list file of --image-root (one scan per run); "" = <out>/image_list.txt
+    image_list_cache: str = ""            # --image-root without --image-list: listed here once; "" = <out>/image_list.txt
     frames: int = 16                      # clip length T (§4.1)
     frame_interval: int = 8               # paper §4.1
     crop: int = 224
@@ -148,8 +146,6 @@ CPU_PRESET = dict(
 STAGE_EPOCHS = {"image": 800, "video": 150, "joint": 150}   # §4.1
 CPU_STAGE_EPOCHS = {"image": 20, "video": 8, "joint": 8}    # CPU demo: ~600 and ~400 steps
 
-
-
 # -----------------------------------------------------------------------------
 # Optimiser and schedule (paper §4.1)
 
@@ -180,13 +176,11 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
 def model_inputs(batch: dict, tok, device) -> dict:
     """A data.py batch -> BEVT.forward's arguments, on the training device.
 
-    Pixels arrive as uint8 and are normalised here (data.normalize_batch).
-    Targets (eqs. 3-4's z), the one path from pixels to codes: the loader
-    halves every crop with the tokenizer's own Lanczos (tokenizer.half_copy,
-    called by data.PretrainTransform; §3 "Tokenizer": 112² for a 224² crop) and
-    ships it as `<stream>_half`, uint8 (B, 3, T, S/2, S/2) or (N, 3, S/2, S/2);
-    here the frozen tokenizer encodes it (Tokenizer.codes_of_copy, fp32,
-    no_grad, whatever the step's autocast) into (B, T, S/16, S/16) or (N, S/16, S/16) codes.
+    Pixels arrive as uint8 and are normalised here (data.normalize_batch). Targets (eqs. 3-4's z):
+    the loader halves every crop with the tokenizer's own Lanczos (tokenizer.half_copy; §3: 112² for
+    a 224² crop) and ships it as `<stream>_half`, uint8 (B, 3, T, S/2, S/2) or (N, 3, S/2, S/2); the
+    frozen tokenizer encodes it (fp32, no_grad, whatever the autocast) into (B, T, S/16, S/16) or
+    (N, S/16, S/16) codes.
     """
     out = {}
     for stream, key in (("video", "videos"), ("image", "images")):
@@ -213,14 +207,12 @@ def clip_gradients(params: list, clip_grad: float) -> torch.Tensor:
 def train_step(model, batches: list, tok, rt: Runtime, clip_grad: float, hist: Optional[dict] = None):
     """Forward/backward over the micro-batches of one optimizer step, then clip (§4.1).
 
-    BEVT.forward returns eq. 5's loss for whichever streams the batch holds.
-    Gradients are all-reduced only on the last micro-step; the others accumulate
-    locally under no_sync(), which is what makes accumulation cheap under DDP.
-    Each micro-batch's loss is divided by their number, so the step's gradient
-    is that of the mean over the effective batch. Returns this rank's mean
-    metrics and the (global, synchronised) gradient norm before clipping, all
-    as tensors on the device: nothing in here waits for the GPU. `hist`: the
-    target histograms of the accuracy baselines (count_targets), rank 0.
+    BEVT.forward returns eq. 5's loss for whichever streams the batch holds. Gradients are
+    all-reduced only on the last micro-step; the others accumulate locally under no_sync(),
+    which is what makes accumulation cheap under DDP. Each micro-batch's loss is divided by
+    their number: the step's gradient is that of the mean over the effective batch. Returns
+    this rank's mean metrics and the synchronised gradient norm before clipping, as device
+    tensors (nothing here waits for the GPU). `hist`: rank 0's target histograms (count_targets).
     """
     accum, sums = len(batches), {}
     for k, batch in enumerate(batches):
@@ -377,7 +369,6 @@ def run(cfg: TrainConfig) -> dict:
 
 # =============================================================================
 # Machinery: what running the method needs (not the method itself).
-
 #
 # -----------------------------------------------------------------------------
 # The start and end of a run: the plan printed with its formulas, progress, checkpoints, the end
@@ -458,7 +449,7 @@ class FlagError(ValueError):
 
 
 def field_help(cls) -> dict:
-    """field name -> the comment on its line in the dataclass source: its meaning and paper source."""
+    """field name -> the comment on its line in the dataclass source (its meaning and paper source)."""
     out = {}
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
@@ -468,10 +459,8 @@ def field_help(cls) -> dict:
 
 
 def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict, only=None) -> None:
-    """One flag per dataclass field, default None so that explicitly given values can be told
-    apart from preset values; --help shows each field's comment and default, and enumerated
-    fields list their choices (a wrong one is rejected by argparse). `only`: the subset of
-    fields a subcommand uses, so its --help lists no others."""
+    """One flag per dataclass field (only: a subset), default None so that given values can be told
+    from preset ones; --help shows each field's comment and default; `choices` are enforced."""
     defaults, helps = cls(), field_help(cls)
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
@@ -533,8 +522,6 @@ def parse_args(argv=None) -> TrainConfig:
             raise FlagError(f"--short-side LO HI must satisfy crop {cfg.crop} <= LO <= HI, got {lo} {hi}")
         if cfg.crop % 16:
             raise FlagError(f"--crop must be a multiple of 16 (one target code per 16x16 px), got {cfg.crop}")
-        if not all(0 <= b < 1 for b in cfg.betas):
-            raise FlagError(f"--betas must be two numbers in [0, 1), got {cfg.betas}")
     except FlagError as e:
         ap.error(str(e))
     return cfg
@@ -613,7 +600,6 @@ def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int, accum:
                                       rank=rank, world_size=world, accum=accum, verbose=rank == 0)
 
 
-
 # -----------------------------------------------------------------------------
 # Processes: DDP (nanoGPT style, with gloo on CPU), precision, seeds
 
@@ -628,32 +614,28 @@ class Runtime(NamedTuple):
 
 
 def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN, precision: str = "fp32") -> Runtime:
-    """The Runtime of this process: NCCL on CUDA, gloo on CPUs, one process per device.
-
-    Under torchrun (RANK set) each process binds its GPU *before* creating the
-    process group (NCCL otherwise guesses device 0 for its first collectives),
-    and passes it as `device_id`, which lets NCCL connect eagerly. `timeout_min`
-    bounds how long a collective waits for a rank that died or froze.
-    `precision` (--precision) is resolved for the device (resolve_precision).
-    """
+    """The Runtime of this process: NCCL on CUDA, gloo on CPUs, one process per device. Under torchrun each
+    process binds its GPU *before* creating the process group (NCCL otherwise guesses device 0)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     timeout = datetime.timedelta(minutes=timeout_min)
+    rank, world = 0, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if ddp and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", timeout=timeout, device_id=device)
+    elif ddp:
+        dist.init_process_group(backend="gloo", timeout=timeout)
     if ddp:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl", timeout=timeout, device_id=device)
-        else:
-            device = torch.device("cpu")
-            dist.init_process_group(backend="gloo", timeout=timeout)
         rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # every step has the same shapes: tune the convolutions once
     return Runtime(ddp, rank, world, device, resolve_precision(precision, device))
+
+
+def log(rank: int, *args) -> None:
+    if rank == 0:
+        print(*args, flush=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -663,27 +645,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
-    """DistributedDataParallel as both trainers use it.
-
-    broadcast_buffers=False: the only buffers are the relative-position index
-    tables (24 int64 tables in Swin-B, 29.5 MB for window (8,7,7), 118 MB for
-    (16,7,7)), which the default would re-broadcast from rank 0 in every forward,
-    although no forward reads them (it uses indices derived per window) and
-    there is no BatchNorm. find_unused_parameters=False: set_stage freezes the
-    stream a stage does not train, so every trainable parameter gets a gradient.
-    """
+    """DDP as both trainers use it. broadcast_buffers=False: the only buffers are the relative-position
+    index tables (118 MB in Swin-B at window (16,7,7)), which no forward reads and the default would
+    re-broadcast every step. find_unused_parameters=False: set_stage freezes the stream a stage does
+    not train, so every trainable parameter gets a gradient."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                broadcast_buffers=False, find_unused_parameters=False)
 
 
 def all_reduce_mean(x: torch.Tensor, ddp: bool) -> torch.Tensor:
-    """The mean over ranks of a tensor that lives on the training device.
-
-    Every cross-rank reduction of metrics goes through here: NCCL takes only
-    GPU tensors (gloo takes both), so a tensor built on the CPU would work in
-    the CPU tests and crash the first GPU step. Asynchronous on GPUs: nothing
-    is read back to the host.
-    """
+    """The mean over ranks of a tensor on the training device (NCCL takes only GPU tensors, so a CPU
+    tensor would pass the CPU tests and crash the first GPU step); nothing is read back to the host."""
     if not ddp:
         return x
     x = x.clone()
@@ -707,8 +679,7 @@ def all_gather_rows(x: torch.Tensor, ddp: bool) -> torch.Tensor:
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
-    """--precision (checked by the flags' choices) -> whether the step runs under bf16 autocast (True)
-    or in fp32 (False)."""
+    """--precision (auto | bf16 | fp32) -> whether the step runs under bf16 autocast."""
     return bf16_supported(device) if precision == "auto" else precision == "bf16"
 
 
@@ -721,19 +692,12 @@ def precision_note(precision: str, bf16: bool, device: torch.device) -> str:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Does this device compute in bf16 natively?
-
-    CUDA: compute capability >= 8 (Ampere on). CPU: the x86 AVX512-BF16 or
-    AMX-BF16 instructions, or ARM's BF16 extension, read from /proc/cpuinfo.
-    (torch's own mkldnn check is true on any AVX512 CPU, which converts bf16
-    but has no bf16 dot products; there bf16 is no faster than fp32.) Other
-    systems: False, i.e. fp32.
-    """
+    """Does this device compute in bf16 natively? CUDA: compute capability >= 8. CPU: AVX512-BF16,
+    AMX-BF16 or ARM's BF16 in /proc/cpuinfo (torch's own mkldnn check is true on any AVX512 CPU,
+    which converts bf16 but has no bf16 dot products: no faster than fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def cpu_flags() -> set:
@@ -751,9 +715,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic, complete, checked, rank 0 only
+# Checkpoints: atomic, checksummed, with the previous one kept as a fallback; rank 0 writes
 
 
 class CheckpointError(ValueError):
@@ -761,16 +724,14 @@ class CheckpointError(ValueError):
 
 
 def state_digest(obj) -> str:
-    """A checksum of everything in a checkpoint: every tensor's bytes and every other value's repr,
-    in a fixed order. Stored in the file by save_checkpoint, recomputed by load_checkpoint, so
-    flipped bits in a tensor are caught, not trained on."""
+    """A checksum of every tensor's bytes and every other value's repr, in a fixed order: stored by
+    save_checkpoint, recomputed by load_checkpoint, so flipped bits are caught, not trained on."""
     h = hashlib.blake2b(digest_size=16)
 
     def walk(x):
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(x, dict):
             for k in sorted(x, key=str):
                 h.update(f"K{k!r}".encode())
@@ -786,14 +747,9 @@ def state_digest(obj) -> str:
 
 
 def save_checkpoint(path: str, state: dict, keep_previous: bool = False) -> None:
-    """Write `state` plus its checksum atomically (rank 0 only).
-
-    The file is written under a temporary name unique to this process and
-    renamed over `path`, so a killed run never leaves a half-written checkpoint
-    and two writers never share a temporary file. keep_previous: the file being
-    replaced becomes `<name>.prev.pt`, the fallback if the new one turns out damaged.
-    A failed write (a full disk) removes the temporary file and names the path.
-    """
+    """Write `state` and its checksum under a temporary name unique to this process, then rename it
+    over `path`: a killed run never leaves half a checkpoint. keep_previous: the replaced file becomes
+    `<name>.prev.pt`. A failed write (a full disk) removes the temporary file and names the path."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save({**state, "checksum": state_digest(state)}, tmp)
@@ -810,6 +766,33 @@ def save_checkpoint(path: str, state: dict, keep_previous: bool = False) -> None
 
 def previous_path(path: str) -> str:
     return path[:-3] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint safely (weights_only) and verify its checksum; CheckpointError if it cannot be used."""
+    try:
+        ck = swin3d.load_file(path)                     # torn zip, text, a pickle that needs code: one line
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it holds a {type(ck).__name__})")
+    stored = ck.pop("checksum", None)
+    if stored is not None and stored != state_digest(ck):
+        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum stored in it")
+    return ck
+
+
+def load_for_resume(path: str, log_fn=print) -> dict:
+    """`path`, or its `.prev.pt` when `path` is missing or damaged (the fallback is named in one line)."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        prev = previous_path(path)
+        if not os.path.exists(prev):
+            raise
+        ck = load_checkpoint(prev)
+        log_fn(f"warning: {e}; resuming from the previous checkpoint {prev} (step {ck.get('step')})")
+        return ck
 
 
 def rng_state() -> dict:
@@ -831,34 +814,6 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint safely (weights_only) and verify its checksum; CheckpointError if it cannot be used."""
-    try:
-        ck = swin3d.load_file(path)                     # torn zip, text, a pickle that needs code: one line
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    if not isinstance(ck, dict):
-        raise CheckpointError(f"{path} is not a checkpoint of this project (it holds a {type(ck).__name__})")
-    stored = ck.pop("checksum", None)
-    if stored is not None and stored != state_digest(ck):
-        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum stored in it")
-    return ck
-
-
-def load_for_resume(path: str, log_fn=print) -> dict:
-    """The checkpoint to resume from: `path`, or its `.prev.pt` when `path` is missing or damaged
-    (the fallback is named in one line)."""
-    prev = previous_path(path)
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as e:
-        if not os.path.exists(prev):
-            raise
-        ck = load_checkpoint(prev)
-        log_fn(f"warning: {e}; resuming from the previous checkpoint {prev} (step {ck.get('step')})")
-        return ck
-
-
 def all_rng_states(ddp: bool, world: int) -> list:
     """Every rank's rng_state(), in rank order (a collective under DDP: call it on all ranks)."""
     if not ddp:
@@ -871,53 +826,47 @@ def all_rng_states(ddp: bool, world: int) -> list:
 # -----------------------------------------------------------------------------
 # Resuming on another number of processes (a requeued cluster job)
 #
-# A run is a function of its seed and its effective batch (the samples of one
-# optimizer step over all processes), not of the process count: data.py cuts
-# every global batch from one epoch order shared by all processes, and keys
-# every random choice of a sample by (seed, epoch, index). A checkpoint records
-# the batch it was trained with (`batch_record`); a resume on another world
-# size keeps that effective batch by changing the accumulation steps, and the
-# model, optimizer, step, schedule and data position carry over. What changes:
-# the order in which gradients are summed (float rounding), and the trainer's
-# own per-process RNG (drop path), which is reseeded per rank.
+# A run is a function of its seed and its effective batch, not of the process count: data.py
+# cuts every global batch from one epoch order shared by all processes and keys every random
+# choice of a sample by (seed, epoch, index). A checkpoint records its batch (`batch_record`);
+# a resume on another world size keeps the effective batch by changing the accumulation, and
+# model, optimizer, step, schedule and data position carry over. What changes: the order in
+# which gradients are summed (float rounding), and the per-process RNG (drop path), reseeded.
 
 BATCH_FLAGS = {"clips": "--video-batch", "images": "--image-batch"}    # the per-process batch of each unit
+BATCH_CONFIG_KEYS = {"clips": "video_batch", "images": "image_batch"}  # and its TrainConfig field
+
+
+def stage_batches(cfg) -> dict:
+    """{unit: samples per micro-batch} of a pretraining stage, the unit that sets the accumulation first."""
+    units = {"image": ("images",), "video": ("clips",), "joint": ("clips", "images")}[cfg.stage]
+    return {u: getattr(cfg, BATCH_CONFIG_KEYS[u]) for u in units}
 
 
 def batch_record(world: int, accum: int, per_process: dict) -> dict:
-    """A checkpoint's record of its batch. per_process: {unit: samples per micro-batch}, the unit that
-    decides the accumulation first (clips, then images in the joint stage)."""
+    """A checkpoint's record of its batch (per_process: {unit: samples per micro-batch}, deciding unit first)."""
     return {"world": world, "accum": accum, "per_process": dict(per_process),
             "effective": {u: n * world * accum for u, n in per_process.items()}}
 
 
 def saved_batch(ck: dict, config_keys: dict, accum_of) -> dict:
-    """The batch record of checkpoint `ck`. A checkpoint written before records existed: rebuilt from
-    its world, its config (config_keys: unit -> config field of its per-process batch) and
-    accum_of(config, world), the accumulation that trainer derived."""
-    if "batch" in ck:
-        return ck["batch"]
+    """The batch record of checkpoint `ck` (one written before records existed: from its config)."""
     c, w = ck.get("config", {}), ck.get("world", 1)
-    return batch_record(w, accum_of(c, w), {u: c[k] for u, k in config_keys.items()})
+    return ck.get("batch") or batch_record(w, accum_of(c, w), {u: c[k] for u, k in config_keys.items()})
 
 
 def _sizes(values: list) -> str:
     """[1, 2, 4] -> '1, 2 or 4'."""
     return ", ".join(map(str, values[:-1])) + " or " + str(values[-1]) if len(values) > 1 else str(values[0])
 
-
 def resume_accumulation(saved: dict, per_process: dict, world: int, accum_flag: int, allow_change: bool,
                         flags: dict, source: str, lr_of) -> tuple:
     """(accumulation steps, a line on what changed) for resuming `source` on `world` processes.
 
-    per_process: {unit: samples per micro-batch now}, the deciding unit first.
-    The checkpoint's effective batch (every unit's) is kept when per-process x
-    world divides it: accumulation = effective / (per-process x world).
-    accum_flag: an --accum-steps that differs from the checkpoint's own (0 =
-    none); it is followed when it keeps the batch. Anything else is a
-    ValueError (one line: the sizes that keep the batch, and the flag), unless
-    allow_change: then the run goes on with the nearest effective batch (or the
-    one accum_flag gives) and the learning rate lr_of(effective) rescaled.
+    The checkpoint's effective batch (every unit's) is kept when per-process x world divides it.
+    accum_flag: an --accum-steps other than the checkpoint's own (0 = none), followed when it keeps
+    the batch. Anything else is a ValueError naming the sizes that keep it, unless allow_change:
+    then the run goes on with the nearest batch (or accum_flag's), lr_of(effective) rescaled.
     """
     unit, b = next(iter(per_process.items()))
     kept = {u: saved["effective"].get(u) for u in per_process}
@@ -968,38 +917,19 @@ def resume_accumulation(saved: dict, per_process: dict, world: int, accum_flag: 
                      + f"; or {go_on}")
 
 
-BATCH_CONFIG_KEYS = {"clips": "video_batch", "images": "image_batch"}    # TrainConfig field of each unit
-
-
-def stage_batches(cfg) -> dict:
-    """{unit: samples per micro-batch} of a pretraining stage, the unit that sets the accumulation first."""
-    if cfg.stage == "image":
-        return {"images": cfg.image_batch}
-    if cfg.stage == "video":
-        return {"clips": cfg.video_batch}
-    return {"clips": cfg.video_batch, "images": cfg.image_batch}
-
-
 def resume_position(ck: dict, saved: dict, unit: str, eff: int, steps_per_epoch: int) -> tuple:
     """(step, epoch, step of the epoch) to resume checkpoint `ck` at, with effective batch `eff` now.
-
-    The same effective batch: the checkpoint's own. A changed one (--allow-batch-change):
-    the epoch and the samples taken from it are kept, re-expressed in steps of the new
-    batch (rounded down: at most eff - 1 samples are seen twice), and so is the step
-    count (epochs x steps per epoch + that), so the schedule resumes at the same point
-    of its epochs. Checkpoints written before `epoch_step` existed saved micro-batches."""
-    epoch = ck["epoch"]
-    epoch_step = ck["epoch_step"] if "epoch_step" in ck else ck.get("micro", 0) // saved["accum"]
-    old = saved["effective"][unit]
+    A changed batch (--allow-batch-change) keeps the epoch and the samples taken from it, in steps of
+    the new batch (rounded down), and the schedule's point in its epochs."""
+    epoch, epoch_step, old = ck["epoch"], ck["epoch_step"], saved["effective"][unit]
     if old == eff:
         return ck["step"], epoch, epoch_step
     epoch_step = epoch_step * old // eff                                 # samples taken // the new batch
     return epoch * steps_per_epoch + epoch_step, epoch, epoch_step
 
 
-
 def restore(ck: dict, b: Batch, model, opt, cfg, source: str, steps_per_epoch: int, say) -> tuple:
-    """Load a checkpoint's model and optimiser; (step, epoch, step of the epoch) to go on at, said in one line."""
+    """Load model and optimiser; the (step, epoch, step of the epoch) to go on at, said in one line."""
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     step, epoch, epoch_step = resume_position(ck, b.saved, b.unit, b.eff, steps_per_epoch)
@@ -1012,14 +942,10 @@ def restore(ck: dict, b: Batch, model, opt, cfg, source: str, steps_per_epoch: i
            if changed else ""))
     return step, epoch, epoch_step
 
-def resume_rng(ck: dict, saved: dict, seed: int, rank: int, world: int, step: int, log_fn) -> None:
-    """The trainer's own RNG streams (python, numpy, torch: drop path, dropout) on a resume.
 
-    The same world size: every rank gets its saved state back, so the run goes on
-    bit for bit. Another world size: the ranks are other processes now, so each
-    is seeded from (seed, rank, step); a model that draws at random (drop path > 0)
-    then draws other numbers than an uninterrupted run would, from the same law.
-    (The data's randomness is per sample and carries over either way.)"""
+def resume_rng(ck: dict, saved: dict, seed: int, rank: int, world: int, step: int, log_fn) -> None:
+    """The trainer's own RNGs (drop path, dropout) on a resume: each rank's saved state on the same world
+    size (bit for bit); otherwise seeded from (seed, rank, step), the same law but other draws."""
     if saved["world"] == world and len(ck.get("rng", ())) == world:
         set_rng_state(ck["rng"][rank])
         return
@@ -1028,23 +954,100 @@ def resume_rng(ck: dict, saved: dict, seed: int, rank: int, world: int, step: in
            f"the checkpoint's {saved['world']} states do not map onto {world} processes")
 
 
+# -----------------------------------------------------------------------------
+# The run folder: one run at a time, resumed by default, never wiped unasked
+
+RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json", "curves.png")
+
+
+def share_rank0_outcome(error: Optional[BaseException], rank: int, ddp: bool, device) -> None:
+    """The barrier after work only rank 0 does: one broadcast tells every rank whether rank 0 failed,
+    so all stop at once with a one-line error. (With a plain barrier the others would wait until
+    --dist-timeout, or end in a traceback; srun, unlike torchrun, does not stop them.)"""
+    if ddp:
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=device)   # NCCL takes no CPU tensors
+        dist.broadcast(failed, src=0)
+        if failed.item() and rank != 0:
+            raise ValueError("rank 0 stopped with an error before training (its message is on rank 0's stderr)")
+    if error is not None:
+        raise error
+
+
+def claim_run_dir(out_dir: str, cfg, rt: Runtime):
+    """Lock the run folder (rank 0; a second run there: an error naming the first, on every rank); returns
+    (lock, checkpoint to resume or None): --resume auto continues ckpt.pt (or .prev.pt), --overwrite
+    discards the files, --resume no with a previous run there is an error, never a silent wipe."""
+    lock, error = None, None
+    if rt.rank == 0:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            # Under SLURM the lock names the job: a requeued job (same id, other nodes) takes over its own lock.
+            job = os.environ.get("SLURM_JOB_ID")
+            lock = data.FileLock(os.path.join(out_dir, "run.lock"), job=f"slurm-{job}" if job else None)
+            busy = lock.acquire()
+            if busy is not None:
+                lock = None
+                raise ValueError(f"{out_dir} is in use by another run ({busy}); wait for it or choose another --out")
+            for name in RUN_FILES if cfg.overwrite else ():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out_dir, name))
+        except USER_ERRORS as e:
+            error = e
+            if lock is not None:
+                lock.release()
+    share_rank0_outcome(error, rt.rank, rt.ddp, rt.device)            # rank 0 has cleaned up, or all stop
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if cfg.resume == "auto":
+        return lock, (ckpt if os.path.exists(ckpt) or os.path.exists(previous_path(ckpt)) else None)
+    if cfg.resume != "no":
+        if not os.path.isfile(cfg.resume):
+            raise ValueError(f"--resume {cfg.resume}: no such file")
+        return lock, cfg.resume
+    there = [n for n in RUN_FILES[:4] if os.path.exists(os.path.join(out_dir, n))]
+    if there:
+        raise ValueError(f"{out_dir} holds a previous run ({', '.join(there)}); --resume auto continues it, "
+                         f"--overwrite discards it")
+    return lock, None
+
 
 # -----------------------------------------------------------------------------
-# The run folder: one run at a time, never wiped unasked
+# The metrics log (metrics.jsonl: what tools/plot.py draws) and the data position
+
+
+def start_log(out_dir: str, cfg, resumed_step: Optional[int]) -> str:
+    """Rank 0: write config.json and start metrics.jsonl (its path returned). A resumed run keeps the training
+    rows up to its checkpoint's step (a killed run's later steps are redone); a fresh one starts empty."""
+    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+    path = os.path.join(out_dir, "metrics.jsonl")
+    kept = []
+    if resumed_step is not None and os.path.exists(path):
+        kept = [json.dumps(r) + "\n" for r in read_metrics(path)
+                if r["step"] <= resumed_step and "eval" not in r and "baselines" not in r]
+    write_atomic(path, "".join(kept))
+    return path
+
+
+def read_metrics(path: str) -> list:
+    """The rows of a metrics.jsonl; a torn line (a full disk, a kill mid-write) is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 class StepLog:
-    """Per-step metrics, kept on the device and read back once per log interval.
-
-    `add` all-reduces a step's metrics to their mean over ranks (on the device,
-    asynchronously) and queues them; `flush` reads all queued steps in one
-    transfer, appends them to metrics.jsonl (rank 0) and returns them. The
-    non-finite check runs in `flush` on those all-reduced values, so a NaN on
-    one rank stops every rank at the same step with the same message, instead
-    of one rank leaving while the others wait in the next collective. Call
-    `flush` before saving a checkpoint, so that a non-finite step is never saved.
-    `flush(tail)` adds host-side fields (the throughput so far) to the last row.
-    """
+    """Per-step metrics: `add` queues a step's mean over ranks on the device; `flush` reads the queue in one
+    transfer, appends it to metrics.jsonl (rank 0) with `tail` (host fields) on the last row, and stops on
+    a non-finite value: all-reduced, so every rank stops at the same step. Flush before a checkpoint."""
 
     def __init__(self, path: Optional[str], rt: Runtime):
         self.path, self.ddp, self.device = path, rt.ddp, rt.device
@@ -1059,145 +1062,44 @@ class StepLog:
         if not self.pending:
             return []
         values = torch.stack([v for _, _, v in self.pending]).tolist()     # the one read-back
-        rows, bad = [], None
-        for (host, keys, _), vals in zip(self.pending, values):
-            row = {**host, **dict(zip(keys, vals))}
-            if not all(math.isfinite(v) for v in vals):
-                bad = row
-                break
-            rows.append(row)
+        rows = [{**host, **dict(zip(keys, vals))} for (host, keys, _), vals in zip(self.pending, values)]
         self.pending = []
-        if rows and bad is None and tail:
+        bad = next((i for i, vals in enumerate(values) if not all(map(math.isfinite, vals))), None)
+        if bad is None and tail:
             rows[-1].update(tail)
         if self.path is not None:                              # the finite steps before a bad one are kept
             with open(self.path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+                f.writelines(json.dumps(r) + "\n" for r in rows[:bad])
         if bad is not None:
-            raise SystemExit(f"non-finite loss {bad.get('loss')} (gradient norm {bad.get('grad_norm')}) "
-                             f"at step {bad['step']}; stopping")
+            raise SystemExit(f"non-finite loss {rows[bad].get('loss')} (gradient norm {rows[bad].get('grad_norm')}) "
+                             f"at step {rows[bad]['step']}; stopping")
         return rows
 
-RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json", "curves.png")
+
+def count_targets(hist: dict, inputs: dict, vocab: int) -> None:
+    """Histogram of the masked target codes per stream, for the majority-code baseline (the accuracy
+    of always predicting the most frequent code, a fairer "chance" than 1/vocab). On the device
+    (index_add_ weighted by the mask: no boolean indexing, no read-back); read once, at the end."""
+    for name, codes, mask in (("mvm", inputs.get("video_codes"), inputs.get("video_masks")),
+                              ("mim", inputs.get("image_codes"), inputs.get("image_masks"))):
+        if codes is None:
+            continue
+        if name == "mvm":
+            mask = bevt.target_mask(mask, codes.shape[1])                # (B, T, h, w)
+        h = hist.setdefault(name, torch.zeros(vocab, dtype=torch.float64, device=codes.device))
+        h.index_add_(0, codes.reshape(-1), mask.reshape(-1).to(h.dtype))
 
 
-def share_rank0_outcome(error: Optional[BaseException], rank: int, ddp: bool, device) -> None:
-    """The barrier after work that only rank 0 does (claiming the run folder).
-
-    One broadcast tells every rank whether rank 0 failed, so that all of them stop
-    at once with the same kind of one-line error. With a plain barrier, when rank
-    0 raised before reaching it, the other ranks would wait in it until
-    --dist-timeout (NCCL), or end in a traceback once rank 0's connections close
-    (gloo). torchrun stops its local workers when one fails; ranks on other
-    nodes, or ranks started by srun, are not stopped.
-    """
-    if ddp:
-        failed = torch.tensor([error is not None], dtype=torch.int32, device=device)   # NCCL takes no CPU tensors
-        dist.broadcast(failed, src=0)
-        if failed.item() and rank != 0:
-            raise ValueError("rank 0 stopped with an error before training (its message is on rank 0's stderr)")
-    if error is not None:
-        raise error
-
-
-def claim_run_dir(out_dir: str, cfg, rt: Runtime):
-    """Lock the run folder (rank 0) and decide what happens to a previous run in it.
-
-    --resume auto (default): continue its ckpt.pt (or ckpt.prev.pt) when there is one.
-    --overwrite: discard its files and start again. --resume no with a previous
-    run there: an error, never a silent wipe. A second process on the same
-    folder gets an error naming the first, on every rank. Returns (lock,
-    checkpoint path or None).
-    """
-    lock, error = None, None
-    if rt.rank == 0:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            if not os.access(out_dir, os.W_OK):
-                raise ValueError(f"--out: cannot write to {out_dir}")
-            # Under SLURM the lock names the job: a requeued job (same id, other nodes) takes over its own lock.
-            job = os.environ.get("SLURM_JOB_ID")
-            lock = data.FileLock(os.path.join(out_dir, "run.lock"), job=f"slurm-{job}" if job else None)
-            busy = lock.acquire()
-            if busy is not None:
-                lock = None
-                raise ValueError(f"{out_dir} is in use by another run ({busy}); wait for it or choose another --out")
-            if cfg.overwrite:
-                for name in RUN_FILES:
-                    if os.path.exists(os.path.join(out_dir, name)):
-                        os.remove(os.path.join(out_dir, name))
-        except USER_ERRORS as e:
-            error = e
-            if lock is not None:
-                lock.release()
-    share_rank0_outcome(error, rt.rank, rt.ddp, rt.device)            # rank 0 has cleaned up, or all stop
-    ckpt = os.path.join(out_dir, "ckpt.pt")
-    if cfg.resume == "auto":
-        found = [p for p in (ckpt, previous_path(ckpt)) if os.path.exists(p)]
-        return lock, (ckpt if found else None)
-    if cfg.resume != "no":
-        if not os.path.isfile(cfg.resume):
-            raise ValueError(f"--resume {cfg.resume}: no such file")
-        return lock, cfg.resume
-    there = [n for n in RUN_FILES[:4] if os.path.exists(os.path.join(out_dir, n))]
-    if there:
-        raise ValueError(f"{out_dir} holds a previous run ({', '.join(there)}); --resume auto continues it, "
-                         f"--overwrite discards it")
-    return lock, None
-
-
-
-# -----------------------------------------------------------------------------
-# The metrics log and the data position
-
-
-def start_log(out_dir: str, cfg, resumed_step: Optional[int]) -> str:
-    """Rank 0, before the loop: write config.json and prepare metrics.jsonl, whose path it returns.
-
-    A fresh run (resumed_step None) starts an empty log. A resumed run keeps the
-    training rows up to its checkpoint's step: a killed run may have logged steps
-    after its last checkpoint, and they are redone now (evaluation rows go too).
-    """
-    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
-    path = os.path.join(out_dir, "metrics.jsonl")
-    kept = []
-    if resumed_step is not None and os.path.exists(path):
-        kept = [json.dumps(r) + "\n" for r in read_metrics(path)              # training rows up to the checkpoint
-                if r["step"] <= resumed_step and "eval" not in r and "baselines" not in r]
-    write_atomic(path, "".join(kept))
-    return path
-
-
-def read_metrics(path: str) -> list:
-    """The rows of a metrics.jsonl; a torn line (a full disk, a kill mid-write) is skipped."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "step" in row:
-                rows.append(row)
-    return rows
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def accuracy_baselines(hist: dict, vocab: int) -> dict:
+    """{"acc_mim": {"uniform": 1/vocab, "majority": share of the most frequent code}, ...} from count_targets."""
+    return {f"acc_{name}": {"uniform": 1.0 / vocab, "majority": float(h.max() / h.sum())}
+            for name, h in sorted(hist.items()) if float(h.sum()) > 0}
 
 
 class EpochStream:
-    """The micro-batches of a training loader in order across epochs, with the position a checkpoint saves.
-
-    The position is (`epoch`, `step`): global steps taken from the current
-    epoch. An epoch's global batches (order, crops, masks) are a function of
-    the seed, the epoch and the global batch alone (data.GlobalBatchSampler,
-    data._RobustDataset), not of the process count, so a resumed run, on any
-    number of processes, starts the interrupted epoch at `step` and gets the
-    same global batches; the skipped ones are not decoded again.
-    """
+    """A loader's micro-batches across epochs, at the position a checkpoint saves: (`epoch`, `step`, global
+    steps taken from it). An epoch's global batches depend on the seed, the epoch and the global batch alone
+    (data.py), so a resume on any number of processes starts the epoch at `step`, decoding nothing skipped."""
 
     def __init__(self, loader, epoch: int = 0, step: int = 0):
         if step >= loader.steps_per_epoch:                        # saved right after an epoch's last step
@@ -1218,37 +1120,6 @@ class EpochStream:
         out = [next(self._it) for _ in range(n)]
         self.step += 1
         return out
-
-
-def count_targets(hist: dict, inputs: dict, vocab: int) -> None:
-    """Histogram of the masked target codes per stream, for the majority-code baseline:
-    the accuracy of always predicting the most frequent code (a fairer "chance" than 1/vocab).
-
-    Kept on the device with index_add_ (weights = the mask), so it needs no
-    boolean indexing and no read-back; the trainer reads it once, at the end.
-    """
-    for name, codes, mask in (("mvm", inputs.get("video_codes"), inputs.get("video_masks")),
-                              ("mim", inputs.get("image_codes"), inputs.get("image_masks"))):
-        if codes is None:
-            continue
-        if name == "mvm":
-            mask = bevt.target_mask(mask, codes.shape[1])                # (B, T, h, w)
-        h = hist.setdefault(name, torch.zeros(vocab, dtype=torch.float64, device=codes.device))
-        h.index_add_(0, codes.reshape(-1), mask.reshape(-1).to(h.dtype))
-
-
-def accuracy_baselines(hist: dict, vocab: int) -> dict:
-    """The two "chance" levels of the masked-token accuracy, per stream, from the target histograms
-    of count_targets: {"acc_mim": {"uniform": 1/vocab, "majority": share of the most frequent code}}."""
-    return {f"acc_{name}": {"uniform": 1.0 / vocab, "majority": float(h.max() / h.sum())}
-            for name, h in sorted(hist.items()) if float(h.sum()) > 0}
-
-
-
-def log(rank: int, *args) -> None:
-    """print on rank 0 only."""
-    if rank == 0:
-        print(*args, flush=True)
 
 
 def main(argv=None) -> dict:
