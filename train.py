@@ -146,6 +146,7 @@ CPU_PRESET = dict(
 STAGE_EPOCHS = {"image": 800, "video": 150, "joint": 150}   # §4.1
 CPU_STAGE_EPOCHS = {"image": 20, "video": 8, "joint": 8}    # CPU demo: ~600 and ~400 steps
 
+
 # -----------------------------------------------------------------------------
 # Optimiser and schedule (paper §4.1)
 
