@@ -36,9 +36,9 @@ def global_batch():
     imask[0:2, 1:4] = True
     def pixels(*shape):                                             # uint8, as data.py ships them
         return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-    return {"video": pixels(B, 3, T, S, S), "video_tok": pixels(B, 3, T, S // 2, S // 2),
+    return {"video": pixels(B, 3, T, S, S), "video_half": pixels(B, 3, T, S // 2, S // 2),
             "video_mask": vmask.expand(B, -1, -1, -1).clone(),
-            "image": pixels(N, 3, S, S), "image_tok": pixels(N, 3, S // 2, S // 2),
+            "image": pixels(N, 3, S, S), "image_half": pixels(N, 3, S // 2, S // 2),
             "image_mask": imask.expand(N, -1, -1).clone()}
 
 

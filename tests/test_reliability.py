@@ -45,7 +45,7 @@ def test_rerun_resumes_and_never_wipes_a_previous_run(syn, tmp_path):
     assert "resumed from" in r.stdout and "step 2" in r.stdout
     with open(tmp_path / "image" / "metrics.jsonl") as f:              # no gap, no rows of two runs
         assert [r["step"] for r in map(json.loads, f) if "loss" in r] == [1, 2, 3, 4]
-    assert (tmp_path / "image" / "curves.png").exists()
+    assert f"curves: python tools/plot.py {tmp_path / 'image'}" in r.stdout      # the trainer draws no picture
     r = run(base + ["--max-steps", "4", "--resume", "no"])            # a fresh start must be asked for
     assert r.returncode == 2
     assert "holds a previous run" in one_line(r.stderr) and "--overwrite" in r.stderr
@@ -143,9 +143,7 @@ def test_init_that_is_not_an_encoder_checkpoint_is_a_one_line_error(syn, tmp_pat
     assert r.returncode == 2
     msg = one_line(r.stderr)
     assert "not a checkpoint of this project" in msg and "weights_only=False" not in msg
-    tok = os.path.join(syn, "tokenizer_32.pt")                          # written by the earlier runs' fixture use
-    if not os.path.exists(tok):
-        run(args(syn, tmp_path / "b", "--stage", "image", "--max-steps", "1"))
+    tok = os.path.join(syn, "tokenizer_32.pt")                          # a file, but no encoder in it
     r = run(args(syn, tmp_path / "c", "--stage", "image", "--max-steps", "1", "--init", tok))
     assert r.returncode == 2 and "holds no encoder weights" in one_line(r.stderr)
 
@@ -156,7 +154,19 @@ def test_own_data_without_a_tokenizer_says_how_to_make_one(syn, tmp_path):
              "--video-list", os.path.join(vids, "train_motion.txt")])
     assert r.returncode == 2
     msg = one_line(r.stderr)
-    assert "--tokenizer is required with your own data" in msg and "tokenizer.py fit" in msg
+    assert "--tokenizer is required with your own data" in msg and "tools/tokenizer_tool.py fit" in msg
+
+
+def test_a_missing_synthetic_set_or_tokenizer_names_the_command_that_makes_it(syn, tmp_path):
+    """train.py reads the synthetic set, it does not make it: one line naming tools/synthetic.py,
+    before anything is written (no run folder claimed)."""
+    for data_dir, what in ((tmp_path / "none", "no synthetic set"), (syn, "no tokenizer")):
+        r = run(["--preset", "cpu", "--stage", "image", "--data", str(data_dir), "--out", str(tmp_path / "out"),
+                 "--tokenizer-vocab", "64"])
+        assert r.returncode == 2
+        msg = one_line(r.stderr)
+        assert what in msg and f"python tools/synthetic.py --out {data_dir}" in msg
+        assert not (tmp_path / "out").exists() and not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("cmd, expect", [

@@ -2,7 +2,7 @@
 kill-and-resume, stage initialisation and the non-finite-loss stop (paper §4.1).
 
 Each run is a real `train.py` process on a tiny synthetic data set written
-with PyAV by data.py (8 videos, 24 images, 96-px crops of 4 frames)."""
+with PyAV by tools/synthetic.py (conftest's `syn`: 8 videos, 24 images, 96-px crops of 4 frames)."""
 
 import json
 import os

@@ -1,8 +1,8 @@
 """Benchmark of one joint pretraining step (train.train_step + AdamW): precision, compile, checkpointing.
 
-    python tests/bench_train.py                                  # this CPU: cpu preset and Swin-T, fp32 vs bf16
-    python tests/bench_train.py --cases tiny --variants fp32,bf16,fp32+compile
-    python tests/bench_train.py --device cuda                    # a GPU: Swin-T/S/B/L at the paper's per-GPU batch,
+    python tools/bench_train.py                                  # this CPU: cpu preset and Swin-T, fp32 vs bf16
+    python tools/bench_train.py --cases tiny --variants fp32,bf16,fp32+compile
+    python tools/bench_train.py --device cuda                    # a GPU: Swin-T/S/B/L at the paper's per-GPU batch,
                                                                  # bf16, eager/compiled x checkpointing off/on, MFU
 
 Inputs (random uint8 pixels as data.py ships them, tube / blockwise masks at 50%; data
@@ -38,7 +38,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the component files
 import bevt  # noqa: E402
 import swin3d  # noqa: E402
 import tokenizer  # noqa: E402
@@ -66,9 +66,9 @@ def make_batch(c, device):
 
     def masks(gen, n):
         return torch.from_numpy(gen.batch(n)[0])                    # input masks (n, ...) bool
-    return {"video": pixels(c["clips"], 3, T, S, S), "video_tok": pixels(c["clips"], 3, T, S // 2, S // 2),
+    return {"video": pixels(c["clips"], 3, T, S, S), "video_half": pixels(c["clips"], 3, T, S // 2, S // 2),
             "video_mask": masks(masking.MaskGenerator("tube", (T, S, S), seed=0), c["clips"]),
-            "image": pixels(c["images"], 3, S, S), "image_tok": pixels(c["images"], 3, S // 2, S // 2),
+            "image": pixels(c["images"], 3, S, S), "image_half": pixels(c["images"], 3, S // 2, S // 2),
             "image_mask": masks(masking.MaskGenerator("block", (S, S), seed=1), c["images"])}
 
 

@@ -1,7 +1,7 @@
 """The prepared GPU check: run it whenever a GPU is lent (about 3-5 minutes on one GPU).
 
-    torchrun --standalone --nproc_per_node=1 tests/gpu_check.py [--out /tmp/gpu_check] [--skip-train]
-    python tests/gpu_check.py --cpu-dry-run       # the same code at toy sizes on a CPU (checks the script)
+    torchrun --standalone --nproc_per_node=1 tools/gpu_check.py [--out /tmp/gpu_check] [--skip-train]
+    python tools/gpu_check.py --cpu-dry-run       # the same code at toy sizes on a CPU (checks the script)
 
 Not collected by pytest (the project's tests run on CPUs). It exercises the
 code path a CUDA + NCCL run takes and prints the figures the README asks for;
@@ -32,15 +32,16 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the component files
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import bevt  # noqa: E402
-import data  # noqa: E402
 import swin3d  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
+from tools import synthetic  # noqa: E402
+from tools.bench_train import make_batch  # noqa: E402  (the benchmark's inputs: one definition)
 
 
 DRY = False          # --cpu-dry-run: toy sizes on the CPU
@@ -139,7 +140,6 @@ def check_step(device):
     tok = tokenizer.OfflineTokenizer(torch.rand(8192, 192)).to(device)
     opt = torch.optim.AdamW(train.param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
     clips, images, T, S = (1, 2, 4, 96) if DRY else (8, 64, 16, 224)
-    from bench_train import make_batch                              # the benchmark's inputs: one definition
     batch = make_batch(dict(clips=clips, images=images, frames=T, size=S), device)
 
     def step():
@@ -188,7 +188,7 @@ def main():
     print(f"torch {torch.__version__}, {name}, bf16 native: {train.bf16_supported(device)}", flush=True)
     root = os.path.join(args.out, "data")
     small = dict(n_train=8, n_val=2, images_train=4, images_val=1) if DRY else {}
-    data.ensure_synthetic(root, seed=0, verbose=False, **small)
+    synthetic.prepare(root, seed=0, verbose=False, **small)        # the set and its offline tokenizer
     failures = 0
     checks = [("sdpa", lambda: check_sdpa(device)),
               ("tokenizer", lambda: check_tokenizer(device, args.tokenizer, os.path.join(root, "images", "train"))),

@@ -1,4 +1,4 @@
-"""Pictures of a run (train.py's draw_curves / plot_runs / plot_main) on metrics files written here.
+"""Pictures of a run (tools/plot.py: draw_curves / plot_runs / main) on metrics files written here.
 
 Each picture is checked two ways: the record draw_curves returns (which panels and
 series it drew) and the pixels of the PNG itself (a series' exact colour is present
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train
+from tools import plot
 
-ORANGE = train.SERIES_COLOURS["acc_mvm"]            # one run: the MVM stream's colour
+ORANGE = plot.SERIES_COLOURS["acc_mvm"]            # one run: the MVM stream's colour
 
 
 def pretrain_rows(stage: str, n: int = 60, seed: int = 0, acc_top: float = 0.3) -> list:
@@ -58,10 +58,10 @@ def count(img: Image.Image, colour: tuple, box=None) -> int:
 def test_joint_run_gives_the_four_panels_at_the_documented_size(tmp_path):
     run = write_run(tmp_path / "joint", pretrain_rows("joint"))
     out = tmp_path / "cmp.png"
-    rec = train.plot_runs([run], str(out))
+    rec = plot.plot_runs([run], str(out))
     img = Image.open(out)
     # Two columns of panels: loss, accuracy / learning rate, gradient norm; one line of run names.
-    assert img.size == (train.CURVE_W, train.CURVE_HEADER_H + train.CURVE_RUN_LINE_H + 2 * train.CURVE_PANEL_H)
+    assert img.size == (plot.CURVE_W, plot.CURVE_HEADER_H + plot.CURVE_RUN_LINE_H + 2 * plot.CURVE_PANEL_H)
     assert rec["size"] == img.size
     assert [p["title"] for p in rec["panels"]] == ["loss", "masked-token accuracy", "learning rate", "gradient norm"]
     assert [s["key"] for s in panel(rec, "loss")["series"]] == ["loss", "loss_mim", "loss_mvm"]
@@ -75,33 +75,33 @@ def test_joint_run_gives_the_four_panels_at_the_documented_size(tmp_path):
 def test_a_series_absent_from_every_row_is_left_out_not_drawn_as_zeros(tmp_path):
     run = write_run(tmp_path / "image", pretrain_rows("image"))
     out = tmp_path / "image.png"
-    rec = train.plot_runs([run], str(out))
+    rec = plot.plot_runs([run], str(out))
     acc = panel(rec, "masked-token accuracy")
     assert [s["key"] for s in acc["series"]] == ["acc_mim"]
     assert all(s["key"] not in ("loss_mvm", "acc_mvm") for p in rec["panels"] for s in p["series"])
     img = Image.open(out)
     assert count(img, ORANGE) == 0                        # not a single pixel of the MVM colour, anywhere
-    assert count(img, train.SERIES_COLOURS["acc_mim"], acc["box"]) > 50
+    assert count(img, plot.SERIES_COLOURS["acc_mim"], acc["box"]) > 50
     # A key present in some rows only: drawn over those rows, the others are not zeros.
     rows = pretrain_rows("joint")
     for r in rows[:40]:
         del r["acc_mvm"]
-    rec = train.draw_curves({"late": rows}, str(tmp_path / "late.png"))
+    rec = plot.draw_curves({"late": rows}, str(tmp_path / "late.png"))
     assert {s["key"]: s["n"] for s in panel(rec, "masked-token accuracy")["series"]} == {"acc_mim": 60, "acc_mvm": 20}
 
 
 def test_torn_last_line_is_tolerated(tmp_path):
     run = write_run(tmp_path / "killed", pretrain_rows("image", n=30), torn='{"step": 31, "loss": 3.')
-    rec = train.plot_runs([run], str(tmp_path / "killed.png"))
+    rec = plot.plot_runs([run], str(tmp_path / "killed.png"))
     assert panel(rec, "loss")["series"][0]["n"] == 30
-    assert Image.open(tmp_path / "killed.png").size[0] == train.CURVE_W
+    assert Image.open(tmp_path / "killed.png").size[0] == plot.CURVE_W
 
 
 def test_two_runs_overlay_in_distinct_colours(tmp_path):
     a = write_run(tmp_path / "a", pretrain_rows("joint", seed=1, acc_top=0.3))
     b = write_run(tmp_path / "b", pretrain_rows("joint", seed=2, acc_top=0.6))
     out = tmp_path / "cmp.png"
-    rec = train.plot_runs([a, b], str(out))
+    rec = plot.plot_runs([a, b], str(out))
     ca, cb = rec["runs"][a], rec["runs"][b]
     assert ca != cb
     acc = panel(rec, "masked-token accuracy")
@@ -110,7 +110,7 @@ def test_two_runs_overlay_in_distinct_colours(tmp_path):
     img = Image.open(out)
     assert count(img, ca, acc["box"]) > 50 and count(img, cb, acc["box"]) > 50
     # The same folder twice is two runs, not one overwriting the other.
-    rec = train.plot_runs([a, a], str(tmp_path / "twice.png"))
+    rec = plot.plot_runs([a, a], str(tmp_path / "twice.png"))
     assert len(rec["runs"]) == 2
 
 
@@ -134,7 +134,7 @@ def finetune_rows(n: int = 40, evals=(20, 40)) -> list:
 def test_finetune_eval_rows_give_a_validation_top1_series_at_their_values(tmp_path):
     run = write_run(tmp_path / "ft", finetune_rows())
     out = tmp_path / "ft.png"
-    rec = train.plot_runs([run], str(out))
+    rec = plot.plot_runs([run], str(out))
     assert [p["title"] for p in rec["panels"]] == ["loss", "classification accuracy", "learning rate",
                                                    "gradient norm"]       # no masked-token panel
     cls = panel(rec, "classification accuracy")
@@ -158,7 +158,7 @@ def test_baselines_from_the_argument_and_from_a_row_are_dashed_lines_at_their_va
     rows.append({"step": 60, "baselines": {"acc_mim": {"uniform": 1 / 256, "majority": 0.05},
                                            "acc_mvm": {"majority": 0.07}}})   # no MVM line: no MVM baseline
     out = tmp_path / "b.png"
-    rec = train.draw_curves({"run": rows}, str(out), baselines={"acc_mim": {"uniform": 1 / 256}})
+    rec = plot.draw_curves({"run": rows}, str(out), baselines={"acc_mim": {"uniform": 1 / 256}})
     acc = panel(rec, "masked-token accuracy")
     got = {(b["name"], round(b["value"], 4)) for b in acc["baselines"]}
     assert got == {("uniform", round(100 / 256, 4)), ("majority", 5.0)}       # the two uniforms are one line
@@ -167,7 +167,7 @@ def test_baselines_from_the_argument_and_from_a_row_are_dashed_lines_at_their_va
     ya, yb = acc["yrange"]
     y = y0 + (y1 - y0 - 1) - (5.0 - ya) / (yb - ya) * (y1 - y0 - 1)
     img = Image.open(out)
-    grey = max(count(img, train.BASELINE_GREY, (x0, r, x1, r + 1)) for r in range(round(y) - 1, round(y) + 2))
+    grey = max(count(img, plot.BASELINE_GREY, (x0, r, x1, r + 1)) for r in range(round(y) - 1, round(y) + 2))
     assert grey > 0.3 * (x1 - x0)                                             # dashes across the panel
 
 
@@ -175,45 +175,65 @@ def test_nan_inf_one_row_and_constant_series(tmp_path):
     nan, inf = float("nan"), float("inf")
     rows = [{"step": s, "lr": 1e-3, "loss": nan if s % 5 == 0 else 2.0, "acc": 0.5,
              "grad_norm": inf if s == 3 else 1.0} for s in range(1, 21)]
-    rec = train.draw_curves({"c": rows}, str(tmp_path / "c.png"), smooth=4)
+    rec = plot.draw_curves({"c": rows}, str(tmp_path / "c.png"), smooth=4)
     n = {s["key"]: s["n"] for p in rec["panels"] for s in p["series"]}
     assert n == {"loss": 16, "acc": 20, "lr": 20, "grad_norm": 19}
     lo, hi = panel(rec, "loss")["yrange"]
     assert lo < 2.0 < hi                                                      # a constant gets a band
-    rec = train.draw_curves({"one": pretrain_rows("joint", n=1)}, str(tmp_path / "one.png"))
+    rec = plot.draw_curves({"one": pretrain_rows("joint", n=1)}, str(tmp_path / "one.png"))
     assert all(s["n"] == 1 for p in rec["panels"] for s in p["series"])
     assert Image.open(tmp_path / "one.png").size == rec["size"]
     with pytest.raises(ValueError, match="nothing to draw"):
-        train.draw_curves({"empty": [{"step": 1, "loss": nan}]}, str(tmp_path / "e.png"))
+        plot.draw_curves({"empty": [{"step": 1, "loss": nan}]}, str(tmp_path / "e.png"))
 
 
 def test_resumed_log_keeps_the_later_rows_of_a_repeated_step():
     rows = [{"step": s, "loss": 1.0} for s in range(1, 11)] + [{"step": s, "loss": 2.0} for s in range(6, 13)]
-    s, v = train.curve_data(rows)["train"]["loss"]
+    s, v = plot.curve_data(rows)["train"]["loss"]
     assert s.tolist() == list(range(1, 13))
     assert v.tolist() == [1.0] * 5 + [2.0] * 7
 
 
 def test_moving_average_is_trailing_over_steps_and_ticks_are_round():
     s = np.arange(1, 6, dtype=float)
-    assert train.moving_average(s, s.copy(), 3).tolist() == [1.0, 1.5, 2.0, 3.0, 4.0]
+    assert plot.moving_average(s, s.copy(), 3).tolist() == [1.0, 1.5, 2.0, 3.0, 4.0]
     # Counted in steps, not rows: a log every 10 steps, a 15-step window holds two rows.
-    assert train.moving_average(np.array([10.0, 20, 30]), np.array([0.0, 4, 8]), 15).tolist() == [0.0, 2.0, 6.0]
-    ticks, lo, hi = train.nice_ticks(0.0, 0.93)
-    assert (lo, hi) == (0.0, 1.0) and train.tick_labels(ticks) == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
-    ticks, _, _ = train.nice_ticks(0.0, 2.5e-5)
-    assert train.tick_labels(ticks) == ["0", "5e-6", "1e-5", "1.5e-5", "2e-5", "2.5e-5"]
-    assert train.nice_ticks(1.0, 13.0, target=6, expand=False, min_step=1)[0] == [2, 4, 6, 8, 10, 12]
+    assert plot.moving_average(np.array([10.0, 20, 30]), np.array([0.0, 4, 8]), 15).tolist() == [0.0, 2.0, 6.0]
+    ticks, lo, hi = plot.nice_ticks(0.0, 0.93)
+    assert (lo, hi) == (0.0, 1.0) and plot.tick_labels(ticks) == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    ticks, _, _ = plot.nice_ticks(0.0, 2.5e-5)
+    assert plot.tick_labels(ticks) == ["0", "5e-6", "1e-5", "1.5e-5", "2e-5", "2.5e-5"]
+    assert plot.nice_ticks(1.0, 13.0, target=6, expand=False, min_step=1)[0] == [2, 4, 6, 8, 10, 12]
 
 
-def test_plot_subcommand(tmp_path, capsys):
+def test_command_line_draws_one_run_folder_or_compares_several(tmp_path, capsys):
     run = write_run(tmp_path / "r", pretrain_rows("image", n=10))
-    rec = train.plot_main([run, "--out", str(tmp_path / "o.png"), "--smooth", "3"])
-    assert (tmp_path / "o.png").exists() and len(rec["panels"]) == 4
+    rec = plot.main([run, str(run), "--out", str(tmp_path / "o.png"), "--smooth", "3"])
+    assert (tmp_path / "o.png").exists() and len(rec["panels"]) == 4 and len(rec["runs"]) == 2
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
-        train.plot_main([run, str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")])
+        plot.main([run, str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path / "empty") in err and "metrics.jsonl" in err
     assert not (tmp_path / "x.png").exists()
+    with pytest.raises(SystemExit) as e:                                  # several runs need a picture to go to
+        plot.main([run, run])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_a_run_folder_gets_its_curves_png_titled_from_its_config(tmp_path):
+    """What the trainers drew themselves: <run>/curves.png, a pretraining stage's or a finetuning task's."""
+    run = tmp_path / "bevt" / "joint"
+    write_run(run, pretrain_rows("joint") + [{"step": 60, "baselines": {"acc_mvm": {"majority": 0.07}}}])
+    (run / "config.json").write_text(json.dumps({"stage": "joint", "model": "cpu"}))
+    rec = plot.main([str(run)])
+    assert rec["path"] == str(run / "curves.png") and Image.open(rec["path"]).size == rec["size"]
+    assert plot.run_title(str(run)) == f"BEVT joint stage, cpu ({run})"
+    assert [b["name"] for b in panel(rec, "masked-token accuracy")["baselines"]] == ["majority"]
+    ft = tmp_path / "ft" / "motion"
+    write_run(ft, finetune_rows())
+    (ft / "config.json").write_text(json.dumps({"recipe": "k400", "model": "cpu"}))
+    rec = plot.main([str(ft)])
+    assert (ft / "curves.png").exists() and "classification accuracy" in [p["title"] for p in rec["panels"]]
+    assert plot.run_title(str(ft)) == f"finetune motion, cpu ({ft})"
