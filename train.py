@@ -1086,7 +1086,7 @@ def count_targets(hist: dict, inputs: dict, vocab: int) -> None:
         if codes is None:
             continue
         if name == "mvm":
-            mask = bevt.target_mask(mask, codes.shape[1])                # (B, T, h, w)
+            mask = masking.target_mask(mask, codes.shape[1])                # (B, T, h, w)
         h = hist.setdefault(name, torch.zeros(vocab, dtype=torch.float64, device=codes.device))
         h.index_add_(0, codes.reshape(-1), mask.reshape(-1).to(h.dtype))
 

@@ -553,9 +553,9 @@ def test_training_targets_are_the_codes_of_each_frame_of_the_tokenizer_copy():
     image_tok = torch.stack(half[:3])                                                            # (3, 3, 16, 24)
     g = torch.Generator().manual_seed(0)
     batch = {"video": torch.randint(0, 256, (2, 3, 3, 32, 48), generator=g, dtype=torch.uint8),
-             "video_mask": torch.zeros(2, 2, 2, 3, dtype=torch.bool), "video_tok": video_tok,
+             "video_mask": torch.zeros(2, 2, 2, 3, dtype=torch.bool), "video_half": video_tok,
              "image": torch.randint(0, 256, (3, 3, 32, 48), generator=g, dtype=torch.uint8),
-             "image_mask": torch.zeros(3, 2, 3, dtype=torch.bool), "image_tok": image_tok}
+             "image_mask": torch.zeros(3, 2, 3, dtype=torch.bool), "image_half": image_tok}
     inputs = train.model_inputs(batch, tok, torch.device("cpu"))
     assert torch.equal(inputs["video_codes"], torch.tensor(MAPS).view(2, 3, 2, 3))
     assert torch.equal(inputs["image_codes"], torch.tensor(MAPS[:3]))
@@ -563,7 +563,7 @@ def test_training_targets_are_the_codes_of_each_frame_of_the_tokenizer_copy():
     assert torch.equal(inputs["videos"], data.normalize_batch(batch["video"]))
     assert torch.equal(inputs["images"], data.normalize_batch(batch["image"]))
     # The same copies as uint8 (how the loaders ship them) give the same codes.
-    as_u8 = {**batch, "video_tok": data.to_uint8(video_tok), "image_tok": data.to_uint8(image_tok)}
+    as_u8 = {**batch, "video_half": data.to_uint8(video_tok), "image_half": data.to_uint8(image_tok)}
     assert torch.equal(train.model_inputs(as_u8, tok, torch.device("cpu"))["video_codes"], inputs["video_codes"])
 
 

@@ -240,7 +240,7 @@ MUTATIONS = [
       [("x = x.transpose(1, 2).reshape(B * T, 3, h, w)", "x = x.reshape(B * T, 3, h, w)")],
       "tokenizer", "target codes of a clip from frames cut without moving T next to B"),
     M("image-codes-of-encoder-input", "train.py",
-      [("tok.codes_of_copy(batch[f\"{stream}_tok\"]", "tok.codes_of_copy(batch[stream]")],
+      [("tok.codes_of_copy(batch[f\"{stream}_half\"]", "tok.codes_of_copy(batch[stream]")],
       "train", "targets tokenized from the encoder input instead of the tokenizer copy"),
     M("warmup-off-by-one", "train.py",
       [("return lr * (step + 1) / warmup", "return lr * step / warmup")],
