@@ -612,7 +612,7 @@ def check_files(ann: data.PathLike, root: data.PathLike, threads: int = 0, quick
                     ref, decoded = {}, 0
                     for i, frame in enumerate(container.decode(stream)):
                         if i in probe:
-                            ref[i] = frame.to_ndarray(format="rgb24")
+                            ref[i] = data._rgb(frame)
                         decoded += 1
                 if decoded == 0:
                     bad.append((str(path), "zero frames"))
