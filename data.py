@@ -356,14 +356,10 @@ def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = N
 
     frames: uint8 (*idx.shape, H, W, 3) RGB; idx = sample(num_frames), the
     frame indices (any shape, e.g. (clips, T)); sample None takes every frame.
-    Frame i as defined above. Only frames from the
-    keyframe before min(idx) to max(idx) are decoded, after a seek whose
-    landing is checked; where the file's timestamps cannot place frames, from
-    the start (slow path, logged once per file). Only the needed frames are
-    converted to RGB. Raises BadMedia if the file cannot be opened, has no
-    frames, or a needed frame never arrives (truncated file, or a frame count
-    larger than what decodes). `num_frames` skips the count when the caller
-    knows it (the data sets cache it).
+    Only frames from the keyframe before min(idx) to max(idx) are decoded, and
+    only the needed ones converted to RGB. Raises BadMedia if the file cannot
+    be opened, has no frames, or a needed frame never arrives (truncated).
+    `num_frames` skips the count when the caller knows it (the data sets cache it).
     """
     try:
         container, stream = _open_video(path, threads)
@@ -1127,16 +1123,13 @@ def _frame_rate(stream) -> Optional[Fraction]:
 def _scan(container, stream, path: Optional[PathLike] = None) -> tuple[int, Optional[str], Optional[set]]:
     """(frame count, why timestamps cannot place frames or None, keyframe timestamps or None).
 
-    The count is the pictures with data, one per packet. MP4/MOV store it
-    (the sample table): nothing is read, and the stream's duration checks
-    that the n frames are 1/fps apart. AVI's header counts its empty "drop
-    frame" chunks too, which decode to nothing; its index lists the chunks
-    with data, numbered in time including the drops, so the gaps show.
-    Other containers (Matroska/WebM, MPEG-TS/PS, ...) store no count: the
-    packets are demuxed, not decoded (cheap next to a decode), then the
-    container rewinds; their timestamps must be the 1/fps grid, and the
-    keyframes' are kept for the seek check. A file whose timestamps fail is
-    noted for the slow path (`path`).
+    The count is the pictures with data, one per packet. MP4/MOV store it (the
+    duration checks that the n frames are 1/fps apart). AVI's header also counts
+    empty "drop frame" chunks; its index lists the chunks with data, numbered in
+    time, so the gaps show. Other containers store no count: the packets are
+    demuxed (not decoded), their timestamps checked against the 1/fps grid and
+    the keyframes' kept for the seek check; then the container rewinds. A file
+    whose timestamps fail is noted for the slow path (`path`).
     """
     rate, tb = _frame_rate(stream), stream.time_base
     fmt = container.format.name
@@ -1212,13 +1205,9 @@ def _note_slow(path, reason: str) -> None:
 
 def _decode_indices(container, stream, wanted: np.ndarray, path: Optional[PathLike] = None,
                     keys: Optional[set] = None) -> dict[int, np.ndarray]:
-    """{index: (H, W, 3) uint8} for the sorted frame indices `wanted`.
-
-    Seeks (the fast path, checked) when the first needed frame is not frame 0
-    and the file is not known to need the slow path, else and whenever the
-    seek check fails, decodes from the start. `keys`: the keyframe timestamps
-    from _scan, if it ran; `path` names the file for the slow-path record.
-    """
+    """{index: (H, W, 3) uint8} for the sorted frame indices `wanted`: after a checked seek when the
+    first needed frame is not frame 0 and the file is not known to need the slow path, else (and
+    whenever the seek check fails) from the start. `keys`: the keyframe timestamps from _scan, if it ran."""
     first, key = int(wanted[0]), str(path)
     if first > 0 and key not in _SLOW:
         if keys is None and container.format.name not in _SEEK_BY_INDEX:
@@ -1545,18 +1534,15 @@ class _KeyedBatches(Sampler):
 class EpochLoader:
     """A DataLoader with `set_epoch`, yielding dicts.
 
-    Training (drop_last=True): the micro-batches of this process's share of
-    every global batch (GlobalBatchSampler: `accum` micro-batches of
-    `batch_size` per global step, `steps_per_epoch` steps per epoch); `len()`
-    is the micro-batches of a whole epoch. set_epoch(e, start) also sets
-    `dataset.epoch = e` and `dataset.seed`, which key every sample's random
-    choices, so an epoch's batches are a function of (seed, epoch) and the
+    Training (drop_last=True): this process's `accum` micro-batches of
+    `batch_size` of every global batch (GlobalBatchSampler); `len()` is the
+    micro-batches of a whole epoch. Every index travels with its key (index,
+    seed, epoch), so an epoch's batches are a function of (seed, epoch) and the
     global batch, not of the rank, the workers or the trainer's RNG use.
     Evaluation (drop_last=False): DistributedSampler shards, which keep every
     sample (the last shard is padded with repeats; drop them by `index`).
-    Each batch's `skipped` entries are logged once per path and counted;
-    `skipped` (this epoch) and `skipped_total` hold the counts, and with
-    `report=True` the end of every epoch prints them (rank 0).
+    Each batch's `skipped` entries are logged once per path and counted in
+    `skipped` (this epoch) and `skipped_total`; `report=True` prints them per epoch (rank 0).
     """
 
     def __init__(self, dataset: _RobustDataset, batch_size: int, *, shuffle: bool, drop_last: bool,

@@ -924,7 +924,7 @@ def test_ensure_synthetic_is_safe_for_concurrent_ranks(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Dataset preparation: `python data.py lists | resize | check`
+# Dataset preparation: `python tools/prepare_data.py lists | resize | check`
 #
 # Real CSV/JSON files in the official formats, real videos written with PyAV;
 # the expected lists are written out by hand from the conventions (file names

@@ -259,7 +259,7 @@ def test_frame_threads_change_nothing(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# The slow path and `data.py check`
+# The slow path and `python tools/prepare_data.py check`
 
 
 def test_slow_path_is_logged_once_and_exact(tmp_path, caplog):

@@ -6,7 +6,7 @@
 Two sources of 16-frame pretraining clips (PretrainClipTransform: rescale,
 crop, flip, Lanczos half-size tokenizer copy, normalise, tube mask):
 
-1. the synthetic set (`data.py make-synthetic`, generated into --data if
+1. the synthetic set (`python tools/synthetic.py`, generated into --data if
    missing): 128x160 H.264, 32 frames, keyframe every 16; CPU-demo recipe
    16 frames x interval 2, short side [128, 160], 112-px crops;
 2. a Kinetics-like file written here: 256x340 (256-px short side, as the

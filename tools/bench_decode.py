@@ -6,7 +6,7 @@
 Four sources, the same frame indices for both versions, decoder threads 1
 (as in a DataLoader worker):
 
-1. the synthetic set (`data.py make-synthetic`, generated into --data if
+1. the synthetic set (`python tools/synthetic.py`, generated into --data if
    missing): 128x160 H.264 mp4, 32 frames at 16 fps, a keyframe every 16;
    the CPU-demo recipe, 16 frames x interval 2 at a random offset;
 2. a long file written here (cached in --data): 3000 frames (100 s at

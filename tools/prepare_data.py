@@ -284,7 +284,7 @@ def write_list(rows: list, out: data.PathLike, root: Optional[data.PathLike] = N
 def make_lists(dataset: str, ann: data.PathLike, out: data.PathLike, classes: Optional[data.PathLike] = None,
                ext: Optional[str] = None, prefix: str = "", root: Optional[data.PathLike] = None,
                layout: str = "flat", labels: Optional[data.PathLike] = None, vocab: Optional[data.PathLike] = None) -> str:
-    """`python data.py lists DATASET ...`: write the list (and the class-name file) -> a one-line summary."""
+    """`python tools/prepare_data.py lists DATASET ...`: write the list (and the class-name file) -> a one-line summary."""
     out = Path(out)
     classes = Path(classes) if classes else out.parent / f"{dataset}_classes.txt"
     ext = LIST_EXTS[dataset] if ext is None else ext
