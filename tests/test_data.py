@@ -23,6 +23,8 @@ import data
 import finetune
 import tokenizer
 from masking import MaskGenerator
+from tools import prepare_data
+from tools import synthetic as synth
 
 # A tiny synthetic set shared by several tests: 24 + 8 videos of 16 frames,
 # 64 x 80 px, 4 + 2 images per class. Object radius 5-7.7 px, speed 1-1.8 px/frame.
@@ -31,7 +33,7 @@ TINY = dict(n_train=24, n_val=8, images_train=4, images_val=2, frames=16, height
 
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
-    return data.ensure_synthetic(tmp_path_factory.mktemp("syn") / "set", seed=0, verbose=False, **TINY)
+    return synth.make_synthetic_set(tmp_path_factory.mktemp("syn") / "set", seed=0, verbose=False, **TINY)
 
 
 def level_clip(n=40, h=64, w=80):
@@ -62,7 +64,7 @@ def write_list(path, rows):
 def test_decode_real_video_frames_and_pixels(tmp_path, codec, ext):
     written = level_clip()
     path = tmp_path / f"clip.{ext}"
-    data.write_video(path, written, fps=25, codec=codec, gop=8)
+    synth.write_video(path, written, fps=25, codec=codec, gop=8)
     assert data.count_frames(path) == 40          # webm has no stored count: counted by demuxing
 
     frames, idx, n = data.read_video(path)
@@ -124,13 +126,13 @@ def _bad_files(tmp_path):
     mid-data (index first), zero frames, missing."""
     rows = []
     for k in range(4):
-        data.write_video(tmp_path / f"good{k}.mp4", level_clip(24), gop=8)
+        synth.write_video(tmp_path / f"good{k}.mp4", level_clip(24), gop=8)
         rows.append((f"good{k}.mp4", k))
     (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
     good = (tmp_path / "good0.mp4").read_bytes()
     (tmp_path / "truncated.mp4").write_bytes(good[: len(good) // 2])       # PyAV writes the index last
     faststart = tmp_path / "faststart.mp4"
-    data.write_video(faststart, np.random.default_rng(1).integers(0, 256, (24, 64, 80, 3), np.uint8),
+    synth.write_video(faststart, np.random.default_rng(1).integers(0, 256, (24, 64, 80, 3), np.uint8),
                      gop=8, options={"movflags": "faststart"})
     raw = faststart.read_bytes()
     (tmp_path / "cut.mp4").write_bytes(raw[: len(raw) // 2])               # index first, frames cut short
@@ -423,16 +425,16 @@ def test_pretrain_clip_one_crop_and_flip_for_all_frames_and_tokenizer_copy():
     tf = data.PretrainClipTransform(crop=96, short_side=(100, 130), mask_gen=gen)
     for _ in range(5):
         out = tf(frames)
-        v, tok = out["video"], out["video_tok"]
+        v, tok = out["video"], out["video_half"]
         # Samples ship as uint8 (4x fewer bytes through shared memory); the trainer normalises.
         assert v.shape == (3, 4, 96, 96) and v.dtype == torch.uint8 and tok.dtype == torch.uint8
         assert tok.shape == (3, 4, 48, 48)                                   # the tokenizer copy is half size
-        assert out["video_mask"].shape == (2, 6, 6) and out["video_target"].shape == (4, 6, 6)
+        assert out["video_mask"].shape == (2, 6, 6)
         assert out["video_mask"].dtype == torch.bool
         for t in range(1, 4):                                                # same crop and flip in every frame
             assert torch.equal(v[:, t], v[:, 0]) and torch.equal(tok[:, t], tok[:, 0])
         pixels = data.to_float(v.transpose(0, 1))                            # (T, 3, H, W) in [0, 1]
-        # video_tok is the same crop as video, Lanczos-halved, then rounded to 8 bits.
+        # video_half is the same crop as video, Lanczos-halved, then rounded to 8 bits.
         half = tokenizer.half_copy(pixels).transpose(0, 1) * 255
         assert (half - tok.float()).abs().max() <= 0.5 + 1e-3
         # On the device, normalisation gives exactly what normalising in the worker gave.
@@ -445,7 +447,7 @@ def test_pretrain_image_ships_uint8_and_its_own_tokenizer_copy():
     img = np.random.default_rng(2).integers(0, 256, (100, 120, 3), np.uint8)
     tf = data.PretrainImageTransform(crop=96, short_side=(100, 130), mask_gen=MaskGenerator("block", (96, 96), seed=0))
     out = tf(img)
-    x, tok = out["image"], out["image_tok"]
+    x, tok = out["image"], out["image_half"]
     assert x.shape == (3, 96, 96) and x.dtype == torch.uint8 and tok.shape == (3, 48, 48) and tok.dtype == torch.uint8
     half = tokenizer.half_copy(data.to_float(x[None]))[0] * 255            # the copy is of the 8-bit image
     assert (half - tok.float()).abs().max() <= 0.5 + 1e-3
@@ -728,10 +730,10 @@ def test_joint_loader_ratio_and_image_cycling(synthetic):
     batches = list(joint)
     assert len(batches) == 4                                                # images cycled 4 times per epoch
     for b in batches:
-        assert b["video"].shape == (2, 3, 4, 96, 96) and b["video_tok"].shape == (2, 3, 4, 48, 48)
-        assert b["video_mask"].shape == (2, 2, 6, 6) and b["video_target"].shape == (2, 4, 6, 6)
-        assert b["image"].shape == (16, 3, 96, 96) and b["image_tok"].shape == (16, 3, 48, 48)
-        assert b["image_mask"].shape == (16, 6, 6) and b["image_target"].shape == (16, 6, 6)
+        assert b["video"].shape == (2, 3, 4, 96, 96) and b["video_half"].shape == (2, 3, 4, 48, 48)
+        assert b["video_mask"].shape == (2, 2, 6, 6) and "video_target" not in b
+        assert b["image"].shape == (16, 3, 96, 96) and b["image_half"].shape == (16, 3, 48, 48)
+        assert b["image_mask"].shape == (16, 6, 6) and "image_target" not in b
         assert {"video_label", "video_index", "image_label", "image_index"} <= set(b)
     assert joint.images.epoch == 3 * joint.passes + 3                       # its own epochs, from 3*P on
 
@@ -760,9 +762,9 @@ def _files(root):
 
 def test_synthetic_is_deterministic_from_its_seed(tmp_path):
     small = dict(n_train=3, n_val=1, images_train=2, images_val=1, frames=8, height=32, width=40)
-    a = _files(data.make_synthetic(tmp_path / "a", seed=5, **small))
-    b = _files(data.make_synthetic(tmp_path / "b", seed=5, **small))
-    c = _files(data.make_synthetic(tmp_path / "c", seed=6, **small))
+    a = _files(synth.make_synthetic(tmp_path / "a", seed=5, **small))
+    b = _files(synth.make_synthetic(tmp_path / "b", seed=5, **small))
+    c = _files(synth.make_synthetic(tmp_path / "c", seed=6, **small))
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), [str(k) for k in a if a[k] != b.get(k)]
     assert any(k.suffix == ".mp4" for k in a) and any(k.suffix == ".png" for k in a) \
         and any(k.suffix == ".jpg" for k in a)
@@ -828,8 +830,8 @@ def test_synthetic_labels_motion_needs_time_appearance_does_not(synthetic):
     appearance = dict(data.read_annotations(videos / "train_appearance.txt", videos))
     assert (videos / "classes_motion.txt").read_text().split() == ["right", "left"]
     colours = (videos / "classes_appearance.txt").read_text().split()
-    assert colours == sorted(data.COLOURS)
-    palette = np.array([data.COLOURS[c] for c in colours], np.float32)      # (6, 3) RGB
+    assert colours == sorted(synth.COLOURS)
+    palette = np.array([synth.COLOURS[c] for c in colours], np.float32)      # (6, 3) RGB
     g = torch.Generator().manual_seed(0)
     right = shuffled = 0
     for path, label in motion:
@@ -844,7 +846,7 @@ def test_synthetic_labels_motion_needs_time_appearance_does_not(synthetic):
         shift = _background_shift(frames[0], frames[8])                     # the texture pans the same way
         assert _direction(np.array([[0, 0], shift]), (1e9, 1e9), [0, 1]) == label
         pan = np.hypot(*shift) / 8                                          # px per frame
-        assert data.PAN_FRAC[0] * TINY["width"] - 0.3 < pan < data.PAN_FRAC[1] * TINY["width"] + 0.3
+        assert synth.PAN_FRAC[0] * TINY["width"] - 0.3 < pan < synth.PAN_FRAC[1] * TINY["width"] + 0.3
         right += 1
     assert right == TINY["n_train"]
     assert shuffled / right < 0.8                                           # shuffling destroys it: chance 0.5
@@ -875,8 +877,8 @@ def test_synthetic_single_frame_classifier_is_at_chance_on_motion():
     rng = np.random.default_rng(0)
     X, ya, ym = [], [], []
     for k in range(480):
-        p = data._syn_params(11, "train", k, 64, 80)
-        frame = data.render_synthetic(p, [int(rng.integers(32))], 64, 80)[0]
+        p = synth._syn_params(11, "train", k, 64, 80)
+        frame = synth.render_synthetic(p, [int(rng.integers(32))], 64, 80)[0]
         X.append(_frame_features(frame))
         ya.append(p["colour"])
         ym.append(p["direction"])
@@ -894,7 +896,7 @@ def test_synthetic_single_frame_classifier_is_at_chance_on_motion():
 
 def _ensure_in_process(root, q):
     try:
-        q.put(str(data.ensure_synthetic(root, seed=1, verbose=False, n_train=4, n_val=2, images_train=1,
+        q.put(str(synth.make_synthetic_set(root, seed=1, verbose=False, n_train=4, n_val=2, images_train=1,
                                         images_val=1, frames=8, height=32, width=40)))
     except Exception as e:                                                  # report instead of hanging
         q.put(repr(e))
@@ -914,15 +916,15 @@ def test_ensure_synthetic_is_safe_for_concurrent_ranks(tmp_path):
     assert (root / "DONE").exists() and len(list((root / "videos" / "train").glob("*.mp4"))) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]             # no temp folder, no lock left
     with pytest.raises(ValueError, match="made with"):
-        data.ensure_synthetic(root, seed=2, verbose=False)                  # another seed: refuse, do not mix
+        synth.make_synthetic_set(root, seed=2, verbose=False)                  # another seed: refuse, do not mix
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="foreign"):
-        data.ensure_synthetic(tmp_path / "foreign", verbose=False)
+        synth.make_synthetic_set(tmp_path / "foreign", verbose=False)
 
 
 # -----------------------------------------------------------------------------
-# Dataset preparation: `python data.py lists | resize | check`
+# Dataset preparation: `python tools/prepare_data.py lists | resize | check`
 #
 # Real CSV/JSON files in the official formats, real videos written with PyAV;
 # the expected lists are written out by hand from the conventions (file names
@@ -949,7 +951,7 @@ def test_prep_lists_k400_names_layouts_and_class_order(tmp_path):
         "abseiling,0123456789a,7,17,train",
     ])
     out = tmp_path / "lists" / "k400_train.txt"
-    said = data.make_lists("k400", train, out, prefix="train")
+    said = prepare_data.make_lists("k400", train, out, prefix="train")
     # Classes: sorted with spaces read as '_' (mmaction2): "aZ" < "a_b" since 'Z' < '_', though "a b" < "aZ" plainly.
     assert _lines(tmp_path / "lists" / "k400_classes.txt") == ["aZ", "a b", "abseiling", "playing guitar", "zumba"]
     assert _lines(out) == ["train/---QUuC4vJs_000084_000094.mp4 4", "train/abcdefghijk_000000_000010.mp4 3",
@@ -957,31 +959,31 @@ def test_prep_lists_k400_names_layouts_and_class_order(tmp_path):
                            "train/0123456789a_000007_000017.mp4 2"]
     assert said.startswith("k400: 5 rows") and "5 classes ->" in said
     for layout, folder in (("class", "playing guitar"), ("class-underscore", "playing_guitar")):
-        data.make_lists("k400", train, tmp_path / f"{layout}.txt", classes=tmp_path / "lists" / "k400_classes.txt",
+        prepare_data.make_lists("k400", train, tmp_path / f"{layout}.txt", classes=tmp_path / "lists" / "k400_classes.txt",
                         layout=layout, ext=".mkv")
         assert _lines(tmp_path / f"{layout}.txt")[1] == f"{folder}/abcdefghijk_000000_000010.mkv 3"
         assert data.read_annotations(tmp_path / f"{layout}.txt", tmp_path).path(1).parent.name == folder
     # Validation: columns in another order plus an extra one; the training classes are read back, not re-derived.
     val = _write_csv(tmp_path / "val.csv", ["youtube_id,label,is_cc,time_end,time_start",
                                             "vvvvvvvvvvv,zumba,0,20,10", "wwwwwwwwwww,a b,1,3,0"])
-    said = data.make_lists("k400", val, tmp_path / "lists" / "k400_val.txt")
+    said = prepare_data.make_lists("k400", val, tmp_path / "lists" / "k400_val.txt")
     assert _lines(tmp_path / "lists" / "k400_val.txt") == ["vvvvvvvvvvv_000010_000020.mp4 4",
                                                            "wwwwwwwwwww_000000_000003.mp4 1"]
     assert "5 classes from" in said
     stray = _write_csv(tmp_path / "stray.csv", ["label,youtube_id,time_start,time_end", "juggling,jjjjjjjjjjj,0,10"])
     with pytest.raises(ValueError, match="'juggling'.*training CSV"):
-        data.make_lists("k400", stray, tmp_path / "lists" / "stray.txt")
+        prepare_data.make_lists("k400", stray, tmp_path / "lists" / "stray.txt")
     assert not (tmp_path / "lists" / "stray.txt").exists()
     # A test CSV without a label column: label -1, and only the flat layout.
     test = _write_csv(tmp_path / "test.csv", ["youtube_id,time_start,time_end,split", "ttttttttttt,1,11,test"])
-    said = data.make_lists("k400", test, tmp_path / "lists" / "k400_test.txt")
+    said = prepare_data.make_lists("k400", test, tmp_path / "lists" / "k400_test.txt")
     assert _lines(tmp_path / "lists" / "k400_test.txt") == ["ttttttttttt_000001_000011.mp4 -1"]
     assert "1 without a label" in said
     with pytest.raises(ValueError, match="expected --layout flat"):
-        data.make_lists("k400", test, tmp_path / "t.txt", layout="class")
+        prepare_data.make_lists("k400", test, tmp_path / "t.txt", layout="class")
     bad = _write_csv(tmp_path / "bad.csv", ["label,youtube_id,time_start,time_end", "zumba,zzzzzzzzzzz,ten,20"])
     with pytest.raises(ValueError, match=r"bad.csv:2: expected a youtube_id and whole-second times"):
-        data.make_lists("k400", bad, tmp_path / "b.txt")
+        prepare_data.make_lists("k400", bad, tmp_path / "b.txt")
 
 
 def test_prep_lists_ssv2_and_diving48_from_their_json(tmp_path):
@@ -998,23 +1000,23 @@ def test_prep_lists_ssv2_and_diving48_from_their_json(tmp_path):
          "template": "Pushing [something] from left to right", "placeholders": ["a box"]},
     ]))
     out = tmp_path / "ssv2_train.txt"
-    said = data.make_lists("ssv2", train, out, labels=labels)
+    said = prepare_data.make_lists("ssv2", train, out, labels=labels)
     assert _lines(out) == ["78687.webm 1", "42326.webm 0", "100.webm 2"]
     assert _lines(tmp_path / "ssv2_classes.txt") == ["Moving something up", "Putting something on a surface",
                                                      "Pushing something from left to right"]
     assert said == f"ssv2: 3 rows -> {out}; 3 classes -> {tmp_path / 'ssv2_classes.txt'}"
-    data.make_lists("ssv2", train, tmp_path / "mp4.txt", labels=labels, ext=".mp4", prefix="videos")
+    prepare_data.make_lists("ssv2", train, tmp_path / "mp4.txt", labels=labels, ext=".mp4", prefix="videos")
     assert _lines(tmp_path / "mp4.txt")[0] == "videos/78687.mp4 1"
     test = tmp_path / "something-something-v2-test.json"
     test.write_text(json.dumps([{"id": "1"}, {"id": "2"}]))
-    data.make_lists("ssv2", test, tmp_path / "ssv2_test.txt", labels=labels)
+    prepare_data.make_lists("ssv2", test, tmp_path / "ssv2_test.txt", labels=labels)
     assert _lines(tmp_path / "ssv2_test.txt") == ["1.webm -1", "2.webm -1"]
     odd = tmp_path / "odd.json"
     odd.write_text(json.dumps([{"id": "5", "template": "Spinning [something]"}]))
     with pytest.raises(ValueError, match="'Spinning something'"):
-        data.make_lists("ssv2", odd, tmp_path / "odd.txt", labels=labels)
+        prepare_data.make_lists("ssv2", odd, tmp_path / "odd.txt", labels=labels)
     with pytest.raises(ValueError, match="expected something-something-v2-labels.json.*got a JSON list"):
-        data.make_lists("ssv2", train, tmp_path / "x.txt", labels=train)
+        prepare_data.make_lists("ssv2", train, tmp_path / "x.txt", labels=train)
 
     vocab = tmp_path / "Diving48_vocab.json"
     vocab.write_text(json.dumps([["Back", "15som", "05Twis", "FREE"], ["Back", "15som", "15Twis", "FREE"],
@@ -1022,33 +1024,33 @@ def test_prep_lists_ssv2_and_diving48_from_their_json(tmp_path):
     dtrain = tmp_path / "Diving48_V2_train.json"
     dtrain.write_text(json.dumps([{"vid_name": "_8Vy3dlHg2w_00000", "label": 2, "start_frame": 0, "end_frame": 83},
                                   {"vid_name": "2x00lRzlTVQ_00001", "label": 0, "start_frame": 0, "end_frame": 67}]))
-    data.make_lists("diving48", dtrain, tmp_path / "d_train.txt", vocab=vocab, prefix="rgb")
+    prepare_data.make_lists("diving48", dtrain, tmp_path / "d_train.txt", vocab=vocab, prefix="rgb")
     assert _lines(tmp_path / "d_train.txt") == ["rgb/_8Vy3dlHg2w_00000.mp4 2", "rgb/2x00lRzlTVQ_00001.mp4 0"]
     assert _lines(tmp_path / "diving48_classes.txt") == ["Back 15som 05Twis FREE", "Back 15som 15Twis FREE",
                                                          "Forward 25som NoTwis PIKE"]
     dtrain.write_text(json.dumps([{"vid_name": "x", "label": 3}]))
     with pytest.raises(ValueError, match=r"expected a class index in 0\.\.2.*got 3"):
-        data.make_lists("diving48", dtrain, tmp_path / "d.txt", vocab=vocab)
+        prepare_data.make_lists("diving48", dtrain, tmp_path / "d.txt", vocab=vocab)
 
 
 def test_prep_lists_with_root_keep_the_files_that_are_there(tmp_path):
     root = tmp_path / "k400"
     (root / "val").mkdir(parents=True)
     for yid in ("aaaaaaaaaaa", "ccccccccccc"):
-        data.write_video(root / "val" / f"{yid}_000000_000010.mp4", level_clip(4, 32, 32))
+        synth.write_video(root / "val" / f"{yid}_000000_000010.mp4", level_clip(4, 32, 32))
     csv = _write_csv(tmp_path / "val.csv", ["label,youtube_id,time_start,time_end,split", "x,aaaaaaaaaaa,0,10,val",
                                             "y,bbbbbbbbbbb,0,10,val", "x,ccccccccccc,0,10,val"])
     out = tmp_path / "val.txt"
-    said = data.make_lists("k400", csv, out, prefix="val", root=root)
+    said = prepare_data.make_lists("k400", csv, out, prefix="val", root=root)
     assert _lines(out) == ["val/aaaaaaaaaaa_000000_000010.mp4 0", "val/ccccccccccc_000000_000010.mp4 0"]
     assert _lines(tmp_path / "val.txt.missing.txt") == ["val/bbbbbbbbbbb_000000_000010.mp4 1"]
     assert "1 of 3 not under" in said
     assert len(data.read_annotations(out, root)) == 2
-    data.write_video(root / "val" / "bbbbbbbbbbb_000000_000010.mp4", level_clip(4, 32, 32))
-    data.make_lists("k400", csv, out, prefix="val", root=root)
+    synth.write_video(root / "val" / "bbbbbbbbbbb_000000_000010.mp4", level_clip(4, 32, 32))
+    prepare_data.make_lists("k400", csv, out, prefix="val", root=root)
     assert len(_lines(out)) == 3 and not (tmp_path / "val.txt.missing.txt").exists()   # the stale one is gone
     with pytest.raises(ValueError, match="none of the 3"):
-        data.make_lists("k400", csv, tmp_path / "none.txt", root=root)             # no prefix: nothing found
+        prepare_data.make_lists("k400", csv, tmp_path / "none.txt", root=root)             # no prefix: nothing found
     assert not (tmp_path / "none.txt").exists()
 
 
@@ -1094,16 +1096,16 @@ def test_prep_resize_short_side_frames_kept_and_resumable(tmp_path, capsys):
     src, dst = tmp_path / "src", tmp_path / "dst"
     (src / "abseiling").mkdir(parents=True)
     n = 20
-    data.write_video(src / "abseiling" / "land.mp4", level_clip(n, 64, 96))
-    data.write_video(src / "abseiling" / "port.mp4", level_clip(n, 96, 64))
-    data.write_video(src / "odd.mp4", level_clip(n, 60, 100))
+    synth.write_video(src / "abseiling" / "land.mp4", level_clip(n, 64, 96))
+    synth.write_video(src / "abseiling" / "port.mp4", level_clip(n, 96, 64))
+    synth.write_video(src / "odd.mp4", level_clip(n, 60, 100))
     _with_audio(src / "small.mp4", level_clip(n, 24, 36))
-    data.write_video(src / "small9.webm", level_clip(n, 24, 36), codec="libvpx-vp9")
-    data.write_video(src / "small8.webm", level_clip(n, 24, 36), codec="libvpx")
+    synth.write_video(src / "small9.webm", level_clip(n, 24, 36), codec="libvpx-vp9")
+    synth.write_video(src / "small8.webm", level_clip(n, 24, 36), codec="libvpx")
     (src / "broken.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
     (src / "notes.txt").write_text("not a video")
     with pytest.raises(SystemExit) as e:
-        data.main(["resize", "--src", str(src), "--dst", str(dst), "--short-side", "32", "--workers", "2"])
+        prepare_data.main(["resize", "--src", str(src), "--dst", str(dst), "--short-side", "32", "--workers", "2"])
     assert e.value.code == 1                                        # one source failed
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith("3 resized to a 32-px short side, 2 kept as they were and 1 re-encoded")
@@ -1127,37 +1129,37 @@ def test_prep_resize_short_side_frames_kept_and_resumable(tmp_path, capsys):
     assert _probe(dst / "small8.mp4")[:3] == ("h264", 36, 24)
     assert not [p for p in dst.rglob(".*")]                          # no temporary file left behind
     outputs = write_list(tmp_path / "out.txt", [(p.relative_to(dst), 0) for p in sorted(dst.rglob("*.mp4"))])
-    report = data.check_files(outputs, dst)                          # every output decodes, and seeks exactly
+    report = prepare_data.check_files(outputs, dst)                          # every output decodes, and seeks exactly
     assert report.listed == 6 and not report.missing and not report.bad and not report.slow
     # Again: everything done is skipped; a damaged output is done again; the failure is still listed.
     before = (dst / "odd.mp4").stat().st_mtime_ns
     raw = (dst / "abseiling" / "land.mp4").read_bytes()
     (dst / "abseiling" / "land.mp4").write_bytes(raw[: len(raw) // 3])
-    counts, failed, where = data.resize_videos(src, dst, 32, progress=False)
+    counts, failed, where = prepare_data.resize_videos(src, dst, 32, progress=False)
     assert counts == {"resized": 1, "kept": 0, "encoded": 0, "skipped": 5, "failed": 1}
     assert [rel for rel, _ in failed] == ["broken.mp4"] and where == dst / "resize_failures.txt"
     assert (dst / "odd.mp4").stat().st_mtime_ns == before
     assert data.count_frames(dst / "abseiling" / "land.mp4") == n
     # --ann: only the listed files; --small upscale: scaled like the rest; a failure-free run removes the old list.
     write_list(tmp_path / "two.txt", [("small.mp4", 0), ("abseiling/port.mp4", 1)])
-    counts, failed, _ = data.resize_videos(src, dst, 32, ann=tmp_path / "two.txt", progress=False)
+    counts, failed, _ = prepare_data.resize_videos(src, dst, 32, ann=tmp_path / "two.txt", progress=False)
     assert counts["skipped"] == 2 and not failed and not (dst / "resize_failures.txt").exists()
-    counts, _, _ = data.resize_videos(src, tmp_path / "up", 32, ann=tmp_path / "two.txt", small="upscale",
+    counts, _, _ = prepare_data.resize_videos(src, tmp_path / "up", 32, ann=tmp_path / "two.txt", small="upscale",
                                       progress=False)
     assert counts["resized"] == 2 and _probe(tmp_path / "up" / "small.mp4")[1:3] == (48, 32)
     with pytest.raises(ValueError, match="even number"):
-        data.resize_videos(src, dst, 31)
+        prepare_data.resize_videos(src, dst, 31)
     with pytest.raises(ValueError, match="other than the source"):
-        data.resize_videos(src, src, 32)
+        prepare_data.resize_videos(src, src, 32)
 
 
 def test_prep_check_reports_missing_and_unreadable_apart_and_the_official_count(tmp_path, capsys):
-    data.write_video(tmp_path / "good.mp4", level_clip(12, 32, 32))
+    synth.write_video(tmp_path / "good.mp4", level_clip(12, 32, 32))
     (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(1).integers(0, 256, 4000, np.uint8).tobytes())
     ann = write_list(tmp_path / "list.txt", [("good.mp4", 0), ("gone.mp4", 1), ("corrupt.mp4", 2)])
     for extra in ([], ["--quick"]):
         with pytest.raises(SystemExit) as e:
-            data.main(["check", "--ann", str(ann), "--root", str(tmp_path), "--expect", "5", *extra])
+            prepare_data.main(["check", "--ann", str(ann), "--root", str(tmp_path), "--expect", "5", *extra])
         assert e.value.code == 1
         out = capsys.readouterr().out.splitlines()
         assert [line for line in out if line.startswith("MISSING")] == [f"MISSING {tmp_path / 'gone.mp4'}"]
@@ -1166,11 +1168,11 @@ def test_prep_check_reports_missing_and_unreadable_apart_and_the_official_count(
         assert out[-1] == "1 bad file(s); 0 whose frames cannot be placed after a seek (slow path); 1 missing of 3 listed"
     good = write_list(tmp_path / "good.txt", [("good.mp4", 0)])
     with pytest.raises(SystemExit) as e:
-        data.main(["check", "--ann", str(good), "--root", str(tmp_path), "--official", "diving48-test"])
+        prepare_data.main(["check", "--ann", str(good), "--root", str(tmp_path), "--official", "diving48-test"])
     assert e.value.code == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == "count: official size of diving48-test 1,970; the list has 1 rows (-1,969), 1 usable (0.1% of 1,970)"
-    bad, slow = data.check_videos(ann, tmp_path)                       # the old interface: missing counts as bad
+    bad, slow = prepare_data.check_videos(ann, tmp_path)                       # the old interface: missing counts as bad
     assert sorted(Path(p).name for p, _ in bad) == ["corrupt.mp4", "gone.mp4"] and slow == []
 
 
@@ -1186,9 +1188,9 @@ def test_prep_commands_bad_input_is_one_line_exit_2(tmp_path, argv, expect):
     _write_csv(tmp_path / "a.csv", ["label,youtube_id,time_start,time_end", "x,aaaaaaaaaaa,0,10"])
     argv = [a.format(json=tmp_path / "a.json", csv=tmp_path / "a.csv", tmp=tmp_path) for a in argv]
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "data.py"), *argv], cwd=root, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(root / "tools" / "prepare_data.py"), *argv], cwd=root, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert lines[0].startswith("data.py: error: ") and expect in lines[0]
+    assert lines[0].startswith("prepare_data.py: error: ") and expect in lines[0]
     assert not list(tmp_path.glob("*.txt"))                              # no list written

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import data
+from tools import prepare_data
 
 N, FPS, SIZE, GOP = 60, 25, 64, 12
 BITS = 8                                   # 8 stripes of 8 px: indices up to 255
@@ -258,7 +259,7 @@ def test_frame_threads_change_nothing(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# The slow path and `data.py check`
+# The slow path and `python tools/prepare_data.py check`
 
 
 def test_slow_path_is_logged_once_and_exact(tmp_path, caplog):
@@ -281,7 +282,7 @@ def test_check_reports_slow_path_files_beside_bad_ones(tmp_path, capsys):
     ann = tmp_path / "list.txt"
     ann.write_text("good.mp4 0\nslow.avi 1\ncorrupt.mp4 2\ntruncated.mp4 3\n")
     with pytest.raises(SystemExit) as e:
-        data.main(["check", "--ann", str(ann), "--root", str(tmp_path)])
+        prepare_data.main(["check", "--ann", str(ann), "--root", str(tmp_path)])
     assert e.value.code == 1                                                 # bad files fail the check
     out = capsys.readouterr().out.splitlines()
     bad = sorted(line.split(":")[0] for line in out if line.startswith("BAD "))

@@ -1,12 +1,12 @@
 """Benchmark of the data pipeline (data.py): pretraining clips per second, decoded and augmented.
 
-    python tests/bench_data.py                     # both sources, 0 / 1 / 2 workers
-    python tests/bench_data.py --clips 24 --data data/synthetic
+    python tools/bench_data.py                     # both sources, 0 / 1 / 2 workers
+    python tools/bench_data.py --clips 24 --data data/synthetic
 
 Two sources of 16-frame pretraining clips (PretrainClipTransform: rescale,
 crop, flip, Lanczos half-size tokenizer copy, normalise, tube mask):
 
-1. the synthetic set (`data.py make-synthetic`, generated into --data if
+1. the synthetic set (`python tools/synthetic.py`, generated into --data if
    missing): 128x160 H.264, 32 frames, keyframe every 16; CPU-demo recipe
    16 frames x interval 2, short side [128, 160], 112-px crops;
 2. a Kinetics-like file written here: 256x340 (256-px short side, as the
@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import data  # noqa: E402
+from tools import synthetic  # noqa: E402
 import tokenizer  # noqa: E402
 from masking import MaskGenerator  # noqa: E402
 
@@ -49,9 +50,9 @@ KINETICS_FRAMES, KINETICS_FPS = 300, 30   # a 10-s clip
 
 def kinetics_like(path: Path) -> None:
     """A 256x340, 300-frame H.264 mp4 with x264's default GOP: the synthetic scene at that size."""
-    p = data._syn_params(0, "train", 0, *KINETICS_SIZE)
-    frames = data.render_synthetic(p, range(KINETICS_FRAMES), *KINETICS_SIZE)
-    data.write_video(path, frames, fps=KINETICS_FPS, gop=250, options={"crf": "23", "preset": "medium"})
+    p = synthetic._syn_params(0, "train", 0, *KINETICS_SIZE)
+    frames = synthetic.render_synthetic(p, range(KINETICS_FRAMES), *KINETICS_SIZE)
+    synthetic.write_video(path, frames, fps=KINETICS_FPS, gop=250, options={"crf": "23", "preset": "medium"})
 
 
 def sources(root: Path, tmp: Path) -> list:
@@ -99,7 +100,7 @@ def breakdown(ann, root, recipe, clips) -> dict:
         top, left = data.random_crop_box(*size, crop)
         x = x[..., top:top + crop, left:left + crop]
         t2 = time.perf_counter()
-        x = data.to_float(data.hflip(x))
+        x = data.to_float(x.flip(-1))
         t3 = time.perf_counter()
         tokenizer.half_copy(x)
         t4 = time.perf_counter()
@@ -120,7 +121,7 @@ def main():
     args = ap.parse_args()
     print(f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
           f"batches of {BATCH}; decoder threads per process = cores // workers")
-    root = data.ensure_synthetic(args.data)
+    root = synthetic.make_synthetic_set(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         for name, ann, vroot, recipe in sources(root, Path(tmp)):
             rates = [clips_per_second(ann, vroot, recipe, w, args.clips) for w in (0, 1, 2)]

@@ -1,7 +1,7 @@
 """Memory and load time of the sample lists at the paper's scale (issue 21): this tree against a git revision.
 
-    python tests/bench_lists.py                                  # 1,281,167 images + 240,000 videos, vs 8f648c6
-    python tests/bench_lists.py --images 100000 --videos 20000   # a quicker look
+    python tools/bench_lists.py                                  # 1,281,167 images + 240,000 videos, vs 8f648c6
+    python tools/bench_lists.py --images 100000 --videos 20000   # a quicker look
 
 The paper pretrains on ImageNet-1K (1,281,167 images) and Kinetics-400 (~240k
 videos). This writes two list files of those sizes, shaped like the real ones,
@@ -82,7 +82,7 @@ def load_module(version: str, ref: str, tmp: Path):
     if version == "new":
         import data
         return data
-    from bench_decode import load_reference                     # the same import of data.py at `ref`
+    from tools.bench_decode import load_reference                    # the same import of data.py at `ref`
     return load_reference(ref, tmp)
 
 

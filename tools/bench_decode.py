@@ -1,12 +1,12 @@
 """Benchmark of video decoding (data.read_video): this tree against a git revision, per clip.
 
-    python tests/bench_decode.py                     # against HEAD (uncommitted changes vs last commit)
-    python tests/bench_decode.py --ref abcdb25       # against the decoder before issue 18
+    python tools/bench_decode.py                     # against HEAD (uncommitted changes vs last commit)
+    python tools/bench_decode.py --ref abcdb25       # against the decoder before issue 18
 
 Four sources, the same frame indices for both versions, decoder threads 1
 (as in a DataLoader worker):
 
-1. the synthetic set (`data.py make-synthetic`, generated into --data if
+1. the synthetic set (`python tools/synthetic.py`, generated into --data if
    missing): 128x160 H.264 mp4, 32 frames at 16 fps, a keyframe every 16;
    the CPU-demo recipe, 16 frames x interval 2 at a random offset;
 2. a long file written here (cached in --data): 3000 frames (100 s at
@@ -47,6 +47,7 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 
 import data  # noqa: E402
+from tools import synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_FRAMES, LONG_FPS, LONG_SIZE = 3000, 30, (256, 340)
@@ -70,7 +71,7 @@ def long_video(path: Path, codec: str = "libx264", options: Optional[dict] = Non
     if path.exists():
         return path
     h, w = LONG_SIZE
-    bg = np.clip(data._syn_background(0, h, w), 0, 255).astype(np.uint8)         # (H, W, 3), periodic
+    bg = np.clip(synthetic._syn_background(0, h, w), 0, 255).astype(np.uint8)         # (H, W, 3), periodic
     tmp = path.with_name("part_" + path.name)
     with av.open(str(tmp), "w") as container:
         stream = container.add_stream(codec, rate=LONG_FPS, options=options or {})
@@ -147,7 +148,7 @@ def main():
     args = ap.parse_args()
     print(f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; PyAV {av.__version__}; "
           f"this tree vs data.py at {args.ref}")
-    root = data.ensure_synthetic(Path(args.data) / "synthetic", verbose=False)
+    root = synthetic.make_synthetic_set(Path(args.data) / "synthetic", verbose=False)
     syn = [p for p, _ in data.read_annotations(root / "videos/train_appearance.txt", root / "videos")]
     t = time.perf_counter()
     long = long_video(Path(args.data) / f"bench_long{LONG_FRAMES}.mp4")
@@ -157,7 +158,7 @@ def main():
         for m in modules:                                       # warm-up: imports, file cache
             m.read_video(syn[0], lambda n: np.arange(4), threads=1)
             m.read_video(long, lambda n: np.arange(4), threads=1)
-        compare("synthetic 128x160 mp4, 16 x 2", clips(syn, data.SYN_FRAMES, 16, 2, args.clips), modules)
+        compare("synthetic 128x160 mp4, 16 x 2", clips(syn, synthetic.SYN_FRAMES, 16, 2, args.clips), modules)
         compare(f"long {LONG_FRAMES}-frame 256x340 mp4, 16 x 8", clips([long], LONG_FRAMES, 16, 8, args.clips),
                 modules)
         mkv = remux(long, long.with_suffix(".mkv"))
