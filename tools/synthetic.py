@@ -30,10 +30,7 @@ from PIL import Image     # noqa: E402
 import data               # noqa: E402
 import train              # noqa: E402
 
-try:                      # where helper B's restructuring puts it (tokenizer.py keeps no folder tools)
-    from tools.tokenizer_tool import fit_from_dir   # noqa: E402
-except ImportError:       # before that merge
-    from tokenizer import fit_from_dir              # noqa: E402
+from tools.tokenizer_tool import fit_from_dir   # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The scenes: appearance labels vs labels that need time
