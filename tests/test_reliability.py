@@ -20,6 +20,7 @@ from PIL import Image
 import data
 import finetune
 import train
+from tools import synthetic
 from test_train import ENV, ROOT, args, metrics, run
 
 ONE_PROCESS = train.Runtime(ddp=False, rank=0, world=1, device=torch.device("cpu"), bf16=False)
@@ -200,7 +201,7 @@ def _list_of(tmp_path, good: int, bad: int):
     root.mkdir()
     rows = []
     for i in range(good):
-        data.write_video(root / f"good{i}.mp4", np.full((8, 32, 32, 3), 40 * i, np.uint8))
+        synthetic.write_video(root / f"good{i}.mp4", np.full((8, 32, 32, 3), 40 * i, np.uint8))
         rows.append(f"good{i}.mp4 0")
     for i in range(bad):
         (root / f"bad{i}.mp4").write_bytes(b"\x00" * 100 + os.urandom(200))
@@ -253,9 +254,9 @@ def test_stale_synthetic_lock_and_temp_folder_of_a_dead_generator(tmp_path):
     leftover.mkdir()
     (leftover / "half.mp4").write_bytes(b"x")
     t = time.time()
-    data.ensure_synthetic(root, seed=0, verbose=False, timeout=60, n_train=2, n_val=1, images_train=1,
+    synthetic.make_synthetic_set(root, seed=0, verbose=False, timeout=60, n_train=2, n_val=1, images_train=1,
                           images_val=1, frames=8, height=64, width=64)
-    assert (root / data.DONE_NAME).exists() and time.time() - t < 60
+    assert (root / synthetic.DONE_NAME).exists() and time.time() - t < 60
     assert not leftover.exists() and not (tmp_path / ".syn.lock").exists()
 
 
