@@ -58,7 +58,6 @@ STRATEGIES = (
     "tube-0.25-0.75",   # Table 8 "Tube 0.25T-0.75T"
     "tube-0.75-1.0",    # Table 8 "Tube 0.75T-1.0T"
 )
-VIDEO_STRATEGIES = STRATEGIES[1:]
 
 # Range of the number l of masked token time steps, as fractions of T/2.
 # (The paper writes lengths in frames, [0.5T, T]; the released code draws them
@@ -380,7 +379,7 @@ def _check_arguments(strategy, input_size, size, p, tp, mask_ratio, min_block, a
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown mask strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)}")
     is_video = len(size) == 3
-    kind, want = ("clips", "(T, H, W)") if strategy in VIDEO_STRATEGIES else ("images", "(H, W)")
+    kind, want = ("images", "(H, W)") if strategy == "block" else ("clips", "(T, H, W)")
     _check(("input_size", len(size) in (2, 3) and all(map(_is_int, size)), "(H, W) or (T, H, W) positive ints",
             input_size),
            (f"input_size for {strategy!r} ({kind})", is_video == (kind == "clips"), want, input_size),

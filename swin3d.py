@@ -39,6 +39,7 @@ Run it: `python -c "import swin3d; print(swin3d.SwinTransformer3D(swin3d.get_con
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from dataclasses import dataclass, replace
@@ -816,10 +817,7 @@ class LoadReport(NamedTuple):
         if self.window:
             lines.append(f"  window {self.window[0]} -> {self.window[1]}: relative tables trilinearly resized")
         lines.append(f"  missing ({len(self.missing)}, trained from scratch): {short(self.missing)}")
-        groups = {}
-        for k in self.unused:
-            g = ".".join(k.split(".")[:2])
-            groups[g] = groups.get(g, 0) + 1
+        groups = collections.Counter(".".join(k.split(".")[:2]) for k in self.unused)
         lines.append(f"  unused ({len(self.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in sorted(groups.items()))
                                                          or "none"))
         if self.rederived:

@@ -287,7 +287,6 @@ def show_setup(syn, tmp_path_factory):
     here without tools/show.py: frames 4, 6, 8, 10 (4 frames every 2, centred in the 16) cropped to 96 px."""
     import data
     import masking
-    import tokenizer as T
     d = tmp_path_factory.mktemp("show")
     tok = tokenizer_tool.fit_from_dir(os.path.join(syn, "images", "train"), VOCAB, size=96, iters=5, max_patches=4000,
                          verbose=False)
