@@ -614,20 +614,16 @@ class SwinTransformer3D(nn.Module):
             tokens = torch.where(m.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         return self.pos_drop(tokens)
 
-    def forward_tokens(self, x: torch.Tensor) -> EncoderOutput:
-        """Run the four stages on tokens (B, t, h, w, C); t = 1 is the image stream."""
-        stages = []
-        for layer in self.layers:
-            out, x = layer(x)
-            stages.append(out)
-        return EncoderOutput(tuple(stages), self.norm(stages[-1]))
-
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> EncoderOutput:
-        out = self.forward_tokens(self.embed(x, mask))
+        tokens, stages = self.embed(x, mask), []                   # (B, t, h, w, C); t = 1 is the image stream
+        for layer in self.layers:
+            out, tokens = layer(tokens)
+            stages.append(out)
+        f4_norm = self.norm(stages[-1])
         if x.dim() == 4:
             # Images come back without the (length-1) time axis: (B, h, w, C).
-            out = EncoderOutput(tuple(s.squeeze(1) for s in out.stages), out.f4_norm.squeeze(1))
-        return out
+            stages, f4_norm = [s.squeeze(1) for s in stages], f4_norm.squeeze(1)
+        return EncoderOutput(tuple(stages), f4_norm)
 
 
 def _init_weights(m: nn.Module) -> None:
