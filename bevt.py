@@ -225,8 +225,8 @@ def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadRe
 
     Accepts `{'state_dict': ...}`, `{'model': ...}` or a bare state dict, with
     `module.` and `backbone.`/`cls_head.` prefixes; also a checkpoint of this
-    project (our own key names) and torchvision's swin3d_t/s/b state dicts
-    (swin3d.torchvision_key; their classifier `head.*` is reported unused). The tokenizer's tensors
+    project (our own key names). torchvision's and 2D Swin layouts are refused
+    with the tools/convert_checkpoint.py command (swin3d.check_converted). The tokenizer's tensors
     (`cls_head.vae_encoder.*`, read by tokenizer.load_tokenizer) and a
     finetuned classifier (`cls_head.fc_cls.*`) are reported as unused. Shape
     mismatches are errors naming the key. Relative index buffers are
@@ -239,15 +239,11 @@ def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadRe
         if isinstance(sd, dict) and isinstance(sd.get(k), dict):
             sd = sd[k]
             break
+    swin3d.check_converted(sd)
     ours = self.state_dict()
     mapped, unused, rederived = {}, [], []
-    # torchvision's swin3d_t/s/b (features.* layout): renamed to the encoder's keys; its `head` is a
-    # Kinetics-400 classifier, not the token head, so it is reported unused.
-    torchvision = swin3d.is_torchvision_layout(swin3d.unwrap_key(k) for k in sd)
     for key, value in sd.items():
         k = swin3d.unwrap_key(key)
-        if torchvision:
-            k = "" if k.startswith("head.") else "encoder." + swin3d.torchvision_key(k)
         if k not in ours:
             for old, new in _RELEASED_PREFIXES:
                 if k.startswith(old):
@@ -265,5 +261,5 @@ def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadRe
     missing = sorted(result.missing_keys)
     if strict and (missing or unused):
         raise ValueError(f"checkpoint does not match: missing {missing}, unused {unused}")
-    kind = "torchvision swin3d (encoder only)" if torchvision else "BEVT pretraining (released or train.py layout)"
-    return swin3d.LoadReport(kind, sorted(mapped), missing, sorted(unused), sorted(rederived))
+    return swin3d.LoadReport("BEVT pretraining (released or train.py layout)", sorted(mapped), missing,
+                             sorted(unused), sorted(rederived))

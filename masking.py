@@ -37,7 +37,7 @@ Pictures: `python tools/mask_sheet.py --strategy tube --out tube.png`; speed:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -58,8 +58,6 @@ STRATEGIES = (
     "tube-0.25-0.75",   # Table 8 "Tube 0.25T-0.75T"
     "tube-0.75-1.0",    # Table 8 "Tube 0.75T-1.0T"
 )
-IMAGE_STRATEGIES = ("block",)
-VIDEO_STRATEGIES = STRATEGIES[1:]
 
 # Range of the number l of masked token time steps, as fractions of T/2.
 # (The paper writes lengths in frames, [0.5T, T]; the released code draws them
@@ -113,20 +111,6 @@ def target_mask(input_mask, frames: Optional[int] = None, temporal_patch: int = 
     return out[..., :frames, :, :]
 
 
-class Block(NamedTuple):
-    """One block accepted by the BEiT loop (recorded when tracing)."""
-    round: int        # 0-based round of the outer loop
-    attempt: int      # 0-based try within the round (< max_attempts)
-    area: float       # drawn target area, uniform in [min_block, remaining]
-    aspect: float     # drawn aspect ratio h/w, log-uniform in [min_aspect, 1/min_aspect]
-    h: int            # round(sqrt(area * aspect)), < grid height
-    w: int            # round(sqrt(area / aspect)), < grid width
-    top: int
-    left: int
-    new: int          # cells this block turned from False to True, 0 < new <= remaining
-    remaining: int    # target count minus cells masked before this block
-
-
 # -----------------------------------------------------------------------------
 # The mask generator: blockwise (BEiT), tube and the Table 8 ablations
 
@@ -170,7 +154,7 @@ class MaskGenerator:
                (f"masked count round(mask_ratio * {cells} cells) of the {gh}x{gw} grid",
                 self.num_masked >= min_block, f"at least min_block={min_block}", self.num_masked))
 
-        self.strategy, self.input_size, self.seed = strategy, size, seed
+        self.strategy, self.seed = strategy, seed
         self.patch_size, self.temporal_patch = int(p), int(tp)
         self.time = T // tp if is_video else 0                      # token time steps, T/2 (0 for images)
         self.mask_ratio, self.min_block, self.max_attempts = float(mask_ratio), int(min_block), int(max_attempts)
@@ -180,7 +164,6 @@ class MaskGenerator:
         # Differs from the released code: it draws masks from Python's global `random` module,
         # seeded per DataLoader worker. Here each generator owns its numpy stream, re-keyed per
         # sample by reseed_sample (data.py), so a mask depends on nothing but its sample.
-        self.stream = (0, 0, 0)
         self.rng = np.random.default_rng(derive_seed(seed, 0, 0, 0))
         # The BEiT loop consumes ~100 scalars per mask; one numpy call per scalar costs
         # ~1 us, so uniforms are drawn in chunks and read from a Python list (_uniform).
@@ -194,7 +177,6 @@ class MaskGenerator:
         data.py calls this before every sample, so a sample's mask depends on
         nothing but its key: not on the rank, worker or batch that draws it.
         """
-        self.stream = ("sample", epoch, index, attempt)
         self.rng = np.random.default_rng(sample_seed(self.seed, KEY_MASKS, epoch, index, attempt))
         self._ubuf, self._upos = [], 0                             # drop the previous stream's buffered draws
 
@@ -212,8 +194,8 @@ class MaskGenerator:
 
     # ---- blockwise masking (BEiT), the 2D building block of every strategy but Random-3D
 
-    def blockwise(self, trace: Optional[list] = None) -> np.ndarray:
-        """One BEiT blockwise mask, (h, w) bool; pass a list as `trace` to receive its `Block`s.
+    def blockwise(self) -> np.ndarray:
+        """One BEiT blockwise mask, (h, w) bool.
 
         BEiT's Algorithm 1 ("Blockwise Masking", `MaskingGenerator` in its
         code), written out with one numpy array: rectangles of random area and
@@ -236,7 +218,7 @@ class MaskGenerator:
         target = self.num_masked                       # 98 of 14 x 14 at 224 px
         log_lo, log_hi = math.log(self.min_aspect), math.log(self.max_aspect)   # aspect bounds, log scale
         mask = np.zeros((gh, gw), MASK_DTYPE)          # (h, w), True = masked
-        count, rnd = 0, 0                              # cells masked so far, rounds done
+        count = 0                                      # cells masked so far
         while count < target:                          # BEiT __call__: until the target is reached ...
             remaining = target - count                 # per-block max = remaining (max_num_patches=None)
             added = 0
@@ -257,13 +239,10 @@ class MaskGenerator:
                     if 0 < new <= remaining:           # adds something, never overshoots
                         block[...] = True
                         added = new
-                        if trace is not None:
-                            trace.append(Block(rnd, attempt, area, aspect, h, w, top, left, new, remaining))
                         break
             if added == 0:                             # ... or a round of 10 tries adds nothing
                 break
             count += added
-            rnd += 1
         return mask
 
     # ---- which token time steps are masked
@@ -326,20 +305,12 @@ class MaskGenerator:
 
     def batch(self, n: int):
         """(input_masks (n, *input_shape), target_masks (n, *target_shape)) of n samples."""
-        if not (isinstance(n, (int, np.integer)) and n >= 1):
-            raise _error("batch size n", "an int >= 1", n)
+        _check(("batch size n", _is_int(n), "an int >= 1", n))
         inp = self._draw_inputs(int(n))
         tgt = target_mask(inp, temporal_patch=self.temporal_patch) if self.time else inp.copy()
         assert inp.dtype == MASK_DTYPE and inp.shape == (n, *self.input_shape)
         assert tgt.dtype == MASK_DTYPE and tgt.shape == (n, *self.target_shape)
         return inp, tgt
-
-    def __repr__(self):
-        extra = f", lengths={self.length_range}" if self.length_range else ""
-        return (f"MaskGenerator({self.strategy!r}, input_size={self.input_size}, grid={self.grid}, "
-                f"num_masked={self.num_masked} ({self.mask_ratio:g}), min_block={self.min_block}, "
-                f"aspect=[{self.min_aspect:.3g}, {self.max_aspect:.3g}], max_attempts={self.max_attempts}"
-                f"{extra}, seed={self.seed}, stream={self.stream})")
 
 
 # =============================================================================
@@ -391,16 +362,11 @@ def sample_seed(base_seed: int, purpose: int, epoch: int, index: int = 0, attemp
 # Argument checks: one-line errors
 
 
-def _error(what: str, expected: str, got) -> ValueError:
-    """One-line ValueError (returned, for the caller to raise): what is wrong, what was expected, what came."""
-    return ValueError(f"{what}: expected {expected}, got {got!r}")
-
-
 def _check(*rows) -> None:
-    """Raise `_error(what, expected, got)` for the first row (what, ok, expected, got) whose ok is false."""
+    """For the first row (what, ok, expected, got) whose ok is false: one-line ValueError "what: expected .., got .."."""
     for what, ok, expected, got in rows:
         if not ok:
-            raise _error(what, expected, got)
+            raise ValueError(f"{what}: expected {expected}, got {got!r}")
 
 
 def _is_int(v, low: int = 1) -> bool:
@@ -413,7 +379,7 @@ def _check_arguments(strategy, input_size, size, p, tp, mask_ratio, min_block, a
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown mask strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)}")
     is_video = len(size) == 3
-    kind, want = ("clips", "(T, H, W)") if strategy in VIDEO_STRATEGIES else ("images", "(H, W)")
+    kind, want = ("images", "(H, W)") if strategy == "block" else ("clips", "(T, H, W)")
     _check(("input_size", len(size) in (2, 3) and all(map(_is_int, size)), "(H, W) or (T, H, W) positive ints",
             input_size),
            (f"input_size for {strategy!r} ({kind})", is_video == (kind == "clips"), want, input_size),

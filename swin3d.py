@@ -33,15 +33,16 @@ A block reads as the paper: torch.roll, window_partition, SDPA with bias +
 shift mask, window_reverse, torch.roll back. Two faster equivalents stand
 behind the machinery banner, selected by SwinConfig.attention / .token_moves
 (and by the device under "auto"), each held equal by tests/test_swin3d.py.
-Run it: `python -c "import swin3d; print(swin3d.build_encoder('tiny'))"`;
+Run it: `python -c "import swin3d; print(swin3d.SwinTransformer3D(swin3d.get_config('tiny')))"`;
 `python tools/bench_swin3d.py` measures speed, memory and FLOPs.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -93,12 +94,7 @@ def get_config(preset: str, **overrides) -> SwinConfig:
     """A copy of a preset with some fields replaced, e.g. get_config('base', window_size=(16, 7, 7))."""
     if preset not in PRESETS:
         raise ValueError(f"unknown Swin preset {preset!r}; expected one of {sorted(PRESETS)}")
-    cfg = asdict(PRESETS[preset])
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown SwinConfig fields {sorted(unknown)}; expected some of {sorted(cfg)}")
-    cfg.update(overrides)
-    return SwinConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+    return replace(PRESETS[preset], **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
 
 # -----------------------------------------------------------------------------
@@ -542,12 +538,9 @@ class SwinTransformer3D(nn.Module):
     token grid inside.
     """
 
-    def __init__(self, config: Optional[SwinConfig] = None, **kwargs):
+    def __init__(self, config: Optional[SwinConfig] = None):
         super().__init__()
-        config = config if config is not None else SwinConfig()
-        if kwargs:
-            config = SwinConfig(**{**asdict(config), **kwargs})
-        self.config = c = config
+        self.config = c = config if config is not None else SwinConfig()
         if len(c.depths) != len(c.num_heads):
             raise ValueError(f"depths {c.depths} and num_heads {c.num_heads} must have the same length")
         self.num_layers = len(c.depths)
@@ -577,21 +570,15 @@ class SwinTransformer3D(nn.Module):
     # -- switches used by tests, benchmarks and train.py
     def set_attention(self, attention: str) -> None:
         """Switch every block between "auto", "sdpa" and "explicit"."""
-        _check_choice(attention, ATTENTION_IMPLS, "attention implementation")
         for m in self.modules():
             if isinstance(m, WindowAttention3D):
-                m.attention = attention
+                m.attention = _check_choice(attention, ATTENTION_IMPLS, "attention implementation")
 
     def set_token_moves(self, moves: str) -> None:
         """Switch every block between "auto", "roll" (torch.roll + window_partition) and "gather"."""
-        _check_choice(moves, TOKEN_MOVES, "token moves")
         for m in self.modules():
             if isinstance(m, SwinBlock3D):
-                m.token_moves = moves
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for layer in self.layers:
-            layer.use_checkpoint = enable
+                m.token_moves = _check_choice(moves, TOKEN_MOVES, "token moves")
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay (paper §4.1): relative tables, mask token."""
@@ -627,20 +614,16 @@ class SwinTransformer3D(nn.Module):
             tokens = torch.where(m.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         return self.pos_drop(tokens)
 
-    def forward_tokens(self, x: torch.Tensor) -> EncoderOutput:
-        """Run the four stages on tokens (B, t, h, w, C); t = 1 is the image stream."""
-        stages = []
-        for layer in self.layers:
-            out, x = layer(x)
-            stages.append(out)
-        return EncoderOutput(tuple(stages), self.norm(stages[-1]))
-
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> EncoderOutput:
-        out = self.forward_tokens(self.embed(x, mask))
+        tokens, stages = self.embed(x, mask), []                   # (B, t, h, w, C); t = 1 is the image stream
+        for layer in self.layers:
+            out, tokens = layer(tokens)
+            stages.append(out)
+        f4_norm = self.norm(stages[-1])
         if x.dim() == 4:
             # Images come back without the (length-1) time axis: (B, h, w, C).
-            out = EncoderOutput(tuple(s.squeeze(1) for s in out.stages), out.f4_norm.squeeze(1))
-        return out
+            stages, f4_norm = [s.squeeze(1) for s in stages], f4_norm.squeeze(1)
+        return EncoderOutput(tuple(stages), f4_norm)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -654,10 +637,6 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
     elif isinstance(m, WindowAttention3D):
         nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
-
-
-def build_encoder(preset: str = "base", **overrides) -> SwinTransformer3D:
-    return SwinTransformer3D(get_config(preset, **overrides))
 
 
 # =============================================================================
@@ -812,8 +791,7 @@ def _cached(fn, *args, device):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint helpers: prefixes, 2D -> 3D inflation, window resizing, torchvision's layout
-# (paper §4.1-4.2; the released checkpoint layout)
+# Checkpoint helpers: prefixes, shapes, window resizing (paper §4.1-4.2; the released checkpoint layout)
 
 
 class LoadReport(NamedTuple):
@@ -835,10 +813,7 @@ class LoadReport(NamedTuple):
         if self.window:
             lines.append(f"  window {self.window[0]} -> {self.window[1]}: relative tables trilinearly resized")
         lines.append(f"  missing ({len(self.missing)}, trained from scratch): {short(self.missing)}")
-        groups = {}
-        for k in self.unused:
-            g = ".".join(k.split(".")[:2])
-            groups[g] = groups.get(g, 0) + 1
+        groups = collections.Counter(".".join(k.split(".")[:2]) for k in self.unused)
         lines.append(f"  unused ({len(self.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in sorted(groups.items()))
                                                          or "none"))
         if self.rederived:
@@ -865,19 +840,24 @@ def unwrap_key(key: str) -> str:
     return key
 
 
+def check_converted(state_dict: dict) -> None:
+    """One-line ValueError for the layouts that tools/convert_checkpoint.py converts first (the loaders
+    read the released layout and this project's): torchvision's swin3d (its stages under `features.`)
+    and a 2D Swin image encoder (a 4-D patch embedding)."""
+    keys = [unwrap_key(k) for k in state_dict]
+    if any(k.startswith("features.") for k in keys):
+        raise ValueError("torchvision swin3d layout: convert it first with "
+                         "`python tools/convert_checkpoint.py torchvision IN OUT`")
+    if any(k.endswith("patch_embed.proj.weight") and v.dim() == 4 for k, v in zip(keys, state_dict.values())):
+        raise ValueError("2D Swin image checkpoint: inflate it first with "
+                         "`python tools/convert_checkpoint.py inflate IN OUT --preset NAME`")
+
+
 def check_shape(name: str, value: torch.Tensor, expected: torch.Tensor) -> None:
     """One-line error when a checkpoint tensor does not fit the model's."""
     if tuple(value.shape) != tuple(expected.shape):
         raise ValueError(f"checkpoint key {name!r} has shape {tuple(value.shape)}, the model expects "
                          f"{tuple(expected.shape)}")
-
-
-def _table_grid(length: int, window: Sequence[int]) -> tuple:
-    grid = tuple(2 * w - 1 for w in window)
-    if math.prod(grid) != length:
-        raise ValueError(f"relative_position_bias_table has {length} rows; a window {tuple(window)} "
-                         f"needs {math.prod(grid)} = {'x'.join(map(str, grid))}")
-    return grid
 
 
 def resize_relative_tables(state_dict: dict, old_window: Sequence[int], new_window: Sequence[int]) -> dict:
@@ -890,90 +870,19 @@ def resize_relative_tables(state_dict: dict, old_window: Sequence[int], new_wind
     (they are re-derived on load).
     """
     old_window, new_window = tuple(old_window), tuple(new_window)
+    grid, new_grid = tuple(2 * w - 1 for w in old_window), tuple(2 * w - 1 for w in new_window)
     out = {}
     for k, v in state_dict.items():
         if k.endswith("relative_position_index"):
             continue
         if k.endswith("relative_position_bias_table") and old_window != new_window:
-            grid = _table_grid(v.shape[0], old_window)
-            new_grid = tuple(2 * w - 1 for w in new_window)
+            if v.shape[0] != math.prod(grid):
+                raise ValueError(f"{k} has {v.shape[0]} rows; a window {old_window} needs {math.prod(grid)}")
             t = v.float().T.reshape(1, v.shape[1], *grid)         # (1, nh, 2Wt-1, 2Wh-1, 2Ww-1)
             t = F.interpolate(t, size=new_grid, mode="trilinear", align_corners=False)
             v = t.reshape(v.shape[1], -1).T.contiguous().to(v.dtype)   # (prod(new_grid), nh)
         out[k] = v
     return out
-
-
-def inflate_2d_state_dict(state_dict_2d: dict, config: SwinConfig, image_embed: bool = True) -> dict:
-    """Turn a 2D Swin image checkpoint (Liu et al. 2021 layout) into this encoder's keys.
-
-    * patch_embed.proj.weight (C, 3, 4, 4) -> (C, 3, pt, 4, 4), copied into every
-      temporal slice and divided by pt, so a static clip gives the 2D features
-      (I3D-style inflation, Video Swin `inflate_weights`);
-    * relative tables ((2Wh-1)(2Ww-1), nh) -> resized bicubically if the 2D
-      window differs, then tiled over the 2Wt-1 temporal offsets, so every
-      Δt row (in particular Δt = 0) equals the 2D table;
-    * the 2D patch embedding is also copied to `patch_embed_2d` (the image
-      stream) when `image_embed`;
-    * dropped: relative_position_index and attn_mask buffers, the 2D head.
-    Missing `head.*` or `mask_token` keys are expected to be reported by the loader.
-    """
-    Wt, Wh, Ww = config.window_size
-    pt = config.patch_size[0]
-    out = {}
-    for k, v in state_dict_2d.items():
-        if k.endswith(("relative_position_index", "attn_mask")) or k.startswith("head."):
-            continue
-        if k == "patch_embed.proj.weight":
-            if v.dim() != 4:
-                raise ValueError(f"expected a 2D patch embedding (C, 3, 4, 4) for {k}, got {tuple(v.shape)}")
-            if image_embed:
-                out["patch_embed_2d.proj.weight"] = v.clone()
-            v = v.unsqueeze(2).repeat(1, 1, pt, 1, 1) / pt         # (C, 3, pt, 4, 4)
-        elif k.startswith("patch_embed.") and image_embed:
-            out["patch_embed_2d." + k[len("patch_embed."):]] = v.clone()
-        elif k.endswith("relative_position_bias_table"):
-            nh = v.shape[1]
-            side = int(round(math.sqrt(v.shape[0])))
-            if side * side != v.shape[0]:
-                raise ValueError(f"{k}: expected a square 2D table, got {tuple(v.shape)}")
-            if side != 2 * Wh - 1 or side != 2 * Ww - 1:
-                t = v.float().T.reshape(1, nh, side, side)
-                t = F.interpolate(t, size=(2 * Wh - 1, 2 * Ww - 1), mode="bicubic", align_corners=False)
-                v = t.reshape(nh, -1).T.to(v.dtype)
-            v = v.repeat(2 * Wt - 1, 1)                            # ((2Wt-1)(2Wh-1)(2Ww-1), nh), Δt-major
-        out[k] = v
-    return out
-
-
-TORCHVISION_KIND = "torchvision Video Swin (swin3d_t/s/b)"
-
-
-def is_torchvision_layout(keys) -> bool:
-    """True for a state dict of torchvision's swin3d_t/s/b (its stages live under `features.`)."""
-    keys = set(keys)
-    return "patch_embed.proj.weight" in keys and any(k.startswith("features.") for k in keys)
-
-
-def torchvision_key(key: str) -> str:
-    """Our encoder's name for a key of torchvision's swin3d state dict (table above).
-
-    Keys that have no place in the encoder (`head.*`, or anything unexpected)
-    come back unchanged, so a loader reports them as unused under their own name.
-    """
-    parts = key.split(".")
-    if parts[0] != "features" or len(parts) < 3 or not parts[1].isdigit():
-        return key                                           # patch_embed.*, norm.*, head.*: as they are
-    k = int(parts[1])
-    if k % 2 == 0 and parts[2].isdigit():                    # features.{2i}.{j}.*: stage i, block j
-        rest = ".".join(parts[3:])
-        for theirs, ours in (("mlp.0.", "mlp.fc1."), ("mlp.3.", "mlp.fc2.")):
-            if rest.startswith(theirs):
-                rest = ours + rest[len(theirs):]
-        return f"layers.{k // 2}.blocks.{parts[2]}.{rest}"
-    if k % 2 == 1 and parts[2] in ("reduction", "norm"):      # features.{2i+1}: stage i's patch merging
-        return f"layers.{k // 2}.downsample." + ".".join(parts[2:])
-    return key
 
 
 def param_count(model: nn.Module, exclude: Sequence[str] = ()) -> int:

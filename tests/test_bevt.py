@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import swin3d
 from bevt import BEVT, BEVTConfig
+from tools import convert_checkpoint
 
 
 def tiny_bevt(vocab=64, lam=1.0):
@@ -154,21 +155,45 @@ def test_load_video_swin_classifier_reports_missing_pretraining_parts(tmp_path):
     assert report.unused == ["cls_head.fc_cls.bias", "cls_head.fc_cls.weight"]
 
 
-def test_load_torchvision_swin3d_for_pretraining():
-    """train.py --init with torchvision's swin3d layout: the encoder is loaded under our names; its
-    400-class head is not the token head and is reported unused, not loaded."""
+def test_load_torchvision_swin3d_for_pretraining(tmp_path):
+    """train.py --init with torchvision's swin3d layout: refused, naming the converter; once converted
+    (tools/convert_checkpoint.py torchvision), the encoder is loaded under our names and its 400-class
+    head, now the released classifier `cls_head.fc_cls`, is reported unused, not loaded."""
     from test_swin3d import torchvision_state_dict
     sd = torchvision_state_dict(classes=400)
     m = tiny_bevt(vocab=400)                                  # even a token head of the same shape stays untouched
+    with pytest.raises(ValueError, match="python tools/convert_checkpoint.py torchvision IN OUT"):
+        m.load_released({"module." + k: v for k, v in sd.items()})
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "swin3d_t.pth")
+    convert_checkpoint.main(["torchvision", str(tmp_path / "swin3d_t.pth"), str(tmp_path / "converted.pt")])
     head_before = m.head.weight.detach().clone()
-    report = m.load_released({"module." + k: v for k, v in sd.items()})
-    assert report.unused == ["module.head.bias", "module.head.weight"]
+    report = m.load_released(str(tmp_path / "converted.pt"))
+    assert report.unused == ["cls_head.fc_cls.bias", "cls_head.fc_cls.weight"]
+    assert report.rederived == sorted("backbone." + convert_checkpoint.torchvision_key(k) for k in sd
+                                      if k.endswith("relative_position_index"))
     assert report.missing == sorted([k for k in m.state_dict() if k.startswith(
         ("encoder.patch_embed_2d.", "video_decoder.", "image_decoder.", "head."))] + ["encoder.mask_token"])
     assert torch.equal(m.head.weight, head_before)
     ours = m.state_dict()
     assert torch.equal(ours["encoder.layers.2.blocks.1.mlp.fc2.bias"], sd["features.4.1.mlp.3.bias"])
     assert torch.equal(ours["encoder.layers.0.downsample.norm.weight"], sd["features.1.norm.weight"])
+
+
+def test_load_inflated_2d_swin_for_pretraining(tmp_path):
+    """A 2D Swin image checkpoint: refused, naming `convert_checkpoint.py inflate`; inflated, it
+    initialises the encoder and the image stream's own patch embedding (the 2D kernel as it is)."""
+    from test_swin3d import fake_2d_swin
+    sd = fake_2d_swin()
+    m = tiny_bevt()
+    with pytest.raises(ValueError, match="python tools/convert_checkpoint.py inflate IN OUT"):
+        m.load_released({"model": sd})
+    torch.save({"model": sd}, tmp_path / "swin2d.pth")
+    convert_checkpoint.main(["inflate", "--preset", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
+    report = m.load_released(str(tmp_path / "3d.pt"))
+    assert report.unused == []
+    assert report.missing == sorted([k for k in m.state_dict() if k.startswith(
+        ("video_decoder.", "image_decoder.", "head."))] + ["encoder.mask_token"])
+    assert torch.equal(m.state_dict()["encoder.patch_embed_2d.proj.weight"], sd["patch_embed.proj.weight"])
 
 
 def test_load_rejects_wrong_shapes_and_bad_codes():
@@ -262,7 +287,6 @@ def show_setup(syn, tmp_path_factory):
     here without tools/show.py: frames 4, 6, 8, 10 (4 frames every 2, centred in the 16) cropped to 96 px."""
     import data
     import masking
-    import tokenizer as T
     d = tmp_path_factory.mktemp("show")
     tok = tokenizer_tool.fit_from_dir(os.path.join(syn, "images", "train"), VOCAB, size=96, iters=5, max_patches=4000,
                          verbose=False)

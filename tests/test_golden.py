@@ -52,6 +52,7 @@ import finetune
 import swin3d
 import tokenizer as T
 import train
+from tools import convert_checkpoint
 
 EPS_LN = 1e-5                  # nn.LayerNorm's default eps
 NEG = -1e4                     # a logit that softmax turns into an exact 0 in fp32
@@ -391,7 +392,7 @@ def test_inflation_of_2d_kernel_and_table():
     table2d = torch.arange(25.0).view(25, 1) * 0.1 - 1.0          # window 3x3: (2*3-1)^2 rows, one head
     sd2 = {"patch_embed.proj.weight": one_hot_kernel(PICKS_2D, (3, 4, 4)), "patch_embed.proj.bias": torch.zeros(4),
            "layers.0.blocks.0.attn.relative_position_bias_table": table2d}
-    sd3 = swin3d.inflate_2d_state_dict(sd2, cfg)
+    sd3 = convert_checkpoint.inflate_2d_state_dict(sd2, cfg)
     # Table: every Δt row equals the 2D table at (Δh, Δw).
     t3 = sd3["layers.0.blocks.0.attn.relative_position_bias_table"]
     assert t3.shape == (3 * 5 * 5, 1)

@@ -102,41 +102,6 @@ def test_block_ratio_224_matches_paper():
     assert same > 0.7
 
 
-def test_block_trace_follows_beit():
-    gen = make("block", seed=3)
-    gh, gw = gen.grid
-    lo, hi = 0.3, 1 / 0.3                                  # BEiT aspect range
-    n_blocks = 0
-    for _ in range(300):
-        trace = []
-        mask = gen.blockwise(trace)
-        assert trace, "the first round always places a block on a 14x14 grid in practice"
-        rebuilt = np.zeros((gh, gw), bool)
-        count = 0
-        for b in trace:
-            assert b.remaining == 98 - count               # per-block max = what is left of the target
-            assert 0 < b.new <= b.remaining                # adds something, never overshoots
-            assert 0 <= b.attempt < 10                     # 10 tries per block
-            assert b.h < gh and b.w < gw                   # strictly inside the grid
-            assert 0 <= b.top <= gh - b.h and 0 <= b.left <= gw - b.w
-            assert lo - 1e-9 <= b.aspect <= hi + 1e-9
-            assert b.h == round(math.sqrt(b.area * b.aspect)) and b.w == round(math.sqrt(b.area / b.aspect))
-            # Area uniform in [16, remaining]; BEiT's uniform(16, r) with r < 16
-            # draws from [r, 16]. So no block is drawn below the minimum of 16
-            # cells while at least 16 are still to be masked.
-            assert min(16, b.remaining) - 1e-9 <= b.area <= max(16, b.remaining) + 1e-9
-            if b.remaining >= 16:
-                assert b.area >= 16
-            region = rebuilt[b.top:b.top + b.h, b.left:b.left + b.w]
-            assert b.new == b.h * b.w - region.sum()       # "new" = cells not masked before
-            region[...] = True
-            count += b.new
-        assert np.array_equal(rebuilt, mask)               # the mask is exactly the union of its blocks
-        assert count == mask.sum()
-        n_blocks += len(trace)
-    assert n_blocks > 3 * 300                              # several blocks per mask, not one giant one
-
-
 def beit_reference(uniform, gh, gw, target, min_block=16, min_aspect=0.3, attempts=10):
     """BEiT's MaskingGenerator (its published `_mask` / `__call__`) transcribed
     apart from masking.py, in BEiT's names and loop shape, drawing its random

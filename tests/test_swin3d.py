@@ -19,7 +19,7 @@ def small_model(**kw):
     """The CPU preset without stochastic depth: deterministic and fast."""
     kw.setdefault("drop_path_rate", 0.0)
     torch.manual_seed(0)
-    return swin3d.build_encoder("cpu", **kw)
+    return swin3d.SwinTransformer3D(get_config("cpu", **kw))
 
 
 def close(a, b, tol=1e-5):
@@ -32,7 +32,7 @@ def close(a, b, tol=1e-5):
 def test_stage_shapes_every_preset(preset):
     # Meta tensors carry shapes only: every preset, both streams, in milliseconds.
     with torch.device("meta"):
-        m = swin3d.build_encoder(preset)
+        m = swin3d.SwinTransformer3D(get_config(preset))
         C = m.embed_dim
         video = m(torch.empty(2, 3, 16, 224, 224))
         image = m(torch.empty(3, 3, 224, 224))
@@ -59,7 +59,7 @@ def test_odd_sizes_are_padded(shape):
 
 def test_real_shapes_tiny_both_streams():
     torch.manual_seed(0)
-    m = swin3d.build_encoder("tiny").eval()
+    m = swin3d.SwinTransformer3D(get_config("tiny")).eval()
     with torch.no_grad():
         v = m(torch.randn(1, 3, 4, 64, 64))
         i = m(torch.randn(2, 3, 64, 64))
@@ -388,7 +388,8 @@ def test_gradient_checkpointing_same_outputs_and_grads(stream):
     mask = torch.rand((2, 2, 4, 4) if stream == "video" else (2, 4, 4)) < 0.5
     results = []
     for ckpt in (False, True):
-        m.set_grad_checkpointing(ckpt)
+        for layer in m.layers:
+            layer.use_checkpoint = ckpt
         m.zero_grad()
         torch.manual_seed(7)
         out = m(x, mask)
@@ -409,7 +410,7 @@ def test_parameter_counts_match_released_encoder(preset, millions):
     # paper §3 "BEVT encoders": the released classification encoder (video patch embed with norm,
     # 4 stages, final norm) plus Linear(8C -> 400); no image embedding or mask token.
     with torch.device("meta"):
-        m = swin3d.build_encoder(preset)
+        m = swin3d.SwinTransformer3D(get_config(preset))
     n = swin3d.param_count(m, exclude=("patch_embed_2d.", "mask_token"))
     n += m.num_features * 400 + 400
     assert abs(n / 1e6 - millions) <= 0.05
@@ -558,7 +559,6 @@ def torchvision_state_dict(C=32, depths=(1, 1, 2, 1), heads=(1, 2, 4, 8), classe
 def test_torchvision_layout_maps_onto_every_encoder_key(name):
     C, depths, heads = TORCHVISION_ARCHS[name]
     layout = torchvision_layout(C, depths, heads)
-    assert swin3d.is_torchvision_layout(layout)
     mapped = convert_checkpoint.map_torchvision_state_dict(layout)           # values (shapes here) untouched
     head = {k for k in mapped if k.startswith("head.")}
     assert head == {"head.weight", "head.bias"}                  # the classifier stays out of the encoder
@@ -598,7 +598,7 @@ def test_torchvision_state_dict_loads_and_every_tensor_counts():
     for key in sd:
         if key.startswith("head."):
             continue
-        ours_key = swin3d.torchvision_key(key)
+        ours_key = convert_checkpoint.torchvision_key(key)
         original = mapped[ours_key]
         # Random, not constant: a constant shift of a bias, or of a bias table, is removed exactly by
         # the next LayerNorm or softmax, and would prove nothing either way.
@@ -638,7 +638,7 @@ def test_torchvision_patch_merging_order_is_ours():
 def test_inflate_2d_checkpoint():
     m = small_model()
     sd2 = fake_2d_swin()
-    sd3 = swin3d.inflate_2d_state_dict(sd2, m.config)
+    sd3 = convert_checkpoint.inflate_2d_state_dict(sd2, m.config)
     # (The kernel and table values: test_golden.test_inflation_of_2d_kernel_and_table.)
     result = m.load_state_dict(sd3, strict=False)
     assert set(result.missing_keys) == {"mask_token"}
@@ -653,28 +653,40 @@ def test_inflate_2d_checkpoint():
 
 
 def test_convert_checkpoint_tool_writes_loadable_files(tmp_path, capsys):
-    """tools/convert_checkpoint.py: each command writes {"state_dict": ...} that the encoder loads."""
+    """tools/convert_checkpoint.py: each command writes {"state_dict": ...} in the released layout
+    (`backbone.` + encoder key; torchvision's head as `cls_head.fc_cls.`) that the encoder loads;
+    the unconverted files are refused by the loaders with the command that converts them."""
     torch.save({"model": fake_2d_swin()}, tmp_path / "swin2d.pth")
     torch.save(torchvision_state_dict(), tmp_path / "tv.pth")
     convert_checkpoint.main(["inflate", "--preset", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
     convert_checkpoint.main(["resize", "--old-window", "8", "7", "7", "--new-window", "16", "7", "7",
                              str(tmp_path / "3d.pt"), str(tmp_path / "16.pt")])
     convert_checkpoint.main(["torchvision", str(tmp_path / "tv.pth"), str(tmp_path / "tv.pt")])
-    for name, window, extra in (("3d", (8, 7, 7), set()), ("16", (16, 7, 7), set()),
-                                ("tv", (8, 7, 7), {"head.weight", "head.bias"})):
+    for name, window, head in (("3d", (8, 7, 7), set()), ("16", (16, 7, 7), set()),
+                               ("tv", (8, 7, 7), {"cls_head.fc_cls.weight", "cls_head.fc_cls.bias"})):
         sd = swin3d.load_file(str(tmp_path / f"{name}.pt"))["state_dict"]
-        r = small_model(window_size=window).load_state_dict(sd, strict=False)
-        assert set(r.unexpected_keys) == extra, name
+        assert {k for k in sd if not k.startswith("backbone.")} == head, name
+        swin3d.check_converted(sd)                                   # what the loaders accept
+        r = small_model(window_size=window).load_state_dict(convert_checkpoint.strip_prefix(sd, "backbone."),
+                                                            strict=False)
+        assert r.unexpected_keys == [], name
         assert set(r.missing_keys) <= {"mask_token", "patch_embed_2d.proj.weight", "patch_embed_2d.proj.bias",
                                        "patch_embed_2d.norm.weight", "patch_embed_2d.norm.bias"}, name
+    for src, command in (("swin2d.pth", "inflate"), ("tv.pth", "torchvision")):
+        ck = swin3d.load_file(str(tmp_path / src))
+        with pytest.raises(ValueError, match=f"python tools/convert_checkpoint.py {command} IN OUT"):
+            swin3d.check_converted(ck.get("model", ck))
     with pytest.raises(SystemExit) as e:                              # a user error: one line, exit 2
         convert_checkpoint.main(["torchvision", str(tmp_path / "none.pth"), str(tmp_path / "x.pt")])
     assert e.value.code == 2 and "convert_checkpoint.py: error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                                   # not torchvision's layout
+        convert_checkpoint.main(["torchvision", str(tmp_path / "swin2d.pth"), str(tmp_path / "x.pt")])
+    assert "not a torchvision swin3d checkpoint" in capsys.readouterr().err
 
 
 def test_inflate_resizes_a_different_2d_window():
     cfg = get_config("cpu")
-    sd3 = swin3d.inflate_2d_state_dict(fake_2d_swin(window=12), cfg)
+    sd3 = convert_checkpoint.inflate_2d_state_dict(fake_2d_swin(window=12), cfg)
     assert sd3["layers.0.blocks.0.attn.relative_position_bias_table"].shape == (15 * 13 * 13, 1)
 
 
@@ -698,7 +710,7 @@ def test_bad_input_is_a_clear_error(x, mask, match):
 def test_unknown_preset_and_field():
     with pytest.raises(ValueError, match="expected one of"):
         get_config("huge")
-    with pytest.raises(ValueError, match="unknown SwinConfig fields"):
+    with pytest.raises(TypeError, match="windw"):
         get_config("tiny", windw=(8, 7, 7))
 
 

@@ -71,7 +71,7 @@ VARIANTS = [("sdpa", True), ("explicit", True), ("sdpa", False), ("explicit", Fa
 
 def bench_time(preset, shape, device, repeats, amp):
     torch.manual_seed(0)
-    model = swin3d.build_encoder(preset).to(device).train()
+    model = swin3d.SwinTransformer3D(swin3d.get_config(preset)).to(device).train()
     x = torch.randn(shape, device=device)
     times = {v: [] for v in VARIANTS}
     for r in range(repeats + 1):                                   # round 0 is warm-up
@@ -92,7 +92,7 @@ def peak_memory(preset, shape, attention, device, amp):
     """Peak extra memory of one forward+backward (see the module docstring)."""
     if device == "cuda":
         torch.manual_seed(0)
-        model = swin3d.build_encoder(preset, attention=attention).to(device).train()
+        model = swin3d.SwinTransformer3D(swin3d.get_config(preset, attention=attention)).to(device).train()
         x = torch.randn(shape, device=device)
         timed(model, x, device, amp)
         torch.cuda.synchronize()
@@ -110,7 +110,7 @@ def peak_memory(preset, shape, attention, device, amp):
 def _cpu_peak(preset, shape, attention):
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    model = swin3d.build_encoder(preset, attention=attention).train()
+    model = swin3d.SwinTransformer3D(swin3d.get_config(preset, attention=attention)).train()
     x = torch.randn(shape)
     base = rss_bytes()
     step(model, x)
@@ -122,7 +122,7 @@ def flops_table():
     rows = []
     for window, published, released in (((8, 7, 7), 282, 281.3), ((16, 7, 7), 321, 320.4)):
         with torch.device("meta"):
-            model = swin3d.build_encoder("base", window_size=window)
+            model = swin3d.SwinTransformer3D(swin3d.get_config("base", window_size=window))
             x = torch.empty(1, 3, 32, 224, 224)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():

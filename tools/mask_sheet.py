@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np   # noqa: E402
 
 import train         # noqa: E402
-from masking import IMAGE_STRATEGIES, STRATEGIES, MaskGenerator   # noqa: E402
+from masking import STRATEGIES, MaskGenerator   # noqa: E402
 
 PROG = "mask_sheet.py"
 
@@ -34,7 +34,7 @@ def render_sheet(masks: np.ndarray, cell: int = 4, gap: int = 3):
 
 
 def sheet(args) -> str:
-    if args.strategy in IMAGE_STRATEGIES:
+    if args.strategy == "block":
         gen = MaskGenerator(args.strategy, (args.size, args.size), seed=args.seed)
         masks = gen.batch(args.rows * args.cols)[0].reshape(args.rows, args.cols, *gen.grid)
     else:
@@ -42,7 +42,9 @@ def sheet(args) -> str:
         inp, tgt = gen.batch(args.rows)
         masks = tgt if args.view == "target" else inp
     render_sheet(masks, cell=args.cell).save(args.out, optimize=True)
-    print(f"{gen}\nwrote {args.out}: {masks.shape[0]} rows x {masks.shape[1]} cells, masked = dark")
+    print(f"{gen.strategy}: grid {gen.grid}, {gen.num_masked} cells per masked frame, masked token steps "
+          f"{gen.length_range}, seed {gen.seed}\nwrote {args.out}: {masks.shape[0]} rows x {masks.shape[1]} cells, "
+          f"masked = dark")
     return args.out
 
 
