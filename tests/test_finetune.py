@@ -1,8 +1,10 @@
 """Tests of finetune.py (paper §4.1-4.2): layer-wise lr decay, multi-view averaging,
-the Table 2 temporal probes, loading every checkpoint kind with the exact
-missing / unused keys, and one-line errors on bad input. (What finetuning
-learns is measured over seeds by `python finetune.py tables`, README
-"Finetuning", not by a test: no single seed is a test that cannot flake.)
+the Table 2 temporal probes, the EMA, loading every checkpoint kind with the
+exact missing / unused keys, and one-line errors on bad input. (What finetuning
+learns is measured over seeds by `python tools/tables.py`, README "Finetuning",
+not by a test: no single seed is a test that cannot flake.) The key formulas
+the loader relies on (2D -> 3D inflation, window resizing, the relative index)
+are specified once, in test_swin3d.py and test_golden.py.
 
 The expected values are written from the spec (the released K400 config's
 table, softmax by hand, key layouts of the released checkpoint layout), never read from the code.
@@ -90,6 +92,22 @@ def test_backbone_multiplier_and_weight_decay_groups():
         assert lr == pytest.approx(1.0 if n.startswith("head.") else 0.1), n
         no_decay = n.endswith(".bias") or "norm" in n or n.endswith("relative_position_bias_table")
         assert wd == (0.0 if no_decay else 0.05), n
+
+
+def test_ema_starts_at_the_weights_and_warms_up_its_decay():
+    """ema_n = d_n·ema_{n-1} + (1 − d_n)·θ_n with d_n = min(decay, (1 + n)/(10 + n)), ema_0 = θ_0."""
+    lin = torch.nn.Linear(3, 2)
+    start = lin.weight.detach().clone()
+    ema = finetune.make_ema(lin, decay=0.5)
+    assert torch.equal(ema.module.weight, start) and not ema.module.training
+    want = start.double()
+    for n in range(1, 6):
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        ema.update_parameters(lin)
+        d = min(0.5, (1 + n) / (10 + n))                       # 2/11, 3/12, 4/13, 0.5, 0.5
+        want = d * want + (1 - d) * lin.weight.detach().double()
+    torch.testing.assert_close(ema.module.weight.double(), want, atol=1e-5, rtol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -298,7 +316,8 @@ def _swin2d_sd():
     return sd
 
 
-def test_load_2d_swin_inflates():
+def test_load_2d_swin_is_detected_and_reported():
+    """Which keys a 2D checkpoint gives the classifier (the inflation itself: test_swin3d, test_golden)."""
     sd = _swin2d_sd()
     model = classifier()
     r = finetune.load_pretrained(model, {"model": sd})
@@ -306,23 +325,7 @@ def test_load_2d_swin_inflates():
     assert r.missing == ["head.bias", "head.weight"]
     assert r.unused == ["head.bias", "head.weight"]                   # the ImageNet head
     assert set(r.rederived) == {k for k in sd if k.endswith((INDEX, "attn_mask"))}
-    w = model.state_dict()["encoder.patch_embed.proj.weight"]        # (C, 3, 2, 4, 4)
-    for t in range(2):
-        assert torch.allclose(w[:, :, t], sd["patch_embed.proj.weight"] / 2)
-    table = model.state_dict()["encoder.layers.0.blocks.0.attn.relative_position_bias_table"]
-    assert torch.equal(table.view(15, 169, -1)[7], sd["layers.0.blocks.0.attn.relative_position_bias_table"])
-
-
-def test_window_change_resizes_tables():
-    sd = _bevt_sd()
-    model = classifier(window_size=(16, 7, 7))
-    r = finetune.load_pretrained(model, {"model": sd, "config": {"stage": "joint"}})
-    assert r.window == ((8, 7, 7), (16, 7, 7))
-    key = "encoder.layers.1.blocks.0.attn.relative_position_bias_table"
-    new = model.state_dict()[key]
-    assert new.shape == (31 * 13 * 13, sd[key].shape[1])
-    # Trilinear resizing with the centre kept: the Δt = 0 slice is unchanged.
-    assert torch.allclose(new.view(31, 169, -1)[15], sd[key].view(15, 169, -1)[7], atol=1e-6)
+    assert model.state_dict()["encoder.patch_embed.proj.weight"].shape[2] == 2   # 3D now: (C, 3, 2, 4, 4)
 
 
 def test_finetune_checkpoint_round_trip_and_scratch():
@@ -398,3 +401,12 @@ def test_encoder_mismatch_from_the_command_line(syn, tmp_path, capsys):
         finetune.main([*SMALL, "--data", syn, "--task", "motion", "--init", str(ck), "--out", str(tmp_path)])
     msg = one_line_error(capsys, e)
     assert "embed_dim=16" in msg and "--model cpu" in msg
+
+
+def test_missing_synthetic_set_says_how_to_make_it_before_writing(tmp_path, capsys):
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--preset", "cpu", "--init", "scratch", "--data", str(tmp_path / "none"), "--out", str(out)])
+    msg = one_line_error(capsys, e)
+    assert "python tools/synthetic.py --out " + str(tmp_path / "none") in msg
+    assert not out.exists()

@@ -1,6 +1,6 @@
-"""Tests of finetune.py's tools: frozen features (`extract`), the linear probe and
-k-NN (`probe`), prediction on single videos (`predict`) and the plumbing of the
-mini reproductions (`tables`).
+"""Tests of the scripts around finetune.py: frozen features (tools/extract.py), the linear
+probe and k-NN (tools/probe.py), prediction on single videos (tools/predict.py) and the
+plumbing of the mini reproductions (tools/tables.py).
 
 The probe is checked on features whose answer is known by construction:
 separable classes must be found, random features must give chance. The
@@ -21,6 +21,7 @@ import bevt
 import data
 import finetune
 import swin3d
+from tools import extract, predict, probe, synthetic, tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 96-px crops of 8 frames (every 2nd) from the 16-frame, 96x112 test videos.
@@ -30,9 +31,10 @@ VIEW = ["--preset", "cpu", "--crop", "96", "--short-side", "96", "--test-short-s
 
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
+    """12 + 4 videos with a 16-code tokenizer fitted on 96-px crops (the tables test's pretrainings)."""
     root = tmp_path_factory.mktemp("probe") / "syn"
-    data.ensure_synthetic(root, seed=0, verbose=False, n_train=12, n_val=4, images_train=1, images_val=1,
-                          frames=16, height=96, width=112)
+    synthetic.prepare(root, seed=0, verbose=False, vocab=16, size=96, n_train=12, n_val=4, images_train=1,
+                      images_val=1, frames=16, height=96, width=112)
     return str(root)
 
 
@@ -61,8 +63,8 @@ def test_probe_finds_separable_classes():
     tx, ty = separable(200)
     vx, vy = separable(100, seed=0)                                      # same class means, fresh noise
     vx = vx + torch.randn(vx.shape, generator=torch.Generator().manual_seed(9))
-    lin = finetune.linear_probe(tx, ty, vx, vy, 4)
-    knn = finetune.knn_classify(tx, ty, vx, vy, 4)
+    lin = probe.linear_probe(tx, ty, vx, vy, 4)
+    knn = probe.knn_classify(tx, ty, vx, vy, 4)
     assert lin["top1"] >= 98 and lin["train_top1"] >= 98, lin
     assert knn["top1"] >= 98, knn
 
@@ -73,8 +75,8 @@ def test_probe_on_random_features_is_at_chance():
     g = torch.Generator().manual_seed(3)
     tx, vx = torch.randn(400, 64, generator=g), torch.randn(400, 64, generator=g)
     ty, vy = torch.randint(0, 4, (400,), generator=g), torch.randint(0, 4, (400,), generator=g)
-    lin = finetune.linear_probe(tx, ty, vx, vy, 4)
-    knn = finetune.knn_classify(tx, ty, vx, vy, 4)
+    lin = probe.linear_probe(tx, ty, vx, vy, 4)
+    knn = probe.knn_classify(tx, ty, vx, vy, 4)
     assert abs(lin["top1"] - 25) <= 9, lin
     assert abs(knn["top1"] - 25) <= 9, knn
 
@@ -85,23 +87,23 @@ def test_knn_vote_is_temperature_weighted():
     train = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
     labels = torch.tensor([1, 0, 0])
     val, vy = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
-    assert finetune.knn_classify(train, labels, val, vy, 2, k=3, temperature=0.07)["top1"] == 100
-    assert finetune.knn_classify(train, labels, val, vy, 2, k=3, temperature=10.0)["top1"] == 0
+    assert probe.knn_classify(train, labels, val, vy, 2, k=3, temperature=0.07)["top1"] == 100
+    assert probe.knn_classify(train, labels, val, vy, 2, k=3, temperature=10.0)["top1"] == 0
 
 
 # -----------------------------------------------------------------------------
 # extract: the features the probe reads
 
 
-def extract(syn, init, out, *extra, split="train"):
+def extract_list(syn, init, out, *extra, split="train"):
     vids = os.path.join(syn, "videos")
-    return finetune.main(["extract", *VIEW, "--init", init, "--root", vids, "--out", str(out),
+    return extract.main([*VIEW, "--init", init, "--root", vids, "--out", str(out),
                           "--list", os.path.join(vids, f"{split}_motion.txt"), *extra])
 
 
 def test_extract_gives_the_pooled_f4_of_the_centre_clip(syn, pretrained, tmp_path):
-    meta = extract(syn, pretrained, tmp_path / "f", "--chunk", "5")              # 3 chunks for 12 videos
-    got = finetune.load_features(str(tmp_path / "f"))
+    meta = extract_list(syn, pretrained, tmp_path / "f", "--chunk", "5")              # 3 chunks for 12 videos
+    got = extract.load_features(str(tmp_path / "f"))
     assert meta["rows"] == 12 and meta["bad"] == 0 and got["features"].shape == (12, 256)
     # Independently: finetune.py's val loader (one centre clip) and the classifier's features.
     cfg = finetune.resolve_config({"preset": "cpu", "crop": 96, "short_side": 96, "frames": 8, "interval": 2,
@@ -124,16 +126,16 @@ def test_extract_gives_the_pooled_f4_of_the_centre_clip(syn, pretrained, tmp_pat
 def test_extraction_and_probe_never_change_the_encoder(syn, pretrained, tmp_path):
     before = open(pretrained, "rb").read()
     cfg = finetune.resolve_config({"preset": "cpu", "init": pretrained})
-    enc = finetune.frozen_encoder(cfg, log_fn=lambda m: None)
+    enc = extract.frozen_encoder(cfg, log_fn=lambda m: None)
     assert not any(p.requires_grad for p in enc.parameters()) and not enc.training
     state = {k: v.clone() for k, v in enc.state_dict().items()}
     for split in ("train", "val"):
-        extract(syn, pretrained, tmp_path / split, split=split)
-    res = finetune.main(["probe", "--train-features", str(tmp_path / "train"), "--val-features", str(tmp_path / "val")])
+        extract_list(syn, pretrained, tmp_path / split, split=split)
+    res = probe.main(["--train-features", str(tmp_path / "train"), "--val-features", str(tmp_path / "val")])
     assert 0 <= res["linear"]["top1"] <= 100 and res["classes"] == len(data.MOTION_CLASSES)
     assert open(pretrained, "rb").read() == before
     assert all(torch.equal(state[k], v) for k, v in enc.state_dict().items())
-    again = finetune.frozen_encoder(cfg, log_fn=lambda m: None).state_dict()
+    again = extract.frozen_encoder(cfg, log_fn=lambda m: None).state_dict()
     assert all(torch.equal(state[k], again[k]) for k in state if k.startswith("encoder."))   # the head: unused
 
 
@@ -143,31 +145,31 @@ def test_extract_resumes_and_lists_bad_files(syn, pretrained, tmp_path, capsys):
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(rows[:3] + [f"{tmp_path / 'broken.mp4'} 1"] + rows[3:]) + "\n")
-    argv = ["extract", *VIEW, "--init", pretrained, "--root", vids, "--list", str(lst), "--chunk", "2"]
-    meta = finetune.main([*argv, "--out", str(tmp_path / "f")])
+    argv = [*VIEW, "--init", pretrained, "--root", vids, "--list", str(lst), "--chunk", "2"]
+    meta = extract.main([*argv, "--out", str(tmp_path / "f")])
     assert meta["videos"] == 7 and meta["rows"] == 6 and meta["bad"] == 1
     bad = (tmp_path / "f" / "bad.txt").read_text().splitlines()
     assert len(bad) == 1 and bad[0].startswith(str(tmp_path / "broken.mp4"))
-    got = finetune.load_features(str(tmp_path / "f"))
+    got = extract.load_features(str(tmp_path / "f"))
     assert str(tmp_path / "broken.mp4") not in got["paths"] and len(got["paths"]) == 6
     # A complete output is not recomputed.
     feats = (tmp_path / "f" / "features.npy").read_bytes()
     capsys.readouterr()
-    finetune.main([*argv, "--out", str(tmp_path / "f")])
+    extract.main([*argv, "--out", str(tmp_path / "f")])
     assert "nothing to do" in capsys.readouterr().out
     # Killed before the merge: only the missing part is computed again.
     parts = tmp_path / "f" / "parts" / meta["key"]
     os.remove(tmp_path / "f" / "meta.json")
     os.remove(parts / "part_00001.pt")
     stamps = {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
-    finetune.main([*argv, "--out", str(tmp_path / "f")])
+    extract.main([*argv, "--out", str(tmp_path / "f")])
     assert (parts / "part_00001.pt").exists()
     assert all((parts / n).stat().st_mtime_ns == t for n, t in stamps.items())
     assert (tmp_path / "f" / "features.npy").read_bytes() == feats
     # Another checkpoint: the old parts are not reused.
     other = tmp_path / "other.pt"
     torch.save({"model": finetune.VideoClassifier(swin3d.get_config("cpu"), 4).state_dict()}, other)
-    finetune.main(["extract", *VIEW, "--init", str(other), "--root", vids, "--list", str(lst), "--out",
+    extract.main([*VIEW, "--init", str(other), "--root", vids, "--list", str(lst), "--out",
                    str(tmp_path / "f")])
     assert (tmp_path / "f" / "features.npy").read_bytes() != feats
     assert not parts.exists()
@@ -175,38 +177,39 @@ def test_extract_resumes_and_lists_bad_files(syn, pretrained, tmp_path, capsys):
 
 def test_sliding_window_features(syn, pretrained, tmp_path):
     """16-frame videos, windows of 4 frames (interval 1) every 4 frames: starts 0, 4, 8, 12."""
-    meta = extract(syn, pretrained, tmp_path / "w", "--clip-len", "4", "--interval", "1", "--stride", "4",
+    meta = extract_list(syn, pretrained, tmp_path / "w", "--clip-len", "4", "--interval", "1", "--stride", "4",
                    split="val")
-    got = finetune.load_features(str(tmp_path / "w"))
+    got = extract.load_features(str(tmp_path / "w"))
     assert meta["rows"] == 4 * 4
     assert got["starts"].tolist() == [0, 4, 8, 12] * 4
     assert len(set(got["paths"])) == 4
-    assert finetune.WindowSampling(4, 2, 3)(10).tolist() == [[0, 2, 4, 6], [3, 5, 7, 9]]
-    assert finetune.WindowSampling(4, 2, 3)(5).tolist() == [[0, 2, 4, 4]]             # shorter than a window
+    assert extract.WindowSampling(4, 2, 3)(10).tolist() == [[0, 2, 4, 6], [3, 5, 7, 9]]
+    assert extract.WindowSampling(4, 2, 3)(5).tolist() == [[0, 2, 4, 4]]             # shorter than a window
 
 
 def test_extract_on_two_processes_matches_one(syn, pretrained, tmp_path):
     vids = os.path.join(syn, "videos")
-    args = ["extract", *VIEW, "--init", pretrained, "--root", vids, "--list", os.path.join(vids, "train_motion.txt"),
+    args = [*VIEW, "--init", pretrained, "--root", vids, "--list", os.path.join(vids, "train_motion.txt"),
             "--chunk", "3"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(REPO, "finetune.py"), *args, "--out", str(tmp_path / "two")],
+                        os.path.join(REPO, "tools", "extract.py"), *args, "--out", str(tmp_path / "two")],
                        cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    finetune.main([*args, "--out", str(tmp_path / "one")])
-    two, one = finetune.load_features(str(tmp_path / "two")), finetune.load_features(str(tmp_path / "one"))
+    extract.main([*args, "--out", str(tmp_path / "one")])
+    two, one = extract.load_features(str(tmp_path / "two")), extract.load_features(str(tmp_path / "one"))
     assert two["paths"] == one["paths"]
     np.testing.assert_allclose(two["features"], one["features"], rtol=1e-5, atol=1e-6)
 
 
 def test_extract_bad_flags_are_one_line_errors(syn, pretrained, tmp_path, capsys):
-    for argv, words in ((["extract", "--init", pretrained], ["--out"]),
-                        (["extract", *VIEW, "--init", pretrained, "--out", str(tmp_path), "--root", syn,
+    for tool, argv, words in ((extract, ["--init", pretrained], ["--out"]),
+                              (extract, [*VIEW, "--init", pretrained, "--out", str(tmp_path), "--root", syn,
                           "--list", str(tmp_path / "nope.txt")], ["nope.txt"]),
-                        (["probe", "--train-features", str(tmp_path), "--val-features", str(tmp_path)], ["meta.json"])):
+                              (probe, ["--train-features", str(tmp_path), "--val-features", str(tmp_path)],
+                               ["meta.json"])):
         with pytest.raises(SystemExit) as e:
-            finetune.main(argv)
+            tool.main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and all(w in err for w in words), err
@@ -236,7 +239,7 @@ def test_predict_reports_top_classes_and_skips_unreadable_videos(syn, finetuned,
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video")
     with pytest.raises(SystemExit) as e:
-        finetune.main(["predict", "--init", path, "--video", good[0], str(broken), good[1], "--json",
+        predict.main(["--init", path, "--video", good[0], str(broken), good[1], "--json",
                        "--precision", "fp32"])
     assert e.value.code == 1                                     # a video failed; the others still ran
     cap = capsys.readouterr()
@@ -262,7 +265,7 @@ def test_predict_needs_a_finetuned_checkpoint(syn, pretrained, capsys):
     vids = os.path.join(syn, "videos")
     video = str(data.read_annotations(os.path.join(vids, "val_motion.txt"), vids)[0][0])
     with pytest.raises(SystemExit) as e:
-        finetune.main(["predict", "--preset", "cpu", "--init", pretrained, "--video", video])
+        predict.main(["--preset", "cpu", "--init", pretrained, "--video", video])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "classifier head" in err, err
@@ -278,7 +281,7 @@ def test_predict_refuses_class_names_that_do_not_fit_the_head(syn, finetuned, tm
     vids = os.path.join(syn, "videos")
     video = str(data.read_annotations(os.path.join(vids, "val_motion.txt"), vids)[0][0])
     with pytest.raises(SystemExit) as e:
-        finetune.main(["predict", "--init", str(bad), "--video", video])
+        predict.main(["--init", str(bad), "--video", video])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "names 3 classes but its head has 2" in err, err
@@ -290,11 +293,11 @@ def test_predict_refuses_class_names_that_do_not_fit_the_head(syn, finetuned, tm
 def test_tables_plumbing_writes_cells_resumes_and_draws(syn, tmp_path, capsys):
     small = ("--crop 96 --short-side 96 104 --frames 4 --workers 0 --video-batch 2 --image-batch 4 "
              "--global-video-batch 2 --global-image-batch 4 --precision fp32 --tokenizer-vocab 16 --vocab-size 16")
-    argv = ["tables", "--tables", "2", "--seeds", "1", "--data", syn, "--out", str(tmp_path / "runs"),
+    argv = ["--tables", "2", "--seeds", "1", "--data", syn, "--out", str(tmp_path / "runs"),
             "--results", str(tmp_path / "t.json"), "--chart", str(tmp_path / "t.png"), "--max-steps", "2",
             "--pretrain-args", small, "--finetune-args",
             "--crop 96 --short-side 96 --test-short-side 96 --frames 4 --workers 0 --batch-size 4 --precision fp32"]
-    cells = finetune.main(argv)
+    cells = tables.main(argv)
     assert set(cells) == {"finetune|BEVT|appearance|s0", "finetune|BEVT|motion|s0"}
     for c in cells.values():
         assert set(finetune.EVAL_MODES) <= set(c) and all(0 <= c[m] <= 100 for m in finetune.EVAL_MODES)
@@ -312,28 +315,28 @@ def test_tables_plumbing_writes_cells_resumes_and_draws(syn, tmp_path, capsys):
     import shutil
     shutil.rmtree(tmp_path / "runs")
     capsys.readouterr()
-    assert finetune.main(argv) == cells
+    assert tables.main(argv) == cells
     assert not (tmp_path / "runs").exists()
     assert "Table 2 (mini)" in capsys.readouterr().out
     # The probe cells of Tables 1 and 8: one extraction per split, both label sets.
-    tcfg = finetune.TablesConfig(seeds=1, data=syn, out=str(tmp_path / "runs"), results=str(tmp_path / "t.json"),
+    tcfg = tables.TablesConfig(seeds=1, data=syn, out=str(tmp_path / "runs"), results=str(tmp_path / "t.json"),
                                  max_steps=2, pretrain_args=small, finetune_args="--crop 96 --short-side 96 "
                                  "--test-short-side 96 --frames 4 --workers 0 --batch-size 4 --precision fp32")
-    runner = finetune.Tables(tcfg)
+    runner = tables.Tables(tcfg)
     runner.probe("BEVT-V", 0)
     assert (tmp_path / "runs" / "s0" / "video" / "video" / "final.pt").exists()     # BEVT-V: the video stage
     for task in ("appearance", "motion"):
         c = runner.cells[f"probe|BEVT-V|{task}|s0"]
         assert 0 <= c["linear"] <= 100 and 0 <= c["knn"] <= 100
-    finetune.draw_tables_chart(runner.cells, ("1", "2", "8"), str(tmp_path / "all.png"))   # partial tables draw
-    text = finetune.tables_text(runner.cells, ("1", "2", "8"))
+    tables.draw_tables_chart(runner.cells, ("1", "2", "8"), str(tmp_path / "all.png"))   # partial tables draw
+    text = tables.tables_text(runner.cells, ("1", "2", "8"))
     assert "| BEVT-V | " in text and "| Random-3D | - | - |" in text
 
 
 def test_tables_processes_sharing_a_results_file_keep_each_others_cells(tmp_path):
     """Two runs on other seeds write into one file: each write merges what is on file."""
-    a = finetune.Tables(finetune.TablesConfig(results=str(tmp_path / "t.json")))
-    b = finetune.Tables(finetune.TablesConfig(results=str(tmp_path / "t.json")))
+    a = tables.Tables(tables.TablesConfig(results=str(tmp_path / "t.json")))
+    b = tables.Tables(tables.TablesConfig(results=str(tmp_path / "t.json")))
     a.record("finetune|BEVT|motion|s0", {"normal": 90.0}, 1.0)
     b.record("finetune|BEVT|motion|s1", {"normal": 80.0}, 1.0)
     a.record("finetune|BEVT|appearance|s0", {"normal": 100.0}, 1.0)
@@ -345,13 +348,13 @@ def test_tables_processes_sharing_a_results_file_keep_each_others_cells(tmp_path
     other["recipe"]["finetune"]["interval"] = 99
     (tmp_path / "old.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="another CPU recipe"):
-        finetune.Tables(finetune.TablesConfig(results=str(tmp_path / "old.json")))
+        tables.Tables(tables.TablesConfig(results=str(tmp_path / "old.json")))
     # Extra flags for every run (a longer pretraining) make another recipe too.
     with pytest.raises(ValueError, match="another CPU recipe"):
-        finetune.Tables(finetune.TablesConfig(results=str(tmp_path / "t.json"), pretrain_args="--epochs 32"))
+        tables.Tables(tables.TablesConfig(results=str(tmp_path / "t.json"), pretrain_args="--epochs 32"))
 
 
-class _Calls(finetune.Tables):
+class _Calls(tables.Tables):
     """The runner with its two kinds of run replaced by a record of which were asked for."""
     def __init__(self, tcfg):
         super().__init__(tcfg)
@@ -365,17 +368,17 @@ class _Calls(finetune.Tables):
 
 
 def test_tables_rows_selects_what_runs_now(tmp_path, capsys):
-    everything = _Calls(finetune.TablesConfig(results=str(tmp_path / "t.json"), seeds=2))
+    everything = _Calls(tables.TablesConfig(results=str(tmp_path / "t.json"), seeds=2))
     everything.run(("1", "2", "8"))
     assert len(everything.calls) == 2 * (2 + 5 * 3 + 7 * 2)         # per seed: Table 2, 1 and 8's runs
-    some = _Calls(finetune.TablesConfig(results=str(tmp_path / "t.json"), seeds=2, rows="tube,random-3d,bevt-i"))
+    some = _Calls(tables.TablesConfig(results=str(tmp_path / "t.json"), seeds=2, rows="tube,random-3d,bevt-i"))
     some.run(("1", "8"))
     assert some.calls == [c for s in (0, 1) for c in (
         ("probe", "BEVT-I", s), ("finetune", "BEVT-I", "appearance", s), ("finetune", "BEVT-I", "motion", s),
         ("probe", "BEVT-V", s), ("finetune", "BEVT-V", "motion", s),           # Table 8's tube row is BEVT-V
         ("probe", "random-3d", s), ("finetune", "random-3d", "motion", s))]
     with pytest.raises(SystemExit):
-        finetune.main(["tables", "--tables", "8", "--rows", "bevt-i", "--results", str(tmp_path / "t.json")])
+        tables.main(["--tables", "8", "--rows", "bevt-i", "--results", str(tmp_path / "t.json")])
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--rows: bevt-i is not a row of table(s) 8" in err and "random-3d" in err
 
@@ -383,6 +386,6 @@ def test_tables_rows_selects_what_runs_now(tmp_path, capsys):
 def test_tables_text_gives_mean_and_std_over_seeds():
     cells = {f"finetune|BEVT|motion|s{s}": {"normal": v, "single-frame": 25.0, "shuffle": 25.0}
              for s, v in enumerate((90.0, 100.0, 95.0))}
-    st = finetune.cell_stats(cells, "finetune", "BEVT", "motion", "normal")
+    st = tables.cell_stats(cells, "finetune", "BEVT", "motion", "normal")
     assert st == (95.0, 5.0, 3)                                   # sample std of 90, 100, 95
-    assert "95.0 ± 5.0 (3)" in finetune.tables_text(cells, ("2",))
+    assert "95.0 ± 5.0 (3)" in tables.tables_text(cells, ("2",))
