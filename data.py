@@ -12,7 +12,7 @@ decoding -> the one clip/image transform (rescale, [jitter], crop, flip,
 tokenizer copy) -> masks -> batches; then what finetuning adds (random-resized
 crop, RandAugment, random erasing, evaluation crops) and the Table 2 probes.
 Behind the banner: robust decoding, bad files replaced, the keyed samplers and
-epoch loaders, the image-folder list cache, a file lock.
+epoch loaders, a file lock.
 
 Sample layouts (one dict per sample; the default collate adds a leading B axis):
 
@@ -52,8 +52,6 @@ or from `python tools/prepare_data.py lists|resize|check`):
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import operator
@@ -145,6 +143,12 @@ class SampleList:
 
     def path(self, i: int) -> Path:
         return self.root / os.fsdecode(self.relpath_bytes(i))
+
+    def inside_root(self, i: int) -> bool:
+        """Whether row i names a file under root. A list comes from outside as much as its videos
+        do: an absolute path, or one whose `..` climbs out of root, is refused (read as bad media)."""
+        rel = os.path.normpath(os.fsdecode(self.relpath_bytes(i)))
+        return not (os.path.isabs(rel) or rel.split(os.sep, 1)[0] == "..")
 
     def label(self, i: int) -> int:
         return int(self.labels[self._row(i)])
@@ -386,15 +390,25 @@ def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = N
     return frames.reshape(*idx.shape, *frames.shape[1:]), idx, n
 
 
+# The most pixels an image may have. The pipeline shrinks every image to a short side of at most
+# 320 (§4.1), and ImageNet's largest images are a few thousand pixels a side; a bigger one is
+# bad media, refused before it is decoded: Pillow reads the size from the header, and its own
+# bomb check only warns up to 179M pixels (a 164 KB PNG of 13000 x 13000 decodes to 507 MB).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 def read_image(path: PathLike, min_short: Optional[int] = None) -> np.ndarray:
-    """An image file -> (H, W, 3) uint8 RGB, decoded completely (truncated files raise).
+    """An image file -> (H, W, 3) uint8 RGB, decoded completely (truncated files raise; more
+    than MAX_IMAGE_PIXELS is bad media, refused before decoding).
 
     min_short: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8)
     that keeps the short side >= min_short (PIL `draft`), which makes big
     ImageNet JPEGs several times cheaper when the pipeline shrinks them anyway.
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:                             # lazy: reads the header only
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise BadMedia(path, f"{im.width} x {im.height} pixels, more than MAX_IMAGE_PIXELS")
             if min_short is not None and im.format == "JPEG":
                 w, h = im.size
                 s = min_short / min(w, h)
@@ -407,6 +421,8 @@ def read_image(path: PathLike, min_short: Optional[int] = None) -> np.ndarray:
                 grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except BadMedia:
+        raise
     except Exception as e:                                       # PIL raises OSError, SyntaxError, ValueError...
         raise BadMedia(path, f"{type(e).__name__}: {e}") from e
 
@@ -1373,6 +1389,8 @@ class _RobustDataset(Dataset):
         for attempt in range(MAX_REPLACEMENTS):
             if not self._bad[i]:
                 try:
+                    if not self.samples.inside_root(i):
+                        raise BadMedia(self.samples.path(i), "outside the data root; not read")
                     with self._sample_rng(seed, epoch, index, attempt):
                         out = self.load(i)
                     break
@@ -1423,15 +1441,15 @@ class VideoDataset(_RobustDataset):
 class ImageDataset(_RobustDataset):
     """Images from an ImageNet-style folder tree (root/<class>/<image>) or a list file under root.
 
-    `classes`: the class folder names, from the scan (or from the header of a
-    list file that list_image_folder_once wrote); None for other list files.
+    `classes`: the class folder names of a scanned folder; None for a list file
+    (`python tools/prepare_data.py lists images` writes one, so that the ranks
+    of a big run do not each scan ImageNet).
     """
 
     def __init__(self, root: PathLike, ann_file: Optional[PathLike] = None, transform: Callable = None,
                  min_short: Optional[int] = None):
         if ann_file is not None:
-            samples = read_annotations(ann_file, root)
-            self.classes = (_list_header(ann_file) or {}).get("classes")
+            samples, self.classes = read_annotations(ann_file, root), None
         else:
             samples, self.classes = scan_image_folder(root)
         super().__init__(samples, transform)
@@ -1717,149 +1735,6 @@ def loading_plan(num_workers: int, threads: int, loaders: int = 1, local_world_s
     procs = local_world_size * max(1, num_workers) * loaders
     return (f"data loading: {local_world_size} rank(s) on this node x {loaders} loader(s) x {num_workers} "
             f"worker(s) = {procs} loading process(es), {threads} decoder thread(s) each, on {os.cpu_count()} cores")
-
-
-# -----------------------------------------------------------------------------
-# An image folder scanned once per run: a list file written by rank 0, read by every rank
-#
-# The file is an ordinary `relative/path label` list (read_annotations reads it;
-# it can be passed as --image-list) after two comment lines:
-#
-#     # bevt image-folder list
-#     # {"version": 1, "root": ..., "fingerprint": ..., "count": N, "sha256": ..., "classes": [...]}
-#
-# It is trusted only with the same root, the same fingerprint (the class
-# folders' names and modification times, taken *before* the scan, so a change
-# during the scan makes the file stale), N lines after the header and their
-# SHA-256 as recorded; a torn, edited or stale file is rebuilt. Adding,
-# removing or renaming an image changes its folder's time; changes deeper than
-# the class folders are not seen (delete the file to rescan). Keep the file
-# outside the class folders (writing it would change their time).
-
-LIST_MAGIC = b"# bevt image-folder list"       # first line of a list file written by a folder scan
-LIST_VERSION = 1                               # bump when the scan or the file format changes
-
-
-def _folder_fingerprint(root: Path) -> str:
-    """SHA-256 of the scan rule and the class folders' names and modification times (not root's own:
-    a list file kept in root would change it)."""
-    h = hashlib.sha256(f"{LIST_VERSION} {IMAGE_EXTS}\n".encode())
-    with os.scandir(root) as it:
-        for e in sorted(it, key=lambda e: e.name):
-            if not e.name.startswith(".") and e.is_dir():
-                h.update(os.fsencode(e.name) + b"\0" + str(e.stat().st_mtime_ns).encode() + b"\n")
-    return h.hexdigest()
-
-
-def _list_header(path: PathLike) -> Optional[dict]:
-    """The header of a folder-scan list file, or None if `path` is not one (or has a damaged header)."""
-    try:
-        with open(path, "rb") as f:
-            if f.readline().rstrip(b"\n") != LIST_MAGIC:
-                return None
-            header = json.loads(f.readline().lstrip(b"# "))
-    except (OSError, ValueError):
-        return None
-    return header if isinstance(header, dict) else None
-
-
-def _check_list_file(path: Path, root: Path, fingerprint: str) -> tuple[Optional[str], Optional[dict]]:
-    """(None, header) when `path` is a complete list of the folder `root` as it is now, else (why not, None)."""
-    if not path.exists():
-        return "no list file yet", None
-    header = _list_header(path)
-    if header is None or header.get("version") != LIST_VERSION:
-        return f"{path} is not a version-{LIST_VERSION} folder list (or its header is damaged)", None
-    if header.get("root") != str(root):
-        return f"it lists {header.get('root')}, not {root}", None
-    if header.get("fingerprint") != fingerprint:
-        return "the folder changed since it was written", None
-    digest, lines = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        f.readline(), f.readline()                                     # the header
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-            lines += chunk.count(b"\n")
-    if lines != header.get("count") or digest.hexdigest() != header.get("sha256"):
-        return f"it is torn or damaged ({lines} lines, header says {header.get('count')}; or its checksum differs)", None
-    return None, header
-
-
-def _write_atomic_bytes(path: Path, payload: bytes) -> None:
-    """Write through a temporary file in the same folder and rename: readers see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())                                   # on disk before the name points at it
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _scan_to_list_file(root: Path, cache: Path, fingerprint: str, why: str, verbose: bool) -> None:
-    """Rank 0: scan the folder and write it, with its header, to `cache` atomically."""
-    if verbose:
-        print(f"scanning the image folder {root} for {cache} ({why}) ...", flush=True)
-    t0 = time.perf_counter()
-    samples, classes = scan_image_folder(root)
-    body = bytearray()
-    for i in range(len(samples)):
-        body += samples.relpath_bytes(i) + b" %d\n" % samples.labels[i]
-    header = {"version": LIST_VERSION, "root": str(root), "fingerprint": fingerprint, "count": len(samples),
-              "sha256": hashlib.sha256(body).hexdigest(), "classes": classes}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic_bytes(cache, LIST_MAGIC + b"\n# " + json.dumps(header).encode() + b"\n" + body)
-    except OSError as e:
-        raise OSError(f"cannot write the image list {cache}: {e.strerror or e} "
-                      f"(choose another place with --image-list-cache)") from None
-    if verbose:
-        print(f"image folder {root}: {len(samples)} images in {len(classes)} classes, scanned in "
-              f"{time.perf_counter() - t0:.1f} s -> {cache}", flush=True)
-
-
-def list_image_folder_once(root: PathLike, cache: PathLike, rank: int = 0, timeout: float = 3600.0,
-                           poll: float = 0.2, verbose: Optional[bool] = None) -> Path:
-    """The image folder `root` as the list file `cache`, scanned at most once per run -> `cache`.
-
-    Rank 0 reuses a valid `cache` (above), else scans and writes it. Every
-    other rank never scans: it waits until `cache` is a valid list of the
-    folder. Pass the result as the list file (ImageDataset(root, ann_file=cache),
-    build_pretrain_loader(image_ann=cache)). The wait watches the file, not a
-    collective: a scan of ImageNet on a network file system can outlast a
-    process group's timeout. Every rank must see `cache` (several nodes: a shared file system).
-    """
-    root = _check_exists(Path(root), "image folder").absolute()
-    cache = Path(cache)
-    verbose = (rank == 0) if verbose is None else verbose
-    if rank == 0:
-        fingerprint = _folder_fingerprint(root)                       # before the scan (see above)
-        why, header = _check_list_file(cache, root, fingerprint)
-        if why is not None:
-            _scan_to_list_file(root, cache, fingerprint, why, verbose)
-        elif verbose:
-            print(f"image folder {root}: {header['count']} images in {len(header['classes'])} classes, "
-                  f"from {cache} (the folder is unchanged since it was scanned)", flush=True)
-        return cache
-    # Other ranks: check each new version of the file (a new inode, time or size) until one is valid.
-    deadline, seen, why = time.monotonic() + timeout, None, "no list file yet"
-    while True:
-        try:
-            st = cache.stat()
-            version = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            version = None
-        if version is not None and version != seen:
-            seen = version
-            why, _ = _check_list_file(cache, root, _folder_fingerprint(root))
-            if why is None:
-                return cache
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank} waited {timeout:.0f} s for rank 0 to write the list of {root} to "
-                               f"{cache} (last check: {why}); does every rank see that path?")
-        time.sleep(poll)
 
 
 # -----------------------------------------------------------------------------

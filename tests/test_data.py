@@ -318,99 +318,55 @@ def test_compact_list_costs_about_its_bytes(tmp_path):
     assert len(gc.get_objects()) - objects < 100                      # no object per row
 
 
-def folder_list(root, cache, **kw):
-    return data.list_image_folder_once(root, cache, verbose=True, **kw)
+def test_an_image_folder_list_is_written_once_by_prepare_data(tmp_path, capsys):
+    """`python tools/prepare_data.py lists images`: the scan's rows, labels and classes as a list
+    file that every rank reads instead of scanning the folder itself."""
+    root = odd_folder(tmp_path / "imgs")
+    out = tmp_path / "lists" / "images.txt"
+    with pytest.raises(SystemExit) as end:
+        prepare_data.main(["lists", "images", "--root", str(root), "--out", str(out)])
+    assert end.value.code == 0 and "33 rows in 3 classes" in capsys.readouterr().out
+    old, classes = old_scan_image_folder(root)
+    assert list(data.ImageDataset(root, out).samples) == old == list(data.ImageDataset(root).samples)
+    assert Path(f"{out}.classes.txt").read_text(encoding="utf-8").splitlines() == classes
 
 
-def test_folder_list_is_reused_and_a_stale_or_torn_one_rebuilt(tmp_path, monkeypatch, capsys):
-    root = tmp_path / "imgs"
-    for cls in ("cat", "dog"):
-        (root / cls).mkdir(parents=True)
-        for k in range(3):
-            (root / cls / f"{k} é.jpg").write_bytes(b"x")
-    cache = tmp_path / "run" / "images.txt"
-    scans = []
-    real = data.scan_image_folder
-    monkeypatch.setattr(data, "scan_image_folder", lambda r: scans.append(r) or real(r))   # a spy: the real scan
-
-    def rows(path):
-        return list(data.ImageDataset(root, path).samples)
-
-    assert folder_list(root, cache) == cache and len(scans) == 1
-    out = capsys.readouterr().out
-    assert "6 images in 2 classes, scanned in" in out and str(cache) in out
-    assert rows(cache) == old_scan_image_folder(root)[0] and data.ImageDataset(root, cache).classes == ["cat", "dog"]
-    good = cache.read_bytes()
-    folder_list(root, cache)                                              # unchanged folder: reused
-    assert len(scans) == 1 and "from " + str(cache) in capsys.readouterr().out
-
-    def rebuilt(reason):
-        n = len(scans)
-        folder_list(root, cache)
-        assert len(scans) == n + 1, reason
-        assert reason in capsys.readouterr().out
-        assert rows(cache) == old_scan_image_folder(root)[0]
-
-    cache.write_bytes(good[:-10])                                         # torn: the last line cut short
-    rebuilt("torn or damaged")
-    cache.write_bytes(good.replace(b"jpg 1\n", b"jpg 0\n", 1))            # same length, a label changed
-    rebuilt("torn or damaged")
-    cache.write_bytes(good.split(b"\n", 2)[2])                            # the rows without the header
-    rebuilt("not a version-1 folder list")
-    cache.write_bytes(b"")
-    rebuilt("not a version-1 folder list")
-    time.sleep(0.05)                                                      # past the file system's clock tick
-    (root / "dog" / "new.png").write_bytes(b"x")                          # stale: an image added
-    rebuilt("the folder changed")
-    assert len(rows(cache)) == 7
-    time.sleep(0.05)
-    (root / "eel").mkdir()                                                # stale: a class added
-    (root / "eel" / "e.jpg").write_bytes(b"x")
-    rebuilt("the folder changed")
-    assert data.ImageDataset(root, cache).classes == ["cat", "dog", "eel"]
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "cat").symlink_to(root / "cat", target_is_directory=True)
-    folder_list(other, cache)                                             # another root: not this list
-    assert "it lists" in capsys.readouterr().out
-    assert list(data.read_annotations(cache, other)) == old_scan_image_folder(other)[0]
-    # A rank other than 0 never scans and never accepts a bad file: it waits, then names the file.
-    cache.write_bytes(good[:-10])
-    n = len(scans)
-    with pytest.raises(TimeoutError, match="images.txt"):
-        data.list_image_folder_once(root, cache, rank=1, timeout=0.3, poll=0.05)
-    assert len(scans) == n
+def test_list_entries_outside_the_data_root_are_refused_never_read(tmp_path, monkeypatch):
+    """Issue 33, item 4: a list comes from outside like its files. Entries that climb out of the
+    root (`..`) or are absolute are skipped and counted as bad media, and never opened; good
+    entries (spaces, `./`, `//`) still load."""
+    root = tmp_path / "root"
+    (root / "cat").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(root / "cat" / "a b.png")
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(secret)
+    hostile = ["../secret.png", "cat/../../secret.png", str(secret), "../../../../etc/hostname", "/etc/passwd"]
+    ann = write_list(tmp_path / "list.txt", [("cat/a b.png", 0), ("./cat//a b.png", 1)]
+                     + [(h, 7) for h in hostile])
+    opened, real = [], data.read_image
+    monkeypatch.setattr(data, "read_image", lambda p, *a: opened.append(str(p)) or real(p, *a))
+    ds = data.ImageDataset(root, ann, transform=lambda im: {"pixel": torch.tensor(im[0, 0])})
+    loader = data.EpochLoader(ds, 1, shuffle=False, drop_last=False, num_workers=0, verbose=False)
+    batches = list(loader)
+    assert [int(b["label"]) for b in batches][:2] == [0, 1]
+    assert all(int(b["label"]) in (0, 1) and b["pixel"].tolist() == [[10, 20, 30]] for b in batches)
+    assert loader.skipped >= len(hostile)
+    assert not any("secret" in p or p.startswith("/etc") for p in opened), opened
 
 
-def test_folder_list_is_scanned_once_under_two_gloo_processes(tmp_path):
-    """torchrun, 2 processes, gloo (tests/ddp_worker.py image-list): rank 0 scans, rank 1 reads.
-    A stale list from an earlier state of the folder is in place: rank 1 must not take it, but
-    wait for rank 0's new one. A second run reuses the list: no scan at all."""
-    import json
-    import subprocess
-    import sys
-    root = tmp_path / "images"
-    for cls in ("cat", "dog é"):
-        (root / cls).mkdir(parents=True)
-        for k in range(4):
-            (root / cls / f"{k} x.jpg").write_bytes(b"x")
-    data.list_image_folder_once(root, tmp_path / "cache" / "images.txt", verbose=False)
-    time.sleep(0.05)
-    (root / "cat" / "late.png").write_bytes(b"x")                        # the list above is now stale
-    expected = [[str(p), l] for p, l in old_scan_image_folder(root)[0]]
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for run, scans in ((1, [1, 0]), (2, [0, 0])):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(repo / "tests" / "ddp_worker.py"), str(tmp_path), "image-list"],
-                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        got = [json.loads((tmp_path / f"list{k}.json").read_text()) for k in (0, 1)]
-        assert [g["scans"] for g in got] == scans, run
-        for g in got:
-            assert g["rows"] == expected and g["classes"] == ["cat", "dog é"]
-        if run == 1:
-            assert got[1]["seconds"] > 1.0                               # rank 1 waited for rank 0's scan
+def test_an_image_with_too_many_pixels_is_bad_media_before_it_is_decoded(tmp_path):
+    """Issue 33, item 5: a 13000 x 13000 PNG is a few hundred KB but 507 MB decoded; Pillow only
+    warns. It is refused from its header (MAX_IMAGE_PIXELS), and a loader replaces it."""
+    big = tmp_path / "c" / "big.png"
+    big.parent.mkdir()
+    Image.new("L", (13000, 13000)).save(big, optimize=True)
+    Image.new("RGB", (40, 40)).save(tmp_path / "c" / "ok.png")
+    assert big.stat().st_size < 2**20
+    with pytest.raises(data.BadMedia, match="13000 x 13000 pixels"):
+        data.read_image(big)
+    ds = data.ImageDataset(tmp_path, transform=lambda im: {"shape": torch.tensor(im.shape)})
+    loader = data.EpochLoader(ds, 1, shuffle=False, drop_last=False, num_workers=0, verbose=False)
+    assert [b["shape"].tolist() for b in loader] == [[[40, 40, 3]]] * 2 and loader.skipped >= 1
 
 
 # -----------------------------------------------------------------------------
@@ -1179,14 +1135,16 @@ def test_prep_check_reports_missing_and_unreadable_apart_and_the_official_count(
 @pytest.mark.parametrize("argv, expect", [
     (["lists", "k400", "--ann", "{json}", "--out", "{tmp}/k.txt"], "expected a Kinetics CSV whose header names"),
     (["lists", "ssv2", "--ann", "{json}", "--labels", "{csv}", "--out", "{tmp}/s.txt"], "got text that is not JSON"),
+    (["lists", "ssv2", "--ann", "{deep}", "--labels", "{csv}", "--out", "{tmp}/s.txt"], "deep.json: expected"),
     (["resize", "--src", "{tmp}", "--dst", "{tmp}/out", "--short-side", "255"], "even number of pixels"),
 ])
 def test_prep_commands_bad_input_is_one_line_exit_2(tmp_path, argv, expect):
     import subprocess
     import sys
     (tmp_path / "a.json").write_text('[{"id": "1"}]')
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)    # issue 33: no RecursionError
     _write_csv(tmp_path / "a.csv", ["label,youtube_id,time_start,time_end", "x,aaaaaaaaaaa,0,10"])
-    argv = [a.format(json=tmp_path / "a.json", csv=tmp_path / "a.csv", tmp=tmp_path) for a in argv]
+    argv = [a.format(json=tmp_path / "a.json", deep=tmp_path / "deep.json", csv=tmp_path / "a.csv", tmp=tmp_path) for a in argv]
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "tools" / "prepare_data.py"), *argv], cwd=root, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)

@@ -2,13 +2,15 @@
 data.py's loaders read. One subcommand each:
 
     lists    official annotations -> `relative/path label` list + class-name file
-             (Kinetics-400 CSV, Something-Something-v2 JSON, Diving48 JSON)
+             (Kinetics-400 CSV, Something-Something-v2 JSON, Diving48 JSON), or an
+             image folder tree -> its list (written once, read by every rank)
     resize   a video tree -> the same tree at a given short side, H.264 mp4, video only
              (PyAV decode + encode, parallel processes, resumable, failures listed)
     check    a list -> the files that are missing, unreadable, or on the slow decoding
              path (data.read_video), and the count against the official split size
 
     python tools/prepare_data.py lists {k400,ssv2,diving48} --ann OFFICIAL_FILE --out LIST [--root DIR]
+    python tools/prepare_data.py lists images --root IMAGE_FOLDER --out LIST
     python tools/prepare_data.py resize --src DIR --dst DIR --short-side 256 [--workers N]
     python tools/prepare_data.py check --ann LIST --root DIR [--official k400-val | --expect N] [--quick]
 """
@@ -159,6 +161,8 @@ def _read_json(path: data.PathLike, kind: type, what: str):
             value = json.load(f)
     except ValueError as e:                                      # JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"{path}: expected {what}, got text that is not JSON ({str(e)[:80]})") from None
+    except RecursionError:                                       # e.g. [[[[...]]]] 200,000 deep
+        raise ValueError(f"{path}: expected {what}, got JSON nested too deeply to read") from None
     if not isinstance(value, kind):
         raise ValueError(f"{path}: expected {what}, got a JSON {type(value).__name__}")
     return value
@@ -245,6 +249,30 @@ def diving48_list(ann: data.PathLike, vocab: data.PathLike, ext: str = ".mp4", p
     return out, names
 
 
+def images_list(root: data.PathLike, out: data.PathLike) -> str:
+    """An image folder tree root/<class>/<image> -> its `relative/path label` list at `out` (the rows
+    and labels of data.scan_image_folder, in its order) and the class names at <out>.classes.txt.
+    Pass it as train.py --image-list so that the ranks of a run do not each scan the folder."""
+    samples, classes = data.scan_image_folder(root)
+    rows = [(os.fsdecode(samples.relpath_bytes(i)), int(samples.labels[i])) for i in range(len(samples))]
+    write_list(rows, out)
+    write_atomic(Path(f"{out}.classes.txt"), "".join(f"{n}\n" for n in classes).encode("utf-8"))
+    return f"images: {len(rows):,} rows in {len(classes)} classes -> {out}"
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write through a temporary file in the same folder and rename: readers see all of it or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())                                   # on disk before the name points at it
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _list_bytes(rows) -> bytes:
     return b"".join(os.fsencode(rel) + b" %d\n" % label for rel, label in rows)
 
@@ -272,10 +300,10 @@ def write_list(rows: list, out: data.PathLike, root: Optional[data.PathLike] = N
             raise ValueError(f"expected the listed videos under {root} (e.g. {root / rows[0][0]}), got none of "
                              f"the {len(rows):,}: check --root, --layout, --prefix and --ext")
     out.parent.mkdir(parents=True, exist_ok=True)
-    data._write_atomic_bytes(out, _list_bytes(kept))
+    write_atomic(out, _list_bytes(kept))
     left_out = out.with_name(out.name + ".missing.txt")
     if missing:
-        data._write_atomic_bytes(left_out, _list_bytes(missing))
+        write_atomic(left_out, _list_bytes(missing))
     elif root is not None:
         left_out.unlink(missing_ok=True)                  # a previous run's: nothing is missing now
     return kept, missing
@@ -302,7 +330,7 @@ def make_lists(dataset: str, ann: data.PathLike, out: data.PathLike, classes: Op
         new = True
     kept, missing = write_list(rows, out, root)
     if new and names:
-        data._write_atomic_bytes(classes, "".join(f"{n}\n" for n in names).encode("utf-8"))
+        write_atomic(classes, "".join(f"{n}\n" for n in names).encode("utf-8"))
     said = [f"{dataset}: {len(kept):,} rows -> {out}"]
     if names:
         said.append(f"{len(names)} classes {'->' if new else 'from'} {classes}")
@@ -560,7 +588,7 @@ def resize_videos(src: data.PathLike, dst: data.PathLike, short: int, workers: i
     failed.sort()
     failures = Path(failures) if failures else dst / RESIZE_FAILURES
     if failed:
-        data._write_atomic_bytes(failures, "".join(f"{rel}\t{why}\n" for rel, why in failed).encode("utf-8"))
+        write_atomic(failures, "".join(f"{rel}\t{why}\n" for rel, why in failed).encode("utf-8"))
     else:
         failures.unlink(missing_ok=True)                    # a previous run's list: nothing failed now
     return counts, failed, failures
@@ -693,6 +721,10 @@ def parser() -> argparse.ArgumentParser:
         "ssv2": which.add_parser("ssv2", help="a Something-Something-v2 JSON (train/validation/test)"),
         "diving48": which.add_parser("diving48", help="a Diving48 V2 JSON (train/test)"),
     }
+    images = which.add_parser("images", help="an image folder tree root/<class>/<image> (ImageNet): "
+                                             "the list train.py --image-list reads")
+    images.add_argument("--root", required=True, help="the image folder (root/<class>/<image>)")
+    images.add_argument("--out", required=True, help="the list to write (class names: <out>.classes.txt)")
     for name, p in sets.items():
         p.add_argument("--ann", required=True, help="the official annotation file")
         p.add_argument("--out", required=True, help="the list to write")
@@ -729,6 +761,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_lists(args) -> int:
+    if args.dataset == "images":
+        print(images_list(args.root, args.out))
+        return 0
     print(make_lists(args.dataset, args.ann, args.out, classes=args.classes, ext=args.ext, prefix=args.prefix,
                      root=args.root, layout=getattr(args, "layout", "flat"),
                      labels=getattr(args, "labels", None), vocab=getattr(args, "vocab", None)))
