@@ -536,11 +536,6 @@ def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
     return torch.addcmul(shift.view(3, 1, 1), x, scale.view(3, 1, 1))   # (N, 3, H, W)
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of `normalize` (for pictures and tests)."""
-    return x * _STD.view(3, 1, 1) + _MEAN.view(3, 1, 1)
-
-
 def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     """A uint8 pretraining batch on the training device -> float32, mean/std normalised.
 
@@ -580,8 +575,6 @@ class PretrainTransform:
 
     def __init__(self, stream: str, crop: int, short_side, flip: float, jitter: float,
                  mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
-        if stream not in ("video", "image"):
-            raise ValueError(f"stream must be 'video' or 'image', got {stream!r}")
         if min(short_side) < crop:
             raise ValueError(f"short side range {short_side} must be >= the crop {crop}")
         self.stream, self.crop, self.short_side, self.flip = stream, crop, tuple(short_side), flip
@@ -1056,9 +1049,7 @@ def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, 
     val/test keep every sample (DistributedSampler pads the last shard with
     repeats; drop them by `index` for exact numbers).
     """
-    if mode not in ("train", "val", "test"):
-        raise ValueError(f"mode must be train, val or test, got {mode!r}")
-    train = mode == "train"
+    train = mode == "train"                                       # (FinetuneClipTransform checks `mode`)
     sampling = FrameSampling(cfg.frames, cfg.interval if cfg.sampling == "dense" else 1, cfg.sampling,
                              num_clips=cfg.test_clips if mode == "test" else 1, test_mode=not train)
     randaug = RandAugment(cfg.randaug_n, cfg.randaug_m) if (train and cfg.randaug_n > 0) else None

@@ -51,6 +51,11 @@ def frame_levels(frames):
     return frames[..., 4:h // 2 - 4, 4:-4, :].mean(axis=(-3, -2, -1))
 
 
+def denormalize(x):
+    """(..., 3, H, W) normalised -> [0, 1]: the inverse of data.normalize."""
+    return x * data._STD.view(3, 1, 1) + data._MEAN.view(3, 1, 1)
+
+
 def write_list(path, rows):
     Path(path).write_text("".join(f"{rel} {label}\n" for rel, label in rows))
     return path
@@ -354,6 +359,7 @@ def test_list_entries_outside_the_data_root_are_refused_never_read(tmp_path, mon
     assert not any("secret" in p or p.startswith("/etc") for p in opened), opened
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")        # Pillow only warns: the point
 def test_an_image_with_too_many_pixels_is_bad_media_before_it_is_decoded(tmp_path):
     """Issue 33, item 5: a 13000 x 13000 PNG is a few hundred KB but 507 MB decoded; Pillow only
     warns. It is refused from its header (MAX_IMAGE_PIXELS), and a loader replaces it."""
@@ -446,13 +452,13 @@ def test_finetune_val_and_test_views_are_the_released_crops():
     ref = torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255     # (clips, T, 3, H, W)
     val = data.FinetuneClipTransform("val", crop=112, short_side=128)(frames[:1])["video"]
     assert val.shape == (3, 3, 112, 112)                                    # (3, T, H, W)
-    torch.testing.assert_close(data.denormalize(val.transpose(0, 1)), ref[0, :, :, 8:120, 24:136], atol=1e-5, rtol=0)
+    torch.testing.assert_close(denormalize(val.transpose(0, 1)), ref[0, :, :, 8:120, 24:136], atol=1e-5, rtol=0)
 
     test = data.FinetuneClipTransform("test", crop=128, test_short_side=128)(frames)["video"]
     assert test.shape == (6, 3, 3, 128, 128)                                # (crops*clips, 3, T, H, W)
     for k, left in enumerate((0, 32, 16)):                                  # left, right, middle along the width
         for clip in range(2):
-            view = data.denormalize(test[k * 2 + clip].transpose(0, 1))     # crop-major
+            view = denormalize(test[k * 2 + clip].transpose(0, 1))     # crop-major
             torch.testing.assert_close(view, ref[clip, :, :, :, left:left + 128], atol=1e-5, rtol=0)
 
     torch.manual_seed(0)
