@@ -60,7 +60,6 @@ import socket
 import time
 from array import array
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -340,10 +339,10 @@ class FrameSampling:
 #
 # What "frame i" means, the same in every container: the i-th picture, counting
 # from 0, that decoding the stream from its first packet outputs (presentation
-# order); the frame count is the number of those pictures. In a constant-rate
-# stream that is the frame at t0 + i / fps, which lets a clip start with a seek
-# instead of decoding everything before it. How the seek is checked, and the
-# exact slow path where timestamps cannot place frames: behind the banner.
+# order); the frame count is the number of those pictures. A clip is read the
+# same way: decoded from the first packet up to the last frame it needs,
+# counting the pictures that come out, so no timestamp has to be trusted. How
+# frames are counted before a clip is sampled: behind the banner.
 
 
 class BadMedia(Exception):
@@ -360,29 +359,26 @@ def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = N
 
     frames: uint8 (*idx.shape, H, W, 3) RGB; idx = sample(num_frames), the
     frame indices (any shape, e.g. (clips, T)); sample None takes every frame.
-    Only frames from the keyframe before min(idx) to max(idx) are decoded, and
-    only the needed ones converted to RGB. Raises BadMedia if the file cannot
-    be opened, has no frames, or a needed frame never arrives (truncated).
-    `num_frames` skips the count when the caller knows it (the data sets cache it).
+    Frames 0 .. max(idx) are decoded (`threads` decoder threads, 0: one per
+    core), and only the needed ones converted to RGB. Raises BadMedia if the
+    file cannot be opened, has no frames, or a needed frame never arrives
+    (truncated). `num_frames` skips the count when the caller knows it (the
+    data sets cache it).
     """
     try:
+        n = count_frames(path) if num_frames is None else num_frames
+        if n < 1:
+            raise BadMedia(path, "zero frames")
+        idx = np.arange(n) if sample is None else np.asarray(sample(n))
+        wanted = set(int(i) for i in idx.flat)
         container, stream = _open_video(path, threads)
         with container:
-            keys = None
-            if num_frames is None:
-                n, _, keys = _scan(container, stream, path)
-            else:
-                n = num_frames
-            if n < 1:
-                raise BadMedia(path, "zero frames")
-            idx = np.arange(n) if sample is None else np.asarray(sample(n))
-            wanted = np.unique(idx)                              # sorted
-            got = _decode_indices(container, stream, wanted, path, keys)
+            got = _decode_from_start(container, stream, wanted)
     except BadMedia:
         raise
     except Exception as e:                                       # anything the demuxer/decoder throws: bad file
         raise BadMedia(path, f"{type(e).__name__}: {e}") from e
-    missing = [int(i) for i in wanted if int(i) not in got]
+    missing = sorted(wanted - got.keys())
     if missing:
         raise BadMedia(path, f"decoded {len(got)} of the {len(wanted)} needed frames of {n} "
                              f"(first missing: {missing[0]}; truncated?)")
@@ -1085,29 +1081,17 @@ def shuffle_frames(video: torch.Tensor, generator: Optional[torch.Generator] = N
 # Machinery: what running the method needs (not the method itself).
 
 # -----------------------------------------------------------------------------
-# Decoding robustly: a checked seek (fast path), or counting from the start (slow path)
+# Decoding robustly: counting frames, and decoding from the start
 #
-# Frame i (see "Decoding with PyAV") is at t0 + i / fps in a constant-rate
-# stream. t0 is the container's start time where every frame's timestamp is
-# stored (MP4/MOV, Matroska/WebM, FLV); elsewhere the first decoded frame's
-# timestamp (AVI stores none: FFmpeg derives them from the decode order, and
-# with B-frames the first frame gets 1; MPEG-TS/PS start times are estimates).
-# A seek's landing is trusted only under the checks of _seek_once. Where
-# timestamps cannot place frames (none; not 1/fps apart, as in variable-rate
-# files or AVI "drop frames"; not one frame apart after a seek; or re-timed
-# after a byte-position seek, as in MPEG-PS) frames are counted in decode order
-# from the start: the slow path, exact, logged once per file, never a reason to
-# drop the file (`python tools/prepare_data.py check` lists such files).
-
-_MOV = "mov,mp4,m4a,3gp,3g2,mj2"                   # FFmpeg's demuxer names (container.format.name)
-_STORED_START = (_MOV, "matroska,webm", "flv")      # every frame's timestamp is in the file: t0 = start time
-# Containers whose seeks go to a keyframe through an index (or by reading forward) and keep the
-# timestamps frames have from the start. Elsewhere (MPEG-TS/PS seek by byte position) a landing
-# is also checked against the keyframe timestamps of a from-start scan.
-_SEEK_BY_INDEX = (_MOV, "matroska,webm", "flv", "avi")
-_GRID_TOL = 0.25            # how far from t0 + k / fps a timestamp may be, in frames (WebM/FLV round to 1 ms)
-_SEEK_BACKOFF_S = (0, 1, 10)  # seek to the first needed frame, then 1 s and 10 s before it, then from the start
-_SLOW: dict = {}            # path -> why its frames are placed by decode order (this process; logged once)
+# The frame count is the number of packets the decoder turns into pictures:
+# the packets are demuxed (read, not decoded) and counted, leaving out the
+# empty ones (AVI's "drop frame" chunks, the end-of-stream packet) and those
+# marked discard (frames an MP4 edit list cuts, e.g. after a stream-copy cut,
+# which are decoded only as references). Containers' own counts are not used:
+# Matroska, MPEG-TS/PS and FLV store none, AVI's header counts the drop
+# frames, MP4's the frames an edit list cuts. Frames are placed by decode
+# order alone, never by timestamps (which variable-rate files, AVI drop frames
+# and AVI B-frames make wrong).
 
 
 def _open_video(path: PathLike, threads: int):
@@ -1122,78 +1106,11 @@ def _open_video(path: PathLike, threads: int):
     return container, stream
 
 
-def _frame_rate(stream) -> Optional[Fraction]:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return Fraction(rate) if rate else None
-
-
-def _scan(container, stream, path: Optional[PathLike] = None) -> tuple[int, Optional[str], Optional[set]]:
-    """(frame count, why timestamps cannot place frames or None, keyframe timestamps or None).
-
-    The count is the pictures with data, one per packet. MP4/MOV store it (the
-    duration checks that the n frames are 1/fps apart). AVI's header also counts
-    empty "drop frame" chunks; its index lists the chunks with data, numbered in
-    time, so the gaps show. Other containers store no count: the packets are
-    demuxed (not decoded), their timestamps checked against the 1/fps grid and
-    the keyframes' kept for the seek check; then the container rewinds. A file
-    whose timestamps fail is noted for the slow path (`path`).
-    """
-    rate, tb = _frame_rate(stream), stream.time_base
-    fmt = container.format.name
-    avi = _avi_index(stream) if fmt == "avi" else None
-    if fmt == _MOV and stream.frames > 0:
-        n, why = int(stream.frames), None
-        if stream.duration and stream.base_rate:             # base_rate: the rate all timestamps fit
-            span = float(stream.duration * tb * stream.base_rate)
-            if abs(span - n) > 1:                            # one frame of slack for the last frame's duration
-                why = f"{n} frames span {span:.1f} frame durations (variable frame rate?)"
-        keys = None
-    elif avi is not None:
-        n, why, keys = len(avi), _grid_problem(avi, tb, rate), None
-    else:
-        pts, keys = [], set()
-        for pkt in container.demux(stream):
-            if pkt.size:                                     # the flush packet at the end is empty
-                pts.append(pkt.pts)
-                if pkt.is_keyframe:
-                    keys.add(pkt.pts)
-        container.seek(0)                                    # back to the start for decoding
-        n, why = len(pts), _grid_problem(pts, tb, rate)
-    if why and path is not None:
-        _note_slow(path, why)
-    return n, why, keys
-
-
-def _avi_index(stream) -> Optional[list]:
-    """Times (chunk numbers) of the AVI index's chunks with data; None unless it covers the whole stream."""
-    entries = getattr(stream, "index_entries", None)             # PyAV >= 14: the demuxer's index, no reading
-    if entries is None:
-        return None
-    times = [e.timestamp for e in entries if e.size > 0]
-    return times if times and times[-1] + 1 == stream.frames else None
-
-
-def _grid_problem(pts: list, tb, rate) -> Optional[str]:
-    """Why packet timestamps are not t0 + k / fps for k = 0, 1, ... (None if they are)."""
-    if rate is None or tb is None:
-        return "no frame rate"
-    if not pts or any(p is None for p in pts):
-        return "packets without timestamps"
-    pts = sorted(pts)
-    k = float(tb * rate)                                     # frames per time-base tick
-    for i, p in enumerate(pts):
-        x = (p - pts[0]) * k
-        if abs(x - i) > _GRID_TOL:
-            return (f"timestamps are not 1/fps apart (frame {i} is at {x:.2f} frame durations): "
-                    f"variable frame rate or dropped frames")
-    return None
-
-
 def count_frames(path: PathLike) -> int:
-    """Frames in the first video stream of a file: what decoding it from the start outputs (see _scan)."""
+    """Frames in the first video stream of a file: what decoding it from the start outputs."""
     container, stream = _open_video(path, 1)
     with container:
-        return _scan(container, stream, path)[0]
+        return sum(1 for pkt in container.demux(stream) if pkt.size and not pkt.is_discard)
 
 
 def _rgb(frame) -> np.ndarray:
@@ -1202,115 +1119,16 @@ def _rgb(frame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24", threads=1)
 
 
-def _note_slow(path, reason: str) -> None:
-    """Remember (and log, once per file) that a file's frames are placed by decode order."""
-    key = str(path)
-    if path is not None and key not in _SLOW:
-        _SLOW[key] = reason
-        logger.warning("%s: %s; its frames are decoded from the start (slow path, exact)", key, reason)
-
-
-def _decode_indices(container, stream, wanted: np.ndarray, path: Optional[PathLike] = None,
-                    keys: Optional[set] = None) -> dict[int, np.ndarray]:
-    """{index: (H, W, 3) uint8} for the sorted frame indices `wanted`: after a checked seek when the
-    first needed frame is not frame 0 and the file is not known to need the slow path, else (and
-    whenever the seek check fails) from the start. `keys`: the keyframe timestamps from _scan, if it ran."""
-    first, key = int(wanted[0]), str(path)
-    if first > 0 and key not in _SLOW:
-        if keys is None and container.format.name not in _SEEK_BY_INDEX:
-            keys = _scan(container, stream, path)[2]             # byte-position seeks need the keyframe table
-        if key not in _SLOW:                                     # (the scan may have found a reason)
-            got, why = _decode_after_seek(container, stream, wanted, keys)
-            if got is not None:
-                return got
-            if why:
-                _note_slow(path, why)
-        container.seek(0)
-    return _decode_from_start(container, stream, wanted)
-
-
-def _decode_from_start(container, stream, wanted: np.ndarray) -> dict[int, np.ndarray]:
-    """Frame i = the i-th frame out of the decoder: exact by definition, needs no timestamps."""
-    last, wanted_set, got = int(wanted[-1]), set(int(i) for i in wanted), {}
+def _decode_from_start(container, stream, wanted: set) -> dict[int, np.ndarray]:
+    """{i: (H, W, 3) uint8} for the frame indices `wanted`, frame i being the i-th frame out of the
+    decoder: exact by definition, needs no timestamps. Stops after the last wanted frame."""
+    last, got = max(wanted), {}
     for i, frame in enumerate(container.decode(stream)):
-        if i in wanted_set:
+        if i in wanted:
             got[i] = _rgb(frame)                              # YUV -> RGB only for needed frames
         if i >= last:
             break
     return got
-
-
-def _decode_after_seek(container, stream, wanted: np.ndarray, keys: Optional[set]):
-    """The fast path: (frames, None), or (None, why the file needs the slow path), or
-    (None, None) when the seek would start at frame 0 anyway (then from the start is as cheap).
-
-    A landing after the first needed frame (a keyframe past the target, or the
-    leading pictures of an open GOP the decoder drops after a seek) or no frame
-    at all (a seek past the last keyframe) is retried 1 s, then 10 s earlier.
-    """
-    rate, tb = _frame_rate(stream), stream.time_base
-    if rate is None or tb is None:
-        return None, "no frame rate"
-    if container.format.name in _STORED_START:
-        t0 = stream.start_time or 0
-    else:                                                        # the first decoded frame's timestamp
-        frame = next(iter(container.decode(stream)), None)
-        if frame is None or frame.pts is None:
-            return None, "the first frame has no timestamp"
-        t0 = frame.pts
-    first, why = int(wanted[0]), None
-    for back in _SEEK_BACKOFF_S:
-        target = first - int(back * rate)                       # frame index to seek to
-        if target <= 0:
-            return None, None
-        try:
-            container.seek(t0 + int(Fraction(target) / rate / tb), stream=stream, backward=True, any_frame=False)
-            got, late, why = _seek_once(container, stream, wanted, keys, t0, float(tb * rate))
-        except av.error.FFmpegError as e:                        # e.g. a byte-position seek into a packet
-            return None, f"seeking or decoding after a seek failed ({type(e).__name__}: {e})"
-        if got is not None or why is not None:
-            return got, why
-        why = (f"seeks land after the needed frame (asked {first}, landed at {late})" if late is not None
-               else f"a seek to frame {target} gave no frame")  # past the last keyframe
-    return None, why
-
-
-def _seek_once(container, stream, wanted: np.ndarray, keys: Optional[set], t0, k: float):
-    """Decode after one seek -> (frames, None, None) if the landing passes the seek check, else
-    (None, frame landed on, None) to seek earlier, or (None, None, why) for the slow path.
-
-    The landing L (k: frames per time-base tick) is trusted only if
-      1. it is the first key frame out of the decoder (frames before it were
-         decoded from references the seek skipped: dropped), its timestamp
-         is on the grid t0 + L / fps, and 0 <= L <= the first needed frame;
-      2. where the container seeks by byte position (MPEG-TS/PS), its
-         timestamp is one of the keyframe timestamps a from-start scan read
-         (`keys`), i.e. the frame was not re-timed after the seek;
-      3. every later frame is exactly one frame after the one before, so its
-         index is its timestamp's place on the grid.
-    """
-    first, last, wanted_set = int(wanted[0]), int(wanted[-1]), set(int(i) for i in wanted)
-    got, prev = {}, None
-    for frame in container.decode(stream):
-        x = None if frame.pts is None else (frame.pts - t0) * k
-        i = None if x is None else round(x)
-        if i is None or abs(x - i) > _GRID_TOL:
-            return None, None, f"frame timestamp {frame.pts} off the 1/fps grid after a seek"
-        if prev is None:                                         # the landing
-            if i > first:                                        # past the first needed frame: seek earlier
-                return None, i, None
-            if not frame.key_frame:                              # decoded from missing references: skip
-                continue
-            if i < 0 or (keys is not None and frame.pts not in keys):
-                return None, None, f"a seek landed on timestamp {frame.pts}, not a keyframe's from the start"
-        elif i != prev + 1:
-            return None, None, f"timestamps not one frame apart after a seek (frame {prev} then {i})"
-        prev = i
-        if i in wanted_set:
-            got[i] = _rgb(frame)                              # YUV -> RGB only for needed frames
-        if i >= last:
-            break
-    return (got, None, None) if prev is not None else (None, None, None)
 
 
 # -----------------------------------------------------------------------------

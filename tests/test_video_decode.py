@@ -1,17 +1,15 @@
 """Tests of data.read_video's frame contract (issue 18) on a matrix of codecs x containers.
 
 The contract: frame i is the i-th picture that decoding the stream from its
-start outputs; in a constant-frame-rate stream, the one whose timestamp is
-i / fps after the first frame's. The matrix is written here with PyAV: 60
-frames of 64 x 64 at 25 fps, frame i painting i in binary as 8 vertical
-stripes (most significant bit on the left, white = 1), a keyframe every 12
-frames (so the middle and the end need seeks), the codecs with B-frames
-writing B-frames, and the stream starting at time 0 or 7 frames later.
-Expected values are the painted indices, never data.py's output. Each case
-is about 0.1 s. Run: python -m pytest -q tests/test_video_decode.py
+start outputs, whatever the timestamps say, and the frame count is the number
+of those pictures. The matrix is written here with PyAV: 60 frames of 64 x 64
+at 25 fps, frame i painting i in binary as 8 vertical stripes (most
+significant bit on the left, white = 1), a keyframe every 12 frames, the
+codecs with B-frames writing B-frames, and the stream starting at time 0 or 7
+frames later. Expected values are the painted indices or PyAV's own decode of
+every frame, never data.py's output. Each case is about 0.1 s. Run: python -m pytest -q tests/test_video_decode.py
 """
 
-import logging
 from fractions import Fraction
 
 import av
@@ -52,12 +50,6 @@ CONTAINERS = {
 }
 FORMATS = {"ts": "mpegts", "mpg": "mpeg"}        # muxer names where the extension is not one
 MATRIX = [(c, ext, start) for c, exts in CONTAINERS.items() for ext in exts for start in (0, 7)]
-
-# Where seeking must stay (the fast path): containers that store every frame's
-# timestamp, and AVI from its start (the UCF101 case). AVI H.264 with B-frames
-# has no usable timestamps: decode order, the slow path, by design. The others
-# (MPEG-PS, AVI with a start offset, MPEG-TS) may take either path; both are exact.
-FAST = ("mp4", "mov", "mkv", "webm", "flv")
 
 ASKS = {                                      # indices at the start, the middle and the end
     "start": [0, 1, 2, 3],
@@ -118,9 +110,10 @@ def has_b_frames(path) -> bool:
         return any(f.pict_type == PictureType.B for f in c.decode(c.streams.video[0]))
 
 
-def slow_path_records(caplog, path):
-    return [r for r in caplog.records if r.name == "bevt.data" and str(path) in r.getMessage()
-            and "slow path" in r.getMessage()]
+def pyav_frames(path) -> np.ndarray:
+    """(N, H, W, 3) uint8: every frame PyAV decodes from the start, in output order (the reference)."""
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
 
 
 # -----------------------------------------------------------------------------
@@ -128,7 +121,7 @@ def slow_path_records(caplog, path):
 
 
 @pytest.mark.parametrize("codec,ext,start", MATRIX, ids=[f"{c}-{e}-start{s}" for c, e, s in MATRIX])
-def test_matrix_frames_asked_are_frames_returned(tmp_path, caplog, codec, ext, start):
+def test_matrix_frames_asked_are_frames_returned(tmp_path, codec, ext, start):
     path = write(tmp_path / f"{codec}_{start}.{ext}", codec, start)
     if CODECS[codec][3]:                                        # the hard case is really there
         assert has_b_frames(path), f"{path.name} was written without B-frames"
@@ -136,70 +129,51 @@ def test_matrix_frames_asked_are_frames_returned(tmp_path, caplog, codec, ext, s
         with av.open(str(path)) as c:
             assert c.streams.video[0].codec_context.pix_fmt.startswith("yuv420p10")
 
-    with caplog.at_level(logging.WARNING, logger="bevt.data"):
-        assert data.count_frames(path) == N
-        for name, ask in ASKS.items():
-            frames, idx, n = data.read_video(path, lambda n, ask=ask: np.array(ask))
-            assert n == N
-            np.testing.assert_array_equal(painted(frames), ask, err_msg=f"{path.name}, {name}")
-        frames, idx, n = data.read_video(path)                  # every frame, from the start
-        assert n == N and frames.shape == (N, SIZE, SIZE, 3)
-        np.testing.assert_array_equal(painted(frames), np.arange(N))
-        # The same with the count given, as the data sets do from their second epoch.
-        frames, _, _ = data.read_video(path, lambda n: np.array(ASKS["end"]), num_frames=N)
-        np.testing.assert_array_equal(painted(frames), ASKS["end"])
-
-    slow = slow_path_records(caplog, path)
-    assert len(slow) <= 1                                       # logged once per file
-    if ext in FAST or (ext == "avi" and start == 0 and codec != "h264"):
-        assert not slow, f"{path.name} should seek: {slow[0].getMessage()}"
-    if (codec, ext) == ("h264", "avi"):
-        assert len(slow) == 1                                   # no usable timestamps: decode order
+    assert data.count_frames(path) == N
+    for name, ask in ASKS.items():
+        frames, idx, n = data.read_video(path, lambda n, ask=ask: np.array(ask))
+        assert n == N
+        np.testing.assert_array_equal(painted(frames), ask, err_msg=f"{path.name}, {name}")
+    frames, idx, n = data.read_video(path)                      # every frame
+    assert n == N and frames.shape == (N, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(painted(frames), np.arange(N))
+    # The same with the count given, as the data sets do from their second epoch.
+    frames, _, _ = data.read_video(path, lambda n: np.array(ASKS["end"]), num_frames=N)
+    np.testing.assert_array_equal(painted(frames), ASKS["end"])
 
 
 # -----------------------------------------------------------------------------
-# The cases of issue 18, and what each check is for
+# Files whose timestamps mislead: frames are bit-exact against PyAV's own decode
 
 
-def test_avi_mpeg4_bframes_timestamps_start_at_one(tmp_path):
-    """Issue 18, case 1 (Xvid AVI): FFmpeg's derived timestamps start at 1, the stream's start time is 0;
-    frames are placed from the first decoded frame, and a clip that needs frame 0 is not 'broken'."""
-    path = write(tmp_path / "xvid.avi", "mpeg4")
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        first = next(c.decode(s))
-        assert (s.start_time or 0) == 0 and first.pts == 1     # the trap the old rule fell into
-    for ask in ([29, 30, 31], [0, 8, 16, 24], [0, 59]):
-        frames, _, _ = data.read_video(path, lambda n, ask=ask: np.array(ask))
-        np.testing.assert_array_equal(painted(frames), ask)
+OPEN_GOP = {"x265-params": "keyint=15:min-keyint=15:scenecut=0:open-gop=1:bframes=3:b-adapt=0:log-level=error"}
+EXACT = {                     # name -> (codec, extension, encoder options or None for the codec's)
+    "h264-mp4-bframes": ("h264", "mp4", None),
+    "mpeg4-avi-bframes": ("mpeg4", "avi", None),       # Xvid-style AVI: derived timestamps start at 1
+    "h264-avi-bframes": ("h264", "avi", None),         # AVI timestamps follow decode order, not display order
+    "hevc-mp4-open-gop": ("hevc8", "mp4", OPEN_GOP),   # leading pictures shown before their CRA keyframe
+    "mpeg1-mpg-bframes": ("mpeg1video", "mpg", {"bf": "2", "g": "15"}),
+}
 
 
-def test_mpeg_ts_seek_past_the_last_keyframe(tmp_path):
-    """Issue 18, case 2: a TS seek near the end gives no frame at all; read_video seeks earlier."""
-    path = write(tmp_path / "clip.ts", "h264")
-    for ask in ([44, 58, 59], [59], [57, 58]):
-        frames, _, n = data.read_video(path, lambda n, ask=ask: np.array(ask))
-        assert n == N
-        np.testing.assert_array_equal(painted(frames), ask)
-
-
-def test_mpeg_ps_retimed_landings_are_caught(tmp_path, caplog):
-    """Issue 18, case 3: MPEG-PS seeks by byte position and re-derives timestamps from there, so a
-    landing can carry another frame's timestamp, off the 1/fps grid or on it (then only the keyframe
-    timestamps of the from-start scan tell). Every frame is asked first in a fresh copy of the file
-    (a file that once took the slow path keeps it), so every landing meets the checks."""
-    slow = 0
-    for codec, bf, gop in (("mpeg2video", 2, 12), ("mpeg1video", 1, 15), ("mpeg1video", 2, 12)):
-        src = write(tmp_path / f"{codec}.mpg", codec, options={"bf": str(bf), "g": str(gop)})
-        for j in range(1, N - 1):
-            path = tmp_path / f"{codec}_{bf}_{gop}_{j}.mpg"
-            path.write_bytes(src.read_bytes())
-            with caplog.at_level(logging.WARNING, logger="bevt.data"):
-                frames, _, n = data.read_video(path, lambda n, j=j: np.array([j, j + 1]))
+@pytest.mark.parametrize("name", list(EXACT))
+def test_frames_equal_pyav_decoding_everything(tmp_path, name):
+    """read_video(idx) == every frame PyAV decodes, indexed by idx: bit-exact, at the start, the middle and
+    the end, unordered and repeated; also with threads and a given count."""
+    codec, ext, options = EXACT[name]
+    path = write(tmp_path / f"{name}.{ext}", codec, options=options)
+    if codec in ("h264", "mpeg4"):
+        assert has_b_frames(path), f"{path.name} was written without B-frames"
+    ref = pyav_frames(path)
+    assert len(ref) == N and data.count_frames(path) == N
+    np.testing.assert_array_equal(painted(ref), np.arange(N))      # the reference is right too
+    for ask in ASKS.values():
+        for threads, count in ((1, None), (0, N)):
+            frames, idx, n = data.read_video(path, lambda n, ask=ask: np.array(ask), threads, count)
             assert n == N
-            np.testing.assert_array_equal(painted(frames), [j, j + 1], err_msg=path.name)
-            slow += len(slow_path_records(caplog, path))
-    assert slow > 0                       # some landings were wrong (else this tests nothing), and were caught
+            np.testing.assert_array_equal(frames, ref[np.array(ask)], err_msg=f"{name}, {ask}")
+    frames, _, _ = data.read_video(path)
+    np.testing.assert_array_equal(frames, ref)
 
 
 def test_avi_drop_frames_count_what_decodes(tmp_path):
@@ -214,40 +188,40 @@ def test_avi_drop_frames_count_what_decodes(tmp_path):
     np.testing.assert_array_equal(painted(frames), [20, 21, 59])
 
 
+@pytest.mark.parametrize("cut", [5, 13])
+def test_mp4_edit_list_cut_counts_what_decodes(tmp_path, cut):
+    """A stream-copy cut (ffmpeg -ss ... -c copy) keeps the packets from the keyframe before the cut and
+    writes an edit list: the frames before the cut are decoded as references but never shown. MP4's
+    stored count includes them; the count is what decodes, and the last frames are not 'missing'."""
+    src = write(tmp_path / "src.mp4", "h264")
+    path = tmp_path / f"cut{cut}.mp4"
+    with av.open(str(src)) as inp, av.open(str(path), "w") as out:
+        ins = inp.streams.video[0]
+        outs = out.add_stream_from_template(ins)
+        shift = cut * int(1 / (ins.time_base * FPS))          # `cut` frames before time 0: cut by the edit list
+        for packet in inp.demux(ins):
+            if packet.dts is not None:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, outs
+                out.mux(packet)
+    ref = pyav_frames(path)
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames > len(ref)           # the stored count is wrong
+    assert painted(ref[0]) == cut and data.count_frames(path) == len(ref) == N - cut
+    frames, _, n = data.read_video(path, lambda n: np.array([[0, n // 2, n - 1]]))
+    assert n == N - cut
+    np.testing.assert_array_equal(frames[0], ref[[0, n // 2, n - 1]])
+
+
 @pytest.mark.parametrize("codec,ext", [("mjpeg", "avi"), ("mpeg4", "avi"), ("h264", "mp4"), ("h264", "mkv")])
-def test_a_gap_in_time_is_not_a_missing_frame(tmp_path, caplog, codec, ext):
+def test_a_gap_in_time_is_not_a_missing_frame(tmp_path, codec, ext):
     """5 frame durations with no frame after frame 29 (a capture drop, variable frame rate): frame 30
-    is the 31st picture, not the one at 30 / fps; timestamps cannot place frames, so decode order does."""
+    is the 31st picture, not the one at 30 / fps."""
     path = write(tmp_path / f"gap.{ext}", codec, gap=5)
     assert data.count_frames(path) == N
-    with caplog.at_level(logging.WARNING, logger="bevt.data"):
-        for ask in ([29, 30, 31], [40, 41], [0, 35, 59]):
-            frames, _, n = data.read_video(path, lambda n, ask=ask: np.array(ask))
-            assert n == N
-            np.testing.assert_array_equal(painted(frames), ask)
-    assert len(slow_path_records(caplog, path)) == 1
-
-
-def test_open_gop_landing_after_the_needed_frame_is_retried(tmp_path, caplog):
-    """HEVC open GOPs in MP4: a seek for one of the pictures shown just before a CRA keyframe goes to
-    that keyframe (MP4 seeks by decode time), and the decoder drops those pictures, so the landing
-    is after the needed frame; read_video must seek earlier. The file is fine: no slow path."""
-    x265 = {"x265-params": "keyint=15:min-keyint=15:scenecut=0:open-gop=1:bframes=3:b-adapt=0:log-level=error"}
-    path = write(tmp_path / "open.mp4", "hevc8", options=x265)
-    late = []                                                   # frames a plain seek overshoots
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        for j in range(1, N):
-            c.seek((s.start_time or 0) + int(Fraction(j, FPS) / s.time_base), stream=s, backward=True)
-            f = next(c.decode(s), None)
-            if f is None or int(painted(f.to_ndarray(format="rgb24"))) > j:
-                late.append(j)
-    assert late, "no seek landed late: the test tests nothing"
-    with caplog.at_level(logging.WARNING, logger="bevt.data"):
-        for j in range(1, N):
-            frames, _, _ = data.read_video(path, lambda n, j=j: np.array([j]))
-            assert int(painted(frames)[0]) == j
-    assert not slow_path_records(caplog, path)
+    for ask in ([29, 30, 31], [40, 41], [0, 35, 59]):
+        frames, _, n = data.read_video(path, lambda n, ask=ask: np.array(ask))
+        assert n == N
+        np.testing.assert_array_equal(painted(frames), ask)
 
 
 def test_frame_threads_change_nothing(tmp_path):
@@ -259,34 +233,38 @@ def test_frame_threads_change_nothing(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# The slow path and `python tools/prepare_data.py check`
+# Bad files, and `python tools/prepare_data.py check`
 
 
-def test_slow_path_is_logged_once_and_exact(tmp_path, caplog):
-    """AVI H.264 with B-frames: FFmpeg's timestamps follow decode order, not display order."""
-    path = write(tmp_path / "h264.avi", "h264")
-    with caplog.at_level(logging.WARNING, logger="bevt.data"):
-        for ask in ([30, 31, 32], [45, 50, 59], [12]):
-            frames, _, _ = data.read_video(path, lambda n, ask=ask: np.array(ask))
-            np.testing.assert_array_equal(painted(frames), ask)
-    records = slow_path_records(caplog, path)
-    assert len(records) == 1 and records[0].levelno == logging.WARNING
+def test_truncated_and_corrupt_files_are_bad_media(tmp_path):
+    """A file cut short raises BadMedia for the frames it lost, never returns other frames; its first
+    frames still read."""
+    raw = write(tmp_path / "good.mkv", "h264").read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(raw[: len(raw) // 2])                  # Matroska: counted by demuxing what is there
+    n = data.count_frames(cut)
+    assert 0 < n < N
+    with pytest.raises(data.BadMedia, match="truncated"):
+        data.read_video(cut, lambda m: np.array([N - 1]), num_frames=N)     # a count cached before the cut
+    frames, _, _ = data.read_video(cut, lambda m: np.array([0, 1]))
+    np.testing.assert_array_equal(painted(frames), [0, 1])
+    (tmp_path / "corrupt.avi").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    with pytest.raises(data.BadMedia):
+        data.read_video(tmp_path / "corrupt.avi")
 
 
-def test_check_reports_slow_path_files_beside_bad_ones(tmp_path, capsys):
+def test_check_reports_bad_files_and_passes_good_ones(tmp_path, capsys):
     good = write(tmp_path / "good.mp4", "h264")
-    write(tmp_path / "slow.avi", "h264")
+    write(tmp_path / "good.avi", "h264")                  # B-frames in AVI: fine, nothing to report
     (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
     raw = good.read_bytes()
     (tmp_path / "truncated.mp4").write_bytes(raw[: len(raw) // 2])          # PyAV writes the index last
     ann = tmp_path / "list.txt"
-    ann.write_text("good.mp4 0\nslow.avi 1\ncorrupt.mp4 2\ntruncated.mp4 3\n")
+    ann.write_text("good.mp4 0\ngood.avi 1\ncorrupt.mp4 2\ntruncated.mp4 3\n")
     with pytest.raises(SystemExit) as e:
         prepare_data.main(["check", "--ann", str(ann), "--root", str(tmp_path)])
     assert e.value.code == 1                                                 # bad files fail the check
     out = capsys.readouterr().out.splitlines()
     bad = sorted(line.split(":")[0] for line in out if line.startswith("BAD "))
-    slow = [line for line in out if line.startswith("SLOW ")]
     assert bad == [f"BAD {tmp_path / 'corrupt.mp4'}", f"BAD {tmp_path / 'truncated.mp4'}"]
-    assert len(slow) == 1 and slow[0].startswith(f"SLOW {tmp_path / 'slow.avi'}: ")
-    assert out[-1].startswith("2 bad file(s); 1 ")
+    assert out[-1] == "2 bad file(s); 0 missing of 4 listed"

@@ -1,7 +1,7 @@
 """Benchmark of video decoding (data.read_video): this tree against a git revision, per clip.
 
     python tools/bench_decode.py                     # against HEAD (uncommitted changes vs last commit)
-    python tools/bench_decode.py --ref abcdb25       # against the decoder before issue 18
+    python tools/bench_decode.py --ref 2f5b12b       # against the decoder that still seeked (issue 28)
 
 Four sources, the same frame indices for both versions, decoder threads 1
 (as in a DataLoader worker):
@@ -14,20 +14,22 @@ Four sources, the same frame indices for both versions, decoder threads 1
    frames, B-frames), a panning texture; the paper recipe, 16 frames x
    interval 8 at a random offset (dense sampling, as in pretraining);
 3. the same packets remuxed into Matroska, which stores no frame count, so
-   every read demuxes the file once before seeking (both versions);
+   every read demuxes the file once to count its frames;
 4. the same picture as MPEG-4 Part 2 with B-frames in AVI (how UCF101 and
-   HMDB51 are stored), a keyframe every 250 frames: the reference returns
-   the frame before the one asked there, and raises BadMedia for clips that
-   need frame 0 (issue 18), so "identical" is False; the time is the cost
-   of placing frames right (the first frame is decoded to learn t0).
+   HMDB51 are stored), a keyframe every 250 frames.
+
+data.py decodes every clip from the first frame up to the last one it needs.
+Against a reference that seeked to the keyframe before the clip (up to
+2f5b12b), the long files show what that costs: the clips of a 100-s file
+start anywhere, while a Kinetics clip (10 s, x264's keyframe interval 250) mostly
+started at frame 0 in both versions.
 
 The reference data.py is read with `git show REF:data.py` and imported under
 another name, so both versions run in this one process, interleaved clip by
 clip (the order alternating), which keeps the ratio honest on a busy machine.
 Printed: median ms per clip of each, the median of the per-clip time ratios
 (this tree / reference), and whether both returned identical frames (they
-must for the constant-frame-rate mp4 and mkv files: issue 18 keeps that case
-as it was). The machine's load average is printed first.
+must, for every source). The machine's load average is printed first.
 """
 
 import argparse
@@ -90,7 +92,7 @@ def long_video(path: Path, codec: str = "libx264", options: Optional[dict] = Non
 
 
 def remux(src: Path, dst: Path) -> Path:
-    """The same packets in another container (Matroska here: no stored frame count, so read_video scans)."""
+    """The same packets in another container (Matroska here: no stored frame count, so read_video counts packets)."""
     if not dst.exists():
         with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
             ins = inp.streams.video[0]
@@ -162,7 +164,7 @@ def main():
         compare(f"long {LONG_FRAMES}-frame 256x340 mp4, 16 x 8", clips([long], LONG_FRAMES, 16, 8, args.clips),
                 modules)
         mkv = remux(long, long.with_suffix(".mkv"))
-        compare("the same as mkv (counted by a scan), 16 x 8", clips([mkv], LONG_FRAMES, 16, 8, args.clips), modules)
+        compare("the same as mkv (counted by demuxing), 16 x 8", clips([mkv], LONG_FRAMES, 16, 8, args.clips), modules)
         avi = long_video(Path(args.data) / f"bench_long{LONG_FRAMES}_mpeg4.avi", "mpeg4",
                          {"bf": "2", "g": "250"})
         compare("the same picture as MPEG-4 Part 2 avi, B-frames (Xvid-like), 16 x 8",
