@@ -6,8 +6,8 @@ data.py's loaders read. One subcommand each:
              image folder tree -> its list (written once, read by every rank)
     resize   a video tree -> the same tree at a given short side, H.264 mp4, video only
              (PyAV decode + encode, parallel processes, resumable, failures listed)
-    check    a list -> the files that are missing, unreadable, or on the slow decoding
-             path (data.read_video), and the count against the official split size
+    check    a list -> the files that are missing or that data.read_video cannot use,
+             and the count against the official split size
 
     python tools/prepare_data.py lists {k400,ssv2,diving48} --ann OFFICIAL_FILE --out LIST [--root DIR]
     python tools/prepare_data.py lists images --root IMAGE_FOLDER --out LIST
@@ -395,16 +395,10 @@ class ResizeJob:
 def _output_problem(path: Path) -> Optional[str]:
     """None if an existing output opens, counts frames and decodes its first frame, else why not."""
     try:
-        container, stream = data._open_video(path, 1)
-        with container:
-            if data._scan(container, stream)[0] < 1:
-                return "no frames"
-            next(container.decode(stream))
+        data.read_video(path, lambda n: np.zeros(1, np.int64))          # counts, then decodes frame 0
         return None
-    except StopIteration:
-        return "no frame decodes"
-    except Exception as e:                                           # anything FFmpeg throws: redo it
-        return f"{type(e).__name__}: {e}"
+    except data.BadMedia as e:                                       # anything FFmpeg throws: redo it
+        return e.reason
 
 
 def _copy_video_stream(src: Path, tmp: Path) -> None:
@@ -440,7 +434,7 @@ def _encode_video(src: Path, tmp: Path, size: tuple[int, int], job: ResizeJob) -
         ist = inp.streams.video[0]
         ist.thread_type = "AUTO"
         ist.codec_context.thread_count = job.threads
-        rate = data._frame_rate(ist) or Fraction(25)
+        rate = Fraction(ist.average_rate or ist.guessed_rate or ist.base_rate or 25)
         tb = ist.time_base or 1 / rate
         step = max(1, round(1 / (rate * tb)))                        # one frame, in time-base ticks
         options = {"crf": str(job.crf), "preset": job.preset, "threads": str(job.threads)}
@@ -594,7 +588,7 @@ def resize_videos(src: data.PathLike, dst: data.PathLike, short: int, workers: i
     return counts, failed, failures
 
 
-# ---- check: the files of a list (missing, unreadable, slow path) and its size
+# ---- check: the files of a list (missing, unreadable) and its size
 
 
 @dataclass
@@ -602,71 +596,36 @@ class CheckReport:
     listed: int              # rows of the list
     missing: list            # paths of listed files that are not there
     bad: list                # (path, reason): there, but not usable
-    slow: list               # (path, reason): usable; decoded from the start (see "Decoding with PyAV")
 
 
 def check_files(ann: data.PathLike, root: data.PathLike, threads: int = 0, quick: bool = False) -> CheckReport:
     """Every file of a list: missing, or decoded and checked (below); `quick` only opens and counts.
 
-    bad: files data.read_video cannot use: unreadable, no frames, a frame count
-    that disagrees with what decodes from the start, or a seek that returns
-    another frame than decoding from the start gives (probed at a third, two
-    thirds and the last frame; data.read_video's seek check should make this
-    impossible, so such a file names a bug here). slow: files whose frames
-    cannot be placed exactly after a seek, which data.read_video decodes from the
-    start (exact, but slower on long videos); the reason says why. With
-    `quick`, a file is bad only if it does not open or counts no frames (no
-    decode: minutes instead of hours for Kinetics), and slow only where the
-    count already shows it.
+    bad: files data.read_video cannot use: unreadable, no frames, or a frame
+    count (data.count_frames) that disagrees with what decodes from the start.
+    With `quick`, a file is bad only if it does not open or counts no frames
+    (no decode: minutes instead of hours for Kinetics).
     """
     from tqdm import tqdm
     samples = data.read_annotations(ann, root)
-    missing, bad, slow = [], [], []
-    was_disabled, data.logger.disabled = data.logger.disabled, True              # the report lists the slow-path files itself
-    try:
-        for path, _ in tqdm(samples, desc="opening" if quick else "decoding", unit="video"):
-            if not path.is_file():
-                missing.append(str(path))
-                continue
-            try:
-                n = data.count_frames(path)
-                if quick:
-                    if n < 1:
-                        bad.append((str(path), "zero frames"))
-                    continue
-                probe = sorted({n // 3, 2 * n // 3, n - 1}) if n > 0 else []
+    missing, bad = [], []
+    for path, _ in tqdm(samples, desc="opening" if quick else "decoding", unit="video"):
+        if not path.is_file():
+            missing.append(str(path))
+            continue
+        try:
+            n = data.count_frames(path)
+            if n < 1:
+                bad.append((str(path), "zero frames"))
+            elif not quick:
                 container, stream = data._open_video(path, threads)
                 with container:
-                    ref, decoded = {}, 0
-                    for i, frame in enumerate(container.decode(stream)):
-                        if i in probe:
-                            ref[i] = data._rgb(frame)
-                        decoded += 1
-                if decoded == 0:
-                    bad.append((str(path), "zero frames"))
-                elif decoded != n:
+                    decoded = sum(1 for _ in container.decode(stream))
+                if decoded != n:
                     bad.append((str(path), f"counted {n} frames but {decoded} decode"))
-                else:
-                    for i in probe:                                  # each read seeks (unless slow)
-                        frames, _, _ = data.read_video(path, lambda m, i=i: np.array([i]), threads, n)
-                        if not np.array_equal(frames[0], ref[i]):
-                            bad.append((str(path), f"frame {i} after a seek is not frame {i} from the start"))
-                            break
-            except Exception as e:
-                bad.append((str(path), f"{type(e).__name__}: {e}"))
-            finally:
-                if str(path) in data._SLOW:
-                    slow.append((str(path), data._SLOW[str(path)]))
-    finally:
-        data.logger.disabled = was_disabled
-    return CheckReport(len(samples), missing, bad, slow)
-
-
-def check_videos(ann: data.PathLike, root: data.PathLike, threads: int = 0) -> tuple[list, list]:
-    """Decode every listed video -> (bad, slow), each a list of (path, reason); a missing file is bad
-    with the reason "missing". See check_files, which keeps missing files apart."""
-    r = check_files(ann, root, threads)
-    return [(p, "missing") for p in r.missing] + r.bad, r.slow
+        except Exception as e:
+            bad.append((str(path), f"{type(e).__name__}: {e}"))
+    return CheckReport(len(samples), missing, bad)
 
 
 def count_line(report: CheckReport, expected: int, name: Optional[str] = None) -> str:
@@ -700,8 +659,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="every file of an annotation list: missing, unreadable, decoded from the "
-                                     "start (slow path); the count against an official split size",
+    c = sub.add_parser("check", help="every file of an annotation list: missing or unreadable; the count against "
+                                     "an official split size",
                        epilog="official sizes: " + ", ".join(f"{k} {v:,}" for k, v in OFFICIAL_SIZES.items()))
     c.add_argument("--ann", required=True, help="the list (`relative/path label` per line)")
     c.add_argument("--root", required=True, help="the folder the list's paths are relative to")
@@ -753,7 +712,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--ext", default=".mp4", help="output container: .mp4, .mkv or .mov")
     r.add_argument("--crf", type=int, default=23, help="x264 quality (FFmpeg's default 23)")
     r.add_argument("--preset", default="medium", help="x264 preset (FFmpeg's default medium)")
-    r.add_argument("--gop", type=int, default=0, help="keyframe interval (0: x264's 250; 16 seeks faster)")
+    r.add_argument("--gop", type=int, default=0, help="keyframe interval (0: x264's 250)")
     r.add_argument("--threads", type=int, default=1, help="decoder/encoder threads per worker")
     r.add_argument("--failures", help=f"where to list the failures (default <dst>/{RESIZE_FAILURES})")
     r.set_defaults(run=run_resize)
@@ -790,12 +749,9 @@ def run_check(args) -> int:
         print(f"MISSING {path}")
     for path, reason in report.bad:
         print(f"BAD {path}: {reason}")
-    for path, reason in report.slow:                             # usable and exact, decoded from the start
-        print(f"SLOW {path}: {reason}")
     if args.official or args.expect is not None:
         print(count_line(report, OFFICIAL_SIZES[args.official] if args.official else args.expect, args.official))
-    print(f"{len(report.bad)} bad file(s); {len(report.slow)} whose frames cannot be placed after a seek "
-          f"(slow path); {len(report.missing)} missing of {report.listed} listed")
+    print(f"{len(report.bad)} bad file(s); {len(report.missing)} missing of {report.listed} listed")
     return 1 if report.bad or report.missing else 0
 
 
