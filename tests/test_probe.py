@@ -248,7 +248,9 @@ def test_predict_reports_top_classes_and_skips_unreadable_videos(syn, finetuned,
     assert len(errors) == 1 and str(broken) in errors[0]
     assert [o["video"] for o in out] == [good[0], str(broken), good[1]] and "error" in out[1]
     # Independently: the test views (1 clip x 3 crops) through the model, softmax averaged.
-    loader = data.build_finetune_loader("test", finetune.dataclasses.replace(finetune.data_config(cfg), test_clips=1),
+    # In-process loading (num_workers 0): a reference computation, no worker processes to fork.
+    loader = data.build_finetune_loader("test", finetune.dataclasses.replace(finetune.data_config(cfg), test_clips=1,
+                                                                             num_workers=0),
                                         ann=os.path.join(vids, "val_motion.txt"), root=vids, verbose=False)
     batch = next(iter(loader))
     with torch.no_grad():
