@@ -24,7 +24,7 @@ train.py (whose distributed, schedule and checkpoint helpers this file imports).
         --eval-mode normal,single-frame,shuffle --root ... --val-list ...
 
 --init takes any encoder checkpoint (train.py's, the released BEVT and Video Swin
-ones, torchvision's, a 2D Swin; see load_pretrained) or `scratch`. Outputs in
+ones; torchvision's and 2D Swin ones after tools/convert_checkpoint.py) or `scratch`. Outputs in
 --out/<task>: ckpt.pt (resumable with --resume auto), final.pt (and final_ema.pt),
 metrics.jsonl, config.json and eval.json (metrics, confusion matrices). Around the
 method: tools/plot.py and tools/confusion.py draw a run folder; tools/extract.py,
@@ -797,12 +797,10 @@ def _detect(sd: dict, outer: dict) -> tuple[str, str, Optional[str]]:
         return "released BEVT pretraining", "backbone.", None
     if any(k.startswith("encoder.") for k in keys):
         return "finetune.py classifier", "encoder.", "head."
-    if swin3d.is_torchvision_layout(keys):
-        return swin3d.TORCHVISION_KIND, "", "head."              # keys renamed by load_pretrained; head: K400
     if "patch_embed.proj.weight" in sd:
-        return "bare Swin encoder", "", None                   # e.g. a 2D Swin image checkpoint (its head: ImageNet)
-    raise ValueError("checkpoint layout not recognised: no encoder keys (expected backbone.*, encoder.*, "
-                     "torchvision's features.* or patch_embed.proj.weight)")
+        return "bare Swin encoder", "", None                   # encoder keys without a prefix
+    raise ValueError("checkpoint layout not recognised: no encoder keys (expected backbone.*, encoder.* "
+                     "or patch_embed.proj.weight)")
 
 
 def _check_encoder_shape(enc: dict, config: swin3d.SwinConfig, model_name: str) -> None:
@@ -846,11 +844,8 @@ def _split_keys(sd: dict, enc_prefix: str, head_prefix: Optional[str]) -> tuple[
 
 def _fit_window(tensors: dict, cfg: swin3d.SwinConfig) -> tuple[dict, Optional[tuple], str]:
     """The encoder tensors on the model's window: (tensors, (old, new) window if resized, kind note).
-    2D tables are inflated (swin3d.inflate_2d_state_dict, paper §4.1-4.2), 3D tables of another
-    temporal window are trilinearly resized (swin3d.resize_relative_tables)."""
-    pe = tensors.get("patch_embed.proj.weight")
-    if pe is not None and pe.dim() == 4:                    # a 2D image Swin: inflate to 3D
-        return swin3d.inflate_2d_state_dict(tensors, cfg, image_embed=False), None, ", 2D -> 3D inflated"
+    Tables of another temporal window are trilinearly resized (swin3d.resize_relative_tables,
+    paper §4.1-4.2)."""
     table_rows = {v.shape[0] for k, v in tensors.items() if k.endswith("relative_position_bias_table")}
     want_rows = math.prod(2 * w - 1 for w in cfg.window_size)
     if not table_rows or table_rows == {want_rows}:
@@ -872,9 +867,8 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
     size or a tensor of the wrong shape. The window is adapted to the model's (_fit_window).
     """
     sd, outer = state_dict_of(checkpoint)
+    swin3d.check_converted({k: v for k, (_, v) in sd.items()})   # torchvision's or a 2D Swin: convert first
     kind, enc_prefix, head_prefix = _detect(sd, outer)
-    if kind == swin3d.TORCHVISION_KIND:                     # features.* -> layers.* (original names kept)
-        sd = {swin3d.torchvision_key(k): ov for k, ov in sd.items()}
     enc, head, unused, rederived = _split_keys(sd, enc_prefix, head_prefix)
     tensors = {k: v for k, (_, v) in enc.items()}
     names = {k: orig for k, (orig, _) in enc.items()}

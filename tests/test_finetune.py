@@ -21,6 +21,7 @@ import data
 import finetune
 import swin3d
 import train
+from tools import synthetic
 
 CPU = swin3d.get_config("cpu")
 
@@ -276,25 +277,31 @@ def test_load_video_swin_classification_checkpoint(tmp_path):
     assert r.unused == ["cls_head.fc_cls.bias", "cls_head.fc_cls.weight"]
 
 
-def test_load_torchvision_swin3d_state_dict():
+def test_load_torchvision_swin3d_state_dict(tmp_path):
     """torchvision's swin3d_t/s/b layout (features.*, norm.*, head.*), written by the test from its
-    key and shape list (test_swin3d.torchvision_layout): detected, renamed, reported exactly."""
+    key and shape list (test_swin3d.torchvision_layout): refused, naming the converter; converted by
+    tools/convert_checkpoint.py (the released layout, its head as cls_head.fc_cls), loaded exactly."""
     from test_swin3d import torchvision_state_dict
+    from tools import convert_checkpoint
     sd = torchvision_state_dict(classes=4)                          # a head of this classifier's size
+    with pytest.raises(ValueError, match="python tools/convert_checkpoint.py torchvision IN OUT"):
+        finetune.load_pretrained(classifier(classes=4), sd, "cpu")
+    torch.save(sd, tmp_path / "swin3d_t.pth")
+    convert_checkpoint.main(["torchvision", str(tmp_path / "swin3d_t.pth"), str(tmp_path / "tv.pt")])
     model = classifier(classes=4)
-    r = finetune.load_pretrained(model, {k: v.clone() for k, v in sd.items()}, "cpu")
-    assert r.kind == swin3d.TORCHVISION_KIND
+    r = finetune.load_pretrained(model, str(tmp_path / "tv.pt"), "cpu")
     assert r.missing == [] and r.unused == []                       # no encoder key left out
-    assert set(r.rederived) == {k for k in sd if k.endswith(INDEX)}  # reported under torchvision's names
-    assert "features.2.0.attn.relative_position_index" in r.rederived
+    assert len(r.rederived) == sum(k.endswith(INDEX) for k in sd)   # index buffers: re-derived
     ours = model.state_dict()
     assert torch.equal(ours["encoder.layers.1.blocks.0.mlp.fc1.weight"], sd["features.2.0.mlp.0.weight"])
     assert torch.equal(ours["encoder.layers.2.downsample.reduction.weight"], sd["features.5.reduction.weight"])
     assert torch.equal(ours["head.weight"], sd["head.weight"])
-    assert swin3d.TORCHVISION_KIND in r.describe("swin3d_t.pth")
     # The published heads have 400 classes: encoder loaded, head reported unused.
-    r = finetune.load_pretrained(classifier(classes=4), torchvision_state_dict(classes=400), "cpu")
-    assert r.missing == ["head.bias", "head.weight"] and r.unused == ["head.bias", "head.weight"]
+    torch.save(torchvision_state_dict(classes=400), tmp_path / "k400.pth")
+    convert_checkpoint.main(["torchvision", str(tmp_path / "k400.pth"), str(tmp_path / "k400.pt")])
+    r = finetune.load_pretrained(classifier(classes=4), str(tmp_path / "k400.pt"), "cpu")
+    assert r.missing == ["head.bias", "head.weight"]
+    assert r.unused == ["cls_head.fc_cls.bias", "cls_head.fc_cls.weight"]
 
 
 def _swin2d_sd():
@@ -316,15 +323,21 @@ def _swin2d_sd():
     return sd
 
 
-def test_load_2d_swin_is_detected_and_reported():
-    """Which keys a 2D checkpoint gives the classifier (the inflation itself: test_swin3d, test_golden)."""
+def test_load_2d_swin_is_detected_and_reported(tmp_path):
+    """A 2D checkpoint is refused, naming the converter; inflated by tools/convert_checkpoint.py, it
+    gives the classifier its encoder (the inflation itself: test_swin3d, test_golden)."""
+    from tools import convert_checkpoint
     sd = _swin2d_sd()
+    with pytest.raises(ValueError, match="python tools/convert_checkpoint.py inflate IN OUT"):
+        finetune.load_pretrained(classifier(), {"model": sd})
+    torch.save({"model": sd}, tmp_path / "swin2d.pth")
+    convert_checkpoint.main(["inflate", "--preset", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
     model = classifier()
-    r = finetune.load_pretrained(model, {"model": sd})
-    assert "inflated" in r.kind
-    assert r.missing == ["head.bias", "head.weight"]
-    assert r.unused == ["head.bias", "head.weight"]                   # the ImageNet head
-    assert set(r.rederived) == {k for k in sd if k.endswith((INDEX, "attn_mask"))}
+    r = finetune.load_pretrained(model, str(tmp_path / "3d.pt"))
+    assert r.missing == ["head.bias", "head.weight"]                # the ImageNet head was dropped by inflate
+    assert r.unused == ["backbone.patch_embed_2d." + k for k in ("norm.bias", "norm.weight", "proj.bias",
+                                                                  "proj.weight")]   # the image stream's own
+    assert r.rederived == []                                         # inflate drops the index / mask buffers
     assert model.state_dict()["encoder.patch_embed.proj.weight"].shape[2] == 2   # 3D now: (C, 3, 2, 4, 4)
 
 
@@ -359,7 +372,7 @@ def test_classifier_parameter_count_is_the_papers():
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft") / "syn"
-    data.ensure_synthetic(root, seed=0, verbose=False, n_train=96, n_val=32, images_train=1, images_val=1,
+    synthetic.make_synthetic_set(root, seed=0, verbose=False, n_train=96, n_val=32, images_train=1, images_val=1,
                           frames=16, height=96, width=112)
     return str(root)
 

@@ -132,7 +132,7 @@ def test_extraction_and_probe_never_change_the_encoder(syn, pretrained, tmp_path
     for split in ("train", "val"):
         extract_list(syn, pretrained, tmp_path / split, split=split)
     res = probe.main(["--train-features", str(tmp_path / "train"), "--val-features", str(tmp_path / "val")])
-    assert 0 <= res["linear"]["top1"] <= 100 and res["classes"] == len(data.MOTION_CLASSES)
+    assert 0 <= res["linear"]["top1"] <= 100 and res["classes"] == len(synthetic.MOTION_CLASSES)
     assert open(pretrained, "rb").read() == before
     assert all(torch.equal(state[k], v) for k, v in enc.state_dict().items())
     again = extract.frozen_encoder(cfg, log_fn=lambda m: None).state_dict()
@@ -224,11 +224,11 @@ def finetuned(tmp_path_factory):
     """A finetune.py final.pt: the cpu classifier, the motion classes, 96-px views, 1 clip x 3 crops."""
     torch.manual_seed(2)
     cfg = finetune.resolve_config({"preset": "cpu", "crop": 96, "short_side": 96, "test_short_side": 96})
-    k = len(data.MOTION_CLASSES)
+    k = len(synthetic.MOTION_CLASSES)
     model = finetune.build_model(cfg, k)
     path = tmp_path_factory.mktemp("ft") / "final.pt"
     torch.save({"model": model.state_dict(), "config": finetune.dataclasses.asdict(cfg), "num_classes": k,
-                "classes": list(data.MOTION_CLASSES)}, path)
+                "classes": list(synthetic.MOTION_CLASSES)}, path)
     return str(path), model.eval(), cfg
 
 
@@ -257,8 +257,8 @@ def test_predict_reports_top_classes_and_skips_unreadable_videos(syn, finetuned,
         views = batch["video"][0]                                 # (3, 3, T, c, c)
         want = model(views).softmax(-1).mean(0)
     top = out[0]["top"]
-    assert len(top) == len(data.MOTION_CLASSES) and out[0]["views"] == 3
-    assert top[0]["index"] == int(want.argmax()) and top[0]["class"] == data.MOTION_CLASSES[int(want.argmax())]
+    assert len(top) == len(synthetic.MOTION_CLASSES) and out[0]["views"] == 3
+    assert top[0]["index"] == int(want.argmax()) and top[0]["class"] == synthetic.MOTION_CLASSES[int(want.argmax())]
     assert abs(top[0]["prob"] - float(want.max())) < 1e-4
     assert abs(sum(t["prob"] for t in top) - 1) < 1e-3 and top == sorted(top, key=lambda t: -t["prob"])
 

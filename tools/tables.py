@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import data  # noqa: E402
 import finetune  # noqa: E402
 import train  # noqa: E402
-from tools import extract, probe  # noqa: E402
+from tools import extract, probe, synthetic  # noqa: E402
 
 @dataclass
 class TablesConfig:
@@ -79,7 +79,7 @@ def tables_recipe(pretrain_args: str = "", finetune_args: str = "") -> dict:
     """The recipe every cell depends on: both CPU presets, the pretraining stages' epochs, and the
     extra flags given to every run (recorded only when there are some)."""
     norm = lambda d: json.loads(json.dumps(d))                   # tuples -> lists, as stored in JSON
-    recipe = {"synthetic_version": data.SYNTHETIC_VERSION, "train": norm(train.CPU_PRESET),
+    recipe = {"synthetic_version": synthetic.SYNTHETIC_VERSION, "train": norm(train.CPU_PRESET),
               "stage_epochs": norm(train.CPU_STAGE_EPOCHS), "finetune": norm(finetune.CPU_PRESET)}
     recipe.update({k: v for k, v in (("pretrain_args", pretrain_args), ("finetune_args", finetune_args)) if v})
     return recipe
