@@ -94,7 +94,6 @@ class TrainConfig:
     video_list: str = ""
     image_root: str = ""
     image_list: str = ""
-    image_list_cache: str = ""            # --image-root without --image-list: listed here once; "" = <out>/image_list.txt
     frames: int = 16                      # clip length T (§4.1)
     frame_interval: int = 8               # paper §4.1
     crop: int = 224
@@ -592,12 +591,8 @@ def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int, accum:
     video_root = cfg.video_root or os.path.join(data_root, "videos")
     video_ann = cfg.video_list or (os.path.join(data_root, "videos", "train_appearance.txt") if synthetic else None)
     image_root = cfg.image_root or (os.path.join(data_root, "images", "train") if synthetic else None)
-    image_ann = cfg.image_list or None
-    if image_ann is None and image_root and cfg.stage != "video":       # a folder: scanned once, by rank 0
-        image_ann = data.list_image_folder_once(image_root, cfg.image_list_cache or
-                                                os.path.join(cfg.out, "image_list.txt"), rank=rank)
     return data.build_pretrain_loader(cfg.stage, dcfg, video_ann=video_ann, video_root=video_root,
-                                      image_root=image_root, image_ann=image_ann,
+                                      image_root=image_root, image_ann=cfg.image_list or None,
                                       rank=rank, world_size=world, accum=accum, verbose=rank == 0)
 
 
