@@ -778,7 +778,11 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project (it holds a {type(ck).__name__})")
     stored = ck.pop("checksum", None)
-    if stored is not None and stored != state_digest(ck):
+    try:
+        digest = state_digest(ck)
+    except (RuntimeError, MemoryError) as e:            # an allocation that failed: one line, and the fallback
+        raise CheckpointError(f"{path} cannot be checked ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+    if stored is not None and stored != digest:
         raise CheckpointError(f"{path} is damaged: its contents do not match the checksum stored in it")
     return ck
 

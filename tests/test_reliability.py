@@ -354,3 +354,36 @@ def test_full_disk_during_a_checkpoint_names_the_path_and_leaves_nothing(tmp_pat
         train.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "step": 1})
     assert path in str(e.value) and "\n" not in str(e.value)
     assert os.listdir(tmp_path) == []                                   # the temporary file is gone
+
+
+# A 1.7 KB checkpoint whose tensor has stride 0 over one element declares 4 GB (issue 33): loading it
+# under a 2 GB address-space cap must end in the one-line CheckpointError, and a resume falls back.
+HOSTILE = r"""
+import resource, sys, torch
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))      # the 2 GB this process may map
+sys.path.insert(0, sys.argv[2])
+import train
+said = []
+try:
+    ck = train.load_for_resume(sys.argv[1], said.append)
+except train.CheckpointError as e:
+    print("error:", e)
+else:
+    print("resumed", ck["step"], said)
+"""
+
+
+def test_a_tiny_checkpoint_declaring_gigabytes_is_refused_and_the_previous_one_used(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(str(tmp_path / "ckpt.prev.pt"), {"model": {"w": torch.zeros(4)}, "step": 1})
+    huge = torch.as_strided(torch.zeros(1), (32768, 32768), (0, 0))                  # 4 GB of fp32, one stored
+    torch.save({"model": {"w": huge}, "step": 2, "checksum": "0" * 32}, path)
+    assert os.path.getsize(path) < 2000
+    code = [sys.executable, "-c", HOSTILE]
+    r = subprocess.run(code + [path, ROOT], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.startswith("resumed 1") and "stride" in r.stdout and "ckpt.prev.pt" in r.stdout, r.stdout
+    os.remove(tmp_path / "ckpt.prev.pt")
+    r = subprocess.run(code + [path, ROOT], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1 and "error:" in r.stdout and "(0, 0)" in r.stdout, r.stdout
