@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -373,12 +374,14 @@ else:
 """
 
 
-def test_a_tiny_checkpoint_declaring_gigabytes_is_refused_and_the_previous_one_used(tmp_path):
+@pytest.mark.parametrize("stored, stride", [(1, (0, 0)),                  # one element repeated: a 1.7 KB file
+                                            (1 << 16, (1, 1))])             # 256 KB read as 32768 overlapping rows
+def test_a_tiny_checkpoint_declaring_gigabytes_is_refused_and_the_previous_one_used(tmp_path, stored, stride):
     path = str(tmp_path / "ckpt.pt")
     train.save_checkpoint(str(tmp_path / "ckpt.prev.pt"), {"model": {"w": torch.zeros(4)}, "step": 1})
-    huge = torch.as_strided(torch.zeros(1), (32768, 32768), (0, 0))                  # 4 GB of fp32, one stored
+    huge = torch.as_strided(torch.zeros(stored), (32768, 32768), stride)             # 4 GB of fp32 declared
     torch.save({"model": {"w": huge}, "step": 2, "checksum": "0" * 32}, path)
-    assert os.path.getsize(path) < 2000
+    assert os.path.getsize(path) < 4 * stored + 2000
     code = [sys.executable, "-c", HOSTILE]
     r = subprocess.run(code + [path, ROOT], capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
@@ -386,4 +389,17 @@ def test_a_tiny_checkpoint_declaring_gigabytes_is_refused_and_the_previous_one_u
     os.remove(tmp_path / "ckpt.prev.pt")
     r = subprocess.run(code + [path, ROOT], capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stdout.strip().splitlines()) == 1 and "error:" in r.stdout and "(0, 0)" in r.stdout, r.stdout
+    assert len(r.stdout.strip().splitlines()) == 1 and "error:" in r.stdout and str(stride) in r.stdout, r.stdout
+
+
+def test_a_tensor_overrunning_its_storage_is_a_one_line_checkpoint_error(tmp_path):
+    """torch itself refuses a tensor that reaches past its storage (here 1000 elements over 300): the
+    refusal arrives as the one-line CheckpointError, like every other unusable file."""
+    torch.save({"w": torch.arange(300.0)[:200]}, tmp_path / "v.pt")
+    with zipfile.ZipFile(tmp_path / "v.pt") as src, zipfile.ZipFile(tmp_path / "over.pt", "w") as dst:
+        for name in src.namelist():                                    # the pickled size (200,) -> (1000,)
+            b = src.read(name)
+            dst.writestr(name, b.replace(b"K\x00K\xc8\x85", b"K\x00M\xe8\x03\x85") if name.endswith("data.pkl") else b)
+    with pytest.raises(train.CheckpointError) as e:
+        train.load_checkpoint(str(tmp_path / "over.pt"))
+    assert "over.pt" in str(e.value) and "\n" not in str(e.value)
