@@ -229,7 +229,8 @@ def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadRe
     with the tools/convert_checkpoint.py command (swin3d.check_converted). The tokenizer's tensors
     (`cls_head.vae_encoder.*`, read by tokenizer.load_tokenizer) and a
     finetuned classifier (`cls_head.fc_cls.*`) are reported as unused. Shape
-    mismatches are errors naming the key. Relative index buffers are
+    mismatches are errors naming the key, and so are two keys that map to one
+    name (`encoder.X` and `module.encoder.X`). Relative index buffers are
     re-derived, never taken from the file.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
@@ -241,7 +242,7 @@ def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadRe
             break
     swin3d.check_converted(sd)
     ours = self.state_dict()
-    mapped, unused, rederived = {}, [], []
+    mapped, unused, rederived, source = {}, [], [], {}
     for key, value in sd.items():
         k = swin3d.unwrap_key(key)
         if k not in ours:
@@ -249,6 +250,9 @@ def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadRe
                 if k.startswith(old):
                     k = new + k[len(old):]
                     break
+        if k in source:                   # `encoder.X` and `module.encoder.X` (or `backbone.X`): which one?
+            raise ValueError(f"checkpoint holds {k!r} twice, as {source[k]!r} and {key!r}; refusing to guess")
+        source[k] = key
         if k.endswith("relative_position_index") and k in ours:
             rederived.append(key)         # consumed, but re-derived rather than loaded
             continue

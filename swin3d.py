@@ -823,14 +823,36 @@ class LoadReport(NamedTuple):
 
 def load_file(path) -> object:
     """torch.load with weights_only=True (tensors and plain containers, never the file's code);
-    anything else (text, a torn zip, a pickle that needs classes) is a one-line ValueError."""
+    anything else (text, a torn zip, a pickle that needs classes) is a one-line ValueError.
+
+    Every checkpoint reader goes through here (train.load_checkpoint, bevt/finetune --init), so the
+    one check on what the file's tensors claim is made here, before anything hashes or uses them:
+    a tensor must lie within its storage and may not reuse an element (a zero stride, or more
+    elements than its storage holds). weights_only accepts a 1.7 KB file whose tensor has stride 0
+    over one element and declares gigabytes, which the first .contiguous() would allocate."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                              # incl. MemoryError / allocation failures
         raise ValueError(f"{path} is not a checkpoint of this project, or cannot be loaded safely "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
+
+    def check(x, where):
+        if isinstance(x, torch.Tensor) and x.numel() > 0:
+            room = x.untyped_storage().nbytes() // x.element_size()     # elements the storage holds
+            extent = x.storage_offset() + sum((n - 1) * s for n, s in zip(x.shape, x.stride())) + 1
+            if extent > room or x.numel() > room or any(s == 0 for n, s in zip(x.shape, x.stride()) if n > 1):
+                raise ValueError(f"{path} is not a checkpoint of this project: tensor {where} declares "
+                                 f"{tuple(x.shape)} with strides {x.stride()} over a storage of {room} elements")
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                check(v, f"{where}[{k!r}]")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                check(v, f"{where}[{i}]")
+    check(obj, "")
+    return obj
 
 
 def unwrap_key(key: str) -> str:

@@ -27,10 +27,8 @@ Model: bevt.py; data: data.py; masks: masking.py; targets: tokenizer.py.
 Global batch (paper): 2048 images (image stage), 256 clips + 2048 images
 (joint), 256 clips (video stage). Per process: 64 images, 8 clips + 64
 images, 8 clips; gradient accumulation makes up the rest (printed at start).
-Every global batch is cut from one epoch order for all processes, and every
-sample's crops and masks are keyed by (seed, epoch, index), so a run depends on
-its seed and effective batch, not on the number of processes: `--resume` on
-another number keeps the effective batch by changing the accumulation.
+A run depends on its seed and effective batch, not on the number of processes:
+`--resume` on another number keeps the effective batch by changing the accumulation.
 Learning rate 5e-4 at the paper's global batch, scaled linearly with the
 effective batch: lr = base_lr · effective_batch / paper_batch.
 
@@ -675,8 +673,15 @@ def all_gather_rows(x: torch.Tensor, ddp: bool) -> torch.Tensor:
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
-    """--precision (auto | bf16 | fp32) -> whether the step runs under bf16 autocast."""
-    return bf16_supported(device) if precision == "auto" else precision == "bf16"
+    """--precision (auto | bf16 | fp32) -> whether the step runs under bf16 autocast. auto: where the device
+    computes bf16 natively: CUDA compute capability >= 8; a CPU with AVX512-BF16, AMX-BF16 or ARM's BF16
+    (torch's own mkldnn check is true on any AVX512 CPU, which converts bf16 but has no bf16 dot
+    products: no faster than fp32)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def precision_note(precision: str, bf16: bool, device: torch.device) -> str:
@@ -687,22 +692,11 @@ def precision_note(precision: str, bf16: bool, device: torch.device) -> str:
     return f"{what} (--precision auto: {device.type} {'has' if bf16 else 'lacks'} native bf16)"
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Does this device compute in bf16 natively? CUDA: compute capability >= 8. CPU: AVX512-BF16,
-    AMX-BF16 or ARM's BF16 in /proc/cpuinfo (torch's own mkldnn check is true on any AVX512 CPU,
-    which converts bf16 but has no bf16 dot products: no faster than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def cpu_flags() -> set:
     """The CPU feature flags Linux reports (x86 `flags`, ARM `Features`); empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(f.read().split())
-    except OSError:
-        return set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return set(f.read().split())
+    return set()
 
 
 def seed_everything(seed: int) -> None:
@@ -765,16 +759,20 @@ def previous_path(path: str) -> str:
 
 
 def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint safely (weights_only) and verify its checksum; CheckpointError if it cannot be used."""
+    """Load a checkpoint safely (swin3d.load_file: weights_only, every tensor within its storage) and verify
+    its checksum; CheckpointError (one line) if it cannot be used, so that load_for_resume falls back."""
     try:
         ck = swin3d.load_file(path)                     # torn zip, text, a pickle that needs code: one line
+        if not isinstance(ck, dict):
+            raise ValueError(f"{path} is not a checkpoint of this project (it holds a {type(ck).__name__})")
+        stored = ck.pop("checksum", None)
+        if stored is not None and stored != state_digest(ck):
+            raise ValueError(f"{path} is damaged: its contents do not match the checksum stored in it")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    if not isinstance(ck, dict):
-        raise CheckpointError(f"{path} is not a checkpoint of this project (it holds a {type(ck).__name__})")
-    stored = ck.pop("checksum", None)
-    if stored is not None and stored != state_digest(ck):
-        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum stored in it")
+    except (RuntimeError, MemoryError) as e:            # an allocation that failed: one line, and the fallback runs
+        why = " ".join(str(e).split())[:100]
+        raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {why})") from None
     return ck
 
 
@@ -851,66 +849,35 @@ def saved_batch(ck: dict, config_keys: dict, accum_of) -> dict:
     return ck.get("batch") or batch_record(w, accum_of(c, w), {u: c[k] for u, k in config_keys.items()})
 
 
-def _sizes(values: list) -> str:
-    """[1, 2, 4] -> '1, 2 or 4'."""
-    return ", ".join(map(str, values[:-1])) + " or " + str(values[-1]) if len(values) > 1 else str(values[0])
-
 def resume_accumulation(saved: dict, per_process: dict, world: int, accum_flag: int, allow_change: bool,
                         flags: dict, source: str, lr_of) -> tuple:
     """(accumulation steps, a line on what changed) for resuming `source` on `world` processes.
 
     The checkpoint's effective batch (every unit's) is kept when per-process x world divides it.
     accum_flag: an --accum-steps other than the checkpoint's own (0 = none), followed when it keeps
-    the batch. Anything else is a ValueError naming the sizes that keep it, unless allow_change:
-    then the run goes on with the nearest batch (or accum_flag's), lr_of(effective) rescaled.
+    the batch. Anything else is a one-line ValueError, unless allow_change: then the run goes on
+    with the nearest batch (or accum_flag's), lr_of(effective) rescaled.
     """
     unit, b = next(iter(per_process.items()))
     kept = {u: saved["effective"].get(u) for u in per_process}
-    want = kept[unit]
-
-    def effective(a: int) -> dict:
-        return {u: n * world * a for u, n in per_process.items()}
-
-    def show(eff: dict) -> str:
-        return " + ".join(f"{eff[u]} {u}" for u in per_process)
-
-    def moved(a: int) -> str:                        # what differs from the checkpoint's batch
-        out = [f"{name} {saved[key]} -> {v}" for name, key, v in
-               (("world", "world", world), ("accumulation", "accum", a)) if saved[key] != v]
-        return ", ".join(out + [f"{flags[u]} {saved['per_process'].get(u)} -> {n}" for u, n in per_process.items()
-                                if saved["per_process"].get(u) != n])
-
-    was = (f"{saved['world']} process(es) x {show(saved['per_process'])} x accumulation {saved['accum']}")
-    accum = accum_flag or (want // (b * world) if want % (b * world) == 0 else 0)
-    if accum and effective(accum) == kept:
-        return accum, (f"{moved(accum)}: effective batch {show(kept)} kept" if moved(accum) else "")
-    near = accum or max(1, round(want / (b * world)))
-    new = effective(near)
-    lr_text = (f"learning rate {lr_of(want):.3g} -> {lr_of(new[unit]):.3g}" if new[unit] != want
+    accum = accum_flag or max(1, round(kept[unit] / (b * world)))        # exact when b x world divides it
+    new = {u: n * world * accum for u, n in per_process.items()}
+    show = lambda eff: " + ".join(f"{eff[u]} {u}" for u in per_process)  # noqa: E731
+    moved = ", ".join([f"{name} {saved[key]} -> {v}" for name, key, v in
+                       (("world", "world", world), ("accumulation", "accum", accum)) if saved[key] != v]
+                      + [f"{flags[u]} {saved['per_process'].get(u)} -> {n}" for u, n in per_process.items()
+                         if saved["per_process"].get(u) != n])
+    if new == kept:
+        return accum, (f"{moved}: effective batch {show(kept)} kept" if moved else "")
+    lr_text = (f"learning rate {lr_of(kept[unit]):.3g} -> {lr_of(new[unit]):.3g}" if new[unit] != kept[unit]
                else "learning rate unchanged")
-    go_on = f"--allow-batch-change goes on with {show(new)} per step ({lr_text})"
     if allow_change:
-        return near, f"{moved(near)}: effective batch {show(kept)} -> {show(new)}, {lr_text} (--allow-batch-change)"
-    if accum_flag:
-        raise ValueError(f"--accum-steps {accum_flag} would change the effective batch of {source} from {show(kept)} "
-                         f"to {show(new)} per step; leave it out to keep the batch, or {go_on}")
-    if not accum:
-        # The sizes that would keep it: per-process batches on this many processes, process counts with this batch.
-        batches = [n for n in range(1, want // world + 1) if want % (n * world) == 0]
-        worlds = [w for w in range(1, want // b + 1) if want % (b * w) == 0]
-        on_this = (f"{flags[unit]} {_sizes(batches)} on {world} process(es)" if batches
-                   else f"no {flags[unit]} on {world} process(es)")
-        with_this = (f"{_sizes(worlds)} process(es) with {flags[unit]} {b}" if worlds
-                     else f"no process count with {flags[unit]} {b}")
-        raise ValueError(f"{source} was trained with an effective batch of {show(kept)} ({was}), which {world} "
-                         f"process(es) x {b} {unit} cannot make up; sizes that keep it: {on_this}, or {with_this}; "
-                         f"or {go_on}")
-    u = next(u for u in per_process if effective(accum)[u] != kept[u])         # another unit (joint: images)
-    fit = kept[u] // (world * accum) if kept[u] % (world * accum) == 0 else None
-    raise ValueError(f"{source} was trained with {show(kept)} per step ({was}); {world} process(es) x accumulation "
-                     f"{accum} make {show(effective(accum))}: "
-                     + (f"{flags[u]} {fit} keeps it" if fit else f"no {flags[u]} keeps it on {world} process(es)")
-                     + f"; or {go_on}")
+        return accum, f"{moved}: effective batch {show(kept)} -> {show(new)}, {lr_text} (--allow-batch-change)"
+    why = (f"--accum-steps {accum_flag} would make it {show(new)}" if accum_flag else
+           f"{world} process(es) x {show(per_process)} make {show(new)} at best (accumulation {accum})")
+    raise ValueError(f"{source} was trained with an effective batch of {show(kept)} per step; {why}: keep it with "
+                     f"other {', '.join(flags[u] for u in per_process)} or process counts, or --allow-batch-change "
+                     f"goes on with {show(new)} ({lr_text})")
 
 
 def resume_position(ck: dict, saved: dict, unit: str, eff: int, steps_per_epoch: int) -> tuple:

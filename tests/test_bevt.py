@@ -207,6 +207,23 @@ def test_load_rejects_wrong_shapes_and_bad_codes():
         m(images=b["images"], image_masks=b["image_masks"], image_codes=b["image_codes"][:, :2])
 
 
+def test_a_weight_held_twice_under_names_that_map_to_one_key_is_refused(tmp_path):
+    """`encoder.X` and `module.encoder.X` (or the released `backbone.X`) are one weight: a file that holds
+    both is refused in one line naming both keys, not loaded with whichever came last (issue 33)."""
+    m = tiny_bevt()
+    sd = m.state_dict()
+    w = sd["encoder.norm.weight"]
+    for shadow in ("module.encoder.norm.weight", "backbone.norm.weight", "module.backbone.norm.weight"):
+        with pytest.raises(ValueError, match="twice") as e:
+            m.load_released({"encoder.norm.weight": w, shadow: torch.zeros_like(w)})
+        assert "'encoder.norm.weight'" in str(e.value) and repr(shadow) in str(e.value)
+        assert "\n" not in str(e.value)
+    torch.save({"model": {**sd, "module.encoder.norm.weight": w + 1}}, tmp_path / "twice.pt")
+    with pytest.raises(ValueError, match="twice"):
+        m.load_released(str(tmp_path / "twice.pt"))
+    assert torch.equal(m.state_dict()["encoder.norm.weight"], w)            # nothing was loaded
+
+
 def test_compiled_encoder_and_decoders_have_no_graph_breaks():
     """What train.py --compile compiles (encoder, both decoders) traces to one graph per stream:
     a graph break would fall back to Python between pieces and, on GPUs, stall the step."""

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -171,9 +172,9 @@ def test_a_missing_synthetic_set_or_tokenizer_names_the_command_that_makes_it(sy
 
 
 @pytest.mark.parametrize("cmd, expect", [
-    (["data.py", "check", "--ann", "/no/such/list.txt", "--root", "/tmp"], "/no/such/list.txt"),
-    (["masking.py", "--strategy", "tube", "--out", "/tmp/m.png", "--size", "40"], "multiples of"),
-    (["tokenizer.py", "info", "/no/such/tok.pt"], "/no/such/tok.pt"),
+    (["tools/prepare_data.py", "check", "--ann", "/no/such/list.txt", "--root", "/tmp"], "/no/such/list.txt"),
+    (["tools/mask_sheet.py", "--strategy", "tube", "--out", "/tmp/m.png", "--size", "40"], "multiples of"),
+    (["tools/tokenizer_tool.py", "info", "/no/such/tok.pt"], "/no/such/tok.pt"),
 ])
 def test_command_line_tools_end_user_errors_in_one_line(cmd, expect):
     r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
@@ -354,3 +355,51 @@ def test_full_disk_during_a_checkpoint_names_the_path_and_leaves_nothing(tmp_pat
         train.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "step": 1})
     assert path in str(e.value) and "\n" not in str(e.value)
     assert os.listdir(tmp_path) == []                                   # the temporary file is gone
+
+
+# A 1.7 KB checkpoint whose tensor has stride 0 over one element declares 4 GB (issue 33): loading it
+# under a 2 GB address-space cap must end in the one-line CheckpointError, and a resume falls back.
+HOSTILE = r"""
+import resource, sys, torch
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))      # the 2 GB this process may map
+sys.path.insert(0, sys.argv[2])
+import train
+said = []
+try:
+    ck = train.load_for_resume(sys.argv[1], said.append)
+except train.CheckpointError as e:
+    print("error:", e)
+else:
+    print("resumed", ck["step"], said)
+"""
+
+
+@pytest.mark.parametrize("stored, stride", [(1, (0, 0)),                  # one element repeated: a 1.7 KB file
+                                            (1 << 16, (1, 1))])             # 256 KB read as 32768 overlapping rows
+def test_a_tiny_checkpoint_declaring_gigabytes_is_refused_and_the_previous_one_used(tmp_path, stored, stride):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(str(tmp_path / "ckpt.prev.pt"), {"model": {"w": torch.zeros(4)}, "step": 1})
+    huge = torch.as_strided(torch.zeros(stored), (32768, 32768), stride)             # 4 GB of fp32 declared
+    torch.save({"model": {"w": huge}, "step": 2, "checksum": "0" * 32}, path)
+    assert os.path.getsize(path) < 4 * stored + 2000
+    code = [sys.executable, "-c", HOSTILE]
+    r = subprocess.run(code + [path, ROOT], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.startswith("resumed 1") and "stride" in r.stdout and "ckpt.prev.pt" in r.stdout, r.stdout
+    os.remove(tmp_path / "ckpt.prev.pt")
+    r = subprocess.run(code + [path, ROOT], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1 and "error:" in r.stdout and str(stride) in r.stdout, r.stdout
+
+
+def test_a_tensor_overrunning_its_storage_is_a_one_line_checkpoint_error(tmp_path):
+    """torch itself refuses a tensor that reaches past its storage (here 1000 elements over 300): the
+    refusal arrives as the one-line CheckpointError, like every other unusable file."""
+    torch.save({"w": torch.arange(300.0)[:200]}, tmp_path / "v.pt")
+    with zipfile.ZipFile(tmp_path / "v.pt") as src, zipfile.ZipFile(tmp_path / "over.pt", "w") as dst:
+        for name in src.namelist():                                    # the pickled size (200,) -> (1000,)
+            b = src.read(name)
+            dst.writestr(name, b.replace(b"K\x00K\xc8\x85", b"K\x00M\xe8\x03\x85") if name.endswith("data.pkl") else b)
+    with pytest.raises(train.CheckpointError) as e:
+        train.load_checkpoint(str(tmp_path / "over.pt"))
+    assert "over.pt" in str(e.value) and "\n" not in str(e.value)

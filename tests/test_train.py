@@ -245,8 +245,8 @@ def test_one_process_then_two_match_one_straight(syn, tmp_path):
 
 
 def test_a_batch_that_cannot_keep_the_effective_batch_is_refused_in_one_line(syn, tmp_path):
-    """1 process x 3 clips cannot make up the run's 4 clips per step: one line naming the sizes that
-    do and the flag; with --allow-batch-change the run goes on at 3 clips, the lr rescaled and printed."""
+    """1 process x 3 clips cannot make up the run's 4 clips per step: one line naming the flags that
+    keep it and --allow-batch-change; with --allow-batch-change the run goes on at 3 clips, the lr rescaled and printed."""
     base = cross_world_args(syn, tmp_path, "--stage", "video")
     r = run(base + ["--max-steps", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -255,8 +255,9 @@ def test_a_batch_that_cannot_keep_the_effective_batch_is_refused_in_one_line(syn
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("train.py: error: "), r.stderr
     msg = lines[0]
-    assert "effective batch of 4 clips" in msg and "1 process(es) x 3 clips cannot make up" in msg
-    assert "--video-batch 1, 2 or 4 on 1 process(es)" in msg and "--allow-batch-change" in msg
+    assert ("effective batch of 4 clips per step; 1 process(es) x 3 clips make 3 clips at best (accumulation 1): "
+            "keep it with other --video-batch or process counts, or --allow-batch-change goes on with 3 clips "
+            "(learning rate 0.002 -> 0.0015)") in msg
     assert torch.load(tmp_path / "video" / "ckpt.pt", weights_only=True)["step"] == 1      # untouched
     r = run(base + ["--max-steps", "2", "--video-batch", "3", "--allow-batch-change"])
     assert r.returncode == 0, r.stderr[-3000:]

@@ -134,19 +134,18 @@ def test_resume_keeps_the_effective_batch_by_changing_the_accumulation():
 
 
 @pytest.mark.parametrize("world, per_process, flag, expect", [
-    # 3 x 2 clips divides no 4: the batches that keep it on 3 (none) and the process counts with 2 clips.
-    (3, {"clips": 2, "images": 4}, 0, "which 3 process(es) x 2 clips cannot make up; sizes that keep it: no "
-                                      "--video-batch on 3 process(es), or 1 or 2 process(es) with --video-batch 2; "
-                                      "or --allow-batch-change goes on with 6 clips + 12 images per step "
+    # 3 x 2 clips divides no 4: the nearest batch and the flags that could keep it.
+    (3, {"clips": 2, "images": 4}, 0, "ck.pt was trained with an effective batch of 4 clips + 8 images per step; "
+                                      "3 process(es) x 2 clips + 4 images make 6 clips + 12 images at best "
+                                      "(accumulation 1): keep it with other --video-batch, --image-batch or "
+                                      "process counts, or --allow-batch-change goes on with 6 clips + 12 images "
                                       "(learning rate 0.002 -> 0.003)"),
-    (4, {"clips": 2, "images": 4}, 0, "sizes that keep it: --video-batch 1 on 4 process(es), or 1 or 2 process(es) "
-                                      "with --video-batch 2"),
-    # The clips fit, the images do not: the image batch that keeps them is named.
-    (1, {"clips": 2, "images": 8}, 0, "1 process(es) x accumulation 2 make 4 clips + 16 images: --image-batch 4 "
-                                      "keeps it"),
+    # The clips fit, the images do not.
+    (1, {"clips": 2, "images": 8}, 0, "1 process(es) x 2 clips + 8 images make 4 clips + 16 images at best "
+                                      "(accumulation 2)"),
     # A new --accum-steps that would change the batch is a request to be confirmed.
-    (2, {"clips": 2, "images": 4}, 2, "--accum-steps 2 would change the effective batch of ck.pt from 4 clips + 8 "
-                                      "images to 8 clips + 16 images per step"),
+    (2, {"clips": 2, "images": 4}, 2, "4 clips + 8 images per step; --accum-steps 2 would make it 8 clips + 16 "
+                                      "images: keep it"),
 ])
 def test_resume_that_cannot_keep_the_effective_batch_is_one_line(world, per_process, flag, expect):
     with pytest.raises(ValueError) as e:

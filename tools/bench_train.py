@@ -189,7 +189,7 @@ def main():
     cases = (args.cases or ("tiny,small,base,large" if cuda else "cpu,cpu-finetune,tiny")).split(",")
     variants = (args.variants or ("bf16,bf16+compile,bf16+ckpt,bf16+compile+ckpt" if cuda else "fp32,bf16")).split(",")
     print(f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()}, CPU bf16 native "
-          f"{train.bf16_supported(torch.device('cpu'))}; median of {args.repeats} steps after {args.warmup}")
+          f"{train.resolve_precision('auto', torch.device('cpu'))}; median of {args.repeats} steps after {args.warmup}")
     print("\n| case | input | variant | step (s) | vs first | clips/s | warm-up (s) | peak mem (MB) |"
           + (" MFU |" if cuda else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))

@@ -185,7 +185,7 @@ def main():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU dry run"
-    print(f"torch {torch.__version__}, {name}, bf16 native: {train.bf16_supported(device)}", flush=True)
+    print(f"torch {torch.__version__}, {name}, bf16 native: {train.resolve_precision('auto', device)}", flush=True)
     root = os.path.join(args.out, "data")
     small = dict(n_train=8, n_val=2, images_train=4, images_val=1) if DRY else {}
     synthetic.prepare(root, seed=0, verbose=False, **small)        # the set and its offline tokenizer
