@@ -782,7 +782,13 @@ def state_dict_of(checkpoint) -> tuple[dict, dict]:
         if isinstance(sd, dict) and isinstance(sd.get(k), dict):
             sd = sd[k]
             break
-    return {swin3d.unwrap_key(key): (key, v) for key, v in sd.items()}, outer
+    flat = {}
+    for key, v in sd.items():
+        k = swin3d.unwrap_key(key)
+        if k in flat:                                     # `encoder.X` and `module.encoder.X`: refuse to guess
+            raise ValueError(f"checkpoint holds {k!r} twice, as {flat[k][0]!r} and {key!r}; refusing to guess")
+        flat[k] = (key, v)
+    return flat, outer
 
 
 def _detect(sd: dict, outer: dict) -> tuple[str, str, Optional[str]]:

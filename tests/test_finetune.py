@@ -246,6 +246,19 @@ def _released(sd):
     return out
 
 
+def test_a_weight_held_twice_is_refused_not_shadowed():
+    """`encoder.X` and `module.encoder.X` are one weight after unwrapping: a file holding both is
+    refused in one line naming both keys, before anything is loaded (issue 33)."""
+    sd = _bevt_sd()
+    model = classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    w = sd["encoder.norm.weight"]
+    with pytest.raises(ValueError, match="twice") as e:
+        finetune.load_pretrained(model, {"model": {**sd, "module.encoder.norm.weight": w + 1}})
+    assert "'encoder.norm.weight'" in str(e.value) and "'module.encoder.norm.weight'" in str(e.value)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_load_released_bevt_pretraining_checkpoint():
     rel = _released(_bevt_sd())
     model = classifier()
