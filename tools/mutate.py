@@ -49,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELECTIONS = {
     "bevt": ["tests/test_golden.py", "tests/test_bevt.py"],
     "swin3d": ["tests/test_golden.py", "tests/test_swin3d.py"],
+    "convert": ["tests/test_golden.py", "tests/test_swin3d.py"],      # tools/convert_checkpoint.py
     "masking": ["tests/test_masking.py", "-k", "not cli_sheet"],
     "tokenizer": ["tests/test_golden.py", "tests/test_tokenizer.py"],
     "data": ["tests/test_golden.py", "tests/test_data.py", "-k",
@@ -77,10 +78,6 @@ MUTATIONS = [
       [("self.lm_down(torch.cat([f3, _crop_like(up, f3)], dim=-1))",
         "self.lm_down(torch.cat([_crop_like(up, f3), f3], dim=-1))")],
       "bevt", "image decoder concatenates [F^4, F3]"),
-    M("target-tiled", "bevt.py",
-      [("return mask.repeat_interleave(temporal_patch, dim=1)[:, :frames]",
-        "return mask.repeat(1, temporal_patch, 1, 1)[:, :frames]")],
-      "bevt", "video target mask tiled in time (t0,t1,..,t0,t1,..) instead of interleaved"),
     M("lambda-ignored", "bevt.py",
       [("total = total + self.config.lam * out[\"loss_mvm\"]", "total = total + out[\"loss_mvm\"]")],
       "bevt", "L = L_MIM + L_MVM whatever λ is"),
@@ -138,6 +135,13 @@ MUTATIONS = [
       [("idx = torch.roll(idx, shifts=tuple(-s for s in shift), dims=(1, 2, 3))",
         "idx = torch.roll(idx, shifts=tuple(shift), dims=(1, 2, 3))")],
       "swin3d", "cyclic shift by +s before attention and -s after (the window order's roll)"),
+    M("block-roll-direction", "swin3d.py",
+      [("x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))",
+        "x = torch.roll(x, shifts=shift, dims=(1, 2, 3))"),
+       ("x = torch.roll(x, shifts=shift, dims=(1, 2, 3))   # and back by +shift",
+        "x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))   # and back by +shift")],
+      "swin3d", "the block's visible torch.roll path shifts by +s before attention and -s after "
+                "(the token_moves=\"roll\" path; CPUs default to the gathers)"),
     M("clamp-shift-strict", "swin3d.py",
       [("sh = tuple(0 if s <= w else k", "sh = tuple(0 if s < w else k")],
       "swin3d", "an axis exactly one window long keeps its shift"),
@@ -156,15 +160,15 @@ MUTATIONS = [
       [("x = x.movedim(1, -1)                                      # (B, [t,] h, w, C)",
         "x = x.movedim(1, -1).transpose(-2, -3)                   # (B, [t,] h, w, C)")],
       "swin3d", "patch-embedding output laid out (w, h) (a permute(0, 2, 4, 3, 1) typo)"),
-    M("inflate-no-division", "swin3d.py",
+    M("inflate-no-division", "tools/convert_checkpoint.py",
       [("v = v.unsqueeze(2).repeat(1, 1, pt, 1, 1) / pt", "v = v.unsqueeze(2).repeat(1, 1, pt, 1, 1)")],
-      "swin3d", "2D kernel inflated without dividing by the temporal patch"),
-    M("inflate-first-slice", "swin3d.py",
+      "convert", "2D kernel inflated without dividing by the temporal patch"),
+    M("inflate-first-slice", "tools/convert_checkpoint.py",
       [("v = v.unsqueeze(2).repeat(1, 1, pt, 1, 1) / pt", "v = F.pad(v.unsqueeze(2), (0, 0, 0, 0, 0, pt - 1))")],
-      "swin3d", "2D kernel put in the first temporal slice only (zeros elsewhere) instead of averaged over slices"),
-    M("inflate-table-interleaved", "swin3d.py",
+      "convert", "2D kernel put in the first temporal slice only (zeros elsewhere) instead of averaged over slices"),
+    M("inflate-table-interleaved", "tools/convert_checkpoint.py",
       [("v = v.repeat(2 * Wt - 1, 1)", "v = v.repeat_interleave(2 * Wt - 1, dim=0)")],
-      "swin3d", "2D table rows repeated in place instead of tiled over Δt"),
+      "convert", "2D table rows repeated in place instead of tiled over Δt"),
     M("resize-align-corners", "swin3d.py",
       [("mode=\"trilinear\", align_corners=False)", "mode=\"trilinear\", align_corners=True)")],
       "swin3d", "window resize with align_corners=True (the released loader uses torch's default, False)"),
@@ -173,9 +177,13 @@ MUTATIONS = [
       "swin3d", "table (rows, heads) reshaped to (heads, Δt, Δh, Δw) without the transpose"),
 
     # ---------------------------------------------------------------- masking.py
+    M("target-tiled", "masking.py",
+      [("out = input_mask.repeat_interleave(temporal_patch, dim=-3)",
+        "out = input_mask.repeat(*(1,) * (input_mask.dim() - 3), temporal_patch, 1, 1)")],
+      "bevt", "model-side (torch) target mask tiled in time (t0,t1,..,t0,t1,..) instead of interleaved"),
     M("mask-target-tiled", "masking.py",
-      [("tgt = np.repeat(inp, self.temporal_patch, axis=1)", "tgt = np.tile(inp, (1, self.temporal_patch, 1, 1))")],
-      "masking", "data-side target mask tiled in time instead of interleaved"),
+      [("out = np.repeat(input_mask, temporal_patch, axis=-3)", "out = np.tile(input_mask, (temporal_patch, 1, 1))")],
+      "masking", "data-side (numpy) target mask tiled in time instead of interleaved"),
     M("tube-no-wrap", "masking.py",
       [("return [(start + i) % self.time for i in range(length)]",
         "return [min(start + i, self.time - 1) for i in range(length)]")],
@@ -223,10 +231,10 @@ MUTATIONS = [
       [("IMAGENET_MEAN = (123.675, 116.28, 103.53)", "IMAGENET_MEAN = (103.53, 116.28, 123.675)"),
        ("IMAGENET_STD = (58.395, 57.12, 57.375)", "IMAGENET_STD = (57.375, 57.12, 58.395)")],
       "data", "ImageNet mean/std in BGR order (OpenCV habit) on RGB frames"),
-    M("video-tok-hw-swapped", "data.py",
-      [("tok = to_uint8(tok).transpose(0, 1).contiguous()",
-        "tok = to_uint8(tok).permute(1, 0, 3, 2).contiguous()")],
-      "data", "tokenizer copy of a clip laid out (3, T, W, H)"),
+    M("video-half-hw-swapped", "data.py",
+      [("half = to_uint8(half).transpose(0, 1).contiguous()",
+        "half = to_uint8(half).permute(1, 0, 3, 2).contiguous()")],
+      "data", "half-size tokenizer copy of a clip (video_half) laid out (3, T, W, H)"),
     M("three-crop-order", "data.py",
       [("return [(0, 0), (0, 2 * step), (0, step)]", "return [(0, 0), (0, step), (0, 2 * step)]")],
       "data", "three-crop views left, middle, right instead of the released left, right, middle"),
@@ -236,9 +244,6 @@ MUTATIONS = [
       "data", "dense sampling ignores the frame interval"),
 
     # ---------------------------------------------------------------- train.py
-    M("codes-of-no-transpose", "tokenizer.py",
-      [("x = x.transpose(1, 2).reshape(B * T, 3, h, w)", "x = x.reshape(B * T, 3, h, w)")],
-      "tokenizer", "target codes of a clip from frames cut without moving T next to B"),
     M("image-codes-of-encoder-input", "train.py",
       [("tok.codes_of_copy(batch[f\"{stream}_half\"]", "tok.codes_of_copy(batch[stream]")],
       "train", "targets tokenized from the encoder input instead of the tokenizer copy"),
@@ -277,6 +282,11 @@ MUTATIONS = [
 # * tokenizer.py, the Lanczos half-size resize done height-first instead of width-first: a
 #   separable linear filter commutes; only the intermediate [0, 1] clamp differs, by at most one
 #   8-bit step, which no test should be asked to pin.
+#
+# Removed as duplicates (the same edit as another entry, after code moved):
+# * codes-of-no-transpose (train.py's target codes of a clip cut into frames without moving T
+#   next to B): train.py now tokenizes through tokenizer.codes_of_copy, so the edit became the
+#   one of clip-frames-no-transpose, on the same line of tokenizer.py.
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +379,7 @@ def main(argv=None) -> int:
 
     if args.list:
         for m in MUTATIONS:
-            print(f"{m.name:30s} {m.file:12s} {m.what}")
+            print(f"{m.name:30s} {m.file:28s} {m.what}")
         print(f"{len(MUTATIONS)} mutations in {len(originals)} files")
         return 0
     if args.check:
@@ -393,7 +403,7 @@ def main(argv=None) -> int:
                     print(tail)
                     fail(f"the unmutated project fails test selection {key!r} ({first}); fix that first")
         rows = []
-        print(f"\n{'mutation':30s} {'file':12s} {'result':9s} {'secs':>5s}  first failing test", flush=True)
+        print(f"\n{'mutation':30s} {'file':28s} {'result':9s} {'secs':>5s}  first failing test", flush=True)
         for m in chosen:
             work = os.path.join(tmp_root, m.name)
             copy_project(files, work)
@@ -402,7 +412,7 @@ def main(argv=None) -> int:
             rc, first, secs, tail = run_tests(work, SELECTIONS[m.tests])
             result = "caught" if rc == 1 else "SURVIVED" if rc == 0 else f"ERROR{rc}"
             rows.append((m, result))
-            print(f"{m.name:30s} {m.file:12s} {result:9s} {secs:5.0f}  {first}", flush=True)
+            print(f"{m.name:30s} {m.file:28s} {result:9s} {secs:5.0f}  {first}", flush=True)
             if result.startswith("ERROR"):
                 print(tail)
             if not args.keep:
