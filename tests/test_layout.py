@@ -79,3 +79,18 @@ def test_tools_run_as_scripts_import_the_components():
     clash = [f for f in tools if f[:-3] in COMPONENTS]
     # `python tools/X.py` puts tools/ first on sys.path: a tool named like a component would shadow it.
     assert not clash, f"tools named like a component: {clash}"
+
+
+def test_every_link_of_the_readme_and_docs_resolves():
+    import re
+    pages = ["README.md"] + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))]
+    broken = []
+    for page in pages:
+        with open(os.path.join(ROOT, page)) as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if not target.startswith(("http://", "https://")):
+                path = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), target))
+                if not os.path.exists(path):
+                    broken.append(f"{page}: {target}")
+    assert not broken, broken
