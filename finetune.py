@@ -55,10 +55,10 @@ import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
 from train import (DIST_TIMEOUT_MIN, PRECISIONS, EpochStream, Parser, Runtime, StepLog, add_dataclass_flags,
-                   all_gather_rows, all_rng_states, batch_record, check_ranges, claim_run_dir, clip_gradients,
-                   data_config_from, load_for_resume, log, lr_at, param_groups, precision_note, resume_accumulation,
-                   resume_position, resume_rng, run_cli, save_checkpoint, saved_batch, seed_everything,
-                   setup_distributed, start_log, unwrap, wrap_ddp)
+                   all_gather_rows, check_ranges, claim_run_dir, clip_gradients, data_config_from, finished,
+                   load_for_resume, log, lr_at, param_groups, precision_note, resume_accumulation, resume_position,
+                   resume_rng, run_cli, run_record, save_checkpoint, save_state, saved_batch, seed_everything,
+                   setup_distributed, show_progress, start_log, unwrap, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -454,7 +454,10 @@ def train(cfg: FinetuneConfig, task: Task, model: nn.Module, ema: Optional[Avera
     `model` may be compiled and DDP-wrapped; checkpoints and the EMA read the module under the wrappers."""
     from tqdm import tqdm
     raw = unwrap(model)
-    opt, stream, sched, step = setup_training(cfg, task, raw, ema, rt, out_dir, resume)
+    setup = setup_training(cfg, task, raw, ema, rt, out_dir, resume)
+    if setup is None:                                                  # a finished run: nothing to do
+        return None
+    opt, stream, sched, step, record = setup
     steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
     bar = tqdm(total=sched.stop_at, initial=step, desc=f"finetune {task.name}", dynamic_ncols=True,
                file=sys.stdout, disable=rt.rank != 0)
@@ -478,21 +481,21 @@ def train(cfg: FinetuneConfig, task: Task, model: nn.Module, ema: Optional[Avera
         bar.update(1)
         save = step % cfg.ckpt_every == 0 or step == sched.stop_at
         if step % cfg.log_every == 0 or save:
-            rate = seen * rt.world / max(time.time() - t0, 1e-9)   # clips per second since this process began
-            last = steplog.flush({"clips_per_s": rate})[-1]      # before any save: a non-finite step is never saved
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.2f}", lr=f"{cur_lr:.2e}",
-                            **{"clips/s": f"{rate:.1f}"})
+            # Before any save: a non-finite step is never saved.
+            show_progress(steplog, bar, "clips", seen * rt.world / max(time.time() - t0, 1e-9), cur_lr)
         if save:
-            save_training(os.path.join(out_dir, "ckpt.pt"), cfg, raw, opt, ema, step, stream, sched.accum, rt)
+            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, sched.accum,
+                       {"clips": cfg.batch_size}, record, ema=ema.state_dict() if ema is not None else None)
     bar.close()
     if rt.rank == 0:
-        save_final(out_dir, cfg, task, raw, ema, step)
+        save_final(out_dir, record, task, raw, ema, step)
     return step
 
 
 def setup_training(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, ema: Optional[AveragedModel],
                    rt: Runtime, out_dir: str, resume: Optional[str]) -> tuple:
-    """The loader, the optimizer and the schedule, restored from `resume` if given: (opt, stream, Schedule, step)."""
+    """The loader, the optimizer and the schedule, restored from `resume` if given: (opt, stream, Schedule, step,
+    the run's record for config.json and the checkpoints), or None for a finished run (train.finished)."""
     rank, world = rt.rank, rt.world
     ck, saved, accum, batch_note = resume_batch(cfg, rt, resume)
     eff = cfg.batch_size * world * accum
@@ -514,21 +517,27 @@ def setup_training(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, ema: O
         g.pop("names")
     opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=rt.device.type == "cuda")
     step, epoch, epoch_step = 0, 0, 0
+    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     if ck is not None:                                             # model, optimizer, EMA and position
+        step, epoch, epoch_step = resume_position(ck, saved, "clips", eff, steps_per_epoch)
+        if finished(ck, step, stop_at, out_dir, cfg, lambda m: log(rank, m), ("final.pt", "eval.json")):
+            return None
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if ema is not None and ck.get("ema"):
             ema.load_state_dict(ck["ema"])
-        step, epoch, epoch_step = resume_position(ck, saved, "clips", eff, steps_per_epoch)
         log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, step {epoch_step} of the epoch"
             + (f"; {batch_note}" if batch_note else ""))
+    init = init_path(cfg)
+    record = None if rank else ck["config"] if ck and step >= stop_at else run_record(   # no step: what did
+        cfg, rt, {"init": init} if init not in ("", "scratch") else {}, accum_steps=accum, effective_clips=eff,
+        peak_lr=lr)
     if rank == 0:
-        start_log(out_dir, cfg, step if ck is not None else None)
+        start_log(out_dir, record, step if ck is not None else None)
     stream = EpochStream(loader, epoch, epoch_step)
     if ck is not None:
         resume_rng(ck, saved, cfg.seed, rank, world, step, lambda m: log(rank, m))
-    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    return opt, stream, Schedule(accum, eff, lr, total, warmup, stop_at), step
+    return opt, stream, Schedule(accum, eff, lr, total, warmup, stop_at), step, record
 
 
 # -----------------------------------------------------------------------------
@@ -704,6 +713,9 @@ def _run_task(cfg: FinetuneConfig, task: Task, rt: Runtime, out_dir: str, resume
     val_loader = data.build_finetune_loader(cfg.eval_split, dcfg, ann=task.val_list, root=task.root, rank=rt.rank,
                                             world_size=rt.world, verbose=False)
     step = train(cfg, task, model, ema, rt, out_dir, resume) if not cfg.eval_only else 0
+    if step is None:                                       # a finished run, rerun: its results as on file
+        with open(os.path.join(out_dir, "eval.json")) as f:
+            return json.load(f)["results"]
     # The model and, alongside, its EMA.
     results = {"model": evaluate(model, val_loader, modes, cfg.seed + 1, rt, task.num_classes)}
     if ema is not None:
@@ -746,22 +758,10 @@ def resume_batch(cfg: FinetuneConfig, rt: Runtime, resume: Optional[str]) -> tup
     return ck, saved, accum, note
 
 
-def save_training(path: str, cfg: FinetuneConfig, raw: nn.Module, opt, ema: Optional[AveragedModel], step: int,
-                  stream: EpochStream, accum: int, rt: Runtime) -> None:
-    """ckpt.pt (every rank gathers its RNG state; rank 0 writes, atomically, keeping the previous one)."""
-    rngs = all_rng_states(rt.ddp, rt.world)
-    if rt.rank == 0:
-        save_checkpoint(path, {"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                               "ema": ema.state_dict() if ema is not None else None, "step": step,
-                               "epoch": stream.epoch, "epoch_step": stream.step, "world": rt.world,
-                               "batch": batch_record(rt.world, accum, {"clips": cfg.batch_size}), "rng": rngs,
-                               "config": dataclasses.asdict(cfg)}, keep_previous=True)
-
-
-def save_final(out_dir: str, cfg: FinetuneConfig, task: Task, raw: nn.Module, ema: Optional[AveragedModel],
+def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Optional[AveragedModel],
                step: int) -> None:
     """final.pt (and final_ema.pt): the weights with the config and class names tools/predict.py reads."""
-    final = {"model": raw.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
+    final = {"model": raw.state_dict(), "step": step, "config": record,
              "num_classes": task.num_classes, "classes": task.classes}
     save_checkpoint(os.path.join(out_dir, "final.pt"), final)
     if ema is not None:

@@ -131,8 +131,7 @@ class TrainConfig:
     ckpt_every: int = 500                 # optimizer steps
 
 
-# The CPU demo: everything scaled down so both stages run in minutes on 2 cores. The precision
-# stays "auto": bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32.
+# The CPU demo: everything scaled down so both stages run in minutes on 2 cores (the precision stays "auto").
 CPU_PRESET = dict(
     model="cpu", frames=8, frame_interval=2, crop=112, short_side=(128, 160),
     video_batch=4, image_batch=16, global_video_batch=4, global_image_batch=16, image_cycles=1,
@@ -302,25 +301,29 @@ def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir:
     ck = load_for_resume(resume, say) if resume else None
     b = plan_batch(cfg, rt.world, ck, resume)
     loader = build_loader(cfg, data_root, rt.rank, rt.world, b.accum)
-    raw = build_model(cfg, rt, fresh=ck is None)
-    model = wrap_ddp(raw, rt.device) if rt.ddp else raw
     steps_per_epoch = loader.steps_per_epoch                            # global steps: samples // effective batch
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+    if ck and finished(ck, resume_position(ck, b.saved, b.unit, b.eff, steps_per_epoch)[0], stop_at, out_dir, cfg, say):
+        return {}
+    raw = build_model(cfg, rt, fresh=ck is None)
+    model = wrap_ddp(raw, rt.device) if rt.ddp else raw
     say_plan(cfg, rt, b, raw, tok, tok_path, steps_per_epoch, total, warmup)
     opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=b.lr, betas=cfg.betas,
                             fused=rt.device.type == "cuda")
 
     # --- resume: model, optimiser, step, schedule and data position, RNG states
     step, epoch, epoch_step = restore(ck, b, raw, opt, cfg, resume, steps_per_epoch, say) if ck else (0, 0, 0)
+    record = None if rt.rank else ck["config"] if ck and step >= stop_at else run_record(   # no step left: as it ran
+        cfg, rt, {"tokenizer": tok_path}, accum_steps=b.accum, **{f"effective_{b.unit}": b.eff, "peak_lr": b.lr})
     if rt.rank == 0:
-        start_log(out_dir, cfg, step if ck is not None else None)
+        start_log(out_dir, record, step if ck is not None else None)
     steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
     stream = EpochStream(loader, epoch, epoch_step)
     if ck is not None:
         resume_rng(ck, b.saved, cfg.seed, rt.rank, rt.world, step, say)
 
     # --- the loop: lr of the step, the step (eq. 5), the log every log_every steps, checkpoints
-    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
     bar = tqdm(total=stop_at, initial=step, desc=f"bevt {cfg.stage}", dynamic_ncols=True, file=sys.stdout,
                disable=rt.rank != 0)
     model.train()
@@ -342,12 +345,10 @@ def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir:
         if step % cfg.log_every == 0 or save:          # flushed before any save: a non-finite step is never saved
             last = show_progress(steplog, bar, b.unit, seen * rt.world / max(time.time() - t0, 1e-9), cur_lr)
         if save:
-            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, b, cfg)
+            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, b.accum, b.per_process, record)
     bar.close()
     if rt.rank == 0:
-        finish(cfg, out_dir, raw, step, last, hist, getattr(loader, "skipped_total", 0))
-    if rt.ddp:
-        dist.destroy_process_group()
+        finish(record, out_dir, raw, step, last, hist, getattr(loader, "skipped_total", 0))
     return last
 
 
@@ -363,6 +364,8 @@ def run(cfg: TrainConfig) -> dict:
     finally:
         if lock is not None:
             lock.release()
+        if rt.ddp and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # =============================================================================
@@ -384,37 +387,33 @@ def say_plan(cfg, rt, b: Batch, model, tok, tok_path: str, steps_per_epoch: int,
 
 
 def show_progress(steplog: StepLog, bar, unit: str, rate: float, lr: float) -> dict:
-    """Read the queued steps (StepLog.flush: logged, checked) and show the last one on the bar."""
+    """Read the queued steps (StepLog.flush: logged, checked) and show the last one on the bar (both trainers)."""
     last = steplog.flush({f"{unit}_per_s": rate})[-1]                  # rate: samples/s since this process began
-    shown = {"loss": f"{last['loss']:.3f}"}
-    shown.update({k[4:]: f"{last[k]:.3f}" for k in ("acc_mim", "acc_mvm") if k in last})
+    shown = {"loss": f"{last['loss']:.3f}", **{k.removeprefix("acc_"): f"{last[k]:.3f}"
+                                               for k in ("acc", "acc_mim", "acc_mvm") if k in last}}
     bar.set_postfix(**shown, lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
     return last
 
 
-def save_state(path: str, model, opt, step: int, stream, rt, b: Batch, cfg) -> None:
-    """The resumable checkpoint (all ranks call it: the RNG states are gathered; rank 0 writes)."""
+def save_state(path: str, model, opt, step: int, stream, rt, accum: int, per_process: dict, record, **extra) -> None:
+    """Both trainers' ckpt.pt (all ranks call it: the RNG states are gathered; rank 0 writes); `extra`: an EMA."""
     rngs = all_rng_states(rt.ddp, rt.world)
     if rt.rank == 0:
-        save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), **extra, "step": step,
                                "epoch": stream.epoch, "epoch_step": stream.step, "world": rt.world,
-                               "batch": batch_record(rt.world, b.accum, b.per_process), "rng": rngs,
-                               "config": dataclasses.asdict(cfg)}, keep_previous=True)
+                               "batch": batch_record(rt.world, accum, per_process), "rng": rngs,
+                               "config": record}, keep_previous=True)
 
 
-def finish(cfg, out_dir: str, model, step: int, last: dict, hist: dict, skipped: int) -> None:
+def finish(record: dict, out_dir: str, model, step: int, last: dict, hist: dict, skipped: int) -> None:
     """Rank 0 at the end: final.pt, the last metrics, the accuracy baselines (printed and logged)."""
-    save_checkpoint(os.path.join(out_dir, "final.pt"), {"model": model.state_dict(), "step": step,
-                                                        "config": dataclasses.asdict(cfg)})
+    save_checkpoint(os.path.join(out_dir, "final.pt"), {"model": model.state_dict(), "step": step, "config": record})
     if last:
         print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
-    else:
-        print(f"the run in {out_dir} was already complete at step {step}: nothing to do "
-              f"(--overwrite starts it again)")
-    baselines = accuracy_baselines(hist, cfg.vocab_size)
+    baselines = accuracy_baselines(hist, record["vocab_size"])
     for key, b in baselines.items():
         # Rank 0's targets of this run; the last steps' accuracy is to be read against these.
-        print(f"masked-token accuracy baselines ({key[4:]}): uniform 1/{cfg.vocab_size} = {b['uniform']:.4f}, "
+        print(f"masked-token accuracy baselines ({key[4:]}): uniform 1/{record['vocab_size']} = {b['uniform']:.4f}, "
               f"always the most frequent code = {b['majority']:.4f}")
     if baselines:                                        # kept with the run, for tools/plot.py
         with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
@@ -427,7 +426,6 @@ def finish(cfg, out_dir: str, model, step: int, last: dict, hist: dict, skipped:
 # -----------------------------------------------------------------------------
 # Command line: flags generated from TrainConfig, ranges checked once, one line per user error
 
-# Valid values, checked when the flags are parsed (a bad value is one line naming it, exit 2).
 CHOICES = {"stage": bevt.STAGES, "preset": ("paper", "cpu"), "precision": PRECISIONS,
            "tokenizer_precision": ("fp32", "bf16", "fp16"), "mask_strategy": tuple(masking.STRATEGIES)}
 POSITIVE = ("frames", "frame_interval", "crop", "video_batch", "image_batch", "global_video_batch",
@@ -437,8 +435,7 @@ NON_NEGATIVE = ("workers", "warmup_epochs", "min_lr", "weight_decay", "clip_grad
                 "max_steps")
 FRACTIONS = {"mask_ratio": (0.0, 1.0), "drop_path": (0.0, 1.0)}   # half-open intervals [lo, hi)
 
-# What a user's input can raise (bad paths, files, values, a full disk); anything else is a bug
-# and keeps its traceback.
+# What a user's input can raise (bad paths, files, values, a full disk); anything else is a bug: its traceback.
 USER_ERRORS = (ValueError, OSError, TimeoutError, pickle.UnpicklingError)
 
 
@@ -448,12 +445,8 @@ class FlagError(ValueError):
 
 def field_help(cls) -> dict:
     """field name -> the comment on its line in the dataclass source (its meaning and paper source)."""
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
+    found = (re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2) for m in found if m}
 
 
 def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict, only=None) -> None:
@@ -507,10 +500,8 @@ def parse_args(argv=None) -> TrainConfig:
     defaults = TrainConfig()
     preset, stage = args["preset"] or defaults.preset, args["stage"] or defaults.stage
     cfg = dict(dataclasses.asdict(defaults))
-    if preset == "cpu":
-        cfg.update(CPU_PRESET, epochs=CPU_STAGE_EPOCHS[stage])
-    else:
-        cfg["epochs"] = STAGE_EPOCHS[stage]
+    cpu = preset == "cpu"
+    cfg.update(CPU_PRESET if cpu else {}, epochs=(CPU_STAGE_EPOCHS if cpu else STAGE_EPOCHS)[stage])
     cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
     cfg = TrainConfig(**cfg)
     try:
@@ -548,10 +539,7 @@ def find_data(cfg: TrainConfig) -> tuple:
     """(data root, tokenizer file), checked before anything is written: --tokenizer, or with the CPU
     preset and no data flags the synthetic set at --data (data/synthetic) and its tokenizer_<V>.pt."""
     own = bool(cfg.video_root or cfg.image_root)
-    if own:
-        root = cfg.data or os.path.dirname(os.path.abspath(cfg.out))
-    else:
-        root = cfg.data or "data/synthetic"
+    root = cfg.data or (os.path.dirname(os.path.abspath(cfg.out)) if own else "data/synthetic")
     if cfg.tokenizer:
         return root, cfg.tokenizer
     if cfg.preset != "cpu" or own:
@@ -612,7 +600,6 @@ def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN, precision: str = "f
     process binds its GPU *before* creating the process group (NCCL otherwise guesses device 0)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     timeout = datetime.timedelta(minutes=timeout_min)
-    rank, world = 0, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if ddp and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -620,8 +607,7 @@ def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN, precision: str = "f
         dist.init_process_group(backend="nccl", timeout=timeout, device_id=device)
     elif ddp:
         dist.init_process_group(backend="gloo", timeout=timeout)
-    if ddp:
-        rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True      # every step has the same shapes: tune the convolutions once
     return Runtime(ddp, rank, world, device, resolve_precision(precision, device))
@@ -818,14 +804,10 @@ def all_rng_states(ddp: bool, world: int) -> list:
 
 
 # -----------------------------------------------------------------------------
-# Resuming on another number of processes (a requeued cluster job)
-#
-# A run is a function of its seed and its effective batch, not of the process count: data.py
-# cuts every global batch from one epoch order shared by all processes and keys every random
-# choice of a sample by (seed, epoch, index). A checkpoint records its batch (`batch_record`);
-# a resume on another world size keeps the effective batch by changing the accumulation, and
-# model, optimizer, step, schedule and data position carry over. What changes: the order in
-# which gradients are summed (float rounding), and the per-process RNG (drop path), reseeded.
+# Resuming on another number of processes (a requeued cluster job; module docstring): data.py cuts every
+# global batch from one epoch order and keys every random choice by (seed, epoch, index); a checkpoint records
+# its batch (`batch_record`). What changes: the order in which gradients are summed (float rounding), and the
+# per-process RNG (drop path), reseeded.
 
 BATCH_FLAGS = {"clips": "--video-batch", "images": "--image-batch"}    # the per-process batch of each unit
 BATCH_CONFIG_KEYS = {"clips": "video_batch", "images": "image_batch"}  # and its TrainConfig field
@@ -896,14 +878,26 @@ def restore(ck: dict, b: Batch, model, opt, cfg, source: str, steps_per_epoch: i
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     step, epoch, epoch_step = resume_position(ck, b.saved, b.unit, b.eff, steps_per_epoch)
-    changed = {k: (v, getattr(cfg, k)) for k, v in ck.get("config", {}).items()
-               if k not in ("resume", "overwrite", "max_steps", "allow_batch_change") and hasattr(cfg, k)
-               and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)}
+    changed = changed_flags(ck.get("config", {}), cfg, ("resume", "overwrite", "max_steps", "allow_batch_change"))
     say(f"resumed from {source}: step {step}, epoch {epoch}, step {epoch_step} of the epoch"
-        + (f"; {b.note}" if b.note else "")
-        + ("; changed flags: " + ", ".join(f"--{k.replace('_', '-')} {a} -> {v}" for k, (a, v) in changed.items())
-           if changed else ""))
+        + (f"; {b.note}" if b.note else "") + (f"; changed flags: {changed}" if changed else ""))
     return step, epoch, epoch_step
+
+
+def changed_flags(saved: dict, cfg, ignore=()) -> str:
+    """"--lr 0.002 -> 0.0001, ...": the flags of `cfg` other than those a checkpoint's config `saved` records."""
+    return ", ".join(f"--{k.replace('_', '-')} {v} -> {getattr(cfg, k)}" for k, v in saved.items() if k not in ignore
+                     and hasattr(cfg, k) and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k))
+
+
+def finished(ck: dict, step: int, stop_at: int, out_dir: str, cfg, say, files=("final.pt",)) -> bool:
+    """A rerun of a finished run (`files` there, no step before stop_at) trains nothing, so writes nothing."""
+    if step < stop_at or not all(os.path.exists(os.path.join(out_dir, f)) for f in files):
+        return False
+    flags = changed_flags(ck.get("config", {}), cfg, ("resume", "overwrite"))
+    say(f"the run in {out_dir} was already complete at step {step}: nothing to do, nothing written"
+        + (f"; flags not applied: {flags}" if flags else "") + " (--overwrite starts it again)")
+    return True
 
 
 def resume_rng(ck: dict, saved: dict, seed: int, rank: int, world: int, step: int, log_fn) -> None:
@@ -977,10 +971,22 @@ def claim_run_dir(out_dir: str, cfg, rt: Runtime):
 # The metrics log (metrics.jsonl: what tools/plot.py draws) and the data position
 
 
-def start_log(out_dir: str, cfg, resumed_step: Optional[int]) -> str:
-    """Rank 0: write config.json and start metrics.jsonl (its path returned). A resumed run keeps the training
-    rows up to its checkpoint's step (a killed run's later steps are redone); a fresh one starts empty."""
-    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+def run_record(cfg, rt: Runtime, files: dict, **resolved) -> dict:
+    """config.json's and the checkpoints' "config": the flags as given (what a resume compares) and, under "resolved",
+    what ran: precision, device, world size, torch, each file read ({name: path}) with its sha256, and `resolved`."""
+    out = {"precision": "bf16" if rt.bf16 else "fp32", "device": str(rt.device), "world": rt.world,
+           "torch": str(torch.__version__), **resolved}
+    for name, path in files.items():
+        path = os.path.join(path, "encoder.pkl") if os.path.isdir(path) else path     # tokenizer.load_tokenizer's rule
+        with open(path, "rb") as f:
+            out.update({name: os.path.abspath(path), f"{name}_sha256": hashlib.file_digest(f, "sha256").hexdigest()})
+    return {**dataclasses.asdict(cfg), "resolved": out}
+
+
+def start_log(out_dir: str, record: dict, resumed_step: Optional[int]) -> str:
+    """Rank 0: write config.json (run_record) and start metrics.jsonl (its path returned). A resumed run keeps the
+    training rows up to its checkpoint's step (a killed run's later steps are redone); a fresh one starts empty."""
+    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(record, indent=1))
     path = os.path.join(out_dir, "metrics.jsonl")
     kept = []
     if resumed_step is not None and os.path.exists(path):
@@ -1068,18 +1074,16 @@ class EpochStream:
         if step >= loader.steps_per_epoch:                        # saved right after an epoch's last step
             epoch, step = epoch + step // loader.steps_per_epoch, step % loader.steps_per_epoch
         self.loader, self.epoch, self.step = loader, epoch, step
-        self._it = self._start(epoch, step)
-
-    def _start(self, epoch: int, step: int):
-        self.loader.set_epoch(epoch, step)
-        return iter(self.loader)
+        loader.set_epoch(epoch, step)
+        self._it = iter(loader)
 
     def take(self, n: int) -> list:
         """The next global step's n micro-batches (n = the loader's accumulation)."""
         if self.step == self.loader.steps_per_epoch:                 # the epoch is done: the next one
             assert next(self._it, None) is None, "an epoch yielded more micro-batches than its steps"
             self.epoch, self.step = self.epoch + 1, 0
-            self._it = self._start(self.epoch, 0)
+            self.loader.set_epoch(self.epoch, 0)
+            self._it = iter(self.loader)
         out = [next(self._it) for _ in range(n)]
         self.step += 1
         return out

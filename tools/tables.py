@@ -1,7 +1,8 @@
 """Mini reproductions of the paper's Tables 1, 2 and 8 on the synthetic set (cpu presets),
 mean ± std over seeds; resumable cell by cell.
 
-    python tools/tables.py --tables 1,2,8 --seeds 3 [--results assets/tables.json --chart assets/tables.png]
+    python tools/tables.py --tables 1,2,8 --seeds 3 --out runs/tables      # -> runs/tables/tables.json, .png
+    python tools/tables.py --tables 2 --seeds 5 --results assets/tables.json --chart assets/tables.png  # published
 
 The synthetic set's appearance labels stand in for K400 (one frame tells the
 class) and its motion labels for SSv2 / Diving48 (the class needs time). Every
@@ -18,10 +19,16 @@ of finetune.py: one recipe for all rows of a table.
   Table 8: BEVT-V with each mask strategy, by linear probe and finetuning on
            the motion labels.
 Results go cell by cell into a JSON file (a rerun skips the cells it holds),
-and as mean ± std over seeds into a text table and a chart.
+and as mean ± std over seeds into a text table and a chart: under --out unless
+--results / --chart name other files (the published ones are only written when
+named). A file, and a run folder, hold one recipe: every flag that changes a
+number (--max-steps, --pretrain-args, --finetune-args, another synthetic set)
+is part of it and of every cell's key, and a file or folder made with another
+recipe is refused, never mixed with.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -44,8 +51,8 @@ class TablesConfig:
     tables: str = "1,2,8"                 # comma-separated subset of 1, 2, 8
     seeds: int = 3                        # seeds 0 .. seeds-1 (pretraining, finetuning and probe draws)
     out: str = "runs/tables"              # the runs: <out>/s<seed>/<pretraining>/<stage>, <out>/s<seed>/ft/...
-    results: str = "assets/tables.json"   # the cells; a rerun skips the cells already there
-    chart: str = "assets/tables.png"      # mean +- std over seeds as bars
+    results: str = ""                     # the cells (default <out>/tables.json); a rerun skips those there
+    chart: str = ""                       # mean +- std over seeds as bars (default <out>/tables.png)
     data: str = ""                        # the synthetic set (default data/synthetic; python tools/synthetic.py)
     only_seeds: str = ""                  # comma-separated subset of the seeds to run now (e.g. "1,3"), so two
                                           # processes can share the work; the tables report every seed on file
@@ -75,14 +82,55 @@ PAPER = {
 }
 
 
-def tables_recipe(pretrain_args: str = "", finetune_args: str = "") -> dict:
-    """The recipe every cell depends on: both CPU presets, the pretraining stages' epochs, and the
-    extra flags given to every run (recorded only when there are some)."""
+def tables_recipe(pretrain_args: str = "", finetune_args: str = "", max_steps: int = 0, data_dir: str = "") -> dict:
+    """The recipe every cell depends on: both CPU presets, the pretraining stages' epochs, and what the
+    flags change (recorded only where they differ from the default: recipe_variant)."""
     norm = lambda d: json.loads(json.dumps(d))                   # tuples -> lists, as stored in JSON
     recipe = {"synthetic_version": synthetic.SYNTHETIC_VERSION, "train": norm(train.CPU_PRESET),
               "stage_epochs": norm(train.CPU_STAGE_EPOCHS), "finetune": norm(finetune.CPU_PRESET)}
-    recipe.update({k: v for k, v in (("pretrain_args", pretrain_args), ("finetune_args", finetune_args)) if v})
-    return recipe
+    return {**recipe, **recipe_variant(pretrain_args, finetune_args, max_steps, data_dir)}
+
+
+def recipe_variant(pretrain_args: str, finetune_args: str, max_steps: int, data_dir: str) -> dict:
+    """What the flags change in every cell, where it is not the default: extra flags of every run, the
+    step cap, and a synthetic set made with other sizes (its DONE record)."""
+    done = os.path.join(data_dir or "data/synthetic", synthetic.DONE_NAME)
+    made = json.load(open(done)) if os.path.isfile(done) else None
+    default = synthetic._syn_key(0, synthetic.SYN_TRAIN, synthetic.SYN_VAL, synthetic.SYN_IMAGES_TRAIN,
+                                 synthetic.SYN_IMAGES_VAL, synthetic.SYN_FRAMES, synthetic.SYN_HEIGHT,
+                                 synthetic.SYN_WIDTH)
+    variant = {"pretrain_args": pretrain_args, "finetune_args": finetune_args, "max_steps": max_steps,
+               "data": made if made != default else None}
+    return {k: v for k, v in variant.items() if v}
+
+
+def variant_tag(variant: dict) -> str:
+    """The suffix of every cell key of a recipe variant: "" for the default recipe, else "|recipe-<digest>"."""
+    if not variant:
+        return ""
+    return "|recipe-" + hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def recipe_difference(on_file: dict, now: dict) -> str:
+    """What differs between two recipes, in a few words: "max_steps 2 there, none now; finetune preset"."""
+    out = []
+    for k in sorted(set(on_file) | set(now)):
+        a, b = on_file.get(k), now.get(k)
+        if a != b:
+            short = all(isinstance(v, (str, int, float, type(None))) for v in (a, b))
+            out.append(f"{k} {a!r} there, {b!r} now" if short else f"{k} differs")
+    return "; ".join(out)
+
+
+def check_writable(*paths: str) -> None:
+    """Fail at once, before any run, on a results or chart file that could not be written at the end."""
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):                          # made later: its first existing parent
+            folder = os.path.dirname(folder)
+        if (os.path.exists(path) and not os.access(path, os.W_OK)) or not os.access(folder, os.W_OK):
+            raise ValueError(f"{path} is read-only (or its folder is): name a file that can be written, "
+                             f"e.g. --results {os.path.join('runs', 'tables.json')}")
 
 
 def row_names(tables: tuple) -> dict:
@@ -114,34 +162,65 @@ class Tables:
     def __init__(self, tcfg: TablesConfig):
         self.t = tcfg
         self.data = tcfg.data or "data/synthetic"
+        self.path = tcfg.results or os.path.join(tcfg.out, "tables.json")
+        self.chart = tcfg.chart or os.path.join(tcfg.out, "tables.png")
+        check_writable(self.path, self.chart)
         self.results = {"cells": {}}
-        if os.path.exists(tcfg.results):
-            with open(tcfg.results) as f:
+        if os.path.exists(self.path):
+            with open(self.path) as f:
                 try:
                     self.results = json.load(f)
                 except json.JSONDecodeError:
-                    raise ValueError(f"{tcfg.results} is not valid JSON (a torn write?); move it away to start again")
+                    raise ValueError(f"{self.path} is not valid JSON (a torn write?); move it away to start again")
         self.cells = self.results.setdefault("cells", {})
-        # Cells of one file come from one recipe: a file made with other presets is not mixed in.
-        recipe = tables_recipe(tcfg.pretrain_args, tcfg.finetune_args)
-        if self.results.setdefault("recipe", recipe) != recipe:
-            raise ValueError(f"{tcfg.results} holds cells made with another CPU recipe (train.py / finetune.py "
-                             f"presets changed since); pass another --results file")
+        # Cells of one file come from one recipe: a file made with other presets or flags is not mixed in.
+        self.recipe = tables_recipe(tcfg.pretrain_args, tcfg.finetune_args, tcfg.max_steps, tcfg.data)
+        self.tag = variant_tag(recipe_variant(tcfg.pretrain_args, tcfg.finetune_args, tcfg.max_steps, tcfg.data))
+        on_file = self.results.setdefault("recipe", self.recipe)
+        if on_file != self.recipe:
+            raise ValueError(f"{self.path} holds cells made with another recipe ({recipe_difference(on_file, self.recipe)}"
+                             f"); pass another --results file")
+        self.out_claimed = False
+
+    def claim_out(self) -> None:
+        """Before the first run: --out holds the runs of one recipe (<out>/recipe.json), as a results file its
+        cells; a finished run there is reused as it is, so a folder of another recipe is refused."""
+        if self.out_claimed:
+            return
+        path = os.path.join(self.t.out, "recipe.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                on_file = json.load(f)
+            if on_file != self.recipe:
+                raise ValueError(f"{self.t.out} holds the runs of another recipe ({recipe_difference(on_file, self.recipe)}"
+                                 f"); pass another --out")
+        else:
+            os.makedirs(self.t.out, exist_ok=True)
+            train.write_atomic(path, json.dumps(self.recipe, indent=1, sort_keys=True))
+        self.out_claimed = True
+
+    def key(self, kind: str, row: str, task: str, seed: int) -> str:
+        return f"{kind}|{row}|{task}|s{seed}{self.tag}"
+
+    def own_cells(self) -> dict:
+        """The cells of this recipe, their keys without its tag (what cell_stats reads)."""
+        return {k[:len(k) - len(self.tag)]: v for k, v in self.cells.items()
+                if k.endswith(self.tag) and k.count("|") == 3 + self.tag.count("|")}
 
     def record(self, key: str, value: dict, seconds: float) -> None:
         """Add one cell to the results file: under a lock, re-read it and merge, so processes
         running other seeds into the same file never drop each other's cells."""
         self.cells[key] = {**value, "seconds": round(seconds, 1)}
-        os.makedirs(os.path.dirname(os.path.abspath(self.t.results)), exist_ok=True)
-        lock = data.FileLock(self.t.results + ".lock")
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        lock = data.FileLock(self.path + ".lock")
         while lock.acquire() is not None:
             time.sleep(0.2)                                # another process is writing its cell
         try:
-            if os.path.exists(self.t.results):
-                with open(self.t.results) as f:
+            if os.path.exists(self.path):
+                with open(self.path) as f:
                     on_file = json.load(f).get("cells", {})
                 self.cells.update({k: v for k, v in on_file.items() if k not in self.cells})
-            train.write_atomic(self.t.results, json.dumps(self.results, indent=1, sort_keys=True))
+            train.write_atomic(self.path, json.dumps(self.results, indent=1, sort_keys=True))
         finally:
             lock.release()
         print(f"[tables] {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in value.items()
@@ -151,6 +230,7 @@ class Tables:
     def checkpoint(self, row: str, seed: int) -> str:
         """Run (or reuse) the pretrainings of `row` for `seed`; return the encoder's checkpoint or 'scratch'."""
         path = "scratch"
+        self.claim_out()
         for name, stage, extra in _pretrainings(row):
             run = os.path.join(self.t.out, f"s{seed}", name)
             path = os.path.join(run, stage, "final.pt")
@@ -163,7 +243,7 @@ class Tables:
         return path
 
     def finetune(self, row: str, task: str, seed: int) -> None:
-        key = f"finetune|{row}|{task}|s{seed}"
+        key = self.key("finetune", row, task, seed)
         if key in self.cells:
             return
         t0 = time.time()
@@ -180,7 +260,7 @@ class Tables:
 
     def probe(self, row: str, seed: int) -> None:
         """Linear probe and k-NN on both label sets from one extraction per split (same videos)."""
-        keys = {task: f"probe|{row}|{task}|s{seed}" for task in finetune.SYNTHETIC_TASKS}
+        keys = {task: self.key("probe", row, task, seed) for task in finetune.SYNTHETIC_TASKS}
         if all(k in self.cells for k in keys.values()):
             return
         t0 = time.time()
@@ -370,9 +450,9 @@ def run(tcfg: TablesConfig, tables: tuple) -> dict:
     runner = Tables(tcfg)
     runner.run(tables)
     shown = ("1", "2", "8")                      # every table, from every cell on file (other runs' too)
-    text = tables_text(runner.cells, shown)
-    draw_tables_chart(runner.cells, shown, tcfg.chart)
-    print("\n" + text + f"\n\nresults: {tcfg.results}; chart: {tcfg.chart}; this run took {time.time() - t0:.0f} s")
+    text = tables_text(runner.own_cells(), shown)
+    draw_tables_chart(runner.own_cells(), shown, runner.chart)
+    print("\n" + text + f"\n\nresults: {runner.path}; chart: {runner.chart}; this run took {time.time() - t0:.0f} s")
     return runner.cells
 
 
