@@ -999,7 +999,7 @@ def start_log(out_dir: str, record: dict, resumed_step: Optional[int]) -> str:
 def read_metrics(path: str) -> list:
     """The rows of a metrics.jsonl; a torn line (a full disk, a kill mid-write) is skipped."""
     rows = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:                 # garbage bytes: a line that is not JSON
         for line in f:
             with contextlib.suppress(json.JSONDecodeError):
                 rows.append(json.loads(line))

@@ -10,6 +10,8 @@ The expected values are written from the spec (the released K400 config's
 table, softmax by hand, key layouts of the released checkpoint layout), never read from the code.
 """
 
+import hashlib
+import json
 import math
 import os
 
@@ -436,3 +438,33 @@ def test_missing_synthetic_set_says_how_to_make_it_before_writing(tmp_path, caps
     msg = one_line_error(capsys, e)
     assert "python tools/synthetic.py --out " + str(tmp_path / "none") in msg
     assert not out.exists()
+
+
+def test_finished_rerun_writes_nothing_and_config_records_what_ran(syn, tmp_path, capsys):
+    """Issues 29.5 and 29.7 in finetune.py: a finished run rerun with other flags trains, evaluates and writes
+    nothing (its results come from eval.json); config.json holds the flags as given and what they resolved to."""
+    init = tmp_path / "pre.pt"
+    torch.save({"model": bevt.BEVT(bevt.BEVTConfig(swin=CPU, vocab_size=16)).state_dict(),
+                "config": {"stage": "joint"}}, init)
+    out = tmp_path / "ft"
+    argv = [*SMALL, "--data", syn, "--task", "motion", "--init", str(init), "--out", str(out), "--frames", "4",
+            "--batch-size", "4", "--eval-mode", "normal", "--test-crops", "1", "--max-steps", "2"]
+    first = finetune.main(argv)
+    names = ("final.pt", "final_ema.pt", "config.json", "metrics.jsonl", "eval.json", "ckpt.pt")
+    before = {n: ((out / "motion" / n).read_bytes(), os.stat(out / "motion" / n).st_mtime_ns) for n in names}
+    cfg = json.loads((out / "motion" / "config.json").read_text())
+    res = cfg["resolved"]
+    with open(init, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert cfg["precision"] == "auto" and cfg["init"] == str(init)                      # as given
+    assert res["precision"] == ("bf16" if train.resolve_precision("auto", torch.device("cpu")) else "fp32")
+    assert res["init"] == os.path.abspath(init) and res["init_sha256"] == digest
+    assert (res["device"], res["world"], res["accum_steps"], res["torch"]) == ("cpu", 1, 2, torch.__version__)
+    capsys.readouterr()
+    again = finetune.main(argv[:-1] + ["1", "--lr", "1e-4"])                       # --max-steps 1, another lr
+    out_text = capsys.readouterr().out
+    assert {n: ((out / "motion" / n).read_bytes(), os.stat(out / "motion" / n).st_mtime_ns) for n in names} == before
+    said = [line for line in out_text.splitlines() if "nothing to do" in line]
+    assert len(said) == 1 and "--lr 0.001 -> 0.0001" in said[0] and "--max-steps 2 -> 1" in said[0], out_text
+    assert again["motion"]["model"]["normal"]["top1"] == first["motion"]["model"]["normal"]["top1"]
+    assert "Table 2 style" in out_text                                             # the table, from eval.json

@@ -8,12 +8,17 @@ of zeros, or not drawn at all, fails whatever the record says.
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tools import plot
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ORANGE = plot.SERIES_COLOURS["acc_mvm"]            # one run: the MVM stream's colour
 
@@ -237,3 +242,21 @@ def test_a_run_folder_gets_its_curves_png_titled_from_its_config(tmp_path):
     rec = plot.main([str(ft)])
     assert (ft / "curves.png").exists() and "classification accuracy" in [p["title"] for p in rec["panels"]]
     assert plot.run_title(str(ft)) == f"finetune motion, cpu ({ft})"
+
+
+def test_garbage_lines_are_skipped_and_counted_in_one_line(tmp_path):
+    """Issue 29.8 as met: `python tools/plot.py RUN` on a metrics.jsonl with 5 garbage lines (text, a JSON
+    list, a row without a step, bytes that are not UTF-8, a torn last line) draws the rest and says so."""
+    run = tmp_path / "r"
+    rows = pretrain_rows("image", n=10)
+    write_run(run, rows[:5])
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"garbage\n[1, 2]\n{\"loss\": 1.0}\n\xff\xfe\x00junk\n")
+        f.writelines((json.dumps(r) + "\n").encode() for r in rows[5:])
+        f.write(b'{"step": 11, "lo')
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plot.py"), str(run)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "skipped" in line]
+    assert len(said) == 1 and "skipped 5 of the 15 lines" in said[0] and str(run / "metrics.jsonl") in said[0], r.stderr
+    assert (run / "curves.png").exists()

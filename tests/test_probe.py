@@ -215,6 +215,43 @@ def test_extract_bad_flags_are_one_line_errors(syn, pretrained, tmp_path, capsys
         assert "\n" not in err and all(w in err for w in words), err
 
 
+def feature_folder(folder, n=8, dim=4) -> str:
+    """A folder as tools/extract.py writes it: features.npy, index.tsv (a header, one line per row), meta.json."""
+    os.makedirs(folder)
+    np.save(os.path.join(folder, "features.npy"), np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32))
+    with open(os.path.join(folder, "index.tsv"), "w") as f:
+        f.write("row\tpath\tlabel\tviews\tstart\n" + "".join(f"{r}\tv{r}.mp4\t{r % 2}\t1\t0\n" for r in range(n)))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"key": "k", "rows": n, "dim": dim}, f, indent=1)
+    return str(folder)
+
+
+@pytest.mark.parametrize("name, garbage, line", [
+    ("meta.json", '{\n "key": "k",\n "rows": 8,,\n}', 3),       # torn JSON: its line
+    ("meta.json", '[8]', 1),                                       # JSON, but not extract's
+    ("index.tsv", None, 4),                                        # one line of index.tsv replaced by garbage
+])
+def test_garbage_feature_files_are_one_line_naming_the_file_and_line(tmp_path, name, garbage, line):
+    """Issue 29.8 as met: `python tools/probe.py` on a features folder with a garbage meta.json or index.tsv
+    line ends in one line naming the file and the line, exit 2."""
+    good, bad = feature_folder(tmp_path / "train"), feature_folder(tmp_path / "val")
+    path = os.path.join(bad, name)
+    if garbage is None:
+        lines = open(path).read().splitlines(keepends=True)
+        lines[line - 1] = "3\tv3.mp4\tnot-a-label\n"
+        garbage = "".join(lines)
+    with open(path, "w") as f:
+        f.write(garbage)
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "probe.py"), "--train-features", good,
+                        "--val-features", bad], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("probe.py: error: ") and f"{path}:{line}:" in err[0], r.stderr
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "probe.py"), "--train-features", good,
+                        "--val-features", good], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "8 train / 8 val features" in r.stdout, r.stderr   # the good folder works
+
+
 # -----------------------------------------------------------------------------
 # predict
 
@@ -292,20 +329,38 @@ def test_predict_refuses_class_names_that_do_not_fit_the_head(syn, finetuned, tm
 # tables: the cells are written, a rerun skips them, the chart is drawn
 
 
-def test_tables_plumbing_writes_cells_resumes_and_draws(syn, tmp_path, capsys):
+PUBLISHED = os.path.join(REPO, "assets", "tables.json")
+
+
+def published_copy(folder) -> str:
+    """assets/tables.json as a checkout holds it, at <folder>/assets/tables.json."""
+    os.makedirs(os.path.join(folder, "assets"))
+    with open(PUBLISHED, "rb") as f, open(os.path.join(folder, "assets", "tables.json"), "wb") as g:
+        g.write(f.read())
+    return os.path.join(folder, "assets", "tables.json")
+
+
+def test_tables_plumbing_writes_cells_resumes_and_draws(syn, tmp_path, capsys, monkeypatch):
+    """Issue 29.6 as met: a run "to try the plumbing" in a checkout writes under its --out, never into the
+    published assets/tables.json, and its cells are keyed by its recipe (--max-steps, the extra flags)."""
+    published = published_copy(tmp_path)
+    monkeypatch.chdir(tmp_path)                                  # the checkout: assets/tables.json is there
+    before = (open(published, "rb").read(), os.stat(published).st_mtime_ns)
     small = ("--crop 96 --short-side 96 104 --frames 4 --workers 0 --video-batch 2 --image-batch 4 "
              "--global-video-batch 2 --global-image-batch 4 --precision fp32 --tokenizer-vocab 16 --vocab-size 16")
-    argv = ["--tables", "2", "--seeds", "1", "--data", syn, "--out", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "t.json"), "--chart", str(tmp_path / "t.png"), "--max-steps", "2",
-            "--pretrain-args", small, "--finetune-args",
-            "--crop 96 --short-side 96 --test-short-side 96 --frames 4 --workers 0 --batch-size 4 --precision fp32"]
+    ft = "--crop 96 --short-side 96 --test-short-side 96 --frames 4 --workers 0 --batch-size 4 --precision fp32"
+    argv = ["--tables", "2", "--seeds", "1", "--data", syn, "--out", "runs", "--max-steps", "2",
+            "--pretrain-args", small, "--finetune-args", ft]
     cells = tables.main(argv)
-    assert set(cells) == {"finetune|BEVT|appearance|s0", "finetune|BEVT|motion|s0"}
+    assert (open(published, "rb").read(), os.stat(published).st_mtime_ns) == before
+    tag = tables.variant_tag(tables.recipe_variant(small, ft, 2, syn))
+    assert tag and set(cells) == {"finetune|BEVT|appearance|s0" + tag, "finetune|BEVT|motion|s0" + tag}
     for c in cells.values():
         assert set(finetune.EVAL_MODES) <= set(c) and all(0 <= c[m] <= 100 for m in finetune.EVAL_MODES)
-    assert json.load(open(tmp_path / "t.json"))["cells"] == cells
+    on_file = json.load(open(tmp_path / "runs" / "tables.json"))
+    assert on_file["cells"] == cells and on_file["recipe"]["max_steps"] == 2
     from PIL import Image
-    assert Image.open(tmp_path / "t.png").size[0] > 100
+    assert Image.open(tmp_path / "runs" / "tables.png").size[0] > 100
     # Every run logs its throughput with its last step (images/s in the image stage, clips/s otherwise).
     logs = sorted((tmp_path / "runs").rglob("metrics.jsonl"))
     assert {p.parent.name for p in logs} >= {"image", "joint", "appearance", "motion"}, logs
@@ -315,23 +370,22 @@ def test_tables_plumbing_writes_cells_resumes_and_draws(syn, tmp_path, capsys):
         assert last["step"] == 2 and last[unit] > 0, (p, last)
     # A rerun trains nothing: the runs' folders may even be gone.
     import shutil
-    shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(tmp_path / "runs" / "s0")
     capsys.readouterr()
     assert tables.main(argv) == cells
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs" / "s0").exists()
     assert "Table 2 (mini)" in capsys.readouterr().out
     # The probe cells of Tables 1 and 8: one extraction per split, both label sets.
-    tcfg = tables.TablesConfig(seeds=1, data=syn, out=str(tmp_path / "runs"), results=str(tmp_path / "t.json"),
-                                 max_steps=2, pretrain_args=small, finetune_args="--crop 96 --short-side 96 "
-                                 "--test-short-side 96 --frames 4 --workers 0 --batch-size 4 --precision fp32")
+    tcfg = tables.TablesConfig(seeds=1, data=syn, out="runs", results=str(tmp_path / "t.json"), max_steps=2,
+                               pretrain_args=small, finetune_args=ft)
     runner = tables.Tables(tcfg)
     runner.probe("BEVT-V", 0)
     assert (tmp_path / "runs" / "s0" / "video" / "video" / "final.pt").exists()     # BEVT-V: the video stage
     for task in ("appearance", "motion"):
-        c = runner.cells[f"probe|BEVT-V|{task}|s0"]
+        c = runner.cells[runner.key("probe", "BEVT-V", task, 0)]
         assert 0 <= c["linear"] <= 100 and 0 <= c["knn"] <= 100
-    tables.draw_tables_chart(runner.cells, ("1", "2", "8"), str(tmp_path / "all.png"))   # partial tables draw
-    text = tables.tables_text(runner.cells, ("1", "2", "8"))
+    tables.draw_tables_chart(runner.own_cells(), ("1", "2", "8"), str(tmp_path / "all.png"))   # partial tables
+    text = tables.tables_text(runner.own_cells(), ("1", "2", "8"))
     assert "| BEVT-V | " in text and "| Random-3D | - | - |" in text
 
 
@@ -349,11 +403,55 @@ def test_tables_processes_sharing_a_results_file_keep_each_others_cells(tmp_path
     other = json.load(open(tmp_path / "t.json"))
     other["recipe"]["finetune"]["interval"] = 99
     (tmp_path / "old.json").write_text(json.dumps(other))
-    with pytest.raises(ValueError, match="another CPU recipe"):
+    with pytest.raises(ValueError, match="another recipe"):
         tables.Tables(tables.TablesConfig(results=str(tmp_path / "old.json")))
     # Extra flags for every run (a longer pretraining) make another recipe too.
-    with pytest.raises(ValueError, match="another CPU recipe"):
+    with pytest.raises(ValueError, match="another recipe"):
         tables.Tables(tables.TablesConfig(results=str(tmp_path / "t.json"), pretrain_args="--epochs 32"))
+
+
+def test_every_flag_that_changes_a_number_is_part_of_the_recipe_and_the_cell_key(tmp_path):
+    """Issue 29.6: --max-steps (like the extra flags and another synthetic set) makes another recipe: refused
+    by the published file and by a run folder of the default recipe, and part of every cell's key."""
+    published, none = published_copy(tmp_path), str(tmp_path / "no-data")
+    runner = tables.Tables(tables.TablesConfig(results=published, data=none, out=str(tmp_path / "runs")))
+    assert runner.key("finetune", "BEVT", "appearance", 0) == "finetune|BEVT|appearance|s0"   # published keys
+    assert "| appearance | 97.7 ± 2.5 (5) |" in tables.tables_text(runner.own_cells(), ("2",))   # README's cell
+    for change in ({"max_steps": 2}, {"finetune_args": "--epochs 2"}, {"pretrain_args": "--lr 1e-3"}):
+        with pytest.raises(ValueError, match="another recipe") as e:
+            tables.Tables(tables.TablesConfig(results=published, data=none, **change))
+        assert next(iter(change)) in str(e.value)
+    short = tables.Tables(tables.TablesConfig(results=str(tmp_path / "short.json"), data=none, max_steps=2,
+                                              out=str(tmp_path / "runs")))
+    assert short.key("finetune", "BEVT", "appearance", 0).startswith("finetune|BEVT|appearance|s0|recipe-")
+    short.record(short.key("finetune", "BEVT", "appearance", 0), {"normal": 50.0}, 1.0)
+    assert list(short.own_cells()) == ["finetune|BEVT|appearance|s0"]
+    runner.claim_out()                                           # the default recipe's runs in runs/ ...
+    with pytest.raises(ValueError, match="holds the runs of another recipe"):
+        short.claim_out()                                        # ... are never reused by the short recipe
+
+
+def test_a_read_only_results_file_fails_before_any_run(syn, tmp_path):
+    """Issue 29.6/8: a results file that cannot be written fails at once, in one line, before any run."""
+    ro = published_copy(tmp_path)
+    immutable = subprocess.run(["chattr", "+i", ro], capture_output=True).returncode == 0
+    if not immutable:
+        if os.geteuid() == 0:
+            pytest.skip("no way to make a file read-only for root here (chattr failed)")
+        os.chmod(ro, 0o444)
+    try:
+        t0 = __import__("time").time()
+        r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "tables.py"), "--tables", "2", "--seeds", "1",
+                            "--data", syn, "--out", str(tmp_path / "runs"), "--results", ro], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+        seconds = __import__("time").time() - t0
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", ro])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tables.py: error:" in lines[0] and ro in lines[0] and "read-only" in lines[0]
+    assert not (tmp_path / "runs").exists() and seconds < 60
 
 
 class _Calls(tables.Tables):

@@ -5,6 +5,7 @@ rank) could lose or spoil a run, each run against the real thing: train.py
 processes on a tiny synthetic set written with PyAV, real 2-process gloo
 torchrun, a real full disk (/dev/full), real damaged files."""
 
+import hashlib
 import json
 import os
 import socket
@@ -54,6 +55,54 @@ def test_rerun_resumes_and_never_wipes_a_previous_run(syn, tmp_path):
     r = run(base + ["--max-steps", "1", "--overwrite"])
     assert r.returncode == 0 and "resumed" not in r.stdout
     assert sorted(metrics(tmp_path, "image")) == [1]
+
+
+def run_files(folder, names=("final.pt", "config.json", "metrics.jsonl", "ckpt.pt")) -> dict:
+    """Each file's bytes and modification time: what a rerun that writes nothing leaves as it was."""
+    return {n: ((folder / n).read_bytes(), os.stat(folder / n).st_mtime_ns) for n in names}
+
+
+def test_a_finished_rerun_writes_nothing_and_names_the_flags_it_did_not_apply(syn, tmp_path):
+    """Issue 29.5: a finished run rerun into its --out, even with other flags, trains nothing and so
+    rewrites nothing (no final.pt recording flags it did not train with, no baselines line dropped)."""
+    base = args(syn, tmp_path, "--stage", "image")
+    r = run(base + ["--max-steps", "3"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = run_files(tmp_path / "image")
+    assert '"baselines"' in (tmp_path / "image" / "metrics.jsonl").read_text()
+    time.sleep(0.01)                                                   # a rewrite would show in the mtimes
+    for extra, flags in ((["--lr", "1e-4", "--max-steps", "2"], ["--lr 0.002 -> 0.0001", "--max-steps 3 -> 2"]),
+                         (["--max-steps", "3"], [])):                  # the other flags; the same command again
+        r = run(base + extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert run_files(tmp_path / "image") == before
+        said = [line for line in r.stdout.splitlines() if "nothing to do" in line]
+        assert len(said) == 1 and "already complete at step 3" in said[0], r.stdout
+        assert all(f in said[0] for f in flags) and ("not applied" in said[0]) == bool(flags), said[0]
+        assert "final:" not in r.stdout and "resumed from" not in r.stdout
+
+
+def test_config_records_what_ran_and_resume_still_compares_the_flags(syn, tmp_path):
+    """Issue 29.7: config.json and the checkpoints' config keep the flags as given and add what they resolved
+    to: precision used, tokenizer file read and its sha256, device, world size, accumulation, torch."""
+    r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / "image" / "config.json").read_text())
+    assert cfg["precision"] == "auto" and cfg["tokenizer"] == ""                # as given
+    res = cfg["resolved"]
+    used = "bf16" if train.resolve_precision("auto", torch.device("cpu")) else "fp32"
+    tok = os.path.join(syn, "tokenizer_32.pt")
+    with open(tok, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert res["precision"] == used and ("bf16 autocast" if used == "bf16" else "fp32 (") in r.stdout
+    assert res["tokenizer"] == os.path.abspath(tok) and res["tokenizer_sha256"] == digest
+    assert (res["device"], res["world"], res["accum_steps"], res["torch"]) == ("cpu", 1, 1, torch.__version__)
+    for name in ("final.pt", "ckpt.pt"):
+        assert json.loads(json.dumps(train.load_checkpoint(str(tmp_path / "image" / name))["config"])) == cfg
+    r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "3", "--lr", "1e-3"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(line for line in r.stdout.splitlines() if "resumed from" in line)
+    assert line.endswith("changed flags: --lr 0.002 -> 0.001"), line             # the record is no flag
 
 
 def test_a_second_process_on_the_same_folder_is_refused_and_a_dead_ones_lock_is_taken_over(syn, tmp_path):
@@ -311,7 +360,7 @@ def test_torn_last_metrics_line_is_tolerated(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert [r["step"] for r in train.read_metrics(str(path))] == [1, 2]
     cfg = train.parse_args(["--preset", "cpu"])
-    train.start_log(str(tmp_path), cfg, resumed_step=2)
+    train.start_log(str(tmp_path), train.dataclasses.asdict(cfg), resumed_step=2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
     assert not list(tmp_path.glob("*.tmp-*"))
 

@@ -562,8 +562,19 @@ def plot_runs(run_dirs: list, out: str, smooth: int = 20, title: str = "", basel
         while name in runs:                                      # the same folder twice: keep both
             name = f"{os.path.normpath(d)} ({k})"
             k += 1
-        runs[name] = read_metrics(path)
+        runs[name] = read_run(path)
     return draw_curves(runs, out, title=title, baselines=baselines, smooth=smooth)
+
+
+def read_run(path: str) -> list:
+    """train.read_metrics's rows of one metrics.jsonl, saying in one line how many lines it skipped."""
+    rows = read_metrics(path)
+    with open(path, errors="replace") as f:
+        lines = sum(1 for line in f if line.strip())
+    if lines > len(rows):
+        print(f"plot.py: skipped {lines - len(rows)} of the {lines} lines of {path} (not a JSON object with a step: "
+              f"torn or garbage)", file=sys.stderr)
+    return rows
 
 
 def run_title(run_dir: str) -> str:

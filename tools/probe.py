@@ -102,8 +102,33 @@ def probe_features(train: dict, val: dict, pcfg: ProbeConfig) -> dict:
             "chance": 100.0 * np.bincount(vy.numpy(), minlength=classes).max() / len(vy)}
 
 
+def load_features(folder: str) -> dict:
+    """extract.load_features, after checking meta.json and every line of index.tsv: a garbage one is an
+    error naming the file and the line."""
+    meta_path, index_path = os.path.join(folder, "meta.json"), os.path.join(folder, "index.tsv")
+    again = f"extract the features again (python tools/extract.py ... --out {folder})"
+    if not os.path.exists(meta_path):
+        return extract.load_features(folder)                               # its own message: none there
+    try:
+        with open(meta_path, errors="replace") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path}:{e.lineno}: not JSON ({e.msg}); {again}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("rows"), int):
+        raise ValueError(f"{meta_path}:1: expected tools/extract.py's meta.json (an object with its 'rows'), got "
+                         f"{json.dumps(meta)[:60]}; {again}")
+    with open(index_path, errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            fields = line.rstrip("\n").split("\t")
+            ints = [fields[i] for i in (0, 2, 3, 4)] if len(fields) == 5 else []
+            if n > 1 and not (ints and all(x.lstrip("-").isdigit() for x in ints)):
+                raise ValueError(f"{index_path}:{n}: expected row, path, label, views, start (tab-separated, "
+                                 f"integers but the path), got {line.strip()[:60]!r}; {again}")
+    return extract.load_features(folder)
+
+
 def run(pcfg: ProbeConfig) -> dict:
-    res = probe_features(extract.load_features(pcfg.train_features), extract.load_features(pcfg.val_features), pcfg)
+    res = probe_features(load_features(pcfg.train_features), load_features(pcfg.val_features), pcfg)
     if pcfg.json:
         print(json.dumps(res))
     else:
