@@ -452,14 +452,6 @@ def test_finished_rerun_writes_nothing_and_config_records_what_ran(syn, tmp_path
     first = finetune.main(argv)
     names = ("final.pt", "final_ema.pt", "config.json", "metrics.jsonl", "eval.json", "ckpt.pt")
     before = {n: ((out / "motion" / n).read_bytes(), os.stat(out / "motion" / n).st_mtime_ns) for n in names}
-    cfg = json.loads((out / "motion" / "config.json").read_text())
-    res = cfg["resolved"]
-    with open(init, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    assert cfg["precision"] == "auto" and cfg["init"] == str(init)                      # as given
-    assert res["precision"] == ("bf16" if train.resolve_precision("auto", torch.device("cpu")) else "fp32")
-    assert res["init"] == os.path.abspath(init) and res["init_sha256"] == digest
-    assert (res["device"], res["world"], res["accum_steps"], res["torch"]) == ("cpu", 1, 2, torch.__version__)
     capsys.readouterr()
     again = finetune.main(argv[:-1] + ["1", "--lr", "1e-4"])                       # --max-steps 1, another lr
     out_text = capsys.readouterr().out
@@ -468,3 +460,13 @@ def test_finished_rerun_writes_nothing_and_config_records_what_ran(syn, tmp_path
     assert len(said) == 1 and "--lr 0.001 -> 0.0001" in said[0] and "--max-steps 2 -> 1" in said[0], out_text
     assert again["motion"]["model"]["normal"]["top1"] == first["motion"]["model"]["normal"]["top1"]
     assert "Table 2 style" in out_text                                             # the table, from eval.json
+    cfg = json.loads((out / "motion" / "config.json").read_text())
+    res = cfg["resolved"]
+    with open(init, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert cfg["precision"] == "auto" and cfg["init"] == str(init)                      # as given
+    assert res["precision"] == ("bf16" if train.resolve_precision("auto", torch.device("cpu")) else "fp32")
+    assert res["init"] == os.path.abspath(init) and res["init_sha256"] == digest
+    assert (res["device"], res["world"], res["accum_steps"], res["torch"]) == ("cpu", 1, 2, torch.__version__)
+    for name in ("final.pt", "final_ema.pt", "ckpt.pt"):
+        assert json.loads(json.dumps(train.load_checkpoint(str(out / "motion" / name))["config"])) == cfg
