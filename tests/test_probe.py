@@ -426,6 +426,9 @@ def test_every_flag_that_changes_a_number_is_part_of_the_recipe_and_the_cell_key
     assert short.key("finetune", "BEVT", "appearance", 0).startswith("finetune|BEVT|appearance|s0|recipe-")
     short.record(short.key("finetune", "BEVT", "appearance", 0), {"normal": 50.0}, 1.0)
     assert list(short.own_cells()) == ["finetune|BEVT|appearance|s0"]
+    budget = tables.Tables(tables.TablesConfig(results=os.path.join(REPO, "assets", "tables_budget.json"), data=none,
+                                               pretrain_args="--epochs 32", out=str(tmp_path / "budget")))
+    assert len(budget.own_cells()) == 18        # keyed before keys named a recipe: the file's (checked) recipe
     runner.claim_out()                                           # the default recipe's runs in runs/ ...
     with pytest.raises(ValueError, match="holds the runs of another recipe"):
         short.claim_out()                                        # ... are never reused by the short recipe

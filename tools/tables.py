@@ -180,6 +180,8 @@ class Tables:
         if on_file != self.recipe:
             raise ValueError(f"{self.path} holds cells made with another recipe ({recipe_difference(on_file, self.recipe)}"
                              f"); pass another --results file")
+        if self.tag:              # cells written before keys named their recipe: the file's recipe, checked above
+            self.cells.update({k + self.tag: self.cells.pop(k) for k in list(self.cells) if k.count("|") == 3})
         self.out_claimed = False
 
     def claim_out(self) -> None:
