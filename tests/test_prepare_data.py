@@ -142,11 +142,64 @@ def test_prep_lists_ssv2_and_diving48_from_their_json(tmp_path):
                                   {"vid_name": "2x00lRzlTVQ_00001", "label": 0, "start_frame": 0, "end_frame": 67}]))
     prepare_data.make_lists("diving48", dtrain, tmp_path / "d_train.txt", vocab=vocab, prefix="rgb")
     assert _lines(tmp_path / "d_train.txt") == ["rgb/_8Vy3dlHg2w_00000.mp4 2", "rgb/2x00lRzlTVQ_00001.mp4 0"]
-    assert _lines(tmp_path / "diving48_classes.txt") == ["Back 15som 05Twis FREE", "Back 15som 15Twis FREE",
-                                                         "Forward 25som NoTwis PIKE"]
+    # The names joined with '+', as mmaction2's tools/data/diving48/label_map.txt has them (issue 29).
+    assert _lines(tmp_path / "diving48_classes.txt") == ["Back+15som+05Twis+FREE", "Back+15som+15Twis+FREE",
+                                                         "Forward+25som+NoTwis+PIKE"]
     dtrain.write_text(json.dumps([{"vid_name": "x", "label": 3}]))
     with pytest.raises(ValueError, match=r"expected a class index in 0\.\.2.*got 3"):
         prepare_data.make_lists("diving48", dtrain, tmp_path / "d.txt", vocab=vocab)
+
+
+def _lists_cli(capsys, *argv):
+    """`python tools/prepare_data.py lists k400 ARGV` as a user runs it -> (exit code, stdout lines, stderr lines)."""
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main(["lists", "k400", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return e.value.code, out.splitlines(), [line for line in err.splitlines() if line.strip()]
+
+
+def test_prep_lists_k400_byte_order_mark_and_val_before_train_are_never_wrong_labels(tmp_path, capsys):
+    """Issue 29.1: a CSV saved by a spreadsheet (byte-order mark, CRLF) gives the right labels; a
+    validation/test CSV into a folder without a class file is refused, never numbered by itself."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "train.csv").write_bytes(bom + b"label,youtube_id,time_start,time_end,split\r\n"
+                                         b"zumba,zzzzzzzzzzz,0,10,train\r\nabseiling,aaaaaaaaaaa,5,15,train\r\n"
+                                         b"juggling balls,jjjjjjjjjjj,1,11,train\r\n")
+    (tmp_path / "val.csv").write_bytes(bom + b"label,youtube_id,time_start,time_end,split\r\n"
+                                       b"zumba,vvvvvvvvvvv,0,10,val\r\n")
+    lists = tmp_path / "lists"
+    # Validation first, into a folder with no class file: one line, exit 2, nothing written.
+    code, out, err = _lists_cli(capsys, "--ann", tmp_path / "val.csv", "--out", lists / "k400_val.txt")
+    assert code == 2 and len(err) == 1 and "make the training list first" in err[0], err
+    assert not lists.exists() or not list(lists.iterdir())
+    # CVDF's validate.csv has no split column: its name says it; an unlabelled row in a train split is refused.
+    _write_csv(tmp_path / "validate.csv", ["youtube_id,label,time_start,time_end", "vvvvvvvvvvv,zumba,0,10"])
+    code, _, err = _lists_cli(capsys, "--ann", tmp_path / "validate.csv", "--out", lists / "v.txt")
+    assert code == 2 and len(err) == 1 and "make the training list first" in err[0], err
+    _write_csv(tmp_path / "kinetics_train.csv", ["label,youtube_id,time_start,time_end", "zumba,zzzzzzzzzzz,0,10",
+                                                 ",yyyyyyyyyyy,0,10"])
+    code, _, err = _lists_cli(capsys, "--ann", tmp_path / "kinetics_train.csv", "--out", lists / "t.txt")
+    assert code == 2 and len(err) == 1 and "must label every row" in err[0], err
+    assert not lists.exists() or not list(lists.iterdir())
+    # The training list (with its byte-order mark): every label right, the class file written.
+    code, out, err = _lists_cli(capsys, "--ann", tmp_path / "train.csv", "--out", lists / "k400_train.txt")
+    assert code == 0 and not err
+    assert _lines(lists / "k400_classes.txt") == ["abseiling", "juggling balls", "zumba"]
+    assert _lines(lists / "k400_train.txt") == ["zzzzzzzzzzz_000000_000010.mp4 2", "aaaaaaaaaaa_000005_000015.mp4 0",
+                                                "jjjjjjjjjjj_000001_000011.mp4 1"]
+    assert "3 classes ->" in out[-1] and "without a label" not in out[-1]
+    # Then the validation list reads those classes back; elsewhere, --classes names them.
+    code, out, _ = _lists_cli(capsys, "--ann", tmp_path / "val.csv", "--out", lists / "k400_val.txt")
+    assert code == 0 and _lines(lists / "k400_val.txt") == ["vvvvvvvvvvv_000000_000010.mp4 2"]
+    assert "3 classes from" in out[-1]
+    code, _, _ = _lists_cli(capsys, "--ann", tmp_path / "validate.csv", "--out", tmp_path / "other" / "v.txt",
+                            "--classes", lists / "k400_classes.txt")
+    assert code == 0 and _lines(tmp_path / "other" / "v.txt") == ["vvvvvvvvvvv_000000_000010.mp4 2"]
+    # A class file saved with a byte-order mark (an edited label map) reads the same.
+    (tmp_path / "bom_classes.txt").write_bytes(bom + b"abseiling\r\njuggling balls\r\nzumba\r\n")
+    code, _, _ = _lists_cli(capsys, "--ann", tmp_path / "val.csv", "--out", tmp_path / "b.txt",
+                            "--classes", tmp_path / "bom_classes.txt")
+    assert code == 0 and _lines(tmp_path / "b.txt") == ["vvvvvvvvvvv_000000_000010.mp4 2"]
 
 
 def test_prep_lists_with_root_keep_the_files_that_are_there(tmp_path):
@@ -156,6 +209,7 @@ def test_prep_lists_with_root_keep_the_files_that_are_there(tmp_path):
         synth.write_video(root / "val" / f"{yid}_000000_000010.mp4", level_clip(4, 32, 32))
     csv = _write_csv(tmp_path / "val.csv", ["label,youtube_id,time_start,time_end,split", "x,aaaaaaaaaaa,0,10,val",
                                             "y,bbbbbbbbbbb,0,10,val", "x,ccccccccccc,0,10,val"])
+    (tmp_path / "k400_classes.txt").write_text("x\ny\n")                 # the training list's classes
     out = tmp_path / "val.txt"
     said = prepare_data.make_lists("k400", csv, out, prefix="val", root=root)
     assert _lines(out) == ["val/aaaaaaaaaaa_000000_000010.mp4 0", "val/ccccccccccc_000000_000010.mp4 0"]

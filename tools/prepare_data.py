@@ -53,6 +53,11 @@ import train         # noqa: E402
 # parse_kinetics_splits; the label_map_k400.txt order: 0 = abseiling, 399 =
 # zumba). Validation and test lists must use the training classes, so the
 # class file (--classes) is read back when it exists: make the training list first.
+# A CSV known to be a validation or test split (its `split` column, else its file
+# name: val, validate, test) never makes a class file of its own: with none there,
+# it is refused (make the training list first, or pass --classes). A training or
+# validation split must label every row. CSVs and JSONs may start with a UTF-8
+# byte-order mark (spreadsheet programs write one).
 #
 # Something-Something v2 (20BN). something-something-v2-{train,validation,test}.json
 # are lists of {"id", "label", "template", "placeholders"} (the test file: ids
@@ -66,8 +71,8 @@ import train         # noqa: E402
 # Diving48, V2 annotations. Diving48_V2_{train,test}.json are lists of
 # {"vid_name", "label", "start_frame", "end_frame"} (start and end are not
 # used: the whole clip is the sample); Diving48_vocab.json holds the 48 classes as 4 words
-# each (take-off, somersaults, twists, flight position), joined by spaces as
-# the class name. A video is `<vid_name>.mp4` in the folder `rgb/` of
+# each (take-off, somersaults, twists, flight position), joined by '+' as the
+# class name (mmaction2's tools/data/diving48/label_map.txt: Back+15som+05Twis+FREE). A video is `<vid_name>.mp4` in the folder `rgb/` of
 # Diving48_rgb.tar.gz.
 #
 # An entry without a label (the K400 and SSv2 test files) is written with
@@ -101,17 +106,23 @@ def _k400_class_order(label: str) -> str:
 
 
 def read_kinetics_csv(path: data.PathLike) -> list[tuple[str, int, int, Optional[str]]]:
-    """An official Kinetics CSV -> rows (youtube_id, time_start, time_end, label or None).
+    """An official Kinetics CSV -> rows (youtube_id, time_start, time_end, label or None)."""
+    return _read_kinetics_csv(path)[0]
+
+
+def _read_kinetics_csv(path: data.PathLike) -> tuple[list, set]:
+    """An official Kinetics CSV -> (rows (youtube_id, time_start, time_end, label or None),
+    the values of its `split` column, lower case; empty if it has none).
 
     Columns are found by their names in the header, so any order (and extra
-    columns such as `split`, `is_cc`) is fine; times are whole seconds
-    (written `10` or `10.0`). Blank lines are skipped.
+    columns such as `split`, `is_cc`) is fine; a UTF-8 byte-order mark in front
+    is skipped; times are whole seconds (written `10` or `10.0`). Blank lines are skipped.
     """
     import csv
     path = data._check_exists(Path(path), "Kinetics CSV")
     need = ("youtube_id", "time_start", "time_end")
-    rows = []
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+    rows, splits = [], set()
+    with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:   # -sig: a byte-order mark is not a name
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader, [])]
@@ -120,6 +131,7 @@ def read_kinetics_csv(path: data.PathLike) -> list[tuple[str, int, int, Optional
                                  f"(and label), got {','.join(header)[:120]!r}")
             col = [header.index(c) for c in need]
             lab = header.index("label") if "label" in header else None
+            split = header.index("split") if "split" in header else None
             for fields in reader:
                 if not "".join(fields).strip():
                     continue
@@ -133,19 +145,38 @@ def read_kinetics_csv(path: data.PathLike) -> list[tuple[str, int, int, Optional
                                      f"got {','.join(fields)[:120]!r}") from None
                 label = fields[lab].strip() if lab is not None and lab < len(fields) else ""
                 rows.append((yid, t0, t1, label or None))
+                if split is not None and split < len(fields):
+                    splits.add(fields[split].strip().lower())
         except csv.Error as e:
             raise ValueError(f"{path}:{reader.line_num}: expected CSV, got {e}") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: expected a UTF-8 text CSV, got bytes that are not ({e.reason})") from None
     if not rows:
         raise ValueError(f"{path}: expected Kinetics rows after the header, got none")
-    return rows
+    return rows, splits
+
+
+K400_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
+               "validation": "val", "test": "test", "testing": "test"}
+
+
+def kinetics_split(path: data.PathLike, splits: set) -> Optional[str]:
+    """train | val | test | None: what a Kinetics CSV holds, from its `split` column (one value in
+    all rows) or else from its file name (CVDF's train/validate/test.csv, kinetics_val.csv, ...)."""
+    named = {K400_SPLITS.get(v) for v in splits}
+    if len(named) == 1 and None not in named:
+        return named.pop()
+    if splits:
+        return None                                         # mixed or unknown values: no guess
+    words = "".join(c if c.isalpha() else " " for c in Path(path).stem.lower()).split()
+    found = {K400_SPLITS[w] for w in words if w in K400_SPLITS}
+    return found.pop() if len(found) == 1 else None
 
 
 def read_class_names(path: data.PathLike) -> list[str]:
     """A class-name file (line i = the name of class i; blank lines skipped) -> names."""
     path = data._check_exists(Path(path), "class-name file")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
     if not names or dup:
         raise ValueError(f"{path}: expected one distinct class name per line, got "
@@ -157,7 +188,7 @@ def _read_json(path: data.PathLike, kind: type, what: str):
     """The JSON value in `path`, which must be a `kind` (list or dict); `what` names the file expected."""
     path = data._check_exists(Path(path), what.split(":")[0])
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:              # -sig: a byte-order mark in front is skipped
             value = json.load(f)
     except ValueError as e:                                      # JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"{path}: expected {what}, got text that is not JSON ({str(e)[:80]})") from None
@@ -174,14 +205,24 @@ def kinetics_list(ann: data.PathLike, classes: data.PathLike, layout: str = "fla
 
     The names are read from `classes` when that file exists (the training
     list's classes, for val/test), else made from this CSV: sorted unique
-    labels (see the conventions above); an unlabelled CSV makes none. A row
-    without a label gets -1 and needs the flat layout (it has no class folder).
+    labels (see the conventions above); an unlabelled CSV makes none, and a
+    validation or test CSV (kinetics_split) is refused rather than numbered
+    by its own classes. A row without a label gets -1 and needs the flat
+    layout (it has no class folder); in a training or validation CSV it is an error.
     """
     if layout not in K400_LAYOUTS:
         raise ValueError(f"expected a layout in {', '.join(K400_LAYOUTS)}, got {layout!r}")
-    rows = read_kinetics_csv(ann)
+    rows, splits = _read_kinetics_csv(ann)
+    split = kinetics_split(ann, splits)
+    unlabelled = [r for r in rows if r[3] is None]
+    if unlabelled and split in ("train", "val"):
+        raise ValueError(f"{ann}: a {split} split must label every row, got {len(unlabelled):,} of {len(rows):,} "
+                         f"without a label (e.g. {unlabelled[0][0]}): expected a CSV with a filled `label` column")
     classes = Path(classes)
     new = not classes.exists()
+    if new and split in ("val", "test") and len(unlabelled) < len(rows):
+        raise ValueError(f"{ann} is a {split} split and the class file {classes} does not exist: make the training "
+                         f"list first (it writes the class file), or pass --classes with the training classes")
     if new:
         names = sorted({r[3] for r in rows if r[3] is not None}, key=_k400_class_order)
     else:
@@ -234,7 +275,7 @@ def diving48_list(ann: data.PathLike, vocab: data.PathLike, ext: str = ".mp4", p
     """Diving48 V2 JSON + Diving48_vocab.json -> (rows [(relative path, label)], class names)."""
     entries = _read_json(ann, list, 'a Diving48 annotation file: a JSON list of {"vid_name", "label", ...}')
     words = _read_json(vocab, list, "Diving48_vocab.json: a JSON list of [take-off, somersaults, twists, flight]")
-    names = [" ".join(map(str, w)) if isinstance(w, list) else str(w) for w in words]
+    names = ["+".join(map(str, w)) if isinstance(w, list) else str(w) for w in words]   # mmaction2's label_map
     out = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "vid_name" not in e:
@@ -688,7 +729,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--ann", required=True, help="the official annotation file")
         p.add_argument("--out", required=True, help="the list to write")
         p.add_argument("--classes", help=f"the class-name file (default: <out folder>/{name}_classes.txt)"
-                       + ("; read if it exists (make the training list first), else written" if name == "k400" else ""))
+                       + ("; read if it exists, else written from a training CSV (make the training list "
+                          "first: a val/test CSV is refused without it)" if name == "k400" else ""))
         p.add_argument("--ext", help=f"the videos' extension (default {LIST_EXTS[name]})")
         p.add_argument("--prefix", default="", help="a folder in front of every path (e.g. train)")
         p.add_argument("--root", help="keep only the rows whose file is under this folder; the others go to "
