@@ -364,3 +364,120 @@ def test_prep_commands_bad_input_is_one_line_exit_2(tmp_path, argv, expect):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("prepare_data.py: error: ") and expect in lines[0]
     assert not list(tmp_path.glob("*.txt"))                              # no list written
+
+
+def _textured_clip(n, h, w, seed):
+    """Frame i: top half grey level 20 + 5i; bottom half a noise picture panning right (what makes x264 work)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h, w + n, 3), np.uint8)
+    frames = np.stack([base[:, i: i + w] for i in range(n)])
+    frames[:, : h // 2] = (20 + 5 * np.arange(n))[:, None, None, None]
+    return frames
+
+
+def _tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_prep_resize_is_repeatable_in_one_process_and_in_two(tmp_path):
+    """Issue 29.2: the same videos resized again (same process, another process with 2 workers, a resumed
+    run) give byte-identical files. x264 with its assembly wrote other bytes after the first encode."""
+    import subprocess
+    import sys
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    for k, rel in enumerate(("a/one.mp4", "a/two.mp4", "three.mp4", "four.mp4")):
+        synth.write_video(src / rel, _textured_clip(30, 96, 128, k))
+    first, _, _ = prepare_data.resize_videos(src, tmp_path / "first", 64, progress=False)
+    prepare_data.resize_videos(src, tmp_path / "again", 64, progress=False)
+    assert first["resized"] == 4
+    want = _tree_bytes(tmp_path / "first")
+    assert len(want) == 4 and _tree_bytes(tmp_path / "again") == want
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "tools" / "prepare_data.py"), "resize", "--src", str(src), "--dst",
+                        str(tmp_path / "other"), "--short-side", "64", "--workers", "2"], cwd=root, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _tree_bytes(tmp_path / "other") == want
+    # Resumed: two outputs there (one of them cut short, as a killed run can leave it), the rest done now.
+    (tmp_path / "resumed" / "a").mkdir(parents=True)
+    (tmp_path / "resumed" / "a" / "one.mp4").write_bytes(want["a/one.mp4"])
+    (tmp_path / "resumed" / "three.mp4").write_bytes(want["three.mp4"][:300])
+    counts, _, _ = prepare_data.resize_videos(src, tmp_path / "resumed", 64, progress=False)
+    assert counts["skipped"] == 1 and counts["resized"] == 3
+    assert _tree_bytes(tmp_path / "resumed") == want
+
+
+def _packed_b_frame_avi(path, frames, fps=25):
+    """An MPEG-4 Part 2 AVI with packed B-frames, the DivX/XviD format of UCF101 and HMDB51 (and of
+    mmaction2's test.avi): PyAV's mpeg4 encoder with 2 B-frames, then, as DivX packs them, each
+    P-frame and the first B-frame after it in one chunk, the second B-frame alone, and a not-coded
+    VOP holding the place; the DivX user data ending in `p` says so. FFmpeg decodes the frames in
+    presentation order with the timestamps 1, 2, 4, 3, 5, 7, 6, ... Keep it under a second (the
+    not-coded VOPs carry no modulo_time_base)."""
+    import av
+    from fractions import Fraction
+    assert len(frames) < fps
+    h, w = frames.shape[1:3]
+    enc = av.CodecContext.create("mpeg4", "w")
+    enc.width, enc.height, enc.pix_fmt = w, h, "yuv420p"
+    enc.time_base, enc.framerate, enc.max_b_frames, enc.gop_size, enc.bit_rate = Fraction(1, fps), fps, 2, 12, 4_000_000
+    packets = []
+    for i, f in enumerate(frames):
+        vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+        vf.pts = i
+        packets += [(bytes(p), p.pts) for p in enc.encode(vf)]
+    packets += [(bytes(p), p.pts) for p in enc.encode(None)]
+
+    def kind(b):
+        return "IPBS"[b[b.find(b"\x00\x00\x01\xb6") + 4] >> 6]               # vop_coding_type
+
+    def not_coded_vop(t):      # start code, P, modulo_time_base 0, marker, time increment, marker, vop_coded 0, stuffing
+        bits = "0101" + format(t, f"0{(fps - 1).bit_length()}b") + "10"
+        bits += "0" + "1" * ((8 - (len(bits) + 1) % 8) % 8)
+        return b"\x00\x00\x01\xb6" + int(bits, 2).to_bytes(len(bits) // 8, "big")
+    chunks, i = [], 0
+    while i < len(packets):
+        data, pts = packets[i]
+        bs = [b for b, _ in packets[i + 1: i + 3]]
+        bs = bs[:next((k for k, b in enumerate(bs) if kind(b) != "B"), len(bs))]
+        chunks += [data] if not bs else [data + bs[0], *bs[1:], not_coded_vop(pts)]
+        i += 1 + len(bs)
+    at = chunks[0].find(b"\x00\x00\x01\xb6")
+    chunks[0] = chunks[0][:at] + b"\x00\x00\x01\xb2DivX503b1393p" + chunks[0][at:]   # the `p`: packed
+    with av.open(str(path), "w", format="avi") as out:
+        st = out.add_stream("mpeg4", rate=fps)
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+        st.codec_context.codec_tag = "XVID"
+        for k, data in enumerate(chunks):
+            p = av.Packet(data)
+            p.stream, p.pts, p.dts, p.time_base, p.is_keyframe = st, k, k, Fraction(1, fps), k == 0 or kind(data) == "I"
+            out.mux(p)
+
+
+def _timing(path):
+    """(average frame rate, duration in seconds, presentation times of the decoded frames in decode order)."""
+    import av
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return s.average_rate, float(s.duration * s.time_base), [float(f.time) for f in c.decode(s)]
+
+
+def test_prep_resize_keeps_the_timing_of_a_packed_b_frame_avi(tmp_path):
+    """Issue 29.3: frame rate, duration and timestamps of a packed-B-frame AVI survive resize (they
+    became 24.7 fps and a gap at frame 3), and frame i of the output is frame i of the source."""
+    src, dst, n = tmp_path / "src", tmp_path / "dst", 24
+    src.mkdir()
+    _packed_b_frame_avi(src / "clip.avi", level_clip(n, 96, 128))
+    rate, duration, times = _timing(src / "clip.avi")
+    assert rate == 25 and duration == pytest.approx(n / 25)
+    assert [round(t * 25) for t in times[:7]] == [1, 2, 4, 3, 5, 7, 6]               # the premise: stamps out of order
+    assert np.abs(frame_levels(data.read_video(src / "clip.avi")[0]) - (20 + 5 * np.arange(n))).max() < 3
+    counts, failed, _ = prepare_data.resize_videos(src, dst, 64, progress=False)
+    assert counts["resized"] == 1 and not failed
+    out_rate, out_duration, out_times = _timing(dst / "clip.mp4")
+    assert out_rate == 25 and out_duration == pytest.approx(duration, abs=1e-3)
+    assert out_times == pytest.approx(sorted(times), abs=1e-4)                      # 0.04, 0.08, 0.12, ...
+    frames, _, count = data.read_video(dst / "clip.mp4")
+    assert count == n and frames.shape[1:3] == (64, 86)
+    assert np.abs(frame_levels(frames) - (20 + 5 * np.arange(n))).max() < 4          # frame i is frame i

@@ -17,7 +17,9 @@ data.py's loaders read. One subcommand each:
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import heapq
 import json
 import os
 import sys
@@ -464,12 +466,23 @@ def _copy_video_stream(src: Path, tmp: Path) -> None:
         raise data.BadMedia(src, "no frame decodes")
 
 
+# x264 as the synthetic set runs it (tools/synthetic.py, SYN_X264): with its assembly, this x264
+# build (PyAV's) wrote different bytes for the same frames after other encodes in the same process
+# (4 encodes of one video: 3 different outputs); with asm=0, byte-identical every time, in one
+# process or several (~50% more encoding time). --threads above 1 may still differ run to run.
+RESIZE_X264 = {"x264-params": "asm=0"}
+REORDER = 16     # decoded frames held back so that their timestamps can be put in order (B-frame reorder < 16)
+
+
 def _encode_video(src: Path, tmp: Path, size: tuple[int, int], job: ResizeJob) -> None:
     """Decode src and encode it into tmp at `size` with libx264 (yuv420p), keeping fps, time base and timestamps.
 
-    A frame without a timestamp, or with one not after the previous frame's
-    (damaged files), gets the previous one plus one frame duration, so the
-    encoder always sees increasing timestamps.
+    Frame i of the output is the decoder's frame i; its timestamp is the i-th
+    smallest of the decoded timestamps (sorted over a window of REORDER frames):
+    a packed-B-frame AVI decodes its stamps as 1, 2, 4, 3, 5, 7, 6, ... in
+    presentation order, and they go out as 1, 2, 3, 4, ... . A frame left
+    without one, or with one not after the previous (damaged files), gets the
+    previous one plus one frame duration, so the encoder sees increasing timestamps.
     """
     with av.open(str(src), metadata_errors="ignore") as inp:
         ist = inp.streams.video[0]
@@ -478,7 +491,7 @@ def _encode_video(src: Path, tmp: Path, size: tuple[int, int], job: ResizeJob) -
         rate = Fraction(ist.average_rate or ist.guessed_rate or ist.base_rate or 25)
         tb = ist.time_base or 1 / rate
         step = max(1, round(1 / (rate * tb)))                        # one frame, in time-base ticks
-        options = {"crf": str(job.crf), "preset": job.preset, "threads": str(job.threads)}
+        options = {"crf": str(job.crf), "preset": job.preset, "threads": str(job.threads), **RESIZE_X264}
         frames = 0
         with av.open(str(tmp), "w") as out:
             ost = out.add_stream("libx264", rate=rate, options=options)
@@ -487,17 +500,26 @@ def _encode_video(src: Path, tmp: Path, size: tuple[int, int], job: ResizeJob) -
             ost.time_base = tb
             if job.gop:
                 ost.codec_context.gop_size = job.gop
-            last = None
-            for frame in inp.decode(ist):
-                pts = frame.pts
+            held, stamps, last = collections.deque(), [], None
+
+            def put(frame):                                          # the oldest held frame, with the smallest stamp
+                nonlocal last
+                pts = heapq.heappop(stamps) if stamps else None
                 if pts is None or (last is not None and pts <= last):
                     pts = 0 if last is None else last + step
-                last = pts
-                frame = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="BICUBIC")
-                frame.pts, frame.time_base = pts, tb
+                frame.pts, frame.time_base, last = pts, tb, pts
                 for packet in ost.encode(frame):
                     out.mux(packet)
+
+            for frame in inp.decode(ist):
+                if frame.pts is not None:
+                    heapq.heappush(stamps, frame.pts)
+                held.append(frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="BICUBIC"))
+                if len(held) > REORDER:
+                    put(held.popleft())
                 frames += 1
+            while held:
+                put(held.popleft())
             for packet in ost.encode():                              # flush the encoder
                 out.mux(packet)
     if frames == 0:
