@@ -22,12 +22,17 @@ import functools
 import heapq
 import json
 import os
+import re
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence
 
+if __name__ == "__main__":      # Ctrl-C while the imports below run (a second or two): one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (print("prepare_data.py: interrupted", file=sys.stderr), os._exit(130)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the component files
 
 import av            # noqa: E402
@@ -404,7 +409,9 @@ def make_lists(dataset: str, ann: data.PathLike, out: data.PathLike, classes: Op
 #     upscale  scaled up to N like the others (mmaction2's resize_videos.py does this).
 # Each output is written under a hidden temporary name and renamed when
 # complete; an existing output is skipped if it opens and its first frame
-# decodes (so a killed run resumes), and done again otherwise. A source that
+# decodes (so a killed run resumes), and done again otherwise. On Ctrl-C the
+# workers end and their partial files are removed; a run also removes the
+# partial files that a killed or crashed run left (those of ended processes). A source that
 # fails is listed in <dst>/resize_failures.txt (`relative path<TAB>reason`).
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".3gp")
@@ -570,8 +577,52 @@ def _resize_one(job: ResizeJob) -> tuple[str, str, str]:
 
 
 def _resize_worker_init() -> None:
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)            # Ctrl-C reaches the parent, which ends the pool
+
+
+@contextmanager
+def sigint_held():
+    """Hold Ctrl-C back while worker processes start: they are born with SIGINT blocked (a Ctrl-C to the
+    process group reaches only this process, no half-started worker prints a traceback), and this
+    process gets a Ctrl-C that came meanwhile as soon as they are up."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+PARTIAL = re.compile(r"\.(?P<stem>.+)\.tmp-(?P<pid>\d+)(?P<suffix>\.[^.]+)$")   # _resize_one's .NAME.tmp-PID.EXT
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                                         # another user's: alive
+        pass
+    return True
+
+
+def remove_partials(jobs: list) -> int:
+    """Remove the hidden partial outputs (.NAME.tmp-PID.EXT) of these jobs left by processes that have
+    ended (a Ctrl-C, a kill, a crash) or by this one -> how many. A live process's are another run's, kept."""
+    names = collections.defaultdict(set)
+    for job in jobs:
+        names[os.path.dirname(job.dst)].add(os.path.basename(job.dst))
+    removed = 0
+    for folder, mine in names.items():
+        try:
+            entries = [e.name for e in os.scandir(folder) if e.name.startswith(".") and ".tmp-" in e.name]
+        except FileNotFoundError:
+            continue
+        for name in entries:
+            m = PARTIAL.fullmatch(name)
+            if m and m["stem"] + m["suffix"] in mine and (int(m["pid"]) == os.getpid() or not _alive(int(m["pid"]))):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _video_files(src: Path, skip: Optional[Path] = None) -> list[str]:
@@ -626,22 +677,31 @@ def resize_videos(src: data.PathLike, dst: data.PathLike, short: int, workers: i
         taken[out_rel] = rel
         jobs.append(ResizeJob(str(src / rel), str(dst / out_rel), rel, short, small, crf, preset, gop, threads))
     dst.mkdir(parents=True, exist_ok=True)
+    remove_partials(jobs)                                   # an earlier run's, killed before it could
     counts, failed = dict.fromkeys(RESIZE_STATUS, 0), []
     bar = functools.partial(tqdm, total=len(jobs), desc=f"short side {short}", unit="video", disable=not progress)
-    if workers == 1:
-        results = bar(map(_resize_one, jobs))
+    pool = None
+    try:
+        if workers == 1:
+            results = bar(map(_resize_one, jobs))
+        else:
+            import multiprocessing as mp
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+            with sigint_held():
+                pool = ctx.Pool(min(workers, len(jobs)), initializer=_resize_worker_init)
+            results = bar(pool.imap_unordered(_resize_one, jobs))
         for status, rel, reason in results:
             counts[status] += 1
             if status == "failed":
                 failed.append((rel, reason))
-    else:
-        import multiprocessing as mp
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-        with ctx.Pool(min(workers, len(jobs)), initializer=_resize_worker_init) as pool:
-            for status, rel, reason in bar(pool.imap_unordered(_resize_one, jobs)):
-                counts[status] += 1
-                if status == "failed":
-                    failed.append((rel, reason))
+    except BaseException:                                   # Ctrl-C: the workers ended, their partial files removed
+        if pool is not None:
+            pool.terminate()                                # SIGTERM, then joined
+        remove_partials(jobs)
+        raise
+    if pool is not None:
+        pool.close()
+        pool.join()
     failed.sort()
     failures = Path(failures) if failures else dst / RESIZE_FAILURES
     if failed:
@@ -826,4 +886,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGINT, signal.default_int_handler)    # from here on, Ctrl-C is run_cli's: cleaned up, exit 130
+    try:
+        main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)            # ended: a late Ctrl-C cannot turn the exit into a traceback
