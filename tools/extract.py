@@ -15,13 +15,19 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import glob
 import os
+import re
 import shutil
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
+if __name__ == "__main__":      # Ctrl-C while the imports below run (a few seconds): one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (print("extract.py: interrupted", file=sys.stderr), os._exit(130)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the component files
 
 import numpy as np  # noqa: E402
@@ -163,6 +169,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
     labels = [label for _, label in listed]
     parts_dir = os.path.join(cfg.out, "parts", key)
     if rank == 0:
+        remove_partials(cfg.out)                              # a killed run's; no rank writes before the barrier
         os.makedirs(parts_dir, exist_ok=True)
         for old in os.listdir(os.path.join(cfg.out, "parts")):        # parts of other settings: stale
             if old != key:
@@ -198,6 +205,8 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
         for k in mine:
             ds = _EveryVideo(chunks[k], sampling, transform, threads)
             loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=cfg.workers, collate_fn=_as_list)
+            with sigint_held():
+                batches = iter(loader)                                            # its workers start here
             feats, out_rows, starts, bad, pending = [], [], [], [], []
 
             def run_pending():
@@ -216,7 +225,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
                         starts.append(-1)
                 pending.clear()
 
-            for (sample,) in loader:
+            for (sample,) in batches:
                 if "bad" in sample:
                     bad.append((sample["row"], sample["bad"]))
                 else:
@@ -232,8 +241,12 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
                     "features": torch.cat(feats) if feats else torch.zeros(0, dim),
                     "starts": torch.tensor(starts, dtype=torch.long), "bad": [[r, reason] for r, reason in bad]}
             tmp = os.path.join(parts_dir, f"part_{k:05d}.pt.tmp-{os.getpid()}")
-            torch.save(part, tmp)
-            os.replace(tmp, os.path.join(parts_dir, f"part_{k:05d}.pt"))
+            try:
+                torch.save(part, tmp)
+                os.replace(tmp, os.path.join(parts_dir, f"part_{k:05d}.pt"))
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
     if bar is not None:
         bar.close()
     if ddp:
@@ -251,6 +264,37 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
         return json.load(f)
 
 
+@contextmanager
+def sigint_held():
+    """Hold Ctrl-C back while DataLoader workers start: they are born with SIGINT blocked (a Ctrl-C to
+    the process group reaches only this process; no half-started worker prints a traceback), and this
+    process gets a Ctrl-C that came meanwhile as soon as they are up."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+PARTIAL = re.compile(r"(?:features\.npy|index\.tsv|bad\.txt|meta\.json|part_\d+\.pt)\.tmp-(\d+)")
+
+
+def remove_partials(out: str, pid: Optional[int] = None) -> int:
+    """Remove the temporary files (NAME.tmp-PID) that extract writes under `out` and renames when
+    complete: those of process `pid`, or all (none is being written) -> how many."""
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(out), "*.tmp-*")) + \
+            glob.glob(os.path.join(glob.escape(out), "parts", "*", "*.tmp-*")):
+        m = PARTIAL.fullmatch(os.path.basename(path))
+        if m and (pid is None or int(m[1]) == pid):
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def _pooled(model: VideoClassifier, video: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """(n, 3, T, c, c) -> (n, 8C) float32 on the CPU: the pooled final-normed F4."""
     with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
@@ -265,9 +309,13 @@ def _merge_parts(cfg, xcfg, settings, key, rows, labels, n_chunks, parts_dir, se
     bad = [b for p in parts for b in p["bad"]]
     views = (cfg.test_clips * cfg.test_crops) if (xcfg.views == "test" and not xcfg.clip_len) else 1
     tmp = os.path.join(cfg.out, f"features.npy.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, feats)
-    os.replace(tmp, os.path.join(cfg.out, "features.npy"))
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+        os.replace(tmp, os.path.join(cfg.out, "features.npy"))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     train.write_atomic(os.path.join(cfg.out, "index.tsv"), "row\tpath\tlabel\tviews\tstart\n" + "".join(
         f"{r}\t{rows[r][1]}\t{labels[r]}\t{views}\t{s}\n" for r, s in zip(rws, starts)))
     train.write_atomic(os.path.join(cfg.out, "bad.txt"), "".join(f"{rows[r][1]}\t{why}\n" for r, why in bad))
@@ -327,7 +375,11 @@ def run(cfg: FinetuneConfig, xcfg: ExtractConfig) -> dict:
     rt = train.setup_distributed(cfg.dist_timeout, cfg.precision)
     if rt.rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-    meta = extract_features(cfg, xcfg, rt)
+    try:
+        meta = extract_features(cfg, xcfg, rt)
+    except BaseException:                                     # Ctrl-C: what this process had half written goes
+        remove_partials(cfg.out, os.getpid())
+        raise
     if rt.ddp:
         dist.destroy_process_group()
     return meta
@@ -346,4 +398,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGINT, signal.default_int_handler)    # from here on, Ctrl-C is run_cli's: cleaned up, exit 130
+    try:
+        main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)            # ended: a late Ctrl-C cannot turn the exit into a traceback

@@ -17,15 +17,22 @@ data.py's loaders read. One subcommand each:
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import heapq
 import json
 import os
+import re
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence
 
+if __name__ == "__main__":      # Ctrl-C while the imports below run (a second or two): one line, exit 130
+    signal.signal(signal.SIGINT, lambda *_: (print("prepare_data.py: interrupted", file=sys.stderr), os._exit(130)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the component files
 
 import av            # noqa: E402
@@ -53,6 +60,11 @@ import train         # noqa: E402
 # parse_kinetics_splits; the label_map_k400.txt order: 0 = abseiling, 399 =
 # zumba). Validation and test lists must use the training classes, so the
 # class file (--classes) is read back when it exists: make the training list first.
+# A CSV known to be a validation or test split (its `split` column, else its file
+# name: val, validate, test) never makes a class file of its own: with none there,
+# it is refused (make the training list first, or pass --classes). A training or
+# validation split must label every row. CSVs and JSONs may start with a UTF-8
+# byte-order mark (spreadsheet programs write one).
 #
 # Something-Something v2 (20BN). something-something-v2-{train,validation,test}.json
 # are lists of {"id", "label", "template", "placeholders"} (the test file: ids
@@ -66,8 +78,8 @@ import train         # noqa: E402
 # Diving48, V2 annotations. Diving48_V2_{train,test}.json are lists of
 # {"vid_name", "label", "start_frame", "end_frame"} (start and end are not
 # used: the whole clip is the sample); Diving48_vocab.json holds the 48 classes as 4 words
-# each (take-off, somersaults, twists, flight position), joined by spaces as
-# the class name. A video is `<vid_name>.mp4` in the folder `rgb/` of
+# each (take-off, somersaults, twists, flight position), joined by '+' as the
+# class name (mmaction2's tools/data/diving48/label_map.txt: Back+15som+05Twis+FREE). A video is `<vid_name>.mp4` in the folder `rgb/` of
 # Diving48_rgb.tar.gz.
 #
 # An entry without a label (the K400 and SSv2 test files) is written with
@@ -101,17 +113,23 @@ def _k400_class_order(label: str) -> str:
 
 
 def read_kinetics_csv(path: data.PathLike) -> list[tuple[str, int, int, Optional[str]]]:
-    """An official Kinetics CSV -> rows (youtube_id, time_start, time_end, label or None).
+    """An official Kinetics CSV -> rows (youtube_id, time_start, time_end, label or None)."""
+    return _read_kinetics_csv(path)[0]
+
+
+def _read_kinetics_csv(path: data.PathLike) -> tuple[list, set]:
+    """An official Kinetics CSV -> (rows (youtube_id, time_start, time_end, label or None),
+    the values of its `split` column, lower case; empty if it has none).
 
     Columns are found by their names in the header, so any order (and extra
-    columns such as `split`, `is_cc`) is fine; times are whole seconds
-    (written `10` or `10.0`). Blank lines are skipped.
+    columns such as `split`, `is_cc`) is fine; a UTF-8 byte-order mark in front
+    is skipped; times are whole seconds (written `10` or `10.0`). Blank lines are skipped.
     """
     import csv
     path = data._check_exists(Path(path), "Kinetics CSV")
     need = ("youtube_id", "time_start", "time_end")
-    rows = []
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+    rows, splits = [], set()
+    with open(path, newline="", encoding="utf-8-sig", errors="strict") as f:   # -sig: a byte-order mark is not a name
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader, [])]
@@ -120,6 +138,7 @@ def read_kinetics_csv(path: data.PathLike) -> list[tuple[str, int, int, Optional
                                  f"(and label), got {','.join(header)[:120]!r}")
             col = [header.index(c) for c in need]
             lab = header.index("label") if "label" in header else None
+            split = header.index("split") if "split" in header else None
             for fields in reader:
                 if not "".join(fields).strip():
                     continue
@@ -133,19 +152,38 @@ def read_kinetics_csv(path: data.PathLike) -> list[tuple[str, int, int, Optional
                                      f"got {','.join(fields)[:120]!r}") from None
                 label = fields[lab].strip() if lab is not None and lab < len(fields) else ""
                 rows.append((yid, t0, t1, label or None))
+                if split is not None and split < len(fields):
+                    splits.add(fields[split].strip().lower())
         except csv.Error as e:
             raise ValueError(f"{path}:{reader.line_num}: expected CSV, got {e}") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: expected a UTF-8 text CSV, got bytes that are not ({e.reason})") from None
     if not rows:
         raise ValueError(f"{path}: expected Kinetics rows after the header, got none")
-    return rows
+    return rows, splits
+
+
+K400_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validate": "val",
+               "validation": "val", "test": "test", "testing": "test"}
+
+
+def kinetics_split(path: data.PathLike, splits: set) -> Optional[str]:
+    """train | val | test | None: what a Kinetics CSV holds, from its `split` column (one value in
+    all rows) or else from its file name (CVDF's train/validate/test.csv, kinetics_val.csv, ...)."""
+    named = {K400_SPLITS.get(v) for v in splits}
+    if len(named) == 1 and None not in named:
+        return named.pop()
+    if splits:
+        return None                                         # mixed or unknown values: no guess
+    words = "".join(c if c.isalpha() else " " for c in Path(path).stem.lower()).split()
+    found = {K400_SPLITS[w] for w in words if w in K400_SPLITS}
+    return found.pop() if len(found) == 1 else None
 
 
 def read_class_names(path: data.PathLike) -> list[str]:
     """A class-name file (line i = the name of class i; blank lines skipped) -> names."""
     path = data._check_exists(Path(path), "class-name file")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
     if not names or dup:
         raise ValueError(f"{path}: expected one distinct class name per line, got "
@@ -157,7 +195,7 @@ def _read_json(path: data.PathLike, kind: type, what: str):
     """The JSON value in `path`, which must be a `kind` (list or dict); `what` names the file expected."""
     path = data._check_exists(Path(path), what.split(":")[0])
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:              # -sig: a byte-order mark in front is skipped
             value = json.load(f)
     except ValueError as e:                                      # JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"{path}: expected {what}, got text that is not JSON ({str(e)[:80]})") from None
@@ -174,14 +212,24 @@ def kinetics_list(ann: data.PathLike, classes: data.PathLike, layout: str = "fla
 
     The names are read from `classes` when that file exists (the training
     list's classes, for val/test), else made from this CSV: sorted unique
-    labels (see the conventions above); an unlabelled CSV makes none. A row
-    without a label gets -1 and needs the flat layout (it has no class folder).
+    labels (see the conventions above); an unlabelled CSV makes none, and a
+    validation or test CSV (kinetics_split) is refused rather than numbered
+    by its own classes. A row without a label gets -1 and needs the flat
+    layout (it has no class folder); in a training or validation CSV it is an error.
     """
     if layout not in K400_LAYOUTS:
         raise ValueError(f"expected a layout in {', '.join(K400_LAYOUTS)}, got {layout!r}")
-    rows = read_kinetics_csv(ann)
+    rows, splits = _read_kinetics_csv(ann)
+    split = kinetics_split(ann, splits)
+    unlabelled = [r for r in rows if r[3] is None]
+    if unlabelled and split in ("train", "val"):
+        raise ValueError(f"{ann}: a {split} split must label every row, got {len(unlabelled):,} of {len(rows):,} "
+                         f"without a label (e.g. {unlabelled[0][0]}): expected a CSV with a filled `label` column")
     classes = Path(classes)
     new = not classes.exists()
+    if new and split in ("val", "test") and len(unlabelled) < len(rows):
+        raise ValueError(f"{ann} is a {split} split and the class file {classes} does not exist: make the training "
+                         f"list first (it writes the class file), or pass --classes with the training classes")
     if new:
         names = sorted({r[3] for r in rows if r[3] is not None}, key=_k400_class_order)
     else:
@@ -234,7 +282,7 @@ def diving48_list(ann: data.PathLike, vocab: data.PathLike, ext: str = ".mp4", p
     """Diving48 V2 JSON + Diving48_vocab.json -> (rows [(relative path, label)], class names)."""
     entries = _read_json(ann, list, 'a Diving48 annotation file: a JSON list of {"vid_name", "label", ...}')
     words = _read_json(vocab, list, "Diving48_vocab.json: a JSON list of [take-off, somersaults, twists, flight]")
-    names = [" ".join(map(str, w)) if isinstance(w, list) else str(w) for w in words]
+    names = ["+".join(map(str, w)) if isinstance(w, list) else str(w) for w in words]   # mmaction2's label_map
     out = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "vid_name" not in e:
@@ -361,7 +409,9 @@ def make_lists(dataset: str, ann: data.PathLike, out: data.PathLike, classes: Op
 #     upscale  scaled up to N like the others (mmaction2's resize_videos.py does this).
 # Each output is written under a hidden temporary name and renamed when
 # complete; an existing output is skipped if it opens and its first frame
-# decodes (so a killed run resumes), and done again otherwise. A source that
+# decodes (so a killed run resumes), and done again otherwise. On Ctrl-C the
+# workers end and their partial files are removed; a run also removes the
+# partial files that a killed or crashed run left (those of ended processes). A source that
 # fails is listed in <dst>/resize_failures.txt (`relative path<TAB>reason`).
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts", ".3gp")
@@ -423,12 +473,23 @@ def _copy_video_stream(src: Path, tmp: Path) -> None:
         raise data.BadMedia(src, "no frame decodes")
 
 
+# x264 as the synthetic set runs it (tools/synthetic.py, SYN_X264): with its assembly, this x264
+# build (PyAV's) wrote different bytes for the same frames after other encodes in the same process
+# (4 encodes of one video: 3 different outputs); with asm=0, byte-identical every time, in one
+# process or several (~50% more encoding time). --threads above 1 may still differ run to run.
+RESIZE_X264 = {"x264-params": "asm=0"}
+REORDER = 16     # decoded frames held back so that their timestamps can be put in order (B-frame reorder < 16)
+
+
 def _encode_video(src: Path, tmp: Path, size: tuple[int, int], job: ResizeJob) -> None:
     """Decode src and encode it into tmp at `size` with libx264 (yuv420p), keeping fps, time base and timestamps.
 
-    A frame without a timestamp, or with one not after the previous frame's
-    (damaged files), gets the previous one plus one frame duration, so the
-    encoder always sees increasing timestamps.
+    Frame i of the output is the decoder's frame i; its timestamp is the i-th
+    smallest of the decoded timestamps (sorted over a window of REORDER frames):
+    a packed-B-frame AVI decodes its stamps as 1, 2, 4, 3, 5, 7, 6, ... in
+    presentation order, and they go out as 1, 2, 3, 4, ... . A frame left
+    without one, or with one not after the previous (damaged files), gets the
+    previous one plus one frame duration, so the encoder sees increasing timestamps.
     """
     with av.open(str(src), metadata_errors="ignore") as inp:
         ist = inp.streams.video[0]
@@ -437,7 +498,7 @@ def _encode_video(src: Path, tmp: Path, size: tuple[int, int], job: ResizeJob) -
         rate = Fraction(ist.average_rate or ist.guessed_rate or ist.base_rate or 25)
         tb = ist.time_base or 1 / rate
         step = max(1, round(1 / (rate * tb)))                        # one frame, in time-base ticks
-        options = {"crf": str(job.crf), "preset": job.preset, "threads": str(job.threads)}
+        options = {"crf": str(job.crf), "preset": job.preset, "threads": str(job.threads), **RESIZE_X264}
         frames = 0
         with av.open(str(tmp), "w") as out:
             ost = out.add_stream("libx264", rate=rate, options=options)
@@ -446,17 +507,26 @@ def _encode_video(src: Path, tmp: Path, size: tuple[int, int], job: ResizeJob) -
             ost.time_base = tb
             if job.gop:
                 ost.codec_context.gop_size = job.gop
-            last = None
-            for frame in inp.decode(ist):
-                pts = frame.pts
+            held, stamps, last = collections.deque(), [], None
+
+            def put(frame):                                          # the oldest held frame, with the smallest stamp
+                nonlocal last
+                pts = heapq.heappop(stamps) if stamps else None
                 if pts is None or (last is not None and pts <= last):
                     pts = 0 if last is None else last + step
-                last = pts
-                frame = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="BICUBIC")
-                frame.pts, frame.time_base = pts, tb
+                frame.pts, frame.time_base, last = pts, tb, pts
                 for packet in ost.encode(frame):
                     out.mux(packet)
+
+            for frame in inp.decode(ist):
+                if frame.pts is not None:
+                    heapq.heappush(stamps, frame.pts)
+                held.append(frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="BICUBIC"))
+                if len(held) > REORDER:
+                    put(held.popleft())
                 frames += 1
+            while held:
+                put(held.popleft())
             for packet in ost.encode():                              # flush the encoder
                 out.mux(packet)
     if frames == 0:
@@ -507,8 +577,52 @@ def _resize_one(job: ResizeJob) -> tuple[str, str, str]:
 
 
 def _resize_worker_init() -> None:
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)            # Ctrl-C reaches the parent, which ends the pool
+
+
+@contextmanager
+def sigint_held():
+    """Hold Ctrl-C back while worker processes start: they are born with SIGINT blocked (a Ctrl-C to the
+    process group reaches only this process, no half-started worker prints a traceback), and this
+    process gets a Ctrl-C that came meanwhile as soon as they are up."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+PARTIAL = re.compile(r"\.(?P<stem>.+)\.tmp-(?P<pid>\d+)(?P<suffix>\.[^.]+)$")   # _resize_one's .NAME.tmp-PID.EXT
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                                         # another user's: alive
+        pass
+    return True
+
+
+def remove_partials(jobs: list) -> int:
+    """Remove the hidden partial outputs (.NAME.tmp-PID.EXT) of these jobs left by processes that have
+    ended (a Ctrl-C, a kill, a crash) or by this one -> how many. A live process's are another run's, kept."""
+    names = collections.defaultdict(set)
+    for job in jobs:
+        names[os.path.dirname(job.dst)].add(os.path.basename(job.dst))
+    removed = 0
+    for folder, mine in names.items():
+        try:
+            entries = [e.name for e in os.scandir(folder) if e.name.startswith(".") and ".tmp-" in e.name]
+        except FileNotFoundError:
+            continue
+        for name in entries:
+            m = PARTIAL.fullmatch(name)
+            if m and m["stem"] + m["suffix"] in mine and (int(m["pid"]) == os.getpid() or not _alive(int(m["pid"]))):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _video_files(src: Path, skip: Optional[Path] = None) -> list[str]:
@@ -563,22 +677,31 @@ def resize_videos(src: data.PathLike, dst: data.PathLike, short: int, workers: i
         taken[out_rel] = rel
         jobs.append(ResizeJob(str(src / rel), str(dst / out_rel), rel, short, small, crf, preset, gop, threads))
     dst.mkdir(parents=True, exist_ok=True)
+    remove_partials(jobs)                                   # an earlier run's, killed before it could
     counts, failed = dict.fromkeys(RESIZE_STATUS, 0), []
     bar = functools.partial(tqdm, total=len(jobs), desc=f"short side {short}", unit="video", disable=not progress)
-    if workers == 1:
-        results = bar(map(_resize_one, jobs))
+    pool = None
+    try:
+        if workers == 1:
+            results = bar(map(_resize_one, jobs))
+        else:
+            import multiprocessing as mp
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+            with sigint_held():
+                pool = ctx.Pool(min(workers, len(jobs)), initializer=_resize_worker_init)
+            results = bar(pool.imap_unordered(_resize_one, jobs))
         for status, rel, reason in results:
             counts[status] += 1
             if status == "failed":
                 failed.append((rel, reason))
-    else:
-        import multiprocessing as mp
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-        with ctx.Pool(min(workers, len(jobs)), initializer=_resize_worker_init) as pool:
-            for status, rel, reason in bar(pool.imap_unordered(_resize_one, jobs)):
-                counts[status] += 1
-                if status == "failed":
-                    failed.append((rel, reason))
+    except BaseException:                                   # Ctrl-C: the workers ended, their partial files removed
+        if pool is not None:
+            pool.terminate()                                # SIGTERM, then joined
+        remove_partials(jobs)
+        raise
+    if pool is not None:
+        pool.close()
+        pool.join()
     failed.sort()
     failures = Path(failures) if failures else dst / RESIZE_FAILURES
     if failed:
@@ -688,7 +811,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--ann", required=True, help="the official annotation file")
         p.add_argument("--out", required=True, help="the list to write")
         p.add_argument("--classes", help=f"the class-name file (default: <out folder>/{name}_classes.txt)"
-                       + ("; read if it exists (make the training list first), else written" if name == "k400" else ""))
+                       + ("; read if it exists, else written from a training CSV (make the training list "
+                          "first: a val/test CSV is refused without it)" if name == "k400" else ""))
         p.add_argument("--ext", help=f"the videos' extension (default {LIST_EXTS[name]})")
         p.add_argument("--prefix", default="", help="a folder in front of every path (e.g. train)")
         p.add_argument("--root", help="keep only the rows whose file is under this folder; the others go to "
@@ -762,4 +886,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGINT, signal.default_int_handler)    # from here on, Ctrl-C is run_cli's: cleaned up, exit 130
+    try:
+        main()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)            # ended: a late Ctrl-C cannot turn the exit into a traceback
