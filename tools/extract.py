@@ -22,7 +22,6 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,6 +38,7 @@ import finetune  # noqa: E402
 import train  # noqa: E402
 from finetune import FinetuneConfig, VideoClassifier  # noqa: E402
 from train import Runtime  # noqa: E402
+from tools.prepare_data import sigint_held  # noqa: E402  (Ctrl-C held back while workers start)
 
 
 @dataclass
@@ -262,18 +262,6 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
         return meta
     with open(meta_path) as f:
         return json.load(f)
-
-
-@contextmanager
-def sigint_held():
-    """Hold Ctrl-C back while DataLoader workers start: they are born with SIGINT blocked (a Ctrl-C to
-    the process group reaches only this process; no half-started worker prints a traceback), and this
-    process gets a Ctrl-C that came meanwhile as soon as they are up."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 PARTIAL = re.compile(r"(?:features\.npy|index\.tsv|bad\.txt|meta\.json|part_\d+\.pt)\.tmp-(\d+)")
