@@ -686,7 +686,9 @@ def resize_videos(src: data.PathLike, dst: data.PathLike, short: int, workers: i
             results = bar(map(_resize_one, jobs))
         else:
             import multiprocessing as mp
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+            # forkserver: workers fork from a fresh server, never from a process whose FFmpeg thread pools
+            # (left by decoding or encoding here) a forked child can deadlock on
+            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else None)
             with sigint_held():
                 pool = ctx.Pool(min(workers, len(jobs)), initializer=_resize_worker_init)
             results = bar(pool.imap_unordered(_resize_one, jobs))
