@@ -17,21 +17,7 @@ import pytest
 import data
 from tools import prepare_data
 from tools import synthetic as synth
-
-
-def level_clip(n=40, h=64, w=80):
-    """Frame i: top half grey level 20 + 5i (its identity), bottom half one RGB colour (channel order)."""
-    frames = np.zeros((n, h, w, 3), np.uint8)
-    for i in range(n):
-        frames[i, : h // 2] = 20 + 5 * i
-        frames[i, h // 2:] = (200, 40, 90)
-    return frames
-
-
-def frame_levels(frames):
-    """Decoded frames (..., H, W, 3) -> the grey level of each frame's top half (interior, away from edges)."""
-    h = frames.shape[-3]
-    return frames[..., 4:h // 2 - 4, 4:-4, :].mean(axis=(-3, -2, -1))
+from test_data import frame_levels, level_clip   # frames that carry their own index
 
 
 def write_list(path, rows):
