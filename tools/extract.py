@@ -38,7 +38,7 @@ import finetune  # noqa: E402
 import train  # noqa: E402
 from finetune import FinetuneConfig, VideoClassifier  # noqa: E402
 from train import Runtime  # noqa: E402
-from tools.prepare_data import sigint_held  # noqa: E402  (Ctrl-C held back while workers start)
+from tools import run_script, sigint_held  # noqa: E402
 
 
 @dataclass
@@ -386,8 +386,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)    # from here on, Ctrl-C is run_cli's: cleaned up, exit 130
-    try:
-        main()
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)            # ended: a late Ctrl-C cannot turn the exit into a traceback
+    run_script(main)

@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np   # noqa: E402
 
 import data          # noqa: E402
 import train         # noqa: E402
+from tools import run_script, sigint_held   # noqa: E402
 
 # ---- Conventions: how the downloaders name the files, and what the lists say
 #
@@ -580,18 +580,6 @@ def _resize_worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)            # Ctrl-C reaches the parent, which ends the pool
 
 
-@contextmanager
-def sigint_held():
-    """Hold Ctrl-C back while worker processes start: they are born with SIGINT blocked (a Ctrl-C to the
-    process group reaches only this process, no half-started worker prints a traceback), and this
-    process gets a Ctrl-C that came meanwhile as soon as they are up."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 PARTIAL = re.compile(r"\.(?P<stem>.+)\.tmp-(?P<pid>\d+)(?P<suffix>\.[^.]+)$")   # _resize_one's .NAME.tmp-PID.EXT
 
 
@@ -888,8 +876,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)    # from here on, Ctrl-C is run_cli's: cleaned up, exit 130
-    try:
-        main()
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)            # ended: a late Ctrl-C cannot turn the exit into a traceback
+    run_script(main)
