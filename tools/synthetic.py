@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import av                 # noqa: E402
 import numpy as np        # noqa: E402
 from PIL import Image     # noqa: E402
+from tqdm import tqdm     # noqa: E402
 
 import data               # noqa: E402
 import train              # noqa: E402
@@ -70,7 +71,21 @@ from tools.tokenizer_tool import fit_from_dir   # noqa: E402
 # demo gave 33-45% against a 25% chance). Any set of straight motions has that
 # leak unless all of them share one axis; with one axis, the only classes that
 # shuffling cannot separate are a motion and its reverse.
-SYNTHETIC_VERSION = 3
+#
+# Version 4 (issue "make the paper's motion claims testable"; docs/motion.md): the
+# background stands still and three objects of the class colour move, each at
+# its own speed, all in the direction of the motion label. In version 3 the
+# whole picture pans, so copying a masked token from the neighbouring frame
+# (the shortcut Random-3D masking allows and tube masking forbids) needs the
+# direction of motion, i.e. the label. In version 4, as in real video, that copy
+# works without any motion almost everywhere (the still background), and only
+# the moving objects' tokens need it. Single frames and shuffled frames stay at
+# chance by the same argument as above (uniform start positions on the torus;
+# the frames of a clip moving right, as a set, have the law of a clip moving left).
+SYNTHETIC_VERSION = 3                 # the default set (the CPU demo's); --version 4 writes the other
+VERSIONS = (3, 4)
+V4_OBJECTS = 3                        # moving objects per video in version 4
+V4_RADIUS_FRAC = (0.10, 0.14)         # their radius as a fraction of the frame height (13-18 px at 128)
 SYN_FRAMES = 32                       # frames per video (2 s at 16 fps)
 SYN_HEIGHT, SYN_WIDTH = 128, 160      # short side 128: the CPU demo rescales to [128, 160] and crops 112
 SYN_FPS = 16
@@ -95,10 +110,11 @@ PAN_FRAC = (0.006, 0.0125)            # background: pixels per frame as a fracti
 DONE_NAME = "DONE"
 
 
-def _syn_params(seed: int, split: str, k: int, height: int, width: int) -> dict:
-    """The random draws of one video: its own stream, so sizes never change other videos."""
+def _syn_params(seed: int, split: str, k: int, height: int, width: int, version: int = SYNTHETIC_VERSION) -> dict:
+    """The random draws of one video: its own stream, so sizes never change other videos.
+    Version 4 draws its still background's and extra objects' parameters after version 3's."""
     rng = np.random.default_rng([seed, {"train": 0, "val": 1, "img-train": 2, "img-val": 3}[split], k])
-    return {
+    p = {
         "shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
         "direction": k % len(MOTION_CLASSES),                           # balanced splits
         "radius": rng.uniform(*RADIUS_FRAC) * height, "speed": rng.uniform(*SPEED_FRAC) * width,
@@ -106,6 +122,13 @@ def _syn_params(seed: int, split: str, k: int, height: int, width: int) -> dict:
         "x0": rng.uniform(0, width), "y0": rng.uniform(0, height),
         "colour_jitter": rng.normal(0, 12, 3), "bg_seed": int(rng.integers(2 ** 31)),
     }
+    if version == 4:                      # a still background; V4_OBJECTS objects, each its own shape, size, speed
+        p["pan"] = 0.0
+        p["objects"] = [{"shape": int(rng.integers(len(SHAPES))), "radius": rng.uniform(*V4_RADIUS_FRAC) * height,
+                         "speed": rng.uniform(*SPEED_FRAC) * width, "x0": rng.uniform(0, width),
+                         "y0": rng.uniform(0, height), "colour_jitter": rng.normal(0, 12, 3)}
+                        for _ in range(V4_OBJECTS)]
+    return p
 
 
 def _periodic_noise(rng: np.random.Generator, height: int, width: int, sigma: float) -> np.ndarray:
@@ -147,24 +170,34 @@ def _pan(background: np.ndarray, shifts) -> np.ndarray:
 def render_synthetic(p: dict, times, height: int, width: int) -> np.ndarray:
     """Frames at `times` of the video with parameters p -> (len(times), H, W, 3) uint8.
 
-    Frame t: the background translated by pan·t and the object centred at
-    (x0, y0) + speed·t, both along the video's direction; rendering any subset
-    of times gives the same frames as rendering them all.
+    Frame t: the background translated by pan·t and each object centred at
+    (x0, y0) + speed·t, all along the video's direction (version 3: one object,
+    p's own; version 4: p["objects"] on a still background); rendering any
+    subset of times gives the same frames as rendering them all.
     """
     dx, dy = MOTION_VECTORS[MOTION_CLASSES[p["direction"]]]
-    bg = _pan(_syn_background(p["bg_seed"], height, width),
-              [(dx * p["pan"] * t, dy * p["pan"] * t) for t in times]).astype(np.float32)   # (n, H, W, 3)
+    img = _pan(_syn_background(p["bg_seed"], height, width),
+               [(dx * p["pan"] * t, dy * p["pan"] * t) for t in times]).astype(np.float32)   # (n, H, W, 3)
     t = np.asarray(times, np.float32)[:, None, None]             # (n, 1, 1)
-    cx = p["x0"] + dx * p["speed"] * t                           # object centre at each time
-    cy = p["y0"] + dy * p["speed"] * t
+    colour = np.array(COLOURS[APPEARANCE_CLASSES[p["colour"]]])
+    for o in p.get("objects", [p]):                              # painted in order, later ones on top
+        alpha = _object_alpha(o, t, (dx, dy), height, width)     # (n, H, W, 1)
+        img = img + alpha * ((colour + o["colour_jitter"]).astype(np.float32) - img)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _object_alpha(o: dict, t: np.ndarray, direction, height: int, width: int) -> np.ndarray:
+    """Coverage (n, H, W, 1) in [0, 1] of object `o` (shape, radius, speed, x0, y0) at times t (n, 1, 1)."""
+    cx = o["x0"] + direction[0] * o["speed"] * t                 # object centre at each time
+    cy = o["y0"] + direction[1] * o["speed"] * t
     xs = np.arange(width, dtype=np.float32)[None, None, :] + 0.5     # pixel centres, (1, 1, W)
     ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5    # (1, H, 1)
     # Offsets to the centre on the torus (the object wraps around the edges);
     # separable, (n, 1, W) and (n, H, 1), broadcast to (n, H, W) only below.
     ox = (xs - cx + width / 2) % width - width / 2
     oy = (ys - cy + height / 2) % height - height / 2
-    r = p["radius"]
-    shape = SHAPES[p["shape"]]
+    r = o["radius"]
+    shape = SHAPES[o["shape"]]
     if shape == "circle":                                        # signed distance to the outline, px
         sd = np.sqrt(ox ** 2 + oy ** 2) - r
     elif shape == "square":                                      # same area as the circle: side r*sqrt(pi)
@@ -174,9 +207,7 @@ def render_synthetic(p: dict, times, height: int, width: int) -> np.ndarray:
         R = 1.3 * r
         c30 = math.cos(math.pi / 6)
         sd = np.maximum(np.maximum(oy, -c30 * ox - 0.5 * oy), c30 * ox - 0.5 * oy) - R / 2
-    alpha = np.clip(0.5 - sd, 0.0, 1.0)[..., None]               # 1-px antialiased edge, (n, H, W, 1)
-    colour = (np.array(COLOURS[APPEARANCE_CLASSES[p["colour"]]]) + p["colour_jitter"]).astype(np.float32)
-    return np.clip(bg + alpha * (colour - bg) + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(0.5 - sd, 0.0, 1.0)[..., None]                # 1-px antialiased edge
 
 
 def write_video(path: data.PathLike, frames: np.ndarray, fps: int = SYN_FPS, codec: str = "libx264",
@@ -203,7 +234,7 @@ def write_video(path: data.PathLike, frames: np.ndarray, fps: int = SYN_FPS, cod
 def make_synthetic(out: data.PathLike, seed: int = 0, n_train: int = SYN_TRAIN, n_val: int = SYN_VAL,
                    images_train: int = SYN_IMAGES_TRAIN, images_val: int = SYN_IMAGES_VAL,
                    frames: int = SYN_FRAMES, height: int = SYN_HEIGHT, width: int = SYN_WIDTH,
-                   verbose: bool = False) -> Path:
+                   verbose: bool = False, version: int = SYNTHETIC_VERSION) -> Path:
     """Write the synthetic data set into `out` (which must not hold one yet); DONE last.
 
     Layout (paths in the lists are relative to videos/ and images/):
@@ -218,18 +249,22 @@ def make_synthetic(out: data.PathLike, seed: int = 0, n_train: int = SYN_TRAIN, 
         raise FileExistsError(f"{out} already holds a synthetic data set")
     (out / "videos").mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    bar = tqdm(total=n_train + n_val, desc="synthetic videos", unit="video", disable=not verbose, file=sys.stderr,
+               leave=False)
     for split, n in (("train", n_train), ("val", n_val)):
         (out / "videos" / split).mkdir(exist_ok=True)
         rows = {"appearance": [], "motion": []}
         for k in range(n):
-            p = _syn_params(seed, split, k, height, width)
+            p = _syn_params(seed, split, k, height, width, version)
             rel = f"{split}/{k:06d}.mp4"
             write_video(out / "videos" / rel, render_synthetic(p, range(frames), height, width),
                         options=SYN_X264)
             rows["appearance"].append(f"{rel} {p['colour']}")
             rows["motion"].append(f"{rel} {p['direction']}")
+            bar.update(1)
         for task, lines in rows.items():
             (out / "videos" / f"{split}_{task}.txt").write_text("\n".join(lines) + "\n")
+    bar.close()
     (out / "videos" / "classes_appearance.txt").write_text("\n".join(APPEARANCE_CLASSES) + "\n")
     (out / "videos" / "classes_motion.txt").write_text("\n".join(MOTION_CLASSES) + "\n")
     for split, per_class in (("train", images_train), ("val", images_val)):
@@ -237,7 +272,7 @@ def make_synthetic(out: data.PathLike, seed: int = 0, n_train: int = SYN_TRAIN, 
         for label, name in enumerate(APPEARANCE_CLASSES):
             (out / "images" / split / name).mkdir(parents=True, exist_ok=True)
             for k in range(per_class):
-                p = _syn_params(seed, f"img-{split}", label * 100_000 + k, height, width)
+                p = _syn_params(seed, f"img-{split}", label * 100_000 + k, height, width, version)
                 p["colour"] = label                                     # the class fixes the colour
                 t = int(np.random.default_rng([seed, 7, label, k]).integers(frames))
                 img = Image.fromarray(render_synthetic(p, [t], height, width)[0])
@@ -249,7 +284,7 @@ def make_synthetic(out: data.PathLike, seed: int = 0, n_train: int = SYN_TRAIN, 
                     img.save(out / "images" / rel, "JPEG", quality=90)
                 lines.append(f"{rel} {label}")
         (out / "images" / f"{split}_list.txt").write_text("\n".join(lines) + "\n")
-    info = {"version": SYNTHETIC_VERSION, "seed": seed, "frames": frames, "height": height, "width": width,
+    info = {"version": version, "seed": seed, "frames": frames, "height": height, "width": width,
             "fps": SYN_FPS, "videos": {"train": n_train, "val": n_val},
             "images_per_class": {"train": images_train, "val": images_val},
             "classes": {"appearance": list(APPEARANCE_CLASSES), "motion": list(MOTION_CLASSES)},
@@ -257,7 +292,7 @@ def make_synthetic(out: data.PathLike, seed: int = 0, n_train: int = SYN_TRAIN, 
                       "motion": "needs time (SSv2-like); finetune with flip=0: a flip swaps left/right"}}
     (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
     (out / DONE_NAME).write_text(json.dumps(_syn_key(seed, n_train, n_val, images_train, images_val,
-                                                     frames, height, width)) + "\n")
+                                                     frames, height, width, version)) + "\n")
     if verbose:
         mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
         print(f"synthetic data set: {n_train}+{n_val} videos, {len(APPEARANCE_CLASSES)}x"
@@ -265,8 +300,9 @@ def make_synthetic(out: data.PathLike, seed: int = 0, n_train: int = SYN_TRAIN, 
     return out
 
 
-def _syn_key(seed, n_train, n_val, images_train, images_val, frames, height, width) -> dict:
-    return {"version": SYNTHETIC_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
+def _syn_key(seed, n_train, n_val, images_train, images_val, frames, height, width,
+             version=SYNTHETIC_VERSION) -> dict:
+    return {"version": version, "seed": seed, "n_train": n_train, "n_val": n_val,
             "images_train": images_train, "images_val": images_val, "frames": frames,
             "height": height, "width": width}
 
@@ -280,12 +316,13 @@ def make_synthetic_set(root: data.PathLike, seed: int = 0, timeout: float = 900.
     seen); everyone else waits for root/DONE. An existing complete set made
     with other arguments is an error (delete it to regenerate); so is a
     non-empty root without DONE (not ours). `sizes`: make_synthetic's size
-    arguments (n_train, n_val, images_train, images_val, frames, height, width).
+    arguments (n_train, n_val, images_train, images_val, frames, height, width, version).
     """
     root = Path(root)
     key = _syn_key(seed, *(sizes.get(k, d) for k, d in (
         ("n_train", SYN_TRAIN), ("n_val", SYN_VAL), ("images_train", SYN_IMAGES_TRAIN),
-        ("images_val", SYN_IMAGES_VAL), ("frames", SYN_FRAMES), ("height", SYN_HEIGHT), ("width", SYN_WIDTH))))
+        ("images_val", SYN_IMAGES_VAL), ("frames", SYN_FRAMES), ("height", SYN_HEIGHT), ("width", SYN_WIDTH),
+        ("version", SYNTHETIC_VERSION))))
     done = root / DONE_NAME
     lock = data.FileLock(root.parent / f".{root.name}.lock")
     deadline, told = time.time() + timeout, False
@@ -306,16 +343,13 @@ def make_synthetic_set(root: data.PathLike, seed: int = 0, timeout: float = 900.
                 print(f"waiting for {busy}, which is generating {root} ...", flush=True)
                 told = True
             if time.time() > deadline:
-                raise TimeoutError(f"waited {timeout:.0f} s for {done} from {busy}; if that process is "
-                                   f"gone, delete {lock.path}")
+                raise TimeoutError(f"waited {timeout:.0f} s for {done} from {busy}")
             time.sleep(0.2)
             continue
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        # Temporary folders of generators that died (their pid is gone) are removed.
+        # We hold the lock, so no generator is alive: any temporary folder is a dead one's.
         for old in root.parent.glob(f".{root.name}.tmp-*"):
-            pid = old.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not data._pid_alive(int(pid)):
-                shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             if verbose:
@@ -357,20 +391,29 @@ def prepare(root, seed: int = 0, verbose: bool = True, vocab: int = TOKENIZER_VO
     return str(root)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="synthetic.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="data/synthetic", help="folder of the set (default data/synthetic)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the set and of the tokenizer's fit (default 0)")
-    ap.add_argument("--train", type=int, default=SYN_TRAIN, help="training videos")
-    ap.add_argument("--val", type=int, default=SYN_VAL, help="validation videos")
-    ap.add_argument("--images-train", type=int, default=SYN_IMAGES_TRAIN, help="training images per class")
-    ap.add_argument("--images-val", type=int, default=SYN_IMAGES_VAL, help="validation images per class")
-    ap.add_argument("--frames", type=int, default=SYN_FRAMES)
-    ap.add_argument("--height", type=int, default=SYN_HEIGHT)
-    ap.add_argument("--width", type=int, default=SYN_WIDTH)
-    args = ap.parse_args(argv)
+    ap.add_argument("--version", type=int, choices=VERSIONS, default=SYNTHETIC_VERSION,
+                    help="3: the whole scene pans (the CPU demo's set); 4: a still background with three "
+                         f"moving objects (docs/motion.md) (default {SYNTHETIC_VERSION})")
+    ap.add_argument("--train", type=int, default=SYN_TRAIN, help=f"training videos (default {SYN_TRAIN})")
+    ap.add_argument("--val", type=int, default=SYN_VAL, help=f"validation videos (default {SYN_VAL})")
+    ap.add_argument("--images-train", type=int, default=SYN_IMAGES_TRAIN,
+                    help=f"training images per appearance class (default {SYN_IMAGES_TRAIN})")
+    ap.add_argument("--images-val", type=int, default=SYN_IMAGES_VAL,
+                    help=f"validation images per appearance class (default {SYN_IMAGES_VAL})")
+    ap.add_argument("--frames", type=int, default=SYN_FRAMES, help=f"frames per video (default {SYN_FRAMES})")
+    ap.add_argument("--height", type=int, default=SYN_HEIGHT, help=f"frame height, px (default {SYN_HEIGHT})")
+    ap.add_argument("--width", type=int, default=SYN_WIDTH, help=f"frame width, px (default {SYN_WIDTH})")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     sizes = dict(n_train=args.train, n_val=args.val, images_train=args.images_train, images_val=args.images_val,
-                 frames=args.frames, height=args.height, width=args.width)
+                 frames=args.frames, height=args.height, width=args.width, version=args.version)
     train.run_cli("synthetic.py", lambda: prepare(args.out, args.seed, **sizes))
 
 
