@@ -156,6 +156,51 @@ def _pretrainings(row: str) -> list:
     return [(name, "video", ["--mask-strategy", strategy])]
 
 
+def record_cell(path: str, results: dict, key: str, value: dict, seconds: float) -> None:
+    """Add one cell to results["cells"] and the results file: under a lock, re-read the file and merge,
+    so processes running other seeds into the same file never drop each other's cells."""
+    cells = results.setdefault("cells", {})
+    cells[key] = {**value, "seconds": round(seconds, 1)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    lock = data.FileLock(path + ".lock")
+    while lock.acquire() is not None:
+        time.sleep(0.2)                                    # another process is writing its cell
+    try:
+        if os.path.exists(path):
+            with open(path) as f:
+                on_file = json.load(f).get("cells", {})
+            cells.update({k: v for k, v in on_file.items() if k not in cells})
+        train.write_atomic(path, json.dumps(results, indent=1, sort_keys=True))
+    finally:
+        lock.release()
+    print(f"[cell] {key}: " + ", ".join(f"{k} {v:.3g}" for k, v in value.items() if isinstance(v, (int, float))),
+          flush=True)
+
+
+class CellStore:
+    """A results file of cells made with one recipe (a file of another recipe is refused, never mixed
+    in); `record` adds a cell (record_cell). recipe None: read the cells, check nothing."""
+
+    def __init__(self, path: str, recipe: Optional[dict]):
+        self.path, self.results = path, {"cells": {}}
+        if os.path.exists(path):
+            with open(path) as f:
+                try:
+                    self.results = json.load(f)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path} is not valid JSON (a torn write?); move it away to start again")
+        self.cells = self.results.setdefault("cells", {})
+        if recipe is not None:
+            check_writable(path)
+            on_file = self.results.setdefault("recipe", recipe)
+            if on_file != recipe:
+                raise ValueError(f"{path} holds cells made with another recipe ({recipe_difference(on_file, recipe)}"
+                                 f"); pass another --results file")
+
+    def record(self, key: str, value: dict, seconds: float) -> None:
+        record_cell(self.path, self.results, key, value, seconds)
+
+
 class Tables:
     """Runs and records the cells of the requested tables; see the section comment above."""
 
@@ -210,23 +255,7 @@ class Tables:
                 if k.endswith(self.tag) and k.count("|") == 3 + self.tag.count("|")}
 
     def record(self, key: str, value: dict, seconds: float) -> None:
-        """Add one cell to the results file: under a lock, re-read it and merge, so processes
-        running other seeds into the same file never drop each other's cells."""
-        self.cells[key] = {**value, "seconds": round(seconds, 1)}
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        lock = data.FileLock(self.path + ".lock")
-        while lock.acquire() is not None:
-            time.sleep(0.2)                                # another process is writing its cell
-        try:
-            if os.path.exists(self.path):
-                with open(self.path) as f:
-                    on_file = json.load(f).get("cells", {})
-                self.cells.update({k: v for k, v in on_file.items() if k not in self.cells})
-            train.write_atomic(self.path, json.dumps(self.results, indent=1, sort_keys=True))
-        finally:
-            lock.release()
-        print(f"[tables] {key}: " + ", ".join(f"{k} {v:.1f}" for k, v in value.items()
-                                               if isinstance(v, (int, float))), flush=True)
+        record_cell(self.path, self.results, key, value, seconds)
 
     # --- the runs behind the cells
     def checkpoint(self, row: str, seed: int) -> str:
