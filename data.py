@@ -52,6 +52,7 @@ or from `python tools/prepare_data.py lists|resize|check`):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import operator
@@ -517,6 +518,16 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 _MEAN = torch.tensor(IMAGENET_MEAN) / 255.0
 _STD = torch.tensor(IMAGENET_STD) / 255.0
+_NORM: dict = {}          # device -> (1/std, -mean/std), (3,) fp32: copied to each device once, not per call
+
+
+def _norm_consts(x: torch.Tensor, channel_dim: int):
+    """(scale, shift) = (1/std, -mean/std) on x's device, shaped to broadcast with channels at channel_dim."""
+    if x.device not in _NORM:
+        _NORM[x.device] = ((1.0 / _STD).to(x.device), (-_MEAN / _STD).to(x.device))
+    shape = [1] * x.dim()
+    shape[channel_dim] = 3
+    return (t.view(shape) for t in _NORM[x.device])
 
 
 def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
@@ -525,11 +536,10 @@ def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
     channels_first=True returns (3, N, H, W) instead: the clip layout (3, T,
     H, W), written in the same single pass (x * (1/std) + (-mean/std)).
     """
-    scale = (1.0 / _STD).view(3, 1, 1, 1)
-    shift = (-_MEAN / _STD).view(3, 1, 1, 1)
     if channels_first:
-        return torch.addcmul(shift, x.transpose(0, 1), scale)           # (3, N, H, W), contiguous
-    return torch.addcmul(shift.view(3, 1, 1), x, scale.view(3, 1, 1))   # (N, 3, H, W)
+        x = x.transpose(0, 1)                                             # (3, N, H, W) view
+    scale, shift = _norm_consts(x, 0 if channels_first else -3)
+    return torch.addcmul(shift, x, scale)
 
 
 def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
@@ -540,12 +550,12 @@ def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     x·(1/std) − mean/std in fp32), so the result is identical to normalising
     in the worker; only the bytes that travel are 4x fewer.
     """
+    # No host sync here: the constants live on the device (_NORM), and the trainer copies the
+    # batch from pinned memory with non_blocking=True. What still makes a step wait for the device
+    # is outside data.py: bevt.py's masked-token gather and train.py's StepLog read-back per log line.
     if x.dtype != torch.uint8:
         raise ValueError(f"normalize_batch: expected a uint8 batch, got {x.dtype}")
-    shape = [1] * x.dim()
-    shape[channel_dim] = 3
-    scale = (1.0 / _STD).to(x.device).view(shape)
-    shift = (-_MEAN / _STD).to(x.device).view(shape)
+    scale, shift = _norm_consts(x, channel_dim)
     return torch.addcmul(shift, x.float().mul_(1.0 / 255.0), scale)
 
 
@@ -1525,94 +1535,64 @@ class JointLoader:
                   f"{skipped_images} image(s) skipped", flush=True)
 
 
-def auto_decode_threads(num_workers: int, local_world_size: Optional[int] = None) -> int:
-    """PyAV decoder threads per loading process: the node's cores shared by every process that decodes.
+def _node_share(local_world_size: Optional[int]) -> tuple[int, int]:
+    """(ranks on this node, CPUs this process may run on): torchrun's LOCAL_WORLD_SIZE, and the affinity
+    mask (the job's allocation, which torchrun's ranks inherit and share), not os.cpu_count()."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world_size is None else local_world_size
+    return max(1, ranks), len(os.sched_getaffinity(0))
 
-    Under torchrun, LOCAL_WORLD_SIZE ranks share the node and each runs
-    `num_workers` DataLoader workers (the joint stage: that many for videos and
-    as many for images), so each worker gets cores / (ranks x workers), at least 1.
-    """
-    if local_world_size is None:
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, (os.cpu_count() or 1) // (max(1, local_world_size) * max(1, num_workers)))
+
+def auto_decode_threads(num_workers: int, local_world_size: Optional[int] = None) -> int:
+    """PyAV decoder threads per loading process: the allocated CPUs shared by the node's ranks x
+    `num_workers` workers (the joint stage: both loaders' workers), at least 1."""
+    ranks, cpus = _node_share(local_world_size)
+    return max(1, cpus // (ranks * max(1, num_workers)))
 
 
 def loading_plan(num_workers: int, threads: int, loaders: int = 1, local_world_size: Optional[int] = None) -> str:
-    """One line on how the node's cores are spent on data loading (printed at start)."""
-    if local_world_size is None:
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    procs = local_world_size * max(1, num_workers) * loaders
-    return (f"data loading: {local_world_size} rank(s) on this node x {loaders} loader(s) x {num_workers} "
-            f"worker(s) = {procs} loading process(es), {threads} decoder thread(s) each, on {os.cpu_count()} cores")
+    """One line on how the node's CPUs are spent on data loading (printed at start)."""
+    ranks, cpus = _node_share(local_world_size)
+    return (f"data loading: {ranks} rank(s) on this node x {loaders} loader(s) x {num_workers} worker(s) = "
+            f"{ranks * max(1, num_workers) * loaders} loading process(es), {threads} decoder thread(s) each, "
+            f"on {cpus} CPUs")
 
 
 # -----------------------------------------------------------------------------
-# One writer per folder (train.py's run folder, finetune.py's results file)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)                                   # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:                               # exists, owned by someone else
-        return True
-    return True
+# One writer per folder (train.py's run folder, tools/tables.py's results file)
 
 
 class FileLock:
-    """One writer per folder: a lock file created exclusively, holding "host pid [job]".
+    """An `fcntl.flock` on a lock file that names its holder ("pid P on HOST since T").
 
-    `acquire()` returns None when the lock is ours, else a description of the
-    holder. A dead holder's lock (same host, pid gone) is taken over; a holder
-    on another host counts as live unless it names our `job` (a requeued
-    cluster job, e.g. train.py's SLURM job id, runs only once its earlier
-    processes are gone, so their lock is stale).
+    The kernel frees the lock when its holder dies, on any host (on NFS Linux maps flock to
+    NFS locks; Lustre needs its `flock` mount option), so a restarted job always reclaims it,
+    and a file naming a holder that is gone is simply taken. The file is never deleted: a
+    process could otherwise lock an unlinked file while another creates a new one.
     """
 
-    def __init__(self, path: PathLike, job: Optional[str] = None):
-        self.path, self.job, self.held = Path(path), job, False
-
-    def holder(self) -> Optional[tuple]:
-        """(host, pid, job or None) of the lock file, or None if there is none or it cannot be read."""
-        try:
-            host, pid, *job = self.path.read_text().split()
-            if len(job) > 1:
-                return None
-            return host, int(pid), (job[0] if job else None)
-        except (OSError, ValueError):
-            return None
+    def __init__(self, path: PathLike):
+        self.path, self._fd = Path(path), None
 
     def acquire(self) -> Optional[str]:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                h = self.holder()
-                if h is None:                             # being written this instant, or garbage
-                    time.sleep(0.05)
-                    h = self.holder()
-                    if h is None:
-                        return f"an unreadable lock file {self.path}"
-                host, pid, job = h
-                if host == socket.gethostname() and not _pid_alive(pid):
-                    logger.warning("taking over %s: its holder (pid %d) is dead", self.path, pid)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if self.job is not None and job == self.job:
-                    logger.warning("taking over %s: its holder (pid %d on %s) was an earlier run of job %s",
-                                self.path, pid, host, job)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                return f"pid {pid} on {host}{f' (job {job})' if job else ''} (lock file {self.path})"
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}{f' {self.job}' if self.job else ''}\n")
-            self.held = True
+        """None when the lock is ours, else a one-line description of its holder."""
+        if self._fd is not None:
             return None
-        return f"a lock file {self.path} that keeps coming back"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process starting up"
+            os.close(fd)
+            return f"{holder} (lock file {self.path})"
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        self._fd = fd
+        return None
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
+        """Unlock (explicitly: forked DataLoader workers share the open file) and close."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

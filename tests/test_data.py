@@ -419,14 +419,27 @@ def test_pretrain_image_ships_uint8_and_its_own_tokenizer_copy():
         data.normalize_batch(imgs.float())
 
 
-def test_decode_threads_share_the_node_among_ranks_and_workers(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+def test_decode_threads_share_the_allocated_cpus_among_ranks_and_workers(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)                      # the machine: not what the job got
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))    # the job's allocation
     assert data.auto_decode_threads(4, local_world_size=1) == 16
     assert data.auto_decode_threads(4, local_world_size=8) == 2             # 8 ranks x 4 workers on 64 cores
     assert data.auto_decode_threads(16, local_world_size=8) == 1            # never below one thread
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                             # what torchrun sets
     assert data.auto_decode_threads(2) == 4
-    assert "8 rank(s) on this node x 2 loader(s) x 4 worker(s) = 64 loading process(es)" in data.loading_plan(4, 1, 2)
+    plan = data.loading_plan(4, 1, 2)
+    assert "8 rank(s) on this node x 2 loader(s) x 4 worker(s) = 64 loading process(es)" in plan and "on 64 CPUs" in plan
+
+
+def test_normalize_batch_copies_its_constants_to_a_device_once(monkeypatch):
+    """Issue 32.2: no host-to-device copy per call. After the first call on a device the host
+    constants are not read again, and the result stays the same."""
+    x = torch.randint(0, 256, (2, 3, 4, 8, 8), dtype=torch.uint8)
+    first = data.normalize_batch(x)
+    monkeypatch.setattr(data, "_STD", None)
+    monkeypatch.setattr(data, "_MEAN", None)
+    assert torch.equal(data.normalize_batch(x), first)
+    assert torch.equal(data.normalize(data.to_float(x[0].transpose(0, 1)), channels_first=True), first[0])
 
 
 def test_crop_and_flip_are_windows_of_the_frame():
