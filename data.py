@@ -1094,14 +1094,11 @@ def shuffle_frames(video: torch.Tensor, generator: Optional[torch.Generator] = N
 # Decoding robustly: counting frames, and decoding from the start
 #
 # The frame count is the number of packets the decoder turns into pictures:
-# the packets are demuxed (read, not decoded) and counted, leaving out the
-# empty ones (AVI's "drop frame" chunks, the end-of-stream packet) and those
-# marked discard (frames an MP4 edit list cuts, e.g. after a stream-copy cut,
-# which are decoded only as references). Containers' own counts are not used:
-# Matroska, MPEG-TS/PS and FLV store none, AVI's header counts the drop
-# frames, MP4's the frames an edit list cuts. Frames are placed by decode
-# order alone, never by timestamps (which variable-rate files, AVI drop frames
-# and AVI B-frames make wrong).
+# the demuxed (not decoded) packets, less the empty ones (AVI's "drop frame"
+# chunks, the end-of-stream packet) and those marked discard (frames an MP4
+# edit list cuts, decoded only as references). Containers' own counts are not
+# used (Matroska, MPEG-TS/PS and FLV store none; AVI's counts the drop frames,
+# MP4's the cut ones), and frames are placed by decode order, never by timestamps.
 
 
 def _open_video(path: PathLike, threads: int):
@@ -1130,8 +1127,7 @@ def _rgb(frame) -> np.ndarray:
 
 
 def _decode_from_start(container, stream, wanted: set) -> dict[int, np.ndarray]:
-    """{i: (H, W, 3) uint8} for the frame indices `wanted`, frame i being the i-th frame out of the
-    decoder: exact by definition, needs no timestamps. Stops after the last wanted frame."""
+    """{i: (H, W, 3) uint8} for the wanted indices, frame i being the i-th out of the decoder."""
     last, got = max(wanted), {}
     for i, frame in enumerate(container.decode(stream)):
         if i in wanted:
@@ -1152,26 +1148,15 @@ class AllBadMedia(ValueError):
 
 
 class _RobustDataset(Dataset):
-    """Shared by the video and image sets: per-sample randomness, and bad files replaced.
+    """Shared by the video and image sets: per-sample keyed randomness, and bad files replaced.
 
-    Randomness: sample `index` of epoch `epoch` draws every random choice
-    (frame offsets, rescale, crop, flip, jitter: torch's CPU generator; its
-    mask: the transform's MaskGenerator) from seeds of (seed, epoch, index)
-    alone (masking.sample_seed), never of the rank or the DataLoader worker. A
-    sample is therefore the same whichever process and batch position draws
-    it, which lets train.py re-shard a run over another number of processes.
-    torch's generator is forked around the sample, so a loader without workers
-    leaves the trainer's own draws (dropout, drop path) untouched.
-
-    Bad files: a file that raises BadMedia while decoding is replaced by the
-    next row of a replacement sequence drawn from (seed, epoch, index) (up to
-    MAX_REPLACEMENTS tries); the sample records every failure in `skipped`
-    ("path<TAB>reason" lines), which EpochLoader logs once per path and counts.
-    A row known to be bad (in this process) is not decoded again, but still
-    counted; since the sequence does not depend on what this process already
-    knows, the replacement is the same in every process. Only decoding is
-    guarded: an error in a transform is a bug and propagates. The known-bad
-    rows are one flag per row plus the first KEPT_REASONS reasons (bounded).
+    Sample `index` of epoch `epoch` draws every random choice (torch's CPU generator, forked
+    around the sample; the transform's MaskGenerator) from seeds of (seed, epoch, index) alone,
+    never of the rank or worker, so train.py can re-shard a run. A file that raises BadMedia is
+    replaced by the next row of a sequence drawn from the same key (the same in every process,
+    whatever it already knows is bad); `skipped` lists each failure as "path<TAB>reason". Only
+    decoding is guarded: an error in a transform is a bug. Known-bad rows: a flag per row, and
+    the reasons of the first KEPT_REASONS.
     """
 
     KEPT_REASONS = 1000
@@ -1200,8 +1185,7 @@ class _RobustDataset(Dataset):
             yield
 
     def __getitem__(self, key) -> dict:
-        """key: (index, seed, epoch) as EpochLoader sends it, or a row index alone (the dataset's
-        own `seed` and `epoch`, for direct use)."""
+        """key: (index, seed, epoch) as EpochLoader sends it, or a row index (the dataset's seed and epoch)."""
         index, seed, epoch = key if isinstance(key, tuple) else (key, self.seed, self.epoch)
         skipped = []
         i, replacements = index, None
@@ -1226,19 +1210,12 @@ class _RobustDataset(Dataset):
             first = "; ".join(line.replace("\t", " (", 1) + ")" for line in skipped[:3])
             raise AllBadMedia(f"{MAX_REPLACEMENTS} files in a row could not be decoded, e.g. {first}; "
                               f"are the list and the root right?")
-        out["label"] = self.samples.label(i)
-        out["index"] = i
-        out["skipped"] = "\n".join(skipped)
-        return out
+        return {**out, "label": self.samples.label(i), "index": i, "skipped": "\n".join(skipped)}
 
 
 class VideoDataset(_RobustDataset):
-    """Clips from an annotation list (`relative/path.mp4 label`) under `root`.
-
-    sampling: which frames (FrameSampling); transform: decoded frames
-    (clips, T, H, W, 3) uint8 -> dict. Frame counts are cached per process in
-    one int32 per row (0 = not counted yet; a video without frames is bad).
-    """
+    """Clips of an annotation list (`relative/path.mp4 label`) under `root`: `sampling` picks the frames,
+    `transform` maps them (clips, T, H, W, 3) uint8 -> dict. Frame counts are cached (0: not counted yet)."""
 
     def __init__(self, ann_file: PathLike, root: PathLike, sampling: FrameSampling, transform: Callable,
                  decode_threads: int = 1):
@@ -1247,23 +1224,16 @@ class VideoDataset(_RobustDataset):
         self._num_frames = np.zeros(len(self.samples), np.int32)
 
     def load(self, index: int) -> dict:
-        path = self.samples.path(index)
-        known = int(self._num_frames[index]) or None
-        frames, _, n = read_video(path, self.sampling, self.decode_threads, known)
-        self._num_frames[index] = n                          # no re-count later in this process
+        frames, _, n = read_video(self.samples.path(index), self.sampling, self.decode_threads,
+                                  int(self._num_frames[index]) or None)
+        self._num_frames[index] = n
         return self.transform(frames)                        # frames (clips, T, H, W, 3)
-
-    def __repr__(self):
-        return f"VideoDataset({len(self)} videos, {self.sampling}, decode_threads={self.decode_threads})"
 
 
 class ImageDataset(_RobustDataset):
-    """Images from an ImageNet-style folder tree (root/<class>/<image>) or a list file under root.
-
-    `classes`: the class folder names of a scanned folder; None for a list file
-    (`python tools/prepare_data.py lists images` writes one, so that the ranks
-    of a big run do not each scan ImageNet).
-    """
+    """Images of an ImageNet-style tree (root/<class>/<image>; `classes` its folder names) or of a
+    list file under root (`classes` None; `python tools/prepare_data.py lists images` writes one,
+    so that the ranks of a big run do not each scan ImageNet)."""
 
     def __init__(self, root: PathLike, ann_file: Optional[PathLike] = None, transform: Callable = None,
                  min_short: Optional[int] = None):
@@ -1277,20 +1247,10 @@ class ImageDataset(_RobustDataset):
     def load(self, index: int) -> dict:
         return self.transform(read_image(self.samples.path(index), self.min_short))
 
-    def __repr__(self):
-        return f"ImageDataset({len(self)} images)"
-
 
 # -----------------------------------------------------------------------------
-# Loaders: global batches for training, DistributedSampler shards for evaluation
-#
-# Training is defined by the seed and the global batch, not by the process
-# count: the order of an epoch's samples and which of them form global step s
-# are drawn once for all processes (GlobalBatchSampler), each process computes
-# its share of every global batch as micro-batches, and every random choice of
-# a sample is keyed by (seed, epoch, index) (_RobustDataset). Running the same
-# global batch on another number of processes therefore changes only who
-# computes which part of it (train.py resumes a run that way).
+# Loaders: global batches for training (the same on any number of processes),
+# DistributedSampler shards for evaluation
 
 _LOGGED_BAD: set = set()          # paths already logged by this process ("logged once")
 
@@ -1298,21 +1258,17 @@ _LOGGED_BAD: set = set()          # paths already logged by this process ("logge
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """The row indices of one process's micro-batches, cut from global batches.
 
-    Epoch e: a permutation of the n rows drawn from (seed, epoch) alone
-    (masking.sample_seed; the identity when shuffle=False). The epoch holds
-    `steps` = n // G global batches of G = world x accum x batch rows; global
-    step s of the epoch is perm[s*G : (s+1)*G], and the n - steps*G rows left
-    over wait for another epoch's order (a step never spans two epochs).
-    Process r takes the contiguous rows [r*accum*batch, (r+1)*accum*batch) of
-    every global batch, as `accum` micro-batches of `batch` rows:
+    Epoch e is a permutation of the n rows drawn from (seed, epoch) alone (the identity
+    without shuffle), cut into `steps` = n // G global batches of G = world x accum x batch
+    rows (the rest wait for another epoch's order). Process r takes rows [r*accum*batch,
+    (r+1)*accum*batch) of every global batch, as `accum` micro-batches of `batch` rows:
 
         one global batch (G = 8 rows, batch 2):  | 0 1 | 2 3 | 4 5 | 6 7 |
         world 2, accum 2:                          r0 m0 r0 m1 r1 m0 r1 m1
         world 1, accum 4:                          m0    m1    m2    m3
 
-    so with the same global and per-process batch, the micro-batches are the
-    same rows on any number of processes. set_epoch(e, start) begins at global
-    step `start` of epoch e, without drawing the skipped samples.
+    so the micro-batches are the same rows on any number of processes. set_epoch(e, start)
+    begins at global step `start` without drawing the skipped samples.
     """
 
     def __init__(self, n: int, batch: int, accum: int = 1, rank: int = 0, world: int = 1, seed: int = 0,
@@ -1346,15 +1302,12 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         share = self.accum * self.batch                           # rows of one process per global batch
         for s in range(self.start, self.steps):
             first = s * self.global_batch + self.rank * share
-            rows = perm[first:first + share].view(self.accum, self.batch)     # (accum, batch)
-            for m in range(self.accum):
-                yield rows[m].tolist()
+            yield from perm[first:first + share].view(self.accum, self.batch).tolist()    # (accum, batch)
 
 
 class _KeyedBatches(Sampler):
-    """A batch sampler's batches of row indices -> batches of sample keys (index, seed, epoch).
-    EpochLoader.set_epoch sets `epoch` (no reference back to the loader: no cycle keeps a
-    finished loader, and its worker processes, alive)."""
+    """Batches of row indices -> batches of sample keys (index, seed, epoch); EpochLoader sets `epoch`
+    (no reference back to the loader: no cycle keeps a finished loader's workers alive)."""
 
     def __init__(self, batches, seed: int):
         self.batches, self.seed, self.epoch = batches, seed, 0
@@ -1364,23 +1317,16 @@ class _KeyedBatches(Sampler):
 
     def __iter__(self):
         seed, epoch = self.seed, self.epoch
-        for batch in self.batches:
-            yield [(i, seed, epoch) for i in batch]
+        return ([(i, seed, epoch) for i in batch] for batch in self.batches)
 
 
 class EpochLoader:
-    """A DataLoader with `set_epoch`, yielding dicts.
-
-    Training (drop_last=True): this process's `accum` micro-batches of
-    `batch_size` of every global batch (GlobalBatchSampler); `len()` is the
-    micro-batches of a whole epoch. Every index travels with its key (index,
-    seed, epoch), so an epoch's batches are a function of (seed, epoch) and the
-    global batch, not of the rank, the workers or the trainer's RNG use.
-    Evaluation (drop_last=False): DistributedSampler shards, which keep every
-    sample (the last shard is padded with repeats; drop them by `index`).
-    Each batch's `skipped` entries are logged once per path and counted in
-    `skipped` (this epoch) and `skipped_total`; `report=True` prints them per epoch (rank 0).
-    """
+    """A DataLoader with `set_epoch`, yielding dicts: in training (drop_last=True) this process's
+    `accum` micro-batches of every global batch (GlobalBatchSampler; `len()` counts a whole epoch);
+    in evaluation DistributedSampler shards, which keep every sample (the last shard is padded
+    with repeats; drop them by `index`). Every index travels with its key (index, seed, epoch).
+    Skipped files are logged once per path and counted in `skipped` (this epoch) and
+    `skipped_total`; `report` prints them per epoch (on the verbose rank)."""
 
     def __init__(self, dataset: _RobustDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  num_workers: int, rank: int = 0, world_size: int = 1, seed: int = 0, name: str = "data",
@@ -1389,21 +1335,17 @@ class EpochLoader:
         self.verbose = (rank == 0) if verbose is None else verbose
         self.report = report
         if drop_last:
-            self.sampler = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world_size, seed, shuffle)
-            if self.sampler.steps == 0:
-                raise ValueError(f"{name}: {len(dataset)} samples give no global batch of {self.sampler.global_batch} "
-                                 f"({world_size} process(es) x {batch_size} x accumulation {accum}); use a smaller "
-                                 f"batch or more data")
-            batches = self.sampler
+            self.sampler = batches = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world_size, seed,
+                                                        shuffle)
+            what = (f"global batch of {batches.global_batch} ({world_size} process(es) x {batch_size} x "
+                    f"accumulation {accum})")
         else:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                               seed=seed, drop_last=False)
             batches = BatchSampler(self.sampler, batch_size, drop_last=False)
-            if len(batches) == 0:
-                raise ValueError(f"{name}: {len(dataset)} samples give no batch of {batch_size} per rank over "
-                                 f"{world_size} rank(s); use a smaller batch or more data")
-        # Workers live as long as the loader (persistent) and keep their own copy
-        # of the dataset, so each index travels with its key (index, seed, epoch).
+            what = f"batch of {batch_size} per rank over {world_size} rank(s)"
+        if len(batches) == 0:
+            raise ValueError(f"{name}: {len(dataset)} samples give no {what}; use a smaller batch or more data")
         self.keys = _KeyedBatches(batches, seed)
         self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=num_workers,
                                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
@@ -1422,25 +1364,22 @@ class EpochLoader:
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Epoch `epoch`, from its global step `start` (training loaders; evaluation: start 0)."""
-        self.epoch = epoch
         if isinstance(self.sampler, GlobalBatchSampler):
             self.sampler.set_epoch(epoch, start)
         elif start:
             raise ValueError("an evaluation loader (drop_last=False) starts its epochs at 0")
         else:
             self.sampler.set_epoch(epoch)
-        self.keys.epoch = epoch                                      # what every index of the epoch carries
-        self.dataset.seed, self.dataset.epoch = self.seed, epoch    # for direct indexing; batches carry their keys
-        # The workers' own seeds come from this generator when an epoch's iterator starts. No
-        # sample draws from them (see _RobustDataset), but a generator of its own keeps the
-        # DataLoader from drawing them from the trainer's global torch generator.
+        self.epoch = self.keys.epoch = epoch                        # what every index of the epoch carries
+        self.dataset.seed, self.dataset.epoch = self.seed, epoch    # for direct indexing
+        # The workers' seeds (which no sample draws from) come from a generator of their own, not the trainer's.
         self.loader.generator = torch.Generator().manual_seed(derive_seed(self.seed, rank=self.rank, epoch=epoch))
 
     def note_skipped(self, skipped) -> None:
         """Log (once per path) and count the failures a batch carries."""
-        for entry in skipped or ():
-            for line in entry.split("\n") if entry else ():
-                path, _, reason = line.partition("\t")
+        for line in "\n".join(skipped or ()).split("\n"):
+            path, _, reason = line.partition("\t")
+            if path:
                 self.skipped += 1
                 self.skipped_total += 1
                 if path not in _LOGGED_BAD:
@@ -1464,21 +1403,17 @@ class EpochLoader:
 class JointLoader:
     """The joint stage (BEVT, §3 + paper §4.1): every video batch comes with an image batch.
 
-    One epoch = one pass over the videos, in global steps; every micro-batch
-    of videos is paired with the next micro-batch of images (both loaders cut
-    their global batches with the same world and accumulation). The image
-    stream cycles on its own, in its own global steps: at video step s of
-    epoch e it is at image epoch e*P + s // S, step s % S, with S image steps
-    per image epoch and P = ceil(video steps / S). Every video epoch thus sees
-    fresh image orders, and a resume (set_epoch(e, start)) finds its place in
-    both streams without replaying them. Yields one dict: the video keys, the
-    image keys, and video_label/video_index/image_label/image_index.
+    One epoch is one pass over the videos, in global steps; each video micro-batch is paired
+    with the next image micro-batch (both cut with the same world and accumulation). The images
+    cycle in their own global steps: video step s of epoch e pairs with image epoch e*P + s // S,
+    step s % S (S image steps per image epoch, P = ceil(video steps / S)), so every video epoch
+    sees fresh image orders and a resume finds its place in both streams without replaying
+    them. Yields the video keys, the image keys, and video_/image_ label and index.
 
-    Differs from the released code: its MultiSourceRunner also pairs each K400
-    batch with the next batch of a cycled ImageNet loader (RepeatDataset x5),
-    but restarts that cycle every epoch with the sampler at the video epoch,
-    so repeated image passes within an epoch reuse one order; here every pass
-    has its own epoch number.
+    Differs from the released code: its MultiSourceRunner also pairs each K400 batch with the
+    next batch of a cycled ImageNet loader, but restarts that cycle every epoch with the
+    sampler at the video epoch, so repeated image passes within an epoch reuse one order;
+    here every pass has its own.
     """
 
     def __init__(self, videos: EpochLoader, images: EpochLoader):
@@ -1496,7 +1431,6 @@ class JointLoader:
 
     @property
     def skipped_total(self) -> int:
-        """Unreadable files met over the whole run, videos and images."""
         return self.videos.skipped_total + self.images.skipped_total
 
     def image_position(self, epoch: int, step: int) -> tuple[int, int]:
@@ -1509,25 +1443,21 @@ class JointLoader:
         self.videos.set_epoch(epoch, start)
         self.images.set_epoch(*self.image_position(epoch, start))
 
-    @staticmethod
-    def _prefixed(batch: dict, prefix: str) -> dict:
-        return {(f"{prefix}_{k}" if k in ("label", "index") else k): v for k, v in batch.items()}
-
     def __iter__(self):
         img_epoch, img_start = self.image_position(self.epoch, self.start)
         self.images.set_epoch(img_epoch, img_start)
         images = iter(self.images)
         skipped_images = 0
         for vb in self.videos:
-            try:
-                ib = next(images)
-            except StopIteration:                                     # images exhausted: next image epoch
+            ib = next(images, None)
+            if ib is None:                                            # images exhausted: next image epoch
                 skipped_images += self.images.skipped
                 img_epoch += 1
                 self.images.set_epoch(img_epoch)
                 images = iter(self.images)
                 ib = next(images)
-            yield {**self._prefixed(vb, "video"), **self._prefixed(ib, "image")}
+            yield {**{(f"video_{k}" if k in ("label", "index") else k): v for k, v in vb.items()},
+                   **{(f"image_{k}" if k in ("label", "index") else k): v for k, v in ib.items()}}
         skipped_images += self.images.skipped
         self.skipped = self.videos.skipped + skipped_images
         if self.videos.verbose:

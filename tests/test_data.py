@@ -889,7 +889,7 @@ def test_ensure_synthetic_is_safe_for_concurrent_ranks(tmp_path):
         p.join(timeout=60)
     assert results == [str(root)] * 2
     assert (root / "DONE").exists() and len(list((root / "videos" / "train").glob("*.mp4"))) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]             # no temp folder, no lock left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".syn.lock", "syn"]    # no temp folder; the lock file stays
     with pytest.raises(ValueError, match="made with"):
         synth.make_synthetic_set(root, seed=2, verbose=False)                  # another seed: refuse, do not mix
     (tmp_path / "foreign").mkdir()
