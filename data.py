@@ -7,12 +7,12 @@ The released BEVT configs (`swin_base_patch244_window877_bevt_in1k_k400.py`,
 `..._finetune_k400.py`, `..._window1677_bevt_finetune_ssv2.py`) settle what
 the paper leaves out; every difference is marked `# Differs from the released code:`.
 
-The file follows a pretraining sample: sample lists -> frame sampling ->
-decoding -> the one clip/image transform (rescale, [jitter], crop, flip,
-tokenizer copy) -> masks -> batches; then what finetuning adds (random-resized
-crop, RandAugment, random erasing, evaluation crops) and the Table 2 probes.
-Behind the banner: robust decoding, bad files replaced, the keyed samplers and
-epoch loaders, a file lock.
+The file follows a pretraining sample: frame sampling -> decoding -> the one
+clip/image transform (rescale, [jitter], crop, flip, tokenizer copy) -> masks
+-> batches; then what finetuning adds (random-resized crop, RandAugment, random
+erasing, evaluation crops) and the Table 2 probes. Behind the banner: sample
+lists, robust decoding, bad files replaced, the keyed samplers and epoch
+loaders, a file lock.
 
 Sample layouts (one dict per sample; the default collate adds a leading B axis):
 
@@ -97,159 +97,6 @@ JITTER = 0.4                    # images: ColorJitter(brightness=0.4, contrast=0
 VIDEO_BATCH = 8                 # per GPU: omni_videos_per_gpu=[8, 64] (paper §4.1: 8 clips + 64 images)
 IMAGE_BATCH = 64
 WORKERS = 4                     # released workers_per_gpu=4
-
-
-# -----------------------------------------------------------------------------
-# Sample lists: `relative/path label` per line (Kinetics/SSv2), or an image folder tree
-#
-# A list is held in `SampleList`, three numpy arrays, not a Python list of
-# (Path, int) tuples: every forked DataLoader worker that reads a Python object
-# writes its reference count and un-shares the page it lives on (PyTorch issue
-# 13246; Detectron2 and mmengine serialise their lists for the same reason).
-# numpy arrays hold no object per row, so the workers keep sharing them.
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")   # the image files a folder scan lists
-
-
-class SampleList:
-    """(path, label) pairs: `samples[i]` is (root / relative_path_i, label_i), stored as
-
-        _paths    uint8 (total bytes,)   every relative path, as file-system bytes (os.fsencode), back to back
-        _offsets  int64 (n + 1,)         path i is _paths[_offsets[i]:_offsets[i + 1]]
-        labels    int64 (n,)
-    """
-
-    def __init__(self, root: PathLike, paths: bytearray, ends: array, labels: array):
-        """From what a reader accumulated: the paths' bytes back to back, where each ends, the labels
-        (copied into exact-size numpy arrays: the growable buffers over-allocate)."""
-        self.root = Path(root)
-        self._paths = np.frombuffer(paths, np.uint8).copy()
-        self._offsets = np.zeros(len(ends) + 1, np.int64)
-        self._offsets[1:] = np.frombuffer(ends, np.int64)
-        self.labels = np.frombuffer(labels, np.int64).copy()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def _row(self, i: int) -> int:
-        i, n = operator.index(i), len(self.labels)            # an int (or numpy int), as a list takes
-        if not -n <= i < n:
-            raise IndexError(f"row {i} of a list of {n} samples")
-        return i % n
-
-    def relpath_bytes(self, i: int) -> bytes:
-        i = self._row(i)
-        return self._paths[self._offsets[i]:self._offsets[i + 1]].tobytes()
-
-    def path(self, i: int) -> Path:
-        return self.root / os.fsdecode(self.relpath_bytes(i))
-
-    def inside_root(self, i: int) -> bool:
-        """Whether row i names a file under root. A list comes from outside as much as its videos
-        do: an absolute path, or one whose `..` climbs out of root, is refused (read as bad media)."""
-        rel = os.path.normpath(os.fsdecode(self.relpath_bytes(i)))
-        return not (os.path.isabs(rel) or rel.split(os.sep, 1)[0] == "..")
-
-    def label(self, i: int) -> int:
-        return int(self.labels[self._row(i)])
-
-    def __getitem__(self, i: int) -> tuple[Path, int]:
-        return self.path(i), self.label(i)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    @property
-    def nbytes(self) -> int:
-        return self._paths.nbytes + self._offsets.nbytes + self.labels.nbytes
-
-    def __repr__(self):
-        return f"SampleList({len(self)} samples under {self.root}, {self.nbytes / 2**20:.1f} MiB)"
-
-
-def _check_exists(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return path
-
-
-def read_annotations(ann_file: PathLike, root: PathLike) -> SampleList:
-    """`relative/path label` per line -> SampleList of (root/relative/path, label).
-
-    The path may contain spaces (the label is the last field); blank lines and
-    lines starting with '#' are skipped. Lines are read as bytes, so no Python
-    object per row outlives its line. A missing list or root is an error; a
-    listed file that is missing is not (it is replaced at load time like any
-    unreadable file, as big video sets always have a few).
-    """
-    ann_file, root = Path(ann_file), Path(root)
-    _check_exists(ann_file, "annotation file")
-    _check_exists(root, "data root")
-    paths, ends, labels = bytearray(), array("q"), array("q")
-    with open(ann_file, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith(b"#"):
-                continue
-            parts = line.rsplit(None, 1)                       # the label is the last field: paths may hold spaces
-            try:
-                labels.append(int(parts[1]))
-            except (IndexError, ValueError, OverflowError):
-                raise ValueError(f"{ann_file}:{lineno}: expected 'relative/path label', "
-                                 f"got {os.fsdecode(line)!r}") from None
-            paths += parts[0]
-            ends.append(len(paths))
-    if not ends:
-        raise ValueError(f"annotation file {ann_file} lists no samples")
-    return SampleList(root, paths, ends, labels)
-
-
-def _walk_images(folder: str, rel: str, unreadable: list):
-    """Relative paths (rel/...) of the image files under `folder`, in sorted(Path.rglob) order:
-    depth first, each folder's entries sorted by name; symlinked folders not entered (as rglob).
-    An unreadable folder is noted in `unreadable` and skipped."""
-    try:
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError as e:
-        unreadable.append(f"{folder} ({e.strerror or e})")
-        return
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            yield from _walk_images(e.path, f"{rel}/{e.name}", unreadable)
-        elif e.name.rfind(".") > 0 and e.name.lower().endswith(IMAGE_EXTS) and e.is_file():
-            yield f"{rel}/{e.name}"
-
-
-def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
-    """ImageNet-style tree root/<class>/**/<image> -> (SampleList of (path, label), classes).
-
-    Labels are the positions of the class folders in sorted order, as
-    torchvision's ImageFolder assigns them; rows are in sorted path order.
-    Skipped, counted and logged: unreadable sub-folders, and names a list file
-    cannot hold (a line break in the name, or a class folder starting with white space).
-    """
-    root = _check_exists(Path(root), "image folder")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
-    paths, ends, labels = bytearray(), array("q"), array("q")
-    unreadable, unlistable = [], []
-    for label, c in enumerate(classes):
-        for rel in _walk_images(str(root / c), c, unreadable):
-            b = os.fsencode(rel)
-            if b"\n" in b or b"\r" in b or b[:1].isspace():
-                unlistable.append(rel)
-                continue
-            paths += b
-            ends.append(len(paths))
-            labels.append(label)
-    for what, items in (("unreadable folder(s)", unreadable), ("image(s) whose name a list cannot hold", unlistable)):
-        if items:
-            logger.warning("%s: skipped %d %s, e.g. %r", root, len(items), what, items[0])
-    if not ends:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
-    return SampleList(root, paths, ends, labels), classes
 
 
 # -----------------------------------------------------------------------------
@@ -575,16 +422,19 @@ class PretrainTransform:
 
     stream "video": frames (1, T, H, W, 3) uint8 -> {video, video_half, video_mask};
     stream "image": an image (H, W, 3) uint8 -> {image, image_half, image_mask}
-    (shapes in the module docstring; no mask without a mask_gen). The
-    recipes' defaults: PretrainClipTransform and PretrainImageTransform below.
+    (shapes in the module docstring; no mask without a mask_gen). Defaults:
+    the recipes', jitter JITTER for images and none for clips.
     """
 
-    def __init__(self, stream: str, crop: int, short_side, flip: float, jitter: float,
-                 mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
+    def __init__(self, stream: str, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
+                 jitter: Optional[float] = None, mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
+        if stream not in ("video", "image"):
+            raise ValueError(f"stream must be video or image, got {stream!r}")
         if min(short_side) < crop:
             raise ValueError(f"short side range {short_side} must be >= the crop {crop}")
         self.stream, self.crop, self.short_side, self.flip = stream, crop, tuple(short_side), flip
-        self.jitter, self.mask_gen, self.resample = jitter, mask_gen, resample
+        self.jitter = (JITTER if stream == "image" else 0.0) if jitter is None else jitter
+        self.mask_gen, self.resample = mask_gen, resample
 
     def __call__(self, pixels: np.ndarray) -> dict:
         if self.stream == "video":
@@ -610,22 +460,6 @@ class PretrainTransform:
         if self.mask_gen is not None:                  # the input mask: video (T/2, h, w), image (h, w)
             out[f"{self.stream}_mask"] = torch.from_numpy(self.mask_gen()[0])
         return out
-
-
-class PretrainClipTransform(PretrainTransform):
-    """The released video_train_pipeline: frames (1, T, H, W, 3) -> the video keys; no colour jitter."""
-
-    def __init__(self, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
-                 mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
-        super().__init__("video", crop, short_side, flip, 0.0, mask_gen, resample)
-
-
-class PretrainImageTransform(PretrainTransform):
-    """The released image_train_pipeline: an image (H, W, 3) -> the image keys; colour jitter 0.4."""
-
-    def __init__(self, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P, jitter: float = JITTER,
-                 mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
-        super().__init__("image", crop, short_side, flip, jitter, mask_gen, resample)
 
 
 # -----------------------------------------------------------------------------
@@ -686,14 +520,14 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
             raise ValueError(f"stage {stage!r} needs video_ann and video_root")
         gen = MaskGenerator(cfg.video_mask, (cfg.frames, cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio,
                             seed=cfg.seed + 1)
-        transform = PretrainClipTransform(cfg.crop, cfg.short_side, cfg.flip, gen, cfg.tok_resample)
+        transform = PretrainTransform("video", cfg.crop, cfg.short_side, cfg.flip, 0.0, gen, cfg.tok_resample)
         ds = VideoDataset(video_ann, video_root, FrameSampling(cfg.frames, cfg.interval), transform, threads)
         videos = EpochLoader(ds, cfg.video_batch, name="videos", seed=cfg.seed + 1, **common)
     if stage in ("image", "joint"):
         if image_root is None:
             raise ValueError(f"stage {stage!r} needs image_root (a folder tree, or the root of image_ann)")
         gen = MaskGenerator("block", (cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio, seed=cfg.seed)
-        transform = PretrainImageTransform(cfg.crop, cfg.short_side, cfg.flip, cfg.jitter, gen, cfg.tok_resample)
+        transform = PretrainTransform("image", cfg.crop, cfg.short_side, cfg.flip, cfg.jitter, gen, cfg.tok_resample)
         ds = ImageDataset(image_root, image_ann, transform, min_short=max(cfg.short_side))
         images = EpochLoader(ds, cfg.image_batch, name="images", seed=cfg.seed, **common)
     if stage == "joint":
@@ -789,49 +623,41 @@ def random_erasing(x: torch.Tensor, p: float = ERASE_P, area=ERASE_AREA, min_asp
 
 # Greyscale weights of RandAugment's enhance ops: PIL's ("L" conversion, ITU-R 601-2).
 _GREY_PIL = (0.299, 0.587, 0.114)
-
-
-def _conv_same(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Depthwise 2D filter of (N, 3, H, W) with edge replication (PIL filters keep the border)."""
-    k = kernel.shape[-1]
-    weight = kernel.to(x.dtype).expand(3, 1, k, k)
-    return F.conv2d(F.pad(x, (k // 2,) * 4, mode="replicate"), weight, groups=3)
-
-
 _SMOOTH = torch.tensor([[1., 1, 1], [1, 5, 1], [1, 1, 1]]) / 13             # PIL ImageFilter.SMOOTH
 _BLUR = torch.tensor([[1., 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1],
                       [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]) / 16               # PIL ImageFilter.BLUR
 
 
-def _affine(x: torch.Tensor, m: torch.Tensor, fill: float) -> torch.Tensor:
+def _conv_same(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Depthwise 2D filter of (N, 3, H, W) with edge replication (PIL filters keep the border)."""
+    k = kernel.shape[-1]
+    return F.conv2d(F.pad(x, (k // 2,) * 4, mode="replicate"), kernel.to(x.dtype).expand(3, 1, k, k), groups=3)
+
+
+def _affine(x: torch.Tensor, m: list, fill: float) -> torch.Tensor:
     """Warp (N, 3, H, W) with m: 2x3 map from output to input pixel coordinates; outside -> fill."""
     n, _, h, w = x.shape
+    m = torch.tensor(m, dtype=x.dtype)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
     src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]               # (H, W) input x of every output pixel
     src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
     grid = torch.stack([(2 * src_x + 1) / w - 1, (2 * src_y + 1) / h - 1], -1)   # align_corners=False
-    grid = grid.expand(n, h, w, 2)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    inside = F.grid_sample(torch.ones_like(x[:, :1]), grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
+    out, inside = (F.grid_sample(t, grid.expand(n, h, w, 2), mode="bilinear", padding_mode="zeros",
+                                 align_corners=False) for t in (x, torch.ones_like(x[:, :1])))
     return out + fill * (1 - inside)                           # blend the fill in where samples fell outside
 
 
 class RandAugment:
     """imgaug's `iaa.RandAugment(n, m)` as the released SSv2 config runs it, on tensors.
 
-    Same ops and magnitudes (m on imgaug's [0, 30] scale): a random crop of up
-    to m/224 of each side resized back, then `n` distinct ops in random order
-    from: identity, autocontrast, equalize, invert, rotate +-m deg, posterize
-    to 8 - int(6m/30) bits, solarize above 256 - int(256m/30), colour /
-    contrast / brightness / sharpness factor 1 +- 0.9m/30, shear x/y +-m/30 *
-    0.3 rad, translate x/y +-0.33m/30 of the size, one square cutout of
-    (20/32)m/30 of the height, PIL's BLUR and SMOOTH filters. Affine ops fill
-    with grey 128 and sample bilinearly. The released Imgaug wrapper freezes
-    one draw (`to_deterministic`) for all frames of a clip; here one draw is
-    applied to the whole (T, 3, H, W) tensor. Statistics-based ops
-    (autocontrast, equalize, contrast) use each frame's own statistics, as
-    imgaug applied per frame does.
+    Same ops and magnitudes, m on imgaug's [0, 30] scale: a random crop of up
+    to m/224 of each side resized back, then `n` distinct ops of OPS in random
+    order, each at m/30 of imgaug's maximum (below). Affine ops fill with grey
+    128 and sample bilinearly. The released Imgaug wrapper freezes one draw
+    (`to_deterministic`) for all frames of a clip; here one draw is applied to
+    the whole (T, 3, H, W) tensor. Statistics-based ops (autocontrast,
+    equalize, contrast) use each frame's own statistics, as imgaug applied per
+    frame does.
 
     Differs from the released code: imgaug's RandAugment also flips
     horizontally with p = 0.5 before the ops, although the SSv2 config sets
@@ -845,22 +671,19 @@ class RandAugment:
            "cutout", "blur", "smooth")
     # imgaug's maxima (reached at m = 30), from iaa.RandAugment._create_*_augmenters_list:
     CROP_PX = 224              # initial crop: Uniform(0, m)/224 of each side
-    ROTATE_DEG = 30            # rotate: +-30 degrees
+    ROTATE_DEG = 30            # rotate about the centre: +-30 degrees
     POSTERIZE_BITS = 6         # posterize: drop up to 6 of the 8 bits
-    SOLARIZE = 256             # solarize threshold 256 - int(256 * m/30)
+    SOLARIZE = 256             # solarize: invert values >= 256 - int(256 * m/30)
     ENHANCE = 0.9              # colour/contrast/brightness/sharpness factor 1 +- 0.9, clipped to [0.1, 1.9]
-    SHEAR_RAD = 0.3            # shear: +-0.3 rad
-    TRANSLATE = 0.33           # translate: +-0.33 of the size
-    CUTOUT = 20 / 32           # cutout side: up to 20/32 of the image
+    SHEAR_RAD = 0.3            # shear x/y about the top-left corner: +-0.3 rad
+    TRANSLATE = 0.33           # translate x/y: +-0.33 of the size
+    CUTOUT = 20 / 32           # one grey square: side up to 20/32 of the height
 
     def __init__(self, n: int = RANDAUG_N, m: int = RANDAUG_M, fill: int = RANDAUG_FILL, flip: bool = False):
         if not 0 <= n <= len(self.OPS):
             raise ValueError(f"RandAugment n must be in [0, {len(self.OPS)}], got {n}")
         self.n, self.m, self.fill, self.flip = n, m, fill / 255.0, flip
         self.level = m / RANDAUG_M_MAX                          # magnitude as a fraction of imgaug's max
-
-    def __repr__(self):
-        return f"RandAugment(n={self.n}, m={self.m}, flip={self.flip})"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(T, 3, H, W) floats in [0, 1] -> same shape, one random draw for all T frames."""
@@ -884,8 +707,7 @@ class RandAugment:
         if name == "identity":
             return x
         if name == "autocontrast":                              # per frame and channel: min -> 0, max -> 1
-            lo = x.amin(dim=(-2, -1), keepdim=True)
-            hi = x.amax(dim=(-2, -1), keepdim=True)
+            lo, hi = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
             return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
         if name == "equalize":
             return _equalize(x)
@@ -893,8 +715,7 @@ class RandAugment:
             return 1.0 - x
         if name == "posterize":                                 # keep the top 8 - int(6*lv) bits
             bits = 8 - min(int(self.POSTERIZE_BITS * lv), self.POSTERIZE_BITS)
-            q = (x * 255).round().to(torch.uint8) & (0xFF << (8 - bits) & 0xFF)
-            return q.float() / 255
+            return ((x * 255).round().to(torch.uint8) & (0xFF << (8 - bits) & 0xFF)).float() / 255
         if name == "solarize":                                  # invert values >= threshold (0-255 scale)
             thr = max(0, min(256, self.SOLARIZE - int(self.SOLARIZE * lv))) / 255.0
             return torch.where(x >= thr, 1.0 - x, x)
@@ -911,20 +732,15 @@ class RandAugment:
             return degenerate + f * (x - degenerate)            # PIL ImageEnhance blend
         if name == "rotate":                                    # about the centre, +-30*lv degrees
             a = math.radians(self._sign() * self.ROTATE_DEG * lv)
-            cx, cy = (w - 1) / 2, (h - 1) / 2
-            cos, sin = math.cos(a), math.sin(a)
-            m = torch.tensor([[cos, -sin, cx - cos * cx + sin * cy], [sin, cos, cy - sin * cx - cos * cy]])
-            return _affine(x, m, self.fill)
+            c, s, cx, cy = math.cos(a), math.sin(a), (w - 1) / 2, (h - 1) / 2
+            return _affine(x, [[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy]], self.fill)
         if name in ("shear_x", "shear_y"):                      # about the top-left corner (imgaug center=(0, 0))
             s = math.tan(self._sign() * self.SHEAR_RAD * lv)    # shear angle +-0.3 rad * m/30
-            m = torch.tensor([[1.0, s, 0.0], [0.0, 1.0, 0.0]]) if name == "shear_x" else \
-                torch.tensor([[1.0, 0.0, 0.0], [s, 1.0, 0.0]])
-            return _affine(x, m, self.fill)
+            return _affine(x, [[1, s, 0], [0, 1, 0]] if name == "shear_x" else [[1, 0, 0], [s, 1, 0]], self.fill)
         if name in ("translate_x", "translate_y"):              # +-0.33*lv of the width / height
             d = self._sign() * self.TRANSLATE * lv
-            m = torch.tensor([[1.0, 0.0, d * w], [0.0, 1.0, 0.0]]) if name == "translate_x" else \
-                torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, d * h]])
-            return _affine(x, m, self.fill)
+            return _affine(x, [[1, 0, d * w], [0, 1, 0]] if name == "translate_x" else [[1, 0, 0], [0, 1, d * h]],
+                           self.fill)
         if name == "cutout":                                    # one grey square, centre uniform over the image
             side = max(1, int(round(min(self.CUTOUT * lv, self.CUTOUT) * h)))
             cy, cx = _uniform(0, h), _uniform(0, w)
@@ -932,10 +748,8 @@ class RandAugment:
             x = x.clone()
             x[..., t:int(cy + side / 2), l:int(cx + side / 2)] = self.fill
             return x
-        if name == "blur":
-            return _conv_same(x, _BLUR)
-        if name == "smooth":
-            return _conv_same(x, _SMOOTH)
+        if name in ("blur", "smooth"):
+            return _conv_same(x, _BLUR if name == "blur" else _SMOOTH)
         raise ValueError(f"unknown RandAugment op {name!r}")
 
 
@@ -1089,6 +903,138 @@ def shuffle_frames(video: torch.Tensor, generator: Optional[torch.Generator] = N
 
 # =============================================================================
 # Machinery: what running the method needs (not the method itself).
+
+# -----------------------------------------------------------------------------
+# Sample lists: `relative/path label` per line (Kinetics/SSv2), or an image folder tree
+#
+# Three numpy arrays, not a Python list of (Path, int): a forked DataLoader worker that reads a
+# Python object writes its reference count and so un-shares its page (PyTorch issue 13246).
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")   # the image files a folder scan lists
+
+
+class SampleList:
+    """(path, label) rows: `samples[i]` is (root / relative path i, label i), path i being the
+    file-system bytes _paths[_offsets[i]:_offsets[i + 1]]."""
+
+    def __init__(self, root: PathLike, paths: bytearray, ends: array, labels: array):
+        self.root = Path(root)
+        self._paths = np.frombuffer(paths, np.uint8).copy()            # exact-size copies of the growable buffers
+        self._offsets = np.concatenate([np.zeros(1, np.int64), np.frombuffer(ends, np.int64)])
+        self.labels = np.frombuffer(labels, np.int64).copy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _row(self, i: int) -> int:
+        i, n = operator.index(i), len(self.labels)            # an int (or numpy int), as a list takes
+        if not -n <= i < n:
+            raise IndexError(f"row {i} of a list of {n} samples")   # (also ends iteration over the rows)
+        return i % n
+
+    def relpath_bytes(self, i: int) -> bytes:
+        i = self._row(i)
+        return self._paths[self._offsets[i]:self._offsets[i + 1]].tobytes()
+
+    def path(self, i: int) -> Path:
+        return self.root / os.fsdecode(self.relpath_bytes(i))
+
+    def inside_root(self, i: int) -> bool:
+        """Whether row i stays under root: an absolute path, or one climbing out with `..`, is bad media."""
+        rel = os.path.normpath(os.fsdecode(self.relpath_bytes(i)))
+        return not (os.path.isabs(rel) or rel.split(os.sep, 1)[0] == "..")
+
+    def label(self, i: int) -> int:
+        return int(self.labels[self._row(i)])
+
+    def __getitem__(self, i: int) -> tuple[Path, int]:
+        return self.path(i), self.label(i)
+
+    @property
+    def nbytes(self) -> int:
+        return self._paths.nbytes + self._offsets.nbytes + self.labels.nbytes
+
+
+def _check_exists(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def read_annotations(ann_file: PathLike, root: PathLike) -> SampleList:
+    """`relative/path label` per line -> SampleList of (root/relative/path, label).
+
+    The label is the last field (paths may hold spaces); blank lines and '#' lines are skipped.
+    A missing list or root is an error; a missing listed file is not (it is replaced at load
+    time like any unreadable file, as big video sets always have a few).
+    """
+    ann_file, root = Path(ann_file), Path(root)
+    _check_exists(ann_file, "annotation file")
+    _check_exists(root, "data root")
+    paths, ends, labels = bytearray(), array("q"), array("q")
+    with open(ann_file, "rb") as f:                            # bytes: no Python object per row outlives its line
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith(b"#"):
+                continue
+            parts = line.rsplit(None, 1)
+            try:
+                labels.append(int(parts[1]))
+            except (IndexError, ValueError, OverflowError):
+                raise ValueError(f"{ann_file}:{lineno}: expected 'relative/path label', "
+                                 f"got {os.fsdecode(line)!r}") from None
+            paths += parts[0]
+            ends.append(len(paths))
+    if not ends:
+        raise ValueError(f"annotation file {ann_file} lists no samples")
+    return SampleList(root, paths, ends, labels)
+
+
+def _walk_images(folder: str, rel: str, unreadable: list):
+    """Relative paths (rel/...) of the image files under `folder`, in sorted(Path.rglob) order (symlinked
+    folders not entered); an unreadable folder is noted in `unreadable` and skipped."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        unreadable.append(f"{folder} ({e.strerror or e})")
+        return
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            yield from _walk_images(e.path, f"{rel}/{e.name}", unreadable)
+        elif e.name.rfind(".") > 0 and e.name.lower().endswith(IMAGE_EXTS) and e.is_file():
+            yield f"{rel}/{e.name}"
+
+
+def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
+    """ImageNet-style tree root/<class>/**/<image> -> (SampleList of (path, label), classes).
+
+    Labels are the sorted class folders' positions (torchvision's ImageFolder); rows in sorted path
+    order. Skipped and logged: unreadable folders, and names a list file cannot hold (a line break,
+    or a class folder starting with white space).
+    """
+    root = _check_exists(Path(root), "image folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
+    paths, ends, labels = bytearray(), array("q"), array("q")
+    unreadable, unlistable = [], []
+    for label, c in enumerate(classes):
+        for rel in _walk_images(str(root / c), c, unreadable):
+            b = os.fsencode(rel)
+            if b"\n" in b or b"\r" in b or b[:1].isspace():
+                unlistable.append(rel)
+                continue
+            paths += b
+            ends.append(len(paths))
+            labels.append(label)
+    for what, items in (("unreadable folder(s)", unreadable), ("image(s) whose name a list cannot hold", unlistable)):
+        if items:
+            logger.warning("%s: skipped %d %s, e.g. %r", root, len(items), what, items[0])
+    if not ends:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+    return SampleList(root, paths, ends, labels), classes
+
 
 # -----------------------------------------------------------------------------
 # Decoding robustly: counting frames, and decoding from the start
