@@ -72,7 +72,7 @@ TUBE_LENGTHS = {
     "tube-0.75-1.0": (0.75, 1.0),   # Table 8
 }
 
-PATCH_SIZE = 16       # pixels per tokenizer cell: 112-px tokenizer input / 8 (§3 "Tokenizer", paper §3 "Tokenizer")
+PATCH_SIZE = 16       # pixels per tokenizer cell: 112-px tokenizer input / 8 (paper §3 "Tokenizer")
 TEMPORAL_PATCH = 2    # frames per video token: patch embedding (2, 4, 4) (paper §3 "BEVT encoders"); token time = T/2
 MASK_RATIO = 0.5      # §3 "the masking ratio of each masked frame is 0.5"; Table 8 best 0.5-0.7
 MIN_BLOCK = 16        # BEiT min_num_patches; released BEVT config min_num_patches=16
@@ -165,23 +165,18 @@ class MaskGenerator:
         # seeded per DataLoader worker. Here each generator owns its numpy stream, re-keyed per
         # sample by reseed_sample (data.py), so a mask depends on nothing but its sample.
         self.rng = np.random.default_rng(derive_seed(seed, 0, 0, 0))
-        # The BEiT loop consumes ~100 scalars per mask; one numpy call per scalar costs
-        # ~1 us, so uniforms are drawn in chunks and read from a Python list (_uniform).
-        self._ubuf, self._upos = [], 0
+        self._ubuf, self._upos = [], 0                             # uniforms drawn in chunks (_uniform)
 
     # ---- randomness
 
     def reseed_sample(self, epoch: int, index: int, attempt: int = 0) -> None:
-        """Switch to the stream of one sample: (seed, epoch, row index, attempt) via `sample_seed`.
-
-        data.py calls this before every sample, so a sample's mask depends on
-        nothing but its key: not on the rank, worker or batch that draws it.
-        """
+        """Switch to the stream of one sample, (seed, epoch, row index, attempt): data.py calls it before
+        every sample, so a mask depends on its key alone, not on the rank, worker or batch that draws it."""
         self.rng = np.random.default_rng(sample_seed(self.seed, KEY_MASKS, epoch, index, attempt))
         self._ubuf, self._upos = [], 0                             # drop the previous stream's buffered draws
 
     def _uniform(self) -> float:
-        """Next uniform in [0, 1) of this generator's stream."""
+        """Next uniform in [0, 1) of this generator's stream (a numpy call per scalar is slow: chunks)."""
         if self._upos == len(self._ubuf):
             self._ubuf = self.rng.random(_UNIFORM_CHUNK).tolist()
             self._upos = 0
@@ -322,13 +317,9 @@ class MaskGenerator:
 
 
 def _seed(**key) -> int:
-    """A 64-bit seed from numpy's SeedSequence of (first value = entropy, the rest = spawn key).
-
-    SeedSequence hashes the entropy with the spawn key, so streams of different
-    keys are statistically independent (unlike `base + rank + worker`, where
-    rank 1 / worker 0 collides with rank 0 / worker 1); same key, same seed, on
-    any machine.
-    """
+    """A 64-bit seed from numpy's SeedSequence of (first value = entropy, the rest = spawn key): streams of
+    different keys are independent (`base + rank + worker` would give rank 1 / worker 0 the seed of rank 0 /
+    worker 1), and a key gives the same seed on any machine."""
     for name, v in key.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -349,11 +340,9 @@ KEY_MASKS, KEY_PIXELS, KEY_REPLACE, KEY_ORDER = 1, 2, 3, 4
 def sample_seed(base_seed: int, purpose: int, epoch: int, index: int = 0, attempt: int = 0) -> int:
     """A 64-bit seed for one sample's randomness: (base seed, purpose, epoch, row index, attempt).
 
-    Keyed by what a sample *is* (its row and its epoch), not by who draws it
-    (rank, worker, position in a batch), so a run re-sharded over another number
-    of processes draws the same crops and masks for every sample. `attempt`
-    counts the files tried for one sample (a bad file is replaced, data.py). The
-    key has 4 entries, derive_seed's 3, so the two families never coincide.
+    Keyed by what a sample *is*, not by who draws it, so a re-sharded run draws the same crops and
+    masks; `attempt` counts the files tried (data.py replaces bad ones). 4 key entries against
+    derive_seed's 3: the two families never coincide.
     """
     return _seed(base_seed=base_seed, purpose=purpose, epoch=epoch, index=index, attempt=attempt)
 
