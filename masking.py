@@ -109,13 +109,14 @@ class MaskGenerator:
 
     input_size: (H, W) pixels for images ("block") or (T, H, W) frames x pixels
     for clips (every other strategy): a grid of H/16 x W/16 cells and T/2 token
-    time steps; the rest are the paper's constants above. It owns a numpy
-    Generator seeded from `seed`; `reseed_sample` switches to a sample's stream.
+    time steps (T/temporal_patch); the rest are the paper's constants above. It owns
+    a numpy Generator seeded from `seed`; `reseed_sample` switches to a sample's stream.
     """
 
-    def __init__(self, strategy: str, input_size, mask_ratio: float = MASK_RATIO, seed: int = 0):
+    def __init__(self, strategy: str, input_size, mask_ratio: float = MASK_RATIO, seed: int = 0,
+                 temporal_patch: int = TEMPORAL_PATCH):
         size = tuple(input_size) if isinstance(input_size, (tuple, list)) else (input_size,)
-        p, tp, min_block, min_aspect, max_aspect = PATCH_SIZE, TEMPORAL_PATCH, MIN_BLOCK, MIN_ASPECT, 1 / MIN_ASPECT
+        p, tp, min_block, min_aspect, max_aspect = PATCH_SIZE, temporal_patch, MIN_BLOCK, MIN_ASPECT, 1 / MIN_ASPECT
         _check_arguments(strategy, input_size, size, p, tp, mask_ratio)
         is_video = len(size) == 3
         (T, H, W) = size if is_video else (0, *size)
@@ -139,7 +140,7 @@ class MaskGenerator:
                 self.num_masked >= min_block, f"at least min_block={min_block}", self.num_masked))
 
         self.strategy, self.seed = strategy, seed
-        self.time = T // tp if is_video else 0                      # token time steps, T/2 (0 for images)
+        self.time, self.temporal_patch = (T // tp if is_video else 0), tp     # token time steps T/2 (0: images)
         self.mask_ratio, self.min_block, self.max_attempts = float(mask_ratio), min_block, MAX_ATTEMPTS
         self.min_aspect, self.max_aspect = min_aspect, max_aspect
         self.input_shape, self.target_shape = ((self.time, gh, gw), (T, gh, gw)) if is_video else ((gh, gw),) * 2
@@ -267,14 +268,13 @@ class MaskGenerator:
 
     def __call__(self):
         """(input_mask, target_mask) of one sample; see the module docstring for shapes."""
-        inp, tgt = self.batch(1)
-        return inp[0], tgt[0]
+        return tuple(m[0] for m in self.batch(1))
 
     def batch(self, n: int):
         """(input_masks (n, *input_shape), target_masks (n, *target_shape)) of n samples."""
         _check(("batch size n", _is_int(n), "an int >= 1", n))
         inp = self._draw_inputs(int(n))
-        tgt = target_mask(inp) if self.time else inp.copy()
+        tgt = target_mask(inp, temporal_patch=self.temporal_patch) if self.time else inp.copy()
         assert inp.dtype == MASK_DTYPE and inp.shape == (n, *self.input_shape)
         assert tgt.dtype == MASK_DTYPE and tgt.shape == (n, *self.target_shape)
         return inp, tgt
@@ -344,7 +344,7 @@ def _check_arguments(strategy, input_size, size, p, tp, mask_ratio) -> None:
     # Differs from the released code (which crops): uneven sizes raise, as the encoder places mask
     # tokens by upsampling this grid x4 onto its H/4 x W/4 tokens; a cropped grid would misalign them.
     _check(("input H, W", H % p == 0 and W % p == 0, f"multiples of patch_size={p}", (H, W)),
-           (f"token time T/{tp}", not is_video or T // tp >= 1, f">= 1 (T >= {tp} frames)", T),
+           (f"token time T/{tp}", not is_video or (_is_int(tp) and T // tp >= 1), f">= 1 (T >= {tp} frames)", T),
            ("number of frames T", not is_video or T % tp == 0, f"a multiple of temporal_patch={tp}", T),
            ("mask_ratio", isinstance(mask_ratio, (int, float, np.floating)) and 0 < mask_ratio < 1,
             "a number in the open interval (0, 1)", mask_ratio))
