@@ -7,12 +7,12 @@ The released BEVT configs (`swin_base_patch244_window877_bevt_in1k_k400.py`,
 `..._finetune_k400.py`, `..._window1677_bevt_finetune_ssv2.py`) settle what
 the paper leaves out; every difference is marked `# Differs from the released code:`.
 
-The file follows a pretraining sample: sample lists -> frame sampling ->
-decoding -> the one clip/image transform (rescale, [jitter], crop, flip,
-tokenizer copy) -> masks -> batches; then what finetuning adds (random-resized
-crop, RandAugment, random erasing, evaluation crops) and the Table 2 probes.
-Behind the banner: robust decoding, bad files replaced, the keyed samplers and
-epoch loaders, a file lock.
+The file follows a pretraining sample: frame sampling -> decoding -> the one
+clip/image transform (rescale, [jitter], crop, flip, tokenizer copy) -> masks
+-> batches; then what finetuning adds (random-resized crop, RandAugment, random
+erasing, evaluation crops) and the Table 2 probes. Behind the banner: sample
+lists, robust decoding, bad files replaced, the keyed samplers and epoch
+loaders, a file lock.
 
 Sample layouts (one dict per sample; the default collate adds a leading B axis):
 
@@ -52,6 +52,7 @@ or from `python tools/prepare_data.py lists|resize|check`):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import operator
@@ -96,159 +97,6 @@ JITTER = 0.4                    # images: ColorJitter(brightness=0.4, contrast=0
 VIDEO_BATCH = 8                 # per GPU: omni_videos_per_gpu=[8, 64] (paper §4.1: 8 clips + 64 images)
 IMAGE_BATCH = 64
 WORKERS = 4                     # released workers_per_gpu=4
-
-
-# -----------------------------------------------------------------------------
-# Sample lists: `relative/path label` per line (Kinetics/SSv2), or an image folder tree
-#
-# A list is held in `SampleList`, three numpy arrays, not a Python list of
-# (Path, int) tuples: every forked DataLoader worker that reads a Python object
-# writes its reference count and un-shares the page it lives on (PyTorch issue
-# 13246; Detectron2 and mmengine serialise their lists for the same reason).
-# numpy arrays hold no object per row, so the workers keep sharing them.
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")   # the image files a folder scan lists
-
-
-class SampleList:
-    """(path, label) pairs: `samples[i]` is (root / relative_path_i, label_i), stored as
-
-        _paths    uint8 (total bytes,)   every relative path, as file-system bytes (os.fsencode), back to back
-        _offsets  int64 (n + 1,)         path i is _paths[_offsets[i]:_offsets[i + 1]]
-        labels    int64 (n,)
-    """
-
-    def __init__(self, root: PathLike, paths: bytearray, ends: array, labels: array):
-        """From what a reader accumulated: the paths' bytes back to back, where each ends, the labels
-        (copied into exact-size numpy arrays: the growable buffers over-allocate)."""
-        self.root = Path(root)
-        self._paths = np.frombuffer(paths, np.uint8).copy()
-        self._offsets = np.zeros(len(ends) + 1, np.int64)
-        self._offsets[1:] = np.frombuffer(ends, np.int64)
-        self.labels = np.frombuffer(labels, np.int64).copy()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def _row(self, i: int) -> int:
-        i, n = operator.index(i), len(self.labels)            # an int (or numpy int), as a list takes
-        if not -n <= i < n:
-            raise IndexError(f"row {i} of a list of {n} samples")
-        return i % n
-
-    def relpath_bytes(self, i: int) -> bytes:
-        i = self._row(i)
-        return self._paths[self._offsets[i]:self._offsets[i + 1]].tobytes()
-
-    def path(self, i: int) -> Path:
-        return self.root / os.fsdecode(self.relpath_bytes(i))
-
-    def inside_root(self, i: int) -> bool:
-        """Whether row i names a file under root. A list comes from outside as much as its videos
-        do: an absolute path, or one whose `..` climbs out of root, is refused (read as bad media)."""
-        rel = os.path.normpath(os.fsdecode(self.relpath_bytes(i)))
-        return not (os.path.isabs(rel) or rel.split(os.sep, 1)[0] == "..")
-
-    def label(self, i: int) -> int:
-        return int(self.labels[self._row(i)])
-
-    def __getitem__(self, i: int) -> tuple[Path, int]:
-        return self.path(i), self.label(i)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    @property
-    def nbytes(self) -> int:
-        return self._paths.nbytes + self._offsets.nbytes + self.labels.nbytes
-
-    def __repr__(self):
-        return f"SampleList({len(self)} samples under {self.root}, {self.nbytes / 2**20:.1f} MiB)"
-
-
-def _check_exists(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return path
-
-
-def read_annotations(ann_file: PathLike, root: PathLike) -> SampleList:
-    """`relative/path label` per line -> SampleList of (root/relative/path, label).
-
-    The path may contain spaces (the label is the last field); blank lines and
-    lines starting with '#' are skipped. Lines are read as bytes, so no Python
-    object per row outlives its line. A missing list or root is an error; a
-    listed file that is missing is not (it is replaced at load time like any
-    unreadable file, as big video sets always have a few).
-    """
-    ann_file, root = Path(ann_file), Path(root)
-    _check_exists(ann_file, "annotation file")
-    _check_exists(root, "data root")
-    paths, ends, labels = bytearray(), array("q"), array("q")
-    with open(ann_file, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith(b"#"):
-                continue
-            parts = line.rsplit(None, 1)                       # the label is the last field: paths may hold spaces
-            try:
-                labels.append(int(parts[1]))
-            except (IndexError, ValueError, OverflowError):
-                raise ValueError(f"{ann_file}:{lineno}: expected 'relative/path label', "
-                                 f"got {os.fsdecode(line)!r}") from None
-            paths += parts[0]
-            ends.append(len(paths))
-    if not ends:
-        raise ValueError(f"annotation file {ann_file} lists no samples")
-    return SampleList(root, paths, ends, labels)
-
-
-def _walk_images(folder: str, rel: str, unreadable: list):
-    """Relative paths (rel/...) of the image files under `folder`, in sorted(Path.rglob) order:
-    depth first, each folder's entries sorted by name; symlinked folders not entered (as rglob).
-    An unreadable folder is noted in `unreadable` and skipped."""
-    try:
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError as e:
-        unreadable.append(f"{folder} ({e.strerror or e})")
-        return
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            yield from _walk_images(e.path, f"{rel}/{e.name}", unreadable)
-        elif e.name.rfind(".") > 0 and e.name.lower().endswith(IMAGE_EXTS) and e.is_file():
-            yield f"{rel}/{e.name}"
-
-
-def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
-    """ImageNet-style tree root/<class>/**/<image> -> (SampleList of (path, label), classes).
-
-    Labels are the positions of the class folders in sorted order, as
-    torchvision's ImageFolder assigns them; rows are in sorted path order.
-    Skipped, counted and logged: unreadable sub-folders, and names a list file
-    cannot hold (a line break in the name, or a class folder starting with white space).
-    """
-    root = _check_exists(Path(root), "image folder")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
-    paths, ends, labels = bytearray(), array("q"), array("q")
-    unreadable, unlistable = [], []
-    for label, c in enumerate(classes):
-        for rel in _walk_images(str(root / c), c, unreadable):
-            b = os.fsencode(rel)
-            if b"\n" in b or b"\r" in b or b[:1].isspace():
-                unlistable.append(rel)
-                continue
-            paths += b
-            ends.append(len(paths))
-            labels.append(label)
-    for what, items in (("unreadable folder(s)", unreadable), ("image(s) whose name a list cannot hold", unlistable)):
-        if items:
-            logger.warning("%s: skipped %d %s, e.g. %r", root, len(items), what, items[0])
-    if not ends:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
-    return SampleList(root, paths, ends, labels), classes
 
 
 # -----------------------------------------------------------------------------
@@ -517,6 +365,16 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 _MEAN = torch.tensor(IMAGENET_MEAN) / 255.0
 _STD = torch.tensor(IMAGENET_STD) / 255.0
+_NORM: dict = {}          # device -> (1/std, -mean/std), (3,) fp32: copied to each device once, not per call
+
+
+def _norm_consts(x: torch.Tensor, channel_dim: int):
+    """(scale, shift) = (1/std, -mean/std) on x's device, shaped to broadcast with channels at channel_dim."""
+    if x.device not in _NORM:
+        _NORM[x.device] = ((1.0 / _STD).to(x.device), (-_MEAN / _STD).to(x.device))
+    shape = [1] * x.dim()
+    shape[channel_dim] = 3
+    return (t.view(shape) for t in _NORM[x.device])
 
 
 def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
@@ -525,11 +383,10 @@ def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
     channels_first=True returns (3, N, H, W) instead: the clip layout (3, T,
     H, W), written in the same single pass (x * (1/std) + (-mean/std)).
     """
-    scale = (1.0 / _STD).view(3, 1, 1, 1)
-    shift = (-_MEAN / _STD).view(3, 1, 1, 1)
     if channels_first:
-        return torch.addcmul(shift, x.transpose(0, 1), scale)           # (3, N, H, W), contiguous
-    return torch.addcmul(shift.view(3, 1, 1), x, scale.view(3, 1, 1))   # (N, 3, H, W)
+        x = x.transpose(0, 1)                                             # (3, N, H, W) view
+    scale, shift = _norm_consts(x, 0 if channels_first else -3)
+    return torch.addcmul(shift, x, scale)
 
 
 def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
@@ -540,12 +397,12 @@ def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     x·(1/std) − mean/std in fp32), so the result is identical to normalising
     in the worker; only the bytes that travel are 4x fewer.
     """
+    # No host sync here: the constants live on the device (_NORM), and the trainer copies the
+    # batch from pinned memory with non_blocking=True. What still makes a step wait for the device
+    # is outside data.py: bevt.py's masked-token gather and train.py's StepLog read-back per log line.
     if x.dtype != torch.uint8:
         raise ValueError(f"normalize_batch: expected a uint8 batch, got {x.dtype}")
-    shape = [1] * x.dim()
-    shape[channel_dim] = 3
-    scale = (1.0 / _STD).to(x.device).view(shape)
-    shift = (-_MEAN / _STD).to(x.device).view(shape)
+    scale, shift = _norm_consts(x, channel_dim)
     return torch.addcmul(shift, x.float().mul_(1.0 / 255.0), scale)
 
 
@@ -565,16 +422,19 @@ class PretrainTransform:
 
     stream "video": frames (1, T, H, W, 3) uint8 -> {video, video_half, video_mask};
     stream "image": an image (H, W, 3) uint8 -> {image, image_half, image_mask}
-    (shapes in the module docstring; no mask without a mask_gen). The
-    recipes' defaults: PretrainClipTransform and PretrainImageTransform below.
+    (shapes in the module docstring; no mask without a mask_gen). Defaults:
+    the recipes', jitter JITTER for images and none for clips.
     """
 
-    def __init__(self, stream: str, crop: int, short_side, flip: float, jitter: float,
-                 mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
+    def __init__(self, stream: str, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
+                 jitter: Optional[float] = None, mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
+        if stream not in ("video", "image"):
+            raise ValueError(f"stream must be video or image, got {stream!r}")
         if min(short_side) < crop:
             raise ValueError(f"short side range {short_side} must be >= the crop {crop}")
         self.stream, self.crop, self.short_side, self.flip = stream, crop, tuple(short_side), flip
-        self.jitter, self.mask_gen, self.resample = jitter, mask_gen, resample
+        self.jitter = (JITTER if stream == "image" else 0.0) if jitter is None else jitter
+        self.mask_gen, self.resample = mask_gen, resample
 
     def __call__(self, pixels: np.ndarray) -> dict:
         if self.stream == "video":
@@ -600,22 +460,6 @@ class PretrainTransform:
         if self.mask_gen is not None:                  # the input mask: video (T/2, h, w), image (h, w)
             out[f"{self.stream}_mask"] = torch.from_numpy(self.mask_gen()[0])
         return out
-
-
-class PretrainClipTransform(PretrainTransform):
-    """The released video_train_pipeline: frames (1, T, H, W, 3) -> the video keys; no colour jitter."""
-
-    def __init__(self, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
-                 mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
-        super().__init__("video", crop, short_side, flip, 0.0, mask_gen, resample)
-
-
-class PretrainImageTransform(PretrainTransform):
-    """The released image_train_pipeline: an image (H, W, 3) -> the image keys; colour jitter 0.4."""
-
-    def __init__(self, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P, jitter: float = JITTER,
-                 mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
-        super().__init__("image", crop, short_side, flip, jitter, mask_gen, resample)
 
 
 # -----------------------------------------------------------------------------
@@ -676,14 +520,14 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
             raise ValueError(f"stage {stage!r} needs video_ann and video_root")
         gen = MaskGenerator(cfg.video_mask, (cfg.frames, cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio,
                             seed=cfg.seed + 1)
-        transform = PretrainClipTransform(cfg.crop, cfg.short_side, cfg.flip, gen, cfg.tok_resample)
+        transform = PretrainTransform("video", cfg.crop, cfg.short_side, cfg.flip, 0.0, gen, cfg.tok_resample)
         ds = VideoDataset(video_ann, video_root, FrameSampling(cfg.frames, cfg.interval), transform, threads)
         videos = EpochLoader(ds, cfg.video_batch, name="videos", seed=cfg.seed + 1, **common)
     if stage in ("image", "joint"):
         if image_root is None:
             raise ValueError(f"stage {stage!r} needs image_root (a folder tree, or the root of image_ann)")
         gen = MaskGenerator("block", (cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio, seed=cfg.seed)
-        transform = PretrainImageTransform(cfg.crop, cfg.short_side, cfg.flip, cfg.jitter, gen, cfg.tok_resample)
+        transform = PretrainTransform("image", cfg.crop, cfg.short_side, cfg.flip, cfg.jitter, gen, cfg.tok_resample)
         ds = ImageDataset(image_root, image_ann, transform, min_short=max(cfg.short_side))
         images = EpochLoader(ds, cfg.image_batch, name="images", seed=cfg.seed, **common)
     if stage == "joint":
@@ -779,49 +623,41 @@ def random_erasing(x: torch.Tensor, p: float = ERASE_P, area=ERASE_AREA, min_asp
 
 # Greyscale weights of RandAugment's enhance ops: PIL's ("L" conversion, ITU-R 601-2).
 _GREY_PIL = (0.299, 0.587, 0.114)
-
-
-def _conv_same(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Depthwise 2D filter of (N, 3, H, W) with edge replication (PIL filters keep the border)."""
-    k = kernel.shape[-1]
-    weight = kernel.to(x.dtype).expand(3, 1, k, k)
-    return F.conv2d(F.pad(x, (k // 2,) * 4, mode="replicate"), weight, groups=3)
-
-
 _SMOOTH = torch.tensor([[1., 1, 1], [1, 5, 1], [1, 1, 1]]) / 13             # PIL ImageFilter.SMOOTH
 _BLUR = torch.tensor([[1., 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1],
                       [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]]) / 16               # PIL ImageFilter.BLUR
 
 
-def _affine(x: torch.Tensor, m: torch.Tensor, fill: float) -> torch.Tensor:
+def _conv_same(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Depthwise 2D filter of (N, 3, H, W) with edge replication (PIL filters keep the border)."""
+    k = kernel.shape[-1]
+    return F.conv2d(F.pad(x, (k // 2,) * 4, mode="replicate"), kernel.to(x.dtype).expand(3, 1, k, k), groups=3)
+
+
+def _affine(x: torch.Tensor, m: list, fill: float) -> torch.Tensor:
     """Warp (N, 3, H, W) with m: 2x3 map from output to input pixel coordinates; outside -> fill."""
     n, _, h, w = x.shape
+    m = torch.tensor(m, dtype=x.dtype)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
     src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]               # (H, W) input x of every output pixel
     src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
     grid = torch.stack([(2 * src_x + 1) / w - 1, (2 * src_y + 1) / h - 1], -1)   # align_corners=False
-    grid = grid.expand(n, h, w, 2)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    inside = F.grid_sample(torch.ones_like(x[:, :1]), grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
+    out, inside = (F.grid_sample(t, grid.expand(n, h, w, 2), mode="bilinear", padding_mode="zeros",
+                                 align_corners=False) for t in (x, torch.ones_like(x[:, :1])))
     return out + fill * (1 - inside)                           # blend the fill in where samples fell outside
 
 
 class RandAugment:
     """imgaug's `iaa.RandAugment(n, m)` as the released SSv2 config runs it, on tensors.
 
-    Same ops and magnitudes (m on imgaug's [0, 30] scale): a random crop of up
-    to m/224 of each side resized back, then `n` distinct ops in random order
-    from: identity, autocontrast, equalize, invert, rotate +-m deg, posterize
-    to 8 - int(6m/30) bits, solarize above 256 - int(256m/30), colour /
-    contrast / brightness / sharpness factor 1 +- 0.9m/30, shear x/y +-m/30 *
-    0.3 rad, translate x/y +-0.33m/30 of the size, one square cutout of
-    (20/32)m/30 of the height, PIL's BLUR and SMOOTH filters. Affine ops fill
-    with grey 128 and sample bilinearly. The released Imgaug wrapper freezes
-    one draw (`to_deterministic`) for all frames of a clip; here one draw is
-    applied to the whole (T, 3, H, W) tensor. Statistics-based ops
-    (autocontrast, equalize, contrast) use each frame's own statistics, as
-    imgaug applied per frame does.
+    Same ops and magnitudes, m on imgaug's [0, 30] scale: a random crop of up
+    to m/224 of each side resized back, then `n` distinct ops of OPS in random
+    order, each at m/30 of imgaug's maximum (below). Affine ops fill with grey
+    128 and sample bilinearly. The released Imgaug wrapper freezes one draw
+    (`to_deterministic`) for all frames of a clip; here one draw is applied to
+    the whole (T, 3, H, W) tensor. Statistics-based ops (autocontrast,
+    equalize, contrast) use each frame's own statistics, as imgaug applied per
+    frame does.
 
     Differs from the released code: imgaug's RandAugment also flips
     horizontally with p = 0.5 before the ops, although the SSv2 config sets
@@ -835,22 +671,19 @@ class RandAugment:
            "cutout", "blur", "smooth")
     # imgaug's maxima (reached at m = 30), from iaa.RandAugment._create_*_augmenters_list:
     CROP_PX = 224              # initial crop: Uniform(0, m)/224 of each side
-    ROTATE_DEG = 30            # rotate: +-30 degrees
+    ROTATE_DEG = 30            # rotate about the centre: +-30 degrees
     POSTERIZE_BITS = 6         # posterize: drop up to 6 of the 8 bits
-    SOLARIZE = 256             # solarize threshold 256 - int(256 * m/30)
+    SOLARIZE = 256             # solarize: invert values >= 256 - int(256 * m/30)
     ENHANCE = 0.9              # colour/contrast/brightness/sharpness factor 1 +- 0.9, clipped to [0.1, 1.9]
-    SHEAR_RAD = 0.3            # shear: +-0.3 rad
-    TRANSLATE = 0.33           # translate: +-0.33 of the size
-    CUTOUT = 20 / 32           # cutout side: up to 20/32 of the image
+    SHEAR_RAD = 0.3            # shear x/y about the top-left corner: +-0.3 rad
+    TRANSLATE = 0.33           # translate x/y: +-0.33 of the size
+    CUTOUT = 20 / 32           # one grey square: side up to 20/32 of the height
 
     def __init__(self, n: int = RANDAUG_N, m: int = RANDAUG_M, fill: int = RANDAUG_FILL, flip: bool = False):
         if not 0 <= n <= len(self.OPS):
             raise ValueError(f"RandAugment n must be in [0, {len(self.OPS)}], got {n}")
         self.n, self.m, self.fill, self.flip = n, m, fill / 255.0, flip
         self.level = m / RANDAUG_M_MAX                          # magnitude as a fraction of imgaug's max
-
-    def __repr__(self):
-        return f"RandAugment(n={self.n}, m={self.m}, flip={self.flip})"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(T, 3, H, W) floats in [0, 1] -> same shape, one random draw for all T frames."""
@@ -874,8 +707,7 @@ class RandAugment:
         if name == "identity":
             return x
         if name == "autocontrast":                              # per frame and channel: min -> 0, max -> 1
-            lo = x.amin(dim=(-2, -1), keepdim=True)
-            hi = x.amax(dim=(-2, -1), keepdim=True)
+            lo, hi = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
             return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
         if name == "equalize":
             return _equalize(x)
@@ -883,8 +715,7 @@ class RandAugment:
             return 1.0 - x
         if name == "posterize":                                 # keep the top 8 - int(6*lv) bits
             bits = 8 - min(int(self.POSTERIZE_BITS * lv), self.POSTERIZE_BITS)
-            q = (x * 255).round().to(torch.uint8) & (0xFF << (8 - bits) & 0xFF)
-            return q.float() / 255
+            return ((x * 255).round().to(torch.uint8) & (0xFF << (8 - bits) & 0xFF)).float() / 255
         if name == "solarize":                                  # invert values >= threshold (0-255 scale)
             thr = max(0, min(256, self.SOLARIZE - int(self.SOLARIZE * lv))) / 255.0
             return torch.where(x >= thr, 1.0 - x, x)
@@ -901,20 +732,15 @@ class RandAugment:
             return degenerate + f * (x - degenerate)            # PIL ImageEnhance blend
         if name == "rotate":                                    # about the centre, +-30*lv degrees
             a = math.radians(self._sign() * self.ROTATE_DEG * lv)
-            cx, cy = (w - 1) / 2, (h - 1) / 2
-            cos, sin = math.cos(a), math.sin(a)
-            m = torch.tensor([[cos, -sin, cx - cos * cx + sin * cy], [sin, cos, cy - sin * cx - cos * cy]])
-            return _affine(x, m, self.fill)
+            c, s, cx, cy = math.cos(a), math.sin(a), (w - 1) / 2, (h - 1) / 2
+            return _affine(x, [[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy]], self.fill)
         if name in ("shear_x", "shear_y"):                      # about the top-left corner (imgaug center=(0, 0))
             s = math.tan(self._sign() * self.SHEAR_RAD * lv)    # shear angle +-0.3 rad * m/30
-            m = torch.tensor([[1.0, s, 0.0], [0.0, 1.0, 0.0]]) if name == "shear_x" else \
-                torch.tensor([[1.0, 0.0, 0.0], [s, 1.0, 0.0]])
-            return _affine(x, m, self.fill)
+            return _affine(x, [[1, s, 0], [0, 1, 0]] if name == "shear_x" else [[1, 0, 0], [s, 1, 0]], self.fill)
         if name in ("translate_x", "translate_y"):              # +-0.33*lv of the width / height
             d = self._sign() * self.TRANSLATE * lv
-            m = torch.tensor([[1.0, 0.0, d * w], [0.0, 1.0, 0.0]]) if name == "translate_x" else \
-                torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, d * h]])
-            return _affine(x, m, self.fill)
+            return _affine(x, [[1, 0, d * w], [0, 1, 0]] if name == "translate_x" else [[1, 0, 0], [0, 1, d * h]],
+                           self.fill)
         if name == "cutout":                                    # one grey square, centre uniform over the image
             side = max(1, int(round(min(self.CUTOUT * lv, self.CUTOUT) * h)))
             cy, cx = _uniform(0, h), _uniform(0, w)
@@ -922,10 +748,8 @@ class RandAugment:
             x = x.clone()
             x[..., t:int(cy + side / 2), l:int(cx + side / 2)] = self.fill
             return x
-        if name == "blur":
-            return _conv_same(x, _BLUR)
-        if name == "smooth":
-            return _conv_same(x, _SMOOTH)
+        if name in ("blur", "smooth"):
+            return _conv_same(x, _BLUR if name == "blur" else _SMOOTH)
         raise ValueError(f"unknown RandAugment op {name!r}")
 
 
@@ -1081,17 +905,146 @@ def shuffle_frames(video: torch.Tensor, generator: Optional[torch.Generator] = N
 # Machinery: what running the method needs (not the method itself).
 
 # -----------------------------------------------------------------------------
+# Sample lists: `relative/path label` per line (Kinetics/SSv2), or an image folder tree
+#
+# Three numpy arrays, not a Python list of (Path, int): a forked DataLoader worker that reads a
+# Python object writes its reference count and so un-shares its page (PyTorch issue 13246).
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")   # the image files a folder scan lists
+
+
+class SampleList:
+    """(path, label) rows: `samples[i]` is (root / relative path i, label i), path i being the
+    file-system bytes _paths[_offsets[i]:_offsets[i + 1]]."""
+
+    def __init__(self, root: PathLike, paths: bytearray, ends: array, labels: array):
+        self.root = Path(root)
+        self._paths = np.frombuffer(paths, np.uint8).copy()            # exact-size copies of the growable buffers
+        self._offsets = np.concatenate([np.zeros(1, np.int64), np.frombuffer(ends, np.int64)])
+        self.labels = np.frombuffer(labels, np.int64).copy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _row(self, i: int) -> int:
+        i, n = operator.index(i), len(self.labels)            # an int (or numpy int), as a list takes
+        if not -n <= i < n:
+            raise IndexError(f"row {i} of a list of {n} samples")   # (also ends iteration over the rows)
+        return i % n
+
+    def relpath_bytes(self, i: int) -> bytes:
+        i = self._row(i)
+        return self._paths[self._offsets[i]:self._offsets[i + 1]].tobytes()
+
+    def path(self, i: int) -> Path:
+        return self.root / os.fsdecode(self.relpath_bytes(i))
+
+    def inside_root(self, i: int) -> bool:
+        """Whether row i stays under root: an absolute path, or one climbing out with `..`, is bad media."""
+        rel = os.path.normpath(os.fsdecode(self.relpath_bytes(i)))
+        return not (os.path.isabs(rel) or rel.split(os.sep, 1)[0] == "..")
+
+    def label(self, i: int) -> int:
+        return int(self.labels[self._row(i)])
+
+    def __getitem__(self, i: int) -> tuple[Path, int]:
+        return self.path(i), self.label(i)
+
+    @property
+    def nbytes(self) -> int:
+        return self._paths.nbytes + self._offsets.nbytes + self.labels.nbytes
+
+
+def _check_exists(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def read_annotations(ann_file: PathLike, root: PathLike) -> SampleList:
+    """`relative/path label` per line -> SampleList of (root/relative/path, label).
+
+    The label is the last field (paths may hold spaces); blank lines and '#' lines are skipped.
+    A missing list or root is an error; a missing listed file is not (it is replaced at load
+    time like any unreadable file, as big video sets always have a few).
+    """
+    ann_file, root = Path(ann_file), Path(root)
+    _check_exists(ann_file, "annotation file")
+    _check_exists(root, "data root")
+    paths, ends, labels = bytearray(), array("q"), array("q")
+    with open(ann_file, "rb") as f:                            # bytes: no Python object per row outlives its line
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith(b"#"):
+                continue
+            parts = line.rsplit(None, 1)
+            try:
+                labels.append(int(parts[1]))
+            except (IndexError, ValueError, OverflowError):
+                raise ValueError(f"{ann_file}:{lineno}: expected 'relative/path label', "
+                                 f"got {os.fsdecode(line)!r}") from None
+            paths += parts[0]
+            ends.append(len(paths))
+    if not ends:
+        raise ValueError(f"annotation file {ann_file} lists no samples")
+    return SampleList(root, paths, ends, labels)
+
+
+def _walk_images(folder: str, rel: str, unreadable: list):
+    """Relative paths (rel/...) of the image files under `folder`, in sorted(Path.rglob) order (symlinked
+    folders not entered); an unreadable folder is noted in `unreadable` and skipped."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        unreadable.append(f"{folder} ({e.strerror or e})")
+        return
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            yield from _walk_images(e.path, f"{rel}/{e.name}", unreadable)
+        elif e.name.rfind(".") > 0 and e.name.lower().endswith(IMAGE_EXTS) and e.is_file():
+            yield f"{rel}/{e.name}"
+
+
+def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
+    """ImageNet-style tree root/<class>/**/<image> -> (SampleList of (path, label), classes).
+
+    Labels are the sorted class folders' positions (torchvision's ImageFolder); rows in sorted path
+    order. Skipped and logged: unreadable folders, and names a list file cannot hold (a line break,
+    or a class folder starting with white space).
+    """
+    root = _check_exists(Path(root), "image folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
+    paths, ends, labels = bytearray(), array("q"), array("q")
+    unreadable, unlistable = [], []
+    for label, c in enumerate(classes):
+        for rel in _walk_images(str(root / c), c, unreadable):
+            b = os.fsencode(rel)
+            if b"\n" in b or b"\r" in b or b[:1].isspace():
+                unlistable.append(rel)
+                continue
+            paths += b
+            ends.append(len(paths))
+            labels.append(label)
+    for what, items in (("unreadable folder(s)", unreadable), ("image(s) whose name a list cannot hold", unlistable)):
+        if items:
+            logger.warning("%s: skipped %d %s, e.g. %r", root, len(items), what, items[0])
+    if not ends:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+    return SampleList(root, paths, ends, labels), classes
+
+
+# -----------------------------------------------------------------------------
 # Decoding robustly: counting frames, and decoding from the start
 #
 # The frame count is the number of packets the decoder turns into pictures:
-# the packets are demuxed (read, not decoded) and counted, leaving out the
-# empty ones (AVI's "drop frame" chunks, the end-of-stream packet) and those
-# marked discard (frames an MP4 edit list cuts, e.g. after a stream-copy cut,
-# which are decoded only as references). Containers' own counts are not used:
-# Matroska, MPEG-TS/PS and FLV store none, AVI's header counts the drop
-# frames, MP4's the frames an edit list cuts. Frames are placed by decode
-# order alone, never by timestamps (which variable-rate files, AVI drop frames
-# and AVI B-frames make wrong).
+# the demuxed (not decoded) packets, less the empty ones (AVI's "drop frame"
+# chunks, the end-of-stream packet) and those marked discard (frames an MP4
+# edit list cuts, decoded only as references). Containers' own counts are not
+# used (Matroska, MPEG-TS/PS and FLV store none; AVI's counts the drop frames,
+# MP4's the cut ones), and frames are placed by decode order, never by timestamps.
 
 
 def _open_video(path: PathLike, threads: int):
@@ -1120,8 +1073,7 @@ def _rgb(frame) -> np.ndarray:
 
 
 def _decode_from_start(container, stream, wanted: set) -> dict[int, np.ndarray]:
-    """{i: (H, W, 3) uint8} for the frame indices `wanted`, frame i being the i-th frame out of the
-    decoder: exact by definition, needs no timestamps. Stops after the last wanted frame."""
+    """{i: (H, W, 3) uint8} for the wanted indices, frame i being the i-th out of the decoder."""
     last, got = max(wanted), {}
     for i, frame in enumerate(container.decode(stream)):
         if i in wanted:
@@ -1142,26 +1094,15 @@ class AllBadMedia(ValueError):
 
 
 class _RobustDataset(Dataset):
-    """Shared by the video and image sets: per-sample randomness, and bad files replaced.
+    """Shared by the video and image sets: per-sample keyed randomness, and bad files replaced.
 
-    Randomness: sample `index` of epoch `epoch` draws every random choice
-    (frame offsets, rescale, crop, flip, jitter: torch's CPU generator; its
-    mask: the transform's MaskGenerator) from seeds of (seed, epoch, index)
-    alone (masking.sample_seed), never of the rank or the DataLoader worker. A
-    sample is therefore the same whichever process and batch position draws
-    it, which lets train.py re-shard a run over another number of processes.
-    torch's generator is forked around the sample, so a loader without workers
-    leaves the trainer's own draws (dropout, drop path) untouched.
-
-    Bad files: a file that raises BadMedia while decoding is replaced by the
-    next row of a replacement sequence drawn from (seed, epoch, index) (up to
-    MAX_REPLACEMENTS tries); the sample records every failure in `skipped`
-    ("path<TAB>reason" lines), which EpochLoader logs once per path and counts.
-    A row known to be bad (in this process) is not decoded again, but still
-    counted; since the sequence does not depend on what this process already
-    knows, the replacement is the same in every process. Only decoding is
-    guarded: an error in a transform is a bug and propagates. The known-bad
-    rows are one flag per row plus the first KEPT_REASONS reasons (bounded).
+    Sample `index` of epoch `epoch` draws every random choice (torch's CPU generator, forked
+    around the sample; the transform's MaskGenerator) from seeds of (seed, epoch, index) alone,
+    never of the rank or worker, so train.py can re-shard a run. A file that raises BadMedia is
+    replaced by the next row of a sequence drawn from the same key (the same in every process,
+    whatever it already knows is bad); `skipped` lists each failure as "path<TAB>reason". Only
+    decoding is guarded: an error in a transform is a bug. Known-bad rows: a flag per row, and
+    the reasons of the first KEPT_REASONS.
     """
 
     KEPT_REASONS = 1000
@@ -1190,8 +1131,7 @@ class _RobustDataset(Dataset):
             yield
 
     def __getitem__(self, key) -> dict:
-        """key: (index, seed, epoch) as EpochLoader sends it, or a row index alone (the dataset's
-        own `seed` and `epoch`, for direct use)."""
+        """key: (index, seed, epoch) as EpochLoader sends it, or a row index (the dataset's seed and epoch)."""
         index, seed, epoch = key if isinstance(key, tuple) else (key, self.seed, self.epoch)
         skipped = []
         i, replacements = index, None
@@ -1216,19 +1156,12 @@ class _RobustDataset(Dataset):
             first = "; ".join(line.replace("\t", " (", 1) + ")" for line in skipped[:3])
             raise AllBadMedia(f"{MAX_REPLACEMENTS} files in a row could not be decoded, e.g. {first}; "
                               f"are the list and the root right?")
-        out["label"] = self.samples.label(i)
-        out["index"] = i
-        out["skipped"] = "\n".join(skipped)
-        return out
+        return {**out, "label": self.samples.label(i), "index": i, "skipped": "\n".join(skipped)}
 
 
 class VideoDataset(_RobustDataset):
-    """Clips from an annotation list (`relative/path.mp4 label`) under `root`.
-
-    sampling: which frames (FrameSampling); transform: decoded frames
-    (clips, T, H, W, 3) uint8 -> dict. Frame counts are cached per process in
-    one int32 per row (0 = not counted yet; a video without frames is bad).
-    """
+    """Clips of an annotation list (`relative/path.mp4 label`) under `root`: `sampling` picks the frames,
+    `transform` maps them (clips, T, H, W, 3) uint8 -> dict. Frame counts are cached (0: not counted yet)."""
 
     def __init__(self, ann_file: PathLike, root: PathLike, sampling: FrameSampling, transform: Callable,
                  decode_threads: int = 1):
@@ -1237,23 +1170,16 @@ class VideoDataset(_RobustDataset):
         self._num_frames = np.zeros(len(self.samples), np.int32)
 
     def load(self, index: int) -> dict:
-        path = self.samples.path(index)
-        known = int(self._num_frames[index]) or None
-        frames, _, n = read_video(path, self.sampling, self.decode_threads, known)
-        self._num_frames[index] = n                          # no re-count later in this process
+        frames, _, n = read_video(self.samples.path(index), self.sampling, self.decode_threads,
+                                  int(self._num_frames[index]) or None)
+        self._num_frames[index] = n
         return self.transform(frames)                        # frames (clips, T, H, W, 3)
-
-    def __repr__(self):
-        return f"VideoDataset({len(self)} videos, {self.sampling}, decode_threads={self.decode_threads})"
 
 
 class ImageDataset(_RobustDataset):
-    """Images from an ImageNet-style folder tree (root/<class>/<image>) or a list file under root.
-
-    `classes`: the class folder names of a scanned folder; None for a list file
-    (`python tools/prepare_data.py lists images` writes one, so that the ranks
-    of a big run do not each scan ImageNet).
-    """
+    """Images of an ImageNet-style tree (root/<class>/<image>; `classes` its folder names) or of a
+    list file under root (`classes` None; `python tools/prepare_data.py lists images` writes one,
+    so that the ranks of a big run do not each scan ImageNet)."""
 
     def __init__(self, root: PathLike, ann_file: Optional[PathLike] = None, transform: Callable = None,
                  min_short: Optional[int] = None):
@@ -1267,20 +1193,10 @@ class ImageDataset(_RobustDataset):
     def load(self, index: int) -> dict:
         return self.transform(read_image(self.samples.path(index), self.min_short))
 
-    def __repr__(self):
-        return f"ImageDataset({len(self)} images)"
-
 
 # -----------------------------------------------------------------------------
-# Loaders: global batches for training, DistributedSampler shards for evaluation
-#
-# Training is defined by the seed and the global batch, not by the process
-# count: the order of an epoch's samples and which of them form global step s
-# are drawn once for all processes (GlobalBatchSampler), each process computes
-# its share of every global batch as micro-batches, and every random choice of
-# a sample is keyed by (seed, epoch, index) (_RobustDataset). Running the same
-# global batch on another number of processes therefore changes only who
-# computes which part of it (train.py resumes a run that way).
+# Loaders: global batches for training (the same on any number of processes),
+# DistributedSampler shards for evaluation
 
 _LOGGED_BAD: set = set()          # paths already logged by this process ("logged once")
 
@@ -1288,21 +1204,17 @@ _LOGGED_BAD: set = set()          # paths already logged by this process ("logge
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """The row indices of one process's micro-batches, cut from global batches.
 
-    Epoch e: a permutation of the n rows drawn from (seed, epoch) alone
-    (masking.sample_seed; the identity when shuffle=False). The epoch holds
-    `steps` = n // G global batches of G = world x accum x batch rows; global
-    step s of the epoch is perm[s*G : (s+1)*G], and the n - steps*G rows left
-    over wait for another epoch's order (a step never spans two epochs).
-    Process r takes the contiguous rows [r*accum*batch, (r+1)*accum*batch) of
-    every global batch, as `accum` micro-batches of `batch` rows:
+    Epoch e is a permutation of the n rows drawn from (seed, epoch) alone (the identity
+    without shuffle), cut into `steps` = n // G global batches of G = world x accum x batch
+    rows (the rest wait for another epoch's order). Process r takes rows [r*accum*batch,
+    (r+1)*accum*batch) of every global batch, as `accum` micro-batches of `batch` rows:
 
         one global batch (G = 8 rows, batch 2):  | 0 1 | 2 3 | 4 5 | 6 7 |
         world 2, accum 2:                          r0 m0 r0 m1 r1 m0 r1 m1
         world 1, accum 4:                          m0    m1    m2    m3
 
-    so with the same global and per-process batch, the micro-batches are the
-    same rows on any number of processes. set_epoch(e, start) begins at global
-    step `start` of epoch e, without drawing the skipped samples.
+    so the micro-batches are the same rows on any number of processes. set_epoch(e, start)
+    begins at global step `start` without drawing the skipped samples.
     """
 
     def __init__(self, n: int, batch: int, accum: int = 1, rank: int = 0, world: int = 1, seed: int = 0,
@@ -1336,15 +1248,12 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         share = self.accum * self.batch                           # rows of one process per global batch
         for s in range(self.start, self.steps):
             first = s * self.global_batch + self.rank * share
-            rows = perm[first:first + share].view(self.accum, self.batch)     # (accum, batch)
-            for m in range(self.accum):
-                yield rows[m].tolist()
+            yield from perm[first:first + share].view(self.accum, self.batch).tolist()    # (accum, batch)
 
 
 class _KeyedBatches(Sampler):
-    """A batch sampler's batches of row indices -> batches of sample keys (index, seed, epoch).
-    EpochLoader.set_epoch sets `epoch` (no reference back to the loader: no cycle keeps a
-    finished loader, and its worker processes, alive)."""
+    """Batches of row indices -> batches of sample keys (index, seed, epoch); EpochLoader sets `epoch`
+    (no reference back to the loader: no cycle keeps a finished loader's workers alive)."""
 
     def __init__(self, batches, seed: int):
         self.batches, self.seed, self.epoch = batches, seed, 0
@@ -1354,23 +1263,16 @@ class _KeyedBatches(Sampler):
 
     def __iter__(self):
         seed, epoch = self.seed, self.epoch
-        for batch in self.batches:
-            yield [(i, seed, epoch) for i in batch]
+        return ([(i, seed, epoch) for i in batch] for batch in self.batches)
 
 
 class EpochLoader:
-    """A DataLoader with `set_epoch`, yielding dicts.
-
-    Training (drop_last=True): this process's `accum` micro-batches of
-    `batch_size` of every global batch (GlobalBatchSampler); `len()` is the
-    micro-batches of a whole epoch. Every index travels with its key (index,
-    seed, epoch), so an epoch's batches are a function of (seed, epoch) and the
-    global batch, not of the rank, the workers or the trainer's RNG use.
-    Evaluation (drop_last=False): DistributedSampler shards, which keep every
-    sample (the last shard is padded with repeats; drop them by `index`).
-    Each batch's `skipped` entries are logged once per path and counted in
-    `skipped` (this epoch) and `skipped_total`; `report=True` prints them per epoch (rank 0).
-    """
+    """A DataLoader with `set_epoch`, yielding dicts: in training (drop_last=True) this process's
+    `accum` micro-batches of every global batch (GlobalBatchSampler; `len()` counts a whole epoch);
+    in evaluation DistributedSampler shards, which keep every sample (the last shard is padded
+    with repeats; drop them by `index`). Every index travels with its key (index, seed, epoch).
+    Skipped files are logged once per path and counted in `skipped` (this epoch) and
+    `skipped_total`; `report` prints them per epoch (on the verbose rank)."""
 
     def __init__(self, dataset: _RobustDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  num_workers: int, rank: int = 0, world_size: int = 1, seed: int = 0, name: str = "data",
@@ -1379,21 +1281,17 @@ class EpochLoader:
         self.verbose = (rank == 0) if verbose is None else verbose
         self.report = report
         if drop_last:
-            self.sampler = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world_size, seed, shuffle)
-            if self.sampler.steps == 0:
-                raise ValueError(f"{name}: {len(dataset)} samples give no global batch of {self.sampler.global_batch} "
-                                 f"({world_size} process(es) x {batch_size} x accumulation {accum}); use a smaller "
-                                 f"batch or more data")
-            batches = self.sampler
+            self.sampler = batches = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world_size, seed,
+                                                        shuffle)
+            what = (f"global batch of {batches.global_batch} ({world_size} process(es) x {batch_size} x "
+                    f"accumulation {accum})")
         else:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                               seed=seed, drop_last=False)
             batches = BatchSampler(self.sampler, batch_size, drop_last=False)
-            if len(batches) == 0:
-                raise ValueError(f"{name}: {len(dataset)} samples give no batch of {batch_size} per rank over "
-                                 f"{world_size} rank(s); use a smaller batch or more data")
-        # Workers live as long as the loader (persistent) and keep their own copy
-        # of the dataset, so each index travels with its key (index, seed, epoch).
+            what = f"batch of {batch_size} per rank over {world_size} rank(s)"
+        if len(batches) == 0:
+            raise ValueError(f"{name}: {len(dataset)} samples give no {what}; use a smaller batch or more data")
         self.keys = _KeyedBatches(batches, seed)
         self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=num_workers,
                                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
@@ -1412,25 +1310,22 @@ class EpochLoader:
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Epoch `epoch`, from its global step `start` (training loaders; evaluation: start 0)."""
-        self.epoch = epoch
         if isinstance(self.sampler, GlobalBatchSampler):
             self.sampler.set_epoch(epoch, start)
         elif start:
             raise ValueError("an evaluation loader (drop_last=False) starts its epochs at 0")
         else:
             self.sampler.set_epoch(epoch)
-        self.keys.epoch = epoch                                      # what every index of the epoch carries
-        self.dataset.seed, self.dataset.epoch = self.seed, epoch    # for direct indexing; batches carry their keys
-        # The workers' own seeds come from this generator when an epoch's iterator starts. No
-        # sample draws from them (see _RobustDataset), but a generator of its own keeps the
-        # DataLoader from drawing them from the trainer's global torch generator.
+        self.epoch = self.keys.epoch = epoch                        # what every index of the epoch carries
+        self.dataset.seed, self.dataset.epoch = self.seed, epoch    # for direct indexing
+        # The workers' seeds (which no sample draws from) come from a generator of their own, not the trainer's.
         self.loader.generator = torch.Generator().manual_seed(derive_seed(self.seed, rank=self.rank, epoch=epoch))
 
     def note_skipped(self, skipped) -> None:
         """Log (once per path) and count the failures a batch carries."""
-        for entry in skipped or ():
-            for line in entry.split("\n") if entry else ():
-                path, _, reason = line.partition("\t")
+        for line in "\n".join(skipped or ()).split("\n"):
+            path, _, reason = line.partition("\t")
+            if path:
                 self.skipped += 1
                 self.skipped_total += 1
                 if path not in _LOGGED_BAD:
@@ -1454,21 +1349,17 @@ class EpochLoader:
 class JointLoader:
     """The joint stage (BEVT, §3 + paper §4.1): every video batch comes with an image batch.
 
-    One epoch = one pass over the videos, in global steps; every micro-batch
-    of videos is paired with the next micro-batch of images (both loaders cut
-    their global batches with the same world and accumulation). The image
-    stream cycles on its own, in its own global steps: at video step s of
-    epoch e it is at image epoch e*P + s // S, step s % S, with S image steps
-    per image epoch and P = ceil(video steps / S). Every video epoch thus sees
-    fresh image orders, and a resume (set_epoch(e, start)) finds its place in
-    both streams without replaying them. Yields one dict: the video keys, the
-    image keys, and video_label/video_index/image_label/image_index.
+    One epoch is one pass over the videos, in global steps; each video micro-batch is paired
+    with the next image micro-batch (both cut with the same world and accumulation). The images
+    cycle in their own global steps: video step s of epoch e pairs with image epoch e*P + s // S,
+    step s % S (S image steps per image epoch, P = ceil(video steps / S)), so every video epoch
+    sees fresh image orders and a resume finds its place in both streams without replaying
+    them. Yields the video keys, the image keys, and video_/image_ label and index.
 
-    Differs from the released code: its MultiSourceRunner also pairs each K400
-    batch with the next batch of a cycled ImageNet loader (RepeatDataset x5),
-    but restarts that cycle every epoch with the sampler at the video epoch,
-    so repeated image passes within an epoch reuse one order; here every pass
-    has its own epoch number.
+    Differs from the released code: its MultiSourceRunner also pairs each K400 batch with the
+    next batch of a cycled ImageNet loader, but restarts that cycle every epoch with the
+    sampler at the video epoch, so repeated image passes within an epoch reuse one order;
+    here every pass has its own.
     """
 
     def __init__(self, videos: EpochLoader, images: EpochLoader):
@@ -1486,7 +1377,6 @@ class JointLoader:
 
     @property
     def skipped_total(self) -> int:
-        """Unreadable files met over the whole run, videos and images."""
         return self.videos.skipped_total + self.images.skipped_total
 
     def image_position(self, epoch: int, step: int) -> tuple[int, int]:
@@ -1499,25 +1389,21 @@ class JointLoader:
         self.videos.set_epoch(epoch, start)
         self.images.set_epoch(*self.image_position(epoch, start))
 
-    @staticmethod
-    def _prefixed(batch: dict, prefix: str) -> dict:
-        return {(f"{prefix}_{k}" if k in ("label", "index") else k): v for k, v in batch.items()}
-
     def __iter__(self):
         img_epoch, img_start = self.image_position(self.epoch, self.start)
         self.images.set_epoch(img_epoch, img_start)
         images = iter(self.images)
         skipped_images = 0
         for vb in self.videos:
-            try:
-                ib = next(images)
-            except StopIteration:                                     # images exhausted: next image epoch
+            ib = next(images, None)
+            if ib is None:                                            # images exhausted: next image epoch
                 skipped_images += self.images.skipped
                 img_epoch += 1
                 self.images.set_epoch(img_epoch)
                 images = iter(self.images)
                 ib = next(images)
-            yield {**self._prefixed(vb, "video"), **self._prefixed(ib, "image")}
+            yield {**{(f"video_{k}" if k in ("label", "index") else k): v for k, v in vb.items()},
+                   **{(f"image_{k}" if k in ("label", "index") else k): v for k, v in ib.items()}}
         skipped_images += self.images.skipped
         self.skipped = self.videos.skipped + skipped_images
         if self.videos.verbose:
@@ -1525,94 +1411,64 @@ class JointLoader:
                   f"{skipped_images} image(s) skipped", flush=True)
 
 
-def auto_decode_threads(num_workers: int, local_world_size: Optional[int] = None) -> int:
-    """PyAV decoder threads per loading process: the node's cores shared by every process that decodes.
+def _node_share(local_world_size: Optional[int]) -> tuple[int, int]:
+    """(ranks on this node, CPUs this process may run on): torchrun's LOCAL_WORLD_SIZE, and the affinity
+    mask (the job's allocation, which torchrun's ranks inherit and share), not os.cpu_count()."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world_size is None else local_world_size
+    return max(1, ranks), len(os.sched_getaffinity(0))
 
-    Under torchrun, LOCAL_WORLD_SIZE ranks share the node and each runs
-    `num_workers` DataLoader workers (the joint stage: that many for videos and
-    as many for images), so each worker gets cores / (ranks x workers), at least 1.
-    """
-    if local_world_size is None:
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, (os.cpu_count() or 1) // (max(1, local_world_size) * max(1, num_workers)))
+
+def auto_decode_threads(num_workers: int, local_world_size: Optional[int] = None) -> int:
+    """PyAV decoder threads per loading process: the allocated CPUs shared by the node's ranks x
+    `num_workers` workers (the joint stage: both loaders' workers), at least 1."""
+    ranks, cpus = _node_share(local_world_size)
+    return max(1, cpus // (ranks * max(1, num_workers)))
 
 
 def loading_plan(num_workers: int, threads: int, loaders: int = 1, local_world_size: Optional[int] = None) -> str:
-    """One line on how the node's cores are spent on data loading (printed at start)."""
-    if local_world_size is None:
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    procs = local_world_size * max(1, num_workers) * loaders
-    return (f"data loading: {local_world_size} rank(s) on this node x {loaders} loader(s) x {num_workers} "
-            f"worker(s) = {procs} loading process(es), {threads} decoder thread(s) each, on {os.cpu_count()} cores")
+    """One line on how the node's CPUs are spent on data loading (printed at start)."""
+    ranks, cpus = _node_share(local_world_size)
+    return (f"data loading: {ranks} rank(s) on this node x {loaders} loader(s) x {num_workers} worker(s) = "
+            f"{ranks * max(1, num_workers) * loaders} loading process(es), {threads} decoder thread(s) each, "
+            f"on {cpus} CPUs")
 
 
 # -----------------------------------------------------------------------------
-# One writer per folder (train.py's run folder, finetune.py's results file)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)                                   # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:                               # exists, owned by someone else
-        return True
-    return True
+# One writer per folder (train.py's run folder, tools/tables.py's results file)
 
 
 class FileLock:
-    """One writer per folder: a lock file created exclusively, holding "host pid [job]".
+    """An `fcntl.flock` on a lock file that names its holder ("pid P on HOST since T").
 
-    `acquire()` returns None when the lock is ours, else a description of the
-    holder. A dead holder's lock (same host, pid gone) is taken over; a holder
-    on another host counts as live unless it names our `job` (a requeued
-    cluster job, e.g. train.py's SLURM job id, runs only once its earlier
-    processes are gone, so their lock is stale).
+    The kernel frees the lock when its holder dies, on any host (on NFS Linux maps flock to
+    NFS locks; Lustre needs its `flock` mount option), so a restarted job always reclaims it,
+    and a file naming a holder that is gone is simply taken. The file is never deleted: a
+    process could otherwise lock an unlinked file while another creates a new one.
     """
 
-    def __init__(self, path: PathLike, job: Optional[str] = None):
-        self.path, self.job, self.held = Path(path), job, False
-
-    def holder(self) -> Optional[tuple]:
-        """(host, pid, job or None) of the lock file, or None if there is none or it cannot be read."""
-        try:
-            host, pid, *job = self.path.read_text().split()
-            if len(job) > 1:
-                return None
-            return host, int(pid), (job[0] if job else None)
-        except (OSError, ValueError):
-            return None
+    def __init__(self, path: PathLike):
+        self.path, self._fd = Path(path), None
 
     def acquire(self) -> Optional[str]:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                h = self.holder()
-                if h is None:                             # being written this instant, or garbage
-                    time.sleep(0.05)
-                    h = self.holder()
-                    if h is None:
-                        return f"an unreadable lock file {self.path}"
-                host, pid, job = h
-                if host == socket.gethostname() and not _pid_alive(pid):
-                    logger.warning("taking over %s: its holder (pid %d) is dead", self.path, pid)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if self.job is not None and job == self.job:
-                    logger.warning("taking over %s: its holder (pid %d on %s) was an earlier run of job %s",
-                                self.path, pid, host, job)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                return f"pid {pid} on {host}{f' (job {job})' if job else ''} (lock file {self.path})"
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}{f' {self.job}' if self.job else ''}\n")
-            self.held = True
+        """None when the lock is ours, else a one-line description of its holder."""
+        if self._fd is not None:
             return None
-        return f"a lock file {self.path} that keeps coming back"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process starting up"
+            os.close(fd)
+            return f"{holder} (lock file {self.path})"
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        self._fd = fd
+        return None
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
+        """Unlock (explicitly: forked DataLoader workers share the open file) and close."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

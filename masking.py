@@ -20,9 +20,6 @@ The input mask is at token time T/2 because the video patch embedding has
 temporal patch 2, so mask tokens are placed per pair of frames; the target
 mask selects which of the T per-frame tokenizer codes are predicted.
 
-Strategies: `STRATEGIES` below (train.py's `--mask-strategy`): "block" for
-images (BEiT), "tube" (the paper's default) and the ablations of Table 8.
-
 Usage:
 
     gen = MaskGenerator("tube", (16, 224, 224), seed=0)
@@ -30,8 +27,7 @@ Usage:
     inp, tgt = gen.batch(8)      # (8, 8, 14, 14), (8, 16, 14, 14)
     gen.reseed_sample(epoch, index)   # one sample's stream (data.py: before every sample)
 
-Pictures: `python tools/mask_sheet.py --strategy tube --out tube.png`; speed:
-`python tools/bench_masking.py`.
+Pictures: `python tools/mask_sheet.py --strategy tube --out tube.png`; speed: `python tools/bench_masking.py`.
 """
 
 from __future__ import annotations
@@ -47,7 +43,7 @@ import numpy as np
 
 MASK_DTYPE = np.bool_  # True = replaced by the mask token and predicted (cf. MAE's "0 is keep, 1 is remove")
 
-# Strategy names. "block" is the image stream's; the rest are video strategies.
+# Strategy names (train.py's --mask-strategy). "block" is the image stream's; the rest are video strategies.
 STRATEGIES = (
     "block",            # §3 MIM: blockwise masking "following [3]" (BEiT)
     "tube",             # §3 MVM: the paper's default, Table 8 row "Tube 0.5T-T 50%"
@@ -59,10 +55,9 @@ STRATEGIES = (
     "tube-0.75-1.0",    # Table 8 "Tube 0.75T-1.0T"
 )
 
-# Range of the number l of masked token time steps, as fractions of T/2.
-# (The paper writes lengths in frames, [0.5T, T]; the released code draws them
-# on the token time axis T/2, the same fraction.) Frame-Diff and Random-Frame use
-# the default range: Table 8 lists them with "0.5T-T". Random-3D has no length.
+# Range of the number l of masked token time steps, as fractions of T/2 (the paper writes lengths
+# in frames, [0.5T, T]; the released code draws them on the token time axis, the same fraction).
+# Frame-Diff and Random-Frame: Table 8 lists them with "0.5T-T". Random-3D has no length.
 TUBE_LENGTHS = {
     "tube": (0.5, 1.0),             # §3 "the range of the masked tube length is [0.5T, T]"
     "frame-diff": (0.5, 1.0),       # Table 8
@@ -72,36 +67,30 @@ TUBE_LENGTHS = {
     "tube-0.75-1.0": (0.75, 1.0),   # Table 8
 }
 
-PATCH_SIZE = 16       # pixels per tokenizer cell: 112-px tokenizer input / 8 (§3 "Tokenizer", paper §3 "Tokenizer")
+PATCH_SIZE = 16       # pixels per tokenizer cell: 112-px tokenizer input / 8 (paper §3 "Tokenizer")
 TEMPORAL_PATCH = 2    # frames per video token: patch embedding (2, 4, 4) (paper §3 "BEVT encoders"); token time = T/2
 MASK_RATIO = 0.5      # §3 "the masking ratio of each masked frame is 0.5"; Table 8 best 0.5-0.7
 MIN_BLOCK = 16        # BEiT min_num_patches; released BEVT config min_num_patches=16
 MIN_ASPECT = 0.3      # BEiT min_aspect; aspect is log-uniform in [0.3, 1/0.3]
 MAX_ATTEMPTS = 10     # BEiT: tries per block before a round gives up (MaskingGenerator._mask)
-_UNIFORM_CHUNK = 2048  # uniforms drawn per refill of the scalar buffer (a speed knob, not a paper number)
 
 
 def tube_length_range(strategy: str, t: int) -> Optional[tuple]:
-    """(min, max) number l of masked token time steps out of t, both inclusive; None without lengths.
-
-    Released code: l in {max(int(lo*t), 1) .. min(int(hi*t), t)}, i.e. {4..8}
-    for t = 8. For very short clips int(hi*t) can fall below the minimum
-    (t = 1, [0.25, 0.75]); the range then collapses to it.
-    """
+    """(min, max) number l of masked token time steps out of t, inclusive; None without lengths. Released
+    code: l in {max(int(lo*t), 1) .. min(int(hi*t), t)}, {4..8} at t = 8; a range below its minimum
+    (t = 1, [0.25, 0.75]) collapses to it."""
     if strategy not in TUBE_LENGTHS:
         return None
-    lo, hi = TUBE_LENGTHS[strategy]
-    l_min = max(int(lo * t), 1)
-    return l_min, max(min(int(hi * t), t), l_min)
+    l_min = max(int(TUBE_LENGTHS[strategy][0] * t), 1)
+    return l_min, max(min(int(TUBE_LENGTHS[strategy][1] * t), t), l_min)
 
 
 def target_mask(input_mask, frames: Optional[int] = None, temporal_patch: int = TEMPORAL_PATCH):
     """The one definition of a clip's target mask: (..., T/2, h, w) -> (..., T, h, w), numpy or torch.
 
-    Each token time step covers `temporal_patch` frames, whose tokenizer codes
-    are all predicted where the step is masked (paper §3 "Mask strategy"; the
-    released code's nearest interpolation x2 in time is this repeat). `frames`
-    crops the end (an odd T is padded by the patch embedding). An image's
+    Each token time step covers `temporal_patch` frames, whose tokenizer codes are all predicted
+    where the step is masked (paper §3 "Mask strategy"; the released code's nearest interpolation
+    x2 in time). `frames` crops the end (an odd T is padded by the patch embedding). An image's
     target mask is its input mask.
     """
     if isinstance(input_mask, np.ndarray):
@@ -119,21 +108,17 @@ class MaskGenerator:
     """Draws (input_mask, target_mask) pairs for one strategy and one input size.
 
     input_size: (H, W) pixels for images ("block") or (T, H, W) frames x pixels
-    for clips (every other strategy). The grid is H/patch_size x W/patch_size
-    and token time T/temporal_patch; see the module docstring for the shapes.
-    All other arguments default to the paper's values (see the constants above).
-    The generator owns its numpy Generator, seeded from `seed` via derive_seed;
-    `reseed_sample` switches to one sample's stream.
+    for clips (every other strategy): a grid of H/16 x W/16 cells and T/2 token
+    time steps (T/temporal_patch); the rest are the paper's constants above. It owns
+    a numpy Generator seeded from `seed`; `reseed_sample` switches to a sample's stream.
     """
 
-    def __init__(self, strategy: str, input_size, patch_size: int = PATCH_SIZE, mask_ratio: float = MASK_RATIO,
-                 min_block: int = MIN_BLOCK, min_aspect: float = MIN_ASPECT, max_aspect: Optional[float] = None,
-                 max_attempts: int = MAX_ATTEMPTS, temporal_patch: int = TEMPORAL_PATCH, seed: int = 0):
+    def __init__(self, strategy: str, input_size, mask_ratio: float = MASK_RATIO, seed: int = 0,
+                 temporal_patch: int = TEMPORAL_PATCH):
         size = tuple(input_size) if isinstance(input_size, (tuple, list)) else (input_size,)
-        max_aspect = 1.0 / min_aspect if (max_aspect is None and min_aspect > 0) else max_aspect
-        _check_arguments(strategy, input_size, size, patch_size, temporal_patch, mask_ratio, min_block,
-                         (min_aspect, max_aspect), max_attempts)
-        is_video, tp, p = len(size) == 3, temporal_patch, patch_size
+        p, tp, min_block, min_aspect, max_aspect = PATCH_SIZE, temporal_patch, MIN_BLOCK, MIN_ASPECT, 1 / MIN_ASPECT
+        _check_arguments(strategy, input_size, size, p, tp, mask_ratio)
+        is_video = len(size) == 3
         (T, H, W) = size if is_video else (0, *size)
 
         # ---- can BEiT's loop fill this grid? (method, not bookkeeping)
@@ -155,36 +140,28 @@ class MaskGenerator:
                 self.num_masked >= min_block, f"at least min_block={min_block}", self.num_masked))
 
         self.strategy, self.seed = strategy, seed
-        self.patch_size, self.temporal_patch = int(p), int(tp)
-        self.time = T // tp if is_video else 0                      # token time steps, T/2 (0 for images)
-        self.mask_ratio, self.min_block, self.max_attempts = float(mask_ratio), int(min_block), int(max_attempts)
-        self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
+        self.time, self.temporal_patch = (T // tp if is_video else 0), tp     # token time steps T/2 (0: images)
+        self.mask_ratio, self.min_block, self.max_attempts = float(mask_ratio), min_block, MAX_ATTEMPTS
+        self.min_aspect, self.max_aspect = min_aspect, max_aspect
         self.input_shape, self.target_shape = ((self.time, gh, gw), (T, gh, gw)) if is_video else ((gh, gw),) * 2
         self.length_range = tube_length_range(strategy, self.time)  # (4, 8) for "tube" at T = 16
-        # Differs from the released code: it draws masks from Python's global `random` module,
-        # seeded per DataLoader worker. Here each generator owns its numpy stream, re-keyed per
-        # sample by reseed_sample (data.py), so a mask depends on nothing but its sample.
+        # Differs from the released code: it draws masks from Python's global `random`, seeded per
+        # DataLoader worker. Here a generator owns its numpy stream, re-keyed per sample (reseed_sample).
         self.rng = np.random.default_rng(derive_seed(seed, 0, 0, 0))
-        # The BEiT loop consumes ~100 scalars per mask; one numpy call per scalar costs
-        # ~1 us, so uniforms are drawn in chunks and read from a Python list (_uniform).
-        self._ubuf, self._upos = [], 0
+        self._ubuf, self._upos = [], 0                             # uniforms drawn in chunks (_uniform)
 
     # ---- randomness
 
     def reseed_sample(self, epoch: int, index: int, attempt: int = 0) -> None:
-        """Switch to the stream of one sample: (seed, epoch, row index, attempt) via `sample_seed`.
-
-        data.py calls this before every sample, so a sample's mask depends on
-        nothing but its key: not on the rank, worker or batch that draws it.
-        """
+        """Switch to the stream of one sample, (seed, epoch, row index, attempt): data.py calls it before
+        every sample, so a mask depends on its key alone, not on the rank, worker or batch that draws it."""
         self.rng = np.random.default_rng(sample_seed(self.seed, KEY_MASKS, epoch, index, attempt))
         self._ubuf, self._upos = [], 0                             # drop the previous stream's buffered draws
 
     def _uniform(self) -> float:
         """Next uniform in [0, 1) of this generator's stream."""
-        if self._upos == len(self._ubuf):
-            self._ubuf = self.rng.random(_UNIFORM_CHUNK).tolist()
-            self._upos = 0
+        if self._upos == len(self._ubuf):                         # in chunks: a numpy call per scalar is slow
+            self._ubuf, self._upos = self.rng.random(2048).tolist(), 0     # (the chunk size is part of the stream)
         self._upos += 1
         return self._ubuf[self._upos - 1]
 
@@ -205,10 +182,8 @@ class MaskGenerator:
         than what is left of the target. A round is up to max_attempts tries for
         one block; the mask is done when the target is reached or a whole
         round places nothing (then it stays a little under the target).
-
         min_block bounds the drawn *area*, as in BEiT: rounding h and w can
-        leave the rectangle a little smaller (area 16 at aspect 0.39 gives
-        2 x 6 = 12 cells; about 5% of blocks at 224 px have 12-15 cells).
+        leave the rectangle a little smaller (area 16 at aspect 0.39: 2 x 6).
 
         Random numbers come from this generator's stream in a fixed order: per
         try 2 uniforms (area, aspect), then 2 more (top, left) if the block fits
@@ -248,11 +223,8 @@ class MaskGenerator:
     # ---- which token time steps are masked
 
     def _tube_steps(self) -> list:
-        """l consecutive token time steps from a random start, wrapping past the end.
-
-        l uniform in length_range, start uniform in {0 .. t-1}; steps past t-1
-        continue at 0 (the released code fills [start:] and [0:start+l-t]).
-        """
+        """l (uniform in length_range) consecutive token time steps from a start uniform in {0 .. t-1}, wrapping
+        past t-1 to 0 (the released code fills [start:] and [0:start+l-t])."""
         length = self._randint(*self.length_range)
         start = self._randint(0, self.time - 1)
         return [(start + i) % self.time for i in range(length)]
@@ -265,16 +237,12 @@ class MaskGenerator:
     # ---- one input mask per strategy
 
     def _draw_inputs(self, n: int) -> np.ndarray:
-        """n input masks of this strategy, (n, *input_shape) bool.
-
-        Draws sample after sample in a fixed order, so batch(n) equals n calls.
-        """
+        """n input masks of this strategy, (n, *input_shape) bool, drawn one after another: batch(n) is n calls."""
         s = self.strategy
         if s == "block":
             return np.stack([self.blockwise() for _ in range(n)])        # (n, h, w)
         if s == "random-3d":
-            # Uniform over all t*h*w cells, exactly round(ratio * cells) of them
-            # (Table 8: 50%); the first k of a random permutation is a uniform k-subset.
+            # Exactly round(ratio * cells) of all t*h*w cells (Table 8: 50%): a random permutation's first k.
             cells = int(np.prod(self.input_shape))
             k = int(round(self.mask_ratio * cells))
             out = np.zeros((n, cells), MASK_DTYPE)
@@ -300,8 +268,7 @@ class MaskGenerator:
 
     def __call__(self):
         """(input_mask, target_mask) of one sample; see the module docstring for shapes."""
-        inp, tgt = self.batch(1)
-        return inp[0], tgt[0]
+        return tuple(m[0] for m in self.batch(1))
 
     def batch(self, n: int):
         """(input_masks (n, *input_shape), target_masks (n, *target_shape)) of n samples."""
@@ -317,18 +284,13 @@ class MaskGenerator:
 # Machinery: what running the method needs (not the method itself).
 
 # -----------------------------------------------------------------------------
-# Seeding: one explicit numpy Generator per MaskGenerator, one stream per
-# (base seed, rank, DataLoader worker, epoch), or per sample (base seed, epoch, row)
+# Seeding: one stream per (base seed, rank, DataLoader worker, epoch), or per sample (base seed, epoch, row)
 
 
 def _seed(**key) -> int:
-    """A 64-bit seed from numpy's SeedSequence of (first value = entropy, the rest = spawn key).
-
-    SeedSequence hashes the entropy with the spawn key, so streams of different
-    keys are statistically independent (unlike `base + rank + worker`, where
-    rank 1 / worker 0 collides with rank 0 / worker 1); same key, same seed, on
-    any machine.
-    """
+    """A 64-bit seed from numpy's SeedSequence of (first value = entropy, the rest = spawn key): streams of
+    different keys are independent (`base + rank + worker` would give rank 1 / worker 0 the seed of rank 0 /
+    worker 1), and a key gives the same seed on any machine."""
     for name, v in key.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -341,58 +303,48 @@ def derive_seed(base_seed: int, rank: int = 0, worker_id: int = 0, epoch: int = 
     return _seed(base_seed=base_seed, rank=rank, worker_id=worker_id, epoch=epoch)
 
 
-# Purposes of the per-sample keys below: distinct non-zero tags, so that the streams of
-# one sample (its masks, its pixels, its replacements) and the epoch orders never share a seed.
+# Purposes of the per-sample keys: distinct tags, so a sample's masks, pixels, replacements and orders differ.
 KEY_MASKS, KEY_PIXELS, KEY_REPLACE, KEY_ORDER = 1, 2, 3, 4
 
 
 def sample_seed(base_seed: int, purpose: int, epoch: int, index: int = 0, attempt: int = 0) -> int:
     """A 64-bit seed for one sample's randomness: (base seed, purpose, epoch, row index, attempt).
 
-    Keyed by what a sample *is* (its row and its epoch), not by who draws it
-    (rank, worker, position in a batch), so a run re-sharded over another number
-    of processes draws the same crops and masks for every sample. `attempt`
-    counts the files tried for one sample (a bad file is replaced, data.py). The
-    key has 4 entries, derive_seed's 3, so the two families never coincide.
+    Keyed by what a sample *is*, not by who draws it, so a re-sharded run draws the same crops and
+    masks; `attempt` counts the files tried (data.py replaces bad ones). 4 key entries against
+    derive_seed's 3: the two families never coincide.
     """
     return _seed(base_seed=base_seed, purpose=purpose, epoch=epoch, index=index, attempt=attempt)
 
 
 # -----------------------------------------------------------------------------
-# Argument checks: one-line errors
+# Argument checks: one-line errors (the constructor's paper constants are not checked)
 
 
 def _check(*rows) -> None:
-    """For the first row (what, ok, expected, got) whose ok is false: one-line ValueError "what: expected .., got .."."""
+    """For the first row (what, ok, expected, got) whose ok is false: ValueError "what: expected .., got .."."""
     for what, ok, expected, got in rows:
         if not ok:
             raise ValueError(f"{what}: expected {expected}, got {got!r}")
 
 
-def _is_int(v, low: int = 1) -> bool:
-    """An int (Python or numpy) >= low."""
-    return isinstance(v, (int, np.integer)) and v >= low
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and v >= 1
 
 
-def _check_arguments(strategy, input_size, size, p, tp, mask_ratio, min_block, aspects, max_attempts) -> None:
+def _check_arguments(strategy, input_size, size, p, tp, mask_ratio) -> None:
     """MaskGenerator's arguments, checked in order: the first bad one raises a one-line ValueError."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown mask strategy {strategy!r}; expected one of: {', '.join(STRATEGIES)}")
     is_video = len(size) == 3
     kind, want = ("images", "(H, W)") if strategy == "block" else ("clips", "(T, H, W)")
-    _check(("input_size", len(size) in (2, 3) and all(map(_is_int, size)), "(H, W) or (T, H, W) positive ints",
+    _check(("mask strategy", strategy in STRATEGIES, f"one of: {', '.join(STRATEGIES)}", strategy),
+           ("input_size", len(size) in (2, 3) and all(map(_is_int, size)), "(H, W) or (T, H, W) positive ints",
             input_size),
-           (f"input_size for {strategy!r} ({kind})", is_video == (kind == "clips"), want, input_size),
-           ("patch_size", _is_int(p), "a positive int", p),
-           ("temporal_patch", not is_video or _is_int(tp), "a positive int", tp))
+           (f"input_size for {strategy!r} ({kind})", is_video == (kind == "clips"), want, input_size))
     (T, H, W) = size if is_video else (0, *size)
     # Differs from the released code (which crops): uneven sizes raise, as the encoder places mask
     # tokens by upsampling this grid x4 onto its H/4 x W/4 tokens; a cropped grid would misalign them.
     _check(("input H, W", H % p == 0 and W % p == 0, f"multiples of patch_size={p}", (H, W)),
-           (f"token time T/{tp}", not is_video or T // tp >= 1, f">= 1 (T >= {tp} frames)", T),
+           (f"token time T/{tp}", not is_video or (_is_int(tp) and T // tp >= 1), f">= 1 (T >= {tp} frames)", T),
            ("number of frames T", not is_video or T % tp == 0, f"a multiple of temporal_patch={tp}", T),
            ("mask_ratio", isinstance(mask_ratio, (int, float, np.floating)) and 0 < mask_ratio < 1,
-            "a number in the open interval (0, 1)", mask_ratio),
-           ("min_block", _is_int(min_block), "an int >= 1", min_block),
-           ("max_attempts", _is_int(max_attempts), "an int >= 1", max_attempts),
-           ("aspect range", 0 < aspects[0] <= aspects[1], "0 < min_aspect <= max_aspect", aspects))
+            "a number in the open interval (0, 1)", mask_ratio))

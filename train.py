@@ -938,9 +938,7 @@ def claim_run_dir(out_dir: str, cfg, rt: Runtime):
     if rt.rank == 0:
         try:
             os.makedirs(out_dir, exist_ok=True)
-            # Under SLURM the lock names the job: a requeued job (same id, other nodes) takes over its own lock.
-            job = os.environ.get("SLURM_JOB_ID")
-            lock = data.FileLock(os.path.join(out_dir, "run.lock"), job=f"slurm-{job}" if job else None)
+            lock = data.FileLock(os.path.join(out_dir, "run.lock"))     # freed by the kernel if we die
             busy = lock.acquire()
             if busy is not None:
                 lock = None

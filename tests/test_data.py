@@ -384,7 +384,7 @@ def test_pretrain_clip_one_crop_and_flip_for_all_frames_and_tokenizer_copy():
     noise = np.random.default_rng(0).integers(0, 256, (100, 120, 3), np.uint8)
     frames = np.broadcast_to(noise, (1, 4, 100, 120, 3)).copy()             # 4 identical frames
     gen = MaskGenerator("tube", (4, 96, 96), seed=0)
-    tf = data.PretrainClipTransform(crop=96, short_side=(100, 130), mask_gen=gen)
+    tf = data.PretrainTransform("video", crop=96, short_side=(100, 130), mask_gen=gen)
     for _ in range(5):
         out = tf(frames)
         v, tok = out["video"], out["video_half"]
@@ -407,7 +407,8 @@ def test_pretrain_clip_one_crop_and_flip_for_all_frames_and_tokenizer_copy():
 def test_pretrain_image_ships_uint8_and_its_own_tokenizer_copy():
     torch.manual_seed(0)
     img = np.random.default_rng(2).integers(0, 256, (100, 120, 3), np.uint8)
-    tf = data.PretrainImageTransform(crop=96, short_side=(100, 130), mask_gen=MaskGenerator("block", (96, 96), seed=0))
+    tf = data.PretrainTransform("image", crop=96, short_side=(100, 130),
+                                mask_gen=MaskGenerator("block", (96, 96), seed=0))
     out = tf(img)
     x, tok = out["image"], out["image_half"]
     assert x.shape == (3, 96, 96) and x.dtype == torch.uint8 and tok.shape == (3, 48, 48) and tok.dtype == torch.uint8
@@ -419,14 +420,28 @@ def test_pretrain_image_ships_uint8_and_its_own_tokenizer_copy():
         data.normalize_batch(imgs.float())
 
 
-def test_decode_threads_share_the_node_among_ranks_and_workers(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+def test_decode_threads_share_the_allocated_cpus_among_ranks_and_workers(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)                      # the machine: not what the job got
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))    # the job's allocation
     assert data.auto_decode_threads(4, local_world_size=1) == 16
     assert data.auto_decode_threads(4, local_world_size=8) == 2             # 8 ranks x 4 workers on 64 cores
     assert data.auto_decode_threads(16, local_world_size=8) == 1            # never below one thread
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                             # what torchrun sets
     assert data.auto_decode_threads(2) == 4
-    assert "8 rank(s) on this node x 2 loader(s) x 4 worker(s) = 64 loading process(es)" in data.loading_plan(4, 1, 2)
+    plan = data.loading_plan(4, 1, 2)
+    assert "8 rank(s) on this node x 2 loader(s) x 4 worker(s) = 64 loading process(es)" in plan
+    assert plan.endswith("on 64 CPUs")
+
+
+def test_normalize_batch_copies_its_constants_to_a_device_once(monkeypatch):
+    """Issue 32.2: no host-to-device copy per call. After the first call on a device the host
+    constants are not read again, and the result stays the same."""
+    x = torch.randint(0, 256, (2, 3, 4, 8, 8), dtype=torch.uint8)
+    first = data.normalize_batch(x)
+    monkeypatch.setattr(data, "_STD", None)
+    monkeypatch.setattr(data, "_MEAN", None)
+    assert torch.equal(data.normalize_batch(x), first)
+    assert torch.equal(data.normalize(data.to_float(x[0].transpose(0, 1)), channels_first=True), first[0])
 
 
 def test_crop_and_flip_are_windows_of_the_frame():
@@ -435,7 +450,7 @@ def test_crop_and_flip_are_windows_of_the_frame():
     torch.manual_seed(0)
     img = np.random.default_rng(1).integers(0, 256, (60, 70, 3), np.uint8)
     ref = torch.from_numpy(img).permute(2, 0, 1).float() / 255              # (3, 60, 70)
-    tf = data.PretrainClipTransform(crop=48, short_side=(60, 60))
+    tf = data.PretrainTransform("video", crop=48, short_side=(60, 60))
     found = set()
     for _ in range(30):
         out = data.to_float(tf(img[None, None])["video"][:, 0])             # (3, 48, 48)
@@ -876,7 +891,7 @@ def test_ensure_synthetic_is_safe_for_concurrent_ranks(tmp_path):
         p.join(timeout=60)
     assert results == [str(root)] * 2
     assert (root / "DONE").exists() and len(list((root / "videos" / "train").glob("*.mp4"))) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn"]             # no temp folder, no lock left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".syn.lock", "syn"]    # no temp folder; the lock file stays
     with pytest.raises(ValueError, match="made with"):
         synth.make_synthetic_set(root, seed=2, verbose=False)                  # another seed: refuse, do not mix
     (tmp_path / "foreign").mkdir()

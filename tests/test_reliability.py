@@ -105,44 +105,57 @@ def test_config_records_what_ran_and_resume_still_compares_the_flags(syn, tmp_pa
     assert line.endswith("changed flags: --lr 0.002 -> 0.001"), line             # the record is no flag
 
 
+HOLD = ("import sys, time, data\n"
+        "assert data.FileLock(sys.argv[1]).acquire() is None\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n")
+
+
+def hold_lock(path):
+    """A live holder in another process (another open file description); returns once it holds the lock."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
 def test_a_second_process_on_the_same_folder_is_refused_and_a_dead_ones_lock_is_taken_over(syn, tmp_path):
     (tmp_path / "image").mkdir(parents=True)
     lock = tmp_path / "image" / "run.lock"
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")           # a live holder: this test process
-    r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "1"))
-    assert r.returncode == 2
-    msg = one_line(r.stderr)
-    assert "in use by another run" in msg and str(os.getpid()) in msg
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()                                                         # its pid is now free
-    lock.write_text(f"{socket.gethostname()} {dead.pid}\n")
+    holder = hold_lock(lock)
+    try:
+        r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "1"))
+        assert r.returncode == 2
+        msg = one_line(r.stderr)
+        assert "in use by another run" in msg and f"pid {holder.pid} on {socket.gethostname()} since" in msg
+    finally:
+        holder.kill()                                                   # dies holding it: the kernel frees it
+        holder.wait()
     r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert not lock.exists()                                            # released at the end
+    assert lock.exists() and data.FileLock(lock).acquire() is None     # the file stays; the lock is free
 
 
-def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
-    """A requeued job comes back on other nodes; its earlier rank 0 (killed by the preemption) left
-    run.lock naming another host. The same SLURM job id takes it over; another job, or no job, is refused."""
-    out = tmp_path / "joint"
-    out.mkdir()
-    lock = out / "run.lock"
-    cfg = train.parse_args(["--preset", "cpu", "--out", str(tmp_path)])
-    for env, taken in ((None, False), ("78", False), ("77", True)):
-        lock.write_text("node-that-was-preempted 4242 slurm-77\n")
-        if env is None:
-            monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-        else:
-            monkeypatch.setenv("SLURM_JOB_ID", env)
-        if not taken:
-            with pytest.raises(ValueError, match="in use by another run .*pid 4242 on node-that-was-preempted"):
-                train.claim_run_dir(str(out), cfg, ONE_PROCESS)
-            continue
-        held, ckpt = train.claim_run_dir(str(out), cfg, ONE_PROCESS)
-        assert held is not None and ckpt is None
-        assert lock.read_text() == f"{socket.gethostname()} {os.getpid()} slurm-77\n"       # ours now
-        held.release()
-        assert not lock.exists()
+def test_a_lock_is_reclaimed_after_any_restart_and_a_live_holder_is_refused(tmp_path):
+    """Issue 32.3: a restarted job (SLURM requeue, elastic torchrun restart on other hosts) finds run.lock
+    naming its earlier rank 0 on another host; nothing holds it any more, so it is taken. A live holder
+    is refused with its description; once that holder is killed the lock is free."""
+    lock = tmp_path / "run.lock"
+    lock.write_text("pid 4242 on node-that-was-preempted since 2024-01-01 00:00:00\n")
+    ours = data.FileLock(lock)
+    assert ours.acquire() is None and ours.acquire() is None                     # taken; asking again is fine
+    assert lock.read_text().startswith(f"pid {os.getpid()} on {socket.gethostname()} since ")
+    ours.release()
+    holder = hold_lock(lock)
+    try:
+        busy = data.FileLock(lock).acquire()
+        assert busy.startswith(f"pid {holder.pid} on {socket.gethostname()} since ") and str(lock) in busy
+        assert "\n" not in busy
+    finally:
+        holder.kill()
+        holder.wait()
+    again = data.FileLock(lock)
+    assert again.acquire() is None
+    again.release()
 
 
 # -----------------------------------------------------------------------------
@@ -307,7 +320,7 @@ def test_stale_synthetic_lock_and_temp_folder_of_a_dead_generator(tmp_path):
     synthetic.make_synthetic_set(root, seed=0, verbose=False, timeout=60, n_train=2, n_val=1, images_train=1,
                           images_val=1, frames=8, height=64, width=64)
     assert (root / synthetic.DONE_NAME).exists() and time.time() - t < 60
-    assert not leftover.exists() and not (tmp_path / ".syn.lock").exists()
+    assert not leftover.exists() and data.FileLock(tmp_path / ".syn.lock").acquire() is None   # kept, free
 
 
 # -----------------------------------------------------------------------------
