@@ -92,7 +92,7 @@ class FinetuneConfig:
     short_side: int = 256                 # train/val resize (released Resize(-1, 256))
     test_short_side: int = 224            # test resize before ThreeCrop (released)
     test_clips: int = 4                   # K400: 4 clips x 3 crops; SSv2: 1 x 3 (paper §4.1-4.2)
-    test_crops: int = 3
+    test_crops: int = 3                   # crops per clip at test time (ThreeCrop)
     rrc_scale: tuple = (0.08, 1.0)        # RandomResizedCrop area range (released default)
     flip: float = 0.5                     # K400 0.5; SSv2 0 (left/right matters)
     randaug_n: int = 0                    # SSv2: RandAugment n=4 ...

@@ -108,41 +108,16 @@ def test_config_records_what_ran_and_resume_still_compares_the_flags(syn, tmp_pa
 def test_a_second_process_on_the_same_folder_is_refused_and_a_dead_ones_lock_is_taken_over(syn, tmp_path):
     (tmp_path / "image").mkdir(parents=True)
     lock = tmp_path / "image" / "run.lock"
-    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")           # a live holder: this test process
+    holder = data.FileLock(lock)
+    assert holder.acquire() is None                                     # a live holder: this test process
     r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "1"))
+    holder.release()
     assert r.returncode == 2
     msg = one_line(r.stderr)
     assert "in use by another run" in msg and str(os.getpid()) in msg
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()                                                         # its pid is now free
-    lock.write_text(f"{socket.gethostname()} {dead.pid}\n")
+    lock.write_text(f"pid 4242 on node-that-was-preempted since {time.ctime()}\n")   # a holder gone, on another host
     r = run(args(syn, tmp_path, "--stage", "image", "--max-steps", "1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert not lock.exists()                                            # released at the end
-
-
-def test_a_requeued_slurm_job_takes_over_its_own_lock_from_another_node(tmp_path, monkeypatch):
-    """A requeued job comes back on other nodes; its earlier rank 0 (killed by the preemption) left
-    run.lock naming another host. The same SLURM job id takes it over; another job, or no job, is refused."""
-    out = tmp_path / "joint"
-    out.mkdir()
-    lock = out / "run.lock"
-    cfg = train.parse_args(["--preset", "cpu", "--out", str(tmp_path)])
-    for env, taken in ((None, False), ("78", False), ("77", True)):
-        lock.write_text("node-that-was-preempted 4242 slurm-77\n")
-        if env is None:
-            monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-        else:
-            monkeypatch.setenv("SLURM_JOB_ID", env)
-        if not taken:
-            with pytest.raises(ValueError, match="in use by another run .*pid 4242 on node-that-was-preempted"):
-                train.claim_run_dir(str(out), cfg, ONE_PROCESS)
-            continue
-        held, ckpt = train.claim_run_dir(str(out), cfg, ONE_PROCESS)
-        assert held is not None and ckpt is None
-        assert lock.read_text() == f"{socket.gethostname()} {os.getpid()} slurm-77\n"       # ours now
-        held.release()
-        assert not lock.exists()
 
 
 # -----------------------------------------------------------------------------
