@@ -670,12 +670,6 @@ def log(rank: int, *args) -> None:
         print(*args, flush=True)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The trained module itself, from under its DDP and torch.compile wrappers (same parameters)."""
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)
-
-
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
     """DDP as both trainers use it. broadcast_buffers=False: the only buffers are the relative-position
     index tables (118 MB in Swin-B at window (16,7,7)), which no forward reads and the default would
@@ -697,18 +691,12 @@ def all_reduce_mean(x: torch.Tensor, ddp: bool) -> torch.Tensor:
 
 
 def all_gather_rows(x: torch.Tensor, ddp: bool) -> torch.Tensor:
-    """Concatenate every rank's (n_r, ...) device tensor along dim 0, in rank order (n_r may differ)."""
+    """Every rank's (n_r, ...) tensor concatenated along dim 0 in rank order (evaluation only: through the host)."""
     if not ddp:
         return x
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]                     # one read-back: evaluation only, never in a step
-    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
-    parts = [x.new_empty((max(sizes), *x.shape[1:])) for _ in range(world)]
-    dist.all_gather(parts, torch.cat([x, pad]))
-    return torch.cat([p[:m] for p, m in zip(parts, sizes)])
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x.cpu())
+    return torch.cat(parts).to(x.device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:

@@ -99,7 +99,7 @@ def test_cross_rank_helpers_and_a_nan_on_one_rank_stop_every_rank(tmp_path):
 
 
 def test_train_py_under_torchrun_gloo(syn, tmp_path):
-    r = run(args(syn, tmp_path, "--stage", "joint", "--max-steps", "2"),
+    r = run(args(syn, tmp_path, "--stage", "joint", "--max-steps", "2", "--init", "scratch"),
             launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "world 2 x 2 clips" in r.stdout
@@ -230,7 +230,8 @@ def cross_world_args(syn, out, *extra):
     """The joint stage (both streams) at an effective batch of 4 clips + 8 images: 2 processes x
     accumulation 2 or 1 process x accumulation 4, in fp32 (bf16 rounding would swamp the comparison)."""
     return args(syn, out, "--stage", "joint", "--video-batch", "1", "--image-batch", "2", "--global-video-batch", "4",
-                "--global-image-batch", "8", "--precision", "fp32", "--ckpt-every", "100", *extra)
+                "--global-image-batch", "8", "--precision", "fp32", "--ckpt-every", "100", "--init", "scratch",
+                *extra)
 
 
 def final_model(out):

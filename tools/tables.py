@@ -150,7 +150,7 @@ def _pretrainings(row: str) -> list:
     if row == "BEVT":
         return [("bevt", "image", []), ("bevt", "joint", [])]        # joint starts from <run>/image/final.pt
     if row == "BEVT, joint from scratch":
-        return [("joint-scratch", "joint", [])]                    # no image stage in that folder
+        return [("joint-scratch", "joint", ["--init", "scratch"])]    # no image stage in that folder
     strategy = "tube" if row == "BEVT-V" else row
     name = "video" if strategy == "tube" else f"video-{strategy}"
     return [(name, "video", ["--mask-strategy", strategy])]
