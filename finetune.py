@@ -171,8 +171,8 @@ SYNTHETIC_TASKS = ("appearance", "motion")
 
 CHOICES = {"recipe": ("k400", "ssv2", "diving48"), "preset": ("paper", "cpu"), "precision": PRECISIONS,
            "task": SYNTHETIC_TASKS + ("both",), "sampling": ("dense", "uniform"), "eval_split": ("val", "test")}
-POSITIVE = ("frames", "frame_interval", "crop", "short_side", "test_short_side", "test_clips", "test_crops", "batch_size",
-            "eval_batch_size", "global_batch", "epochs", "lr", "log_every", "ckpt_every", "dist_timeout")
+POSITIVE = ("frames", "frame_interval", "crop", "short_side", "test_short_side", "test_clips", "test_crops",
+            "batch_size", "eval_batch_size", "global_batch", "epochs", "lr", "log_every", "ckpt_every", "dist_timeout")
 NON_NEGATIVE = ("num_classes", "workers", "warmup_epochs", "min_lr", "weight_decay", "label_smoothing", "clip_grad",
                 "accum_steps", "max_steps", "randaug_n", "randaug_m")
 FRACTIONS = {"flip": (0.0, 1.0 + 1e-9), "erase": (0.0, 1.0 + 1e-9), "drop_path": (0.0, 1.0), "dropout": (0.0, 1.0),
@@ -194,7 +194,7 @@ def resolve_config(args: dict) -> FinetuneConfig:
 
 
 def build_parser() -> Parser:
-    """finetune.py's flags, generated from FinetuneConfig; --help gives each default under every recipe and the cpu preset."""
+    """finetune.py's flags from FinetuneConfig; --help gives each default under every recipe and the cpu preset."""
     ap = Parser(prog="finetune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(ap, FinetuneConfig, CHOICES, variants={**RECIPES, "cpu": CPU_PRESET})
     return ap

@@ -91,7 +91,8 @@ class TrainConfig:
     resume: str = "auto"                  # auto: continue <out>/<stage>/ckpt.pt if there is one | no | a path
     overwrite: bool = False               # discard a previous run in <out>/<stage> and start again
     # --- data (paper §4.1)
-    data: str = ""                        # the synthetic set (CPU preset; python tools/synthetic.py); "" = data/synthetic
+    data: str = ""                        # the synthetic set (CPU preset; python tools/synthetic.py);
+                                          # "" = data/synthetic
     video_root: str = ""                  # folder of videos (your data); the --video-list paths are relative to it
     video_list: str = ""                  # list file of the pretraining videos, "path label" a line
     image_root: str = ""                  # folder of images in ImageNet layout (your data)
@@ -648,7 +649,8 @@ def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN, precision: str = "f
     tasks = int(os.environ.get("SLURM_NTASKS", 1))
     if "SLURM_PROCID" in os.environ and tasks > 1 and "RANK" not in os.environ:
         raise ValueError(f"srun started {tasks} tasks without torchrun (RANK unset): each would run alone on the same "
-                         f"--out; start one torchrun per node: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES "
+                         f"--out; start one torchrun per node: srun --ntasks-per-node=1 torchrun "
+                         f"--nnodes=$SLURM_NNODES "
                          f"--nproc_per_node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 {sys.argv[0]} ...")
     ddp = int(os.environ.get("RANK", -1)) != -1
     timeout = datetime.timedelta(minutes=timeout_min)
