@@ -15,13 +15,13 @@ train.py (whose distributed, schedule and checkpoint helpers this file imports).
     torchrun --standalone --nproc_per_node=2 finetune.py --preset cpu
 
     # the released K400 recipe on one GPU; SSv2 (window 16x7x7, backbone lr x0.1, EMA) on 8
-    python finetune.py --recipe k400 --init bevt_pretrain.pth --root K400/videos \\
+    python finetune.py --recipe k400 --init bevt_pretrain.pth --video-root K400/videos \\
         --train-list k400_train.txt --val-list k400_val.txt
     torchrun --standalone --nproc_per_node=8 finetune.py --recipe ssv2 --init bevt_pretrain.pth ...
 
     # Table 2 on a finetuned model: no training, three evaluations
     python finetune.py --recipe ssv2 --init runs/finetune/ssv2/final.pt --eval-only \\
-        --eval-mode normal,single-frame,shuffle --root ... --val-list ...
+        --eval-mode normal,single-frame,shuffle --video-root ... --val-list ...
 
 --init takes any encoder checkpoint (train.py's, the released BEVT and Video Swin
 ones; torchvision's and 2D Swin ones after tools/convert_checkpoint.py) or `scratch`. Outputs in
@@ -50,15 +50,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
 
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (DIST_TIMEOUT_MIN, PRECISIONS, EpochStream, Parser, Runtime, StepLog, add_dataclass_flags,
-                   all_gather_rows, check_ranges, claim_run_dir, clip_gradients, data_config_from, finished,
-                   load_for_resume, log, lr_at, param_groups, precision_note, resume_accumulation, resume_position,
-                   resume_rng, run_cli, run_record, save_checkpoint, save_state, saved_batch, seed_everything,
-                   setup_distributed, show_progress, start_log, unwrap, wrap_ddp)
+from train import (DIST_TIMEOUT_MIN, PRECISIONS, Claim, Parser, Runtime, StepLog, Throughput, add_dataclass_flags,
+                   all_gather_rows, begin, check_ranges, claim_run_dir, clip_gradients, data_config_from, finished,
+                   log, lr_at, param_groups, plan_batch, precision_note, run_cli, save_checkpoint, save_state,
+                   seed_everything, setup_distributed, show_progress, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -68,31 +68,31 @@ EVAL_MODES = ("normal", "single-frame", "shuffle")     # Table 2: Normal / Singl
 
 @dataclass
 class FinetuneConfig:
-    recipe: str = "k400"                  # k400 | ssv2 | diving48 (RECIPES below)
-    preset: str = "paper"                 # paper | cpu
+    recipe: str = "k400"                  # k400 | ssv2 | diving48: the released finetuning configs (defaults below)
+    preset: str = "paper"                 # paper (the recipe) | cpu (the demo, scaled down)
     model: str = "base"                   # swin3d preset; Swin-B throughout the paper (§4.1)
-    init: str = ""                        # checkpoint (any kind, see the docstring) | scratch; cpu: the demo's
-    out: str = "runs/finetune"
+    init: str = ""                        # encoder checkpoint: train.py's, the released BEVT / Video Swin ones,
+                                          # converted ones (tools/convert_checkpoint.py) | scratch; cpu: the demo's
+    out: str = "runs/finetune"            # run root: each label set writes to <out>/<task>
     resume: str = "auto"                  # auto: continue <out>/<task>/ckpt.pt if there is one | no | a path
     overwrite: bool = False               # discard a previous run in <out>/<task> and start again
-    allow_batch_change: bool = False      # resume on a world size that cannot keep the effective batch: go on with the nearest one, lr rescaled
     eval_only: bool = False               # evaluate --init as it is (a finetuned checkpoint), no training
     # --- data: your lists, or the synthetic set (no --train-list)
     data: str = ""                        # the synthetic set (python tools/synthetic.py); default data/synthetic
     task: str = "both"                    # synthetic labels: appearance | motion | both (Table 2's two columns)
-    root: str = ""                        # video folder the lists' paths are relative to
-    train_list: str = ""
-    val_list: str = ""
+    video_root: str = ""                  # video folder the lists' paths are relative to
+    train_list: str = ""                  # list file of the training videos, "path label" a line
+    val_list: str = ""                    # list file of the validation videos (evaluated), "path label" a line
     classes: str = ""                     # optional file of class names, one a line (saved with the model)
     num_classes: int = 0                  # 0 = the recipe's (K400 400, SSv2 174, Diving48 48) or the synthetic list's
     sampling: str = "dense"               # dense (K400: 32 x 2) | uniform (SSv2: one frame per segment)
     frames: int = 32                      # paper §4.1-4.2: 32 frames
-    interval: int = 2                     # K400: frame interval 2
-    crop: int = 224
+    frame_interval: int = 2               # sampling rate (dense sampling): K400 every 2nd frame
+    crop: int = 224                       # square crop, px
     short_side: int = 256                 # train/val resize (released Resize(-1, 256))
     test_short_side: int = 224            # test resize before ThreeCrop (released)
     test_clips: int = 4                   # K400: 4 clips x 3 crops; SSv2: 1 x 3 (paper §4.1-4.2)
-    test_crops: int = 3
+    test_crops: int = 3                   # crops per clip at test time (ThreeCrop)
     rrc_scale: tuple = (0.08, 1.0)        # RandomResizedCrop area range (released default)
     flip: float = 0.5                     # K400 0.5; SSv2 0 (left/right matters)
     randaug_n: int = 0                    # SSv2: RandAugment n=4 ...
@@ -101,46 +101,47 @@ class FinetuneConfig:
     batch_size: int = 8                   # clips per process (released videos_per_gpu=8)
     eval_batch_size: int = 1              # released val/test videos_per_gpu=1
     global_batch: int = 256               # K400: 8 GPUs x 8 clips x accumulation 4 (paper §4.1-4.2)
-    workers: int = 4
+    workers: int = 4                      # data loader processes per training process
     # --- model
     window: tuple = (8, 7, 7)             # K400 (8,7,7); SSv2 (16,7,7), tables interpolated (paper §4.1-4.2)
     drop_path: float = 0.3                # K400 0.3, SSv2 0.4 (paper §3 "BEVT encoders")
     dropout: float = 0.5                  # before the classifier (paper §4.1-4.2, released I3DHead dropout_ratio)
     # --- optimisation (paper §4.1-4.2)
-    epochs: int = 60
-    warmup_epochs: float = 2.5
+    epochs: int = 60                      # epochs of the training list
+    warmup_epochs: float = 2.5            # linear lr warm-up, then cosine
     lr: float = 3e-4                      # at the recipe's global batch; scaled linearly with the effective batch
     min_lr: float = 0.0                   # cosine to 0
     weight_decay: float = 0.001           # K400 0.001, SSv2 0.05; none on relative tables, norms, biases
-    betas: tuple = (0.9, 0.999)
+    betas: tuple = (0.9, 0.999)           # AdamW
     layer_decay: float = 0.9              # K400 layer-wise lr decay; 1 = off
     backbone_lr_mult: float = 1.0         # SSv2: backbone lr x0.1
     label_smoothing: float = 0.0          # SSv2: 0.1
     ema: float = 0.0                      # EMA decay of the weights (SSv2: 0.9998 = 1 - mmcv EMAHook momentum); 0 = off
     clip_grad: float = 40.0               # K400 40; SSv2 none (0)
     accum_steps: int = 0                  # 0 = global_batch / (batch_size * world)
-    max_steps: int = 0
+    max_steps: int = 0                    # stop after this many optimizer steps (0 = the schedule's end)
     # --- evaluation
     eval_mode: str = "normal"             # comma-separated subset of normal,single-frame,shuffle (Table 2)
-    eval_split: str = "test"              # test: clips x crops, softmax averaged; val: one centre clip
+    eval_split: str = "test"              # views of each --val-list video: test = clips x crops, softmax averaged;
+                                          # val = one centre clip
     # --- runtime
-    compile: bool = False
+    compile: bool = False                 # torch.compile the classifier (slow start, faster steps on GPUs)
     precision: str = "auto"               # auto (bf16 where the GPU/CPU computes it natively, else fp32) | bf16 | fp32
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False      # recompute each block's activations in the backward (less memory)
     dist_timeout: float = DIST_TIMEOUT_MIN  # minutes a collective waits for a dead or frozen rank
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 500                 # optimizer steps
+    seed: int = 0                         # base seed: data order and augmentation; + rank for the model
+    log_every: int = 10                   # optimizer steps between metrics.jsonl reads (one host sync)
+    ckpt_every: int = 500                 # optimizer steps between checkpoints
 
 
 # The released configs (paper §4.1-4.2): swin_base_patch244_window877_bevt_finetune_k400.py and
 # swin_base_patch244_window1677_bevt_finetune_ssv2.py.
 RECIPES = {
-    "k400": dict(sampling="dense", frames=32, interval=2, flip=0.5, randaug_n=0, erase=0.0,
+    "k400": dict(sampling="dense", frames=32, frame_interval=2, flip=0.5, randaug_n=0, erase=0.0,
                  test_clips=4, window=(8, 7, 7), drop_path=0.3, lr=3e-4, weight_decay=0.001, layer_decay=0.9,
                  backbone_lr_mult=1.0, label_smoothing=0.0, ema=0.0, clip_grad=40.0,
                  global_batch=8 * 8 * 4),           # 8 GPUs x 8 clips x update_interval 4
-    "ssv2": dict(sampling="uniform", frames=32, interval=1, flip=0.0, randaug_n=4, randaug_m=7,
+    "ssv2": dict(sampling="uniform", frames=32, frame_interval=1, flip=0.0, randaug_n=4, randaug_m=7,
                  erase=0.25, test_clips=1, window=(16, 7, 7), drop_path=0.4, lr=5e-4, weight_decay=0.05,
                  layer_decay=1.0, backbone_lr_mult=0.1, label_smoothing=0.1, ema=0.9998, clip_grad=0.0,
                  global_batch=8 * 8 * 8),           # 8 GPUs x 8 clips x update_interval 8
@@ -159,7 +160,7 @@ RECIPE_CLASSES = {"k400": 400, "ssv2": 174, "diving48": 48}
 # drop path) are off and the lr is 1e-3. Frames: 8 with interval 4, the whole 32-frame video, in
 # which the object moves 8-14 px between sampled frames, more than a 4-px patch.
 CPU_PRESET = dict(
-    model="cpu", sampling="dense", frames=8, interval=4, crop=112, short_side=128, test_short_side=112,
+    model="cpu", sampling="dense", frames=8, frame_interval=4, crop=112, short_side=128, test_short_side=112,
     test_clips=1, test_crops=3, rrc_scale=(0.5, 1.0), randaug_n=0, erase=0.0, batch_size=8, eval_batch_size=8,
     global_batch=8, workers=2, window=(8, 7, 7), drop_path=0.0, dropout=0.0, epochs=20, warmup_epochs=1.0,
     lr=1e-3, weight_decay=0.05, layer_decay=1.0, backbone_lr_mult=1.0, label_smoothing=0.0, ema=0.99,
@@ -170,8 +171,8 @@ SYNTHETIC_TASKS = ("appearance", "motion")
 
 CHOICES = {"recipe": ("k400", "ssv2", "diving48"), "preset": ("paper", "cpu"), "precision": PRECISIONS,
            "task": SYNTHETIC_TASKS + ("both",), "sampling": ("dense", "uniform"), "eval_split": ("val", "test")}
-POSITIVE = ("frames", "interval", "crop", "short_side", "test_short_side", "test_clips", "test_crops", "batch_size",
-            "eval_batch_size", "global_batch", "epochs", "lr", "log_every", "ckpt_every", "dist_timeout")
+POSITIVE = ("frames", "frame_interval", "crop", "short_side", "test_short_side", "test_clips", "test_crops",
+            "batch_size", "eval_batch_size", "global_batch", "epochs", "lr", "log_every", "ckpt_every", "dist_timeout")
 NON_NEGATIVE = ("num_classes", "workers", "warmup_epochs", "min_lr", "weight_decay", "label_smoothing", "clip_grad",
                 "accum_steps", "max_steps", "randaug_n", "randaug_m")
 FRACTIONS = {"flip": (0.0, 1.0 + 1e-9), "erase": (0.0, 1.0 + 1e-9), "drop_path": (0.0, 1.0), "dropout": (0.0, 1.0),
@@ -192,9 +193,15 @@ def resolve_config(args: dict) -> FinetuneConfig:
     return cfg
 
 
+def build_parser() -> Parser:
+    """finetune.py's flags from FinetuneConfig; --help gives each default under every recipe and the cpu preset."""
+    ap = Parser(prog="finetune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_flags(ap, FinetuneConfig, CHOICES, variants={**RECIPES, "cpu": CPU_PRESET})
+    return ap
+
+
 def parse_args(argv=None) -> FinetuneConfig:
-    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(ap, FinetuneConfig, CHOICES)
+    ap = build_parser()
     args = vars(ap.parse_args(argv))
     try:
         return resolve_config(args)
@@ -369,13 +376,13 @@ def read_names(path: str) -> list:
 def resolve_tasks(cfg: FinetuneConfig) -> list:
     """Your data (one task) or the synthetic set (appearance and/or motion). Raises before anything is written."""
     if cfg.train_list or cfg.val_list:
-        if not cfg.root or not cfg.val_list or (not cfg.train_list and not cfg.eval_only):
-            raise ValueError("your data needs --root, --val-list and (unless --eval-only) --train-list")
+        if not cfg.video_root or not cfg.val_list or (not cfg.train_list and not cfg.eval_only):
+            raise ValueError("your data needs --video-root, --val-list and (unless --eval-only) --train-list")
         classes = read_names(cfg.classes) if cfg.classes else None
         n = cfg.num_classes or (len(classes) if classes else RECIPE_CLASSES[cfg.recipe])
         if classes and len(classes) != n:
             raise ValueError(f"class count mismatch: {cfg.classes} names {len(classes)} classes, the model has {n}")
-        return [Task(cfg.recipe, cfg.root, cfg.train_list, cfg.val_list, n, classes, cfg.flip)]
+        return [Task(cfg.recipe, cfg.video_root, cfg.train_list, cfg.val_list, n, classes, cfg.flip)]
     root = cfg.data or "data/synthetic"
     vids = os.path.join(root, "videos")
     tasks = []
@@ -403,7 +410,7 @@ def check_classes(ann: str, root: str, num_classes: int, train: bool) -> list:
 
 def data_config(cfg: FinetuneConfig) -> data.FinetuneDataConfig:
     """The data side of the recipe: FinetuneDataConfig's fields taken from the flags of the same name."""
-    return data_config_from(data.FinetuneDataConfig, cfg, num_workers="workers")
+    return data_config_from(data.FinetuneDataConfig, cfg, interval="frame_interval", num_workers="workers")
 
 
 # -----------------------------------------------------------------------------
@@ -437,54 +444,51 @@ def train_step(model, batches: list, rt: Runtime, clip_grad: float, smoothing: f
     return loss_sum, acc_sum, gnorm
 
 
-class Schedule(NamedTuple):
-    """What the loop runs: the effective batch (clips) and its accumulation, the peak lr scaled to
-    it, the schedule's length and warm-up, and where this run stops (all in optimizer steps)."""
-    accum: int
-    eff: int
-    lr: float
-    total: int
-    warmup: int
-    stop_at: int
-
-
-def train(cfg: FinetuneConfig, task: Task, model: nn.Module, ema: Optional[AveragedModel], rt: Runtime,
-          out_dir: str, resume: Optional[str]) -> int:
-    """The finetuning loop (train.py's structure: accumulation, schedule, resume, tqdm, JSONL, non-finite stop).
-    `model` may be compiled and DDP-wrapped; checkpoints and the EMA read the module under the wrappers."""
-    from tqdm import tqdm
-    raw = unwrap(model)
-    setup = setup_training(cfg, task, raw, ema, rt, out_dir, resume)
-    if setup is None:                                                  # a finished run: nothing to do
+def train(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, model: nn.Module, ema: Optional[AveragedModel],
+          rt: Runtime, out_dir: str, claim: Claim) -> Optional[int]:
+    """The finetuning loop (train.py's structure: accumulation, schedule, resume, tqdm, JSONL, non-finite stop);
+    `model` is `raw` compiled and DDP-wrapped, or `raw`. Returns the last step, None for a finished run."""
+    b = plan_batch(cfg, {"clips": cfg.batch_size}, cfg.global_batch, {"clips": "--batch-size"}, rt.world, claim)
+    dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
+    loader = data.build_finetune_loader("train", dcfg, ann=task.train_list, root=task.root, rank=rt.rank,
+                                        world_size=rt.world, accum=b.accum, verbose=rt.rank == 0)
+    steps_per_epoch = loader.steps_per_epoch                          # global steps: samples // effective batch
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+    if finished(claim, stop_at, out_dir, cfg, lambda m: log(rt.rank, m), ("final.pt", "eval.json")):
         return None
-    opt, stream, sched, step, record = setup
+    log(rt.rank, f"world {rt.world} x {cfg.batch_size} clips x accum {b.accum} = effective batch {b.eff}; lr = base_lr "
+                 f"{cfg.lr:g} x {b.eff} / --global-batch {b.paper} = {b.lr:.3g}; {steps_per_epoch} steps/epoch x "
+                 f"{cfg.epochs} epochs = {total} steps, warm-up {warmup}")
+    opt = build_optimizer(cfg, raw, b.lr, rt)
+    init = init_path(cfg)
+    step, stream, record = begin(claim, b, raw, opt, cfg, rt, out_dir, loader, stop_at,
+                                 {"init": init} if init not in ("", "scratch") else {}, ema=ema)
     steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
-    bar = tqdm(total=sched.stop_at, initial=step, desc=f"finetune {task.name}", dynamic_ncols=True,
-               file=sys.stdout, disable=rt.rank != 0)
+    bar = tqdm(total=stop_at, initial=step, desc=f"finetune {task.name}", dynamic_ncols=True, file=sys.stderr,
+               disable=rt.rank != 0)
     model.train()
-    t0, seen = time.time(), 0
-    while step < sched.stop_at:
-        cur_lr = lr_at(step, sched.total, sched.warmup, sched.lr, cfg.min_lr * sched.eff / cfg.global_batch)
+    speed = Throughput()
+    while step < stop_at:
+        cur_lr = lr_at(step, total, warmup, b.lr, cfg.min_lr * b.eff / cfg.global_batch)
         for g in opt.param_groups:
             g["lr"] = cur_lr * g["lr_scale"]                         # layer-wise multiplier
-        batches = stream.take(sched.accum)
+        batches = stream.take(b.accum)
         loss, acc, gnorm = train_step(model, batches, rt, cfg.clip_grad, cfg.label_smoothing)
-        seen += sum(len(b["video"]) for b in batches)
+        speed.add(rt.world * sum(len(x["video"]) for x in batches))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update_parameters(raw)
         step += 1
         # Queued on the device; read (and checked for non-finite values) every log_every steps.
-        steplog.add({"step": step, "epoch": stream.epoch, "lr": cur_lr},
-                    {"loss": loss, "acc": acc, "grad_norm": gnorm})
+        steplog.add({"step": step, "epoch": stream.epoch, "lr": cur_lr}, {"loss": loss, "acc": acc, "grad_norm": gnorm})
         bar.update(1)
-        save = step % cfg.ckpt_every == 0 or step == sched.stop_at
-        if step % cfg.log_every == 0 or save:
-            # Before any save: a non-finite step is never saved.
-            show_progress(steplog, bar, "clips", seen * rt.world / max(time.time() - t0, 1e-9), cur_lr)
+        save = step % cfg.ckpt_every == 0 or step == stop_at
+        if step % cfg.log_every == 0 or save:                       # before any save: a non-finite step is never saved
+            show_progress(steplog, bar, "clips", speed.rate(), cur_lr)
         if save:
-            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, sched.accum,
+            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, b.accum,
                        {"clips": cfg.batch_size}, record, ema=ema.state_dict() if ema is not None else None)
     bar.close()
     if rt.rank == 0:
@@ -492,52 +496,16 @@ def train(cfg: FinetuneConfig, task: Task, model: nn.Module, ema: Optional[Avera
     return step
 
 
-def setup_training(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, ema: Optional[AveragedModel],
-                   rt: Runtime, out_dir: str, resume: Optional[str]) -> tuple:
-    """The loader, the optimizer and the schedule, restored from `resume` if given: (opt, stream, Schedule, step,
-    the run's record for config.json and the checkpoints), or None for a finished run (train.finished)."""
-    rank, world = rt.rank, rt.world
-    ck, saved, accum, batch_note = resume_batch(cfg, rt, resume)
-    eff = cfg.batch_size * world * accum
-    lr = cfg.lr * eff / cfg.global_batch                           # scaled linearly with the effective batch
-    dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
-    loader = data.build_finetune_loader("train", dcfg, ann=task.train_list, root=task.root, rank=rank,
-                                        world_size=world, accum=accum, verbose=rank == 0)
-    steps_per_epoch = loader.steps_per_epoch                          # global steps: samples // effective batch
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    log(rank, f"world {world} x {cfg.batch_size} clips x accum {accum} = effective batch {eff}; lr = base_lr "
-              f"{cfg.lr:g} x {eff} / recipe batch {cfg.global_batch} = {lr:.3g}; {steps_per_epoch} steps/epoch x "
-              f"{cfg.epochs} epochs = {total} steps, warm-up {warmup}")
+def build_optimizer(cfg: FinetuneConfig, raw: VideoClassifier, lr: float, rt: Runtime) -> torch.optim.AdamW:
+    """AdamW over finetune_param_groups, its multipliers said in one line."""
     groups = finetune_param_groups(raw, cfg.weight_decay, cfg.layer_decay, cfg.backbone_lr_mult)
     lo, hi = min(g["lr_scale"] for g in groups), max(g["lr_scale"] for g in groups)
-    log(rank, f"lr multipliers: layer decay {cfg.layer_decay:g}, backbone x{cfg.backbone_lr_mult:g} -> "
-              f"{lo:.3g} (patch embedding) .. {hi:.3g} (head); weight decay {cfg.weight_decay:g}; label smoothing "
-              f"{cfg.label_smoothing:g}; EMA {cfg.ema:g}; grad clip {cfg.clip_grad:g}")
+    log(rt.rank, f"lr multipliers: layer decay {cfg.layer_decay:g}, backbone x{cfg.backbone_lr_mult:g} -> "
+                 f"{lo:.3g} (patch embedding) .. {hi:.3g} (head); weight decay {cfg.weight_decay:g}; label smoothing "
+                 f"{cfg.label_smoothing:g}; EMA {cfg.ema:g}; grad clip {cfg.clip_grad:g}")
     for g in groups:
         g.pop("names")
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=rt.device.type == "cuda")
-    step, epoch, epoch_step = 0, 0, 0
-    stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    if ck is not None:                                             # model, optimizer, EMA and position
-        step, epoch, epoch_step = resume_position(ck, saved, "clips", eff, steps_per_epoch)
-        if finished(ck, step, stop_at, out_dir, cfg, lambda m: log(rank, m), ("final.pt", "eval.json")):
-            return None
-        raw.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if ema is not None and ck.get("ema"):
-            ema.load_state_dict(ck["ema"])
-        log(rank, f"resumed from {resume}: step {step}, epoch {epoch}, step {epoch_step} of the epoch"
-            + (f"; {batch_note}" if batch_note else ""))
-    init = init_path(cfg)
-    record = None if rank else ck["config"] if ck and step >= stop_at else run_record(   # no step: what did
-        cfg, rt, {"init": init} if init not in ("", "scratch") else {}, accum_steps=accum, effective_clips=eff,
-        peak_lr=lr)
-    if rank == 0:
-        start_log(out_dir, record, step if ck is not None else None)
-    stream = EpochStream(loader, epoch, epoch_step)
-    if ck is not None:
-        resume_rng(ck, saved, cfg.seed, rank, world, step, lambda m: log(rank, m))
-    return opt, stream, Schedule(accum, eff, lr, total, warmup, stop_at), step, record
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=rt.device.type == "cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -580,11 +548,10 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classe
 def predict(model: nn.Module, loader, mode: str, seed: int, rt: Runtime,
             progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run a val/test loader once over this process's shard: probs (n, K), labels (n,), sample index (n,)."""
-    from tqdm import tqdm
     model.eval()
     gen = torch.Generator().manual_seed(seed)               # the same probes every evaluation
     probs, labels, index = [], [], []
-    for batch in tqdm(loader, desc=f"eval {mode}", leave=False, dynamic_ncols=True, file=sys.stdout,
+    for batch in tqdm(loader, desc=f"eval {mode}", leave=False, dynamic_ncols=True, file=sys.stderr,
                       disable=not progress):
         video = temporal_probe(batch["video"], mode, gen)
         views = video.shape[1] if video.dim() == 6 else 1
@@ -625,8 +592,9 @@ def report(cfg: FinetuneConfig, task: Task, results: dict, out_dir: str, step: i
     views = f"{cfg.test_clips} clips x {cfg.test_crops} crops" if cfg.eval_split == "test" else "1 centre clip"
     for which, res in results.items():
         for mode, m in res.items():
-            print(f"[{task.name}] {which} {mode:12s} ({views}, {m['n']} videos): top-1 {m['top1']:.1f}  "
-                  f"top-5 {m['top5']:.1f}  mean class {m['mean_class']:.1f}")
+            top5 = f"top-5 {m['top5']:.1f}  " if task.num_classes > 5 else ""     # top-5 of <= 5 classes: 100
+            print(f"[{task.name}] {which} {mode:12s} ({views}, {m['n']} val videos): top-1 {m['top1']:.1f}  "
+                  f"{top5}mean class {m['mean_class']:.1f}")
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, "eval": {w: {k: {x: y for x, y in m.items() if x != "confusion"}
                                                        for k, m in r.items()} for w, r in results.items()}}) + "\n")
@@ -663,13 +631,15 @@ def main(argv=None) -> dict:
 def run(cfg: FinetuneConfig) -> dict:
     tasks = resolve_tasks(cfg)
     init_path(cfg)                                             # a missing --init: an error before anything runs
+    if not cfg.eval_only:
+        check_batch(cfg, tasks)
     rt = setup_distributed(cfg.dist_timeout, cfg.precision)
     t0 = time.time()
     results = {t.name: run_task(cfg, t, rt) for t in tasks}
     if rt.rank == 0:
         for which in ("model", "ema"):
             if all(which in r for r in results.values()):
-                print(f"\nTable 2 style: top-1 % on {cfg.eval_split} ({which} weights), {len(results)} label "
+                print(f"\nTable 2 style: top-1 % on the val list ({which} weights), {len(results)} label "
                       f"set(s), {time.time() - t0:.0f} s in all (paper: K400 80.6 / 65.3 / 77.8, SSv2 66.3 / 6.3 "
                       f"/ 19.0)")
                 print(table2(results, which))
@@ -682,37 +652,27 @@ def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime) -> dict:
     """Finetune (unless --eval-only) and evaluate one label set; returns {'model': metrics, 'ema': metrics}."""
     seed_everything(cfg.seed + rt.rank)                           # seed = base + rank
     out_dir = os.path.join(cfg.out, task.name)
-    lock, resume = claim_run_dir(out_dir, cfg, rt)
+    claim = claim_run_dir(out_dir, cfg, rt)
     try:
-        return _run_task(cfg, task, rt, out_dir, resume)
+        return _run_task(cfg, task, rt, out_dir, claim)
     finally:
-        if lock is not None:
-            lock.release()
+        if claim.lock is not None:
+            claim.lock.release()
 
 
-def _run_task(cfg: FinetuneConfig, task: Task, rt: Runtime, out_dir: str, resume: Optional[str]) -> dict:
+def _run_task(cfg: FinetuneConfig, task: Task, rt: Runtime, out_dir: str, claim: Claim) -> dict:
     modes = parse_eval_modes(cfg.eval_mode)
     check_classes(task.val_list, task.root, task.num_classes, train=False)
     if not cfg.eval_only:
         check_classes(task.train_list, task.root, task.num_classes, train=True)
-    raw = build_model(cfg, task.num_classes)
-    init = init_path(cfg)
-    if init and init != "scratch":
-        log(rt.rank, load_pretrained(raw, init, cfg.model).describe(init))
-    else:
-        log(rt.rank, "init: scratch (random weights)")
-    raw.to(rt.device)
-    ema = make_ema(raw, cfg.ema) if cfg.ema > 0 and not cfg.eval_only else None
-    model = torch.compile(raw, dynamic=False) if cfg.compile else raw     # compile after .to, before DDP
-    if rt.ddp:
-        model = wrap_ddp(model, rt.device)
+    raw, model, ema = prepare_model(cfg, task.num_classes, rt)
     log(rt.rank, f"task {task.name}: {task.num_classes} classes; model {cfg.model} window {tuple(cfg.window)}: "
                  f"{swin3d.param_count(raw) / 1e6:.2f}M parameters; device {rt.device}, "
                  f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
     dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
     val_loader = data.build_finetune_loader(cfg.eval_split, dcfg, ann=task.val_list, root=task.root, rank=rt.rank,
                                             world_size=rt.world, verbose=False)
-    step = train(cfg, task, model, ema, rt, out_dir, resume) if not cfg.eval_only else 0
+    step = train(cfg, task, raw, model, ema, rt, out_dir, claim) if not cfg.eval_only else 0
     if step is None:                                       # a finished run, rerun: its results as on file
         with open(os.path.join(out_dir, "eval.json")) as f:
             return json.load(f)["results"]
@@ -725,37 +685,50 @@ def _run_task(cfg: FinetuneConfig, task: Task, rt: Runtime, out_dir: str, resume
     return results
 
 
+def prepare_model(cfg: FinetuneConfig, num_classes: int, rt: Runtime) -> tuple:
+    """(classifier, the module trained: compiled and DDP-wrapped as asked, its EMA or None). The EMA copy is
+    made after DDP's start-up broadcast of rank 0's weights, so that it starts equal on every rank."""
+    raw = build_model(cfg, num_classes)
+    init = init_path(cfg)
+    if init and init != "scratch":
+        log(rt.rank, load_pretrained(raw, init, cfg.model).describe(init))
+    else:
+        log(rt.rank, "init: scratch (random weights)")
+    raw.to(rt.device)
+    model = torch.compile(raw, dynamic=False) if cfg.compile else raw     # compile after .to, before DDP
+    if rt.ddp:
+        model = wrap_ddp(model, rt.device)
+    ema = make_ema(raw, cfg.ema) if cfg.ema > 0 and not cfg.eval_only else None
+    return raw, model, ema
+
+
 # =============================================================================
 # Machinery: what running the method needs (not the method itself).
 
-# -----------------------------------------------------------------------------
-# Checkpoints and resuming (the same files and rules as train.py)
-
 
 def init_path(cfg: FinetuneConfig) -> str:
-    """--init, or the CPU demo's pretraining; '' or 'scratch': random weights. A missing file is an error."""
+    """--init, or the CPU demo's pretraining; 'scratch': random weights. A missing file is an error."""
     init = cfg.init or (CPU_INIT if cfg.preset == "cpu" else "")
-    if init and init != "scratch" and not os.path.exists(init):
+    if not init:
+        raise ValueError("--init is required with the paper recipe: an encoder checkpoint (train.py's final.pt, the "
+                         "released BEVT or Video Swin weights), or --init scratch for random weights")
+    if init != "scratch" and not os.path.exists(init):
         raise ValueError(f"--init {init}: no such file" + (" (run the CPU pretraining demo first: python train.py "
                          "--preset cpu --stage image && python train.py --preset cpu --stage joint, or pass "
                          "--init scratch)" if init == CPU_INIT else ""))
     return init
 
 
-def resume_batch(cfg: FinetuneConfig, rt: Runtime, resume: Optional[str]) -> tuple:
-    """(checkpoint, its batch record, accumulation, note). As train.py, a resumed run keeps its
-    checkpoint's effective batch on any number of processes; a fresh one derives it from the recipe."""
-    def derived_accum(c: dict, w: int) -> int:       # the accumulation of config c on w processes
-        return c.get("accum_steps") or max(1, c["global_batch"] // (c["batch_size"] * w))
-
-    if resume is None:
-        return None, None, derived_accum(dataclasses.asdict(cfg), rt.world), ""
-    ck = load_for_resume(resume, lambda m: log(rt.rank, m))
-    saved = saved_batch(ck, {"clips": "batch_size"}, derived_accum)
-    request = cfg.accum_steps if cfg.accum_steps != ck.get("config", {}).get("accum_steps", 0) else 0
-    accum, note = resume_accumulation(saved, {"clips": cfg.batch_size}, rt.world, request, cfg.allow_batch_change,
-                                      {"clips": "--batch-size"}, resume, lambda e: cfg.lr * e / cfg.global_batch)
-    return ck, saved, accum, note
+def check_batch(cfg: FinetuneConfig, tasks: list) -> None:
+    """A training list too short for one global batch: an error before anything is built."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    batch = cfg.batch_size * world * (cfg.accum_steps or max(1, cfg.global_batch // (cfg.batch_size * world)))
+    for t in tasks:
+        with open(t.train_list) as f:
+            n = sum(1 for line in f if line.strip())
+        if n < batch:
+            raise ValueError(f"{t.train_list}: {n} videos give no global batch of {batch} clips (--global-batch "
+                             f"{cfg.global_batch}, --batch-size {cfg.batch_size}, {world} process(es))")
 
 
 def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Optional[AveragedModel],
@@ -770,25 +743,6 @@ def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Opti
 
 # -----------------------------------------------------------------------------
 # Loading any pretrained encoder (paper §4.1-4.2; the released checkpoint layout)
-
-
-def state_dict_of(checkpoint) -> tuple[dict, dict]:
-    """(flat state dict {key without `module.` / `_orig_mod.`: (original key, tensor)}, outer dict) of a path / dict."""
-    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = swin3d.load_file(checkpoint)
-    outer = checkpoint if isinstance(checkpoint, dict) else {}
-    sd = checkpoint
-    for k in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
-            sd = sd[k]
-            break
-    flat = {}
-    for key, v in sd.items():
-        k = swin3d.unwrap_key(key)
-        if k in flat:                                     # `encoder.X` and `module.encoder.X`: refuse to guess
-            raise ValueError(f"checkpoint holds {k!r} twice, as {flat[k][0]!r} and {key!r}; refusing to guess")
-        flat[k] = (key, v)
-    return flat, outer
 
 
 def _detect(sd: dict, outer: dict) -> tuple[str, str, Optional[str]]:
@@ -872,7 +826,7 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
     Returns a LoadReport; raises a one-line ValueError on an encoder of another
     size or a tensor of the wrong shape. The window is adapted to the model's (_fit_window).
     """
-    sd, outer = state_dict_of(checkpoint)
+    sd, outer = swin3d.read_state_dict(checkpoint)
     swin3d.check_converted({k: v for k, (_, v) in sd.items()})   # torchvision's or a 2D Swin: convert first
     kind, enc_prefix, head_prefix = _detect(sd, outer)
     enc, head, unused, rederived = _split_keys(sd, enc_prefix, head_prefix)

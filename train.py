@@ -8,16 +8,19 @@ Model: bevt.py; data: data.py; masks: masking.py; targets: tokenizer.py.
     python tools/synthetic.py && python train.py --preset cpu --stage image && python train.py --preset cpu --stage joint
 
     # the same on 2 CPU processes (gloo)
+    torchrun --standalone --nproc_per_node=2 train.py --preset cpu --stage image
     torchrun --standalone --nproc_per_node=2 train.py --preset cpu --stage joint
 
-    # one GPU, paper recipe (Swin-B), your data
+    # one GPU, paper recipe (Swin-B), your data: the image stage, then the joint stage from it
+    python train.py --stage image --image-root ImageNet/train --tokenizer dalle_encoder.pt
     python train.py --stage joint --video-root K400/ --video-list k400_train.txt \\
         --image-root ImageNet/train --tokenizer dalle_encoder.pt
 
-    # one node, 8 GPUs
+    # one node, 8 GPUs (each stage)
+    torchrun --standalone --nproc_per_node=8 train.py --stage image ...
     torchrun --standalone --nproc_per_node=8 train.py --stage joint ...
 
-    # 4 nodes x 8 GPUs (run on every node, NODE = 0..3)
+    # 4 nodes x 8 GPUs (run on every node, NODE = 0..3; under SLURM: srun ... torchrun ..., one task a node)
     torchrun --nnodes=4 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \\
         --nproc_per_node=8 train.py --stage joint ...
 
@@ -40,6 +43,7 @@ the curves.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -79,56 +83,57 @@ DIST_TIMEOUT_MIN = 10.0   # a stuck rank fails the job in minutes, not after the
 @dataclass
 class TrainConfig:
     stage: str = "joint"                  # image (BEVT-I) | video (BEVT-V) | joint (BEVT), §3
-    preset: str = "paper"                 # paper | cpu
+    preset: str = "paper"                 # paper (the §4.1 recipe) | cpu (the demo, scaled down)
     model: str = "base"                   # swin3d preset; Swin-B throughout the paper (§4.1)
-    out: str = "runs/bevt"
-    init: str = ""                        # checkpoint to start from; joint: defaults to <out>/image/final.pt
+    out: str = "runs/bevt"                # run root: each stage writes to <out>/<stage>
+    init: str = ""                        # checkpoint to start from | scratch; joint: <out>/image/final.pt,
+                                          # required unless scratch (random init is Table 6's ablation)
     resume: str = "auto"                  # auto: continue <out>/<stage>/ckpt.pt if there is one | no | a path
     overwrite: bool = False               # discard a previous run in <out>/<stage> and start again
-    allow_batch_change: bool = False      # resume on a world size that cannot keep the effective batch: go on with the nearest one, lr rescaled
     # --- data (paper §4.1)
-    data: str = ""                        # the synthetic set (CPU preset; python tools/synthetic.py); "" = data/synthetic
-    video_root: str = ""
-    video_list: str = ""
-    image_root: str = ""
-    image_list: str = ""
+    data: str = ""                        # the synthetic set (CPU preset; python tools/synthetic.py);
+                                          # "" = data/synthetic
+    video_root: str = ""                  # folder of videos (your data); the --video-list paths are relative to it
+    video_list: str = ""                  # list file of the pretraining videos, "path label" a line
+    image_root: str = ""                  # folder of images in ImageNet layout (your data)
+    image_list: str = ""                  # optional list file of images under --image-root (else the folder is scanned)
     frames: int = 16                      # clip length T (§4.1)
-    frame_interval: int = 8               # paper §4.1
-    crop: int = 224
-    short_side: tuple = (256, 320)        # random short-side rescale range (paper §4.1)
+    frame_interval: int = 8               # sampling rate: every 8th frame (paper §4.1)
+    crop: int = 224                       # square crop, px; a multiple of 16 (one target code per 16x16 px)
+    short_side: tuple = (256, 320)        # random short-side rescale range LO HI (paper §4.1)
     video_batch: int = 8                  # clips per process (paper §4.1: 8 clips + 64 images per GPU)
     image_batch: int = 64                 # images per process
-    global_video_batch: int = 256         # §4.1 batch size 256 clips
-    global_image_batch: int = 2048        # §4.1 batch size 2048 images
+    global_video_batch: int = 256         # effective batch in clips (§4.1: 256); sets the accumulation and lr
+    global_image_batch: int = 2048        # effective batch in images (§4.1: 2048; the image stage's)
     image_cycles: int = 5                 # ImageNet cycled 5x per video epoch in the joint stage (paper §4.1)
-    workers: int = 8
-    mask_strategy: str = "tube"           # masking.STRATEGIES; Table 8
+    workers: int = 8                      # data loader processes per training process
+    mask_strategy: str = "tube"           # video masks: masking.STRATEGIES (Table 8); images: block
     mask_ratio: float = masking.MASK_RATIO  # §3 "the masking ratio of each masked frame is 0.5"
     # --- targets (§3 "Tokenizer")
     tokenizer: str = ""                   # DALL-E encoder.pkl / converted .pt / offline tokenizer file
-    vocab_size: int = bevt.VOCAB_SIZE     # DALL-E codebook, 8192 (appendix A)
+    vocab_size: int = bevt.VOCAB_SIZE     # codebook size: DALL-E's 8192 (appendix A)
     tokenizer_vocab: int = bevt.VOCAB_SIZE  # CPU preset: reads <data>/tokenizer_<tokenizer_vocab>.pt
     # --- optimisation (paper §4.1)
-    epochs: int = 150                     # joint/video: 150 K400 epochs; image: 800 ImageNet epochs
-    warmup_epochs: float = 10.0
-    lr: float = 5e-4                      # at the paper's global batch
+    epochs: int = 150                     # epochs of the stage's data (§4.1: 800 ImageNet, 150 K400)
+    warmup_epochs: float = 10.0           # linear lr warm-up, then cosine
+    lr: float = 5e-4                      # at the global batch; scaled linearly with the effective batch
     min_lr: float = 0.0                   # cosine to 0
-    weight_decay: float = 0.05
-    betas: tuple = (0.9, 0.999)
-    clip_grad: float = 3.0
+    weight_decay: float = 0.05            # AdamW; none on relative tables, norms, biases, the mask token
+    betas: tuple = (0.9, 0.999)           # AdamW
+    clip_grad: float = 3.0                # gradient norm clipping; 0 = off (the norm is still logged)
     accum_steps: int = 0                  # 0 = derived from the global batch
     drop_path: float = 0.3                # Swin-B pretraining (paper §3 "BEVT encoders")
-    lam: float = 1.0                      # eq. 5
+    lam: float = 1.0                      # λ of eq. 5: L = L_MIM + λ·L_MVM
     max_steps: int = 0                    # stop after this many optimizer steps (0 = the schedule's end)
     # --- runtime
-    compile: bool = False
+    compile: bool = False                 # torch.compile the two streams (slow start, faster steps on GPUs)
     precision: str = "auto"               # auto (bf16 where the GPU/CPU computes it natively, else fp32) | bf16 | fp32
     tokenizer_precision: str = "fp32"     # DALL-E encoder: fp32 | bf16 | fp16 (tokenizer.Tokenizer.set_precision)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False      # recompute each block's activations in the backward (less memory)
     dist_timeout: float = DIST_TIMEOUT_MIN  # minutes a collective waits for a dead or frozen rank
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 500                 # optimizer steps
+    seed: int = 0                         # base seed: data order, masks and augmentation; + rank for the model
+    log_every: int = 10                   # optimizer steps between metrics.jsonl reads (one host sync)
+    ckpt_every: int = 500                 # optimizer steps between checkpoints
 
 
 # The CPU demo: everything scaled down so both stages run in minutes on 2 cores (the precision stays "auto").
@@ -238,53 +243,55 @@ class Batch(NamedTuple):
     accum: int
     eff: int                  # effective batch in `unit`
     lr: float                 # base lr scaled linearly: base_lr x eff / paper
-    paper: int                # the paper's global batch in `unit` (§4.1: 256 clips, 2048 images)
+    paper: int                # the recipe's global batch in `unit` (§4.1: 256 clips, 2048 images)
     saved: Optional[dict]     # the resumed checkpoint's batch record
     note: str                 # what a resume changed
 
 
-def plan_batch(cfg: TrainConfig, world: int, ck: Optional[dict], source: Optional[str]) -> Batch:
-    """The accumulation that makes up the paper's global batch; a resumed run keeps its checkpoint's
-    effective batch on whatever number of processes (resume_accumulation)."""
-    per_process = stage_batches(cfg)
+def plan_batch(cfg, per_process: dict, paper: int, flags: dict, world: int, claim: Claim) -> Batch:
+    """The accumulation that makes up the recipe's global batch `paper` (both trainers); a resumed
+    run keeps its checkpoint's effective batch on whatever number of processes (resume_accumulation)."""
     unit, per_proc = next(iter(per_process.items()))
-    paper_key = "global_image_batch" if cfg.stage == "image" else "global_video_batch"
-    paper = getattr(cfg, paper_key)
-
-    def derived_accum(c: dict, w: int) -> int:       # the accumulation of config c on w processes
-        return c.get("accum_steps") or max(1, c[paper_key] // (c[BATCH_CONFIG_KEYS[unit]] * w))
-
-    saved, note = None, ""
+    ck, note = claim.ck, ""
     if ck is None:
-        accum = derived_accum(dataclasses.asdict(cfg), world)
+        accum = cfg.accum_steps or max(1, paper // (per_proc * world))
     else:
-        saved = saved_batch(ck, {u: BATCH_CONFIG_KEYS[u] for u in per_process}, derived_accum)
         # The run's own --accum-steps (the same command line, requeued) is no request to change it.
-        request = cfg.accum_steps if cfg.accum_steps != ck.get("config", {}).get("accum_steps", 0) else 0
-        accum, note = resume_accumulation(saved, per_process, world, request, cfg.allow_batch_change,
-                                          BATCH_FLAGS, source, lambda e: cfg.lr * e / paper)
+        request = cfg.accum_steps if cfg.accum_steps != ck["config"].get("accum_steps", 0) else 0
+        accum, note = resume_accumulation(ck["batch"], per_process, world, request, flags, claim.source,
+                                          lambda e: cfg.lr * e / paper)
     eff = per_proc * world * accum
-    return Batch(per_process, unit, accum, eff, cfg.lr * eff / paper, paper, saved, note)
+    return Batch(per_process, unit, accum, eff, cfg.lr * eff / paper, paper, ck and ck["batch"], note)
 
 
-def build_model(cfg: TrainConfig, rt: Runtime, fresh: bool) -> bevt.BEVT:
-    """Encoder + decoders + head (bevt.py; the tokenizer stays outside). A fresh joint stage starts
-    from the image stage's final.pt (§3, the decoupled design), or --init."""
+def stage_init(cfg: TrainConfig) -> str:
+    """The checkpoint a fresh run starts from ('' = random weights): --init, or for the joint stage
+    the image stage's final.pt (§3, the decoupled design); without it a joint stage needs --init scratch."""
+    if cfg.init:
+        return "" if cfg.init == "scratch" else cfg.init
+    default = os.path.join(cfg.out, "image", "final.pt")
+    if cfg.stage == "joint" and not os.path.exists(default):
+        raise ValueError(f"the joint stage starts from the image stage's {default}, which is not there: run "
+                         f"python train.py --stage image first (the same --out and data flags), or pass --init "
+                         f"scratch to train it from random weights (BEVT without the decoupled design, Table 6)")
+    return default if cfg.stage == "joint" else ""
+
+
+def build_model(cfg: TrainConfig, rt: Runtime, init: str) -> bevt.BEVT:
+    """Encoder + decoders + head (bevt.py; the tokenizer stays outside), loaded from `init` if given."""
     swin = swin3d.get_config(cfg.model, drop_path_rate=cfg.drop_path, use_checkpoint=cfg.grad_checkpointing)
     model = bevt.BEVT(bevt.BEVTConfig(swin=swin, vocab_size=cfg.vocab_size, lam=cfg.lam))
-    init = cfg.init
-    if not init and cfg.stage == "joint" and fresh:
-        default = os.path.join(cfg.out, "image", "final.pt")
-        init = default if os.path.exists(default) else ""
-        log(rt.rank, f"joint stage: initialising from the image stage's {default}" if init else
-            f"joint stage: no image-stage checkpoint at {default}; starting from scratch (BEVT without the "
-            "decoupled design, cf. Table 6)")
-    if init and fresh:
+    if init:
+        if cfg.stage == "joint" and not cfg.init:
+            log(rt.rank, f"joint stage: initialising from the image stage's {init}")
         report = model.load_released(init)
         if not any(k.startswith("encoder.") for k in report.loaded):
             raise ValueError(f"--init {init} holds no encoder weights ({len(report.unused)} keys, none of them the "
                              f"encoder's, e.g. {report.unused[:2]}); expected a BEVT or Video Swin checkpoint")
         log(rt.rank, report.describe(init))
+    elif cfg.init == "scratch":
+        log(rt.rank, "init: scratch (random weights)" + ("; without the image stage this is BEVT without the "
+                                                         "decoupled design (Table 6)" if cfg.stage == "joint" else ""))
     model.set_stage(cfg.stage)                                          # freezes the stream a stage does not train
     model.to(rt.device)
     if cfg.compile:                                                     # after .to, before DDP (nanoGPT's order)
@@ -292,49 +299,42 @@ def build_model(cfg: TrainConfig, rt: Runtime, fresh: bool) -> bevt.BEVT:
     return model
 
 
-def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir: str, resume: Optional[str]) -> dict:
+def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir: str, claim: Claim) -> dict:
     """Pretrain one stage; returns the last logged metrics. Rank 0 alone prints and writes."""
     say = lambda m: log(rt.rank, m)                                     # noqa: E731
     tok = tokenizer.load_tokenizer(tok_path, device=rt.device)          # frozen, no_grad, never in a checkpoint
     tokenizer.check_vocab(tok, cfg.vocab_size)
     tok.set_precision(cfg.tokenizer_precision)
-    ck = load_for_resume(resume, say) if resume else None
-    b = plan_batch(cfg, rt.world, ck, resume)
+    paper = cfg.global_image_batch if cfg.stage == "image" else cfg.global_video_batch
+    b = plan_batch(cfg, stage_batches(cfg), paper, BATCH_FLAGS, rt.world, claim)
     loader = build_loader(cfg, data_root, rt.rank, rt.world, b.accum)
     steps_per_epoch = loader.steps_per_epoch                            # global steps: samples // effective batch
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    if ck and finished(ck, resume_position(ck, b.saved, b.unit, b.eff, steps_per_epoch)[0], stop_at, out_dir, cfg, say):
+    if finished(claim, stop_at, out_dir, cfg, say):
         return {}
-    raw = build_model(cfg, rt, fresh=ck is None)
+    raw = build_model(cfg, rt, claim.init)
     model = wrap_ddp(raw, rt.device) if rt.ddp else raw
     say_plan(cfg, rt, b, raw, tok, tok_path, steps_per_epoch, total, warmup)
     opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=b.lr, betas=cfg.betas,
                             fused=rt.device.type == "cuda")
 
     # --- resume: model, optimiser, step, schedule and data position, RNG states
-    step, epoch, epoch_step = restore(ck, b, raw, opt, cfg, resume, steps_per_epoch, say) if ck else (0, 0, 0)
-    record = None if rt.rank else ck["config"] if ck and step >= stop_at else run_record(   # no step left: as it ran
-        cfg, rt, {"tokenizer": tok_path}, accum_steps=b.accum, **{f"effective_{b.unit}": b.eff, "peak_lr": b.lr})
-    if rt.rank == 0:
-        start_log(out_dir, record, step if ck is not None else None)
-    steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
-    stream = EpochStream(loader, epoch, epoch_step)
-    if ck is not None:
-        resume_rng(ck, b.saved, cfg.seed, rt.rank, rt.world, step, say)
+    step, stream, record = begin(claim, b, raw, opt, cfg, rt, out_dir, loader, stop_at, {"tokenizer": tok_path})
 
     # --- the loop: lr of the step, the step (eq. 5), the log every log_every steps, checkpoints
-    bar = tqdm(total=stop_at, initial=step, desc=f"bevt {cfg.stage}", dynamic_ncols=True, file=sys.stdout,
+    bar = tqdm(total=stop_at, initial=step, desc=f"bevt {cfg.stage}", dynamic_ncols=True, file=sys.stderr,
                disable=rt.rank != 0)
+    steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
     model.train()
-    t0, seen, last, hist = time.time(), 0, {}, {}
+    speed, last, hist = Throughput(), {}, {}
     while step < stop_at:
         cur_lr = lr_at(step, total, warmup, b.lr, cfg.min_lr * b.eff / b.paper)
         for g in opt.param_groups:
             g["lr"] = cur_lr
         batches = stream.take(b.accum)
         sums, gnorm = train_step(model, batches, tok, rt, cfg.clip_grad, hist if rt.rank == 0 else None)
-        seen += sum(len(x["video" if "video" in x else "image"]) for x in batches)
+        speed.add(rt.world * sum(len(x["video" if "video" in x else "image"]) for x in batches))
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -343,7 +343,7 @@ def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir:
         bar.update(1)
         save = step % cfg.ckpt_every == 0 or step == stop_at
         if step % cfg.log_every == 0 or save:          # flushed before any save: a non-finite step is never saved
-            last = show_progress(steplog, bar, b.unit, seen * rt.world / max(time.time() - t0, 1e-9), cur_lr)
+            last = show_progress(steplog, bar, b.unit, speed.rate(), cur_lr)
         if save:
             save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, b.accum, b.per_process, record)
     bar.close()
@@ -358,12 +358,12 @@ def run(cfg: TrainConfig) -> dict:
     rt = setup_distributed(cfg.dist_timeout, cfg.precision)
     seed_everything(cfg.seed + rt.rank)                                 # seed = base + rank
     out_dir = os.path.join(cfg.out, cfg.stage)
-    lock, resume = claim_run_dir(out_dir, cfg, rt)
+    claim = claim_run_dir(out_dir, cfg, rt, lambda: stage_init(cfg))
     try:
-        return train(cfg, rt, data_root, tok_path, out_dir, resume)
+        return train(cfg, rt, data_root, tok_path, out_dir, claim)
     finally:
-        if lock is not None:
-            lock.release()
+        if claim.lock is not None:
+            claim.lock.release()
         if rt.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -379,16 +379,36 @@ def say_plan(cfg, rt, b: Batch, model, tok, tok_path: str, steps_per_epoch: int,
     log(rt.rank, f"stage {cfg.stage}: world {rt.world} x {b.per_process[b.unit]} {b.unit} x accum {b.accum} = "
                  f"effective batch {b.eff} {b.unit}"
         + (f" (+ {cfg.image_batch * rt.world * b.accum} images)" if cfg.stage == "joint" else ""))
-    log(rt.rank, f"lr = base_lr {cfg.lr:g} x effective {b.eff} / paper batch {b.paper} = {b.lr:.3g}; "
-                 f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total} steps, warm-up {warmup}")
+    flag = "--global-image-batch" if b.unit == "images" else "--global-video-batch"
+    log(rt.rank, f"lr = base_lr {cfg.lr:g} x effective {b.eff} / {flag} {b.paper} ({cfg.preset} preset) = "
+                 f"{b.lr:.3g}; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total} steps, warm-up {warmup}")
     log(rt.rank, f"model {cfg.model}: {swin3d.param_count(model) / 1e6:.2f}M parameters; tokenizer {tok_path} "
                  f"({tok.kind}, {tok.vocab_size} codes, {tok.precision}); device {rt.device}, "
                  f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
 
 
+class Throughput:
+    """Samples per second over the last `window` steps, the first `warmup` steps (compilation, the
+    loader's start) left out; until a step after them has run, since the start."""
+
+    def __init__(self, window: int = 50, warmup: int = 2, clock=time.perf_counter):
+        self.clock, self.warmup, self.steps, self.total = clock, warmup, 0, 0
+        self.marks = collections.deque([(clock(), 0)], maxlen=window + 1)     # (time, samples so far)
+
+    def add(self, samples: int) -> None:
+        self.steps, self.total = self.steps + 1, self.total + samples
+        if self.steps == self.warmup + 1:                      # measure from the end of the warm-up
+            self.marks = collections.deque([self.marks[-1]], maxlen=self.marks.maxlen)
+        self.marks.append((self.clock(), self.total))
+
+    def rate(self) -> float:
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
+
+
 def show_progress(steplog: StepLog, bar, unit: str, rate: float, lr: float) -> dict:
     """Read the queued steps (StepLog.flush: logged, checked) and show the last one on the bar (both trainers)."""
-    last = steplog.flush({f"{unit}_per_s": rate})[-1]                  # rate: samples/s since this process began
+    last = steplog.flush({f"{unit}_per_s": rate})[-1]
     shown = {"loss": f"{last['loss']:.3f}", **{k.removeprefix("acc_"): f"{last[k]:.3f}"
                                                for k in ("acc", "acc_mim", "acc_mvm") if k in last}}
     bar.set_postfix(**shown, lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
@@ -444,30 +464,38 @@ class FlagError(ValueError):
 
 
 def field_help(cls) -> dict:
-    """field name -> the comment on its line in the dataclass source (its meaning and paper source)."""
-    found = (re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line) for line in inspect.getsource(cls).splitlines())
-    return {m.group(1): m.group(2) for m in found if m}
+    """field name -> the comment on its line in the dataclass source and the comment-only lines under it."""
+    helps, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field, more = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line), re.match(r"\s+#(?! ---)\s*(.*)$", line)
+        if field:
+            name, helps[field.group(1)] = field.group(1), field.group(2)
+        elif more and name:
+            helps[name] += " " + more.group(1)
+        else:
+            name = None
+    return helps
 
 
-def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict, only=None) -> None:
+def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict, only=None, variants=None) -> None:
     """One flag per dataclass field (only: a subset), default None so that given values can be told
-    from preset ones; --help shows each field's comment and default; `choices` are enforced."""
+    from preset ones; --help shows each field's comment and its default under each of `variants`
+    ({name: {field: value}}, e.g. the presets) where they differ; `choices` are enforced."""
     defaults, helps = cls(), field_help(cls)
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue
-        flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        text = helps.get(f.name, "")
-        if isinstance(default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                            help=f"{text} (default {default})")
-        elif isinstance(default, tuple):
-            ap.add_argument(flag, type=type(default[0]), nargs=len(default), default=None,
-                            help=f"{text} (default {' '.join(map(str, default))})")
-        else:
-            ap.add_argument(flag, type=type(default), default=None, choices=choices.get(f.name),
-                            help=f"{text} (default {default!r})")
+        show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else (v or "none") if isinstance(v, str) \
+            else str(v)                                                              # noqa: E731
+        values = {name: show(v.get(f.name, default)) for name, v in (variants or {}).items()}
+        given = (f"default {show(default)}" if set(values.values()) <= {show(default)} else
+                 "default: " + ", ".join(f"{name} {v}" for name, v in values.items()))
+        text = f"{helps.get(f.name, '')} ({given})".replace("%", "%%")
+        kw = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else
+              dict(type=type(default[0]), nargs=len(default)) if isinstance(default, tuple) else
+              dict(type=type(default), choices=choices.get(f.name)))
+        ap.add_argument("--" + f.name.replace("_", "-"), default=None, help=text, **kw)
 
 
 def check_ranges(cfg, positive=(), non_negative=(), fractions=None) -> None:
@@ -492,10 +520,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def build_parser() -> Parser:
+    """train.py's flags, generated from TrainConfig; --help gives each default under both presets."""
+    ap = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epochs = lambda e: f"{e['image']} (image), {e['joint']} (video, joint)"      # noqa: E731
+    add_dataclass_flags(ap, TrainConfig, CHOICES, variants={"paper": {"epochs": epochs(STAGE_EPOCHS)},
+                                                            "cpu": {**CPU_PRESET, "epochs": epochs(CPU_STAGE_EPOCHS)}})
+    return ap
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """argparse generated from TrainConfig: defaults <- preset (and its stage's epochs) <- explicit flags."""
-    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(ap, TrainConfig, CHOICES)
+    """Defaults <- preset (and its stage's epochs) <- explicit flags; every check that needs only the flags."""
+    ap = build_parser()
     args = vars(ap.parse_args(argv))
     defaults = TrainConfig()
     preset, stage = args["preset"] or defaults.preset, args["stage"] or defaults.stage
@@ -511,9 +547,21 @@ def parse_args(argv=None) -> TrainConfig:
             raise FlagError(f"--short-side LO HI must satisfy crop {cfg.crop} <= LO <= HI, got {lo} {hi}")
         if cfg.crop % 16:
             raise FlagError(f"--crop must be a multiple of 16 (one target code per 16x16 px), got {cfg.crop}")
-    except FlagError as e:
+        check_masks(cfg)
+    except ValueError as e:
         ap.error(str(e))
     return cfg
+
+
+def check_masks(cfg: TrainConfig) -> None:
+    """The masks the stage will draw (data.py builds the same generators), checked now, not after the data is set up."""
+    try:
+        if cfg.stage != "video":
+            masking.MaskGenerator("block", (cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio)
+        if cfg.stage != "image":
+            masking.MaskGenerator(cfg.mask_strategy, (cfg.frames, cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio)
+    except ValueError as e:
+        raise FlagError(f"--mask-ratio {cfg.mask_ratio} at --crop {cfg.crop}, --frames {cfg.frames}: {e}") from None
 
 
 def run_cli(prog: str, fn, *args):
@@ -598,6 +646,12 @@ class Runtime(NamedTuple):
 def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN, precision: str = "fp32") -> Runtime:
     """The Runtime of this process: NCCL on CUDA, gloo on CPUs, one process per device. Under torchrun each
     process binds its GPU *before* creating the process group (NCCL otherwise guesses device 0)."""
+    tasks = int(os.environ.get("SLURM_NTASKS", 1))
+    if "SLURM_PROCID" in os.environ and tasks > 1 and "RANK" not in os.environ:
+        raise ValueError(f"srun started {tasks} tasks without torchrun (RANK unset): each would run alone on the same "
+                         f"--out; start one torchrun per node: srun --ntasks-per-node=1 torchrun "
+                         f"--nnodes=$SLURM_NNODES "
+                         f"--nproc_per_node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 {sys.argv[0]} ...")
     ddp = int(os.environ.get("RANK", -1)) != -1
     timeout = datetime.timedelta(minutes=timeout_min)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -618,19 +672,14 @@ def log(rank: int, *args) -> None:
         print(*args, flush=True)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The trained module itself, from under its DDP and torch.compile wrappers (same parameters)."""
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)
-
-
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
     """DDP as both trainers use it. broadcast_buffers=False: the only buffers are the relative-position
     index tables (118 MB in Swin-B at window (16,7,7)), which no forward reads and the default would
     re-broadcast every step. find_unused_parameters=False: set_stage freezes the stream a stage does
-    not train, so every trainable parameter gets a gradient."""
+    not train, so every trainable parameter gets a gradient. gradient_as_bucket_view: the gradients
+    are views into the all-reduce buckets, not a second gradient-sized copy."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               broadcast_buffers=False, find_unused_parameters=False)
+               broadcast_buffers=False, find_unused_parameters=False, gradient_as_bucket_view=True)
 
 
 def all_reduce_mean(x: torch.Tensor, ddp: bool) -> torch.Tensor:
@@ -644,18 +693,12 @@ def all_reduce_mean(x: torch.Tensor, ddp: bool) -> torch.Tensor:
 
 
 def all_gather_rows(x: torch.Tensor, ddp: bool) -> torch.Tensor:
-    """Concatenate every rank's (n_r, ...) device tensor along dim 0, in rank order (n_r may differ)."""
+    """Every rank's (n_r, ...) tensor concatenated along dim 0 in rank order (evaluation only: through the host)."""
     if not ddp:
         return x
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]                     # one read-back: evaluation only, never in a step
-    pad = x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))
-    parts = [x.new_empty((max(sizes), *x.shape[1:])) for _ in range(world)]
-    dist.all_gather(parts, torch.cat([x, pad]))
-    return torch.cat([p[:m] for p, m in zip(parts, sizes)])
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x.cpu())
+    return torch.cat(parts).to(x.device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
@@ -762,17 +805,21 @@ def load_checkpoint(path: str) -> dict:
     return ck
 
 
-def load_for_resume(path: str, log_fn=print) -> dict:
-    """`path`, or its `.prev.pt` when `path` is missing or damaged (the fallback is named in one line)."""
+def resume_file(path: str, log_fn=print) -> tuple:
+    """(checkpoint, the file read): `path`, or its `.prev.pt` when `path` is missing or damaged (said in one line)."""
     try:
-        return load_checkpoint(path)
+        return load_checkpoint(path), path
     except CheckpointError as e:
         prev = previous_path(path)
         if not os.path.exists(prev):
             raise
         ck = load_checkpoint(prev)
         log_fn(f"warning: {e}; resuming from the previous checkpoint {prev} (step {ck.get('step')})")
-        return ck
+        return ck, prev
+
+
+def load_for_resume(path: str, log_fn=print) -> dict:
+    return resume_file(path, log_fn)[0]
 
 
 def rng_state() -> dict:
@@ -825,63 +872,54 @@ def batch_record(world: int, accum: int, per_process: dict) -> dict:
             "effective": {u: n * world * accum for u, n in per_process.items()}}
 
 
-def saved_batch(ck: dict, config_keys: dict, accum_of) -> dict:
-    """The batch record of checkpoint `ck` (one written before records existed: from its config)."""
-    c, w = ck.get("config", {}), ck.get("world", 1)
-    return ck.get("batch") or batch_record(w, accum_of(c, w), {u: c[k] for u, k in config_keys.items()})
-
-
-def resume_accumulation(saved: dict, per_process: dict, world: int, accum_flag: int, allow_change: bool,
-                        flags: dict, source: str, lr_of) -> tuple:
+def resume_accumulation(saved: dict, per_process: dict, world: int, accum_flag: int, flags: dict, source: str,
+                        lr_of) -> tuple:
     """(accumulation steps, a line on what changed) for resuming `source` on `world` processes.
 
     The checkpoint's effective batch (every unit's) is kept when per-process x world divides it.
     accum_flag: an --accum-steps other than the checkpoint's own (0 = none), followed when it keeps
-    the batch. Anything else is a one-line ValueError, unless allow_change: then the run goes on
-    with the nearest batch (or accum_flag's), lr_of(effective) rescaled.
+    the batch. Anything else is a one-line ValueError naming the flags that would keep it.
     """
     unit, b = next(iter(per_process.items()))
     kept = {u: saved["effective"].get(u) for u in per_process}
     accum = accum_flag or max(1, round(kept[unit] / (b * world)))        # exact when b x world divides it
     new = {u: n * world * accum for u, n in per_process.items()}
     show = lambda eff: " + ".join(f"{eff[u]} {u}" for u in per_process)  # noqa: E731
+    if new != kept:
+        why = (f"--accum-steps {accum_flag} would make it {show(new)}" if accum_flag else
+               f"{world} process(es) x {show(per_process)} make {show(new)} at best (accumulation {accum})")
+        raise ValueError(f"{source} was trained with an effective batch of {show(kept)} per step; {why}: keep it "
+                         f"with other {', '.join(flags[u] for u in per_process)} or process counts (learning rate "
+                         f"{lr_of(kept[unit]):.3g} at that batch)")
     moved = ", ".join([f"{name} {saved[key]} -> {v}" for name, key, v in
                        (("world", "world", world), ("accumulation", "accum", accum)) if saved[key] != v]
                       + [f"{flags[u]} {saved['per_process'].get(u)} -> {n}" for u, n in per_process.items()
                          if saved["per_process"].get(u) != n])
-    if new == kept:
-        return accum, (f"{moved}: effective batch {show(kept)} kept" if moved else "")
-    lr_text = (f"learning rate {lr_of(kept[unit]):.3g} -> {lr_of(new[unit]):.3g}" if new[unit] != kept[unit]
-               else "learning rate unchanged")
-    if allow_change:
-        return accum, f"{moved}: effective batch {show(kept)} -> {show(new)}, {lr_text} (--allow-batch-change)"
-    why = (f"--accum-steps {accum_flag} would make it {show(new)}" if accum_flag else
-           f"{world} process(es) x {show(per_process)} make {show(new)} at best (accumulation {accum})")
-    raise ValueError(f"{source} was trained with an effective batch of {show(kept)} per step; {why}: keep it with "
-                     f"other {', '.join(flags[u] for u in per_process)} or process counts, or --allow-batch-change "
-                     f"goes on with {show(new)} ({lr_text})")
+    return accum, (f"{moved}: effective batch {show(kept)} kept" if moved else "")
 
 
-def resume_position(ck: dict, saved: dict, unit: str, eff: int, steps_per_epoch: int) -> tuple:
-    """(step, epoch, step of the epoch) to resume checkpoint `ck` at, with effective batch `eff` now.
-    A changed batch (--allow-batch-change) keeps the epoch and the samples taken from it, in steps of
-    the new batch (rounded down), and the schedule's point in its epochs."""
-    epoch, epoch_step, old = ck["epoch"], ck["epoch_step"], saved["effective"][unit]
-    if old == eff:
-        return ck["step"], epoch, epoch_step
-    epoch_step = epoch_step * old // eff                                 # samples taken // the new batch
-    return epoch * steps_per_epoch + epoch_step, epoch, epoch_step
-
-
-def restore(ck: dict, b: Batch, model, opt, cfg, source: str, steps_per_epoch: int, say) -> tuple:
-    """Load model and optimiser; the (step, epoch, step of the epoch) to go on at, said in one line."""
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    step, epoch, epoch_step = resume_position(ck, b.saved, b.unit, b.eff, steps_per_epoch)
-    changed = changed_flags(ck.get("config", {}), cfg, ("resume", "overwrite", "max_steps", "allow_batch_change"))
-    say(f"resumed from {source}: step {step}, epoch {epoch}, step {epoch_step} of the epoch"
-        + (f"; {b.note}" if b.note else "") + (f"; changed flags: {changed}" if changed else ""))
-    return step, epoch, epoch_step
+def begin(claim: Claim, b: Batch, model, opt, cfg, rt, out_dir: str, loader, stop_at: int, files: dict,
+          ema=None) -> tuple:
+    """Both trainers' start: the resumed state (model, optimiser, EMA, RNG; said in one line), config.json and
+    metrics.jsonl (rank 0), the data position. Returns (step, EpochStream, the run's record)."""
+    ck, step, epoch, epoch_step = claim.ck, 0, 0, 0
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if ema is not None and ck.get("ema"):
+            ema.load_state_dict(ck["ema"])
+        step, epoch, epoch_step = ck["step"], ck["epoch"], ck["epoch_step"]
+        changed = changed_flags(ck["config"], cfg, ("resume", "overwrite", "max_steps"))
+        log(rt.rank, f"resumed from {claim.source}: step {step}, epoch {epoch}, step {epoch_step} of the epoch"
+            + (f"; {b.note}" if b.note else "") + (f"; changed flags: {changed}" if changed else ""))
+    record = None if rt.rank else ck["config"] if ck and step >= stop_at else run_record(   # no step left: as it ran
+        cfg, rt, files, accum_steps=b.accum, **{f"effective_{b.unit}": b.eff, "peak_lr": b.lr})
+    if rt.rank == 0:
+        start_log(out_dir, record, step if ck is not None else None)
+    stream = EpochStream(loader, epoch, epoch_step)
+    if ck is not None:
+        resume_rng(ck, cfg.seed, rt.rank, rt.world, step, lambda m: log(rt.rank, m))
+    return step, stream, record
 
 
 def changed_flags(saved: dict, cfg, ignore=()) -> str:
@@ -890,55 +928,71 @@ def changed_flags(saved: dict, cfg, ignore=()) -> str:
                      and hasattr(cfg, k) and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k))
 
 
-def finished(ck: dict, step: int, stop_at: int, out_dir: str, cfg, say, files=("final.pt",)) -> bool:
+def finished(claim: Claim, stop_at: int, out_dir: str, cfg, say, files=("final.pt",)) -> bool:
     """A rerun of a finished run (`files` there, no step before stop_at) trains nothing, so writes nothing."""
-    if step < stop_at or not all(os.path.exists(os.path.join(out_dir, f)) for f in files):
+    if claim.ck is None or claim.ck["step"] < stop_at or not set(files) <= set(claim.there):
         return False
-    flags = changed_flags(ck.get("config", {}), cfg, ("resume", "overwrite"))
-    say(f"the run in {out_dir} was already complete at step {step}: nothing to do, nothing written"
+    flags = changed_flags(claim.ck["config"], cfg, ("resume", "overwrite"))
+    say(f"the run in {out_dir} was already complete at step {claim.ck['step']}: nothing to do, nothing written"
         + (f"; flags not applied: {flags}" if flags else "") + " (--overwrite starts it again)")
     return True
 
 
-def resume_rng(ck: dict, saved: dict, seed: int, rank: int, world: int, step: int, log_fn) -> None:
+def resume_rng(ck: dict, seed: int, rank: int, world: int, step: int, log_fn) -> None:
     """The trainer's own RNGs (drop path, dropout) on a resume: each rank's saved state on the same world
     size (bit for bit); otherwise seeded from (seed, rank, step), the same law but other draws."""
-    if saved["world"] == world and len(ck.get("rng", ())) == world:
+    if ck["world"] == world and len(ck.get("rng", ())) == world:
         set_rng_state(ck["rng"][rank])
         return
     seed_everything(masking.derive_seed(seed, rank=rank, epoch=step))
     log_fn(f"training RNG (drop path, dropout) reseeded per process from (seed {seed}, rank, step {step}): "
-           f"the checkpoint's {saved['world']} states do not map onto {world} processes")
+           f"the checkpoint's {ck['world']} states do not map onto {world} processes")
 
 
 # -----------------------------------------------------------------------------
-# The run folder: one run at a time, resumed by default, never wiped unasked
+# The run folder: one run at a time, resumed by default, never wiped unasked; rank 0 decides
 
-RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json", "curves.png")
-
-
-def share_rank0_outcome(error: Optional[BaseException], rank: int, ddp: bool, device) -> None:
-    """The barrier after work only rank 0 does: one broadcast tells every rank whether rank 0 failed,
-    so all stop at once with a one-line error. (With a plain barrier the others would wait until
-    --dist-timeout, or end in a traceback; srun, unlike torchrun, does not stop them.)"""
-    if ddp:
-        failed = torch.tensor([error is not None], dtype=torch.int32, device=device)   # NCCL takes no CPU tensors
-        dist.broadcast(failed, src=0)
-        if failed.item() and rank != 0:
-            raise ValueError("rank 0 stopped with an error before training (its message is on rank 0's stderr)")
-    if error is not None:
-        raise error
+RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json", "curves.png", "eval.json")
 
 
-def claim_run_dir(out_dir: str, cfg, rt: Runtime):
-    """Lock the run folder (rank 0; a second run there: an error naming the first, on every rank); returns
-    (lock, checkpoint to resume or None): --resume auto continues ckpt.pt (or .prev.pt), --overwrite
-    discards the files, --resume no with a previous run there is an error, never a silent wipe."""
-    lock, error = None, None
+class Claim(NamedTuple):
+    """Rank 0's decisions on a run folder, the same on every rank."""
+    lock: Optional[data.FileLock]     # rank 0's lock on the folder (None on the other ranks)
+    source: Optional[str]             # the checkpoint file resumed from; None: a fresh run
+    ck: Optional[dict]
+    init: str                         # a fresh run's checkpoint to start from ('' = random weights)
+    there: tuple                      # the run files rank 0 found
+
+
+def decide_resume(out_dir: str, cfg) -> tuple:
+    """(checkpoint to resume or None, run files there): --resume auto continues ckpt.pt (or .prev.pt),
+    --overwrite starts again, --resume no with a previous run there is an error, never a silent wipe."""
+    there = () if cfg.overwrite else tuple(n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n)))
+    if cfg.resume == "auto":
+        return (os.path.join(out_dir, "ckpt.pt") if {"ckpt.pt", "ckpt.prev.pt"} & set(there) else None), there
+    if cfg.resume != "no":
+        if not os.path.isfile(cfg.resume):
+            raise ValueError(f"--resume {cfg.resume}: no such file")
+        return cfg.resume, there
+    if set(there) & set(RUN_FILES[:4]):
+        raise ValueError(f"{out_dir} holds a previous run ({', '.join(n for n in there if n in RUN_FILES[:4])}); "
+                         f"--resume auto continues it, --overwrite discards it")
+    return None, there
+
+
+def claim_run_dir(out_dir: str, cfg, rt: Runtime, fresh_init=None) -> Claim:
+    """Rank 0 decides (resume or not, from which file; a fresh run's `fresh_init()`, which may refuse), then
+    locks the folder (a second run there: an error naming the first) and loads the checkpoint; one broadcast
+    gives every rank the decision, or rank 0's error (so all stop at once, with one line each)."""
+    lock, error, decision = None, None, [None, None, "", ()]
     if rt.rank == 0:
         try:
+            source, there = decide_resume(out_dir, cfg)                 # before anything is written
+            init = fresh_init() if source is None and fresh_init else ""
+            if init and not os.path.isfile(init):
+                raise ValueError(f"--init {init}: no such file")
             os.makedirs(out_dir, exist_ok=True)
-            lock = data.FileLock(os.path.join(out_dir, "run.lock"))     # freed by the kernel if we die
+            lock = data.FileLock(os.path.join(out_dir, "run.lock"))
             busy = lock.acquire()
             if busy is not None:
                 lock = None
@@ -946,23 +1000,22 @@ def claim_run_dir(out_dir: str, cfg, rt: Runtime):
             for name in RUN_FILES if cfg.overwrite else ():
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out_dir, name))
+            ck, source = resume_file(source, lambda m: log(0, m)) if source else (None, None)
+            decision = [None, source, init, there]
         except USER_ERRORS as e:
-            error = e
+            error, decision[0] = e, str(e)
             if lock is not None:
                 lock.release()
-    share_rank0_outcome(error, rt.rank, rt.ddp, rt.device)            # rank 0 has cleaned up, or all stop
-    ckpt = os.path.join(out_dir, "ckpt.pt")
-    if cfg.resume == "auto":
-        return lock, (ckpt if os.path.exists(ckpt) or os.path.exists(previous_path(ckpt)) else None)
-    if cfg.resume != "no":
-        if not os.path.isfile(cfg.resume):
-            raise ValueError(f"--resume {cfg.resume}: no such file")
-        return lock, cfg.resume
-    there = [n for n in RUN_FILES[:4] if os.path.exists(os.path.join(out_dir, n))]
-    if there:
-        raise ValueError(f"{out_dir} holds a previous run ({', '.join(there)}); --resume auto continues it, "
-                         f"--overwrite discards it")
-    return lock, None
+    if rt.ddp:
+        dist.broadcast_object_list(decision, src=0)
+    if error is not None:
+        raise error
+    if decision[0] is not None:
+        raise ValueError("rank 0 stopped with an error before training (its message is on rank 0's stderr)")
+    _, source, init, there = decision
+    if rt.rank != 0:
+        ck = load_checkpoint(source) if source else None
+    return Claim(lock, source, ck, init, tuple(there))
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,8 @@ its parameters to OUT/rank{r}.pt.
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT collectives
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT frozen
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT image-list
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT resume
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT ema
 """
 import os
 import sys
@@ -114,6 +116,46 @@ def image_list(out):
     dist.destroy_process_group()
 
 
+def resume_decision(out):
+    """Rank 1 cannot see the run folder's checkpoint (NFS attribute caching: os.path.exists and isfile in
+    train.py say no);
+    train.claim_run_dir must still resume both ranks from rank 0's decision and file. Writes OUT/resume{rank}.txt."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    run_dir = os.path.join(out, "joint")
+    if rank == 0:
+        os.makedirs(run_dir)
+        train.save_checkpoint(os.path.join(run_dir, "ckpt.pt"), {"model": {"w": torch.ones(2)}, "step": 3})
+    dist.barrier()
+    if rank == 1:                                   # train.py's own look at the folder says "nothing there"
+        real_exists, real_isfile = os.path.exists, os.path.isfile
+        os.path.exists = lambda p: sys._getframe(1).f_globals["__name__"] != "train" and real_exists(p)
+        os.path.isfile = lambda p: sys._getframe(1).f_globals["__name__"] != "train" and real_isfile(p)
+    cfg = train.parse_args(["--preset", "cpu", "--out", out])
+    claim = train.claim_run_dir(run_dir, cfg, train.Runtime(True, rank, 2, torch.device("cpu"), False))
+    with open(os.path.join(out, f"resume{rank}.txt"), "w") as f:
+        f.write(f"{claim.source} {claim.ck['step']} {claim.ck['model']['w'].tolist()} {sorted(claim.there)}\n")
+    if claim.lock is not None:
+        claim.lock.release()
+    dist.destroy_process_group()
+
+
+def ema_after_broadcast(out):
+    """finetune.prepare_model on 2 ranks seeded differently: DDP's start-up broadcast makes the weights equal,
+    and the EMA, made after it, starts equal too. Writes OUT/ema{rank}.pt (its own init, the model, the EMA)."""
+    import finetune
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    cfg = finetune.resolve_config({"preset": "cpu", "init": "scratch", "ema": 0.99})
+    torch.manual_seed(rank)
+    own = finetune.build_model(cfg, 3).head.weight.detach().clone()
+    torch.manual_seed(rank)
+    raw, model, ema = finetune.prepare_model(cfg, 3, train.Runtime(True, rank, 2, torch.device("cpu"), False))
+    torch.save({"own": own, "model": raw.head.weight.detach(), "ema": ema.module.head.weight.detach()},
+               os.path.join(out, f"ema{rank}.pt"))
+    dist.destroy_process_group()
+
+
 def main(out, compiled=False):
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
@@ -134,7 +176,8 @@ def main(out, compiled=False):
     if ddp and rank == 0:                                           # how the trainers build DDP (issue: 118 MB/forward)
         with open(os.path.join(out, "ddp_flags.txt"), "w") as f:
             f.write(f"broadcast_buffers={wrapped.broadcast_buffers} "
-                    f"find_unused_parameters={wrapped.find_unused_parameters}\n")
+                    f"find_unused_parameters={wrapped.find_unused_parameters} "
+                    f"gradient_as_bucket_view={wrapped.gradient_as_bucket_view}\n")
     # Plain SGD and no clipping: Adam's update and clipping are blind to the scale of the
     # gradient, which would hide a wrong reduction (a sum instead of a mean, say).
     opt = torch.optim.SGD(train.param_groups(model, 0.0), lr=0.5)
@@ -159,5 +202,9 @@ if __name__ == "__main__":
         frozen_rank(sys.argv[1])
     elif sys.argv[2:] == ["image-list"]:
         image_list(sys.argv[1])
+    elif sys.argv[2:] == ["resume"]:
+        resume_decision(sys.argv[1])
+    elif sys.argv[2:] == ["ema"]:
+        ema_after_broadcast(sys.argv[1])
     else:
         main(sys.argv[1], compiled=sys.argv[2:] == ["compile"])

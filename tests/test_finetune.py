@@ -393,7 +393,7 @@ def syn(tmp_path_factory):
 
 
 SMALL = ["--preset", "cpu", "--crop", "96", "--short-side", "96", "--test-short-side", "96", "--frames", "8",
-         "--interval", "2", "--workers", "0", "--log-every", "1"]
+         "--frame-interval", "2", "--workers", "0", "--log-every", "1"]
 
 
 def one_line_error(capsys, e) -> str:
@@ -413,7 +413,7 @@ def test_unknown_recipe_is_a_one_line_error(capsys):
 
 def test_class_count_mismatch_is_a_one_line_error(syn, tmp_path, capsys):
     vids = os.path.join(syn, "videos")
-    argv = [*SMALL, "--recipe", "k400", "--init", "scratch", "--out", str(tmp_path), "--root", vids,
+    argv = [*SMALL, "--recipe", "k400", "--init", "scratch", "--out", str(tmp_path), "--video-root", vids,
             "--train-list", os.path.join(vids, "train_motion.txt"), "--val-list", os.path.join(vids, "val_motion.txt")]
     with pytest.raises(SystemExit) as e:
         finetune.main(argv)                                    # K400's 400 classes vs 2 labels

@@ -108,7 +108,7 @@ def test_resize_ctrl_c_while_it_starts_is_one_line(videos, tmp_path):
 # extract.py
 
 VIEW = ["--preset", "cpu", "--crop", "96", "--short-side", "96", "--test-short-side", "96", "--frames", "8",
-        "--interval", "2", "--precision", "fp32", "--chunk", "2"]
+        "--frame-interval", "2", "--precision", "fp32", "--chunk", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def features(tmp_path_factory):
     vids = root / "videos"
     rows = (vids / "train_motion.txt").read_text().splitlines() * 4
     (top / "list.txt").write_text("\n".join(rows) + "\n")
-    argv = [*VIEW, "--init", top / "pre.pt", "--root", vids, "--list", top / "list.txt"]
+    argv = [*VIEW, "--init", top / "pre.pt", "--video-root", vids, "--list", top / "list.txt"]
     run([sys.executable, "tools/extract.py", *argv, "--workers", "0", "--out", top / "want"])
     return argv, _files(top / "want", "features.npy")
 

@@ -26,7 +26,7 @@ from tools import extract, predict, probe, synthetic, tables
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 96-px crops of 8 frames (every 2nd) from the 16-frame, 96x112 test videos.
 VIEW = ["--preset", "cpu", "--crop", "96", "--short-side", "96", "--test-short-side", "96", "--frames", "8",
-        "--interval", "2", "--workers", "0", "--precision", "fp32"]
+        "--frame-interval", "2", "--workers", "0", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_knn_vote_is_temperature_weighted():
 
 def extract_list(syn, init, out, *extra, split="train"):
     vids = os.path.join(syn, "videos")
-    return extract.main([*VIEW, "--init", init, "--root", vids, "--out", str(out),
+    return extract.main([*VIEW, "--init", init, "--video-root", vids, "--out", str(out),
                           "--list", os.path.join(vids, f"{split}_motion.txt"), *extra])
 
 
@@ -106,7 +106,7 @@ def test_extract_gives_the_pooled_f4_of_the_centre_clip(syn, pretrained, tmp_pat
     got = extract.load_features(str(tmp_path / "f"))
     assert meta["rows"] == 12 and meta["bad"] == 0 and got["features"].shape == (12, 256)
     # Independently: finetune.py's val loader (one centre clip) and the classifier's features.
-    cfg = finetune.resolve_config({"preset": "cpu", "crop": 96, "short_side": 96, "frames": 8, "interval": 2,
+    cfg = finetune.resolve_config({"preset": "cpu", "crop": 96, "short_side": 96, "frames": 8, "frame_interval": 2,
                                    "workers": 0})
     model = finetune.build_model(cfg, 4)
     finetune.load_pretrained(model, pretrained, "cpu")
@@ -145,7 +145,7 @@ def test_extract_resumes_and_lists_bad_files(syn, pretrained, tmp_path, capsys):
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(rows[:3] + [f"{tmp_path / 'broken.mp4'} 1"] + rows[3:]) + "\n")
-    argv = [*VIEW, "--init", pretrained, "--root", vids, "--list", str(lst), "--chunk", "2"]
+    argv = [*VIEW, "--init", pretrained, "--video-root", vids, "--list", str(lst), "--chunk", "2"]
     meta = extract.main([*argv, "--out", str(tmp_path / "f")])
     assert meta["videos"] == 7 and meta["rows"] == 6 and meta["bad"] == 1
     bad = (tmp_path / "f" / "bad.txt").read_text().splitlines()
@@ -169,7 +169,7 @@ def test_extract_resumes_and_lists_bad_files(syn, pretrained, tmp_path, capsys):
     # Another checkpoint: the old parts are not reused.
     other = tmp_path / "other.pt"
     torch.save({"model": finetune.VideoClassifier(swin3d.get_config("cpu"), 4).state_dict()}, other)
-    extract.main([*VIEW, "--init", str(other), "--root", vids, "--list", str(lst), "--out",
+    extract.main([*VIEW, "--init", str(other), "--video-root", vids, "--list", str(lst), "--out",
                    str(tmp_path / "f")])
     assert (tmp_path / "f" / "features.npy").read_bytes() != feats
     assert not parts.exists()
@@ -177,7 +177,7 @@ def test_extract_resumes_and_lists_bad_files(syn, pretrained, tmp_path, capsys):
 
 def test_sliding_window_features(syn, pretrained, tmp_path):
     """16-frame videos, windows of 4 frames (interval 1) every 4 frames: starts 0, 4, 8, 12."""
-    meta = extract_list(syn, pretrained, tmp_path / "w", "--clip-len", "4", "--interval", "1", "--stride", "4",
+    meta = extract_list(syn, pretrained, tmp_path / "w", "--clip-len", "4", "--frame-interval", "1", "--stride", "4",
                    split="val")
     got = extract.load_features(str(tmp_path / "w"))
     assert meta["rows"] == 4 * 4
@@ -189,7 +189,7 @@ def test_sliding_window_features(syn, pretrained, tmp_path):
 
 def test_extract_on_two_processes_matches_one(syn, pretrained, tmp_path):
     vids = os.path.join(syn, "videos")
-    args = [*VIEW, "--init", pretrained, "--root", vids, "--list", os.path.join(vids, "train_motion.txt"),
+    args = [*VIEW, "--init", pretrained, "--video-root", vids, "--list", os.path.join(vids, "train_motion.txt"),
             "--chunk", "3"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(REPO, "tools", "extract.py"), *args, "--out", str(tmp_path / "two")],
@@ -204,7 +204,7 @@ def test_extract_on_two_processes_matches_one(syn, pretrained, tmp_path):
 
 def test_extract_bad_flags_are_one_line_errors(syn, pretrained, tmp_path, capsys):
     for tool, argv, words in ((extract, ["--init", pretrained], ["--out"]),
-                              (extract, [*VIEW, "--init", pretrained, "--out", str(tmp_path), "--root", syn,
+                              (extract, [*VIEW, "--init", pretrained, "--out", str(tmp_path), "--video-root", syn,
                           "--list", str(tmp_path / "nope.txt")], ["nope.txt"]),
                               (probe, ["--train-features", str(tmp_path), "--val-features", str(tmp_path)],
                                ["meta.json"])):

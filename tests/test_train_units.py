@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import finetune
 import swin3d
 import train
 from bevt import BEVT, BEVTConfig
@@ -119,9 +120,9 @@ def test_bf16_steps_follow_the_fp32_loss_curve():
 # Resuming on another number of processes: which accumulation keeps the effective batch
 
 
-def _accum(world, per_process, flag=0, allow=False):
+def _accum(world, per_process, flag=0):
     saved = train.batch_record(2, 1, {"clips": 2, "images": 4})           # 2 processes x (2 clips + 4 images)
-    return train.resume_accumulation(saved, per_process, world, flag, allow, train.BATCH_FLAGS, "ck.pt",
+    return train.resume_accumulation(saved, per_process, world, flag, train.BATCH_FLAGS, "ck.pt",
                                      lambda e: 2e-3 * e / 4)
 
 
@@ -138,12 +139,11 @@ def test_resume_keeps_the_effective_batch_by_changing_the_accumulation():
     (3, {"clips": 2, "images": 4}, 0, "ck.pt was trained with an effective batch of 4 clips + 8 images per step; "
                                       "3 process(es) x 2 clips + 4 images make 6 clips + 12 images at best "
                                       "(accumulation 1): keep it with other --video-batch, --image-batch or "
-                                      "process counts, or --allow-batch-change goes on with 6 clips + 12 images "
-                                      "(learning rate 0.002 -> 0.003)"),
+                                      "process counts (learning rate 0.002 at that batch)"),
     # The clips fit, the images do not.
     (1, {"clips": 2, "images": 8}, 0, "1 process(es) x 2 clips + 8 images make 4 clips + 16 images at best "
                                       "(accumulation 2)"),
-    # A new --accum-steps that would change the batch is a request to be confirmed.
+    # A new --accum-steps that would change the batch is refused.
     (2, {"clips": 2, "images": 4}, 2, "4 clips + 8 images per step; --accum-steps 2 would make it 8 clips + 16 "
                                       "images: keep it"),
 ])
@@ -153,16 +153,39 @@ def test_resume_that_cannot_keep_the_effective_batch_is_one_line(world, per_proc
     assert expect in str(e.value) and "\n" not in str(e.value)
 
 
-def test_allow_batch_change_goes_on_with_the_nearest_batch_and_a_rescaled_lr():
-    accum, note = _accum(3, {"clips": 2, "images": 4}, allow=True)
-    assert accum == 1 and note == ("world 2 -> 3: effective batch 4 clips + 8 images -> 6 clips + 12 images, "
-                                   "learning rate 0.002 -> 0.003 (--allow-batch-change)")
-    assert _accum(2, {"clips": 2, "images": 4}, flag=2, allow=True)[0] == 2       # the requested accumulation
+def test_throughput_leaves_out_the_warm_up_and_measures_a_recent_window():
+    """A slow first step (compilation: 10 s) and 4 samples a second afterwards: the rate is 4, not 16/13."""
+    times = iter([0.0, 10.0, 11.0, 12.0, 13.0, 14.0, 14.5])
+    speed = train.Throughput(window=2, warmup=2, clock=lambda: next(times))
+    speed.add(4)
+    assert speed.rate() == pytest.approx(0.4)                              # only the warm-up so far: since the start
+    for _ in range(3):
+        speed.add(4)
+    assert speed.rate() == pytest.approx(4.0)                              # steps 3-4, after the warm-up
+    speed.add(4)
+    speed.add(4)                                                           # the last 2 steps: 1 s, then 0.5 s
+    assert speed.rate() == pytest.approx(8 / 1.5)
 
 
-def test_resume_position_keeps_the_epoch_and_its_samples_in_steps_of_the_new_batch():
-    saved = train.batch_record(2, 2, {"clips": 2})                          # 8 clips per step
-    ck = {"step": 23, "epoch": 2, "epoch_step": 3}                          # 10 steps per epoch: 2 x 10 + 3
-    assert train.resume_position(ck, saved, "clips", 8, 10) == (23, 2, 3)   # kept: the checkpoint's own
-    # 6 clips per step: 3 x 8 = 24 samples of epoch 2 taken -> step 4 of it (24 // 6), 13 steps/epoch.
-    assert train.resume_position(ck, saved, "clips", 6, 13) == (2 * 13 + 4, 2, 4)
+def test_every_flag_has_help_and_its_defaults_under_both_presets():
+    for parser in (train.build_parser(), finetune.build_parser()):
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and not action.help.startswith(" ("), action.option_strings
+        parser.format_help()                                               # no stray % in a help text
+    helps = {a.dest: a.help for a in train.build_parser()._actions}
+    assert "paper 800 (image), 150 (video, joint), cpu 20 (image), 8 (video, joint)" in helps["epochs"]
+    assert "default: paper 8192, cpu 256" in helps["vocab_size"]
+    assert "required unless scratch (random init is Table 6's ablation)" in helps["init"]    # a continuation line
+    drop_path = next(a.help for a in finetune.build_parser()._actions if a.dest == "drop_path")
+    assert drop_path.endswith("(default: k400 0.3, ssv2 0.4, diving48 0.4, cpu 0.0)")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--preset", "cpu", "--mask-ratio", "0.3"], "--mask-ratio 0.3 at --crop 112"),
+    (["--preset", "cpu", "--stage", "video", "--mask-ratio", "0.3"], "--mask-ratio 0.3"),
+])
+def test_masks_the_flags_cannot_draw_are_refused_at_parse_time(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err

@@ -51,7 +51,7 @@ class ExtractConfig:
 
 
 # The FinetuneConfig fields extract reads (its --help lists only these).
-EXTRACT_FIELDS = {"recipe", "preset", "model", "init", "out", "root", "sampling", "frames", "interval", "crop",
+EXTRACT_FIELDS = {"recipe", "preset", "model", "init", "out", "video_root", "sampling", "frames", "frame_interval", "crop",
                   "short_side", "test_short_side", "test_clips", "test_crops", "window", "eval_batch_size",
                   "workers", "precision", "dist_timeout"}
 FEATURE_FORMAT = 1
@@ -111,8 +111,8 @@ def feature_settings(cfg: FinetuneConfig, xcfg: ExtractConfig) -> dict:
     init = cfg.init or "scratch"
     return {"format": FEATURE_FORMAT, "init": os.path.abspath(init) if init != "scratch" else init,
             "init_digest": _file_digest(init) if init != "scratch" else "", "list": os.path.abspath(xcfg.list),
-            "list_digest": _file_digest(xcfg.list), "root": os.path.abspath(cfg.root), "model": cfg.model,
-            "window": list(cfg.window), "sampling": cfg.sampling, "frames": cfg.frames, "interval": cfg.interval,
+            "list_digest": _file_digest(xcfg.list), "root": os.path.abspath(cfg.video_root), "model": cfg.model,
+            "window": list(cfg.window), "sampling": cfg.sampling, "frames": cfg.frames, "interval": cfg.frame_interval,
             "crop": cfg.crop, "short_side": cfg.short_side, "test_short_side": cfg.test_short_side,
             "test_clips": cfg.test_clips, "test_crops": cfg.test_crops, "views": xcfg.views,
             "clip_len": xcfg.clip_len, "stride": xcfg.stride, "precision": cfg.precision}
@@ -140,8 +140,8 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
     Rank 0 merges the parts. The encoder runs on batches of --eval-batch-size
     views gathered across videos.
     """
-    if not xcfg.list or not cfg.root or not cfg.out:
-        raise ValueError("extract needs --list (the videos), --root (their folder) and --out (the output folder)")
+    if not xcfg.list or not cfg.video_root or not cfg.out:
+        raise ValueError("extract needs --list (the videos), --video-root (their folder) and --out (the output folder)")
     if xcfg.views not in ("centre", "test"):
         raise ValueError(f"--views must be centre or test, got {xcfg.views!r}")
     if xcfg.clip_len < 0 or xcfg.stride < 0 or xcfg.chunk < 1:
@@ -164,7 +164,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
             log_fn(f"extract: {cfg.out} is complete for these settings ({meta['rows']} rows); nothing to do")
             return meta
     t0 = time.time()
-    listed = data.read_annotations(xcfg.list, cfg.root)                  # [(path, label)]
+    listed = data.read_annotations(xcfg.list, cfg.video_root)                  # [(path, label)]
     rows = [(i, str(p)) for i, (p, _) in enumerate(listed)]
     labels = [label for _, label in listed]
     parts_dir = os.path.join(cfg.out, "parts", key)
@@ -178,7 +178,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
         dist.barrier()
 
     # --- what one sample is: frames -> views (V, 3, T, c, c)
-    interval = cfg.interval if cfg.sampling == "dense" else 1
+    interval = cfg.frame_interval if cfg.sampling == "dense" else 1
     if xcfg.clip_len:
         sampling = WindowSampling(xcfg.clip_len, interval, xcfg.stride or xcfg.clip_len * interval)
         transform = data.FinetuneClipTransform("val", cfg.crop, cfg.short_side)

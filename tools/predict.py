@@ -34,9 +34,9 @@ class PredictConfig:
 
 
 # The FinetuneConfig fields predict reads; the view settings default to those the checkpoint was finetuned with.
-PREDICT_FIELDS = {"recipe", "preset", "model", "init", "sampling", "frames", "interval", "crop", "test_short_side",
+PREDICT_FIELDS = {"recipe", "preset", "model", "init", "sampling", "frames", "frame_interval", "crop", "test_short_side",
                   "test_clips", "test_crops", "window", "eval_batch_size", "precision"}
-VIEW_FIELDS = ("model", "sampling", "frames", "interval", "crop", "test_short_side", "test_clips", "test_crops",
+VIEW_FIELDS = ("model", "sampling", "frames", "frame_interval", "crop", "test_short_side", "test_clips", "test_crops",
                "window")
 
 
@@ -55,7 +55,7 @@ def load_classifier(args: dict, log_fn=print) -> tuple[VideoClassifier, Finetune
     if stored.get("preset") == "cpu":
         base["preset"] = "cpu"                              # a --preset flag still overrides it, below
     cfg = finetune.resolve_config({**base, **{k: v for k, v in args.items() if v is not None}})
-    sd, _ = finetune.state_dict_of(ck)
+    sd, _ = swin3d.read_state_dict(ck)
     heads = [v for k, (_, v) in sd.items() if k.endswith(("head.weight", "fc_cls.weight")) and v.dim() == 2]
     num_classes = (ck.get("num_classes") if isinstance(ck, dict) else None) or (heads[0].shape[0] if heads else 0)
     model = finetune.build_model(cfg, num_classes or 1)
@@ -71,7 +71,7 @@ def load_classifier(args: dict, log_fn=print) -> tuple[VideoClassifier, Finetune
 def predict_video(model: VideoClassifier, cfg: FinetuneConfig, path: str, device, bf16: bool) -> tuple[torch.Tensor, int]:
     """One video file -> (class probabilities (K,), views): softmax averaged over the recipe's
     test views (clips x crops, as finetune.py's test evaluation). Raises data.BadMedia."""
-    interval = cfg.interval if cfg.sampling == "dense" else 1
+    interval = cfg.frame_interval if cfg.sampling == "dense" else 1
     sampling = data.FrameSampling(cfg.frames, interval, cfg.sampling, num_clips=cfg.test_clips, test_mode=True)
     transform = data.FinetuneClipTransform("test", cfg.crop, cfg.short_side, cfg.test_short_side, cfg.test_crops)
     frames, _, _ = data.read_video(path, sampling)                          # (clips, T, H, W, 3)

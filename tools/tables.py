@@ -150,7 +150,7 @@ def _pretrainings(row: str) -> list:
     if row == "BEVT":
         return [("bevt", "image", []), ("bevt", "joint", [])]        # joint starts from <run>/image/final.pt
     if row == "BEVT, joint from scratch":
-        return [("joint-scratch", "joint", [])]                    # no image stage in that folder
+        return [("joint-scratch", "joint", ["--init", "scratch"])]    # no image stage in that folder
     strategy = "tube" if row == "BEVT-V" else row
     name = "video" if strategy == "tube" else f"video-{strategy}"
     return [(name, "video", ["--mask-strategy", strategy])]
@@ -300,7 +300,7 @@ class Tables:
         feats = {}
         for split in ("train", "val"):
             out = os.path.join(self.t.out, f"s{seed}", "features", _slug(row), split)
-            argv = ["--preset", "cpu", "--init", init, "--root", vids, "--out", out,
+            argv = ["--preset", "cpu", "--init", init, "--video-root", vids, "--out", out,
                     "--list", os.path.join(vids, f"{split}_appearance.txt")]
             extract.main(argv + _only_flags(shlex.split(self.t.finetune_args), extract.EXTRACT_FIELDS))
             feats[split] = extract.load_features(out)
