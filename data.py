@@ -1438,12 +1438,15 @@ def loading_plan(num_workers: int, threads: int, loaders: int = 1, local_world_s
 
 
 class FileLock:
-    """An `fcntl.flock` on a lock file that names its holder ("pid P on HOST since T").
+    """A POSIX record lock (`fcntl.lockf`) on a lock file that names its holder ("pid P on HOST since T").
 
-    The kernel frees the lock when its holder dies, on any host (on NFS Linux maps flock to
-    NFS locks; Lustre needs its `flock` mount option), so a restarted job always reclaims it,
-    and a file naming a holder that is gone is simply taken. The file is never deleted: a
-    process could otherwise lock an unlinked file while another creates a new one.
+    The kernel frees the lock when its holder dies, on any host (NFS carries POSIX locks), so a
+    restarted job always reclaims it, and a file naming a holder that is gone is simply taken.
+    POSIX, not flock: forked DataLoader workers do not inherit it, so a killed run's lingering
+    workers never keep it. It belongs to the process: one FileLock per file per process, and the
+    holder's text is read through the lock's own descriptor (closing any other one would free it).
+    The file is never deleted: a process could otherwise lock an unlinked file while another
+    creates a new one.
     """
 
     def __init__(self, path: PathLike):
@@ -1455,8 +1458,8 @@ class FileLock:
             return None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:                                   # EAGAIN or EACCES: held by another process
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process starting up"
             os.close(fd)
             return f"{holder} (lock file {self.path})"
@@ -1467,8 +1470,6 @@ class FileLock:
         return None
 
     def release(self) -> None:
-        """Unlock (explicitly: forked DataLoader workers share the open file) and close."""
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+            os.close(self._fd)                            # closing frees a POSIX lock
             self._fd = None
