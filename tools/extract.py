@@ -190,7 +190,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
     rows = [(i, str(p)) for i, (p, _) in enumerate(listed)]
     labels = [label for _, label in listed]
     parts_dir = os.path.join(cfg.out, "parts", key)
-    work = dist.new_group(backend="gloo", timeout=WORK_TIMEOUT) if ddp else None     # all ranks, before any work
+    work = work_group(ddp)                                    # all ranks, before any unequal work
     if rank == 0:
         remove_partials(cfg.out)                              # a killed run's; no rank writes before the barrier
         os.makedirs(parts_dir, exist_ok=True)
@@ -285,6 +285,11 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
         return meta
     with open(meta_path) as f:
         return json.load(f)
+
+
+def work_group(ddp: bool):
+    """The process group of the barriers after unequal work: gloo (a CPU barrier beside NCCL), WORK_TIMEOUT."""
+    return dist.new_group(backend="gloo", timeout=WORK_TIMEOUT) if ddp else None
 
 
 PARTIAL = re.compile(r"(?:features\.npy|index\.tsv|bad\.txt|meta\.json|part_\d+\.pt)\.tmp-(\d+)")

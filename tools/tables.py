@@ -271,8 +271,8 @@ class Tables:
         feats = {}
         for split in ("train", "val"):
             out = os.path.join(self.t.out, f"s{seed}", "features", _slug(row), split)
-            argv = ["--preset", "cpu", "--init", init, "--root", vids, "--out", out,
-                    "--list", os.path.join(vids, f"{split}_appearance.txt")]
+            argv = ["--preset", "cpu", "--init", init, "--video-root", vids, "--out", out,
+                    "--video-list", os.path.join(vids, f"{split}_appearance.txt")]
             extract.main(argv + _only_flags(shlex.split(self.t.finetune_args), extract.EXTRACT_FIELDS))
             feats[split] = extract.load_features(out)
         for task, key in keys.items():
