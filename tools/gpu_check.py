@@ -51,10 +51,8 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the component files
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import bevt  # noqa: E402
-import finetune  # noqa: E402
 import swin3d  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
