@@ -188,7 +188,7 @@ def test_load_inflated_2d_swin_for_pretraining(tmp_path):
     with pytest.raises(ValueError, match="python tools/convert_checkpoint.py inflate IN OUT"):
         m.load_released({"model": sd})
     torch.save({"model": sd}, tmp_path / "swin2d.pth")
-    convert_checkpoint.main(["inflate", "--preset", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
+    convert_checkpoint.main(["inflate", "--model", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
     report = m.load_released(str(tmp_path / "3d.pt"))
     assert report.unused == []
     assert report.missing == sorted([k for k in m.state_dict() if k.startswith(
@@ -326,7 +326,7 @@ def show_setup(syn, tmp_path_factory):
 def test_show_video_draws_inputs_codes_marks_and_decodings(show_setup, tmp_path):
     s = show_setup
     out = tmp_path / "pred.png"
-    r = show.main(["--init", s["ckpt"], "--video", s["video"], "--out", str(out)])
+    r = show.main(["--init", s["ckpt"], "--video", s["video"], "--out-file", str(out)])
     assert os.listdir(tmp_path) == ["pred.png"]                     # no temporary file left beside it
     # What was computed: the crop, the codes, the tube mask and the constant predictions.
     assert r["frame_index"] == [4, 6, 8, 10] and r["shown"] == [0, 1, 2, 3]
@@ -371,7 +371,7 @@ def test_show_image_stream(show_setup, tmp_path):
     s = show_setup
     image = os.path.join(s["syn"], "images", "val", "red", "00000.png")
     out = tmp_path / "img.png"
-    r = show.main(["--init", s["ckpt"], "--image", image, "--out", str(out), "--seed", "3"])
+    r = show.main(["--init", s["ckpt"], "--image", image, "--out-file", str(out), "--seed", "3"])
     assert r["stream"] == "image" and r["shown"] == [0]
     pixels = np.asarray(Image.open(image).convert("RGB"))                # 96x112 -> centre crop 96x96
     crop = torch.from_numpy(pixels[:, 8:104].copy()).permute(2, 0, 1)[None]
@@ -402,9 +402,9 @@ def test_show_dalle_decodes_through_the_decoder(show_setup, tmp_path):
     image = os.path.join(s["syn"], "images", "val", "blue", "00000.png")
     out = tmp_path / "d.png"
     with pytest.raises(SystemExit) as e:
-        show.main(["--init", str(tmp_path / "dalle.pt"), "--image", image, "--out", str(out)])
+        show.main(["--init", str(tmp_path / "dalle.pt"), "--image", image, "--out-file", str(out)])
     assert e.value.code == 2 and not out.exists()
-    r = show.main(["--init", str(tmp_path / "dalle.pt"), "--image", image, "--out", str(out),
+    r = show.main(["--init", str(tmp_path / "dalle.pt"), "--image", image, "--out-file", str(out),
                    "--decoder", str(tmp_path / "dalle_decoder.pt")])
     with torch.no_grad():
         stats = dec(F.one_hot(r["codes"], 512).permute(0, 3, 1, 2).float())       # (1, 6, 48, 48)
@@ -427,18 +427,18 @@ def test_show_bad_input_is_one_line_and_leaves_the_old_picture(show_setup, tmp_p
     other_vocab = tmp_path / "tok8.pt"
     if case == "vocab":
         T.OfflineTokenizer(s["tok"].codebook[:8]).save(other_vocab)
-    base = ["--init", s["ckpt"], "--video", s["video"], "--out", str(out)]
+    base = ["--init", s["ckpt"], "--video", s["video"], "--out-file", str(out)]
     argv, expect = {
-        "no-init": (["--init", str(tmp_path / "none.pt"), "--video", s["video"], "--out", str(out)],
+        "no-init": (["--init", str(tmp_path / "none.pt"), "--video", s["video"], "--out-file", str(out)],
                     "no such file"),
-        "not-bevt": (["--init", str(s["dir"] / "tok.pt"), "--video", s["video"], "--out", str(out)],
+        "not-bevt": (["--init", str(s["dir"] / "tok.pt"), "--video", s["video"], "--out-file", str(out)],
                      "prediction head"),
-        "not-video": (["--init", s["ckpt"], "--video", str(text), "--out", str(out)], "notes.mp4"),
-        "size": (base + ["--size", "100"], "multiple of 16"),
+        "not-video": (["--init", s["ckpt"], "--video", str(text), "--out-file", str(out)], "notes.mp4"),
+        "size": (base + ["--crop", "100"], "multiple of 16"),
         "frames": (base + ["--frames", "3"], "multiple of the temporal patch"),
-        "out-dir": (["--init", s["ckpt"], "--video", s["video"], "--out", str(tmp_path / "no" / "p.png")],
+        "out-dir": (["--init", s["ckpt"], "--video", s["video"], "--out-file", str(tmp_path / "no" / "p.png")],
                     "does not exist"),
-        "out-ext": (["--init", s["ckpt"], "--video", s["video"], "--out", str(tmp_path / "p.jpg")], ".png"),
+        "out-ext": (["--init", s["ckpt"], "--video", s["video"], "--out-file", str(tmp_path / "p.jpg")], ".png"),
         "vocab": (base + ["--tokenizer", str(other_vocab)], "8 codes"),
         "ratio": (base + ["--mask-ratio", "1.5"], "--mask-ratio"),
         "both-inputs": (base + ["--image", s["video"]], "not allowed with"),
@@ -460,7 +460,7 @@ def test_show_command_line(show_setup, tmp_path):
     h = subprocess.run([sys.executable, "tools/show.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert h.returncode == 0 and "--video" in h.stdout and "--decoder" in h.stdout
     p = subprocess.run([sys.executable, "tools/show.py", "--init", str(tmp_path / "none.pt"), "--video",
-                        show_setup["video"], "--out", str(tmp_path / "p.png")], cwd=ROOT, capture_output=True,
+                        show_setup["video"], "--out-file", str(tmp_path / "p.png")], cwd=ROOT, capture_output=True,
                        text=True, env=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("show.py: error:") and "none.pt" in p.stderr

@@ -329,7 +329,7 @@ def test_an_image_folder_list_is_written_once_by_prepare_data(tmp_path, capsys):
     root = odd_folder(tmp_path / "imgs")
     out = tmp_path / "lists" / "images.txt"
     with pytest.raises(SystemExit) as end:
-        prepare_data.main(["lists", "images", "--root", str(root), "--out", str(out)])
+        prepare_data.main(["lists", "images", "--image-root", str(root), "--out-file", str(out)])
     assert end.value.code == 0 and "33 rows in 3 classes" in capsys.readouterr().out
     old, classes = old_scan_image_folder(root)
     assert list(data.ImageDataset(root, out).samples) == old == list(data.ImageDataset(root).samples)

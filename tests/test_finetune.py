@@ -346,7 +346,7 @@ def test_load_2d_swin_is_detected_and_reported(tmp_path):
     with pytest.raises(ValueError, match="python tools/convert_checkpoint.py inflate IN OUT"):
         finetune.load_pretrained(classifier(), {"model": sd})
     torch.save({"model": sd}, tmp_path / "swin2d.pth")
-    convert_checkpoint.main(["inflate", "--preset", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
+    convert_checkpoint.main(["inflate", "--model", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
     model = classifier()
     r = finetune.load_pretrained(model, str(tmp_path / "3d.pt"))
     assert r.missing == ["head.bias", "head.weight"]                # the ImageNet head was dropped by inflate

@@ -83,7 +83,8 @@ def videos(tmp_path_factory):
 def test_resize_stops_cleanly_on_ctrl_c_and_resumes_to_the_same_files(videos, tmp_path, workers):
     src, want = videos
     dst = tmp_path / "dst"
-    argv = ["tools/prepare_data.py", "resize", "--src", src, "--dst", dst, "--short-side", "96", "--workers", workers]
+    argv = ["tools/prepare_data.py", "resize", "--video-root", src, "--out", dst, "--short-side", "96",
+            "--workers", workers]
     code, said = interrupted(argv, ready=lambda: dst.is_dir() and any(dst.iterdir()))
     assert code == 130 and said == ["prepare_data.py: interrupted"], said
     assert temporaries(dst) == []                                    # the workers' partial files removed
@@ -99,7 +100,7 @@ def test_resize_stops_cleanly_on_ctrl_c_and_resumes_to_the_same_files(videos, tm
 def test_resize_ctrl_c_while_it_starts_is_one_line(videos, tmp_path):
     """During the imports (before any work): one line and 130 too, not a traceback and -2."""
     src, _ = videos
-    argv = ["tools/prepare_data.py", "resize", "--src", src, "--dst", tmp_path / "dst", "--short-side", "96"]
+    argv = ["tools/prepare_data.py", "resize", "--video-root", src, "--out", tmp_path / "dst", "--short-side", "96"]
     code, said = interrupted(argv, ready=None, when=0.3)
     assert code == 130 and said == ["prepare_data.py: interrupted"], said
 
@@ -125,7 +126,7 @@ def features(tmp_path_factory):
     vids = root / "videos"
     rows = (vids / "train_motion.txt").read_text().splitlines() * 4
     (top / "list.txt").write_text("\n".join(rows) + "\n")
-    argv = [*VIEW, "--init", top / "pre.pt", "--video-root", vids, "--list", top / "list.txt"]
+    argv = [*VIEW, "--init", top / "pre.pt", "--video-root", vids, "--video-list", top / "list.txt"]
     run([sys.executable, "tools/extract.py", *argv, "--workers", "0", "--out", top / "want"])
     return argv, _files(top / "want", "features.npy")
 

@@ -343,8 +343,8 @@ def tiles(img):
 def test_cli_sheet_shows_the_masks(strategy, tmp_path):
     from PIL import Image
     out = tmp_path / f"{strategy}.png"
-    mask_sheet.main(["--strategy", strategy, "--out", str(out), "--rows", "3", "--cols", "4", "--seed", "5",
-                      "--size", "112"])
+    mask_sheet.main(["--strategy", strategy, "--out-file", str(out), "--rows", "3", "--cols", "4", "--seed", "5",
+                      "--crop", "112"])
     grid = tiles(Image.open(out))
     gen = MaskGenerator(strategy, (112, 112) if strategy == "block" else (16, 112, 112), seed=5)
     if strategy == "block":

@@ -213,18 +213,18 @@ def test_moving_average_is_trailing_over_steps_and_ticks_are_round():
 
 def test_command_line_draws_one_run_folder_or_compares_several(tmp_path, capsys):
     run = write_run(tmp_path / "r", pretrain_rows("image", n=10))
-    rec = plot.main([run, str(run), "--out", str(tmp_path / "o.png"), "--smooth", "3"])
+    rec, = plot.main([run, str(run), "--out-file", str(tmp_path / "o.png"), "--smooth", "3"])
     assert (tmp_path / "o.png").exists() and len(rec["panels"]) == 4 and len(rec["runs"]) == 2
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
-        plot.main([run, str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")])
+        plot.main([run, str(tmp_path / "empty"), "--out-file", str(tmp_path / "x.png")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path / "empty") in err and "metrics.jsonl" in err
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(SystemExit) as e:                                  # several runs need a picture to go to
         plot.main([run, run])
-    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    assert e.value.code == 2 and "--out-file" in capsys.readouterr().err
 
 
 def test_a_run_folder_gets_its_curves_png_titled_from_its_config(tmp_path):
@@ -232,16 +232,35 @@ def test_a_run_folder_gets_its_curves_png_titled_from_its_config(tmp_path):
     run = tmp_path / "bevt" / "joint"
     write_run(run, pretrain_rows("joint") + [{"step": 60, "baselines": {"acc_mvm": {"majority": 0.07}}}])
     (run / "config.json").write_text(json.dumps({"stage": "joint", "model": "cpu"}))
-    rec = plot.main([str(run)])
+    rec, = plot.main([str(run)])
     assert rec["path"] == str(run / "curves.png") and Image.open(rec["path"]).size == rec["size"]
     assert plot.run_title(str(run)) == f"BEVT joint stage, cpu ({run})"
     assert [b["name"] for b in panel(rec, "masked-token accuracy")["baselines"]] == ["majority"]
     ft = tmp_path / "ft" / "motion"
     write_run(ft, finetune_rows())
     (ft / "config.json").write_text(json.dumps({"recipe": "k400", "model": "cpu"}))
-    rec = plot.main([str(ft)])
+    rec, = plot.main([str(ft)])
     assert (ft / "curves.png").exists() and "classification accuracy" in [p["title"] for p in rec["panels"]]
     assert plot.run_title(str(ft)) == f"finetune motion, cpu ({ft})"
+
+
+def test_a_run_root_gives_each_stage_folder_its_curves(tmp_path, capsys):
+    """Issue 30.7: `plot.py RUN_ROOT` (train.py's --out) finds the stage folders under it, in the order they
+    run, and draws each one's curves.png; with --out-file they are compared in one picture."""
+    root = tmp_path / "bevt"
+    for stage in ("joint", "image"):
+        write_run(root / stage, pretrain_rows(stage, n=10))
+    (root / "notes").mkdir()                                              # no metrics.jsonl: not a run
+    recs = plot.main([str(root)])
+    assert [r["path"] for r in recs] == [str(root / "image" / "curves.png"), str(root / "joint" / "curves.png")]
+    assert all(os.path.exists(r["path"]) for r in recs)
+    rec, = plot.main([str(root), "--out-file", str(tmp_path / "cmp.png")])
+    assert len(rec["runs"]) == 2 and (tmp_path / "cmp.png").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                                  # nothing to draw: one line naming it
+        plot.main([str(root / "notes")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "run root" in err and str(root / "notes") in err
 
 
 def test_garbage_lines_are_skipped_and_counted_in_one_line(tmp_path):

@@ -155,35 +155,37 @@ def test_prep_lists_k400_byte_order_mark_and_val_before_train_are_never_wrong_la
                                        b"zumba,vvvvvvvvvvv,0,10,val\r\n")
     lists = tmp_path / "lists"
     # Validation first, into a folder with no class file: one line, exit 2, nothing written.
-    code, out, err = _lists_cli(capsys, "--ann", tmp_path / "val.csv", "--out", lists / "k400_val.txt")
+    code, out, err = _lists_cli(capsys, "--official-ann", tmp_path / "val.csv", "--out-file", lists / "k400_val.txt")
     assert code == 2 and len(err) == 1 and "make the training list first" in err[0], err
     assert not lists.exists() or not list(lists.iterdir())
     # CVDF's validate.csv has no split column: its name says it; an unlabelled row in a train split is refused.
     _write_csv(tmp_path / "validate.csv", ["youtube_id,label,time_start,time_end", "vvvvvvvvvvv,zumba,0,10"])
-    code, _, err = _lists_cli(capsys, "--ann", tmp_path / "validate.csv", "--out", lists / "v.txt")
+    code, _, err = _lists_cli(capsys, "--official-ann", tmp_path / "validate.csv", "--out-file", lists / "v.txt")
     assert code == 2 and len(err) == 1 and "make the training list first" in err[0], err
     _write_csv(tmp_path / "kinetics_train.csv", ["label,youtube_id,time_start,time_end", "zumba,zzzzzzzzzzz,0,10",
                                                  ",yyyyyyyyyyy,0,10"])
-    code, _, err = _lists_cli(capsys, "--ann", tmp_path / "kinetics_train.csv", "--out", lists / "t.txt")
+    code, _, err = _lists_cli(capsys, "--official-ann", tmp_path / "kinetics_train.csv", "--out-file", lists / "t.txt")
     assert code == 2 and len(err) == 1 and "must label every row" in err[0], err
     assert not lists.exists() or not list(lists.iterdir())
     # The training list (with its byte-order mark): every label right, the class file written.
-    code, out, err = _lists_cli(capsys, "--ann", tmp_path / "train.csv", "--out", lists / "k400_train.txt")
+    code, out, err = _lists_cli(capsys, "--official-ann", tmp_path / "train.csv",
+                                "--out-file", lists / "k400_train.txt")
     assert code == 0 and not err
     assert _lines(lists / "k400_classes.txt") == ["abseiling", "juggling balls", "zumba"]
     assert _lines(lists / "k400_train.txt") == ["zzzzzzzzzzz_000000_000010.mp4 2", "aaaaaaaaaaa_000005_000015.mp4 0",
                                                 "jjjjjjjjjjj_000001_000011.mp4 1"]
     assert "3 classes ->" in out[-1] and "without a label" not in out[-1]
     # Then the validation list reads those classes back; elsewhere, --classes names them.
-    code, out, _ = _lists_cli(capsys, "--ann", tmp_path / "val.csv", "--out", lists / "k400_val.txt")
+    code, out, _ = _lists_cli(capsys, "--official-ann", tmp_path / "val.csv", "--out-file", lists / "k400_val.txt")
     assert code == 0 and _lines(lists / "k400_val.txt") == ["vvvvvvvvvvv_000000_000010.mp4 2"]
     assert "3 classes from" in out[-1]
-    code, _, _ = _lists_cli(capsys, "--ann", tmp_path / "validate.csv", "--out", tmp_path / "other" / "v.txt",
+    code, _, _ = _lists_cli(capsys, "--official-ann", tmp_path / "validate.csv",
+                            "--out-file", tmp_path / "other" / "v.txt",
                             "--classes", lists / "k400_classes.txt")
     assert code == 0 and _lines(tmp_path / "other" / "v.txt") == ["vvvvvvvvvvv_000000_000010.mp4 2"]
     # A class file saved with a byte-order mark (an edited label map) reads the same.
     (tmp_path / "bom_classes.txt").write_bytes(bom + b"abseiling\r\njuggling balls\r\nzumba\r\n")
-    code, _, _ = _lists_cli(capsys, "--ann", tmp_path / "val.csv", "--out", tmp_path / "b.txt",
+    code, _, _ = _lists_cli(capsys, "--official-ann", tmp_path / "val.csv", "--out-file", tmp_path / "b.txt",
                             "--classes", tmp_path / "bom_classes.txt")
     assert code == 0 and _lines(tmp_path / "b.txt") == ["vvvvvvvvvvv_000000_000010.mp4 2"]
 
@@ -261,7 +263,8 @@ def test_prep_resize_short_side_frames_kept_and_resumable(tmp_path, capsys):
     (src / "broken.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
     (src / "notes.txt").write_text("not a video")
     with pytest.raises(SystemExit) as e:
-        prepare_data.main(["resize", "--src", str(src), "--dst", str(dst), "--short-side", "32", "--workers", "2"])
+        prepare_data.main(["resize", "--video-root", str(src), "--out", str(dst), "--short-side", "32",
+                           "--workers", "2"])
     assert e.value.code == 1                                        # one source failed
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith("3 resized to a 32-px short side, 2 kept as they were and 1 re-encoded")
@@ -315,7 +318,8 @@ def test_prep_check_reports_missing_and_unreadable_apart_and_the_official_count(
     ann = write_list(tmp_path / "list.txt", [("good.mp4", 0), ("gone.mp4", 1), ("corrupt.mp4", 2)])
     for extra in ([], ["--quick"]):
         with pytest.raises(SystemExit) as e:
-            prepare_data.main(["check", "--ann", str(ann), "--root", str(tmp_path), "--expect", "5", *extra])
+            prepare_data.main(["check", "--video-list", str(ann), "--video-root", str(tmp_path), "--expect", "5",
+                               *extra])
         assert e.value.code == 1
         out = capsys.readouterr().out.splitlines()
         assert [line for line in out if line.startswith("MISSING")] == [f"MISSING {tmp_path / 'gone.mp4'}"]
@@ -324,17 +328,21 @@ def test_prep_check_reports_missing_and_unreadable_apart_and_the_official_count(
         assert out[-1] == "1 bad file(s); 1 missing of 3 listed"
     good = write_list(tmp_path / "good.txt", [("good.mp4", 0)])
     with pytest.raises(SystemExit) as e:
-        prepare_data.main(["check", "--ann", str(good), "--root", str(tmp_path), "--official", "diving48-test"])
+        prepare_data.main(["check", "--video-list", str(good), "--video-root", str(tmp_path),
+                           "--official", "diving48-test"])
     assert e.value.code == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == "count: official size of diving48-test 1,970; the list has 1 rows (-1,969), 1 usable (0.1% of 1,970)"
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["lists", "k400", "--ann", "{json}", "--out", "{tmp}/k.txt"], "expected a Kinetics CSV whose header names"),
-    (["lists", "ssv2", "--ann", "{json}", "--labels", "{csv}", "--out", "{tmp}/s.txt"], "got text that is not JSON"),
-    (["lists", "ssv2", "--ann", "{deep}", "--labels", "{csv}", "--out", "{tmp}/s.txt"], "deep.json: expected"),
-    (["resize", "--src", "{tmp}", "--dst", "{tmp}/out", "--short-side", "255"], "even number of pixels"),
+    (["lists", "k400", "--official-ann", "{json}", "--out-file", "{tmp}/k.txt"],
+     "expected a Kinetics CSV whose header names"),
+    (["lists", "ssv2", "--official-ann", "{json}", "--official-classes", "{csv}", "--out-file", "{tmp}/s.txt"],
+     "got text that is not JSON"),
+    (["lists", "ssv2", "--official-ann", "{deep}", "--official-classes", "{csv}", "--out-file", "{tmp}/s.txt"],
+     "deep.json: expected"),
+    (["resize", "--video-root", "{tmp}", "--out", "{tmp}/out", "--short-side", "255"], "even number of pixels"),
 ])
 def test_prep_commands_bad_input_is_one_line_exit_2(tmp_path, argv, expect):
     import subprocess
@@ -380,7 +388,8 @@ def test_prep_resize_is_repeatable_in_one_process_and_in_two(tmp_path):
     want = _tree_bytes(tmp_path / "first")
     assert len(want) == 4 and _tree_bytes(tmp_path / "again") == want
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "tools" / "prepare_data.py"), "resize", "--src", str(src), "--dst",
+    r = subprocess.run([sys.executable, str(root / "tools" / "prepare_data.py"), "resize", "--video-root", str(src),
+                        "--out",
                         str(tmp_path / "other"), "--short-side", "64", "--workers", "2"], cwd=root, capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -98,15 +98,18 @@ def test_knn_vote_is_temperature_weighted():
 def extract_list(syn, init, out, *extra, split="train"):
     vids = os.path.join(syn, "videos")
     return extract.main([*VIEW, "--init", init, "--video-root", vids, "--out", str(out),
-                          "--list", os.path.join(vids, f"{split}_motion.txt"), *extra])
+                         "--video-list", os.path.join(vids, f"{split}_motion.txt"), *extra])
 
 
-def test_extract_gives_the_pooled_f4_of_the_centre_clip(syn, pretrained, tmp_path):
+def test_extract_gives_the_pooled_f4_of_the_centre_clip(syn, pretrained, tmp_path, capsys):
     meta = extract_list(syn, pretrained, tmp_path / "f", "--chunk", "5")              # 3 chunks for 12 videos
+    said = capsys.readouterr().out                       # issue 30.7: nothing is trained here, the head is unused
+    assert f"init from {pretrained}" in said and "missing (0, left random)" in said
+    assert "trained from scratch" not in said
     got = extract.load_features(str(tmp_path / "f"))
     assert meta["rows"] == 12 and meta["bad"] == 0 and got["features"].shape == (12, 256)
     # Independently: finetune.py's val loader (one centre clip) and the classifier's features.
-    cfg = finetune.resolve_config({"preset": "cpu", "crop": 96, "short_side": 96, "frames": 8, "frame_interval": 2,
+    cfg = finetune.resolve_config({"preset": "cpu", "crop": 96, "short_side": 96, "frames": 8, extract.INTERVAL: 2,
                                    "workers": 0})
     model = finetune.build_model(cfg, 4)
     finetune.load_pretrained(model, pretrained, "cpu")
@@ -145,7 +148,7 @@ def test_extract_resumes_and_lists_bad_files(syn, pretrained, tmp_path, capsys):
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(rows[:3] + [f"{tmp_path / 'broken.mp4'} 1"] + rows[3:]) + "\n")
-    argv = [*VIEW, "--init", pretrained, "--video-root", vids, "--list", str(lst), "--chunk", "2"]
+    argv = [*VIEW, "--init", pretrained, "--video-root", vids, "--video-list", str(lst), "--chunk", "2"]
     meta = extract.main([*argv, "--out", str(tmp_path / "f")])
     assert meta["videos"] == 7 and meta["rows"] == 6 and meta["bad"] == 1
     bad = (tmp_path / "f" / "bad.txt").read_text().splitlines()
@@ -169,7 +172,7 @@ def test_extract_resumes_and_lists_bad_files(syn, pretrained, tmp_path, capsys):
     # Another checkpoint: the old parts are not reused.
     other = tmp_path / "other.pt"
     torch.save({"model": finetune.VideoClassifier(swin3d.get_config("cpu"), 4).state_dict()}, other)
-    extract.main([*VIEW, "--init", str(other), "--video-root", vids, "--list", str(lst), "--out",
+    extract.main([*VIEW, "--init", str(other), "--video-root", vids, "--video-list", str(lst), "--out",
                    str(tmp_path / "f")])
     assert (tmp_path / "f" / "features.npy").read_bytes() != feats
     assert not parts.exists()
@@ -189,7 +192,7 @@ def test_sliding_window_features(syn, pretrained, tmp_path):
 
 def test_extract_on_two_processes_matches_one(syn, pretrained, tmp_path):
     vids = os.path.join(syn, "videos")
-    args = [*VIEW, "--init", pretrained, "--video-root", vids, "--list", os.path.join(vids, "train_motion.txt"),
+    args = [*VIEW, "--init", pretrained, "--video-root", vids, "--video-list", os.path.join(vids, "train_motion.txt"),
             "--chunk", "3"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(REPO, "tools", "extract.py"), *args, "--out", str(tmp_path / "two")],
@@ -202,10 +205,35 @@ def test_extract_on_two_processes_matches_one(syn, pretrained, tmp_path):
     np.testing.assert_allclose(two["features"], one["features"], rtol=1e-5, atol=1e-6)
 
 
+def _barrier_worker(rank: int, store: str, out: str) -> None:
+    """One of two gloo processes whose default group times out after 2 s; rank 0 works 5 s longer."""
+    import datetime
+    import time
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))
+    group = extract.work_group(True)
+    t = time.time()
+    if rank == 0:
+        time.sleep(5)                                   # a longer share of the chunks, or the merge
+    dist.barrier(group=group)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(f"{time.time() - t:.1f}")
+    dist.destroy_process_group()
+
+
+def test_extract_barriers_after_unequal_work_outlast_the_collective_timeout(tmp_path):
+    """Issue 32.3: the barriers after each rank's share (and rank 0's merge) wait on their own group, so a
+    rank that finishes early waits longer than --dist-timeout instead of failing the job."""
+    torch.multiprocessing.spawn(_barrier_worker, args=(str(tmp_path / "store"), str(tmp_path / "done")), nprocs=2)
+    assert extract.WORK_TIMEOUT.total_seconds() >= 24 * 3600
+    assert float((tmp_path / "done.1").read_text()) >= 4.5             # rank 1 waited past the 2 s timeout
+
+
 def test_extract_bad_flags_are_one_line_errors(syn, pretrained, tmp_path, capsys):
     for tool, argv, words in ((extract, ["--init", pretrained], ["--out"]),
                               (extract, [*VIEW, "--init", pretrained, "--out", str(tmp_path), "--video-root", syn,
-                          "--list", str(tmp_path / "nope.txt")], ["nope.txt"]),
+                                         "--video-list", str(tmp_path / "nope.txt")], ["nope.txt"]),
                               (probe, ["--train-features", str(tmp_path), "--val-features", str(tmp_path)],
                                ["meta.json"])):
         with pytest.raises(SystemExit) as e:
@@ -215,14 +243,25 @@ def test_extract_bad_flags_are_one_line_errors(syn, pretrained, tmp_path, capsys
         assert "\n" not in err and all(w in err for w in words), err
 
 
-def feature_folder(folder, n=8, dim=4) -> str:
+def test_probe_refuses_the_same_features_for_train_and_val(tmp_path, capsys):
+    """Issue 30.7: a probe on its own training features (one folder twice, or a copy) is one line, exit 2."""
+    one = feature_folder(tmp_path / "one")
+    copy = feature_folder(tmp_path / "copy")                              # the same meta.json key
+    for val in (one, str(tmp_path / "." / "one"), copy):
+        with pytest.raises(SystemExit) as e:
+            probe.main(["--train-features", one, "--val-features", val])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and "--val-features" in err and "same" in err, err
+
+
+def feature_folder(folder, n=8, dim=4, key="k") -> str:
     """A folder as tools/extract.py writes it: features.npy, index.tsv (a header, one line per row), meta.json."""
     os.makedirs(folder)
     np.save(os.path.join(folder, "features.npy"), np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32))
     with open(os.path.join(folder, "index.tsv"), "w") as f:
         f.write("row\tpath\tlabel\tviews\tstart\n" + "".join(f"{r}\tv{r}.mp4\t{r % 2}\t1\t0\n" for r in range(n)))
     with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump({"key": "k", "rows": n, "dim": dim}, f, indent=1)
+        json.dump({"key": key, "rows": n, "dim": dim}, f, indent=1)
     return str(folder)
 
 
@@ -247,8 +286,9 @@ def test_garbage_feature_files_are_one_line_naming_the_file_and_line(tmp_path, n
     assert r.returncode == 2, r.stdout + r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("probe.py: error: ") and f"{path}:{line}:" in err[0], r.stderr
+    other = feature_folder(tmp_path / "other", key="k2")                 # features of another list
     r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "probe.py"), "--train-features", good,
-                        "--val-features", good], capture_output=True, text=True, timeout=120)
+                        "--val-features", other], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "8 train / 8 val features" in r.stdout, r.stderr   # the good folder works
 
 
@@ -281,6 +321,7 @@ def test_predict_reports_top_classes_and_skips_unreadable_videos(syn, finetuned,
     assert e.value.code == 1                                     # a video failed; the others still ran
     cap = capsys.readouterr()
     out = json.loads(cap.out)
+    assert "trained from scratch" not in cap.err + cap.out                # nothing is trained here
     errors = [line for line in cap.err.splitlines() if "error" in line]
     assert len(errors) == 1 and str(broken) in errors[0]
     assert [o["video"] for o in out] == [good[0], str(broken), good[1]] and "error" in out[1]

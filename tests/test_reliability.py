@@ -234,8 +234,9 @@ def test_a_missing_synthetic_set_or_tokenizer_names_the_command_that_makes_it(sy
 
 
 @pytest.mark.parametrize("cmd, expect", [
-    (["tools/prepare_data.py", "check", "--ann", "/no/such/list.txt", "--root", "/tmp"], "/no/such/list.txt"),
-    (["tools/mask_sheet.py", "--strategy", "tube", "--out", "/tmp/m.png", "--size", "40"], "multiples of"),
+    (["tools/prepare_data.py", "check", "--video-list", "/no/such/list.txt", "--video-root", "/tmp"],
+     "/no/such/list.txt"),
+    (["tools/mask_sheet.py", "--strategy", "tube", "--out-file", "/tmp/m.png", "--crop", "40"], "multiples of"),
     (["tools/tokenizer_tool.py", "info", "/no/such/tok.pt"], "/no/such/tok.pt"),
 ])
 def test_command_line_tools_end_user_errors_in_one_line(cmd, expect):

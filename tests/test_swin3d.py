@@ -658,7 +658,7 @@ def test_convert_checkpoint_tool_writes_loadable_files(tmp_path, capsys):
     the unconverted files are refused by the loaders with the command that converts them."""
     torch.save({"model": fake_2d_swin()}, tmp_path / "swin2d.pth")
     torch.save(torchvision_state_dict(), tmp_path / "tv.pth")
-    convert_checkpoint.main(["inflate", "--preset", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
+    convert_checkpoint.main(["inflate", "--model", "cpu", str(tmp_path / "swin2d.pth"), str(tmp_path / "3d.pt")])
     convert_checkpoint.main(["resize", "--old-window", "8", "7", "7", "--new-window", "16", "7", "7",
                              str(tmp_path / "3d.pt"), str(tmp_path / "16.pt")])
     convert_checkpoint.main(["torchvision", str(tmp_path / "tv.pth"), str(tmp_path / "tv.pt")])

@@ -364,7 +364,7 @@ def test_encoder_pkl_loads_without_dall_e_bit_identical(published, dalle_tok, tm
     assert torch.equal(dalle_tok.tokenize(published.x), published.codes)
     # convert once -> a plain state dict that loads with weights_only=True and gives the same codes
     out = tmp_path / "dalle_encoder.pt"
-    tokenizer_tool.main(["convert", "--pkl", str(published.path), "--out", str(out)])
+    tokenizer_tool.main(["convert", "--pkl", str(published.path), "--out-file", str(out)])
     plain = torch.load(out, weights_only=True)
     assert set(plain) == set(published.tensors)
     assert torch.equal(load_tokenizer(out).tokenize(published.x), published.codes)
@@ -416,7 +416,7 @@ def test_decoder_pkl_loads_without_dall_e_bit_identical(published_decoder, tmp_p
     torch.testing.assert_close(half, ref, rtol=1e-5, atol=1e-5)
     # convert once -> a plain state dict that loads with weights_only=True and decodes the same
     out = tmp_path / "dalle_decoder.pt"
-    tokenizer_tool.main(["convert", "--pkl", str(published_decoder.path), "--out", str(out)])
+    tokenizer_tool.main(["convert", "--pkl", str(published_decoder.path), "--out-file", str(out)])
     assert set(torch.load(out, weights_only=True)) == set(published_decoder.tensors)
     assert torch.equal(decoders.load_dalle_decoder(out).decode_half(codes), half)
 
@@ -756,7 +756,7 @@ def test_fit_command_on_an_image_directory(tmp_path, capsys):
             im.save(data / "sub" / f"img{i}.jpg", quality=95)
     (data / "notes.txt").write_text("not an image")
     out = tmp_path / "tok.pt"
-    tokenizer_tool.main(["fit", "--data", str(data), "--vocab", "16", "--out", str(out), "--size", "64",
+    tokenizer_tool.main(["fit", "--image-root", str(data), "--vocab-size", "16", "--out-file", str(out), "--crop", "64",
             "--iters", "5", "--max-patches", "100", "--quiet"])
     tok = load_tokenizer(out)
     assert isinstance(tok, OfflineTokenizer) and tok.vocab_size == 16

@@ -114,11 +114,15 @@ def breakdown(ann, root, recipe, clips) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="data/synthetic", help="synthetic set (generated here if missing)")
     ap.add_argument("--clips", type=int, default=32, help="clips timed per case")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     print(f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
           f"batches of {BATCH}; decoder threads per process = cores // workers")
     root = synthetic.make_synthetic_set(args.data)

@@ -142,12 +142,16 @@ def compare(name, cases, modules):
           f"identical frames: {same}{fails}")
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ref", default="HEAD", help="git revision of data.py to compare against")
     ap.add_argument("--data", default="data", help="folder for the synthetic set and the long file")
     ap.add_argument("--clips", type=int, default=60, help="clips per source")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     print(f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; PyAV {av.__version__}; "
           f"this tree vs data.py at {args.ref}")
     root = synthetic.make_synthetic_set(Path(args.data) / "synthetic", verbose=False)

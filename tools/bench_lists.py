@@ -140,13 +140,17 @@ def child(kind: str, version: str, ann: str, root: str, ref: str) -> dict:
             "epoch_s": time.perf_counter() - t}
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=1_281_167, help="rows of the ImageNet-shaped list")
     ap.add_argument("--videos", type=int, default=240_000, help="rows of the Kinetics-shaped list")
     ap.add_argument("--ref", default="8f648c6", help="git revision of the reference data.py (the old lists)")
     ap.add_argument("--child", nargs=4, metavar=("KIND", "VERSION", "LIST", "ROOT"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.ref)))
         return

@@ -110,11 +110,15 @@ def compare(ref: str, repeats: int, warmup: int = 20) -> None:
           f"identical masks: {identical}\n")
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=500, help="timed repeats per case (default 500)")
     ap.add_argument("--ref", default=None, help="git revision of masking.py to compare the per-GPU batch against")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     print(f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
           f"median (p90) over {args.repeats} repeats")
 

@@ -151,17 +151,21 @@ def print_profiles(profiles, rows):
         print(f"| {k} |" + "".join(cells))
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", default=None, metavar="REV",
                     help="git revision whose swin3d.py is the baseline (or the path of a swin3d.py file)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed steps per variant (default 7)")
     ap.add_argument("--rows", type=int, default=15, help="top ops per variant in the table")
     ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (per-op median)")
     ap.add_argument("--no-profile", action="store_true", help="timing only")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = bevt.BEVT(bevt.BEVTConfig(swin=swin3d.get_config("tiny"), vocab_size=8192)).train()

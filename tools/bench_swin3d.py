@@ -132,20 +132,24 @@ def flops_table():
     return rows
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default cpu)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per case, the median reported (default 5)")
     ap.add_argument("--quick", action="store_true", help="CPU preset only, 3 repeats")
-    ap.add_argument("--presets", default=None, help="comma-separated subset, e.g. cpu,tiny,base")
-    args = ap.parse_args()
+    ap.add_argument("--models", default=None, help="comma-separated subset of the swin3d presets, e.g. cpu,tiny,base")
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     amp = args.device == "cuda"                                     # bf16 autocast on GPU, fp32 on CPU
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     cases = list(CASES)
     if args.device == "cuda":
         cases += [("base", "video", (8, 3, 16, 224, 224)), ("base", "image", (64, 3, 224, 224))]
-    presets = {"cpu"} if args.quick else (set(args.presets.split(",")) if args.presets else None)
+    presets = {"cpu"} if args.quick else (set(args.models.split(",")) if args.models else None)
     repeats = 3 if args.quick else args.repeats
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"{'bf16 autocast' if amp else 'fp32'}, median of {repeats}")

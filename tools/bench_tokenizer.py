@@ -1,11 +1,11 @@
 """Benchmark of the tokenizers (tokenizer.py): codes per second on this machine.
 
     python tools/bench_tokenizer.py                    # batch of 8 224-px crops, CPU
-    python tools/bench_tokenizer.py --batch 32 --repeats 5
-    python tools/bench_tokenizer.py --size 112         # the CPU demo's crops
+    python tools/bench_tokenizer.py --batch-size 32 --repeats 5
+    python tools/bench_tokenizer.py --crop 112         # the CPU demo's crops
     python tools/bench_tokenizer.py --agreement data/synthetic/images/val   # + bf16/fp16 code agreement
 
-What is timed, for a batch of `--batch` crops of `--size` px (default 224, the
+What is timed, for a batch of `--batch-size` crops of `--crop` px (default 224, the
 paper's crop), each halved with Lanczos to the 112-px image the dVAE sees and
 turned into (size/16)² = 196 codes:
 
@@ -50,21 +50,25 @@ def timed(fn, repeats, device):
     return statistics.median(ts)
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=8, help="crops per tokenize call")
-    ap.add_argument("--size", type=int, default=224, help="crop size in px (the dVAE sees size/2)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--batch-size", type=int, default=8, help="crops per tokenize call (default 8)")
+    ap.add_argument("--crop", type=int, default=224, help="crop size in px (the dVAE sees crop/2; default 224)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per case, the median reported (default 3)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     ap.add_argument("--skip-dalle", action="store_true", help="only the resize and the offline tokenizer")
     ap.add_argument("--agreement", default="", metavar="DIR",
                     help="also: share of codes bf16/fp16 leave equal to fp32, on the images under DIR")
     ap.add_argument("--tokenizer", default="", help="weights for --agreement (default: random)")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    n, s = args.batch, args.size
+    n, s = args.batch_size, args.crop
     codes_per_call = n * (s // T.PATCH) ** 2
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; batch {n} crops of {s} px "

@@ -168,17 +168,24 @@ def run_subprocess(args, c, variant):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--cases", default=None, help="cpu: cpu,tiny; cuda: tiny,small,base,large")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time (default cpu)")
+    ap.add_argument("--cases", default=None, help="comma-separated cases (default cpu: cpu,cpu-finetune,tiny; "
+                    "cuda: tiny,small,base,large)")
     ap.add_argument("--variants", default=None,
-                    help="cpu: fp32,bf16; cuda: bf16,bf16+compile,bf16+ckpt,bf16+compile+ckpt")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
+                    help="comma-separated variants (default cpu: fp32,bf16; cuda: bf16,bf16+compile,bf16+ckpt,"
+                         "bf16+compile+ckpt)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first: compilation, autotuning (default 2)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps, the median reported (default 5)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak for the MFU "
+                    "(default 989: an H100 SXM)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)      # internal: one case in this process
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = build_parser().parse_args()
     device = torch.device(args.device)
     if args.one:
         c, variant = json.loads(args.one)

@@ -75,11 +75,15 @@ def run(run_dirs: list) -> list:
     return written
 
 
-def main(argv=None) -> list:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="confusion.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finetune.py run folders (<out>/<task>)")
-    return train.run_cli("confusion.py", run, ap.parse_args(argv).run_dirs)
+    return ap
+
+
+def main(argv=None) -> list:
+    return train.run_cli("confusion.py", run, build_parser().parse_args(argv).run_dirs)
 
 
 if __name__ == "__main__":

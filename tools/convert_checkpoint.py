@@ -1,6 +1,6 @@
 """Convert encoder checkpoints into the released BEVT key layout that the loaders read.
 
-    python tools/convert_checkpoint.py inflate swin_base_2d.pth out.pt --preset base [--window 8 7 7]
+    python tools/convert_checkpoint.py inflate swin_base_2d.pth out.pt --model base [--window 8 7 7]
     python tools/convert_checkpoint.py resize in.pt out.pt --old-window 8 7 7 --new-window 16 7 7
     python tools/convert_checkpoint.py torchvision swin3d_b.pth out.pt
 
@@ -156,7 +156,7 @@ def convert(args) -> str:
     sd = _tensors(args.src)
     encoder = strip_prefix(sd, "backbone.") if any(k.startswith("backbone.") for k in sd) else sd
     if args.command == "inflate":
-        cfg = swin3d.get_config(args.preset, **({"window_size": tuple(args.window)} if args.window else {}))
+        cfg = swin3d.get_config(args.model, **({"window_size": tuple(args.window)} if args.window else {}))
         sd = released_layout(inflate_2d_state_dict(encoder, cfg, image_embed=not args.no_image_embed))
     elif args.command == "resize":
         sd = swin3d.resize_relative_tables(sd, args.old_window, args.new_window)
@@ -172,23 +172,29 @@ def convert(args) -> str:
     return args.out
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inflate", help="2D Swin image checkpoint -> 3D encoder keys")
-    p.add_argument("--preset", default="base", choices=sorted(swin3d.PRESETS))
-    p.add_argument("--window", type=int, nargs=3, help="3D window (default: the preset's)")
+    p.add_argument("--model", default="base", choices=sorted(swin3d.PRESETS), help="the swin3d preset the 2D "
+                   "checkpoint's size matches (default base)")
+    p.add_argument("--window", type=int, nargs=3, metavar=("T", "H", "W"), help="3D window (default: the model's)")
     p.add_argument("--no-image-embed", action="store_true",
                    help="do not copy the 2D patch embedding to the image stream")
     p = sub.add_parser("resize", help="resize the relative bias tables to another window")
-    p.add_argument("--old-window", type=int, nargs=3, required=True)
-    p.add_argument("--new-window", type=int, nargs=3, required=True)
+    p.add_argument("--old-window", type=int, nargs=3, required=True, metavar=("T", "H", "W"),
+                   help="the window the checkpoint's tables were trained for")
+    p.add_argument("--new-window", type=int, nargs=3, required=True, metavar=("T", "H", "W"),
+                   help="the window to resize them to (trilinear)")
     sub.add_parser("torchvision", help="torchvision swin3d_t/s/b -> this encoder's keys")
     for p in sub.choices.values():
         p.add_argument("src", help="input checkpoint")
         p.add_argument("out", help="output file")
-    args = ap.parse_args(argv)
-    return train.run_cli(PROG, convert, args)
+    return ap
+
+
+def main(argv=None):
+    return train.run_cli(PROG, convert, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

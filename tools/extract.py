@@ -2,10 +2,11 @@
 (VideoClassifier.features), one row per video (its views averaged) or per sliding window.
 They are what tools/probe.py's linear probe and k-NN read.
 
-    python tools/extract.py --preset cpu --init runs/bevt/joint/final.pt \
-        --root data/synthetic/videos --list data/synthetic/videos/train_motion.txt --out runs/features/train
-    torchrun --nproc_per_node=8 tools/extract.py --recipe k400 --init bevt.pth --root K400/ --list val.txt \
-        --out feats/val [--views test] [--clip-len 16 --stride 16]
+    python tools/extract.py --preset cpu --init runs/bevt/joint/final.pt \\
+        --video-root data/synthetic/videos --video-list data/synthetic/videos/train_motion.txt \\
+        --out runs/features/train
+    torchrun --nproc_per_node=8 tools/extract.py --recipe k400 --init bevt.pth --video-root K400/ \\
+        --video-list val.txt --out feats/val [--views test] [--clip-len 16 --stride 16]
 
 Writes features.npy, index.tsv, bad.txt and meta.json into --out; resumable chunk by chunk.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import hashlib
 import json
 import glob
@@ -43,10 +45,10 @@ from tools import run_script, sigint_held  # noqa: E402
 
 @dataclass
 class ExtractConfig:
-    list: str = ""                        # annotation list (`relative/path label` a line) under --root
+    video_list: str = ""                  # the videos: a list of `relative/path label` lines, paths under --video-root
     views: str = "centre"                 # centre: one centre clip, centre crop | test: the recipe's clips x crops, averaged
-    clip_len: int = 0                     # > 0: one feature row per window of clip_len frames (every --interval-th)
-    stride: int = 0                       # frames between window starts (0: clip_len x interval, side by side)
+    clip_len: int = 0                     # > 0: one feature row per window of clip_len frames (every --frame-interval-th)
+    stride: int = 0                       # frames between window starts (0: clip_len x frame interval, side by side)
     chunk: int = 64                       # videos per part file under <out>/parts: the unit a rerun skips
 
 
@@ -54,7 +56,11 @@ class ExtractConfig:
 EXTRACT_FIELDS = {"recipe", "preset", "model", "init", "out", "video_root", "sampling", "frames", "frame_interval", "crop",
                   "short_side", "test_short_side", "test_clips", "test_crops", "window", "eval_batch_size",
                   "workers", "precision", "dist_timeout"}
-FEATURE_FORMAT = 1
+FEATURE_FORMAT = 2
+# The barriers after unequal work (each rank's share of the chunks, then rank 0's merge) wait on a gloo group
+# of their own with this timeout: they can outlast --dist-timeout by hours on a large list, while the
+# collectives of equal work keep --dist-timeout. (torchrun stops the others when a process dies.)
+WORK_TIMEOUT = datetime.timedelta(days=2)
 
 
 class WindowSampling:
@@ -110,26 +116,35 @@ def feature_settings(cfg: FinetuneConfig, xcfg: ExtractConfig) -> dict:
     list or view never reuses old parts."""
     init = cfg.init or "scratch"
     return {"format": FEATURE_FORMAT, "init": os.path.abspath(init) if init != "scratch" else init,
-            "init_digest": _file_digest(init) if init != "scratch" else "", "list": os.path.abspath(xcfg.list),
-            "list_digest": _file_digest(xcfg.list), "root": os.path.abspath(cfg.video_root), "model": cfg.model,
-            "window": list(cfg.window), "sampling": cfg.sampling, "frames": cfg.frames, "interval": cfg.frame_interval,
+            "init_digest": _file_digest(init) if init != "scratch" else "", "video_list": os.path.abspath(xcfg.video_list),
+            "list_digest": _file_digest(xcfg.video_list), "video_root": os.path.abspath(cfg.video_root),
+            "model": cfg.model, "window": list(cfg.window), "sampling": cfg.sampling, "frames": cfg.frames,
+            "frame_interval": cfg.frame_interval,
             "crop": cfg.crop, "short_side": cfg.short_side, "test_short_side": cfg.test_short_side,
             "test_clips": cfg.test_clips, "test_crops": cfg.test_crops, "views": xcfg.views,
             "clip_len": xcfg.clip_len, "stride": xcfg.stride, "precision": cfg.precision}
+
+
+def describe_frozen(report, path: str) -> str:
+    """LoadReport.describe for a model used as it is, never trained: the classifier head is not listed
+    (features do not use it; predict checks it separately) and what is missing stays random."""
+    missing = [k for k in report.missing if not k.startswith("head.")]
+    text = report._replace(missing=missing).describe(path)
+    return text.replace(f"missing ({len(missing)}, trained from scratch)", f"missing ({len(missing)}, left random)")
 
 
 def frozen_encoder(cfg: FinetuneConfig, log_fn=print) -> VideoClassifier:
     """The encoder of --init (any kind load_pretrained reads), frozen: eval mode, no gradients."""
     model = finetune.build_model(cfg, num_classes=1)                  # the head is never used for features
     if cfg.init and cfg.init != "scratch":
-        log_fn(finetune.load_pretrained(model, cfg.init, cfg.model).describe(cfg.init))
+        log_fn(describe_frozen(finetune.load_pretrained(model, cfg.init, cfg.model), cfg.init))
     else:
         log_fn("init: scratch (random weights)")
     return model.eval().requires_grad_(False)
 
 
 def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, progress: bool = True) -> dict:
-    """Features of every video of xcfg.list into cfg.out; returns meta.json's contents.
+    """Features of every video of --video-list into --out; returns meta.json's contents.
 
     Writes features.npy (rows, 8C) float32, index.tsv (row, path, label, views,
     start frame), bad.txt (files that could not be decoded, with the reason)
@@ -140,8 +155,9 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
     Rank 0 merges the parts. The encoder runs on batches of --eval-batch-size
     views gathered across videos.
     """
-    if not xcfg.list or not cfg.video_root or not cfg.out:
-        raise ValueError("extract needs --list (the videos), --video-root (their folder) and --out (the output folder)")
+    if not xcfg.video_list or not cfg.video_root or not cfg.out:
+        raise ValueError("extract needs --video-list (the videos), --video-root (their folder) and --out (the "
+                         "output folder)")
     if xcfg.views not in ("centre", "test"):
         raise ValueError(f"--views must be centre or test, got {xcfg.views!r}")
     if xcfg.clip_len < 0 or xcfg.stride < 0 or xcfg.chunk < 1:
@@ -164,10 +180,11 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
             log_fn(f"extract: {cfg.out} is complete for these settings ({meta['rows']} rows); nothing to do")
             return meta
     t0 = time.time()
-    listed = data.read_annotations(xcfg.list, cfg.video_root)                  # [(path, label)]
+    listed = data.read_annotations(xcfg.video_list, cfg.video_root)   # [(path, label)]
     rows = [(i, str(p)) for i, (p, _) in enumerate(listed)]
     labels = [label for _, label in listed]
     parts_dir = os.path.join(cfg.out, "parts", key)
+    work = work_group(ddp)                                    # all ranks, before any unequal work
     if rank == 0:
         remove_partials(cfg.out)                              # a killed run's; no rank writes before the barrier
         os.makedirs(parts_dir, exist_ok=True)
@@ -175,7 +192,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
             if old != key:
                 shutil.rmtree(os.path.join(cfg.out, "parts", old), ignore_errors=True)
     if ddp:
-        dist.barrier()
+        dist.barrier(group=work)                                  # rank 0 has cleaned up (stale parts: any size)
 
     # --- what one sample is: frames -> views (V, 3, T, c, c)
     interval = cfg.frame_interval if cfg.sampling == "dense" else 1
@@ -200,7 +217,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=sum(len(chunks[k]) for k in mine), desc="extract", dynamic_ncols=True, file=sys.stdout)
+        bar = tqdm(total=sum(len(chunks[k]) for k in mine), desc="extract", dynamic_ncols=True, file=sys.stderr)
     with torch.no_grad():
         for k in mine:
             ds = _EveryVideo(chunks[k], sampling, transform, threads)
@@ -250,18 +267,23 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
     if bar is not None:
         bar.close()
     if ddp:
-        dist.barrier()                                            # every rank's parts are written
+        dist.barrier(group=work)                                  # every rank's parts are written (unequal work)
     meta = None
     if rank == 0:
         meta = _merge_parts(cfg, xcfg, settings, key, rows, labels, len(chunks), parts_dir, time.time() - t0)
         log_fn(f"extract: {meta['rows']} feature rows of dim {meta['dim']} from {meta['videos']} videos "
                f"({meta['bad']} unreadable, listed in bad.txt) -> {cfg.out} in {meta['seconds']:.0f} s")
     if ddp:
-        dist.barrier()
+        dist.barrier(group=work)                                  # rank 0 has merged (work of its own)
     if rank == 0:
         return meta
     with open(meta_path) as f:
         return json.load(f)
+
+
+def work_group(ddp: bool):
+    """The process group of the barriers after unequal work: gloo (a CPU barrier beside NCCL), WORK_TIMEOUT."""
+    return dist.new_group(backend="gloo", timeout=WORK_TIMEOUT) if ddp else None
 
 
 PARTIAL = re.compile(r"(?:features\.npy|index\.tsv|bad\.txt|meta\.json|part_\d+\.pt)\.tmp-(\d+)")
@@ -346,7 +368,18 @@ def tool_parser(prog: str, doc: str, fields: Optional[set], extra: tuple) -> arg
     dataclasses in `extra` ((dataclass, choices) pairs)."""
     ap = train.Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if fields:
-        train.add_dataclass_flags(ap, FinetuneConfig, finetune.CHOICES, only=fields)
+        own = {"video_root", "frame_interval", "out"}                          # named here: the table's names, the tool's meaning
+        train.add_dataclass_flags(ap, FinetuneConfig, finetune.CHOICES, only=set(fields) - own)
+        if ROOT in fields:
+            ap.add_argument("--video-root", dest=ROOT, metavar="DIR", default=None,
+                            help="the folder the list's paths are relative to")
+        if INTERVAL in fields:
+            ap.add_argument("--frame-interval", dest=INTERVAL, metavar="N", type=int, default=None,
+                            help="take every N-th frame, dense sampling (default: the recipe's; k400 2, "
+                                 "--preset cpu 4)")
+        if "out" in fields:
+            ap.add_argument("--out", metavar="DIR", default=None, help="the output folder: features.npy, "
+                            "index.tsv, bad.txt, meta.json and parts/ (required)")
     for cls, choices in extra:
         train.add_dataclass_flags(ap, cls, choices)
     return ap
@@ -373,8 +406,12 @@ def run(cfg: FinetuneConfig, xcfg: ExtractConfig) -> dict:
     return meta
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return tool_parser("extract.py", __doc__, EXTRACT_FIELDS, ((ExtractConfig, {"views": ("centre", "test")}),))
+
+
 def main(argv=None) -> dict:
-    ap = tool_parser("extract.py", __doc__, EXTRACT_FIELDS, ((ExtractConfig, {"views": ("centre", "test")}),))
+    ap = build_parser()
     args, xcfg = split_flags(vars(ap.parse_args(argv)), ExtractConfig)
     if args.get("out") is None:
         ap.error("extract needs --out DIR (where features.npy, index.tsv, bad.txt and meta.json go)")

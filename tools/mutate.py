@@ -347,8 +347,8 @@ def run_tests(workdir: str, selection: list) -> tuple:
     return r.returncode, (failed[0] if failed else ""), time.time() - t0, r.stdout[-3000:] + r.stderr[-2000:]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mutate.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", help="mutations to run (default: all)")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     ap.add_argument("--check", action="store_true", help="only check that every edit applies exactly once")
@@ -356,7 +356,11 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary copies (for debugging)")
     ap.add_argument("--without-golden", action="store_true",
                     help="leave tests/test_golden.py out of every selection (what the suite caught before it)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     names = [m.name for m in MUTATIONS]
     if len(set(names)) != len(names):

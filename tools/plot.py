@@ -1,12 +1,15 @@
 """Training curves of runs, drawn from their metrics.jsonl (Pillow and numpy only).
 
     python tools/plot.py runs/bevt/joint                       # -> runs/bevt/joint/curves.png
-    python tools/plot.py runs/cpu/image runs/cpu/joint --out cmp.png [--smooth 20]
+    python tools/plot.py runs/bevt                             # a run root: each stage folder's curves.png
+    python tools/plot.py runs/cpu/image runs/cpu/joint --out-file cmp.png [--smooth 20]
 
 train.py and finetune.py write metrics.jsonl and print the first command at the end of a run,
 as TensorBoard is pointed at a log folder. One run folder: its curves.png, titled from its
 config.json (a pretraining stage or a finetuning task), smoothed over 20 steps or 1/300 of
-the steps logged when that is more. Several folders: one picture comparing them (--out).
+the steps logged when that is more. A run root (train.py's or finetune.py's --out): the same
+for each stage or task folder under it that holds a metrics.jsonl. Several folders: one
+picture comparing them (--out-file).
 
 One PNG, panels on a shared step axis: loss (total and per stream), masked-token
 accuracy per stream with its two "chance" baselines (the end-of-run `baselines` row),
@@ -550,13 +553,27 @@ def _vertical_text(img, s: str, font, x: float, y_mid: float, fill=(40, 40, 40))
     img.paste(fill, (int(x), top, int(x) + mask.size[0], top + mask.size[1]), mask)
 
 
+STAGE_ORDER = ("image", "video", "joint")     # a pretraining run root's folders, in the order they run
+
+
+def run_folders(path: str) -> list:
+    """The run folders `path` names: itself if it holds a metrics.jsonl, else the folders under it that do
+    (a run root: train.py's <out>/<stage>, finetune.py's <out>/<task>), pretraining stages in their order."""
+    if os.path.isfile(os.path.join(path, "metrics.jsonl")) or not os.path.isdir(path):
+        return [path]
+    found = sorted((d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "metrics.jsonl"))),
+                   key=lambda d: (STAGE_ORDER.index(d) if d in STAGE_ORDER else len(STAGE_ORDER), d))
+    return [os.path.join(path, d) for d in found] or [path]      # none: plot_runs names the folder
+
+
 def plot_runs(run_dirs: list, out: str, smooth: int = 20, title: str = "", baselines: Optional[dict] = None) -> dict:
     """Read <dir>/metrics.jsonl of each run folder and draw them together into `out`."""
     runs = {}
     for d in run_dirs:
         path = os.path.join(d, "metrics.jsonl")
         if not os.path.isfile(path):
-            raise ValueError(f"{d}: no metrics.jsonl there; expected the folder of a run, e.g. runs/bevt/joint")
+            raise ValueError(f"{d}: no metrics.jsonl there nor in a folder under it; expected a run folder "
+                             f"(e.g. runs/bevt/joint) or a run root (e.g. runs/bevt)")
         name = os.path.normpath(d)
         k = 2
         while name in runs:                                      # the same folder twice: keep both
@@ -591,28 +608,41 @@ def run_title(run_dir: str) -> str:
     return f"finetune {os.path.basename(os.path.normpath(run_dir))}, {cfg.get('model')} ({run_dir})"
 
 
-def main(argv=None) -> dict:
-    """`python tools/plot.py RUN_DIR [RUN_DIR ...] [--out cmp.png] [--smooth N] [--title T]`."""
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n")[0])
-    ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folder holding a metrics.jsonl, "
-                    "e.g. runs/bevt/joint; several are overlaid in distinct colours")
-    ap.add_argument("--out", help="the PNG to write, atomically (default: RUN_DIR/curves.png; needed for several)")
+    ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run folder holding a metrics.jsonl "
+                    "(e.g. runs/bevt/joint) or a run root (e.g. runs/bevt: each stage or task folder under it); "
+                    "with --out-file, all of them overlaid in distinct colours")
+    ap.add_argument("--out-file", metavar="PNG", help="one picture comparing every run, written atomically "
+                    "(default: each run folder's own curves.png; needed to compare runs named separately)")
     ap.add_argument("--smooth", type=int, help="trailing mean over this many steps for the noisy series "
                     "(1 = no smoothing; default 20, or 1/300 of the steps logged for one run folder)")
     ap.add_argument("--title", default="", help="title of the picture (default: the run's stage or task)")
+    return ap
+
+
+def main(argv=None) -> list:
+    """`python tools/plot.py RUN_DIR [RUN_DIR ...] [--out-file cmp.png] [--smooth N] [--title T]`: the records
+    of the pictures written (one per run folder without --out-file, else one)."""
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.smooth is not None and a.smooth < 1:
         ap.error(f"--smooth must be >= 1, got {a.smooth}")
-    if a.out is None and len(a.run_dirs) > 1:
-        ap.error("--out is needed to compare several runs")
-    record = run_cli("plot.py", draw_runs, a.run_dirs, a.out, a.smooth, a.title)
-    print(f"wrote {record['path']}: {len(record['panels'])} panels ({', '.join(p['title'] for p in record['panels'])}),"
-          f" {len(a.run_dirs)} run(s)")
-    return record
+    if a.out_file is None and len(a.run_dirs) > 1:
+        ap.error("--out-file is needed to compare several runs")
+    folders = [f for d in a.run_dirs for f in run_folders(d)]
+    jobs = [([f], None) for f in folders] if a.out_file is None else [(folders, a.out_file)]
+    records = []
+    for dirs, out in jobs:
+        record = run_cli("plot.py", draw_runs, dirs, out, a.smooth, a.title)
+        print(f"wrote {record['path']}: {len(record['panels'])} panels "
+              f"({', '.join(p['title'] for p in record['panels'])}), {len(dirs)} run(s)")
+        records.append(record)
+    return records
 
 
 def draw_runs(run_dirs: list, out: Optional[str], smooth: Optional[int], title: str) -> dict:
-    """One folder without --out: its own curves.png, as the trainers drew it; else plot_runs into `out`."""
+    """One folder without --out-file: its own curves.png, as the trainers drew it; else plot_runs into `out`."""
     if out is None:
         run_dir = run_dirs[0]
         out = os.path.join(run_dir, "curves.png")

@@ -8,6 +8,7 @@ An unreadable video is reported on stderr and the others are still predicted (ex
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -34,9 +35,9 @@ class PredictConfig:
 
 
 # The FinetuneConfig fields predict reads; the view settings default to those the checkpoint was finetuned with.
-PREDICT_FIELDS = {"recipe", "preset", "model", "init", "sampling", "frames", "frame_interval", "crop", "test_short_side",
-                  "test_clips", "test_crops", "window", "eval_batch_size", "precision"}
-VIEW_FIELDS = ("model", "sampling", "frames", "frame_interval", "crop", "test_short_side", "test_clips", "test_crops",
+PREDICT_FIELDS = {"recipe", "preset", "model", "init", "sampling", "frames", extract.INTERVAL, "crop",
+                  "test_short_side", "test_clips", "test_crops", "window", "eval_batch_size", "precision"}
+VIEW_FIELDS = ("model", "sampling", "frames", extract.INTERVAL, "crop", "test_short_side", "test_clips", "test_crops",
                "window")
 
 
@@ -63,7 +64,7 @@ def load_classifier(args: dict, log_fn=print) -> tuple[VideoClassifier, Finetune
     if not num_classes or "head.weight" not in report.loaded:
         raise ValueError(f"--init {init} holds no classifier head ({report.kind}); predict needs a finetuned "
                          f"checkpoint")
-    log_fn(report.describe(init))
+    log_fn(extract.describe_frozen(report, init))
     classes = ck.get("classes") if isinstance(ck, dict) else None
     return model.eval().requires_grad_(False), cfg, classes
 
@@ -71,7 +72,7 @@ def load_classifier(args: dict, log_fn=print) -> tuple[VideoClassifier, Finetune
 def predict_video(model: VideoClassifier, cfg: FinetuneConfig, path: str, device, bf16: bool) -> tuple[torch.Tensor, int]:
     """One video file -> (class probabilities (K,), views): softmax averaged over the recipe's
     test views (clips x crops, as finetune.py's test evaluation). Raises data.BadMedia."""
-    interval = cfg.frame_interval if cfg.sampling == "dense" else 1
+    interval = getattr(cfg, extract.INTERVAL) if cfg.sampling == "dense" else 1
     sampling = data.FrameSampling(cfg.frames, interval, cfg.sampling, num_clips=cfg.test_clips, test_mode=True)
     transform = data.FinetuneClipTransform("test", cfg.crop, cfg.short_side, cfg.test_short_side, cfg.test_crops)
     frames, _, _ = data.read_video(path, sampling)                          # (clips, T, H, W, 3)
@@ -128,10 +129,15 @@ def run(args: dict, pcfg: PredictConfig, videos: list) -> list:
     return out
 
 
-def main(argv=None) -> list:
+def build_parser() -> argparse.ArgumentParser:
     ap = extract.tool_parser("predict.py", __doc__, PREDICT_FIELDS, ((PredictConfig, {}),))
-    ap.add_argument("--video", nargs="+", required=True, help="video files")
-    args = vars(ap.parse_args(argv))
+    ap.add_argument("--video", nargs="+", required=True, metavar="FILE", help="video files (any container FFmpeg "
+                    "reads)")
+    return ap
+
+
+def main(argv=None) -> list:
+    args = vars(build_parser().parse_args(argv))
     videos = args.pop("video")
     args, pcfg = extract.split_flags(args, PredictConfig)
     return train.run_cli("predict.py", run, args, pcfg, videos)

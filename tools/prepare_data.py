@@ -9,10 +9,10 @@ data.py's loaders read. One subcommand each:
     check    a list -> the files that are missing or that data.read_video cannot use,
              and the count against the official split size
 
-    python tools/prepare_data.py lists {k400,ssv2,diving48} --ann OFFICIAL_FILE --out LIST [--root DIR]
-    python tools/prepare_data.py lists images --root IMAGE_FOLDER --out LIST
-    python tools/prepare_data.py resize --src DIR --dst DIR --short-side 256 [--workers N]
-    python tools/prepare_data.py check --ann LIST --root DIR [--official k400-val | --expect N] [--quick]
+    python tools/prepare_data.py lists {k400,ssv2,diving48} --official-ann FILE --out-file LIST [--video-root DIR]
+    python tools/prepare_data.py lists images --image-root IMAGE_FOLDER --out-file LIST
+    python tools/prepare_data.py resize --video-root DIR --out DIR --short-side 256 [--workers N]
+    python tools/prepare_data.py check --video-list LIST --video-root DIR [--official k400-val | --expect N] [--quick]
 """
 from __future__ import annotations
 
@@ -346,7 +346,7 @@ def write_list(rows: list, out: data.PathLike, root: Optional[data.PathLike] = N
             (kept if (root / rel).is_file() else missing).append((rel, label))
         if not kept:
             raise ValueError(f"expected the listed videos under {root} (e.g. {root / rows[0][0]}), got none of "
-                             f"the {len(rows):,}: check --root, --layout, --prefix and --ext")
+                             f"the {len(rows):,}: check --video-root, --layout, --prefix and --ext")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, _list_bytes(kept))
     left_out = out.with_name(out.name + ".missing.txt")
@@ -392,10 +392,10 @@ def make_lists(dataset: str, ann: data.PathLike, out: data.PathLike, classes: Op
 
 # ---- resize: a video tree -> the same tree at short side N (PyAV, parallel processes)
 #
-# Every video under --src (or every file of --ann) is decoded and encoded again
+# Every video under --video-root (or every file of --video-list) is decoded and encoded again
 # with libx264 (CRF 23, preset medium: FFmpeg's defaults, which the common
 # resize scripts run, e.g. mmaction2's tools/data/resize_videos.py) into
-# <dst>/<same relative path>.mp4, video only. The short side becomes N and the
+# <out>/<same relative path>.mp4, video only. The short side becomes N and the
 # long side keeps the aspect ratio, rounded to the nearest even number
 # (FFmpeg's scale=-2:N; yuv420p needs even sizes), bicubic (FFmpeg's default).
 # Frame rate, time base and timestamps are kept, so frame i of the output is
@@ -433,7 +433,7 @@ class ResizeJob:
     """One source video and what to do with it (picklable: it travels to a worker process)."""
     src: str
     dst: str
-    rel: str                 # the source's path relative to --src (what the failure list names)
+    rel: str                 # the source's path relative to --video-root (what the failure list names)
     short: int
     small: str = "keep"
     crf: int = 23
@@ -759,24 +759,26 @@ file naming (see the conventions at the top of this file):
   ssv2      <id>.webm (20BN archive); --ext .mp4 after converting
   diving48  <vid_name>.mp4 (rgb/ of Diving48_rgb.tar.gz)
 examples:
-  python tools/prepare_data.py lists k400 --ann k400/annotations/train.csv --out lists/k400_train.txt --prefix train
-  python tools/prepare_data.py lists k400 --ann k400/annotations/val.csv --out lists/k400_val.txt --prefix val
-  python tools/prepare_data.py lists ssv2 --ann ssv2/something-something-v2-train.json \\
-      --labels ssv2/something-something-v2-labels.json --out lists/ssv2_train.txt
-  python tools/prepare_data.py resize --src k400 --dst k400_256 --short-side 256 --workers 16
-  python tools/prepare_data.py check --ann lists/k400_val.txt --root k400_256 --official k400-val --quick
+  python tools/prepare_data.py lists k400 --official-ann k400/annotations/train.csv \\
+      --out-file lists/k400_train.txt --prefix train
+  python tools/prepare_data.py lists k400 --official-ann k400/annotations/val.csv \\
+      --out-file lists/k400_val.txt --prefix val
+  python tools/prepare_data.py lists ssv2 --official-ann ssv2/something-something-v2-train.json \\
+      --official-classes ssv2/something-something-v2-labels.json --out-file lists/ssv2_train.txt
+  python tools/prepare_data.py resize --video-root k400 --out k400_256 --short-side 256 --workers 16
+  python tools/prepare_data.py check --video-list lists/k400_val.txt --video-root k400_256 --official k400-val --quick
 """
 
 
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="every file of an annotation list: missing or unreadable; the count against "
                                      "an official split size",
                        epilog="official sizes: " + ", ".join(f"{k} {v:,}" for k, v in OFFICIAL_SIZES.items()))
-    c.add_argument("--ann", required=True, help="the list (`relative/path label` per line)")
-    c.add_argument("--root", required=True, help="the folder the list's paths are relative to")
+    c.add_argument("--video-list", required=True, metavar="LIST", help="the list (`relative/path label` per line)")
+    c.add_argument("--video-root", required=True, metavar="DIR", help="the folder the list's paths are relative to")
     size = c.add_mutually_exclusive_group()
     size.add_argument("--official", choices=sorted(OFFICIAL_SIZES), help="compare the count with this split's size")
     size.add_argument("--expect", type=int, help="compare the count with this number")
@@ -795,58 +797,64 @@ def parser() -> argparse.ArgumentParser:
     }
     images = which.add_parser("images", help="an image folder tree root/<class>/<image> (ImageNet): "
                                              "the list train.py --image-list reads")
-    images.add_argument("--root", required=True, help="the image folder (root/<class>/<image>)")
-    images.add_argument("--out", required=True, help="the list to write (class names: <out>.classes.txt)")
+    images.add_argument("--image-root", required=True, metavar="DIR", help="the image folder (root/<class>/<image>)")
+    images.add_argument("--out-file", required=True, metavar="LIST", help="the list to write (class names: "
+                        "<list>.classes.txt)")
     for name, p in sets.items():
-        p.add_argument("--ann", required=True, help="the official annotation file")
-        p.add_argument("--out", required=True, help="the list to write")
+        p.add_argument("--official-ann", required=True, metavar="FILE", help="the official annotation file")
+        p.add_argument("--out-file", required=True, metavar="LIST", help="the list to write")
         p.add_argument("--classes", help=f"the class-name file (default: <out folder>/{name}_classes.txt)"
                        + ("; read if it exists, else written from a training CSV (make the training list "
                           "first: a val/test CSV is refused without it)" if name == "k400" else ""))
         p.add_argument("--ext", help=f"the videos' extension (default {LIST_EXTS[name]})")
         p.add_argument("--prefix", default="", help="a folder in front of every path (e.g. train)")
-        p.add_argument("--root", help="keep only the rows whose file is under this folder; the others go to "
-                                      "<out>.missing.txt")
+        p.add_argument("--video-root", metavar="DIR", help="keep only the rows whose file is under this folder; "
+                                                          "the others go to <list>.missing.txt")
     sets["k400"].add_argument("--layout", choices=list(K400_LAYOUTS), default="flat",
                               help="flat: <name> (CVDF); class: <label>/<name> (ActivityNet download.py); "
                                    "class-underscore: <label_with_underscores>/<name> (mmaction2)")
-    sets["ssv2"].add_argument("--labels", required=True, help="something-something-v2-labels.json")
-    sets["diving48"].add_argument("--vocab", required=True, help="Diving48_vocab.json")
+    sets["ssv2"].add_argument("--official-classes", required=True, metavar="FILE",
+                              help="the official class names: something-something-v2-labels.json")
+    sets["diving48"].add_argument("--official-classes", required=True, metavar="FILE",
+                                  help="the official class names: Diving48_vocab.json")
 
     r = sub.add_parser("resize", help="re-encode videos to a short side (H.264 mp4, video only; parallel; "
                                       "resumable; failures listed)")
-    r.add_argument("--src", required=True, help="the folder of source videos")
-    r.add_argument("--dst", required=True, help="the output folder (the same tree, .mp4)")
+    r.add_argument("--video-root", required=True, metavar="DIR", help="the folder of source videos")
+    r.add_argument("--out", required=True, metavar="DIR", help="the output folder (the same tree, .mp4)")
     r.add_argument("--short-side", type=int, required=True, help="pixels; K400 practice: 256 or 320")
     r.add_argument("--workers", type=int, default=1, help="processes (each encodes one video at a time)")
-    r.add_argument("--ann", help="only the files of this list (paths relative to --src)")
+    r.add_argument("--video-list", metavar="LIST", help="only the files of this list (paths relative to --video-root)")
     r.add_argument("--small", choices=RESIZE_SMALL, default="keep",
                    help="videos whose short side is already <= N: keep (copy the video stream), encode "
                         "(at their own size) or upscale")
     r.add_argument("--ext", default=".mp4", help="output container: .mp4, .mkv or .mov")
     r.add_argument("--crf", type=int, default=23, help="x264 quality (FFmpeg's default 23)")
-    r.add_argument("--preset", default="medium", help="x264 preset (FFmpeg's default medium)")
+    r.add_argument("--x264-preset", default="medium", help="x264 preset: ultrafast ... veryslow (FFmpeg's "
+                   "default medium)")
     r.add_argument("--gop", type=int, default=0, help="keyframe interval (0: x264's 250)")
     r.add_argument("--threads", type=int, default=1, help="decoder/encoder threads per worker")
-    r.add_argument("--failures", help=f"where to list the failures (default <dst>/{RESIZE_FAILURES})")
+    r.add_argument("--failures", metavar="FILE", help=f"where to list the failures (default "
+                   f"<out>/{RESIZE_FAILURES})")
     r.set_defaults(run=run_resize)
     return ap
 
 
 def run_lists(args) -> int:
     if args.dataset == "images":
-        print(images_list(args.root, args.out))
+        print(images_list(args.image_root, args.out_file))
         return 0
-    print(make_lists(args.dataset, args.ann, args.out, classes=args.classes, ext=args.ext, prefix=args.prefix,
-                     root=args.root, layout=getattr(args, "layout", "flat"),
-                     labels=getattr(args, "labels", None), vocab=getattr(args, "vocab", None)))
+    official = {"ssv2": "labels", "diving48": "vocab"}.get(args.dataset)
+    print(make_lists(args.dataset, args.official_ann, args.out_file, classes=args.classes, ext=args.ext,
+                     prefix=args.prefix, root=args.video_root, layout=getattr(args, "layout", "flat"),
+                     **({official: args.official_classes} if official else {})))
     return 0
 
 
 def run_resize(args) -> int:
-    counts, failed, where = resize_videos(args.src, args.dst, args.short_side, workers=args.workers,
-                                          ann=args.ann, small=args.small, ext=args.ext, crf=args.crf,
-                                          preset=args.preset, gop=args.gop, threads=args.threads,
+    counts, failed, where = resize_videos(args.video_root, args.out, args.short_side, workers=args.workers,
+                                          ann=args.video_list, small=args.small, ext=args.ext, crf=args.crf,
+                                          preset=args.x264_preset, gop=args.gop, threads=args.threads,
                                           failures=args.failures)
     for rel, why in failed[:20]:
         print(f"FAILED {rel}: {why}")
@@ -858,7 +866,7 @@ def run_resize(args) -> int:
 
 
 def run_check(args) -> int:
-    report = check_files(args.ann, args.root, quick=args.quick)
+    report = check_files(args.video_list, args.video_root, quick=args.quick)
     for path in report.missing:
         print(f"MISSING {path}")
     for path, reason in report.bad:
@@ -871,7 +879,7 @@ def run_check(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Exit 0 when all went well, 1 when files failed (listed), 2 on a user error (one line)."""
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     sys.exit(train.run_cli("prepare_data.py", args.run, args))
 
 

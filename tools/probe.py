@@ -10,6 +10,7 @@ each neighbour's vote weighted by exp(similarity / 0.07)). Neither touches the e
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -36,7 +37,7 @@ class ProbeConfig:
     batch_size: int = 256                 # linear probe: features per step
     k: int = 20                           # k-NN: neighbours (DINO: 20)
     temperature: float = 0.07             # k-NN: vote weight exp(cosine / T) (DINO: 0.07)
-    seed: int = 0
+    seed: int = 0                         # linear probe: initialisation and batch order
     json: bool = False                    # print the results as one JSON line
 
 
@@ -127,8 +128,20 @@ def load_features(folder: str) -> dict:
     return extract.load_features(folder)
 
 
+def check_distinct(train_f: dict, val_f: dict, pcfg: ProbeConfig) -> None:
+    """A probe measured on its own training features says nothing: refuse one folder, or the same features, twice."""
+    same = os.path.realpath(pcfg.train_features) == os.path.realpath(pcfg.val_features)
+    key = train_f["meta"].get("key")
+    if same or key and key == val_f["meta"].get("key"):
+        what = "are the same folder" if same else "hold the same features (one list, one checkpoint, one setting)"
+        raise ValueError(f"--train-features {pcfg.train_features} and --val-features {pcfg.val_features} {what}; "
+                         f"extract the validation list into a folder of its own")
+
+
 def run(pcfg: ProbeConfig) -> dict:
-    res = probe_features(load_features(pcfg.train_features), load_features(pcfg.val_features), pcfg)
+    train_f, val_f = load_features(pcfg.train_features), load_features(pcfg.val_features)
+    check_distinct(train_f, val_f, pcfg)
+    res = probe_features(train_f, val_f, pcfg)
     if pcfg.json:
         print(json.dumps(res))
     else:
@@ -138,8 +151,12 @@ def run(pcfg: ProbeConfig) -> dict:
     return res
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return extract.tool_parser("probe.py", __doc__, None, ((ProbeConfig, {}),))
+
+
 def main(argv=None) -> dict:
-    ap = extract.tool_parser("probe.py", __doc__, None, ((ProbeConfig, {}),))
+    ap = build_parser()
     _, pcfg = extract.split_flags(vars(ap.parse_args(argv)), ProbeConfig)
     if not pcfg.train_features or not pcfg.val_features:
         ap.error("probe needs --train-features DIR and --val-features DIR (folders written by tools/extract.py)")

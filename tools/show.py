@@ -1,7 +1,7 @@
 """Pictures of what a pretrained BEVT predicts under a mask (bevt.py, paper §3 eqs. 2-4).
 
-    python tools/show.py --init runs/bevt/joint/final.pt --video clip.mp4 --out pred.png
-    python tools/show.py --init runs/bevt/image/final.pt --image photo.png --out pred.png
+    python tools/show.py --init runs/bevt/joint/final.pt --video clip.mp4 --out-file pred.png
+    python tools/show.py --init runs/bevt/image/final.pt --image photo.png --out-file pred.png
 
 One PNG; one column per shown frame (a few frames spread over the clip, or the
 image), six rows:
@@ -21,7 +21,7 @@ The title gives the masked-token accuracy over every masked cell of the clip
 (all T frames, not only the shown ones), the number the training log reports
 as acc_mvm / acc_mim. Shown frames of a clip come in pairs per mask time step:
 frames 2k and 2k+1 share one input mask (the tube's target mask repeats it, §3).
-Pillow only; written atomically (a temporary file renamed over --out).
+Pillow only; written atomically (a temporary file renamed over --out-file).
 """
 import argparse
 import os
@@ -146,9 +146,9 @@ def show(init: str, out: str, *, video: Optional[str] = None, image: Optional[st
         raise ValueError(f"expected exactly one of a video or an image, got video={video!r}, image={image!r}")
     out_path = os.path.abspath(out)
     if not out_path.lower().endswith(".png"):
-        raise ValueError(f"--out: expected a .png path, got {out!r}")
+        raise ValueError(f"--out-file: expected a .png path, got {out!r}")
     if not os.path.isdir(os.path.dirname(out_path)):
-        raise ValueError(f"--out {out}: its folder {os.path.dirname(out_path)} does not exist")
+        raise ValueError(f"--out-file {out}: its folder {os.path.dirname(out_path)} does not exist")
     bar = tqdm(total=6, desc="show", unit="step", disable=not progress, file=sys.stderr)
     try:
         return _show(bar, init, out_path, video, image, tokenizer, decoder, model, size, frames, frame_interval,
@@ -194,7 +194,7 @@ def _show(bar, init, out_path, video, image, tokenizer, decoder, model, size, fr
     ratio = mask_ratio or float(cfg.get("mask_ratio") or 0.5)
     pt = net.config.swin.patch_size[0]
     if size % tokenizer_mod.PATCH:
-        raise ValueError(f"--size: expected a multiple of {tokenizer_mod.PATCH} (one code per 16x16 px), got {size}")
+        raise ValueError(f"--crop: expected a multiple of {tokenizer_mod.PATCH} (one code per 16x16 px), got {size}")
     if video and (T < pt or T % pt):
         raise ValueError(f"--frames: expected a positive multiple of the temporal patch {pt}, got {T}")
     tok_path = tokenizer or cfg.get("tokenizer") or ""
@@ -270,7 +270,7 @@ def _show(bar, init, out_path, video, image, tokenizer, decoder, model, size, fr
     tmp = os.path.join(os.path.dirname(out_path), f".{os.path.basename(out_path)}.tmp-{os.getpid()}")
     try:
         img.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, out_path)                       # never a half-written picture under --out
+        os.replace(tmp, out_path)                       # never a half-written picture under --out-file
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -405,24 +405,24 @@ def _draw_show(title, lines, x, masked, codes, pred, dec_target, dec_pred, shown
     return img, tiles
 
 
-def main(argv=None) -> dict:
-    """`python tools/show.py ...`; user errors end in one line naming what was expected and what came, exit 2."""
-    s = ap = argparse.ArgumentParser(prog=PROG, description="Mask a video clip (tube mask) or an image (blockwise mask), run a pretrained "
-                       "BEVT and draw, for a few frames: the input, the masked input, the target and predicted "
-                       "code maps (each masked cell marked right or wrong), and both decoded back to pixels.")
+def build_parser() -> argparse.ArgumentParser:
+    s = argparse.ArgumentParser(prog=PROG, description="Mask a video clip (tube mask) or an image (blockwise mask), "
+                                "run a pretrained BEVT and draw, for a few frames: the input, the masked input, the "
+                                "target and predicted code maps (each masked cell marked right or wrong), and both "
+                                "decoded back to pixels.")
     s.add_argument("--init", required=True, metavar="CKPT", help="a BEVT pretraining checkpoint: train.py's "
                    "final.pt / ckpt.pt (its config supplies the defaults below) or the released one")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", metavar="FILE", help="a video file (any container FFmpeg reads)")
     src.add_argument("--image", metavar="FILE", help="an image file (png, jpg, ...): the image stream")
-    s.add_argument("--out", required=True, metavar="PNG", help="the picture to write (atomically)")
+    s.add_argument("--out-file", required=True, metavar="PNG", help="the picture to write (atomically)")
     s.add_argument("--tokenizer", default="", metavar="FILE", help="the tokenizer the model was trained with "
                    "(default: the checkpoint's; for the CPU preset <data>/tokenizer_<vocab>.pt)")
     s.add_argument("--decoder", default="", metavar="FILE", help="DALL-E only: decoder.pkl or its converted .pt "
                    "(python tools/tokenizer_tool.py convert ...), to draw codes as pixels")
     s.add_argument("--model", default="", choices=("",) + tuple(swin3d.PRESETS),
                    help="Swin preset (default: the checkpoint's, else base)")
-    s.add_argument("--size", type=int, default=0, help="crop size in px, a multiple of 16 (default: the checkpoint's "
+    s.add_argument("--crop", type=int, default=0, help="crop size in px, a multiple of 16 (default: the checkpoint's "
                    "crop, else 224)")
     s.add_argument("--frames", type=int, default=0, help="clip length T (default: the checkpoint's, else 16)")
     s.add_argument("--frame-interval", type=int, default=0, help="frame step (default: the checkpoint's, else 8)")
@@ -434,8 +434,14 @@ def main(argv=None) -> dict:
     s.add_argument("--columns", type=int, default=4, help="frames shown, spread over the clip (default 4)")
     s.add_argument("--scale", type=int, default=0, help="display px per input px (default: about 200 px per frame)")
     s.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    return s
+
+
+def main(argv=None) -> dict:
+    """`python tools/show.py ...`; user errors end in one line naming what was expected and what came, exit 2."""
+    ap = build_parser()
     a = ap.parse_args(argv)
-    for name in ("size", "frames", "frame_interval", "scale"):
+    for name in ("crop", "frames", "frame_interval", "scale"):
         if getattr(a, name) < 0:
             ap.error(f"--{name.replace('_', '-')}: expected a positive integer (0 = default), got {getattr(a, name)}")
     if a.columns < 1:
@@ -443,7 +449,7 @@ def main(argv=None) -> dict:
     if not 0.0 <= a.mask_ratio < 1.0:
         ap.error(f"--mask-ratio: expected a number in (0, 1) (0 = default), got {a.mask_ratio}")
     record = train.run_cli(PROG, _show_cli, a)
-    print(f"wrote {a.out}: {len(record['shown'])} {'frames' if record['stream'] == 'video' else 'image'} x "
+    print(f"wrote {a.out_file}: {len(record['shown'])} {'frames' if record['stream'] == 'video' else 'image'} x "
           f"{len(record['rows'])} rows; masked-token accuracy {record['correct']}/{record['masked_count']} = "
           f"{100 * record['accuracy']:.1f}%" + "".join(f"\nnote: {n}" for n in record["notes"]))
     return record
@@ -451,8 +457,8 @@ def main(argv=None) -> dict:
 
 def _show_cli(a) -> dict:
     try:
-        return show(a.init, a.out, video=a.video, image=a.image, tokenizer=a.tokenizer, decoder=a.decoder,
-                    model=a.model, size=a.size, frames=a.frames, frame_interval=a.frame_interval,
+        return show(a.init, a.out_file, video=a.video, image=a.image, tokenizer=a.tokenizer, decoder=a.decoder,
+                    model=a.model, size=a.crop, frames=a.frames, frame_interval=a.frame_interval,
                     mask_strategy=a.mask_strategy, mask_ratio=a.mask_ratio, seed=a.seed, columns=a.columns,
                     scale=a.scale, device=a.device)
     except data.BadMedia as e:                        # an unreadable video or image: a user error too

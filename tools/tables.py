@@ -301,7 +301,7 @@ class Tables:
         for split in ("train", "val"):
             out = os.path.join(self.t.out, f"s{seed}", "features", _slug(row), split)
             argv = ["--preset", "cpu", "--init", init, "--video-root", vids, "--out", out,
-                    "--list", os.path.join(vids, f"{split}_appearance.txt")]
+                    "--video-list", os.path.join(vids, f"{split}_appearance.txt")]
             extract.main(argv + _only_flags(shlex.split(self.t.finetune_args), extract.EXTRACT_FIELDS))
             feats[split] = extract.load_features(out)
         for task, key in keys.items():

@@ -1,10 +1,10 @@
 """The tokenizer's commands: convert the published DALL-E pickles, fit the offline tokenizer, inspect a file.
 
-    python tools/tokenizer_tool.py convert --pkl encoder.pkl --out dalle_encoder.pt
+    python tools/tokenizer_tool.py convert --pkl encoder.pkl --out-file dalle_encoder.pt
         # once: the published pickle -> a plain state dict (weights_only=True loadable);
         # the same for decoder.pkl -> dalle_decoder.pt (prediction pictures, tools/decoders.py)
-    python tools/tokenizer_tool.py fit --data DIR --vocab 8192 --out tok.pt [--size 224 --seed 0
-                            --iters 20 --max-patches 200000 --init kmeans++ --device cpu]
+    python tools/tokenizer_tool.py fit --image-root DIR --vocab-size 8192 --out-file tok.pt [--crop 224
+                            --seed 0 --iters 20 --max-patches 200000 --kmeans-init kmeans++ --device cpu]
         # the offline tokenizer (tokenizer.OfflineTokenizer), from the images under DIR (recursively)
     python tools/tokenizer_tool.py info PATH
         # what a tokenizer file is and its vocabulary
@@ -59,7 +59,7 @@ def fit_from_dir(data, vocab_size: int, *, size: int = 224, seed: int = 0, iters
     """Fit the offline tokenizer on the images under `data`: each image gives an
     equal, seeded random share of the `max_patches` patches."""
     if size % tokenizer.PATCH:
-        raise ValueError(f"--size {size} is not a multiple of {tokenizer.PATCH}")
+        raise ValueError(f"--crop {size} is not a multiple of {tokenizer.PATCH}")
     files = list_images(data)
     per_image = max(1, math.ceil(max_patches / len(files)))
     g = torch.Generator().manual_seed(seed)
@@ -117,11 +117,12 @@ def convert(pkl, out) -> None:
 
 
 def fit(args) -> None:
-    tok = fit_from_dir(args.data, args.vocab, size=args.size, seed=args.seed, iters=args.iters,
-                       max_patches=args.max_patches, init=args.init, resample=args.resample,
+    tok = fit_from_dir(args.image_root, args.vocab_size, size=args.crop, seed=args.seed, iters=args.iters,
+                       max_patches=args.max_patches, init=args.kmeans_init, resample=args.resample,
                        device=args.device, verbose=not args.quiet)
-    tok.save(args.out)
-    print(f"wrote {args.out}: offline tokenizer, {tok.vocab_size} codes, fit mse {tok.config['fit_mse']:.5f} per value")
+    tok.save(args.out_file)
+    print(f"wrote {args.out_file}: offline tokenizer, {tok.vocab_size} codes, fit mse {tok.config['fit_mse']:.5f} "
+          f"per value")
 
 
 def info(path) -> None:
@@ -131,30 +132,37 @@ def info(path) -> None:
         print(f"config: {tok.config}")
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="encoder.pkl or decoder.pkl -> plain state dict (loads with weights_only=True)")
     c.add_argument("--pkl", required=True, help="the published DALL-E encoder.pkl (or decoder.pkl, for pictures)")
-    c.add_argument("--out", required=True, help="output .pt file")
+    c.add_argument("--out-file", required=True, metavar="PT", help="output .pt file")
     f = sub.add_parser("fit", help="fit the offline k-means tokenizer on a directory of images")
-    f.add_argument("--data", required=True, help="directory searched recursively for png/jpg images")
-    f.add_argument("--vocab", type=int, required=True, help="number of codes (8192 = DALL-E's)")
-    f.add_argument("--out", required=True, help="output .pt file")
-    f.add_argument("--size", type=int, default=224, help="crop size in pixels (multiple of 16)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--image-root", required=True, metavar="DIR", help="directory searched recursively for "
+                   "png/jpg images")
+    f.add_argument("--vocab-size", type=int, required=True, help="number of codes (8192 = DALL-E's)")
+    f.add_argument("--out-file", required=True, metavar="PT", help="output .pt file")
+    f.add_argument("--crop", type=int, default=224, help="crop size in pixels, a multiple of 16 (default 224)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the crops, patches and k-means (default 0)")
     f.add_argument("--iters", type=int, default=20, help="Lloyd iterations")
     f.add_argument("--max-patches", type=int, default=200_000, help="patches sampled for the fit")
-    f.add_argument("--init", choices=("kmeans++", "random"), default="kmeans++")
+    f.add_argument("--kmeans-init", choices=("kmeans++", "random"), default="kmeans++",
+                   help="how k-means picks its first centres (default kmeans++)")
     f.add_argument("--resample", choices=tokenizer.RESAMPLE_KINDS, default="pil",
                    help="Lanczos flavour for the 1/2 resize")
     f.add_argument("--device", default="cpu", help="where k-means runs (cuda for large vocabularies)")
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="what a tokenizer file holds")
-    i.add_argument("path")
-    args = ap.parse_args(argv)
+    i.add_argument("path", metavar="PATH", help="a tokenizer file: encoder.pkl, its converted .pt, an offline "
+                   "tokenizer or a folder holding encoder.pkl")
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.cmd == "convert":
-        train.run_cli(PROG, convert, args.pkl, args.out)
+        train.run_cli(PROG, convert, args.pkl, args.out_file)
     elif args.cmd == "fit":
         train.run_cli(PROG, fit, args)
     else:
