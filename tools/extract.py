@@ -368,13 +368,13 @@ def tool_parser(prog: str, doc: str, fields: Optional[set], extra: tuple) -> arg
     dataclasses in `extra` ((dataclass, choices) pairs)."""
     ap = train.Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if fields:
-        own = {"video_root", "frame_interval", "out"}                          # named here: the table's names, the tool's meaning
+        own = {"video_root", "frame_interval", "out"}          # named here: the table's names, the tool's meaning
         train.add_dataclass_flags(ap, FinetuneConfig, finetune.CHOICES, only=set(fields) - own)
-        if ROOT in fields:
-            ap.add_argument("--video-root", dest=ROOT, metavar="DIR", default=None,
+        if "video_root" in fields:
+            ap.add_argument("--video-root", dest="video_root", metavar="DIR", default=None,
                             help="the folder the list's paths are relative to")
-        if INTERVAL in fields:
-            ap.add_argument("--frame-interval", dest=INTERVAL, metavar="N", type=int, default=None,
+        if "frame_interval" in fields:
+            ap.add_argument("--frame-interval", dest="frame_interval", metavar="N", type=int, default=None,
                             help="take every N-th frame, dense sampling (default: the recipe's; k400 2, "
                                  "--preset cpu 4)")
         if "out" in fields:
