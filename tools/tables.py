@@ -51,9 +51,9 @@ class TablesConfig:
     tables: str = "1,2,8"                 # comma-separated subset of 1, 2, 8
     seeds: int = 3                        # seeds 0 .. seeds-1 (pretraining, finetuning and probe draws)
     out: str = "runs/tables"              # the runs: <out>/s<seed>/<pretraining>/<stage>, <out>/s<seed>/ft/...
-    results: str = ""                     # the cells (default <out>/tables.json); a rerun skips those there
-    chart: str = ""                       # mean +- std over seeds as bars (default <out>/tables.png)
-    data: str = ""                        # the synthetic set (default data/synthetic; python tools/synthetic.py)
+    results: str = ""                     # the cells, a rerun skipping those there (none: <out>/tables.json)
+    chart: str = ""                       # mean +- std over seeds as bars (none: <out>/tables.png)
+    data: str = ""                        # the synthetic set (none: data/synthetic; python tools/synthetic.py)
     only_seeds: str = ""                  # comma-separated subset of the seeds to run now (e.g. "1,3"), so two
                                           # processes can share the work; the tables report every seed on file
     rows: str = ""                        # comma-separated rows to run now (e.g. "bevt-i,tube"; default all)
@@ -487,9 +487,14 @@ def run(tcfg: TablesConfig, tables: tuple) -> dict:
     return runner.cells
 
 
-def main(argv=None) -> dict:
+def build_parser():
     ap = extract.tool_parser("tables.py", __doc__, None, ((TablesConfig, {}),))
     ap.add_argument("--preset", choices=("cpu",), default="cpu", help="the only scale this runs at (default cpu)")
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = build_parser()
     args = vars(ap.parse_args(argv))
     args.pop("preset")
     _, tcfg = extract.split_flags(args, TablesConfig)
