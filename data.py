@@ -35,18 +35,14 @@ its device. Finetuning samples are float32: RandAugment and random erasing run
 in the workers. `index` is the row actually returned (a replaced bad file gives
 its replacement's row), so evaluation can drop the duplicates DistributedSampler pads in.
 
-Usage (train.py / finetune.py; the data set comes from `python tools/synthetic.py`
-or from `python tools/prepare_data.py lists|resize|check`):
+Usage (train.py; finetune.py's `build_finetune_loader("train", FinetuneDataConfig(...), ann=..., root=...)`
+is the same; data sets come from `python tools/synthetic.py` or `python tools/prepare_data.py`):
 
-    cfg = PretrainDataConfig(frames=8, crop=112, short_side=(128, 160))     # CPU demo sizes
-    loader = build_pretrain_loader("joint", cfg, video_ann=root / "videos/train_appearance.txt",
-                                   video_root=root / "videos", image_root=root / "images/train",
+    loader = build_pretrain_loader("joint", PretrainDataConfig(), video_ann=..., video_root=..., image_root=...,
                                    rank=rank, world_size=world_size, accum=accum)
     for epoch in range(epochs):
         loader.set_epoch(epoch)              # the epoch's global order; keys every sample's crops and masks
         for batch in loader: ...             # this rank's `accum` micro-batches of each global batch
-
-    train = build_finetune_loader("train", FinetuneDataConfig(...), ann=..., root=..., rank=rank, world_size=world_size)
 """
 
 from __future__ import annotations
@@ -238,12 +234,8 @@ def read_image(path: PathLike) -> np.ndarray:
         with Image.open(path) as im:                             # lazy: reads the header only
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise BadMedia(path, f"{im.width} x {im.height} pixels, more than MAX_IMAGE_PIXELS")
-            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-                # 16-bit greyscale (PNG): PIL's convert("RGB") clips every value above 255,
-                # which turns the image white; scale 0..65535 to 0..255 instead.
-                grey = np.asarray(im, dtype=np.float64) / 257.0
-                grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=2)
+            if im.mode.startswith("I"):                # 16-bit grey (PNG): convert("RGB") would clip it to white
+                im = Image.fromarray(np.clip(np.rint(np.asarray(im) / 257.0), 0, 255).astype(np.uint8))
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except BadMedia:
         raise
@@ -333,8 +325,6 @@ def random_crop_box(h: int, w: int, size: int) -> tuple[int, int]:
     Differs from the released code: its np.random.randint(0, h - size) never
     picks the last offset; here all h - size + 1 offsets are possible.
     """
-    if size > h or size > w:
-        raise ValueError(f"crop {size} larger than the frame {h}x{w}")
     return _randint(0, h - size), _randint(0, w - size)
 
 
@@ -358,11 +348,8 @@ def _norm_consts(x: torch.Tensor, channel_dim: int):
 
 
 def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> (x - mean) / std with the ImageNet RGB statistics (paper §4.1).
-
-    channels_first=True returns (3, N, H, W) instead: the clip layout (3, T,
-    H, W), written in the same single pass (x * (1/std) + (-mean/std)).
-    """
+    """(N, 3, H, W) in [0, 1] -> (x - mean) / std with the ImageNet RGB statistics (paper §4.1);
+    channels_first=True returns (3, N, H, W), the clip layout (3, T, H, W), in the same one pass."""
     if channels_first:
         x = x.transpose(0, 1)                                             # (3, N, H, W) view
     scale, shift = _norm_consts(x, 0 if channels_first else -3)
@@ -370,16 +357,8 @@ def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
 
 
 def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
-    """A uint8 pretraining batch on the training device -> float32, mean/std normalised.
-
-    (B, 3, T, H, W) clips or (B, 3, H, W) images, channels at `channel_dim`.
-    The same arithmetic as `normalize` after `to_float` (x·(1/255), then
-    x·(1/std) − mean/std in fp32), so the result is identical to normalising
-    in the worker; only the bytes that travel are 4x fewer.
-    """
-    # No host sync here: the constants live on the device (_NORM), and the trainer copies the
-    # batch from pinned memory with non_blocking=True. What still makes a step wait for the device
-    # is outside data.py: bevt.py's masked-token gather and train.py's StepLog read-back per log line.
+    """A uint8 pretraining batch on the training device, (B, 3, T, H, W) or (B, 3, H, W) with channels
+    at `channel_dim` -> float32: `normalize(to_float(x))` bit for bit, with 4x fewer bytes to travel."""
     if x.dtype != torch.uint8:
         raise ValueError(f"normalize_batch: expected a uint8 batch, got {x.dtype}")
     scale, shift = _norm_consts(x, channel_dim)
@@ -428,7 +407,7 @@ class PretrainTransform:
         x = x[..., top:top + self.crop, left:left + self.crop]               # (T, 3, crop, crop) uint8 view
         if _uniform(0, 1) < self.flip:
             x = x.flip(-1)                                                     # flipped while still 1 byte/px
-        half = half_copy(to_float(x))                         # (T, 3, crop/2, crop/2) in [0, 1]
+        half = half_copy(to_float(x))                                        # (T, 3, crop/2, crop/2) in [0, 1]
         # Both ship as uint8 and are normalised on the training device (normalize_batch).
         x = x.transpose(0, 1).contiguous()                                   # (3, T, crop, crop) uint8
         half = to_uint8(half).transpose(0, 1).contiguous()                   # (3, T, crop/2, crop/2) uint8
@@ -476,15 +455,10 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
                           accum: int = 1, verbose: Optional[bool] = None) -> Union[EpochLoader, JointLoader]:
     """The training loader of a pretraining stage: "image" (BEVT-I), "video" (BEVT-V) or "joint" (BEVT).
 
-    Videos: `video_ann` list under `video_root`; images: the folder tree
-    `image_root` or the list `image_ann` under it. Returns an object with
-    set_epoch(epoch, start_step), len(), steps_per_epoch and iteration over
-    batch dicts (module docstring): this process's `accum` micro-batches of
-    every global batch of world_size x accum x batch samples.
-    Seeds (orders, pixels, masks): images cfg.seed, clips cfg.seed + 1 (independent draws).
+    Videos: `video_ann` list under `video_root`; images: the folder tree `image_root` or the list
+    `image_ann` under it. Yields this process's `accum` micro-batches of every global batch (module
+    docstring); set_epoch(epoch, start_step). Seeds: images cfg.seed, clips cfg.seed + 1.
     """
-    if stage not in ("image", "video", "joint"):
-        raise ValueError(f"stage must be image, video or joint, got {stage!r}")
     loaders = 2 if stage == "joint" else 1                        # the joint stage runs two loaders
     threads = cfg.decode_threads or auto_decode_threads(cfg.num_workers * loaders)
     if verbose or (verbose is None and rank == 0):
@@ -510,7 +484,6 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
     if stage == "joint":
         return JointLoader(videos, images)
     return videos if stage == "video" else images
-
 
 
 # -----------------------------------------------------------------------------
@@ -639,8 +612,7 @@ class RandAugment:
     Differs from the released code: imgaug's RandAugment also flips
     horizontally with p = 0.5 before the ops, although the SSv2 config sets
     Flip(flip_ratio=0) because left/right matters there ("pushing something
-    from left to right"). That flip is off here (`flip=False`); pass
-    flip=True to reproduce the released behaviour.
+    from left to right"). That flip is left out here.
     """
 
     OPS = ("identity", "autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "color",
@@ -656,17 +628,13 @@ class RandAugment:
     TRANSLATE = 0.33           # translate x/y: +-0.33 of the size
     CUTOUT = 20 / 32           # one grey square: side up to 20/32 of the height
 
-    def __init__(self, n: int = RANDAUG_N, m: int = RANDAUG_M, fill: int = RANDAUG_FILL, flip: bool = False):
-        if not 0 <= n <= len(self.OPS):
-            raise ValueError(f"RandAugment n must be in [0, {len(self.OPS)}], got {n}")
-        self.n, self.m, self.fill, self.flip = n, m, fill / 255.0, flip
+    def __init__(self, n: int = RANDAUG_N, m: int = RANDAUG_M, fill: int = RANDAUG_FILL):
+        self.n, self.m, self.fill = n, m, fill / 255.0
         self.level = m / RANDAUG_M_MAX                          # magnitude as a fraction of imgaug's max
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(T, 3, H, W) floats in [0, 1] -> same shape, one random draw for all T frames."""
         h, w = x.shape[-2:]
-        if self.flip and _uniform(0, 1) < 0.5:
-            x = x.flip(-1)
         # imgaug: Crop(percent=Uniform(0, m)/224 per side) + KeepSizeByResize(linear).
         t, b, l, r = (int(round(_uniform(0, self.m) / self.CROP_PX * s)) for s in (h, h, w, w))
         if t + b < h and l + r < w and (t or b or l or r):
@@ -766,8 +734,6 @@ class FinetuneClipTransform:
                  test_short_side: int = TEST_SHORT_SIDE, test_crops: int = TEST_CROPS,
                  rrc_scale=RRC_SCALE, rrc_ratio=RRC_RATIO, flip: float = FLIP_P,
                  randaug: Optional[RandAugment] = None, erase: float = 0.0):
-        if mode not in ("train", "val", "test"):
-            raise ValueError(f"mode must be train, val or test, got {mode!r}")
         if test_crops not in (1, 3):
             raise ValueError(f"test_crops must be 1 (centre) or 3 (three-crop), got {test_crops}")
         self.mode, self.crop, self.short_side, self.test_short_side = mode, crop, short_side, test_short_side
@@ -835,13 +801,9 @@ class FinetuneDataConfig:
 def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, root: PathLike,
                           rank: int = 0, world_size: int = 1, accum: int = 1,
                           verbose: Optional[bool] = None) -> EpochLoader:
-    """Finetuning loader: "train" (shuffled global batches of world_size x accum x batch_size, this
-    process's share as `accum` micro-batches each), "val" (1 centre clip) or "test" (clips x crops).
-
-    val/test keep every sample (DistributedSampler pads the last shard with
-    repeats; drop them by `index` for exact numbers).
-    """
-    train = mode == "train"                                       # (FinetuneClipTransform checks `mode`)
+    """Finetuning loader: "train" (shuffled global batches, this process's `accum` micro-batches of
+    each), "val" (1 centre clip) or "test" (clips x crops; val/test keep every sample, see EpochLoader)."""
+    train = mode == "train"
     sampling = FrameSampling(cfg.frames, cfg.interval if cfg.sampling == "dense" else 1, cfg.sampling,
                              num_clips=cfg.test_clips if mode == "test" else 1, test_mode=not train)
     randaug = RandAugment(cfg.randaug_n, cfg.randaug_m) if (train and cfg.randaug_n > 0) else None
@@ -922,10 +884,6 @@ class SampleList:
     def __getitem__(self, i: int) -> tuple[Path, int]:
         return self.path(i), self.label(i)
 
-    @property
-    def nbytes(self) -> int:
-        return self._paths.nbytes + self._offsets.nbytes + self.labels.nbytes
-
 
 def _check_exists(path: Path, what: str) -> Path:
     if not path.exists():
@@ -940,9 +898,7 @@ def read_annotations(ann_file: PathLike, root: PathLike) -> SampleList:
     A missing list or root is an error; a missing listed file is not (it is replaced at load
     time like any unreadable file, as big video sets always have a few).
     """
-    ann_file, root = Path(ann_file), Path(root)
-    _check_exists(ann_file, "annotation file")
-    _check_exists(root, "data root")
+    ann_file, root = _check_exists(Path(ann_file), "annotation file"), _check_exists(Path(root), "data root")
     paths, ends, labels = bytearray(), array("q"), array("q")
     with open(ann_file, "rb") as f:                            # bytes: no Python object per row outlives its line
         for lineno, line in enumerate(f, 1):
@@ -979,11 +935,8 @@ def _walk_images(folder: str, rel: str, unreadable: list):
 
 
 def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
-    """ImageNet-style tree root/<class>/**/<image> -> (SampleList of (path, label), classes).
-
-    Labels are the sorted class folders' positions (torchvision's ImageFolder); rows in sorted path
-    order. Unreadable folders are skipped and logged.
-    """
+    """ImageNet-style tree root/<class>/**/<image> -> (SampleList of (path, label), classes): labels
+    are the sorted class folders' positions (torchvision's ImageFolder). Unreadable folders are logged."""
     root = _check_exists(Path(root), "image folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
@@ -1073,9 +1026,6 @@ class _RobustDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def load(self, index: int) -> dict:
-        raise NotImplementedError
-
     @contextlib.contextmanager
     def _sample_rng(self, seed: int, epoch: int, index: int, attempt: int):
         """Within: torch's CPU generator and the mask draw from the seeds of (seed, epoch, index, attempt)."""
@@ -1133,9 +1083,8 @@ class VideoDataset(_RobustDataset):
 
 
 class ImageDataset(_RobustDataset):
-    """Images of an ImageNet-style tree (root/<class>/<image>; `classes` its folder names) or of a
-    list file under root (`classes` None; `python tools/prepare_data.py lists images` writes one,
-    so that the ranks of a big run do not each scan ImageNet)."""
+    """Images of an ImageNet-style tree (root/<class>/<image>; `classes` its folder names) or of a list
+    file under root (`classes` None; `tools/prepare_data.py lists images` saves each rank a scan)."""
 
     def __init__(self, root: PathLike, ann_file: Optional[PathLike] = None, transform: Callable = None):
         if ann_file is not None:
@@ -1178,8 +1127,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        if not 0 <= start <= self.steps:
-            raise ValueError(f"start step {start} outside the epoch's {self.steps} steps")
         self.epoch, self.start = epoch, start
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -1257,8 +1204,6 @@ class EpochLoader:
         """Epoch `epoch`, from its global step `start` (training loaders; evaluation: start 0)."""
         if isinstance(self.sampler, GlobalBatchSampler):
             self.sampler.set_epoch(epoch, start)
-        elif start:
-            raise ValueError("an evaluation loader (drop_last=False) starts its epochs at 0")
         else:
             self.sampler.set_epoch(epoch)
         self.epoch = self.keys.epoch = epoch                        # what every index of the epoch carries
@@ -1334,23 +1279,19 @@ class JointLoader:
     def __iter__(self):
         img_epoch, img_start = self.image_position(self.epoch, self.start)
         self.images.set_epoch(img_epoch, img_start)
-        images = iter(self.images)
-        skipped_images = 0
+        images, images_before = iter(self.images), self.images.skipped_total
         for vb in self.videos:
             ib = next(images, None)
             if ib is None:                                            # images exhausted: next image epoch
-                skipped_images += self.images.skipped
                 img_epoch += 1
                 self.images.set_epoch(img_epoch)
                 images = iter(self.images)
                 ib = next(images)
             yield {**{(f"video_{k}" if k in ("label", "index") else k): v for k, v in vb.items()},
                    **{(f"image_{k}" if k in ("label", "index") else k): v for k, v in ib.items()}}
-        skipped_images += self.images.skipped
-        self.skipped = self.videos.skipped + skipped_images
         if self.videos.verbose:
             print(f"[data] joint epoch {self.epoch}: {self.videos.skipped} unreadable video(s) and "
-                  f"{skipped_images} image(s) skipped", flush=True)
+                  f"{self.images.skipped_total - images_before} image(s) skipped", flush=True)
 
 
 def _node_share(local_world_size: Optional[int]) -> tuple[int, int]:
