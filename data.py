@@ -114,7 +114,7 @@ def _uniform(lo: float, hi: float) -> float:
 
 def sample_dense(num_frames: int, clip_len: int, interval: int, num_clips: int = 1,
                  test_mode: bool = False) -> np.ndarray:
-    """`clip_len` frames `interval` apart, per clip; `num_clips` clips.
+    """`clip_len` frames `interval` apart, per clip; `num_clips` clips in test mode, one in training.
 
     Training: one random start in [0, num_frames - clip_len*interval]; test:
     N clips evenly spaced, each centred in its share of the valid starts (the
@@ -128,14 +128,8 @@ def sample_dense(num_frames: int, clip_len: int, interval: int, num_clips: int =
             offsets = (np.arange(num_clips) * avg + avg / 2.0).astype(np.int64)
         else:
             offsets = np.zeros(num_clips, np.int64)
-    else:
-        avg = (num_frames - span + 1) // num_clips
-        if avg > 0:                                             # room for every clip: one per share
-            offsets = np.arange(num_clips) * avg + np.array([_randint(0, avg - 1) for _ in range(num_clips)])
-        elif num_frames > max(num_clips, span):                 # (only reachable for num_clips > 1)
-            offsets = np.sort([_randint(0, num_frames - span) for _ in range(num_clips)])
-        else:                                                   # too short: start at 0 and loop
-            offsets = np.zeros(num_clips, np.int64)
+    else:                                                       # (too short: start at 0 and loop)
+        offsets = np.array([_randint(0, num_frames - span) if num_frames >= span else 0])
     idx = offsets[:, None] + np.arange(clip_len)[None, :] * interval     # (num_clips, clip_len)
     return np.mod(idx, num_frames).astype(np.int64)
 
@@ -165,8 +159,8 @@ class FrameSampling:
     test_mode: bool = False
 
     def __post_init__(self):                   # (the trainers check the mode's name and the sizes)
-        if self.mode == "uniform" and self.num_clips != 1:
-            raise ValueError("uniform (SSv2) sampling takes one clip over the whole video; num_clips must be 1")
+        if self.num_clips != 1 and (self.mode == "uniform" or not self.test_mode):
+            raise ValueError("several clips are dense test sampling only (SSv2's one clip spans the video)")
 
     def __call__(self, num_frames: int) -> np.ndarray:
         if self.mode == "uniform":
