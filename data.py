@@ -402,7 +402,6 @@ class PretrainTransform:
         if _uniform(0, 1) < self.flip:
             x = x.flip(-1)                                                     # flipped while still 1 byte/px
         half = half_copy(to_float(x))                                        # (T, 3, crop/2, crop/2) in [0, 1]
-        # Both ship as uint8 and are normalised on the training device (normalize_batch).
         x = x.transpose(0, 1).contiguous()                                   # (3, T, crop, crop) uint8
         half = to_uint8(half).transpose(0, 1).contiguous()                   # (3, T, crop/2, crop/2) uint8
         if self.stream == "image":
@@ -886,12 +885,9 @@ def _check_exists(path: Path, what: str) -> Path:
 
 
 def read_annotations(ann_file: PathLike, root: PathLike) -> SampleList:
-    """`relative/path label` per line -> SampleList of (root/relative/path, label).
-
-    The label is the last field (paths may hold spaces); blank lines and '#' lines are skipped.
-    A missing list or root is an error; a missing listed file is not (it is replaced at load
-    time like any unreadable file, as big video sets always have a few).
-    """
+    """`relative/path label` per line -> SampleList of (root/relative/path, label). The label is the
+    last field (paths may hold spaces); blank and '#' lines are skipped. A missing list or root is an
+    error; a missing listed file is bad media at load time (big video sets always have a few)."""
     ann_file, root = _check_exists(Path(ann_file), "annotation file"), _check_exists(Path(root), "data root")
     paths, ends, labels = bytearray(), array("q"), array("q")
     with open(ann_file, "rb") as f:                            # bytes: no Python object per row outlives its line
@@ -952,12 +948,10 @@ def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
 # -----------------------------------------------------------------------------
 # Decoding robustly: counting frames, and decoding from the start
 #
-# The frame count is the number of packets the decoder turns into pictures:
-# the demuxed (not decoded) packets, less the empty ones (AVI's "drop frame"
-# chunks, the end-of-stream packet) and those marked discard (frames an MP4
-# edit list cuts, decoded only as references). Containers' own counts are not
-# used (Matroska, MPEG-TS/PS and FLV store none; AVI's counts the drop frames,
-# MP4's the cut ones), and frames are placed by decode order, never by timestamps.
+# The frame count is the number of packets the decoder turns into pictures: the demuxed (not
+# decoded) packets, less the empty ones (AVI's "drop frame" chunks, the end-of-stream packet) and
+# those marked discard (frames an MP4 edit list cuts). Containers' own counts are not used
+# (Matroska, MPEG-TS/PS and FLV store none; AVI's counts the drop frames, MP4's the cut ones).
 
 
 def _open_video(path: PathLike, threads: int):
@@ -980,10 +974,8 @@ def count_frames(path: PathLike) -> int:
 
 
 def _decode_from_start(container, stream, wanted: set) -> dict[int, np.ndarray]:
-    """{i: (H, W, 3) uint8 RGB} for the wanted indices, frame i being the i-th out of the decoder.
-
-    One RGB-conversion thread: FFmpeg's automatic pool, made in a process that then forks
-    DataLoader workers, deadlocks them (threads do not fork)."""
+    """{i: (H, W, 3) uint8 RGB} for the wanted indices, frame i being the i-th out of the decoder. One
+    RGB-conversion thread: FFmpeg's automatic pool, made before DataLoader workers fork, deadlocks them."""
     last, got = max(wanted), {}
     for i, frame in enumerate(container.decode(stream)):
         if i in wanted:
@@ -1081,10 +1073,8 @@ class ImageDataset(_RobustDataset):
     file under root (`classes` None; `tools/prepare_data.py lists images` saves each rank a scan)."""
 
     def __init__(self, root: PathLike, ann_file: Optional[PathLike] = None, transform: Callable = None):
-        if ann_file is not None:
-            samples, self.classes = read_annotations(ann_file, root), None
-        else:
-            samples, self.classes = scan_image_folder(root)
+        samples, self.classes = ((read_annotations(ann_file, root), None) if ann_file is not None
+                                 else scan_image_folder(root))
         super().__init__(samples, transform)
 
     def load(self, index: int) -> dict:
@@ -1317,10 +1307,9 @@ def loading_plan(num_workers: int, threads: int, loaders: int = 1, local_world_s
 class FileLock:
     """An `fcntl.flock` on a lock file that names its holder ("pid P on HOST since T").
 
-    The kernel frees the lock when its holder dies, on any host (on NFS Linux maps flock to
-    NFS locks; Lustre needs its `flock` mount option), so a restarted job always reclaims it,
-    and a file naming a holder that is gone is simply taken. The file is never deleted: a
-    process could otherwise lock an unlinked file while another creates a new one.
+    The kernel frees the lock when its holder dies (on NFS too; Lustre needs its `flock` mount
+    option), so a restarted job always reclaims it. The file is never deleted: a process could
+    otherwise lock an unlinked file while another creates a new one.
     """
 
     def __init__(self, path: PathLike):
