@@ -35,18 +35,14 @@ its device. Finetuning samples are float32: RandAugment and random erasing run
 in the workers. `index` is the row actually returned (a replaced bad file gives
 its replacement's row), so evaluation can drop the duplicates DistributedSampler pads in.
 
-Usage (train.py / finetune.py; the data set comes from `python tools/synthetic.py`
-or from `python tools/prepare_data.py lists|resize|check`):
+Usage (train.py; finetune.py's `build_finetune_loader("train", FinetuneDataConfig(...), ann=..., root=...)`
+is the same; data sets come from `python tools/synthetic.py` or `python tools/prepare_data.py`):
 
-    cfg = PretrainDataConfig(frames=8, crop=112, short_side=(128, 160))     # CPU demo sizes
-    loader = build_pretrain_loader("joint", cfg, video_ann=root / "videos/train_appearance.txt",
-                                   video_root=root / "videos", image_root=root / "images/train",
+    loader = build_pretrain_loader("joint", PretrainDataConfig(), video_ann=..., video_root=..., image_root=...,
                                    rank=rank, world_size=world_size, accum=accum)
     for epoch in range(epochs):
         loader.set_epoch(epoch)              # the epoch's global order; keys every sample's crops and masks
         for batch in loader: ...             # this rank's `accum` micro-batches of each global batch
-
-    train = build_finetune_loader("train", FinetuneDataConfig(...), ann=..., root=..., rank=rank, world_size=world_size)
 """
 
 from __future__ import annotations
@@ -118,7 +114,7 @@ def _uniform(lo: float, hi: float) -> float:
 
 def sample_dense(num_frames: int, clip_len: int, interval: int, num_clips: int = 1,
                  test_mode: bool = False) -> np.ndarray:
-    """`clip_len` frames `interval` apart, per clip; `num_clips` clips.
+    """`clip_len` frames `interval` apart, per clip; `num_clips` clips in test mode, one in training.
 
     Training: one random start in [0, num_frames - clip_len*interval]; test:
     N clips evenly spaced, each centred in its share of the valid starts (the
@@ -132,14 +128,8 @@ def sample_dense(num_frames: int, clip_len: int, interval: int, num_clips: int =
             offsets = (np.arange(num_clips) * avg + avg / 2.0).astype(np.int64)
         else:
             offsets = np.zeros(num_clips, np.int64)
-    else:
-        avg = (num_frames - span + 1) // num_clips
-        if avg > 0:                                             # room for every clip: one per share
-            offsets = np.arange(num_clips) * avg + np.array([_randint(0, avg - 1) for _ in range(num_clips)])
-        elif num_frames > max(num_clips, span):                 # (only reachable for num_clips > 1)
-            offsets = np.sort([_randint(0, num_frames - span) for _ in range(num_clips)])
-        else:                                                   # too short: start at 0 and loop
-            offsets = np.zeros(num_clips, np.int64)
+    else:                                                       # (too short: start at 0 and loop)
+        offsets = np.array([_randint(0, num_frames - span) if num_frames >= span else 0])
     idx = offsets[:, None] + np.arange(clip_len)[None, :] * interval     # (num_clips, clip_len)
     return np.mod(idx, num_frames).astype(np.int64)
 
@@ -168,13 +158,9 @@ class FrameSampling:
     num_clips: int = 1
     test_mode: bool = False
 
-    def __post_init__(self):
-        if self.mode not in ("dense", "uniform"):
-            raise ValueError(f"frame sampling mode must be 'dense' or 'uniform', got {self.mode!r}")
-        if self.mode == "uniform" and self.num_clips != 1:
-            raise ValueError("uniform (SSv2) sampling takes one clip over the whole video; num_clips must be 1")
-        if self.clip_len < 1 or self.interval < 1 or self.num_clips < 1:
-            raise ValueError(f"clip_len, interval and num_clips must be >= 1, got {self}")
+    def __post_init__(self):                   # (the trainers check the mode's name and the sizes)
+        if self.num_clips != 1 and (self.mode == "uniform" or not self.test_mode):
+            raise ValueError("several clips are dense test sampling only (SSv2's one clip spans the video)")
 
     def __call__(self, num_frames: int) -> np.ndarray:
         if self.mode == "uniform":
@@ -205,13 +191,10 @@ def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = N
                num_frames: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Decode the frames a clip needs -> (frames, idx, num_frames).
 
-    frames: uint8 (*idx.shape, H, W, 3) RGB; idx = sample(num_frames), the
-    frame indices (any shape, e.g. (clips, T)); sample None takes every frame.
-    Frames 0 .. max(idx) are decoded (`threads` decoder threads, 0: one per
-    core), and only the needed ones converted to RGB. Raises BadMedia if the
-    file cannot be opened, has no frames, or a needed frame never arrives
-    (truncated). `num_frames` skips the count when the caller knows it (the
-    data sets cache it).
+    frames: uint8 (*idx.shape, H, W, 3) RGB; idx = sample(num_frames), the frame indices (any
+    shape, e.g. (clips, T)); sample None takes every frame. Frames 0 .. max(idx) are decoded
+    (`threads` decoder threads, 0: one per core). Raises BadMedia if the file cannot be opened, has
+    no frames, or a needed frame never arrives. A known `num_frames` skips the count.
     """
     try:
         n = count_frames(path) if num_frames is None else num_frames
@@ -234,36 +217,19 @@ def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = N
     return frames.reshape(*idx.shape, *frames.shape[1:]), idx, n
 
 
-# The most pixels an image may have. The pipeline shrinks every image to a short side of at most
-# 320 (§4.1), and ImageNet's largest images are a few thousand pixels a side; a bigger one is
-# bad media, refused before it is decoded: Pillow reads the size from the header, and its own
-# bomb check only warns up to 179M pixels (a 164 KB PNG of 13000 x 13000 decodes to 507 MB).
+# The most pixels an image may have (ImageNet's largest are a few thousand a side). A bigger one is
+# bad media, refused from its header: Pillow's own bomb check only warns up to 179M pixels.
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
-def read_image(path: PathLike, min_short: Optional[int] = None) -> np.ndarray:
-    """An image file -> (H, W, 3) uint8 RGB, decoded completely (truncated files raise; more
-    than MAX_IMAGE_PIXELS is bad media, refused before decoding).
-
-    min_short: JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8)
-    that keeps the short side >= min_short (PIL `draft`), which makes big
-    ImageNet JPEGs several times cheaper when the pipeline shrinks them anyway.
-    """
+def read_image(path: PathLike) -> np.ndarray:
+    """An image file -> (H, W, 3) uint8 RGB, decoded completely (a truncated file is bad media)."""
     try:
         with Image.open(path) as im:                             # lazy: reads the header only
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise BadMedia(path, f"{im.width} x {im.height} pixels, more than MAX_IMAGE_PIXELS")
-            if min_short is not None and im.format == "JPEG":
-                w, h = im.size
-                s = min_short / min(w, h)
-                if s < 1:
-                    im.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
-            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-                # 16-bit greyscale (PNG): PIL's convert("RGB") clips every value above 255,
-                # which turns the image white; scale 0..65535 to 0..255 instead.
-                grey = np.asarray(im, dtype=np.float64) / 257.0
-                grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=2)
+            if im.mode.startswith("I"):                # 16-bit grey (PNG): convert("RGB") would clip it to white
+                im = Image.fromarray(np.clip(np.rint(np.asarray(im) / 257.0), 0, 255).astype(np.uint8))
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except BadMedia:
         raise
@@ -353,8 +319,6 @@ def random_crop_box(h: int, w: int, size: int) -> tuple[int, int]:
     Differs from the released code: its np.random.randint(0, h - size) never
     picks the last offset; here all h - size + 1 offsets are possible.
     """
-    if size > h or size > w:
-        raise ValueError(f"crop {size} larger than the frame {h}x{w}")
     return _randint(0, h - size), _randint(0, w - size)
 
 
@@ -378,11 +342,8 @@ def _norm_consts(x: torch.Tensor, channel_dim: int):
 
 
 def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> (x - mean) / std with the ImageNet RGB statistics (paper §4.1).
-
-    channels_first=True returns (3, N, H, W) instead: the clip layout (3, T,
-    H, W), written in the same single pass (x * (1/std) + (-mean/std)).
-    """
+    """(N, 3, H, W) in [0, 1] -> (x - mean) / std with the ImageNet RGB statistics (paper §4.1);
+    channels_first=True returns (3, N, H, W), the clip layout (3, T, H, W), in the same one pass."""
     if channels_first:
         x = x.transpose(0, 1)                                             # (3, N, H, W) view
     scale, shift = _norm_consts(x, 0 if channels_first else -3)
@@ -390,16 +351,8 @@ def normalize(x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
 
 
 def normalize_batch(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
-    """A uint8 pretraining batch on the training device -> float32, mean/std normalised.
-
-    (B, 3, T, H, W) clips or (B, 3, H, W) images, channels at `channel_dim`.
-    The same arithmetic as `normalize` after `to_float` (x·(1/255), then
-    x·(1/std) − mean/std in fp32), so the result is identical to normalising
-    in the worker; only the bytes that travel are 4x fewer.
-    """
-    # No host sync here: the constants live on the device (_NORM), and the trainer copies the
-    # batch from pinned memory with non_blocking=True. What still makes a step wait for the device
-    # is outside data.py: bevt.py's masked-token gather and train.py's StepLog read-back per log line.
+    """A uint8 pretraining batch on the training device, (B, 3, T, H, W) or (B, 3, H, W) with channels
+    at `channel_dim` -> float32: `normalize(to_float(x))` bit for bit, with 4x fewer bytes to travel."""
     if x.dtype != torch.uint8:
         raise ValueError(f"normalize_batch: expected a uint8 batch, got {x.dtype}")
     scale, shift = _norm_consts(x, channel_dim)
@@ -427,14 +380,12 @@ class PretrainTransform:
     """
 
     def __init__(self, stream: str, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
-                 jitter: Optional[float] = None, mask_gen: Optional[MaskGenerator] = None, resample: str = "pil"):
-        if stream not in ("video", "image"):
-            raise ValueError(f"stream must be video or image, got {stream!r}")
+                 jitter: Optional[float] = None, mask_gen: Optional[MaskGenerator] = None):
         if min(short_side) < crop:
             raise ValueError(f"short side range {short_side} must be >= the crop {crop}")
         self.stream, self.crop, self.short_side, self.flip = stream, crop, tuple(short_side), flip
         self.jitter = (JITTER if stream == "image" else 0.0) if jitter is None else jitter
-        self.mask_gen, self.resample = mask_gen, resample
+        self.mask_gen = mask_gen
 
     def __call__(self, pixels: np.ndarray) -> dict:
         if self.stream == "video":
@@ -450,8 +401,7 @@ class PretrainTransform:
         x = x[..., top:top + self.crop, left:left + self.crop]               # (T, 3, crop, crop) uint8 view
         if _uniform(0, 1) < self.flip:
             x = x.flip(-1)                                                     # flipped while still 1 byte/px
-        half = half_copy(to_float(x), self.resample)                         # (T, 3, crop/2, crop/2) in [0, 1]
-        # Both ship as uint8 and are normalised on the training device (normalize_batch).
+        half = half_copy(to_float(x))                                        # (T, 3, crop/2, crop/2) in [0, 1]
         x = x.transpose(0, 1).contiguous()                                   # (3, T, crop, crop) uint8
         half = to_uint8(half).transpose(0, 1).contiguous()                   # (3, T, crop/2, crop/2) uint8
         if self.stream == "image":
@@ -489,7 +439,6 @@ class PretrainDataConfig:
     image_batch: int = IMAGE_BATCH             # ... + 64 images (omni_videos_per_gpu=[8, 64])
     num_workers: int = WORKERS                 # per rank
     decode_threads: Optional[int] = None       # None: cores // workers (auto_decode_threads)
-    tok_resample: str = "pil"                  # tokenizer copy: "pil" (BEiT) or "cv2" (released CopyResize)
     seed: int = 0                              # base seed of the masks, the pixels' draws and the order
 
 
@@ -499,15 +448,10 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
                           accum: int = 1, verbose: Optional[bool] = None) -> Union[EpochLoader, JointLoader]:
     """The training loader of a pretraining stage: "image" (BEVT-I), "video" (BEVT-V) or "joint" (BEVT).
 
-    Videos: `video_ann` list under `video_root`; images: the folder tree
-    `image_root` or the list `image_ann` under it. Returns an object with
-    set_epoch(epoch, start_step), len(), steps_per_epoch and iteration over
-    batch dicts (module docstring): this process's `accum` micro-batches of
-    every global batch of world_size x accum x batch samples.
-    Seeds (orders, pixels, masks): images cfg.seed, clips cfg.seed + 1 (independent draws).
+    Videos: `video_ann` list under `video_root`; images: the folder tree `image_root` or the list
+    `image_ann` under it. Yields this process's `accum` micro-batches of every global batch (module
+    docstring); set_epoch(epoch, start_step). Seeds: images cfg.seed, clips cfg.seed + 1.
     """
-    if stage not in ("image", "video", "joint"):
-        raise ValueError(f"stage must be image, video or joint, got {stage!r}")
     loaders = 2 if stage == "joint" else 1                        # the joint stage runs two loaders
     threads = cfg.decode_threads or auto_decode_threads(cfg.num_workers * loaders)
     if verbose or (verbose is None and rank == 0):
@@ -520,20 +464,19 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
             raise ValueError(f"stage {stage!r} needs video_ann and video_root")
         gen = MaskGenerator(cfg.video_mask, (cfg.frames, cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio,
                             seed=cfg.seed + 1)
-        transform = PretrainTransform("video", cfg.crop, cfg.short_side, cfg.flip, 0.0, gen, cfg.tok_resample)
+        transform = PretrainTransform("video", cfg.crop, cfg.short_side, cfg.flip, 0.0, gen)
         ds = VideoDataset(video_ann, video_root, FrameSampling(cfg.frames, cfg.interval), transform, threads)
         videos = EpochLoader(ds, cfg.video_batch, name="videos", seed=cfg.seed + 1, **common)
     if stage in ("image", "joint"):
         if image_root is None:
             raise ValueError(f"stage {stage!r} needs image_root (a folder tree, or the root of image_ann)")
         gen = MaskGenerator("block", (cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio, seed=cfg.seed)
-        transform = PretrainTransform("image", cfg.crop, cfg.short_side, cfg.flip, cfg.jitter, gen, cfg.tok_resample)
-        ds = ImageDataset(image_root, image_ann, transform, min_short=max(cfg.short_side))
+        transform = PretrainTransform("image", cfg.crop, cfg.short_side, cfg.flip, cfg.jitter, gen)
+        ds = ImageDataset(image_root, image_ann, transform)
         images = EpochLoader(ds, cfg.image_batch, name="images", seed=cfg.seed, **common)
     if stage == "joint":
         return JointLoader(videos, images)
     return videos if stage == "video" else images
-
 
 
 # -----------------------------------------------------------------------------
@@ -662,8 +605,7 @@ class RandAugment:
     Differs from the released code: imgaug's RandAugment also flips
     horizontally with p = 0.5 before the ops, although the SSv2 config sets
     Flip(flip_ratio=0) because left/right matters there ("pushing something
-    from left to right"). That flip is off here (`flip=False`); pass
-    flip=True to reproduce the released behaviour.
+    from left to right"). That flip is left out here.
     """
 
     OPS = ("identity", "autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "color",
@@ -679,17 +621,13 @@ class RandAugment:
     TRANSLATE = 0.33           # translate x/y: +-0.33 of the size
     CUTOUT = 20 / 32           # one grey square: side up to 20/32 of the height
 
-    def __init__(self, n: int = RANDAUG_N, m: int = RANDAUG_M, fill: int = RANDAUG_FILL, flip: bool = False):
-        if not 0 <= n <= len(self.OPS):
-            raise ValueError(f"RandAugment n must be in [0, {len(self.OPS)}], got {n}")
-        self.n, self.m, self.fill, self.flip = n, m, fill / 255.0, flip
+    def __init__(self, n: int = RANDAUG_N, m: int = RANDAUG_M, fill: int = RANDAUG_FILL):
+        self.n, self.m, self.fill = n, m, fill / 255.0
         self.level = m / RANDAUG_M_MAX                          # magnitude as a fraction of imgaug's max
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(T, 3, H, W) floats in [0, 1] -> same shape, one random draw for all T frames."""
         h, w = x.shape[-2:]
-        if self.flip and _uniform(0, 1) < 0.5:
-            x = x.flip(-1)
         # imgaug: Crop(percent=Uniform(0, m)/224 per side) + KeepSizeByResize(linear).
         t, b, l, r = (int(round(_uniform(0, self.m) / self.CROP_PX * s)) for s in (h, h, w, w))
         if t + b < h and l + r < w and (t or b or l or r):
@@ -789,8 +727,6 @@ class FinetuneClipTransform:
                  test_short_side: int = TEST_SHORT_SIDE, test_crops: int = TEST_CROPS,
                  rrc_scale=RRC_SCALE, rrc_ratio=RRC_RATIO, flip: float = FLIP_P,
                  randaug: Optional[RandAugment] = None, erase: float = 0.0):
-        if mode not in ("train", "val", "test"):
-            raise ValueError(f"mode must be train, val or test, got {mode!r}")
         if test_crops not in (1, 3):
             raise ValueError(f"test_crops must be 1 (centre) or 3 (three-crop), got {test_crops}")
         self.mode, self.crop, self.short_side, self.test_short_side = mode, crop, short_side, test_short_side
@@ -820,19 +756,14 @@ class FinetuneClipTransform:
             if self.erase > 0:
                 x = random_erasing(x, self.erase)                            # same rectangle in every frame
             return {"video": x}
-        if self.mode == "val":
-            x = resize(x, short_side_size(H, W, self.short_side), "bilinear")
-            top, left = center_crop_box(*x.shape[-2:], c)
-            x = normalize(to_float(x[..., top:top + c, left:left + c]))     # (clips*T, 3, c, c)
-            x = x.view(clips, T, 3, c, c).transpose(1, 2)                    # (clips, 3, T, c, c)
-            return {"video": (x[0] if clips == 1 else x).contiguous()}
-        # test: every clip x every crop
-        x = resize(x, short_side_size(H, W, self.test_short_side), "bilinear")
+        # val: the centre crop; test: every clip x every crop
+        x = resize(x, short_side_size(H, W, self.short_side if self.mode == "val" else self.test_short_side))
         h, w = x.shape[-2:]
-        boxes = three_crop_boxes(h, w, c) if self.test_crops == 3 else [center_crop_box(h, w, c)]
+        test3 = self.mode == "test" and self.test_crops == 3
+        boxes = three_crop_boxes(h, w, c) if test3 else [center_crop_box(h, w, c)]
         views = [normalize(to_float(x[..., t:t + c, l:l + c])).view(clips, T, 3, c, c) for t, l in boxes]
         x = torch.cat(views).transpose(1, 2)                                 # (crops*clips, 3, T, c, c)
-        return {"video": x.contiguous()}
+        return {"video": (x[0] if self.mode == "val" and clips == 1 else x).contiguous()}
 
 
 @dataclass
@@ -863,13 +794,9 @@ class FinetuneDataConfig:
 def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, root: PathLike,
                           rank: int = 0, world_size: int = 1, accum: int = 1,
                           verbose: Optional[bool] = None) -> EpochLoader:
-    """Finetuning loader: "train" (shuffled global batches of world_size x accum x batch_size, this
-    process's share as `accum` micro-batches each), "val" (1 centre clip) or "test" (clips x crops).
-
-    val/test keep every sample (DistributedSampler pads the last shard with
-    repeats; drop them by `index` for exact numbers).
-    """
-    train = mode == "train"                                       # (FinetuneClipTransform checks `mode`)
+    """Finetuning loader: "train" (shuffled global batches, this process's `accum` micro-batches of
+    each), "val" (1 centre clip) or "test" (clips x crops; val/test keep every sample, see EpochLoader)."""
+    train = mode == "train"
     sampling = FrameSampling(cfg.frames, cfg.interval if cfg.sampling == "dense" else 1, cfg.sampling,
                              num_clips=cfg.test_clips if mode == "test" else 1, test_mode=not train)
     randaug = RandAugment(cfg.randaug_n, cfg.randaug_m) if (train and cfg.randaug_n > 0) else None
@@ -950,10 +877,6 @@ class SampleList:
     def __getitem__(self, i: int) -> tuple[Path, int]:
         return self.path(i), self.label(i)
 
-    @property
-    def nbytes(self) -> int:
-        return self._paths.nbytes + self._offsets.nbytes + self.labels.nbytes
-
 
 def _check_exists(path: Path, what: str) -> Path:
     if not path.exists():
@@ -962,15 +885,10 @@ def _check_exists(path: Path, what: str) -> Path:
 
 
 def read_annotations(ann_file: PathLike, root: PathLike) -> SampleList:
-    """`relative/path label` per line -> SampleList of (root/relative/path, label).
-
-    The label is the last field (paths may hold spaces); blank lines and '#' lines are skipped.
-    A missing list or root is an error; a missing listed file is not (it is replaced at load
-    time like any unreadable file, as big video sets always have a few).
-    """
-    ann_file, root = Path(ann_file), Path(root)
-    _check_exists(ann_file, "annotation file")
-    _check_exists(root, "data root")
+    """`relative/path label` per line -> SampleList of (root/relative/path, label). The label is the
+    last field (paths may hold spaces); blank and '#' lines are skipped. A missing list or root is an
+    error; a missing listed file is bad media at load time (big video sets always have a few)."""
+    ann_file, root = _check_exists(Path(ann_file), "annotation file"), _check_exists(Path(root), "data root")
     paths, ends, labels = bytearray(), array("q"), array("q")
     with open(ann_file, "rb") as f:                            # bytes: no Python object per row outlives its line
         for lineno, line in enumerate(f, 1):
@@ -1007,30 +925,21 @@ def _walk_images(folder: str, rel: str, unreadable: list):
 
 
 def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
-    """ImageNet-style tree root/<class>/**/<image> -> (SampleList of (path, label), classes).
-
-    Labels are the sorted class folders' positions (torchvision's ImageFolder); rows in sorted path
-    order. Skipped and logged: unreadable folders, and names a list file cannot hold (a line break,
-    or a class folder starting with white space).
-    """
+    """ImageNet-style tree root/<class>/**/<image> -> (SampleList of (path, label), classes): labels
+    are the sorted class folders' positions (torchvision's ImageFolder). Unreadable folders are logged."""
     root = _check_exists(Path(root), "image folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"image folder {root} has no class sub-folders (expected root/<class>/<image>)")
     paths, ends, labels = bytearray(), array("q"), array("q")
-    unreadable, unlistable = [], []
+    unreadable = []
     for label, c in enumerate(classes):
         for rel in _walk_images(str(root / c), c, unreadable):
-            b = os.fsencode(rel)
-            if b"\n" in b or b"\r" in b or b[:1].isspace():
-                unlistable.append(rel)
-                continue
-            paths += b
+            paths += os.fsencode(rel)
             ends.append(len(paths))
             labels.append(label)
-    for what, items in (("unreadable folder(s)", unreadable), ("image(s) whose name a list cannot hold", unlistable)):
-        if items:
-            logger.warning("%s: skipped %d %s, e.g. %r", root, len(items), what, items[0])
+    if unreadable:
+        logger.warning("%s: skipped %d unreadable folder(s), e.g. %r", root, len(unreadable), unreadable[0])
     if not ends:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
     return SampleList(root, paths, ends, labels), classes
@@ -1039,12 +948,10 @@ def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
 # -----------------------------------------------------------------------------
 # Decoding robustly: counting frames, and decoding from the start
 #
-# The frame count is the number of packets the decoder turns into pictures:
-# the demuxed (not decoded) packets, less the empty ones (AVI's "drop frame"
-# chunks, the end-of-stream packet) and those marked discard (frames an MP4
-# edit list cuts, decoded only as references). Containers' own counts are not
-# used (Matroska, MPEG-TS/PS and FLV store none; AVI's counts the drop frames,
-# MP4's the cut ones), and frames are placed by decode order, never by timestamps.
+# The frame count is the number of packets the decoder turns into pictures: the demuxed (not
+# decoded) packets, less the empty ones (AVI's "drop frame" chunks, the end-of-stream packet) and
+# those marked discard (frames an MP4 edit list cuts). Containers' own counts are not used
+# (Matroska, MPEG-TS/PS and FLV store none; AVI's counts the drop frames, MP4's the cut ones).
 
 
 def _open_video(path: PathLike, threads: int):
@@ -1066,18 +973,13 @@ def count_frames(path: PathLike) -> int:
         return sum(1 for pkt in container.demux(stream) if pkt.size and not pkt.is_discard)
 
 
-def _rgb(frame) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a decoded frame. One scaler thread: FFmpeg's automatic thread pool,
-    created in a process that then forks DataLoader workers, deadlocks them (threads do not fork)."""
-    return frame.to_ndarray(format="rgb24", threads=1)
-
-
 def _decode_from_start(container, stream, wanted: set) -> dict[int, np.ndarray]:
-    """{i: (H, W, 3) uint8} for the wanted indices, frame i being the i-th out of the decoder."""
+    """{i: (H, W, 3) uint8 RGB} for the wanted indices, frame i being the i-th out of the decoder. One
+    RGB-conversion thread: FFmpeg's automatic pool, made before DataLoader workers fork, deadlocks them."""
     last, got = max(wanted), {}
     for i, frame in enumerate(container.decode(stream)):
         if i in wanted:
-            got[i] = _rgb(frame)                              # YUV -> RGB only for needed frames
+            got[i] = frame.to_ndarray(format="rgb24", threads=1)      # YUV -> RGB only for needed frames
         if i >= last:
             break
     return got
@@ -1096,28 +998,19 @@ class AllBadMedia(ValueError):
 class _RobustDataset(Dataset):
     """Shared by the video and image sets: per-sample keyed randomness, and bad files replaced.
 
-    Sample `index` of epoch `epoch` draws every random choice (torch's CPU generator, forked
-    around the sample; the transform's MaskGenerator) from seeds of (seed, epoch, index) alone,
-    never of the rank or worker, so train.py can re-shard a run. A file that raises BadMedia is
-    replaced by the next row of a sequence drawn from the same key (the same in every process,
-    whatever it already knows is bad); `skipped` lists each failure as "path<TAB>reason". Only
-    decoding is guarded: an error in a transform is a bug. Known-bad rows: a flag per row, and
-    the reasons of the first KEPT_REASONS.
+    Every random choice of sample `index` in epoch `epoch` is seeded from (seed, epoch, index),
+    never the rank or worker, so a run can be re-sharded. A file raising BadMedia is replaced by
+    the next row of a sequence drawn from the same key; `skipped` lists each failure as
+    "path<TAB>reason". Only decoding is guarded: an error in a transform is a bug.
     """
-
-    KEPT_REASONS = 1000
 
     def __init__(self, samples: SampleList, transform: Callable):
         self.samples, self.transform = samples, transform
         self.seed, self.epoch = 0, 0                             # the samples' key (set by EpochLoader)
-        self._bad = np.zeros(len(samples), np.bool_)             # row -> known bad, this process
-        self._reasons: dict[int, str] = {}                       # row -> why, for the first KEPT_REASONS
+        self._bad = np.zeros(len(samples), np.bool_)             # row -> known bad here (reason logged once)
 
     def __len__(self):
         return len(self.samples)
-
-    def load(self, index: int) -> dict:
-        raise NotImplementedError
 
     @contextlib.contextmanager
     def _sample_rng(self, seed: int, epoch: int, index: int, attempt: int):
@@ -1136,6 +1029,7 @@ class _RobustDataset(Dataset):
         skipped = []
         i, replacements = index, None
         for attempt in range(MAX_REPLACEMENTS):
+            reason = "known bad"
             if not self._bad[i]:
                 try:
                     if not self.samples.inside_root(i):
@@ -1144,10 +1038,8 @@ class _RobustDataset(Dataset):
                         out = self.load(i)
                     break
                 except BadMedia as e:
-                    self._bad[i] = True
-                    if len(self._reasons) < self.KEPT_REASONS:
-                        self._reasons[i] = e.reason
-            skipped.append(f"{self.samples.path(i)}\t{self._reasons.get(i, 'known bad (reason not kept)')}")
+                    self._bad[i], reason = True, e.reason
+            skipped.append(f"{self.samples.path(i)}\t{reason}")
             if replacements is None:                             # drawn only once a file has failed
                 rng = np.random.default_rng(sample_seed(seed, KEY_REPLACE, epoch, index))
                 replacements = rng.integers(len(self.samples), size=MAX_REPLACEMENTS)
@@ -1177,21 +1069,16 @@ class VideoDataset(_RobustDataset):
 
 
 class ImageDataset(_RobustDataset):
-    """Images of an ImageNet-style tree (root/<class>/<image>; `classes` its folder names) or of a
-    list file under root (`classes` None; `python tools/prepare_data.py lists images` writes one,
-    so that the ranks of a big run do not each scan ImageNet)."""
+    """Images of an ImageNet-style tree (root/<class>/<image>; `classes` its folder names) or of a list
+    file under root (`classes` None; `tools/prepare_data.py lists images` saves each rank a scan)."""
 
-    def __init__(self, root: PathLike, ann_file: Optional[PathLike] = None, transform: Callable = None,
-                 min_short: Optional[int] = None):
-        if ann_file is not None:
-            samples, self.classes = read_annotations(ann_file, root), None
-        else:
-            samples, self.classes = scan_image_folder(root)
+    def __init__(self, root: PathLike, ann_file: Optional[PathLike] = None, transform: Callable = None):
+        samples, self.classes = ((read_annotations(ann_file, root), None) if ann_file is not None
+                                 else scan_image_folder(root))
         super().__init__(samples, transform)
-        self.min_short = min_short
 
     def load(self, index: int) -> dict:
-        return self.transform(read_image(self.samples.path(index), self.min_short))
+        return self.transform(read_image(self.samples.path(index)))
 
 
 # -----------------------------------------------------------------------------
@@ -1202,26 +1089,21 @@ _LOGGED_BAD: set = set()          # paths already logged by this process ("logge
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """The row indices of one process's micro-batches, cut from global batches.
+    """One process's micro-batches, cut from global batches of G = world x accum x batch rows.
 
-    Epoch e is a permutation of the n rows drawn from (seed, epoch) alone (the identity
-    without shuffle), cut into `steps` = n // G global batches of G = world x accum x batch
-    rows (the rest wait for another epoch's order). Process r takes rows [r*accum*batch,
-    (r+1)*accum*batch) of every global batch, as `accum` micro-batches of `batch` rows:
+    Epoch e permutes the n rows from (seed, epoch) alone and cuts `steps` = n // G global
+    batches; process r takes `accum` micro-batches of `batch` rows at r*accum*batch of each:
 
         one global batch (G = 8 rows, batch 2):  | 0 1 | 2 3 | 4 5 | 6 7 |
         world 2, accum 2:                          r0 m0 r0 m1 r1 m0 r1 m1
         world 1, accum 4:                          m0    m1    m2    m3
 
     so the micro-batches are the same rows on any number of processes. set_epoch(e, start)
-    begins at global step `start` without drawing the skipped samples.
+    begins at global step `start`.
     """
 
     def __init__(self, n: int, batch: int, accum: int = 1, rank: int = 0, world: int = 1, seed: int = 0,
                  shuffle: bool = True):
-        if not (0 <= rank < world and batch >= 1 and accum >= 1):
-            raise ValueError(f"expected 0 <= rank < world, batch >= 1 and accum >= 1, got rank {rank}, world "
-                             f"{world}, batch {batch}, accum {accum}")
         self.n, self.batch, self.accum, self.rank, self.world = n, batch, accum, rank, world
         self.seed, self.shuffle = seed, shuffle
         self.global_batch = world * accum * batch
@@ -1229,8 +1111,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        if not 0 <= start <= self.steps:
-            raise ValueError(f"start step {start} outside the epoch's {self.steps} steps")
         self.epoch, self.start = epoch, start
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -1267,12 +1147,10 @@ class _KeyedBatches(Sampler):
 
 
 class EpochLoader:
-    """A DataLoader with `set_epoch`, yielding dicts: in training (drop_last=True) this process's
-    `accum` micro-batches of every global batch (GlobalBatchSampler; `len()` counts a whole epoch);
-    in evaluation DistributedSampler shards, which keep every sample (the last shard is padded
-    with repeats; drop them by `index`). Every index travels with its key (index, seed, epoch).
-    Skipped files are logged once per path and counted in `skipped` (this epoch) and
-    `skipped_total`; `report` prints them per epoch (on the verbose rank)."""
+    """A DataLoader with `set_epoch`, yielding dicts: in training (drop_last) this process's `accum`
+    micro-batches of every global batch (GlobalBatchSampler), in evaluation DistributedSampler
+    shards (padded with repeats: drop them by `index`). Skipped files are logged once per path,
+    counted in `skipped` (this epoch) and `skipped_total`, and printed per epoch if `report`."""
 
     def __init__(self, dataset: _RobustDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  num_workers: int, rank: int = 0, world_size: int = 1, seed: int = 0, name: str = "data",
@@ -1283,15 +1161,13 @@ class EpochLoader:
         if drop_last:
             self.sampler = batches = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world_size, seed,
                                                         shuffle)
-            what = (f"global batch of {batches.global_batch} ({world_size} process(es) x {batch_size} x "
-                    f"accumulation {accum})")
         else:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                               seed=seed, drop_last=False)
             batches = BatchSampler(self.sampler, batch_size, drop_last=False)
-            what = f"batch of {batch_size} per rank over {world_size} rank(s)"
         if len(batches) == 0:
-            raise ValueError(f"{name}: {len(dataset)} samples give no {what}; use a smaller batch or more data")
+            raise ValueError(f"{name}: {len(dataset)} samples give no batch of {batch_size} x {world_size} "
+                             f"process(es) x accumulation {accum}; use a smaller batch or more data")
         self.keys = _KeyedBatches(batches, seed)
         self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=num_workers,
                                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
@@ -1312,8 +1188,6 @@ class EpochLoader:
         """Epoch `epoch`, from its global step `start` (training loaders; evaluation: start 0)."""
         if isinstance(self.sampler, GlobalBatchSampler):
             self.sampler.set_epoch(epoch, start)
-        elif start:
-            raise ValueError("an evaluation loader (drop_last=False) starts its epochs at 0")
         else:
             self.sampler.set_epoch(epoch)
         self.epoch = self.keys.epoch = epoch                        # what every index of the epoch carries
@@ -1349,17 +1223,14 @@ class EpochLoader:
 class JointLoader:
     """The joint stage (BEVT, §3 + paper §4.1): every video batch comes with an image batch.
 
-    One epoch is one pass over the videos, in global steps; each video micro-batch is paired
-    with the next image micro-batch (both cut with the same world and accumulation). The images
-    cycle in their own global steps: video step s of epoch e pairs with image epoch e*P + s // S,
-    step s % S (S image steps per image epoch, P = ceil(video steps / S)), so every video epoch
-    sees fresh image orders and a resume finds its place in both streams without replaying
-    them. Yields the video keys, the image keys, and video_/image_ label and index.
+    One epoch is one pass over the videos; each video micro-batch is paired with the next image
+    micro-batch. The images cycle in their own epochs: video step s of epoch e pairs with image
+    epoch e*P + s // S, step s % S (S image steps per image epoch, P = ceil(video steps / S)), so
+    every pass has a fresh image order and a resume finds its place in both streams.
 
-    Differs from the released code: its MultiSourceRunner also pairs each K400 batch with the
-    next batch of a cycled ImageNet loader, but restarts that cycle every epoch with the
-    sampler at the video epoch, so repeated image passes within an epoch reuse one order;
-    here every pass has its own.
+    Differs from the released code: its MultiSourceRunner restarts its cycled ImageNet loader every
+    epoch with the sampler at the video epoch, so repeated image passes within an epoch reuse one
+    order; here every pass has its own.
     """
 
     def __init__(self, videos: EpochLoader, images: EpochLoader):
@@ -1392,23 +1263,19 @@ class JointLoader:
     def __iter__(self):
         img_epoch, img_start = self.image_position(self.epoch, self.start)
         self.images.set_epoch(img_epoch, img_start)
-        images = iter(self.images)
-        skipped_images = 0
+        images, images_before = iter(self.images), self.images.skipped_total
         for vb in self.videos:
             ib = next(images, None)
             if ib is None:                                            # images exhausted: next image epoch
-                skipped_images += self.images.skipped
                 img_epoch += 1
                 self.images.set_epoch(img_epoch)
                 images = iter(self.images)
                 ib = next(images)
             yield {**{(f"video_{k}" if k in ("label", "index") else k): v for k, v in vb.items()},
                    **{(f"image_{k}" if k in ("label", "index") else k): v for k, v in ib.items()}}
-        skipped_images += self.images.skipped
-        self.skipped = self.videos.skipped + skipped_images
         if self.videos.verbose:
             print(f"[data] joint epoch {self.epoch}: {self.videos.skipped} unreadable video(s) and "
-                  f"{skipped_images} image(s) skipped", flush=True)
+                  f"{self.images.skipped_total - images_before} image(s) skipped", flush=True)
 
 
 def _node_share(local_world_size: Optional[int]) -> tuple[int, int]:
@@ -1440,13 +1307,10 @@ def loading_plan(num_workers: int, threads: int, loaders: int = 1, local_world_s
 class FileLock:
     """A POSIX record lock (`fcntl.lockf`) on a lock file that names its holder ("pid P on HOST since T").
 
-    The kernel frees the lock when its holder dies, on any host (NFS carries POSIX locks), so a
-    restarted job always reclaims it, and a file naming a holder that is gone is simply taken.
-    POSIX, not flock: forked DataLoader workers do not inherit it, so a killed run's lingering
-    workers never keep it. It belongs to the process: one FileLock per file per process, and the
-    holder's text is read through the lock's own descriptor (closing any other one would free it).
-    The file is never deleted: a process could otherwise lock an unlinked file while another
-    creates a new one.
+    The kernel frees the lock when its holder dies, on any host, so a restarted job always
+    reclaims it. POSIX, not flock: forked DataLoader workers do not inherit it, so a killed run's
+    lingering workers never keep it. It belongs to the process: one FileLock per file per process
+    (closing any other descriptor of the file would free it). The file is never deleted.
     """
 
     def __init__(self, path: PathLike):
