@@ -223,44 +223,28 @@ _RELEASED_PREFIXES = (
 def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadReport:
     """Load a released BEVT checkpoint (path or dict) and report exactly what was not used.
 
-    Accepts `{'state_dict': ...}`, `{'model': ...}` or a bare state dict, with
-    `module.` and `backbone.`/`cls_head.` prefixes; also a checkpoint of this
-    project (our own key names). torchvision's and 2D Swin layouts are refused
-    with the tools/convert_checkpoint.py command (swin3d.check_converted). The tokenizer's tensors
-    (`cls_head.vae_encoder.*`, read by tokenizer.load_tokenizer) and a
-    finetuned classifier (`cls_head.fc_cls.*`) are reported as unused. Shape
-    mismatches are errors naming the key, and so are two keys that map to one
-    name (`encoder.X` and `module.encoder.X`). Relative index buffers are
-    re-derived, never taken from the file.
+    Reads what swin3d.read_state_dict reads, in the released layout (`backbone.`/`cls_head.`) or
+    ours; torchvision's and 2D Swin layouts are refused (swin3d.check_converted). The tokenizer's
+    (`cls_head.vae_encoder.*`) and a classifier's (`cls_head.fc_cls.*`) tensors are reported
+    unused. Relative index buffers are re-derived, never taken from the file.
     """
-    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = swin3d.load_file(checkpoint)
-    sd = checkpoint
-    for k in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
-            sd = sd[k]
-            break
-    swin3d.check_converted(sd)
+    flat, _ = swin3d.read_state_dict(checkpoint)
+    swin3d.check_converted({k: v for k, (_, v) in flat.items()})
     ours = self.state_dict()
     mapped, unused, rederived, source = {}, [], [], {}
-    for key, value in sd.items():
-        k = swin3d.unwrap_key(key)
+    for k, (key, value) in flat.items():
         if k not in ours:
-            for old, new in _RELEASED_PREFIXES:
-                if k.startswith(old):
-                    k = new + k[len(old):]
-                    break
-        if k in source:                   # `encoder.X` and `module.encoder.X` (or `backbone.X`): which one?
+            k = next((new + k[len(old):] for old, new in _RELEASED_PREFIXES if k.startswith(old)), k)
+        if k in source:                   # `encoder.X` and `backbone.X`: which one?
             raise ValueError(f"checkpoint holds {k!r} twice, as {source[k]!r} and {key!r}; refusing to guess")
         source[k] = key
         if k.endswith("relative_position_index") and k in ours:
             rederived.append(key)         # consumed, but re-derived rather than loaded
-            continue
-        if k not in ours:
+        elif k not in ours:
             unused.append(key)
-            continue
-        swin3d.check_shape(key, value, ours[k])
-        mapped[k] = value
+        else:
+            swin3d.check_shape(key, value, ours[k])
+            mapped[k] = value
     result = self.load_state_dict(mapped, strict=False)
     missing = sorted(result.missing_keys)
     if strict and (missing or unused):

@@ -862,6 +862,22 @@ def unwrap_key(key: str) -> str:
     return key
 
 
+def read_state_dict(checkpoint) -> tuple[dict, dict]:
+    """(flat, outer) of a path or dict: flat = {key without `module.`/`_orig_mod.`: (original key, tensor)}
+    of its `state_dict`, `model` or the bare dict; outer = the outer dict (or {})."""
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        checkpoint = load_file(checkpoint)
+    outer = checkpoint if isinstance(checkpoint, dict) else {}
+    sd = next((outer[k] for k in ("state_dict", "model") if isinstance(outer.get(k), dict)), checkpoint)
+    flat = {}
+    for key, value in sd.items():
+        k = unwrap_key(key)
+        if k in flat:                                     # `encoder.X` and `module.encoder.X`: refuse to guess
+            raise ValueError(f"checkpoint holds {k!r} twice, as {flat[k][0]!r} and {key!r}; refusing to guess")
+        flat[k] = (key, value)
+    return flat, outer
+
+
 def check_converted(state_dict: dict) -> None:
     """One-line ValueError for the layouts that tools/convert_checkpoint.py converts first (the loaders
     read the released layout and this project's): torchvision's swin3d (its stages under `features.`)

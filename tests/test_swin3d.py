@@ -470,6 +470,20 @@ def test_released_checkpoint_loads_and_index_is_rederived():
     assert torch.equal(idx, relative_position_index((8, 7, 7), (8, 7, 7)))
 
 
+def test_read_state_dict_unwraps_and_refuses_two_keys_for_one_name(tmp_path):
+    """read_state_dict: a path or dict; `state_dict`, `model` or the bare dict; keys without
+    `module.`/`_orig_mod.`, each with its original key; two keys for one name refused."""
+    w = torch.randn(3)
+    torch.save({"model": {"module._orig_mod.norm.weight": w}, "step": 7}, tmp_path / "ck.pt")
+    flat, outer = swin3d.read_state_dict(tmp_path / "ck.pt")
+    assert list(flat) == ["norm.weight"] and flat["norm.weight"][0] == "module._orig_mod.norm.weight"
+    assert torch.equal(flat["norm.weight"][1], w) and outer["step"] == 7
+    assert list(swin3d.read_state_dict({"state_dict": {"a": w}})[0]) == ["a"]
+    assert list(swin3d.read_state_dict({"module.a": w})[0]) == ["a"]
+    with pytest.raises(ValueError, match="twice, as 'a' and 'module.a'"):
+        swin3d.read_state_dict({"a": w, "module.a": w})
+
+
 # ----------------------------------------------------------------------------- inflation, resizing
 
 def fake_2d_swin(C=32, depths=(1, 1, 2, 1), heads=(1, 2, 4, 8), window=7):
