@@ -30,9 +30,10 @@ Shape vocabulary used in the comments:
     heads    (B, nW, nh, N, hd)         hd = C / nh
 
 A block reads as the paper: torch.roll, window_partition, SDPA with bias +
-shift mask, window_reverse, torch.roll back. Two faster equivalents stand
-behind the machinery banner, selected by SwinConfig.attention / .token_moves
-(and by the device under "auto"), each held equal by tests/test_swin3d.py.
+shift mask, window_reverse, torch.roll back. A faster equivalent of the
+attention for CPU training stands behind the machinery banner, selected by
+SwinConfig.attention (and by the device under "auto"), held equal by
+tests/test_swin3d.py.
 Run it: `python -c "import swin3d; print(swin3d.SwinTransformer3D(swin3d.get_config('tiny')))"`;
 `python tools/bench_swin3d.py` measures speed, memory and FLOPs.
 """
@@ -73,7 +74,6 @@ class SwinConfig:
     patch_norm: bool = True                # LayerNorm after the patch embedding (released encoder)
     use_checkpoint: bool = False           # gradient checkpointing per block
     attention: str = "auto"                # "auto" | "sdpa" | "explicit" (see WindowAttention3D)
-    token_moves: str = "auto"              # "auto" | "roll" | "gather" (see SwinBlock3D)
 
 
 PRESETS: dict[str, SwinConfig] = {
@@ -198,15 +198,12 @@ class WindowGeometry(NamedTuple):
     """What a block needs to know about its windows; one per stage and shift, shared by its blocks.
 
     window/shift: as used (clamped to the token grid); index: (N, N) relative
-    position index; mask: (nW, N, N) shift mask or None; order/inverse: the
-    same moves as token permutations (window_order, the faster equivalent).
+    position index; mask: (nW, N, N) shift mask or None.
     """
     window: Shape3
     shift: Shape3
     index: torch.Tensor
     mask: Optional[torch.Tensor]
-    order: torch.Tensor
-    inverse: torch.Tensor
 
 
 # -----------------------------------------------------------------------------
@@ -292,7 +289,7 @@ class WindowAttention3D(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.attention = _check_choice(attention, ATTENTION_IMPLS, "attention implementation")
+        self.attention = _check_attention(attention)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Re-derive the index instead of loading it (the released checkpoint layout): a checkpoint's
@@ -407,7 +404,6 @@ class SwinBlock3D(nn.Module):
         self.drop_path = drop_path
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self.token_moves = "auto"                                 # SwinTransformer3D.set_token_moves
 
     def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
         """x: tokens (B, t, h, w, C) -> (B, t, h, w, C)."""
@@ -424,17 +420,14 @@ class SwinBlock3D(nn.Module):
         if pt or ph or pw:
             x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pt))            # (B, tp, hp, wp, C)
         size = tuple(x.shape[1:4])
-        if _use_gather(self.token_moves, x):                      # the faster equivalent, see the machinery
-            x = attention_by_gather(self.attn, x, geometry)
-        else:
-            # Cyclic shift by -shift (Swin §3.2, "shifted window partitioning"; shift is 0 in even blocks).
-            if any(shift):
-                x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-            windows = window_partition(x, window)                 # (B, nW, N, C)
-            windows = self.attn(windows, geometry.index, geometry.mask)
-            x = window_reverse(windows, window, size)             # (B, tp, hp, wp, C)
-            if any(shift):
-                x = torch.roll(x, shifts=shift, dims=(1, 2, 3))   # and back by +shift
+        # Cyclic shift by -shift (Swin §3.2, "shifted window partitioning"; shift is 0 in even blocks).
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        windows = window_partition(x, window)                     # (B, nW, N, C)
+        windows = self.attn(windows, geometry.index, geometry.mask)
+        x = window_reverse(windows, window, size)                 # (B, tp, hp, wp, C)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2, 3))       # and back by +shift
         return x[:, :t, :h, :w, :]                                # crop the padding from the end: (B, t, h, w, C)
 
 
@@ -484,11 +477,8 @@ class SwinStage(nn.Module):
         window, shift = clamp_window(x.shape[1:4], self.window_size, self.shift_size)
         padded = tuple(math.ceil(s / w) * w for s, w in zip(x.shape[1:4], window))
         index = _cached(relative_position_index, window, self.window_size, device=x.device)
-        geometry = []                                             # [regular windows, shifted windows]
-        for s in ((0, 0, 0), shift):
-            order, inverse = _cached(window_order, padded, window, s, device=x.device)
-            mask = _cached(shift_mask, padded, window, s, device=x.device)
-            geometry.append(WindowGeometry(window, s, index, mask, order, inverse))
+        geometry = [WindowGeometry(window, s, index, _cached(shift_mask, padded, window, s, device=x.device))
+                    for s in ((0, 0, 0), shift)]                  # [regular windows, shifted windows]
         for i, blk in enumerate(self.blocks):
             # Even blocks: regular windows; odd blocks: shifted windows (Swin §3.2).
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -565,20 +555,13 @@ class SwinTransformer3D(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)               # final norm (also the decoders' norm)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.set_token_moves(c.token_moves)
 
-    # -- switches used by tests, benchmarks and train.py
+    # -- the switch used by tests and benchmarks
     def set_attention(self, attention: str) -> None:
         """Switch every block between "auto", "sdpa" and "explicit"."""
         for m in self.modules():
             if isinstance(m, WindowAttention3D):
-                m.attention = _check_choice(attention, ATTENTION_IMPLS, "attention implementation")
-
-    def set_token_moves(self, moves: str) -> None:
-        """Switch every block between "auto", "roll" (torch.roll + window_partition) and "gather"."""
-        for m in self.modules():
-            if isinstance(m, SwinBlock3D):
-                m.token_moves = _check_choice(moves, TOKEN_MOVES, "token moves")
+                m.attention = _check_attention(attention)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay (paper §4.1): relative tables, mask token."""
@@ -643,61 +626,15 @@ def _init_weights(m: nn.Module) -> None:
 # Machinery: what running the method needs (not the method itself).
 
 # -----------------------------------------------------------------------------
-# Faster equivalents of the block's token moves and of its attention. Each gives
-# the visible path's result (tests/test_swin3d.py holds them equal, forward and
-# gradients); SwinConfig.token_moves / .attention or the device picks them.
-
-def window_order(size: Shape3, window: Shape3, shift: Shape3, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, inverse), two (t*h*w,) permutations of the flattened token grid `size`:
-        tokens[:, order]   == window_partition(roll(tokens, -shift), window)  (as (B, nW*N, C))
-        windows[:, inverse] == roll(window_reverse(windows), +shift)           (as (B, t*h*w, C))
-    """
-    idx = torch.arange(math.prod(size), device=device).view(1, *size, 1)
-    if any(shift):
-        idx = torch.roll(idx, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-    order = window_partition(idx, window).flatten()
-    return order, torch.argsort(order)
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """x[:, order] for a permutation `order` of dim 1, whose gradient is the gather by `inverse`
-    (autograd's generic gradient of an index is a scatter-add, serial on the CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, order)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
-def _use_gather(moves: str, x: torch.Tensor) -> bool:
-    """Whether a block moves its tokens by attention_by_gather; "auto": on CPUs, where copies cost most."""
-    return moves == "gather" or (moves == "auto" and x.device.type == "cpu")
-
-
-def attention_by_gather(attn: WindowAttention3D, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-    """roll(-shift), window_partition, attn, window_reverse, roll(+shift) as one gather each way
-    (instead of a copy per shifted axis plus a permute copy): padded tokens (B, tp, hp, wp, C) ->
-    (B, tp, hp, wp, C), bit-identical to the visible path (both only move values)."""
-    B, C, size = x.shape[0], x.shape[-1], x.shape[1:4]
-    N = math.prod(geometry.window)
-    x = _PermuteTokens.apply(x.reshape(B, -1, C), geometry.order, geometry.inverse)    # (B, nW*N, C)
-    x = attn(x.view(B, -1, N, C), geometry.index, geometry.mask)                        # (B, nW, N, C)
-    x = _PermuteTokens.apply(x.view(B, -1, C), geometry.inverse, geometry.order)       # (B, tp*hp*wp, C)
-    return x.view(B, *size, C)
-
+# A faster equivalent of the attention for CPU training: the same formula with its own
+# backward (tests/test_swin3d.py holds it equal to SDPA, forward and gradients).
 
 ATTENTION_IMPLS = ("auto", "sdpa", "explicit")
-TOKEN_MOVES = ("auto", "roll", "gather")
 
 
-def _check_choice(name: str, choices: tuple, what: str) -> str:
-    if name not in choices:
-        raise ValueError(f"unknown {what} {name!r}; expected one of {choices}")
+def _check_attention(name: str) -> str:
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {name!r}; expected one of {ATTENTION_IMPLS}")
     return name
 
 
@@ -776,7 +713,7 @@ class _ExplicitAttention(torch.autograd.Function):
         return dheads.permute(1, 2, 4, 0, 3, 5).reshape(B, nW, N, 3 * nh * hd), dbias, None, None, None
 
 
-# Shift masks, relative indices and window orders depend only on shapes: built once per
+# Shift masks and relative indices depend only on shapes: built once per
 # (shape, window, shift, device) and reused by every block and step (traced under torch.compile).
 _GEOMETRY_CACHE: dict = {}
 
