@@ -120,7 +120,7 @@ class BEVT(nn.Module):
 
     # -- per-stream features (the public interface: "the decoder output before the head")
     def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Decoder output, LayerNorm'd: video (B, T', H/16, W/16, 8C) with T' = 2·ceil(T/2), image (B, H/16, W/16, 8C)."""
+        """Decoder output, LayerNorm'd: video (B, 2·ceil(T/2), H/16, W/16, 8C), image (B, H/16, W/16, 8C)."""
         out = self.encoder(x, mask)
         decoder = self.video_decoder if x.dim() == 5 else self.image_decoder
         return self.encoder.norm(decoder(out.f3, out.f4))
@@ -136,9 +136,10 @@ class BEVT(nn.Module):
         if feats.shape[:-1] != codes.shape:
             raise ValueError(f"codes of shape {tuple(codes.shape)} do not match the decoder grid "
                              f"{tuple(feats.shape[:-1])}")
-        # Gather first, then project: logits only at masked positions (§3, eq. 2 is
-        # needed only where eqs. 3-4 sum). One nonzero() for both gathers: each
-        # data-dependent size is a host-device sync on GPUs.
+        # Gather first, then project: logits only at masked positions (§3, eq. 2 is needed only where
+        # eqs. 3-4 sum). nonzero() is this stream's one host sync (M is data-dependent). It stays: a loss over
+        # every position weighted by the mask would compute the 8192-way head everywhere (×2 at 50% masking),
+        # and M known on the host (where the loader draws the masks) would be one more input per stream.
         idx = mask.reshape(-1).nonzero().squeeze(1)                         # (M,) flat masked positions
         logits = self.head(feats.reshape(-1, feats.shape[-1]).index_select(0, idx))   # (M, vocab)
         target = codes.reshape(-1).index_select(0, idx)                     # (M,)
@@ -199,9 +200,8 @@ class BEVT(nn.Module):
     def no_weight_decay(self) -> set:
         return {"encoder." + n for n in self.encoder.no_weight_decay()}
 
-    # -- checkpoints in the released layout (machinery, below the banner)
     def load_released(self, checkpoint, strict: bool = False) -> swin3d.LoadReport:
-        """Load a released BEVT checkpoint (path or dict) and report exactly what was not used (load_released)."""
+        """Load a released BEVT checkpoint (path or dict) and report what was not used (machinery, below)."""
         return load_released(self, checkpoint, strict)
 
 
@@ -221,13 +221,9 @@ _RELEASED_PREFIXES = (
 
 
 def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadReport:
-    """Load a released BEVT checkpoint (path or dict) and report exactly what was not used.
-
-    Reads what swin3d.read_state_dict reads, in the released layout (`backbone.`/`cls_head.`) or
-    ours; torchvision's and 2D Swin layouts are refused (swin3d.check_converted). The tokenizer's
-    (`cls_head.vae_encoder.*`) and a classifier's (`cls_head.fc_cls.*`) tensors are reported
-    unused. Relative index buffers are re-derived, never taken from the file.
-    """
+    """Load a released BEVT checkpoint (path or dict: swin3d.read_state_dict) in the released layout or ours,
+    and report exactly what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's
+    (`cls_head.fc_cls.*`) tensors. Relative index buffers are re-derived, never taken from the file."""
     flat, _ = swin3d.read_state_dict(checkpoint)
     swin3d.check_converted({k: v for k, (_, v) in flat.items()})
     ours = self.state_dict()
