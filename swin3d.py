@@ -36,6 +36,7 @@ Run it: `python -c "import swin3d; print(swin3d.SwinTransformer3D(swin3d.get_con
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -146,12 +147,8 @@ def shift_mask(size: Shape3, window: Shape3, shift: Shape3, device=None) -> Opti
         [slice(0, None)] if s == 0 else [slice(0, -w), slice(-w, -s), slice(-s, None)]
         for w, s in zip(window, shift)
     ]
-    n = 0
-    for st in cuts[0]:
-        for sh in cuts[1]:
-            for sw in cuts[2]:
-                labels[:, st, sh, sw, :] = n
-                n += 1
+    for n, (st, sh, sw) in enumerate(itertools.product(*cuts)):
+        labels[:, st, sh, sw, :] = n
     labels = window_partition(labels, window)[0, :, :, 0]        # (nW, N)
     diff = labels[:, None, :] != labels[:, :, None]               # (nW, N, N): query row, key column
     return torch.zeros(diff.shape, device=device).masked_fill_(diff, -100.0)
@@ -160,10 +157,9 @@ def shift_mask(size: Shape3, window: Shape3, shift: Shape3, device=None) -> Opti
 def relative_position_index(window: Shape3, table_window: Shape3, device=None) -> torch.Tensor:
     """(N, N) index into a bias table of (2Tw-1)(2Th-1)(2Tw-1) rows, for a window `window`.
 
-    The table is laid out for the configured window `table_window`
-    (paper §3 "BEVT encoders"): index = (dt+Wt-1)(2Wh-1)(2Ww-1) + (dh+Wh-1)(2Ww-1) + (dw+Ww-1)
-    for the relative offset (dt, dh, dw) of query and key. The offsets are
-    derived from the window actually used, so a shrunk window keeps the correct offsets.
+    The table is laid out for the configured window `table_window` (paper §3 "BEVT encoders"):
+    index = (dt+Wt-1)(2Wh-1)(2Ww-1) + (dh+Wh-1)(2Ww-1) + (dw+Ww-1) for the relative offset (dt, dh, dw)
+    of query and key, derived from the window actually used, so a shrunk window keeps the correct offsets.
 
     Differs from the released code: it slices the full-window index as index[:N, :N]. That is identical when
     only the time extent shrinks (time is the slowest axis, so the first N tokens of the full window are
@@ -184,11 +180,8 @@ def relative_position_index(window: Shape3, table_window: Shape3, device=None) -
 
 
 class WindowGeometry(NamedTuple):
-    """What a block needs to know about its windows; one per stage and shift, shared by its blocks.
-
-    window/shift: as used (clamped to the token grid); index: (N, N) relative
-    position index; mask: (nW, N, N) shift mask or None.
-    """
+    """What a block needs to know about its windows, one per stage and shift: window and shift as used
+    (clamped to the token grid), the (N, N) relative position index, the (nW, N, N) shift mask or None."""
     window: Shape3
     shift: Shape3
     index: torch.Tensor
@@ -215,9 +208,8 @@ class PatchEmbed(nn.Module):
 
     Video: Conv3d, kernel = stride = (2, 4, 4): (B, 3, T, H, W) -> (B, T/2, H/4, W/4, C).
     Image: Conv2d, kernel = stride = (4, 4):    (B, 3, H, W)    -> (B, 1,   H/4, W/4, C)
-    (a 4x4x3 = 48-value token projected to C, the paper's image tokens). The
-    two streams own separate instances (`patch_embed`, `patch_embed_2d`).
-    Inputs not divisible by the patch are zero-padded at the end (Video Swin).
+    (a 4x4x3 = 48-value token projected to C, the paper's image tokens). The two streams own separate
+    instances (`patch_embed`, `patch_embed_2d`). Inputs are zero-padded at the end to the patch (Video Swin).
     """
 
     def __init__(self, patch_size: Sequence[int], in_chans: int, embed_dim: int, norm: bool):
@@ -263,22 +255,19 @@ class WindowAttention3D(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.window_size = tuple(window_size)
         self.scale = (dim // num_heads) ** -0.5
-        Wt, Wh, Ww = self.window_size
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1), num_heads))
+        rows = math.prod(2 * w - 1 for w in window_size)         # (2Wt-1)(2Wh-1)(2Ww-1): one per offset (dt, dh, dw)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
         # A persistent buffer only so that the state-dict keys equal the released layout: a checkpoint's
         # value is never trusted (_load_from_state_dict); forward uses the index of the window actually used.
-        self.register_buffer("relative_position_index",
-                             relative_position_index(self.window_size, self.window_size))
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size, self.window_size))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.attention = _check_attention(attention)
+        self.attention = attention                                # SwinTransformer3D.set_attention checks it
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Re-derive the index instead of loading it (the released checkpoint layout): a checkpoint's
-        # copy may come from another window or be wrong, and nothing is learned in it.
+        # Re-derive the index, never load it: a checkpoint's copy may be another window's; nothing is learned.
         state_dict[prefix + "relative_position_index"] = self.relative_position_index
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -460,15 +449,12 @@ class SwinStage(nn.Module):
         for i, blk in enumerate(self.blocks):
             # Even blocks: regular windows; odd blocks: shifted windows (Swin §3.2).
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                # Same code for both streams (differs from the released code, whose
-                # checkpointed path drops the image flag and runs images as video).
+                # Same code for both streams (differs from the released code, whose checkpointed path
+                # drops the image flag and runs images as video).
                 x = cp.checkpoint(blk, x, geometry[i % 2], use_reentrant=False)
             else:
                 x = blk(x, geometry[i % 2])
-        out = x
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return out, x
+        return x, (self.downsample(x) if self.downsample is not None else x)
 
 
 # -----------------------------------------------------------------------------
@@ -480,8 +466,8 @@ class EncoderOutput(NamedTuple):
 
     stages:  (F1, F2, F3, F4), each stage's output *before* its patch merging.
              Video: (B, T/2, H/4·2^-i, W/4·2^-i, C·2^i); image: (B, H/4·2^-i, W/4·2^-i, C·2^i).
-    f4_norm: the final LayerNorm(8C) applied to F4, the feature used for
-             classification (paper §4.1-4.2). The decoders take F3 and F4 (paper §3 "Decoders").
+    f4_norm: the final LayerNorm(8C) applied to F4, the feature used for classification (paper §4.1-4.2).
+    The decoders take F3 and F4 (paper §3 "Decoders").
     """
 
     stages: tuple
@@ -532,22 +518,23 @@ class SwinTransformer3D(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)               # final norm (also the decoders' norm)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.set_attention(c.attention)
 
-    # -- the switch used by tests and benchmarks
     def set_attention(self, attention: str) -> None:
-        """Switch every block between "auto", "sdpa" and "explicit"."""
+        """Switch every block between "auto", "sdpa" and "explicit" (see WindowAttention3D)."""
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {attention!r}; expected one of {ATTENTION_IMPLS}")
         for m in self.modules():
             if isinstance(m, WindowAttention3D):
-                m.attention = _check_attention(attention)
+                m.attention = attention
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay (paper §4.1): relative tables, mask token."""
-        return {n for n, _ in self.named_parameters()
-                if n.endswith("relative_position_bias_table") or n == "mask_token"}
+        return {n for n, _ in self.named_parameters() if n.endswith(("relative_position_bias_table", "mask_token"))}
 
     # -- input checks: one-line errors naming what was expected and what came
     def _check(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        c, pt, (H, W) = self.config.in_chans, self.config.patch_size[0], x.shape[-2:]
+        c, pt, B, (H, W) = self.config.in_chans, self.config.patch_size[0], x.shape[0], x.shape[-2:]
         if x.dim() not in (4, 5) or x.shape[1] != c:
             raise ValueError(f"expected a clip (B, {c}, T, H, W) or an image (B, {c}, H, W) with {c} input "
                              f"channels at dim 1, got a tensor of shape {tuple(x.shape)}")
@@ -557,8 +544,7 @@ class SwinTransformer3D(nn.Module):
             raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
         if H % 16 or W % 16:
             raise ValueError(f"a mask needs H and W divisible by 16 (the tokenizer grid), got {H}x{W}")
-        expected = ((x.shape[0], H // 16, W // 16) if x.dim() == 4
-                    else (x.shape[0], -(-x.shape[2] // pt), H // 16, W // 16))
+        expected = (B, H // 16, W // 16) if x.dim() == 4 else (B, -(-x.shape[2] // pt), H // 16, W // 16)
         if tuple(mask.shape) != expected:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the input {tuple(x.shape)}: "
                              f"expected {expected} (batch, [T/{pt},] H/16, W/16)")
@@ -611,18 +597,11 @@ def _init_weights(m: nn.Module) -> None:
 ATTENTION_IMPLS = ("auto", "sdpa", "explicit")
 
 
-def _check_attention(name: str) -> str:
-    if name not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention implementation {name!r}; expected one of {ATTENTION_IMPLS}")
-    return name
-
-
 def _use_explicit(attention: str, x: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether WindowAttention3D runs explicit_attention. "auto": for CPU training, where SDPA's flash
     kernel has no gradient for attn_mask and falls back to its math kernel (CUDA's kernels have one)."""
-    if attention == "auto":
-        return x.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad
-    return attention == "explicit"
+    return attention == "explicit" or (attention == "auto" and x.device.type == "cpu" and torch.is_grad_enabled()
+                                       and bias.requires_grad)
 
 
 def explicit_attention(qkv, bias, mask, num_heads: int, scale: float, dropout_p: float) -> torch.Tensor:
@@ -637,9 +616,8 @@ def explicit_attention(qkv, bias, mask, num_heads: int, scale: float, dropout_p:
 class _ExplicitAttention(torch.autograd.Function):
     """qkv (B, nW, N, 3C) -> attention_reference (no dropout) with heads merged, (B, nW, N, C).
 
-    A hand-written backward that works in place: of the (B, nW, nh, N, N) logits, the model's
-    largest tensors, autograd allocates six per shifted block (logits, +bias, +mask, softmax;
-    dP, dS), this two (P and dS, each overwriting its predecessor).
+    A hand-written backward that works in place: of the (B, nW, nh, N, N) logits, the model's largest
+    tensors, autograd allocates six per shifted block (logits, +bias, +mask, softmax; dP, dS), this two.
 
     Backward, with S = q·kᵀ·scale + B + M, P = softmax(S), O = P·v:
         dv = Pᵀ·dO,  dP = dO·vᵀ,
@@ -732,10 +710,9 @@ class LoadReport(NamedTuple):
 
 
 def load_file(path) -> object:
-    """torch.load(weights_only=True) on CPU; anything else (text, a torn zip, a pickle that needs
-    classes) is a one-line ValueError. Every checkpoint reader goes through here, so it also refuses
-    a tensor that reaches beyond its storage or reuses elements (stride 0): weights_only accepts a
-    1.7 KB file declaring gigabytes, which the first .contiguous() would allocate."""
+    """torch.load(weights_only=True) on CPU, else (text, a torn zip, a pickle needing classes) a one-line
+    ValueError. Every checkpoint reader goes through here, so it also refuses a tensor beyond its storage or
+    reusing elements (stride 0): weights_only accepts a 1.7 KB file declaring gigabytes (then allocated)."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path}: no such file")
     try:
@@ -759,9 +736,7 @@ def load_file(path) -> object:
 
 def unwrap_key(key: str) -> str:
     """A state-dict key without the wrappers' prefixes: `module.` (DDP) then `_orig_mod.` (torch.compile)."""
-    for p in ("module.", "_orig_mod."):
-        key = key[len(p):] if key.startswith(p) else key
-    return key
+    return key.removeprefix("module.").removeprefix("_orig_mod.")
 
 
 def read_state_dict(checkpoint) -> tuple[dict, dict]:
@@ -785,8 +760,7 @@ def check_converted(state_dict: dict) -> None:
     (stages under `features.`) and a 2D Swin (a 4-D patch embedding)."""
     keys = [unwrap_key(k) for k in state_dict]
     if any(k.startswith("features.") for k in keys):
-        raise ValueError("torchvision swin3d layout: convert it first with "
-                         "`python tools/convert_checkpoint.py torchvision IN OUT`")
+        raise ValueError("torchvision's swin3d layout: first `python tools/convert_checkpoint.py torchvision IN OUT`")
     if any(k.endswith("patch_embed.proj.weight") and v.dim() == 4 for k, v in zip(keys, state_dict.values())):
         raise ValueError("2D Swin image checkpoint: inflate it first with "
                          "`python tools/convert_checkpoint.py inflate IN OUT --preset NAME`")
@@ -795,8 +769,7 @@ def check_converted(state_dict: dict) -> None:
 def check_shape(name: str, value: torch.Tensor, expected: torch.Tensor) -> None:
     """One-line error when a checkpoint tensor does not fit the model's."""
     if tuple(value.shape) != tuple(expected.shape):
-        raise ValueError(f"checkpoint key {name!r} has shape {tuple(value.shape)}, the model expects "
-                         f"{tuple(expected.shape)}")
+        raise ValueError(f"checkpoint key {name!r} has shape {tuple(value.shape)}, the model {tuple(expected.shape)}")
 
 
 def resize_relative_tables(state_dict: dict, old_window: Sequence[int], new_window: Sequence[int]) -> dict:

@@ -97,7 +97,6 @@ def test_single_stream_stages_have_no_unused_trainable_parameters(stage):
 
 
 def test_tokenizer_gets_no_gradient_inside_a_training_step():
-    import tokenizer
     torch.manual_seed(0)
     tok = kmeans_fit.fit(torch.rand(8, 3, 64, 64), 64, seed=0, iters=3)
     m = tiny_bevt()
