@@ -120,7 +120,7 @@ class BEVT(nn.Module):
 
     # -- per-stream features (the public interface: "the decoder output before the head")
     def features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Decoder output, LayerNorm'd: video (B, T', H/16, W/16, 8C) with T' = 2·ceil(T/2), image (B, H/16, W/16, 8C)."""
+        """Decoder output, LayerNorm'd: video (B, 2·ceil(T/2), H/16, W/16, 8C), image (B, H/16, W/16, 8C)."""
         out = self.encoder(x, mask)
         decoder = self.video_decoder if x.dim() == 5 else self.image_decoder
         return self.encoder.norm(decoder(out.f3, out.f4))
@@ -136,9 +136,10 @@ class BEVT(nn.Module):
         if feats.shape[:-1] != codes.shape:
             raise ValueError(f"codes of shape {tuple(codes.shape)} do not match the decoder grid "
                              f"{tuple(feats.shape[:-1])}")
-        # Gather first, then project: logits only at masked positions (§3, eq. 2 is
-        # needed only where eqs. 3-4 sum). One nonzero() for both gathers: each
-        # data-dependent size is a host-device sync on GPUs.
+        # Gather first, then project: logits only at masked positions (§3, eq. 2 is needed only where
+        # eqs. 3-4 sum). nonzero() is this stream's one host sync (M is data-dependent). It stays: a loss over
+        # every position weighted by the mask would compute the 8192-way head everywhere (×2 at 50% masking),
+        # and M known on the host (where the loader draws the masks) would be one more input per stream.
         idx = mask.reshape(-1).nonzero().squeeze(1)                         # (M,) flat masked positions
         logits = self.head(feats.reshape(-1, feats.shape[-1]).index_select(0, idx))   # (M, vocab)
         target = codes.reshape(-1).index_select(0, idx)                     # (M,)
@@ -199,9 +200,8 @@ class BEVT(nn.Module):
     def no_weight_decay(self) -> set:
         return {"encoder." + n for n in self.encoder.no_weight_decay()}
 
-    # -- checkpoints in the released layout (machinery, below the banner)
     def load_released(self, checkpoint, strict: bool = False) -> swin3d.LoadReport:
-        """Load a released BEVT checkpoint (path or dict) and report exactly what was not used (load_released)."""
+        """Load a released BEVT checkpoint (path or dict) and report what was not used (machinery, below)."""
         return load_released(self, checkpoint, strict)
 
 
@@ -221,46 +221,26 @@ _RELEASED_PREFIXES = (
 
 
 def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadReport:
-    """Load a released BEVT checkpoint (path or dict) and report exactly what was not used.
-
-    Accepts `{'state_dict': ...}`, `{'model': ...}` or a bare state dict, with
-    `module.` and `backbone.`/`cls_head.` prefixes; also a checkpoint of this
-    project (our own key names). torchvision's and 2D Swin layouts are refused
-    with the tools/convert_checkpoint.py command (swin3d.check_converted). The tokenizer's tensors
-    (`cls_head.vae_encoder.*`, read by tokenizer.load_tokenizer) and a
-    finetuned classifier (`cls_head.fc_cls.*`) are reported as unused. Shape
-    mismatches are errors naming the key, and so are two keys that map to one
-    name (`encoder.X` and `module.encoder.X`). Relative index buffers are
-    re-derived, never taken from the file.
-    """
-    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = swin3d.load_file(checkpoint)
-    sd = checkpoint
-    for k in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(k), dict):
-            sd = sd[k]
-            break
-    swin3d.check_converted(sd)
+    """Load a released BEVT checkpoint (path or dict: swin3d.read_state_dict) in the released layout or ours,
+    and report exactly what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's
+    (`cls_head.fc_cls.*`) tensors. Relative index buffers are re-derived, never taken from the file."""
+    flat, _ = swin3d.read_state_dict(checkpoint)
+    swin3d.check_converted({k: v for k, (_, v) in flat.items()})
     ours = self.state_dict()
     mapped, unused, rederived, source = {}, [], [], {}
-    for key, value in sd.items():
-        k = swin3d.unwrap_key(key)
+    for k, (key, value) in flat.items():
         if k not in ours:
-            for old, new in _RELEASED_PREFIXES:
-                if k.startswith(old):
-                    k = new + k[len(old):]
-                    break
-        if k in source:                   # `encoder.X` and `module.encoder.X` (or `backbone.X`): which one?
+            k = next((new + k[len(old):] for old, new in _RELEASED_PREFIXES if k.startswith(old)), k)
+        if k in source:                   # `encoder.X` and `backbone.X`: which one?
             raise ValueError(f"checkpoint holds {k!r} twice, as {source[k]!r} and {key!r}; refusing to guess")
         source[k] = key
         if k.endswith("relative_position_index") and k in ours:
             rederived.append(key)         # consumed, but re-derived rather than loaded
-            continue
-        if k not in ours:
+        elif k not in ours:
             unused.append(key)
-            continue
-        swin3d.check_shape(key, value, ours[k])
-        mapped[k] = value
+        else:
+            swin3d.check_shape(key, value, ours[k])
+            mapped[k] = value
     result = self.load_state_dict(mapped, strict=False)
     missing = sorted(result.missing_keys)
     if strict and (missing or unused):

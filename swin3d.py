@@ -1,8 +1,7 @@
 """Video Swin Transformer encoder shared by BEVT's image and video streams.
 
-Implements paper §3 "BEVT encoders" and "Weight sharing between streams"
-(the Video Swin Transformer of Liu et al., 2022), with the released
-checkpoint's key layout.
+Implements paper §3 "BEVT encoders" and "Weight sharing between streams" (the Video Swin Transformer of Liu
+et al., 2022), with the released checkpoint's key layout.
 
 One encoder, two entry points:
 
@@ -15,13 +14,11 @@ One encoder, two entry points:
                                |
     EncoderOutput(stages=(F1, F2, F3, F4), f4_norm=LayerNorm(F4))
 
-An image is treated as a clip with one token time step. Every block, merging
-layer and the final norm are literally the same code and weights for both
-streams; with one time step the 3D window shrinks to (1, Wh, Ww), the temporal
-shift becomes 0 and the relative-position index of that window picks exactly
-the Δt = 0 sub-matrix of the 3D bias table, which is the paper's 2D adaptation.
-The released code keeps a separate, drifting image branch instead (see the
-"Differs from the released code" notes below).
+An image is treated as a clip with one token time step. Every block, merging layer and the final norm
+are literally the same code and weights for both streams; with one time step the 3D window shrinks to
+(1, Wh, Ww), the temporal shift becomes 0 and the relative-position index of that window picks exactly
+the Δt = 0 sub-matrix of the 3D bias table, which is the paper's 2D adaptation. The released code keeps
+a separate, drifting image branch instead (see the "Differs from the released code" notes below).
 
 Shape vocabulary used in the comments:
     pixels   (B, 3, T, H, W) or (B, 3, H, W)
@@ -29,10 +26,9 @@ Shape vocabulary used in the comments:
     windows  (B, nW, N, C)              N = wt*wh*ww tokens per window
     heads    (B, nW, nh, N, hd)         hd = C / nh
 
-A block reads as the paper: torch.roll, window_partition, SDPA with bias +
-shift mask, window_reverse, torch.roll back. Two faster equivalents stand
-behind the machinery banner, selected by SwinConfig.attention / .token_moves
-(and by the device under "auto"), each held equal by tests/test_swin3d.py.
+A block reads as the paper: torch.roll, window_partition, SDPA with bias + shift mask, window_reverse,
+torch.roll back. A faster equivalent of the attention for CPU training stands behind the machinery
+banner, selected by SwinConfig.attention (and by the device under "auto"), held equal by a test.
 Run it: `python -c "import swin3d; print(swin3d.SwinTransformer3D(swin3d.get_config('tiny')))"`;
 `python tools/bench_swin3d.py` measures speed, memory and FLOPs.
 """
@@ -40,6 +36,7 @@ Run it: `python -c "import swin3d; print(swin3d.SwinTransformer3D(swin3d.get_con
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -73,7 +70,6 @@ class SwinConfig:
     patch_norm: bool = True                # LayerNorm after the patch embedding (released encoder)
     use_checkpoint: bool = False           # gradient checkpointing per block
     attention: str = "auto"                # "auto" | "sdpa" | "explicit" (see WindowAttention3D)
-    token_moves: str = "auto"              # "auto" | "roll" | "gather" (see SwinBlock3D)
 
 
 PRESETS: dict[str, SwinConfig] = {
@@ -82,10 +78,9 @@ PRESETS: dict[str, SwinConfig] = {
     "small": SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
     "base": SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
     "large": SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-    # CPU-sized preset for the offline demo on the synthetic data set: the
-    # architecture of Swin-T with a quarter of its width and one block in the
-    # outer stages (1.48M encoder parameters). Window (8, 7, 7) is kept: small inputs
-    # simply shrink it, as they do for the paper's models.
+    # CPU-sized preset for the offline demo on the synthetic data set: the architecture of Swin-T with a
+    # quarter of its width and one block in the outer stages (1.48M encoder parameters). Window (8, 7, 7) is
+    # kept: small inputs simply shrink it, as they do for the paper's models.
     "cpu": SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.1),
 }
 
@@ -105,9 +100,8 @@ def get_config(preset: str, **overrides) -> SwinConfig:
 def clamp_window(size: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> tuple[Shape3, Shape3]:
     """Window and shift actually used for a token grid `size` = (t, h, w).
 
-    Along an axis whose extent is <= the window, the window shrinks to the
-    extent and the shift along it becomes 0 (Video Swin `get_window_size`).
-    This is what makes an image (t = 1) use a (1, Wh, Ww) window.
+    Along an axis whose extent is <= the window, the window shrinks to the extent and the shift along it
+    becomes 0 (Video Swin `get_window_size`). This is what makes an image (t = 1) use a (1, Wh, Ww) window.
     """
     win = tuple(min(s, w) for s, w in zip(size, window))
     sh = tuple(0 if s <= w else k for s, w, k in zip(size, window, shift))
@@ -139,13 +133,11 @@ def window_reverse(windows: torch.Tensor, window: Shape3, size: Shape3) -> torch
 def shift_mask(size: Shape3, window: Shape3, shift: Shape3, device=None) -> Optional[torch.Tensor]:
     """Additive attention mask (nW, N, N) of a shifted-window block, or None if unshifted.
 
-    `size` is the padded token grid. After the cyclic roll by -shift, a window
-    at the far end holds tokens from different regions of the un-rolled map;
-    each axis is cut into [0, -w), [-w, -s), [-s, end) and tokens with different
-    region labels must not attend to each other: their logit gets -100
-    (Swin's value; after the softmax such a weight is ~4e-44 in fp32, a
-    denormal rather than 0, which the CPU training path flushes to 0, see
-    _ExplicitAttention).
+    `size` is the padded token grid. After the cyclic roll by -shift, a window at the far end
+    holds tokens from different regions of the un-rolled map; each axis is cut into
+    [0, -w), [-w, -s), [-s, end) and tokens with different region labels must not attend to
+    each other: their logit gets -100 (Swin's value; after the softmax ~4e-44 in fp32, which
+    _ExplicitAttention flushes to 0).
     """
     if not any(shift):
         return None
@@ -155,12 +147,8 @@ def shift_mask(size: Shape3, window: Shape3, shift: Shape3, device=None) -> Opti
         [slice(0, None)] if s == 0 else [slice(0, -w), slice(-w, -s), slice(-s, None)]
         for w, s in zip(window, shift)
     ]
-    n = 0
-    for st in cuts[0]:
-        for sh in cuts[1]:
-            for sw in cuts[2]:
-                labels[:, st, sh, sw, :] = n
-                n += 1
+    for n, (st, sh, sw) in enumerate(itertools.product(*cuts)):
+        labels[:, st, sh, sw, :] = n
     labels = window_partition(labels, window)[0, :, :, 0]        # (nW, N)
     diff = labels[:, None, :] != labels[:, :, None]               # (nW, N, N): query row, key column
     return torch.zeros(diff.shape, device=device).masked_fill_(diff, -100.0)
@@ -169,21 +157,18 @@ def shift_mask(size: Shape3, window: Shape3, shift: Shape3, device=None) -> Opti
 def relative_position_index(window: Shape3, table_window: Shape3, device=None) -> torch.Tensor:
     """(N, N) index into a bias table of (2Tw-1)(2Th-1)(2Tw-1) rows, for a window `window`.
 
-    The table is laid out for the configured window `table_window`
-    (paper §3 "BEVT encoders"): index = (dt+Wt-1)(2Wh-1)(2Ww-1) + (dh+Wh-1)(2Ww-1) + (dw+Ww-1)
-    for the relative offset (dt, dh, dw) of query and key. The offsets are
-    derived from the window actually used, so a shrunk window keeps the
-    correct offsets.
+    The table is laid out for the configured window `table_window` (paper §3 "BEVT encoders"):
+    index = (dt+Wt-1)(2Wh-1)(2Ww-1) + (dh+Wh-1)(2Ww-1) + (dw+Ww-1) for the relative offset (dt, dh, dw)
+    of query and key, derived from the window actually used, so a shrunk window keeps the correct offsets.
 
-    Differs from the released code: it slices the full-window index as
-    index[:N, :N]. That is identical when only the time extent shrinks (time is
-    the slowest axis, so the first N tokens of the full window are exactly the
-    ones with t < wt) and for images, but picks wrong offsets when a spatial
-    extent shrinks (e.g. the 4x4 stage-4 map of a 112-px input).
+    Differs from the released code: it slices the full-window index as index[:N, :N]. That is identical when
+    only the time extent shrinks (time is the slowest axis, so the first N tokens of the full window are
+    exactly the ones with t < wt) and for images, but picks wrong offsets when a spatial extent shrinks
+    (e.g. the 4x4 stage-4 map of a 112-px input).
 
-    For an image window (1, Wh, Ww), dt = 0 everywhere: this is the Δt = 0
-    sub-matrix of the 3D index, i.e. index3d[:Wh*Ww, :Wh*Ww] (paper §3,
-    "reusing the submatrix ... where the relative temporal distance is 0").
+    For an image window (1, Wh, Ww), dt = 0 everywhere: this is the Δt = 0 sub-matrix of the 3D index,
+    i.e. index3d[:Wh*Ww, :Wh*Ww] (paper §3, "reusing the submatrix ... where the relative temporal
+    distance is 0").
     """
     if any(w > tw for w, tw in zip(window, table_window)):
         raise ValueError(f"window {tuple(window)} is larger than the bias table's window {tuple(table_window)}")
@@ -195,18 +180,12 @@ def relative_position_index(window: Shape3, table_window: Shape3, device=None) -
 
 
 class WindowGeometry(NamedTuple):
-    """What a block needs to know about its windows; one per stage and shift, shared by its blocks.
-
-    window/shift: as used (clamped to the token grid); index: (N, N) relative
-    position index; mask: (nW, N, N) shift mask or None; order/inverse: the
-    same moves as token permutations (window_order, the faster equivalent).
-    """
+    """What a block needs to know about its windows, one per stage and shift: window and shift as used
+    (clamped to the token grid), the (N, N) relative position index, the (nW, N, N) shift mask or None."""
     window: Shape3
     shift: Shape3
     index: torch.Tensor
     mask: Optional[torch.Tensor]
-    order: torch.Tensor
-    inverse: torch.Tensor
 
 
 # -----------------------------------------------------------------------------
@@ -229,9 +208,8 @@ class PatchEmbed(nn.Module):
 
     Video: Conv3d, kernel = stride = (2, 4, 4): (B, 3, T, H, W) -> (B, T/2, H/4, W/4, C).
     Image: Conv2d, kernel = stride = (4, 4):    (B, 3, H, W)    -> (B, 1,   H/4, W/4, C)
-    (a 4x4x3 = 48-value token projected to C, the paper's image tokens). The
-    two streams own separate instances (`patch_embed`, `patch_embed_2d`).
-    Inputs not divisible by the patch are zero-padded at the end (Video Swin).
+    (a 4x4x3 = 48-value token projected to C, the paper's image tokens). The two streams own separate
+    instances (`patch_embed`, `patch_embed_2d`). Inputs are zero-padded at the end to the patch (Video Swin).
     """
 
     def __init__(self, patch_size: Sequence[int], in_chans: int, embed_dim: int, norm: bool):
@@ -264,13 +242,11 @@ class PatchEmbed(nn.Module):
 class WindowAttention3D(nn.Module):
     """Multi-head self-attention inside windows, with a learned relative position bias.
 
-    Attention(Q, K, V) = softmax(Q Kᵀ / sqrt(hd) + B + M) V, where B is gathered
-    from `relative_position_bias_table` by the relative index and M is the
-    shifted-window mask. The bias table is sized for the configured window;
-    smaller windows (clamped for small inputs, or images) index into it.
-    `attention`: "sdpa" = F.scaled_dot_product_attention; "explicit" = the
-    formula with its own backward (the faster equivalent on CPUs); "auto" =
-    SDPA except for CPU training (_use_explicit).
+    Attention(Q, K, V) = softmax(Q Kᵀ / sqrt(hd) + B + M) V, where B is gathered from
+    `relative_position_bias_table` by the relative index and M is the shifted-window mask. The bias table is
+    sized for the configured window; smaller windows (clamped for small inputs, or images) index into it.
+    `attention`: "sdpa" = F.scaled_dot_product_attention; "explicit" = the formula with its own backward
+    (the faster equivalent on CPUs); "auto" = SDPA except for CPU training (_use_explicit).
     """
 
     def __init__(self, dim: int, window_size: Shape3, num_heads: int, qkv_bias: bool = True,
@@ -279,34 +255,27 @@ class WindowAttention3D(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.window_size = tuple(window_size)
         self.scale = (dim // num_heads) ** -0.5
-        Wt, Wh, Ww = self.window_size
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * Wt - 1) * (2 * Wh - 1) * (2 * Ww - 1), num_heads))
-        # Kept as a persistent buffer only so that state-dict keys equal the
-        # released layout; its value in a checkpoint is never
-        # trusted (see _load_from_state_dict) and the forward pass uses the
-        # index derived for the window actually used.
-        self.register_buffer("relative_position_index",
-                             relative_position_index(self.window_size, self.window_size))
+        rows = math.prod(2 * w - 1 for w in window_size)         # (2Wt-1)(2Wh-1)(2Ww-1): one per offset (dt, dh, dw)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+        # A persistent buffer only so that the state-dict keys equal the released layout: a checkpoint's
+        # value is never trusted (_load_from_state_dict); forward uses the index of the window actually used.
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size, self.window_size))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.attention = _check_choice(attention, ATTENTION_IMPLS, "attention implementation")
+        self.attention = attention                                # SwinTransformer3D.set_attention checks it
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Re-derive the index instead of loading it (the released checkpoint layout): a checkpoint's
-        # copy may come from another window or be wrong, and nothing is learned in it.
+        # Re-derive the index, never load it: a checkpoint's copy may be another window's; nothing is learned.
         state_dict[prefix + "relative_position_index"] = self.relative_position_index
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def bias(self, index: torch.Tensor) -> torch.Tensor:
         """Gather the relative position bias for an (N, N) index -> (nh, N, N)."""
-        # Gather from the transposed (nh, rows) table: index_select writes (nh, N, N)
-        # directly in the dense layout the fused kernels want in attn_mask, with
-        # no permute copy, and its backward is an index_add. With one head the
-        # transpose is a view(1, -1) instead, so that the table's gradient keeps the
-        # table's own strides, which DDP's gradient buckets expect.
+        # From the transposed (nh, rows) table, index_select writes (nh, N, N) in the dense layout the fused
+        # kernels want in attn_mask, with no permute copy. With one head a view(1, -1) instead, so that the
+        # table's gradient keeps the table's strides, which DDP's gradient buckets expect.
         table = self.relative_position_bias_table                        # (rows, nh)
         t = table.view(1, -1) if table.shape[1] == 1 else table.t()      # (nh, rows)
         return torch.index_select(t, 1, index.reshape(-1)).view(t.shape[0], *index.shape)   # (nh, N, N)
@@ -354,14 +323,11 @@ def attention_reference(q, k, v, bias, mask, dropout_p: float = 0.0, scale: Opti
 def _sdpa_windows(q, k, v, bias, mask, dropout_p: float):
     """attention_reference through F.scaled_dot_product_attention, attn_mask = bias + shift mask.
 
-    q, k, v (B, nW, nh, N, hd) -> (B, nW, nh, N, hd). The fused kernels take
-    4-D (batch, heads, N, hd) inputs and an attn_mask broadcastable to
-    (batch, heads, N, N). The bias is shared by all windows, so unshifted
-    blocks fold the windows into the batch: (B*nW, nh, N, hd) with a
-    (1, nh, N, N) mask, a free view. Shifted blocks need a different mask per
-    window, so windows go next to the heads: (B, nW*nh, N, hd) with a
-    (1, nW*nh, N, N) mask that broadcasts over the batch. The mask is never
-    copied B times in the forward.
+    q, k, v (B, nW, nh, N, hd) -> (B, nW, nh, N, hd). The fused kernels take 4-D (batch, heads, N, hd)
+    inputs and an attn_mask broadcastable to (batch, heads, N, N). The bias is shared by all windows,
+    so unshifted blocks fold the windows into the batch: (B*nW, nh, N, hd) with a (1, nh, N, N) mask,
+    a free view. Shifted blocks need a mask per window, so windows go next to the heads:
+    (B, nW*nh, N, hd) with a (1, nW*nh, N, N) mask that broadcasts over the batch (never copied B times).
     """
     B, nW, nh, N, hd = q.shape
     if mask is None:
@@ -394,9 +360,8 @@ class Mlp(nn.Module):
 class SwinBlock3D(nn.Module):
     """x = x + DropPath(W-MSA(LN(x)));  x = x + DropPath(MLP(LN(x)))  (Swin eq. 3).
 
-    The window geometry (window, shift, index and mask) is decided once
-    per stage (it depends only on the token grid) and passed in, so every
-    block of every stream runs this one code path.
+    The window geometry (window, shift, index and mask) is decided once per stage (it depends only on the
+    token grid) and passed in, so every block of every stream runs this one code path.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: Shape3, mlp_ratio: float, qkv_bias: bool,
@@ -407,7 +372,6 @@ class SwinBlock3D(nn.Module):
         self.drop_path = drop_path
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self.token_moves = "auto"                                 # SwinTransformer3D.set_token_moves
 
     def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
         """x: tokens (B, t, h, w, C) -> (B, t, h, w, C)."""
@@ -424,17 +388,14 @@ class SwinBlock3D(nn.Module):
         if pt or ph or pw:
             x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pt))            # (B, tp, hp, wp, C)
         size = tuple(x.shape[1:4])
-        if _use_gather(self.token_moves, x):                      # the faster equivalent, see the machinery
-            x = attention_by_gather(self.attn, x, geometry)
-        else:
-            # Cyclic shift by -shift (Swin §3.2, "shifted window partitioning"; shift is 0 in even blocks).
-            if any(shift):
-                x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-            windows = window_partition(x, window)                 # (B, nW, N, C)
-            windows = self.attn(windows, geometry.index, geometry.mask)
-            x = window_reverse(windows, window, size)             # (B, tp, hp, wp, C)
-            if any(shift):
-                x = torch.roll(x, shifts=shift, dims=(1, 2, 3))   # and back by +shift
+        # Cyclic shift by -shift (Swin §3.2, "shifted window partitioning"; shift is 0 in even blocks).
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        windows = window_partition(x, window)                     # (B, nW, N, C)
+        windows = self.attn(windows, geometry.index, geometry.mask)
+        x = window_reverse(windows, window, size)                 # (B, tp, hp, wp, C)
+        if any(shift):
+            x = torch.roll(x, shifts=shift, dims=(1, 2, 3))   # and back by +shift
         return x[:, :t, :h, :w, :]                                # crop the padding from the end: (B, t, h, w, C)
 
 
@@ -455,10 +416,9 @@ class PatchMerging(nn.Module):
         if x.shape[2] % 2 or x.shape[3] % 2:
             x = F.pad(x, (0, 0, 0, x.shape[3] % 2, 0, x.shape[2] % 2))
         B, t, h, w, C = x.shape
-        # The released code concatenates the four strided slices x[:, :, 0::2, 0::2],
-        # x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]. The same
-        # tensor as one reshape (neighbour index dh + 2*dw), whose gradient is one
-        # copy back (that of four slices is four zero-filled full-size tensors).
+        # The released code concatenates the four strided slices x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2],
+        # x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]; the same tensor as one reshape (neighbour index
+        # dh + 2*dw), whose gradient is one copy back (four slices': four zero-filled full-size tensors).
         x = x.reshape(B, t, h // 2, 2, w // 2, 2, C)              # (B, t, h/2, dh, w/2, dw, C)
         x = x.permute(0, 1, 2, 4, 5, 3, 6).reshape(B, t, h // 2, w // 2, 4 * C)   # (B, t, h/2, w/2, (dw, dh, C))
         return self.reduction(self.norm(x))
@@ -484,23 +444,17 @@ class SwinStage(nn.Module):
         window, shift = clamp_window(x.shape[1:4], self.window_size, self.shift_size)
         padded = tuple(math.ceil(s / w) * w for s, w in zip(x.shape[1:4], window))
         index = _cached(relative_position_index, window, self.window_size, device=x.device)
-        geometry = []                                             # [regular windows, shifted windows]
-        for s in ((0, 0, 0), shift):
-            order, inverse = _cached(window_order, padded, window, s, device=x.device)
-            mask = _cached(shift_mask, padded, window, s, device=x.device)
-            geometry.append(WindowGeometry(window, s, index, mask, order, inverse))
+        geometry = [WindowGeometry(window, s, index, _cached(shift_mask, padded, window, s, device=x.device))
+                    for s in ((0, 0, 0), shift)]                  # [regular windows, shifted windows]
         for i, blk in enumerate(self.blocks):
             # Even blocks: regular windows; odd blocks: shifted windows (Swin §3.2).
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                # Same code for both streams (differs from the released code, whose
-                # checkpointed path drops the image flag and runs images as video).
+                # Same code for both streams (differs from the released code, whose checkpointed path
+                # drops the image flag and runs images as video).
                 x = cp.checkpoint(blk, x, geometry[i % 2], use_reentrant=False)
             else:
                 x = blk(x, geometry[i % 2])
-        out = x
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return out, x
+        return x, (self.downsample(x) if self.downsample is not None else x)
 
 
 # -----------------------------------------------------------------------------
@@ -512,8 +466,8 @@ class EncoderOutput(NamedTuple):
 
     stages:  (F1, F2, F3, F4), each stage's output *before* its patch merging.
              Video: (B, T/2, H/4·2^-i, W/4·2^-i, C·2^i); image: (B, H/4·2^-i, W/4·2^-i, C·2^i).
-    f4_norm: the final LayerNorm(8C) applied to F4, the feature used for
-             classification (paper §4.1-4.2). The decoders take F3 and F4 (paper §3 "Decoders").
+    f4_norm: the final LayerNorm(8C) applied to F4, the feature used for classification (paper §4.1-4.2).
+    The decoders take F3 and F4 (paper §3 "Decoders").
     """
 
     stages: tuple
@@ -532,9 +486,8 @@ class SwinTransformer3D(nn.Module):
     """Video Swin encoder with BEVT's shared image stream (paper §3 "BEVT encoders"; the public interface).
 
     forward(clip (B, 3, T, H, W) or image (B, 3, H, W), mask=None) -> EncoderOutput.
-    `mask` is a bool tensor on the tokenizer grid, True = replaced by the mask
-    token (and later predicted): (B, T/2, H/16, W/16) for clips,
-    (B, H/16, W/16) for images. It is upsampled (nearest) x4 in space to the
+    `mask` is a bool tensor on the tokenizer grid, True = replaced by the mask token (and later predicted):
+    (B, T/2, H/16, W/16) for clips, (B, H/16, W/16) for images. It is upsampled (nearest) x4 in space to the
     token grid inside.
     """
 
@@ -565,39 +518,34 @@ class SwinTransformer3D(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)               # final norm (also the decoders' norm)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.set_token_moves(c.token_moves)
+        self.set_attention(c.attention)
 
-    # -- switches used by tests, benchmarks and train.py
     def set_attention(self, attention: str) -> None:
-        """Switch every block between "auto", "sdpa" and "explicit"."""
+        """Switch every block between "auto", "sdpa" and "explicit" (see WindowAttention3D)."""
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {attention!r}; expected one of {ATTENTION_IMPLS}")
         for m in self.modules():
             if isinstance(m, WindowAttention3D):
-                m.attention = _check_choice(attention, ATTENTION_IMPLS, "attention implementation")
-
-    def set_token_moves(self, moves: str) -> None:
-        """Switch every block between "auto", "roll" (torch.roll + window_partition) and "gather"."""
-        for m in self.modules():
-            if isinstance(m, SwinBlock3D):
-                m.token_moves = _check_choice(moves, TOKEN_MOVES, "token moves")
+                m.attention = attention
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay (paper §4.1): relative tables, mask token."""
-        return {n for n, _ in self.named_parameters()
-                if n.endswith("relative_position_bias_table") or n == "mask_token"}
+        return {n for n, _ in self.named_parameters() if n.endswith(("relative_position_bias_table", "mask_token"))}
 
     # -- input checks: one-line errors naming what was expected and what came
     def _check(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        c, pt, (H, W) = self.config.in_chans, self.config.patch_size[0], x.shape[-2:]
+        c, pt, B, (H, W) = self.config.in_chans, self.config.patch_size[0], x.shape[0], x.shape[-2:]
         if x.dim() not in (4, 5) or x.shape[1] != c:
             raise ValueError(f"expected a clip (B, {c}, T, H, W) or an image (B, {c}, H, W) with {c} input "
                              f"channels at dim 1, got a tensor of shape {tuple(x.shape)}")
-        if mask is not None and mask.dtype != torch.bool:
+        if mask is None:
+            return
+        if mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor (True = masked), got dtype {mask.dtype}")
-        if mask is not None and (H % 16 or W % 16):
+        if H % 16 or W % 16:
             raise ValueError(f"a mask needs H and W divisible by 16 (the tokenizer grid), got {H}x{W}")
-        expected = ((x.shape[0], H // 16, W // 16) if x.dim() == 4
-                    else (x.shape[0], -(-x.shape[2] // pt), H // 16, W // 16))
-        if mask is not None and tuple(mask.shape) != expected:
+        expected = (B, H // 16, W // 16) if x.dim() == 4 else (B, -(-x.shape[2] // pt), H // 16, W // 16)
+        if tuple(mask.shape) != expected:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the input {tuple(x.shape)}: "
                              f"expected {expected} (batch, [T/{pt},] H/16, W/16)")
 
@@ -627,7 +575,7 @@ class SwinTransformer3D(nn.Module):
 
 
 def _init_weights(m: nn.Module) -> None:
-    """paper §3 "BEVT encoders" "Init": Linear trunc-normal(0.02), bias 0; LayerNorm 1/0; relative tables trunc-normal(0.02)."""
+    """Paper §3 "BEVT encoders" "Init": Linear trunc-normal(0.02), bias 0; LayerNorm 1/0; tables trunc-normal(0.02)."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -643,71 +591,17 @@ def _init_weights(m: nn.Module) -> None:
 # Machinery: what running the method needs (not the method itself).
 
 # -----------------------------------------------------------------------------
-# Faster equivalents of the block's token moves and of its attention. Each gives
-# the visible path's result (tests/test_swin3d.py holds them equal, forward and
-# gradients); SwinConfig.token_moves / .attention or the device picks them.
-
-def window_order(size: Shape3, window: Shape3, shift: Shape3, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, inverse), two (t*h*w,) permutations of the flattened token grid `size`:
-        tokens[:, order]   == window_partition(roll(tokens, -shift), window)  (as (B, nW*N, C))
-        windows[:, inverse] == roll(window_reverse(windows), +shift)           (as (B, t*h*w, C))
-    """
-    idx = torch.arange(math.prod(size), device=device).view(1, *size, 1)
-    if any(shift):
-        idx = torch.roll(idx, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-    order = window_partition(idx, window).flatten()
-    return order, torch.argsort(order)
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """x[:, order] for a permutation `order` of dim 1, whose gradient is the gather by `inverse`
-    (autograd's generic gradient of an index is a scatter-add, serial on the CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, order, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, order)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
-def _use_gather(moves: str, x: torch.Tensor) -> bool:
-    """Whether a block moves its tokens by attention_by_gather; "auto": on CPUs, where copies cost most."""
-    return moves == "gather" or (moves == "auto" and x.device.type == "cpu")
-
-
-def attention_by_gather(attn: WindowAttention3D, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-    """roll(-shift), window_partition, attn, window_reverse, roll(+shift) as one gather each way
-    (instead of a copy per shifted axis plus a permute copy): padded tokens (B, tp, hp, wp, C) ->
-    (B, tp, hp, wp, C), bit-identical to the visible path (both only move values)."""
-    B, C, size = x.shape[0], x.shape[-1], x.shape[1:4]
-    N = math.prod(geometry.window)
-    x = _PermuteTokens.apply(x.reshape(B, -1, C), geometry.order, geometry.inverse)    # (B, nW*N, C)
-    x = attn(x.view(B, -1, N, C), geometry.index, geometry.mask)                        # (B, nW, N, C)
-    x = _PermuteTokens.apply(x.view(B, -1, C), geometry.inverse, geometry.order)       # (B, tp*hp*wp, C)
-    return x.view(B, *size, C)
-
+# A faster equivalent of the attention for CPU training: the same formula with its own
+# backward (tests/test_swin3d.py holds it equal to SDPA, forward and gradients).
 
 ATTENTION_IMPLS = ("auto", "sdpa", "explicit")
-TOKEN_MOVES = ("auto", "roll", "gather")
-
-
-def _check_choice(name: str, choices: tuple, what: str) -> str:
-    if name not in choices:
-        raise ValueError(f"unknown {what} {name!r}; expected one of {choices}")
-    return name
 
 
 def _use_explicit(attention: str, x: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether WindowAttention3D runs explicit_attention instead of SDPA. "auto": for CPU training,
-    where PyTorch's flash kernel has no gradient for attn_mask and SDPA falls back to its math
-    kernel, the explicit formula plus extra passes. CUDA's kernels give that gradient."""
-    if attention == "auto":
-        return x.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad
-    return attention == "explicit"
+    """Whether WindowAttention3D runs explicit_attention. "auto": for CPU training, where SDPA's flash
+    kernel has no gradient for attn_mask and falls back to its math kernel (CUDA's kernels have one)."""
+    return attention == "explicit" or (attention == "auto" and x.device.type == "cpu" and torch.is_grad_enabled()
+                                       and bias.requires_grad)
 
 
 def explicit_attention(qkv, bias, mask, num_heads: int, scale: float, dropout_p: float) -> torch.Tensor:
@@ -722,11 +616,8 @@ def explicit_attention(qkv, bias, mask, num_heads: int, scale: float, dropout_p:
 class _ExplicitAttention(torch.autograd.Function):
     """qkv (B, nW, N, 3C) -> attention_reference (no dropout) with heads merged, (B, nW, N, C).
 
-    The same formula with a hand-written backward that works in place. The
-    (B, nW, nh, N, N) logits are the model's largest tensors: autograd's
-    version of the formula allocates six of them per shifted block (logits,
-    +bias, +mask, softmax; dP, dS), this one two (logits turned into P, dP
-    turned into dS, in place), and q, k, v / dq, dk, dv move with one copy each.
+    A hand-written backward that works in place: of the (B, nW, nh, N, N) logits, the model's largest
+    tensors, autograd allocates six per shifted block (logits, +bias, +mask, softmax; dP, dS), this two.
 
     Backward, with S = q·kᵀ·scale + B + M, P = softmax(S), O = P·v:
         dv = Pᵀ·dO,  dP = dO·vᵀ,
@@ -748,8 +639,7 @@ class _ExplicitAttention(torch.autograd.Function):
             attn += mask[:, None]                                 # (nW, 1, N, N), broadcast over B, heads
         torch.softmax(attn, dim=-1, out=attn)                     # P, in place (softmax works row by row)
         if mask is not None:
-            # A masked logit gives exp(-100 + ...) ~ 1e-44: a denormal in fp32, on which
-            # x86 CPUs take a slow path. Flush to 0, as flush-to-zero arithmetic would
+            # exp(-100 + ...) ~ 1e-44 is an fp32 denormal, a slow path on x86 CPUs: flush it to 0
             # (P changes by < 1e-38, below fp32 resolution).
             F.threshold(attn, torch.finfo(attn.dtype).tiny, 0.0, inplace=True)
         out = attn @ v                                            # (B, nW, nh, N, hd)
@@ -776,7 +666,7 @@ class _ExplicitAttention(torch.autograd.Function):
         return dheads.permute(1, 2, 4, 0, 3, 5).reshape(B, nW, N, 3 * nh * hd), dbias, None, None, None
 
 
-# Shift masks, relative indices and window orders depend only on shapes: built once per
+# Shift masks and relative indices depend only on shapes: built once per
 # (shape, window, shift, device) and reused by every block and step (traced under torch.compile).
 _GEOMETRY_CACHE: dict = {}
 
@@ -795,9 +685,8 @@ def _cached(fn, *args, device):
 
 
 class LoadReport(NamedTuple):
-    """What loading a checkpoint did (BEVT.load_released, finetune.load_pretrained): its detected
-    kind; our keys loaded / missing; its keys unused (original names); index / mask buffers it
-    carried, re-derived; (checkpoint window, model window) if the tables were resized."""
+    """What loading a checkpoint did: its kind; our keys loaded / missing; its keys unused (original
+    names); index buffers re-derived; (checkpoint window, model window) if the tables were resized."""
     kind: str
     loaded: list
     missing: list
@@ -806,30 +695,24 @@ class LoadReport(NamedTuple):
     window: Optional[tuple] = None
 
     def describe(self, path) -> str:
-        """A few lines for the log: what was loaded from `path`, what was not, grouped by module."""
-        def short(keys, n=6):
-            return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
-        lines = [f"init from {path}: {self.kind}; {len(self.loaded)} tensors loaded"]
-        if self.window:
-            lines.append(f"  window {self.window[0]} -> {self.window[1]}: relative tables trilinearly resized")
-        lines.append(f"  missing ({len(self.missing)}, trained from scratch): {short(self.missing)}")
+        """A few lines for the log, the unused keys grouped by module."""
+        more = " ..." if len(self.missing) > 6 else ""
         groups = collections.Counter(".".join(k.split(".")[:2]) for k in self.unused)
-        lines.append(f"  unused ({len(self.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in sorted(groups.items()))
-                                                         or "none"))
+        lines = [f"init from {path}: {self.kind}; {len(self.loaded)} tensors loaded",
+                 f"  missing ({len(self.missing)}, trained from scratch): {self.missing[:6]}{more}",
+                 f"  unused ({len(self.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in sorted(groups.items()))
+                                                     or "none")]
+        if self.window:
+            lines.insert(1, f"  window {self.window[0]} -> {self.window[1]}: relative tables trilinearly resized")
         if self.rederived:
             lines.append(f"  re-derived, not loaded: {len(self.rederived)} index/mask buffers")
         return "\n".join(lines)
 
 
 def load_file(path) -> object:
-    """torch.load with weights_only=True (tensors and plain containers, never the file's code);
-    anything else (text, a torn zip, a pickle that needs classes) is a one-line ValueError.
-
-    Every checkpoint reader goes through here (train.load_checkpoint, bevt/finetune --init), so the
-    one check on what the file's tensors claim is made here, before anything hashes or uses them:
-    a tensor must lie within its storage and may not reuse an element (a zero stride, or more
-    elements than its storage holds). weights_only accepts a 1.7 KB file whose tensor has stride 0
-    over one element and declares gigabytes, which the first .contiguous() would allocate."""
+    """torch.load(weights_only=True) on CPU, else (text, a torn zip, a pickle needing classes) a one-line
+    ValueError. Every checkpoint reader goes through here, so it also refuses a tensor beyond its storage or
+    reusing elements (stride 0): weights_only accepts a 1.7 KB file declaring gigabytes (then allocated)."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path}: no such file")
     try:
@@ -845,31 +728,39 @@ def load_file(path) -> object:
             if extent > room or x.numel() > room or any(s == 0 for n, s in zip(x.shape, x.stride()) if n > 1):
                 raise ValueError(f"{path} is not a checkpoint of this project: tensor {where} declares "
                                  f"{tuple(x.shape)} with strides {x.stride()} over a storage of {room} elements")
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                check(v, f"{where}[{k!r}]")
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                check(v, f"{where}[{i}]")
+        for k, v in (x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()):
+            check(v, f"{where}[{k!r}]")
     check(obj, "")
     return obj
 
 
 def unwrap_key(key: str) -> str:
     """A state-dict key without the wrappers' prefixes: `module.` (DDP) then `_orig_mod.` (torch.compile)."""
-    for p in ("module.", "_orig_mod."):
-        key = key[len(p):] if key.startswith(p) else key
-    return key
+    return key.removeprefix("module.").removeprefix("_orig_mod.")
+
+
+def read_state_dict(checkpoint) -> tuple[dict, dict]:
+    """(flat, outer) of a path or dict: flat = {key without `module.`/`_orig_mod.`: (original key, tensor)}
+    of its `state_dict`, `model` or the bare dict; outer = the outer dict (or {})."""
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        checkpoint = load_file(checkpoint)
+    outer = checkpoint if isinstance(checkpoint, dict) else {}
+    sd = next((outer[k] for k in ("state_dict", "model") if isinstance(outer.get(k), dict)), checkpoint)
+    flat = {}
+    for key, value in sd.items():
+        k = unwrap_key(key)
+        if k in flat:                                     # `encoder.X` and `module.encoder.X`: refuse to guess
+            raise ValueError(f"checkpoint holds {k!r} twice, as {flat[k][0]!r} and {key!r}; refusing to guess")
+        flat[k] = (key, value)
+    return flat, outer
 
 
 def check_converted(state_dict: dict) -> None:
-    """One-line ValueError for the layouts that tools/convert_checkpoint.py converts first (the loaders
-    read the released layout and this project's): torchvision's swin3d (its stages under `features.`)
-    and a 2D Swin image encoder (a 4-D patch embedding)."""
+    """One-line ValueError for what tools/convert_checkpoint.py converts first: torchvision's swin3d
+    (stages under `features.`) and a 2D Swin (a 4-D patch embedding)."""
     keys = [unwrap_key(k) for k in state_dict]
     if any(k.startswith("features.") for k in keys):
-        raise ValueError("torchvision swin3d layout: convert it first with "
-                         "`python tools/convert_checkpoint.py torchvision IN OUT`")
+        raise ValueError("torchvision's swin3d layout: first `python tools/convert_checkpoint.py torchvision IN OUT`")
     if any(k.endswith("patch_embed.proj.weight") and v.dim() == 4 for k, v in zip(keys, state_dict.values())):
         raise ValueError("2D Swin image checkpoint: inflate it first with "
                          "`python tools/convert_checkpoint.py inflate IN OUT --preset NAME`")
@@ -878,18 +769,16 @@ def check_converted(state_dict: dict) -> None:
 def check_shape(name: str, value: torch.Tensor, expected: torch.Tensor) -> None:
     """One-line error when a checkpoint tensor does not fit the model's."""
     if tuple(value.shape) != tuple(expected.shape):
-        raise ValueError(f"checkpoint key {name!r} has shape {tuple(value.shape)}, the model expects "
-                         f"{tuple(expected.shape)}")
+        raise ValueError(f"checkpoint key {name!r} has shape {tuple(value.shape)}, the model {tuple(expected.shape)}")
 
 
 def resize_relative_tables(state_dict: dict, old_window: Sequence[int], new_window: Sequence[int]) -> dict:
     """Resize every 3D relative_position_bias_table from `old_window` to `new_window` (trilinear).
 
-    E.g. (8,7,7) -> (16,7,7) for SSv2 finetuning (paper §4.1-4.2): a (15·13·13, nh)
-    table is viewed as an (nh, 15, 13, 13) grid of offsets and interpolated to
-    (nh, 31, 13, 13). With align_corners=False the centre (offset 0) maps to
-    the centre, so the Δt = 0 slice is kept exactly. Index buffers are dropped
-    (they are re-derived on load).
+    E.g. (8,7,7) -> (16,7,7) for SSv2 finetuning (paper §4.1-4.2): a (15·13·13, nh) table is
+    viewed as an (nh, 15, 13, 13) grid of offsets and interpolated to (nh, 31, 13, 13). With
+    align_corners=False the centre (offset 0) maps to the centre, so the Δt = 0 slice is kept
+    exactly. Index buffers are dropped (re-derived on load).
     """
     old_window, new_window = tuple(old_window), tuple(new_window)
     grid, new_grid = tuple(2 * w - 1 for w in old_window), tuple(2 * w - 1 for w in new_window)

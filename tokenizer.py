@@ -134,8 +134,7 @@ def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
 
 
 def _check_pixels(x, what: str = "images") -> None:
-    """One-line ValueErrors for crops the tokenizers cannot take: images (N, 3, H, W) or
-    clips (B, 3, T, H, W) of un-normalised floats in [0, 1], H and W multiples of 16."""
+    """One-line ValueError unless images (N, 3, H, W) / clips (B, 3, T, H, W) are floats in [0, 1], H, W % 16 == 0."""
     shape = "(N, 3, H, W)" if what == "images" else "(B, 3, T, H, W)"
     if not isinstance(x, torch.Tensor) or x.dim() != shape.count(",") + 1 or x.shape[1] != 3:
         raise ValueError(f"{what}: expected a tensor of shape {shape}, got {getattr(x, 'shape', type(x))}")
@@ -256,9 +255,8 @@ class Tokenizer(nn.Module):
         self.resample, self.chunk_size, self.precision = resample, chunk_size, "fp32"
 
     def set_precision(self, precision: str) -> "Tokenizer":
-        """"fp32" (default): the argmax of fp32 logits. "bf16" / "fp16": autocast the DALL-E
-        encoder (52 GFLOP per 112² frame, as much as the training step) in channels-last: a
-        fraction of fp32's cost on GPUs, but near-tie argmaxes can flip. Offline: always fp32."""
+        """"fp32" (default): the argmax of fp32 logits. "bf16" / "fp16": autocast the DALL-E encoder (52 GFLOP
+        per 112² frame) in channels-last, a fraction of fp32's cost on GPUs; near-tie argmaxes can flip."""
         if precision not in TOKENIZER_PRECISIONS:
             raise ValueError(f"tokenizer precision must be one of {TOKENIZER_PRECISIONS}, got {precision!r}")
         self.precision = precision
@@ -372,54 +370,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, codebook_sq: Optional[
     return torch.cat(idx), torch.cat(dist)
 
 
-def kmeans(x: torch.Tensor, k: int, *, iters: int = 20, seed: int = 0, init: str = "kmeans++",
-           verbose: bool = False) -> tuple[torch.Tensor, float]:
-    """Lloyd's k-means of rows x (M, D) into k centroids: (centroids (k, D), mean squared error per value).
-    Deterministic given `seed` (it drives the initialisation; Lloyd's steps are deterministic):
-    "kmeans++" (Arthur & Vassilvitskii, O(k·M·D), fine up to a few thousand codes on a CPU) or
-    "random" (k distinct rows). A cluster that empties is re-seeded with the row farthest from
-    its centroid. Stops early when no assignment changes."""
-    M, D = x.shape
-    if M < k:
-        raise ValueError(f"k-means needs at least as many patches as codes: {M} patches for vocabulary {k}")
-    if init not in ("kmeans++", "random"):
-        raise ValueError(f"unknown k-means init {init!r}; expected 'kmeans++' or 'random'")
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    if init == "random":
-        C = x[torch.randperm(M, generator=g, device=x.device)[:k]].clone()
-    else:
-        C = torch.empty(k, D, dtype=x.dtype, device=x.device)
-        C[0] = x[torch.randint(M, (1,), generator=g, device=x.device)]
-        d2 = (x - C[0]).pow(2).sum(1)                              # squared distance to the nearest chosen centre
-        for i in range(1, k):
-            total = d2.sum()
-            if total > 0:
-                j = torch.multinomial(d2 / total, 1, generator=g)  # D² sampling
-            else:                                                  # fewer distinct rows than codes
-                j = torch.randint(M, (1,), generator=g, device=x.device)
-            C[i] = x[j]
-            d2 = torch.minimum(d2, (x - C[i]).pow(2).sum(1))
-    assign = None
-    for it in range(iters):
-        new_assign, dist = nearest_code(x, C)
-        if assign is not None and torch.equal(new_assign, assign):
-            break
-        assign = new_assign
-        sums = torch.zeros_like(C).index_add_(0, assign, x)        # (k, D)
-        counts = torch.bincount(assign, minlength=k)               # (k,)
-        full = counts > 0
-        C[full] = sums[full] / counts[full, None].to(x.dtype)
-        empty = (~full).nonzero().flatten()
-        if len(empty):                                             # re-seed with the worst-fitted rows
-            C[empty] = x[dist.argsort(descending=True)[:len(empty)]]
-        if verbose:
-            print(f"k-means iter {it + 1}/{iters}: mse {dist.mean().item() / D:.5f}, {len(empty)} empty")
-    _, dist = nearest_code(x, C)
-    return C, dist.mean().item() / D
-
-
 class OfflineTokenizer(Tokenizer):
-    """A vector-quantising tokenizer you can fit offline: k-means codes of 8x8 patches.
+    """A vector-quantising tokenizer you can fit offline (tools/kmeans_fit.py): k-means codes of 8x8 patches.
 
     Same grid and interface as DALL-E: the crop is halved with the same Lanczos filter, cut
     into 8x8 patches (one per 16x16 pixels of the crop), and each patch gets the index of its
@@ -471,29 +423,6 @@ class OfflineTokenizer(Tokenizer):
         torch.save(obj, tmp)
         os.replace(tmp, path)                                      # never a half-written file
 
-    @classmethod
-    def fit(cls, images: torch.Tensor, vocab_size: int, *, resample: str = "pil", **kw) -> "OfflineTokenizer":
-        """Fit on all patches of images (N, 3, H, W) in [0, 1]; `kw` goes to `fit_patches`."""
-        return cls.fit_patches(extract_patches(images, resample), vocab_size, resample=resample, **kw)
-
-    @classmethod
-    def fit_patches(cls, feats: torch.Tensor, vocab_size: int, *, seed: int = 0, iters: int = 20,
-                    init: str = "kmeans++", resample: str = "pil", device: Union[str, torch.device] = "cpu",
-                    verbose: bool = False, **config) -> "OfflineTokenizer":
-        """k-means on patch features (M, 192) (`extract_patches`); `config` is stored with the codebook."""
-        C, mse = kmeans(feats.to(device, torch.float32), vocab_size, iters=iters, seed=seed, init=init,
-                        verbose=verbose)
-        config.update(seed=seed, iters=iters, init=init, n_patches=int(feats.shape[0]), fit_mse=mse,
-                      feature="raw RGB of 8x8 patches of the half-size image, [0, 1]")
-        return cls(C.cpu(), config, resample=resample)
-
-
-def extract_patches(images: torch.Tensor, resample: str = "pil") -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] -> the offline tokenizer's features (N*H/16*W/16, 192)."""
-    _check_pixels(images)
-    f = half_patches(half_copy(images.to(torch.float32), resample))
-    return f.reshape(-1, f.shape[-1])
-
 
 # =============================================================================
 # Machinery: what running the method needs (not the method itself).
@@ -501,14 +430,13 @@ def extract_patches(images: torch.Tensor, resample: str = "pil") -> torch.Tensor
 # -----------------------------------------------------------------------------
 # Reading encoder.pkl without the dall_e package, and without running the file
 #
-# encoder.pkl is `torch.save(encoder)` in the old (non-zip) format: header pickles, a pickle
-# of the whole module (naming dall_e's classes, nn containers, tensor rebuilds), the raw
-# storages. weights_only=True refuses it; weights_only=False would import dall_e and run any
-# callable the file names. So torch.load gets a pickle "module" whose Unpickler *and* load()
-# (torch reads the headers with it) resolve globals only from an allow-list, every class
-# becoming an inert stand-in, and BUILD (setting state) only those stand-ins: on an allowed
-# function it would change it for the whole process (`_rebuild_tensor_v2.__defaults__`
-# set by a header would negate every tensor torch.load rebuilds later).
+# encoder.pkl is `torch.save(encoder)` in the old (non-zip) format: header pickles, a pickle of the whole
+# module (dall_e's classes, nn containers, tensor rebuilds), the raw storages. weights_only=True refuses it;
+# weights_only=False would import dall_e and run any callable the file names. So every pickle of the file,
+# headers included, goes through an unpickler that resolves globals only from an allow-list, every class
+# becoming an inert stand-in, and sets state (BUILD) only on those stand-ins: on an allowed function it
+# would change it for the whole process (`_rebuild_tensor_v2.__defaults__` set by a header would negate
+# every tensor torch.load rebuilds later).
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -516,8 +444,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 class PickledModule(nn.Module):
-    """Inert stand-in for a module class a DALL-E pickle names (nn.Module.__setstate__ restores
-    its __dict__); it has no forward: we only read tensors off it."""
+    """Inert stand-in for a module class a DALL-E pickle names: no forward, we only read tensors off it."""
 
 
 class PickledEncoder(PickledModule):        # dall_e.encoder.Encoder, the root of encoder.pkl
@@ -547,8 +474,7 @@ class RestrictedUnpickler(pickle._Unpickler):       # the Python Unpickler: the 
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.allowed:
-            raise UnsafePickleError(f"refusing global '{module}.{name}': not on the allow-list for {self.what} "
-                                    f"(dall_e's classes, torch tensor rebuilds, nn containers, OrderedDict); "
+            raise UnsafePickleError(f"refusing global '{module}.{name}': not on the allow-list for {self.what}; "
                                     f"nothing from the file was run")
         return self.allowed[(module, name)]
 
@@ -564,10 +490,9 @@ class RestrictedUnpickler(pickle._Unpickler):       # the Python Unpickler: the 
 
 def restricted_torch_load(path: Union[str, os.PathLike], unpickler: type = RestrictedUnpickler,
                           what: str = "a tokenizer file"):
-    """A torch file read on CPU without running anything from it: zip files (every torch.save
-    since 1.6) with weights_only=True, old-format pickles through `unpickler`. Tar archives
-    (torch's oldest format, which torch.load extracts to disk unfiltered: links, FIFOs) are
-    refused before anything is extracted."""
+    """A torch file read on CPU without running anything from it: zip files (every torch.save since
+    1.6) with weights_only=True, old-format pickles through `unpickler`; tar archives (torch's oldest
+    format, which torch.load extracts unfiltered: links, FIFOs) refused before anything is extracted."""
     path = Path(path)
     with open(path, "rb") as f:
         if zipfile.is_zipfile(f):
@@ -587,7 +512,7 @@ def restricted_torch_load(path: Union[str, os.PathLike], unpickler: type = Restr
         shim.load = lambda file, **kwargs: unpickler(file, **kwargs).load()
         fns = [v for v in unpickler.allowed.values() if isinstance(v, types.FunctionType)]
         state = lambda: [x for f in fns for x in (f.__defaults__, f.__kwdefaults__, *vars(f).values())]  # noqa
-        before = state()                  # what a pickle could change of an allowed function
+        before = state()                  # what a pickle could change of an allowed function (a second guard)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)   # stand-ins by design
             try:
@@ -604,8 +529,7 @@ def restricted_torch_load(path: Union[str, os.PathLike], unpickler: type = Restr
 
 
 def module_tensors(module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Parameters and buffers of an unpickled module tree, read off its _parameters, _buffers
-    and _modules dicts (no hooks, no forward, no state_dict())."""
+    """Parameters and buffers of an unpickled module tree, read off its __dict__ (no hooks, no state_dict())."""
     if not isinstance(module, nn.Module):
         raise ValueError(f"unexpected object {type(module).__name__} at {prefix or 'the root'} of the pickle")
     d, out = module.__dict__, {}
@@ -636,8 +560,7 @@ def _dalle_config(state: dict[str, torch.Tensor]) -> dict[str, int]:
 
 
 def load_exact(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> nn.Module:
-    """Copy `state` into `module` (built on the meta device) as fp32, with torch's strict
-    check that names and shapes are exactly the module's, as a one-line error."""
+    """Copy `state` as fp32 into `module` (built on the meta device); torch's strict check, in one line."""
     try:
         fp32 = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         module.load_state_dict(fp32, strict=True, assign=True)     # assign: the meta tensors are replaced
@@ -674,10 +597,9 @@ def _tokenizer_from_object(obj, source: str, **kw) -> Tokenizer:
 
 def load_tokenizer(spec: Union[str, os.PathLike, Tokenizer], *, device: Union[str, torch.device] = "cpu",
                    **kw) -> Tokenizer:
-    """A tokenizer from what the file holds: the published `encoder.pkl` (or the released
-    config's `vae_weight_path` directory holding it), a DALL-E state dict (tokenizer_tool.py
-    convert), a released BEVT pretraining checkpoint (its `cls_head.vae_encoder.` tensors) or
-    an offline tokenizer (tokenizer_tool.py fit). `kw` goes to the tokenizer."""
+    """A tokenizer from what the file holds: the published `encoder.pkl` (or its folder), a DALL-E state
+    dict (tokenizer_tool.py convert), a released BEVT pretraining checkpoint (its `cls_head.vae_encoder.`
+    tensors) or an offline tokenizer (tokenizer_tool.py fit). `kw` goes to the tokenizer."""
     if isinstance(spec, Tokenizer):
         return spec.to(device)
     path = Path(spec)
@@ -695,4 +617,4 @@ def check_vocab(tokenizer: Union[Tokenizer, int], head_classes: int) -> None:
     v = getattr(tokenizer, "vocab_size", tokenizer)
     if v != head_classes:
         raise ValueError(f"tokenizer vocabulary ({getattr(tokenizer, 'kind', 'given')}) has {v} codes but the "
-                         f"prediction head has {head_classes} classes; build it with {v} or load the matching tokenizer")
+                         f"prediction head has {head_classes} classes; build it with {v} or load its tokenizer")

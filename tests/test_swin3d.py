@@ -1,7 +1,6 @@
 """Tests of swin3d.py (paper §3 "BEVT encoders"; the released checkpoint layout; the public
-interface): shapes, SDPA == explicit attention, torch.roll == the permutation gathers, weight
-sharing between the streams, gradient checkpointing, parameter counts, checkpoint layouts, and
-the specification of drop path, shifted-window regions and padding."""
+interface): shapes, SDPA == explicit attention, weight sharing between the streams, gradient
+checkpointing, parameter counts, checkpoint layouts, and the specification of drop path, shifted-window regions and padding."""
 
 import math
 
@@ -86,51 +85,6 @@ def test_partition_reverse_roundtrip():
     # The first window holds x[:, :2, :7, :7] in time-major order.
     assert torch.equal(w[:, 0], x[:, :2, :7, :7].reshape(2, -1, 5))
     assert torch.equal(window_reverse(w, (2, 7, 7), (4, 14, 21)), x)
-
-
-@pytest.mark.parametrize("size,window,shift", [((4, 14, 14), (2, 7, 7), (1, 3, 3)),
-                                               ((1, 14, 21), (1, 7, 7), (0, 3, 3)),
-                                               ((4, 8, 8), (4, 4, 4), (0, 2, 2))])
-def test_shift_mask_matches_brute_force(size, window, shift):
-    """After rolling by -s, a token at rolled coordinate p along an axis of length n
-    came from across the wrap iff p >= n - s. Two tokens may attend iff they agree
-    on that, on every axis (an independent formulation of Swin's region labels)."""
-    mask = shift_mask(size, window, shift)
-    coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in size], indexing="ij"), -1)
-    wrapped = torch.stack([(coords[..., a] >= size[a] - shift[a]) & (shift[a] > 0) for a in range(3)], -1)
-    wins = window_partition(wrapped.unsqueeze(0).float(), window)[0]      # (nW, N, 3)
-    allowed = (wins[:, :, None, :] == wins[:, None, :, :]).all(-1)         # (nW, N, N)
-    assert torch.equal(mask == 0, allowed)
-    assert set(mask.unique().tolist()) <= {0.0, -100.0}
-    assert shift_mask(size, window, (0, 0, 0)) is None
-
-
-@pytest.mark.parametrize("size,window,shift", [((4, 14, 14), (2, 7, 7), (1, 3, 3)),
-                                               ((1, 14, 21), (1, 7, 7), (0, 3, 3)),
-                                               ((4, 8, 12), (4, 4, 4), (0, 0, 0))])
-def test_window_order_is_roll_then_partition(size, window, shift):
-    # The one-gather token order of a block equals the roll + window partition it
-    # replaces, and its inverse undoes both (window reverse, then the roll back).
-    order, inverse = swin3d.window_order(size, window, shift)
-    L = math.prod(size)
-    assert torch.equal(order.sort().values, torch.arange(L))           # a permutation
-    x = torch.randn(2, *size, 3)
-    rolled = torch.roll(x, tuple(-s for s in shift), (1, 2, 3))
-    windows = window_partition(rolled, window)                         # (2, nW, N, 3)
-    assert torch.equal(x.reshape(2, L, 3)[:, order], windows.reshape(2, L, 3))
-    back = torch.roll(window_reverse(windows, window, size), shift, (1, 2, 3))
-    assert torch.equal(windows.reshape(2, L, 3)[:, inverse], back.reshape(2, L, 3))
-    assert torch.equal(back, x)
-
-
-def test_permute_tokens_gradient_is_the_inverse_gather():
-    order, inverse = swin3d.window_order((2, 4, 4), (2, 2, 2), (1, 1, 1))
-    x = torch.randn(2, 32, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: swin3d._PermuteTokens.apply(t, order, inverse), (x,))
-    y = swin3d._PermuteTokens.apply(x, order, inverse)
-    g = torch.randn_like(y)
-    (grad,) = torch.autograd.grad(y, x, g)
-    assert torch.equal(grad, torch.autograd.grad(x[:, order], x, g)[0])   # what indexing gives
 
 
 def decode_offsets(index, table_window):
@@ -470,6 +424,20 @@ def test_released_checkpoint_loads_and_index_is_rederived():
     assert torch.equal(idx, relative_position_index((8, 7, 7), (8, 7, 7)))
 
 
+def test_read_state_dict_unwraps_and_refuses_two_keys_for_one_name(tmp_path):
+    """read_state_dict: a path or dict; `state_dict`, `model` or the bare dict; keys without
+    `module.`/`_orig_mod.`, each with its original key; two keys for one name refused."""
+    w = torch.randn(3)
+    torch.save({"model": {"module._orig_mod.norm.weight": w}, "step": 7}, tmp_path / "ck.pt")
+    flat, outer = swin3d.read_state_dict(tmp_path / "ck.pt")
+    assert list(flat) == ["norm.weight"] and flat["norm.weight"][0] == "module._orig_mod.norm.weight"
+    assert torch.equal(flat["norm.weight"][1], w) and outer["step"] == 7
+    assert list(swin3d.read_state_dict({"state_dict": {"a": w}})[0]) == ["a"]
+    assert list(swin3d.read_state_dict({"module.a": w})[0]) == ["a"]
+    with pytest.raises(ValueError, match="twice, as 'a' and 'module.a'"):
+        swin3d.read_state_dict({"a": w, "module.a": w})
+
+
 # ----------------------------------------------------------------------------- inflation, resizing
 
 def fake_2d_swin(C=32, depths=(1, 1, 2, 1), heads=(1, 2, 4, 8), window=7):
@@ -785,44 +753,17 @@ def test_padding_is_at_the_end_and_cropped_from_the_end():
     torch.manual_seed(0)
     blk = swin3d.SwinBlock3D(8, 2, (2, 2, 2), 2.0, True, 0.0, 0.0, 0.0, "sdpa").eval()
     x = torch.randn(1, 3, 2, 2, 8)                                      # t = 3: padded to 4 at the end
-    geom = lambda size: swin3d.WindowGeometry((2, 2, 2), (0, 0, 0), relative_position_index((2, 2, 2), (2, 2, 2)),
-                                              None, *swin3d.window_order(size, (2, 2, 2), (0, 0, 0)))
+    geom = swin3d.WindowGeometry((2, 2, 2), (0, 0, 0), relative_position_index((2, 2, 2), (2, 2, 2)), None)
     with torch.no_grad():
-        out = blk._attention(x, geom((4, 2, 2)))
+        out = blk._attention(x, geom)
         # By hand: normalise, pad a zero step at the end, windows {0,1} and {2,pad}, keep the first 3.
         y = F.pad(blk.norm1(x), (0, 0, 0, 0, 0, 0, 0, 1))
         windows = window_partition(y, (2, 2, 2))
-        ref = window_reverse(blk.attn(windows, geom((4, 2, 2)).index, None), (2, 2, 2), (4, 2, 2))[:, :3]
+        ref = window_reverse(blk.attn(windows, geom.index, None), (2, 2, 2), (4, 2, 2))[:, :3]
     assert out.shape == x.shape
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     # Step 0 attends only to step 1 (its window), never to step 2: the padding did not go first.
     x2 = x.clone()
     x2[:, 2] += 1.0
     with torch.no_grad():
-        assert torch.equal(blk._attention(x2, geom((4, 2, 2)))[:, :2], out[:, :2])
-
-
-@pytest.mark.parametrize("stream", ["video", "image"])
-def test_roll_and_gather_token_moves_are_bit_identical(stream):
-    """The visible torch.roll + window_partition path and the permutation gathers give the
-    same outputs and gradients, bit for bit (both only move values)."""
-    x = torch.randn(2, 3, 6, 72, 64) if stream == "video" else torch.randn(2, 3, 72, 64)
-    results = []
-    for moves in ("roll", "gather"):
-        # Two blocks per stage and a (2, 7, 7) window: stage 1 shifts along t, h and w and pads t and h.
-        m = small_model(token_moves=moves, depths=(2, 2, 2, 2), window_size=(2, 7, 7)).train()
-        xi = x.clone().requires_grad_(True)
-        out = m(xi)
-        loss = sum((s.float() ** 2).mean() for s in out.stages) + out.f4_norm.sum()
-        loss.backward()
-        results.append([s.detach() for s in out.stages] + [xi.grad] + [p.grad for p in m.parameters()
-                                                                         if p.grad is not None])
-    assert len(results[0]) == len(results[1])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
-def test_token_moves_auto_picks_by_device():
-    assert swin3d._use_gather("auto", torch.zeros(1)) and not swin3d._use_gather("roll", torch.zeros(1))
-    with pytest.raises(ValueError, match="token moves"):
-        small_model().set_token_moves("scatter")
+        assert torch.equal(blk._attention(x2, geom)[:, :2], out[:, :2])

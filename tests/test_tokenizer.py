@@ -27,7 +27,7 @@ from PIL import Image
 import tokenizer as T
 from tokenizer import (DalleEncoder, DalleTokenizer, OfflineTokenizer, Tokenizer, UnsafePickleError,
                        check_vocab, load_tokenizer)
-from tools import decoders, tokenizer_tool
+from tools import decoders, kmeans_fit, tokenizer_tool
 
 EPS = 0.1   # DALL-E's logit-Laplace ε (dall_e/utils.py), written out independently of tokenizer.py
 
@@ -325,12 +325,12 @@ def dalle_tok(published):
 
 @pytest.fixture(scope="module")
 def offline_tok():
-    return OfflineTokenizer.fit(synth_images(24, size=64, seed=0), 64, seed=0, iters=10)
+    return kmeans_fit.fit(synth_images(24, size=64, seed=0), 64, seed=0, iters=10)
 
 
 @pytest.fixture(params=["dalle", "offline"])
 def any_tok(request):
-    return small_dalle() if request.param == "dalle" else OfflineTokenizer.fit(
+    return small_dalle() if request.param == "dalle" else kmeans_fit.fit(
         synth_images(8, size=64, seed=3), 32, seed=0, iters=5)
 
 
@@ -702,7 +702,7 @@ def quantization_error(tok, images):
 
 def test_offline_error_falls_as_vocabulary_grows():
     train, held_out = synth_images(24, size=64, seed=10), synth_images(8, size=64, seed=11)
-    errs = [quantization_error(OfflineTokenizer.fit(train, k, seed=0, iters=10), held_out) for k in (4, 16, 64)]
+    errs = [quantization_error(kmeans_fit.fit(train, k, seed=0, iters=10), held_out) for k in (4, 16, 64)]
     assert errs[0] > errs[1] > errs[2]
     # and the codes decode to something far better than the mean colour
     x_half = T.lanczos_resize(held_out, (32, 32))
@@ -724,9 +724,9 @@ def test_offline_save_load_identical_codes(offline_tok, tmp_path):
 
 def test_offline_fit_deterministic_from_seed():
     x = synth_images(12, size=64, seed=14)
-    a = OfflineTokenizer.fit(x, 32, seed=5, iters=8)
-    b = OfflineTokenizer.fit(x, 32, seed=5, iters=8)
-    c = OfflineTokenizer.fit(x, 32, seed=6, iters=8)
+    a = kmeans_fit.fit(x, 32, seed=5, iters=8)
+    b = kmeans_fit.fit(x, 32, seed=5, iters=8)
+    c = kmeans_fit.fit(x, 32, seed=6, iters=8)
     assert torch.equal(a.codebook, b.codebook)
     assert not torch.equal(a.codebook, c.codebook)
 

@@ -25,6 +25,7 @@ import data                      # noqa: E402
 import tokenizer                 # noqa: E402
 import train                     # noqa: E402
 from tools import decoders        # noqa: E402
+from tools import kmeans_fit      # noqa: E402
 
 PROG = "tokenizer_tool.py"
 
@@ -70,7 +71,7 @@ def fit_from_dir(data, vocab_size: int, *, size: int = 224, seed: int = 0, iters
         it = tqdm(it, desc="patches", unit="batch")
     for i in it:
         x = torch.stack([read_square_image(p, size) for p in files[i:i + batch]])   # (b, 3, size, size)
-        f = tokenizer.extract_patches(x, resample).view(x.shape[0], -1, 3 * tokenizer.DVAE_PATCH ** 2)  # (b, P, 192)
+        f = kmeans_fit.extract_patches(x, resample).view(x.shape[0], -1, 3 * tokenizer.DVAE_PATCH ** 2)  # (b, P, 192)
         for fi in f:
             keep = torch.randperm(fi.shape[0], generator=g)[:per_image]
             feats.append(fi[keep])
@@ -80,9 +81,9 @@ def fit_from_dir(data, vocab_size: int, *, size: int = 224, seed: int = 0, iters
     if verbose:
         print(f"{len(files)} images -> {feats.shape[0]} patches of {feats.shape[1]} values; "
               f"k-means with {vocab_size} codes, {iters} iterations, init {init}, seed {seed}")
-    return tokenizer.OfflineTokenizer.fit_patches(feats, vocab_size, seed=seed, iters=iters, init=init,
-                                                  resample=resample, device=device, verbose=verbose, size=size,
-                                                  source=str(data), n_images=len(files))
+    return kmeans_fit.fit_patches(feats, vocab_size, seed=seed, iters=iters, init=init,
+                                  resample=resample, device=device, verbose=verbose, size=size,
+                                  source=str(data), n_images=len(files))
 
 
 def read_dalle_pickle(path) -> tuple:
