@@ -17,7 +17,7 @@ The tokenizer is deliberately not part of this module (it is frozen, never
 trained and never saved with the model): train.py runs it and passes codes.
 
 Run it through train.py (`python train.py --preset cpu --stage joint`);
-`python tools/show.py --init CKPT --video a.mp4 --out pred.png` draws what a
+`python tools/show.py --init CKPT --video a.mp4 --out-file pred.png` draws what a
 pretrained model predicts under a mask.
 """
 

@@ -27,7 +27,7 @@ Usage:
     inp, tgt = gen.batch(8)      # (8, 8, 14, 14), (8, 16, 14, 14)
     gen.reseed_sample(epoch, index)   # one sample's stream (data.py: before every sample)
 
-Pictures: `python tools/mask_sheet.py --strategy tube --out tube.png`; speed: `python tools/bench_masking.py`.
+Pictures: `python tools/mask_sheet.py --strategy tube --out-file tube.png`; speed: `python tools/bench_masking.py`.
 """
 
 from __future__ import annotations

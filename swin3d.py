@@ -763,7 +763,7 @@ def check_converted(state_dict: dict) -> None:
         raise ValueError("torchvision's swin3d layout: first `python tools/convert_checkpoint.py torchvision IN OUT`")
     if any(k.endswith("patch_embed.proj.weight") and v.dim() == 4 for k, v in zip(keys, state_dict.values())):
         raise ValueError("2D Swin image checkpoint: inflate it first with "
-                         "`python tools/convert_checkpoint.py inflate IN OUT --preset NAME`")
+                         "`python tools/convert_checkpoint.py inflate IN OUT --model NAME`")
 
 
 def check_shape(name: str, value: torch.Tensor, expected: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ Not part of the method: BEVT only needs the codes (tokenizer.py). A picture of w
 and predicted codes stand for needs the way back: for DALL-E its decoder (openai/DALL-E
 dall_e/decoder.py, utils.py), read from the published `decoder.pkl` by tokenizer.py's
 restricted unpickler with the decoder's own allow-list, or from the plain state dict
-`python tools/tokenizer_tool.py convert --pkl decoder.pkl --out dalle_decoder.pt` writes;
+`python tools/tokenizer_tool.py convert --pkl decoder.pkl --out-file dalle_decoder.pt` writes;
 for the offline tokenizer each code's codebook row (`decode_offline`).
 
     dec = load_dalle_decoder("decoder.pkl")        # or dalle_decoder.pt, or a folder holding decoder.pkl
