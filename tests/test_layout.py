@@ -94,3 +94,13 @@ def test_every_link_of_the_readme_and_docs_resolves():
                 if not os.path.exists(path):
                     broken.append(f"{page}: {target}")
     assert not broken, broken
+
+
+def test_the_readme_is_a_front_door():
+    """At most 400 lines, every topic page linked from it (issue 30: the rest lives in docs/)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert text.count("\n") <= 400
+    pages = sorted(f for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
+    unlinked = [p for p in pages if f"(docs/{p})" not in text]
+    assert not unlinked, f"topic pages the README does not link: {unlinked}"
