@@ -56,3 +56,12 @@ def test_the_experiment_refuses_a_version3_set(tmp_path):
     args = motion.build_parser().parse_args(["run", "--data", str(tmp_path), "--video-steps", "1000"])
     with pytest.raises(ValueError, match="version 3 .* runs on version 4"):
         motion.Experiment(args)
+
+
+def test_report_draws_a_chart_of_the_cells_on_file(tmp_path):
+    from PIL import Image
+    cells = {f"finetune|{row}|motion|s{s}": {"normal": 50 + 10 * s} for row in motion.ROWS for s in range(2)}
+    path = tmp_path / "motion.png"
+    motion.draw_chart(cells, str(path))
+    img = Image.open(path)
+    assert img.size[0] == 900 and img.size[1] > 400 and len(img.getcolors(2 ** 16)) > 3

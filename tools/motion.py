@@ -224,7 +224,24 @@ def report_text(cells: dict) -> str:
                 verdict += " (invalid: motion leaks in single-frame/shuffled evaluations of " + ", ".join(leak) + ")"
             d = "-" if m is None else f"{m:+.1f} ± {sd:.1f} ({n})"
             out.append(f"| {name} | {label} | {d} | {verdict} | {PAPER[name[:2]]} |")
+    # H4's third part (§6): BEVT's appearance few-label mean within 5 points of BEVT-I's.
+    _, m, sd, n = outcome(per_seed(cells, "finetune", "BEVT", "appearance", "normal"),
+                          per_seed(cells, "finetune", "BEVT-I", "appearance", "normal"), 0.0)
+    verdict = "pending" if m is None else "holds" if abs(m) <= 5 else "fails"
+    d = "-" if m is None else f"{m:+.1f} ± {sd:.1f} ({n})"
+    out.append(f"| H4c BEVT within 5 points of BEVT-I (appearance) | few-label finetune | {d} | {verdict} | {PAPER['H4']} |")
     return "\n".join(out)
+
+
+def draw_chart(cells: dict, path: str) -> None:
+    """Two panels (motion, appearance): each measure's mean ± std over seeds, one bar per row."""
+    panels = []
+    for task in ("motion", "appearance"):
+        groups = [(label, [(row, tables.cell_stats(cells, kind, row, task, measure)) for row in ROWS])
+                  for label, kind, measure in (("few-label finetune", "finetune", "normal"),
+                                               ("linear probe", "probe", "linear"), ("k-NN", "probe", "knn"))]
+        panels.append((f"Motion experiment (synthetic v4): {task} labels", groups))
+    tables.draw_bar_panels(panels, path)
 
 
 # -----------------------------------------------------------------------------
@@ -282,7 +299,8 @@ def main(argv=None):
             Experiment(args).run()
         cells = tables.CellStore(args.results, None).cells
         text = report_text(cells)
-        print(text)
+        draw_chart(cells, args.chart)
+        print(text + f"\n\nresults: {args.results}; chart: {args.chart}")
         return text
     return train.run_cli("motion.py", go)
 

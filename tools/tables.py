@@ -398,10 +398,7 @@ def tables_text(cells: dict, tables: tuple) -> str:
 
 
 def draw_tables_chart(cells: dict, tables: tuple, path: str) -> None:
-    """One panel per table: bars of the mean top-1 over seeds with ±std error bars (Pillow only)."""
-    from PIL import Image, ImageDraw
-    palette = [(66, 103, 172), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179), (147, 120, 96),
-               (218, 139, 195)]
+    """One panel per table: bars of the mean top-1 over seeds with ±std error bars (draw_bar_panels)."""
     panels = []
     if "1" in tables:
         groups = [(f"{t} {m}", [(row, cell_stats(cells, kind, row, t, meas)) for row in TABLE1_ROWS])
@@ -416,6 +413,15 @@ def draw_tables_chart(cells: dict, tables: tuple, path: str) -> None:
                        for s in TABLE8_ROWS]) for m, kind, meas in (("motion linear", "probe", "linear"),
                                                                     ("motion finetune", "finetune", "normal"))]
         panels.append(("Table 8 (mini): BEVT-V mask strategies", groups))
+    draw_bar_panels(panels, path)
+
+
+def draw_bar_panels(panels: list, path: str) -> None:
+    """panels [(title, [(group name, [(series name, (mean, std, n) or None)])])] -> one PNG of bar panels,
+    top-1 % with ±std error bars (Pillow only), written atomically."""
+    from PIL import Image, ImageDraw
+    palette = [(66, 103, 172), (221, 132, 82), (85, 168, 104), (196, 78, 82), (129, 114, 179), (147, 120, 96),
+               (218, 139, 195)]
     W, PH, left, top = 900, 260, 50, 40
     img = Image.new("RGB", (W, PH * len(panels) + 10), "white")
     d = ImageDraw.Draw(img)
