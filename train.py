@@ -47,6 +47,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import inspect
 import json
@@ -301,7 +302,6 @@ def build_model(cfg: TrainConfig, rt: Runtime, init: str) -> bevt.BEVT:
 
 def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir: str, claim: Claim) -> dict:
     """Pretrain one stage; returns the last logged metrics. Rank 0 alone prints and writes."""
-    say = lambda m: log(rt.rank, m)                                     # noqa: E731
     tok = tokenizer.load_tokenizer(tok_path, device=rt.device)          # frozen, no_grad, never in a checkpoint
     tokenizer.check_vocab(tok, cfg.vocab_size)
     tok.set_precision(cfg.tokenizer_precision)
@@ -311,32 +311,52 @@ def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir:
     steps_per_epoch = loader.steps_per_epoch                            # global steps: samples // effective batch
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    if finished(claim, stop_at, out_dir, cfg, say):
+    if finished(claim, stop_at, out_dir, cfg, rt.rank):
         return {}
     raw = build_model(cfg, rt, claim.init)
     model = wrap_ddp(raw, rt.device) if rt.ddp else raw
-    say_plan(cfg, rt, b, raw, tok, tok_path, steps_per_epoch, total, warmup)
+    say_plan(rt, cfg, b, "--global-image-batch" if b.unit == "images" else "--global-video-batch", steps_per_epoch,
+             total, warmup, f" (+ {cfg.image_batch * rt.world * b.accum} images)" if cfg.stage == "joint" else "")
+    log(rt.rank, f"stage {cfg.stage}, model {cfg.model}: {swin3d.param_count(raw) / 1e6:.2f}M parameters; tokenizer "
+                 f"{tok_path} ({tok.kind}, {tok.vocab_size} codes, {tok.precision}); device {rt.device}, "
+                 f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
     opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=b.lr, betas=cfg.betas,
                             fused=rt.device.type == "cuda")
 
     # --- resume: model, optimiser, step, schedule and data position, RNG states
     step, stream, record = begin(claim, b, raw, opt, cfg, rt, out_dir, loader, stop_at, {"tokenizer": tok_path})
 
-    # --- the loop: lr of the step, the step (eq. 5), the log every log_every steps, checkpoints
-    bar = tqdm(total=stop_at, initial=step, desc=f"bevt {cfg.stage}", dynamic_ncols=True, file=sys.stderr,
-               disable=rt.rank != 0)
-    steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
+    # --- the loop: each optimizer step eq. 5 over the effective batch (train_step); rank 0 counts the targets
+    hist = {}
     model.train()
-    speed, last, hist = Throughput(), {}, {}
+    step_fn = functools.partial(train_step, model, tok=tok, rt=rt, clip_grad=cfg.clip_grad,
+                                hist=hist if rt.rank == 0 else None)
+    step, last = train_loop(raw, opt, stream, step, step_fn, cfg, rt, b, total, warmup, stop_at, out_dir, record,
+                            f"bevt {cfg.stage}")
+    if rt.rank == 0:
+        finish(record, out_dir, raw, step, last, hist, getattr(loader, "skipped_total", 0))
+    return last
+
+
+def train_loop(raw, opt, stream, step: int, step_fn, cfg, rt: Runtime, b: Batch, total: int, warmup: int,
+               stop_at: int, out_dir: str, record: dict, desc: str, ema=None) -> tuple:
+    """Both trainers' loop from `step` to `stop_at`: the step's lr (warm-up + cosine, times a parameter group's
+    `lr_scale`), `step_fn` (forward/backward of b.accum micro-batches, clipping), AdamW, the EMA, the log every
+    log_every steps, checkpoints. Returns (the last step, the last logged metrics)."""
+    bar = tqdm(total=stop_at, initial=step, desc=desc, dynamic_ncols=True, file=sys.stderr, disable=rt.rank != 0)
+    steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
+    speed, last = Throughput(), {}
     while step < stop_at:
         cur_lr = lr_at(step, total, warmup, b.lr, cfg.min_lr * b.eff / b.paper)
         for g in opt.param_groups:
-            g["lr"] = cur_lr
+            g["lr"] = cur_lr * g.get("lr_scale", 1.0)                 # finetuning: the layer-wise multiplier
         batches = stream.take(b.accum)
-        sums, gnorm = train_step(model, batches, tok, rt, cfg.clip_grad, hist if rt.rank == 0 else None)
+        sums, gnorm = step_fn(batches)
         speed.add(rt.world * sum(len(x["video" if "video" in x else "image"]) for x in batches))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(raw)
         step += 1
         # Queued on the device; read (and checked for non-finite values) every log_every steps.
         steplog.add({"step": step, "epoch": stream.epoch, "lr": cur_lr}, {**sums, "grad_norm": gnorm})
@@ -345,11 +365,10 @@ def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir:
         if step % cfg.log_every == 0 or save:          # flushed before any save: a non-finite step is never saved
             last = show_progress(steplog, bar, b.unit, speed.rate(), cur_lr)
         if save:
-            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, b.accum, b.per_process, record)
+            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, b.accum, b.per_process, record,
+                       **({"ema": ema.state_dict()} if ema is not None else {}))
     bar.close()
-    if rt.rank == 0:
-        finish(record, out_dir, raw, step, last, hist, getattr(loader, "skipped_total", 0))
-    return last
+    return step, last
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -358,12 +377,10 @@ def run(cfg: TrainConfig) -> dict:
     rt = setup_distributed(cfg.dist_timeout, cfg.precision)
     seed_everything(cfg.seed + rt.rank)                                 # seed = base + rank
     out_dir = os.path.join(cfg.out, cfg.stage)
-    claim = claim_run_dir(out_dir, cfg, rt, lambda: stage_init(cfg))
     try:
-        return train(cfg, rt, data_root, tok_path, out_dir, claim)
+        with claim_run_dir(out_dir, cfg, rt, lambda: stage_init(cfg)) as claim:
+            return train(cfg, rt, data_root, tok_path, out_dir, claim)
     finally:
-        if claim.lock is not None:
-            claim.lock.release()
         if rt.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -375,16 +392,12 @@ def run(cfg: TrainConfig) -> dict:
 # The start and end of a run: the plan printed with its formulas, progress, checkpoints, the end
 
 
-def say_plan(cfg, rt, b: Batch, model, tok, tok_path: str, steps_per_epoch: int, total: int, warmup: int) -> None:
-    log(rt.rank, f"stage {cfg.stage}: world {rt.world} x {b.per_process[b.unit]} {b.unit} x accum {b.accum} = "
-                 f"effective batch {b.eff} {b.unit}"
-        + (f" (+ {cfg.image_batch * rt.world * b.accum} images)" if cfg.stage == "joint" else ""))
-    flag = "--global-image-batch" if b.unit == "images" else "--global-video-batch"
+def say_plan(rt, cfg, b: Batch, flag: str, steps_per_epoch: int, total: int, warmup: int, more: str = "") -> None:
+    """Both trainers' start-up lines: the batch and the learning rate with their formulas (§4.1), the schedule."""
+    log(rt.rank, f"world {rt.world} x {b.per_process[b.unit]} {b.unit} x accum {b.accum} = effective batch {b.eff} "
+                 f"{b.unit}{more}")
     log(rt.rank, f"lr = base_lr {cfg.lr:g} x effective {b.eff} / {flag} {b.paper} ({cfg.preset} preset) = "
                  f"{b.lr:.3g}; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total} steps, warm-up {warmup}")
-    log(rt.rank, f"model {cfg.model}: {swin3d.param_count(model) / 1e6:.2f}M parameters; tokenizer {tok_path} "
-                 f"({tok.kind}, {tok.vocab_size} codes, {tok.precision}); device {rt.device}, "
-                 f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
 
 
 class Throughput:
@@ -498,6 +511,15 @@ def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict, only=No
         ap.add_argument("--" + f.name.replace("_", "-"), default=None, help=text, **kw)
 
 
+def config_from(cls, args: dict, *layers: dict):
+    """Both trainers' config: `cls`'s defaults <- each of `layers` (a recipe, a preset) <- the flags given."""
+    cfg = dataclasses.asdict(cls())
+    for layer in layers:
+        cfg.update(layer)
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
+    return cls(**cfg)
+
+
 def check_ranges(cfg, positive=(), non_negative=(), fractions=None) -> None:
     """Raise FlagError naming the first flag whose value is outside its range."""
     def bad(name, want):
@@ -533,13 +555,9 @@ def parse_args(argv=None) -> TrainConfig:
     """Defaults <- preset (and its stage's epochs) <- explicit flags; every check that needs only the flags."""
     ap = build_parser()
     args = vars(ap.parse_args(argv))
-    defaults = TrainConfig()
-    preset, stage = args["preset"] or defaults.preset, args["stage"] or defaults.stage
-    cfg = dict(dataclasses.asdict(defaults))
-    cpu = preset == "cpu"
-    cfg.update(CPU_PRESET if cpu else {}, epochs=(CPU_STAGE_EPOCHS if cpu else STAGE_EPOCHS)[stage])
-    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
-    cfg = TrainConfig(**cfg)
+    cpu = args["preset"] == "cpu"
+    epochs = (CPU_STAGE_EPOCHS if cpu else STAGE_EPOCHS)[args["stage"] or TrainConfig.stage]
+    cfg = config_from(TrainConfig, args, CPU_PRESET if cpu else {}, {"epochs": epochs})
     try:
         check_ranges(cfg, POSITIVE, NON_NEGATIVE, FRACTIONS)
         lo, hi = cfg.short_side
@@ -805,7 +823,7 @@ def load_checkpoint(path: str) -> dict:
     return ck
 
 
-def resume_file(path: str, log_fn=print) -> tuple:
+def load_for_resume(path: str, log_fn=print) -> tuple:
     """(checkpoint, the file read): `path`, or its `.prev.pt` when `path` is missing or damaged (said in one line)."""
     try:
         return load_checkpoint(path), path
@@ -816,10 +834,6 @@ def resume_file(path: str, log_fn=print) -> tuple:
         ck = load_checkpoint(prev)
         log_fn(f"warning: {e}; resuming from the previous checkpoint {prev} (step {ck.get('step')})")
         return ck, prev
-
-
-def load_for_resume(path: str, log_fn=print) -> dict:
-    return resume_file(path, log_fn)[0]
 
 
 def rng_state() -> dict:
@@ -857,13 +871,12 @@ def all_rng_states(ddp: bool, world: int) -> list:
 # per-process RNG (drop path), reseeded.
 
 BATCH_FLAGS = {"clips": "--video-batch", "images": "--image-batch"}    # the per-process batch of each unit
-BATCH_CONFIG_KEYS = {"clips": "video_batch", "images": "image_batch"}  # and its TrainConfig field
 
 
 def stage_batches(cfg) -> dict:
     """{unit: samples per micro-batch} of a pretraining stage, the unit that sets the accumulation first."""
-    units = {"image": ("images",), "video": ("clips",), "joint": ("clips", "images")}[cfg.stage]
-    return {u: getattr(cfg, BATCH_CONFIG_KEYS[u]) for u in units}
+    clips, images = {"clips": cfg.video_batch}, {"images": cfg.image_batch}
+    return {"image": images, "video": clips, "joint": {**clips, **images}}[cfg.stage]
 
 
 def batch_record(world: int, accum: int, per_process: dict) -> dict:
@@ -928,12 +941,12 @@ def changed_flags(saved: dict, cfg, ignore=()) -> str:
                      and hasattr(cfg, k) and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k))
 
 
-def finished(claim: Claim, stop_at: int, out_dir: str, cfg, say, files=("final.pt",)) -> bool:
+def finished(claim: Claim, stop_at: int, out_dir: str, cfg, rank: int, files=("final.pt",)) -> bool:
     """A rerun of a finished run (`files` there, no step before stop_at) trains nothing, so writes nothing."""
     if claim.ck is None or claim.ck["step"] < stop_at or not set(files) <= set(claim.there):
         return False
     flags = changed_flags(claim.ck["config"], cfg, ("resume", "overwrite"))
-    say(f"the run in {out_dir} was already complete at step {claim.ck['step']}: nothing to do, nothing written"
+    log(rank, f"the run in {out_dir} was already complete at step {claim.ck['step']}: nothing to do, nothing written"
         + (f"; flags not applied: {flags}" if flags else "") + " (--overwrite starts it again)")
     return True
 
@@ -962,6 +975,13 @@ class Claim(NamedTuple):
     ck: Optional[dict]
     init: str                         # a fresh run's checkpoint to start from ('' = random weights)
     there: tuple                      # the run files rank 0 found
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc) -> None:            # the run folder's lock, released however the run ends
+        if self.lock is not None:
+            self.lock.release()
 
 
 def decide_resume(out_dir: str, cfg) -> tuple:
@@ -1000,7 +1020,7 @@ def claim_run_dir(out_dir: str, cfg, rt: Runtime, fresh_init=None) -> Claim:
             for name in RUN_FILES if cfg.overwrite else ():
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out_dir, name))
-            ck, source = resume_file(source, lambda m: log(0, m)) if source else (None, None)
+            ck, source = load_for_resume(source, lambda m: log(0, m)) if source else (None, None)
             decision = [None, source, init, there]
         except USER_ERRORS as e:
             error, decision[0] = e, str(e)

@@ -392,8 +392,8 @@ def test_checkpoint_cut_in_half_falls_back_to_the_previous_one(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     said = []
-    ck = train.load_for_resume(path, said.append)
-    assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(2_000_000, dtype=torch.float32))
+    ck, read = train.load_for_resume(path, said.append)
+    assert read.endswith("ckpt.prev.pt") and ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(2_000_000, dtype=torch.float32))
     assert len(said) == 1 and "ckpt.pt" in said[0] and "ckpt.prev.pt" in said[0]
 
 
@@ -407,7 +407,7 @@ def test_flipped_bits_in_a_checkpoint_are_detected_not_trained_on(tmp_path):
     with pytest.raises(train.CheckpointError, match="damaged|not a checkpoint"):
         train.load_checkpoint(path)
     said = []
-    assert train.load_for_resume(path, said.append)["step"] == 1 and len(said) == 1
+    assert train.load_for_resume(path, said.append)[0]["step"] == 1 and len(said) == 1
 
 
 def test_full_disk_during_a_checkpoint_names_the_path_and_leaves_nothing(tmp_path):
@@ -428,7 +428,7 @@ sys.path.insert(0, sys.argv[2])
 import train
 said = []
 try:
-    ck = train.load_for_resume(sys.argv[1], said.append)
+    ck = train.load_for_resume(sys.argv[1], said.append)[0]
 except train.CheckpointError as e:
     print("error:", e)
 else:
