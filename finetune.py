@@ -35,7 +35,6 @@ single-video predictions and the mini Tables 1, 2 and 8.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -56,8 +55,8 @@ from tqdm import tqdm
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (DIST_TIMEOUT_MIN, PRECISIONS, Claim, Parser, Runtime, add_dataclass_flags, all_gather_rows, begin,
-                   check_ranges, claim_run_dir, clip_gradients, config_from, data_config_from, finished, log,
+from train import (DIST_TIMEOUT_MIN, PRECISIONS, Claim, Parser, Runtime, accumulate_gradients, add_dataclass_flags,
+                   all_gather_rows, begin, check_ranges, claim_run_dir, config_from, data_config_from, finished, log,
                    param_groups, plan_batch, precision_note, run_cli, save_checkpoint, say_plan, seed_everything,
                    setup_distributed, train_loop, wrap_ddp)
 
@@ -181,7 +180,7 @@ FRACTIONS = {"flip": (0.0, 1.0 + 1e-9), "erase": (0.0, 1.0 + 1e-9), "drop_path":
 
 
 def resolve_config(args: dict) -> FinetuneConfig:
-    """Defaults <- recipe <- preset <- explicit flags, then range checks (FlagError names the flag)."""
+    """Defaults <- recipe <- preset <- explicit flags, then range checks (a ValueError names the flag)."""
     cfg = config_from(FinetuneConfig, args, RECIPES[args.get("recipe") or FinetuneConfig.recipe],
                       CPU_PRESET if args.get("preset") == "cpu" else {})
     check_ranges(cfg, POSITIVE, NON_NEGATIVE, FRACTIONS)
@@ -414,30 +413,17 @@ def data_config(cfg: FinetuneConfig) -> data.FinetuneDataConfig:
 
 
 def train_step(model, batches: list, rt: Runtime, clip_grad: float, smoothing: float):
-    """Forward/backward over the micro-batches of one optimizer step, then clip.
-
-    As train.train_step: gradients are all-reduced only on the last micro-step
-    (the others accumulate locally under no_sync()), and each micro-batch's loss
-    is divided by their number, so the step's gradient is that of the mean over
-    the effective batch. Returns ({"loss", "acc": the means}, gradient norm), all
-    tensors on the device (no read-back in the step).
-    """
-    accum, loss_sum, acc_sum = len(batches), 0.0, 0.0
-    for k, batch in enumerate(batches):
+    """One optimizer step's forward/backward (train.accumulate_gradients): mean cross-entropy and accuracy."""
+    def forward(batch: dict) -> dict:
         video = batch["video"].to(rt.device, non_blocking=True)       # (B, 3, T, H, W)
         label = batch["label"].to(rt.device, non_blocking=True)       # (B,)
-        ctx = model.no_sync() if rt.ddp and k < accum - 1 else contextlib.nullcontext()
-        with ctx:
-            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
-                logits = model(video)
-            # Label smoothing (SSv2 recipe, 0.1): the released LabelSmoothing blending is
-            # y·(1 − ε) + ε/K, which is exactly F.cross_entropy's label_smoothing.
-            loss = F.cross_entropy(logits.float(), label, label_smoothing=smoothing)
-            (loss / accum).backward()
-        loss_sum = loss_sum + loss.detach() / accum
-        acc_sum = acc_sum + (logits.argmax(-1) == label).float().mean() / accum
-    gnorm = clip_gradients(list(model.parameters()), clip_grad)      # clip_grad 0: SSv2, norm only logged
-    return {"loss": loss_sum, "acc": acc_sum}, gnorm
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
+            logits = model(video)
+        # Label smoothing (SSv2 recipe, 0.1): the released LabelSmoothing blending is
+        # y·(1 − ε) + ε/K, which is exactly F.cross_entropy's label_smoothing.
+        loss = F.cross_entropy(logits.float(), label, label_smoothing=smoothing)
+        return {"loss": loss, "acc": (logits.argmax(-1) == label).float().mean()}
+    return accumulate_gradients(model, batches, rt, clip_grad, forward)
 
 
 def train(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, model: nn.Module, ema: Optional[AveragedModel],
