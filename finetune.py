@@ -639,7 +639,7 @@ def prepare_model(cfg: FinetuneConfig, num_classes: int, rt: Runtime) -> tuple:
     made after DDP's start-up broadcast of rank 0's weights, so that it starts equal on every rank."""
     raw = build_model(cfg, num_classes)
     init = init_path(cfg)
-    if init and init != "scratch":
+    if init != "scratch":
         log(rt.rank, load_pretrained(raw, init, cfg.model).describe(init))
     else:
         log(rt.rank, "init: scratch (random weights)")
@@ -730,7 +730,6 @@ def _check_encoder_shape(enc: dict, config: swin3d.SwinConfig, model_name: str) 
                          f"--model {model_name} has embed_dim={want[0]}, depths={want[1]}, heads={want[2]}")
 
 
-
 def _split_keys(sd: dict, enc_prefix: str, head_prefix: Optional[str]) -> tuple[dict, dict, list, list]:
     """A checkpoint's keys sorted out: (encoder {name: (original key, tensor)}, classifier head
     {name: (original key, tensor)}, unused original keys, re-derived original keys)."""
@@ -751,14 +750,13 @@ def _split_keys(sd: dict, enc_prefix: str, head_prefix: Optional[str]) -> tuple[
     return enc, head, unused, rederived
 
 
-def _fit_window(tensors: dict, cfg: swin3d.SwinConfig) -> tuple[dict, Optional[tuple], str]:
-    """The encoder tensors on the model's window: (tensors, (old, new) window if resized, kind note).
-    Tables of another temporal window are trilinearly resized (swin3d.resize_relative_tables,
-    paper §4.1-4.2)."""
+def _fit_window(tensors: dict, cfg: swin3d.SwinConfig) -> tuple[dict, Optional[tuple]]:
+    """The encoder tensors on the model's window, and (old, new) window if resized: tables of another temporal
+    window are trilinearly resized (swin3d.resize_relative_tables, paper §4.1-4.2)."""
     table_rows = {v.shape[0] for k, v in tensors.items() if k.endswith("relative_position_bias_table")}
     want_rows = math.prod(2 * w - 1 for w in cfg.window_size)
     if not table_rows or table_rows == {want_rows}:
-        return tensors, None, ""
+        return tensors, None
     # The checkpoint's temporal window, from the table size and the (unchanged) spatial window.
     rows = table_rows.pop()
     spatial = (2 * cfg.window_size[1] - 1) * (2 * cfg.window_size[2] - 1)
@@ -766,7 +764,7 @@ def _fit_window(tensors: dict, cfg: swin3d.SwinConfig) -> tuple[dict, Optional[t
         raise ValueError(f"relative_position_bias_table of {rows} rows fits no window (Wt, "
                          f"{cfg.window_size[1]}, {cfg.window_size[2]}); the model's window is {cfg.window_size}")
     old = (((rows // spatial) + 1) // 2, *cfg.window_size[1:])
-    return swin3d.resize_relative_tables(tensors, old, cfg.window_size), (old, tuple(cfg.window_size)), ""
+    return swin3d.resize_relative_tables(tensors, old, cfg.window_size), (old, tuple(cfg.window_size))
 
 
 def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -> swin3d.LoadReport:
@@ -780,13 +778,12 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
     kind, enc_prefix, head_prefix = _detect(sd, outer)
     enc, head, unused, rederived = _split_keys(sd, enc_prefix, head_prefix)
     tensors = {k: v for k, (_, v) in enc.items()}
-    names = {k: orig for k, (orig, _) in enc.items()}
     _check_encoder_shape(tensors, model.encoder.config, model_name)
-    tensors, window, note = _fit_window(tensors, model.encoder.config)
+    tensors, window = _fit_window(tensors, model.encoder.config)
     ours = model.state_dict()
     mapped = {}
     for k, v in tensors.items():
-        key, orig = "encoder." + k, names.get(k, k)
+        key, orig = "encoder." + k, enc[k][0]
         if key not in ours:
             unused.append(orig)
             continue
@@ -800,7 +797,7 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
             unused.append(orig)                             # e.g. a K400 head (400 classes) for SSv2
     result = model.load_state_dict(mapped, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    return swin3d.LoadReport(kind + note, sorted(mapped), sorted(result.missing_keys), sorted(unused),
+    return swin3d.LoadReport(kind, sorted(mapped), sorted(result.missing_keys), sorted(unused),
                              sorted(rederived), window)
 
 

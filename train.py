@@ -653,9 +653,8 @@ def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN, precision: str = "f
     tasks = int(os.environ.get("SLURM_NTASKS", 1))
     if "SLURM_PROCID" in os.environ and tasks > 1 and "RANK" not in os.environ:
         raise ValueError(f"srun started {tasks} tasks without torchrun (RANK unset): each would run alone on the same "
-                         f"--out; start one torchrun per node: srun --ntasks-per-node=1 torchrun "
-                         f"--nnodes=$SLURM_NNODES "
-                         f"--nproc_per_node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 {sys.argv[0]} ...")
+                         f"--out; start one torchrun per node: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES"
+                         f" --nproc_per_node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 {sys.argv[0]} ...")
     ddp = int(os.environ.get("RANK", -1)) != -1
     timeout = datetime.timedelta(minutes=timeout_min)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -889,8 +888,14 @@ def begin(claim: Claim, b: Batch, model, opt, cfg, rt, out_dir: str, loader, sto
     if rt.rank == 0:
         start_log(out_dir, record, step if ck is not None else None)
     stream = EpochStream(loader, epoch, epoch_step)
-    if ck is not None:
-        resume_rng(ck, cfg.seed, rt.rank, rt.world, step, lambda m: log(rt.rank, m))
+    # The trainer's own RNGs (drop path, dropout): each rank's saved state on the same world size (bit for bit);
+    # otherwise seeded from (seed, rank, step), the same law but other draws.
+    if ck is not None and ck["world"] == rt.world and len(ck.get("rng", ())) == rt.world:
+        set_rng_state(ck["rng"][rt.rank])
+    elif ck is not None:
+        seed_everything(masking.derive_seed(cfg.seed, rank=rt.rank, epoch=step))
+        log(rt.rank, f"training RNG (drop path, dropout) reseeded per process from (seed {cfg.seed}, rank, step "
+                     f"{step}): the checkpoint's {ck['world']} states do not map onto {rt.world} processes")
     return step, stream, record
 
 
@@ -908,17 +913,6 @@ def finished(claim: Claim, stop_at: int, out_dir: str, cfg, rank: int, files=("f
     log(rank, f"the run in {out_dir} was already complete at step {claim.ck['step']}: nothing to do, nothing written"
         + (f"; flags not applied: {flags}" if flags else "") + " (--overwrite starts it again)")
     return True
-
-
-def resume_rng(ck: dict, seed: int, rank: int, world: int, step: int, log_fn) -> None:
-    """The trainer's own RNGs (drop path, dropout) on a resume: each rank's saved state on the same world
-    size (bit for bit); otherwise seeded from (seed, rank, step), the same law but other draws."""
-    if ck["world"] == world and len(ck.get("rng", ())) == world:
-        set_rng_state(ck["rng"][rank])
-        return
-    seed_everything(masking.derive_seed(seed, rank=rank, epoch=step))
-    log_fn(f"training RNG (drop path, dropout) reseeded per process from (seed {seed}, rank, step {step}): "
-           f"the checkpoint's {ck['world']} states do not map onto {world} processes")
 
 
 # -----------------------------------------------------------------------------
