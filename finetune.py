@@ -35,8 +35,8 @@ single-video predictions and the mini Tables 1, 2 and 8.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -55,10 +55,10 @@ from tqdm import tqdm
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
-from train import (DIST_TIMEOUT_MIN, PRECISIONS, Claim, Parser, Runtime, StepLog, Throughput, add_dataclass_flags,
-                   all_gather_rows, begin, check_ranges, claim_run_dir, clip_gradients, data_config_from, finished,
-                   log, lr_at, param_groups, plan_batch, precision_note, run_cli, save_checkpoint, save_state,
-                   seed_everything, setup_distributed, show_progress, wrap_ddp)
+from train import (DIST_TIMEOUT_MIN, PRECISIONS, Claim, Parser, Runtime, accumulate_gradients, add_dataclass_flags,
+                   all_gather_rows, begin, check_ranges, claim_run_dir, config_from, data_config_from, finished, log,
+                   param_groups, plan_batch, precision_note, run_cli, save_checkpoint, say_plan, seed_everything,
+                   setup_distributed, train_loop, wrap_ddp)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -180,14 +180,9 @@ FRACTIONS = {"flip": (0.0, 1.0 + 1e-9), "erase": (0.0, 1.0 + 1e-9), "drop_path":
 
 
 def resolve_config(args: dict) -> FinetuneConfig:
-    """Defaults <- recipe <- preset <- explicit flags, then range checks (FlagError names the flag)."""
-    defaults = FinetuneConfig()
-    cfg = dataclasses.asdict(defaults)
-    cfg.update(RECIPES[args.get("recipe") or defaults.recipe])
-    if (args.get("preset") or defaults.preset) == "cpu":
-        cfg.update(CPU_PRESET)
-    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
-    cfg = FinetuneConfig(**cfg)
+    """Defaults <- recipe <- preset <- explicit flags, then range checks (a ValueError names the flag)."""
+    cfg = config_from(FinetuneConfig, args, RECIPES[args.get("recipe") or FinetuneConfig.recipe],
+                      CPU_PRESET if args.get("preset") == "cpu" else {})
     check_ranges(cfg, POSITIVE, NON_NEGATIVE, FRACTIONS)
     parse_eval_modes(cfg.eval_mode)                             # raises on an unknown mode
     return cfg
@@ -418,36 +413,23 @@ def data_config(cfg: FinetuneConfig) -> data.FinetuneDataConfig:
 
 
 def train_step(model, batches: list, rt: Runtime, clip_grad: float, smoothing: float):
-    """Forward/backward over the micro-batches of one optimizer step, then clip.
-
-    As train.train_step: gradients are all-reduced only on the last micro-step
-    (the others accumulate locally under no_sync()), and each micro-batch's loss
-    is divided by their number, so the step's gradient is that of the mean over
-    the effective batch. Returns (mean loss, mean accuracy, gradient norm), all
-    tensors on the device (no read-back in the step).
-    """
-    accum, loss_sum, acc_sum = len(batches), 0.0, 0.0
-    for k, batch in enumerate(batches):
+    """One optimizer step's forward/backward (train.accumulate_gradients): mean cross-entropy and accuracy."""
+    def forward(batch: dict) -> dict:
         video = batch["video"].to(rt.device, non_blocking=True)       # (B, 3, T, H, W)
         label = batch["label"].to(rt.device, non_blocking=True)       # (B,)
-        ctx = model.no_sync() if rt.ddp and k < accum - 1 else contextlib.nullcontext()
-        with ctx:
-            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
-                logits = model(video)
-            # Label smoothing (SSv2 recipe, 0.1): the released LabelSmoothing blending is
-            # y·(1 − ε) + ε/K, which is exactly F.cross_entropy's label_smoothing.
-            loss = F.cross_entropy(logits.float(), label, label_smoothing=smoothing)
-            (loss / accum).backward()
-        loss_sum = loss_sum + loss.detach() / accum
-        acc_sum = acc_sum + (logits.argmax(-1) == label).float().mean() / accum
-    gnorm = clip_gradients(list(model.parameters()), clip_grad)      # clip_grad 0: SSv2, norm only logged
-    return loss_sum, acc_sum, gnorm
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
+            logits = model(video)
+        # Label smoothing (SSv2 recipe, 0.1): the released LabelSmoothing blending is
+        # y·(1 − ε) + ε/K, which is exactly F.cross_entropy's label_smoothing.
+        loss = F.cross_entropy(logits.float(), label, label_smoothing=smoothing)
+        return {"loss": loss, "acc": (logits.argmax(-1) == label).float().mean()}
+    return accumulate_gradients(model, batches, rt, clip_grad, forward)
 
 
 def train(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, model: nn.Module, ema: Optional[AveragedModel],
           rt: Runtime, out_dir: str, claim: Claim) -> Optional[int]:
-    """The finetuning loop (train.py's structure: accumulation, schedule, resume, tqdm, JSONL, non-finite stop);
-    `model` is `raw` compiled and DDP-wrapped, or `raw`. Returns the last step, None for a finished run."""
+    """Finetune one label set in train.py's loop (train.train_loop); `model` is `raw` compiled and DDP-wrapped,
+    or `raw`. Returns the last step, None for a finished run."""
     b = plan_batch(cfg, {"clips": cfg.batch_size}, cfg.global_batch, {"clips": "--batch-size"}, rt.world, claim)
     dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
     loader = data.build_finetune_loader("train", dcfg, ann=task.train_list, root=task.root, rank=rt.rank,
@@ -455,42 +437,17 @@ def train(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, model: nn.Modul
     steps_per_epoch = loader.steps_per_epoch                          # global steps: samples // effective batch
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    if finished(claim, stop_at, out_dir, cfg, lambda m: log(rt.rank, m), ("final.pt", "eval.json")):
+    if finished(claim, stop_at, out_dir, cfg, rt.rank, ("final.pt", "eval.json")):
         return None
-    log(rt.rank, f"world {rt.world} x {cfg.batch_size} clips x accum {b.accum} = effective batch {b.eff}; lr = base_lr "
-                 f"{cfg.lr:g} x {b.eff} / --global-batch {b.paper} = {b.lr:.3g}; {steps_per_epoch} steps/epoch x "
-                 f"{cfg.epochs} epochs = {total} steps, warm-up {warmup}")
+    say_plan(rt, cfg, b, "--global-batch", steps_per_epoch, total, warmup)
     opt = build_optimizer(cfg, raw, b.lr, rt)
     init = init_path(cfg)
     step, stream, record = begin(claim, b, raw, opt, cfg, rt, out_dir, loader, stop_at,
-                                 {"init": init} if init not in ("", "scratch") else {}, ema=ema)
-    steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
-    bar = tqdm(total=stop_at, initial=step, desc=f"finetune {task.name}", dynamic_ncols=True, file=sys.stderr,
-               disable=rt.rank != 0)
+                                 {"init": init} if init != "scratch" else {}, ema=ema)
     model.train()
-    speed = Throughput()
-    while step < stop_at:
-        cur_lr = lr_at(step, total, warmup, b.lr, cfg.min_lr * b.eff / cfg.global_batch)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr * g["lr_scale"]                         # layer-wise multiplier
-        batches = stream.take(b.accum)
-        loss, acc, gnorm = train_step(model, batches, rt, cfg.clip_grad, cfg.label_smoothing)
-        speed.add(rt.world * sum(len(x["video"]) for x in batches))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update_parameters(raw)
-        step += 1
-        # Queued on the device; read (and checked for non-finite values) every log_every steps.
-        steplog.add({"step": step, "epoch": stream.epoch, "lr": cur_lr}, {"loss": loss, "acc": acc, "grad_norm": gnorm})
-        bar.update(1)
-        save = step % cfg.ckpt_every == 0 or step == stop_at
-        if step % cfg.log_every == 0 or save:                       # before any save: a non-finite step is never saved
-            show_progress(steplog, bar, "clips", speed.rate(), cur_lr)
-        if save:
-            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, b.accum,
-                       {"clips": cfg.batch_size}, record, ema=ema.state_dict() if ema is not None else None)
-    bar.close()
+    step_fn = functools.partial(train_step, model, rt=rt, clip_grad=cfg.clip_grad, smoothing=cfg.label_smoothing)
+    step, _ = train_loop(raw, opt, stream, step, step_fn, cfg, rt, b, total, warmup, stop_at, out_dir, record,
+                         f"finetune {task.name}", ema)
     if rt.rank == 0:
         save_final(out_dir, record, task, raw, ema, step)
     return step
@@ -652,37 +609,29 @@ def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime) -> dict:
     """Finetune (unless --eval-only) and evaluate one label set; returns {'model': metrics, 'ema': metrics}."""
     seed_everything(cfg.seed + rt.rank)                           # seed = base + rank
     out_dir = os.path.join(cfg.out, task.name)
-    claim = claim_run_dir(out_dir, cfg, rt)
-    try:
-        return _run_task(cfg, task, rt, out_dir, claim)
-    finally:
-        if claim.lock is not None:
-            claim.lock.release()
-
-
-def _run_task(cfg: FinetuneConfig, task: Task, rt: Runtime, out_dir: str, claim: Claim) -> dict:
-    modes = parse_eval_modes(cfg.eval_mode)
-    check_classes(task.val_list, task.root, task.num_classes, train=False)
-    if not cfg.eval_only:
-        check_classes(task.train_list, task.root, task.num_classes, train=True)
-    raw, model, ema = prepare_model(cfg, task.num_classes, rt)
-    log(rt.rank, f"task {task.name}: {task.num_classes} classes; model {cfg.model} window {tuple(cfg.window)}: "
-                 f"{swin3d.param_count(raw) / 1e6:.2f}M parameters; device {rt.device}, "
-                 f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
-    dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
-    val_loader = data.build_finetune_loader(cfg.eval_split, dcfg, ann=task.val_list, root=task.root, rank=rt.rank,
-                                            world_size=rt.world, verbose=False)
-    step = train(cfg, task, raw, model, ema, rt, out_dir, claim) if not cfg.eval_only else 0
-    if step is None:                                       # a finished run, rerun: its results as on file
-        with open(os.path.join(out_dir, "eval.json")) as f:
-            return json.load(f)["results"]
-    # The model and, alongside, its EMA.
-    results = {"model": evaluate(model, val_loader, modes, cfg.seed + 1, rt, task.num_classes)}
-    if ema is not None:
-        results["ema"] = evaluate(ema.module, val_loader, modes, cfg.seed + 1, rt, task.num_classes)
-    if rt.rank == 0:
-        report(cfg, task, results, out_dir, step)
-    return results
+    with claim_run_dir(out_dir, cfg, rt) as claim:
+        modes = parse_eval_modes(cfg.eval_mode)
+        check_classes(task.val_list, task.root, task.num_classes, train=False)
+        if not cfg.eval_only:
+            check_classes(task.train_list, task.root, task.num_classes, train=True)
+        raw, model, ema = prepare_model(cfg, task.num_classes, rt)
+        log(rt.rank, f"task {task.name}: {task.num_classes} classes; model {cfg.model} window {tuple(cfg.window)}: "
+                     f"{swin3d.param_count(raw) / 1e6:.2f}M parameters; device {rt.device}, "
+                     f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
+        dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
+        val_loader = data.build_finetune_loader(cfg.eval_split, dcfg, ann=task.val_list, root=task.root,
+                                                rank=rt.rank, world_size=rt.world, verbose=False)
+        step = train(cfg, task, raw, model, ema, rt, out_dir, claim) if not cfg.eval_only else 0
+        if step is None:                                       # a finished run, rerun: its results as on file
+            with open(os.path.join(out_dir, "eval.json")) as f:
+                return json.load(f)["results"]
+        # The model and, alongside, its EMA.
+        results = {"model": evaluate(model, val_loader, modes, cfg.seed + 1, rt, task.num_classes)}
+        if ema is not None:
+            results["ema"] = evaluate(ema.module, val_loader, modes, cfg.seed + 1, rt, task.num_classes)
+        if rt.rank == 0:
+            report(cfg, task, results, out_dir, step)
+        return results
 
 
 def prepare_model(cfg: FinetuneConfig, num_classes: int, rt: Runtime) -> tuple:
@@ -690,7 +639,7 @@ def prepare_model(cfg: FinetuneConfig, num_classes: int, rt: Runtime) -> tuple:
     made after DDP's start-up broadcast of rank 0's weights, so that it starts equal on every rank."""
     raw = build_model(cfg, num_classes)
     init = init_path(cfg)
-    if init and init != "scratch":
+    if init != "scratch":
         log(rt.rank, load_pretrained(raw, init, cfg.model).describe(init))
     else:
         log(rt.rank, "init: scratch (random weights)")
@@ -781,7 +730,6 @@ def _check_encoder_shape(enc: dict, config: swin3d.SwinConfig, model_name: str) 
                          f"--model {model_name} has embed_dim={want[0]}, depths={want[1]}, heads={want[2]}")
 
 
-
 def _split_keys(sd: dict, enc_prefix: str, head_prefix: Optional[str]) -> tuple[dict, dict, list, list]:
     """A checkpoint's keys sorted out: (encoder {name: (original key, tensor)}, classifier head
     {name: (original key, tensor)}, unused original keys, re-derived original keys)."""
@@ -802,14 +750,13 @@ def _split_keys(sd: dict, enc_prefix: str, head_prefix: Optional[str]) -> tuple[
     return enc, head, unused, rederived
 
 
-def _fit_window(tensors: dict, cfg: swin3d.SwinConfig) -> tuple[dict, Optional[tuple], str]:
-    """The encoder tensors on the model's window: (tensors, (old, new) window if resized, kind note).
-    Tables of another temporal window are trilinearly resized (swin3d.resize_relative_tables,
-    paper §4.1-4.2)."""
+def _fit_window(tensors: dict, cfg: swin3d.SwinConfig) -> tuple[dict, Optional[tuple]]:
+    """The encoder tensors on the model's window, and (old, new) window if resized: tables of another temporal
+    window are trilinearly resized (swin3d.resize_relative_tables, paper §4.1-4.2)."""
     table_rows = {v.shape[0] for k, v in tensors.items() if k.endswith("relative_position_bias_table")}
     want_rows = math.prod(2 * w - 1 for w in cfg.window_size)
     if not table_rows or table_rows == {want_rows}:
-        return tensors, None, ""
+        return tensors, None
     # The checkpoint's temporal window, from the table size and the (unchanged) spatial window.
     rows = table_rows.pop()
     spatial = (2 * cfg.window_size[1] - 1) * (2 * cfg.window_size[2] - 1)
@@ -817,7 +764,7 @@ def _fit_window(tensors: dict, cfg: swin3d.SwinConfig) -> tuple[dict, Optional[t
         raise ValueError(f"relative_position_bias_table of {rows} rows fits no window (Wt, "
                          f"{cfg.window_size[1]}, {cfg.window_size[2]}); the model's window is {cfg.window_size}")
     old = (((rows // spatial) + 1) // 2, *cfg.window_size[1:])
-    return swin3d.resize_relative_tables(tensors, old, cfg.window_size), (old, tuple(cfg.window_size)), ""
+    return swin3d.resize_relative_tables(tensors, old, cfg.window_size), (old, tuple(cfg.window_size))
 
 
 def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -> swin3d.LoadReport:
@@ -831,13 +778,12 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
     kind, enc_prefix, head_prefix = _detect(sd, outer)
     enc, head, unused, rederived = _split_keys(sd, enc_prefix, head_prefix)
     tensors = {k: v for k, (_, v) in enc.items()}
-    names = {k: orig for k, (orig, _) in enc.items()}
     _check_encoder_shape(tensors, model.encoder.config, model_name)
-    tensors, window, note = _fit_window(tensors, model.encoder.config)
+    tensors, window = _fit_window(tensors, model.encoder.config)
     ours = model.state_dict()
     mapped = {}
     for k, v in tensors.items():
-        key, orig = "encoder." + k, names.get(k, k)
+        key, orig = "encoder." + k, enc[k][0]
         if key not in ours:
             unused.append(orig)
             continue
@@ -851,7 +797,7 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
             unused.append(orig)                             # e.g. a K400 head (400 classes) for SSv2
     result = model.load_state_dict(mapped, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    return swin3d.LoadReport(kind + note, sorted(mapped), sorted(result.missing_keys), sorted(unused),
+    return swin3d.LoadReport(kind, sorted(mapped), sorted(result.missing_keys), sorted(unused),
                              sorted(rederived), window)
 
 

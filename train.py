@@ -47,6 +47,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import inspect
 import json
@@ -197,39 +198,37 @@ def model_inputs(batch: dict, tok, device) -> dict:
 # One optimizer step: eq. 5's loss, L = L_MIM + λ·L_MVM, over the effective batch (§4.1)
 
 
-def clip_gradients(params: list, clip_grad: float) -> torch.Tensor:
-    """Clip to a total norm of `clip_grad` (> 0, §4.1: 3.0), or only measure it (0 = no clipping,
-    the SSv2 recipe's choice); returns the norm before clipping, on the device."""
-    params = [p for p in params if p.grad is not None]
-    if clip_grad > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
-
-
 def train_step(model, batches: list, tok, rt: Runtime, clip_grad: float, hist: Optional[dict] = None):
-    """Forward/backward over the micro-batches of one optimizer step, then clip (§4.1).
-
-    BEVT.forward returns eq. 5's loss for whichever streams the batch holds. Gradients are
-    all-reduced only on the last micro-step; the others accumulate locally under no_sync(),
-    which is what makes accumulation cheap under DDP. Each micro-batch's loss is divided by
-    their number: the step's gradient is that of the mean over the effective batch. Returns
-    this rank's mean metrics and the synchronised gradient norm before clipping, as device
-    tensors (nothing here waits for the GPU). `hist`: rank 0's target histograms (count_targets).
-    """
-    accum, sums = len(batches), {}
-    for k, batch in enumerate(batches):
+    """One optimizer step's forward/backward (accumulate_gradients): BEVT.forward gives eq. 5's loss for whichever
+    streams the batch holds, against the frozen tokenizer's codes. `hist`: rank 0's target histograms."""
+    def forward(batch: dict) -> dict:
         inputs = model_inputs(batch, tok, rt.device)
         if hist is not None:
             count_targets(hist, inputs, tok.vocab_size)
-        ctx = model.no_sync() if rt.ddp and k < accum - 1 else contextlib.nullcontext()
-        with ctx:
-            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
-                out = model(**inputs)
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.bf16):
+            return model(**inputs)
+    return accumulate_gradients(model, batches, rt, clip_grad, forward)
+
+
+def accumulate_gradients(model, batches: list, rt: Runtime, clip_grad: float, forward) -> tuple:
+    """Forward/backward over the micro-batches of one optimizer step, then clip (both trainers, §4.1).
+
+    `forward(batch)` returns the micro-batch's metrics, "loss" among them. Gradients are all-reduced
+    only on the last micro-step; the others accumulate locally under no_sync(), which is what makes
+    accumulation cheap under DDP. Each micro-batch's loss is divided by their number: the step's
+    gradient is that of the mean over the effective batch. The gradient is clipped to a total norm of
+    `clip_grad` (§4.1: 3.0; 0 = only measured, the SSv2 recipe's choice). Returns this rank's mean
+    metrics and the synchronised gradient norm before clipping, as device tensors.
+    """
+    accum, sums = len(batches), {}
+    for k, batch in enumerate(batches):
+        with model.no_sync() if rt.ddp and k < accum - 1 else contextlib.nullcontext():
+            out = forward(batch)
             (out["loss"] / accum).backward()
         for key, v in out.items():
             sums[key] = sums.get(key, 0.0) + v.detach().float() / accum
-    gnorm = clip_gradients(list(model.parameters()), clip_grad)      # DDP / compile wrappers: the same tensors
-    return sums, gnorm
+    # DDP / compile wrappers hold the same tensors; a bound of inf scales by exactly 1.
+    return sums, torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +243,6 @@ class Batch(NamedTuple):
     eff: int                  # effective batch in `unit`
     lr: float                 # base lr scaled linearly: base_lr x eff / paper
     paper: int                # the recipe's global batch in `unit` (§4.1: 256 clips, 2048 images)
-    saved: Optional[dict]     # the resumed checkpoint's batch record
     note: str                 # what a resume changed
 
 
@@ -261,7 +259,7 @@ def plan_batch(cfg, per_process: dict, paper: int, flags: dict, world: int, clai
         accum, note = resume_accumulation(ck["batch"], per_process, world, request, flags, claim.source,
                                           lambda e: cfg.lr * e / paper)
     eff = per_proc * world * accum
-    return Batch(per_process, unit, accum, eff, cfg.lr * eff / paper, paper, ck and ck["batch"], note)
+    return Batch(per_process, unit, accum, eff, cfg.lr * eff / paper, paper, note)
 
 
 def stage_init(cfg: TrainConfig) -> str:
@@ -301,7 +299,6 @@ def build_model(cfg: TrainConfig, rt: Runtime, init: str) -> bevt.BEVT:
 
 def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir: str, claim: Claim) -> dict:
     """Pretrain one stage; returns the last logged metrics. Rank 0 alone prints and writes."""
-    say = lambda m: log(rt.rank, m)                                     # noqa: E731
     tok = tokenizer.load_tokenizer(tok_path, device=rt.device)          # frozen, no_grad, never in a checkpoint
     tokenizer.check_vocab(tok, cfg.vocab_size)
     tok.set_precision(cfg.tokenizer_precision)
@@ -311,45 +308,66 @@ def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir:
     steps_per_epoch = loader.steps_per_epoch                            # global steps: samples // effective batch
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-    if finished(claim, stop_at, out_dir, cfg, say):
+    if finished(claim, stop_at, out_dir, cfg, rt.rank):
         return {}
     raw = build_model(cfg, rt, claim.init)
     model = wrap_ddp(raw, rt.device) if rt.ddp else raw
-    say_plan(cfg, rt, b, raw, tok, tok_path, steps_per_epoch, total, warmup)
+    say_plan(rt, cfg, b, "--global-image-batch" if b.unit == "images" else "--global-video-batch", steps_per_epoch,
+             total, warmup, f" (+ {cfg.image_batch * rt.world * b.accum} images)" if cfg.stage == "joint" else "")
+    log(rt.rank, f"stage {cfg.stage}, model {cfg.model}: {swin3d.param_count(raw) / 1e6:.2f}M parameters; tokenizer "
+                 f"{tok_path} ({tok.kind}, {tok.vocab_size} codes, {tok.precision}); device {rt.device}, "
+                 f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
     opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=b.lr, betas=cfg.betas,
                             fused=rt.device.type == "cuda")
 
     # --- resume: model, optimiser, step, schedule and data position, RNG states
     step, stream, record = begin(claim, b, raw, opt, cfg, rt, out_dir, loader, stop_at, {"tokenizer": tok_path})
 
-    # --- the loop: lr of the step, the step (eq. 5), the log every log_every steps, checkpoints
-    bar = tqdm(total=stop_at, initial=step, desc=f"bevt {cfg.stage}", dynamic_ncols=True, file=sys.stderr,
-               disable=rt.rank != 0)
-    steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
+    # --- the loop: each optimizer step eq. 5 over the effective batch (train_step); rank 0 counts the targets
+    hist = {}
     model.train()
-    speed, last, hist = Throughput(), {}, {}
+    step_fn = functools.partial(train_step, model, tok=tok, rt=rt, clip_grad=cfg.clip_grad,
+                                hist=hist if rt.rank == 0 else None)
+    step, last = train_loop(raw, opt, stream, step, step_fn, cfg, rt, b, total, warmup, stop_at, out_dir, record,
+                            f"bevt {cfg.stage}")
+    if rt.rank == 0:
+        finish(record, out_dir, raw, step, last, hist, getattr(loader, "skipped_total", 0))
+    return last
+
+
+def train_loop(raw, opt, stream, step: int, step_fn, cfg, rt: Runtime, b: Batch, total: int, warmup: int,
+               stop_at: int, out_dir: str, record: dict, desc: str, ema=None) -> tuple:
+    """Both trainers' loop from `step` to `stop_at`: the step's lr (warm-up + cosine, times a parameter group's
+    `lr_scale`), `step_fn` (forward/backward of b.accum micro-batches, clipping), AdamW, the EMA, the log every
+    log_every steps, checkpoints. Returns (the last step, the last logged metrics)."""
+    bar = tqdm(total=stop_at, initial=step, desc=desc, dynamic_ncols=True, file=sys.stderr, disable=rt.rank != 0)
+    steplog = StepLog(os.path.join(out_dir, "metrics.jsonl") if rt.rank == 0 else None, rt)
+    speed, last = Throughput(), {}
     while step < stop_at:
         cur_lr = lr_at(step, total, warmup, b.lr, cfg.min_lr * b.eff / b.paper)
         for g in opt.param_groups:
-            g["lr"] = cur_lr
+            g["lr"] = cur_lr * g.get("lr_scale", 1.0)                 # finetuning: the layer-wise multiplier
         batches = stream.take(b.accum)
-        sums, gnorm = train_step(model, batches, tok, rt, cfg.clip_grad, hist if rt.rank == 0 else None)
+        sums, gnorm = step_fn(batches)
         speed.add(rt.world * sum(len(x["video" if "video" in x else "image"]) for x in batches))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(raw)
         step += 1
         # Queued on the device; read (and checked for non-finite values) every log_every steps.
         steplog.add({"step": step, "epoch": stream.epoch, "lr": cur_lr}, {**sums, "grad_norm": gnorm})
         bar.update(1)
         save = step % cfg.ckpt_every == 0 or step == stop_at
         if step % cfg.log_every == 0 or save:          # flushed before any save: a non-finite step is never saved
-            last = show_progress(steplog, bar, b.unit, speed.rate(), cur_lr)
+            last = steplog.flush({f"{b.unit}_per_s": speed.rate()})[-1]
+            bar.set_postfix({k: f"{last[k]:.3f}" for k in ("loss", "acc", "acc_mim", "acc_mvm") if k in last},
+                            lr=f"{cur_lr:.2e}", **{f"{b.unit}/s": f"{speed.rate():.1f}"})
         if save:
-            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, b.accum, b.per_process, record)
+            save_state(os.path.join(out_dir, "ckpt.pt"), raw, opt, step, stream, rt, b.accum, b.per_process, record,
+                       **({"ema": ema.state_dict()} if ema is not None else {}))
     bar.close()
-    if rt.rank == 0:
-        finish(record, out_dir, raw, step, last, hist, getattr(loader, "skipped_total", 0))
-    return last
+    return step, last
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -358,12 +376,10 @@ def run(cfg: TrainConfig) -> dict:
     rt = setup_distributed(cfg.dist_timeout, cfg.precision)
     seed_everything(cfg.seed + rt.rank)                                 # seed = base + rank
     out_dir = os.path.join(cfg.out, cfg.stage)
-    claim = claim_run_dir(out_dir, cfg, rt, lambda: stage_init(cfg))
     try:
-        return train(cfg, rt, data_root, tok_path, out_dir, claim)
+        with claim_run_dir(out_dir, cfg, rt, lambda: stage_init(cfg)) as claim:
+            return train(cfg, rt, data_root, tok_path, out_dir, claim)
     finally:
-        if claim.lock is not None:
-            claim.lock.release()
         if rt.ddp and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -375,16 +391,12 @@ def run(cfg: TrainConfig) -> dict:
 # The start and end of a run: the plan printed with its formulas, progress, checkpoints, the end
 
 
-def say_plan(cfg, rt, b: Batch, model, tok, tok_path: str, steps_per_epoch: int, total: int, warmup: int) -> None:
-    log(rt.rank, f"stage {cfg.stage}: world {rt.world} x {b.per_process[b.unit]} {b.unit} x accum {b.accum} = "
-                 f"effective batch {b.eff} {b.unit}"
-        + (f" (+ {cfg.image_batch * rt.world * b.accum} images)" if cfg.stage == "joint" else ""))
-    flag = "--global-image-batch" if b.unit == "images" else "--global-video-batch"
+def say_plan(rt, cfg, b: Batch, flag: str, steps_per_epoch: int, total: int, warmup: int, more: str = "") -> None:
+    """Both trainers' start-up lines: the batch and the learning rate with their formulas (§4.1), the schedule."""
+    log(rt.rank, f"world {rt.world} x {b.per_process[b.unit]} {b.unit} x accum {b.accum} = effective batch {b.eff} "
+                 f"{b.unit}{more}")
     log(rt.rank, f"lr = base_lr {cfg.lr:g} x effective {b.eff} / {flag} {b.paper} ({cfg.preset} preset) = "
                  f"{b.lr:.3g}; {steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total} steps, warm-up {warmup}")
-    log(rt.rank, f"model {cfg.model}: {swin3d.param_count(model) / 1e6:.2f}M parameters; tokenizer {tok_path} "
-                 f"({tok.kind}, {tok.vocab_size} codes, {tok.precision}); device {rt.device}, "
-                 f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
 
 
 class Throughput:
@@ -406,18 +418,11 @@ class Throughput:
         return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
-def show_progress(steplog: StepLog, bar, unit: str, rate: float, lr: float) -> dict:
-    """Read the queued steps (StepLog.flush: logged, checked) and show the last one on the bar (both trainers)."""
-    last = steplog.flush({f"{unit}_per_s": rate})[-1]
-    shown = {"loss": f"{last['loss']:.3f}", **{k.removeprefix("acc_"): f"{last[k]:.3f}"
-                                               for k in ("acc", "acc_mim", "acc_mvm") if k in last}}
-    bar.set_postfix(**shown, lr=f"{lr:.2e}", **{f"{unit}/s": f"{rate:.1f}"})
-    return last
-
-
 def save_state(path: str, model, opt, step: int, stream, rt, accum: int, per_process: dict, record, **extra) -> None:
     """Both trainers' ckpt.pt (all ranks call it: the RNG states are gathered; rank 0 writes); `extra`: an EMA."""
-    rngs = all_rng_states(rt.ddp, rt.world)
+    rngs = [None] * rt.world if rt.ddp else [rng_state()]           # every rank's RNG states, in rank order
+    if rt.ddp:
+        dist.all_gather_object(rngs, rng_state())
     if rt.rank == 0:
         save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), **extra, "step": step,
                                "epoch": stream.epoch, "epoch_step": stream.step, "world": rt.world,
@@ -430,7 +435,8 @@ def finish(record: dict, out_dir: str, model, step: int, last: dict, hist: dict,
     save_checkpoint(os.path.join(out_dir, "final.pt"), {"model": model.state_dict(), "step": step, "config": record})
     if last:
         print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
-    baselines = accuracy_baselines(hist, record["vocab_size"])
+    baselines = {f"acc_{name}": {"uniform": 1.0 / record["vocab_size"], "majority": float(h.max() / h.sum())}
+                 for name, h in sorted(hist.items()) if float(h.sum()) > 0}
     for key, b in baselines.items():
         # Rank 0's targets of this run; the last steps' accuracy is to be read against these.
         print(f"masked-token accuracy baselines ({key[4:]}): uniform 1/{record['vocab_size']} = {b['uniform']:.4f}, "
@@ -457,10 +463,6 @@ FRACTIONS = {"mask_ratio": (0.0, 1.0), "drop_path": (0.0, 1.0)}   # half-open in
 
 # What a user's input can raise (bad paths, files, values, a full disk); anything else is a bug: its traceback.
 USER_ERRORS = (ValueError, OSError, TimeoutError, pickle.UnpicklingError)
-
-
-class FlagError(ValueError):
-    """A flag value out of its range: reported as one line, exit 2."""
 
 
 def field_help(cls) -> dict:
@@ -498,10 +500,19 @@ def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict, only=No
         ap.add_argument("--" + f.name.replace("_", "-"), default=None, help=text, **kw)
 
 
+def config_from(cls, args: dict, *layers: dict):
+    """Both trainers' config: `cls`'s defaults <- each of `layers` (a recipe, a preset) <- the flags given."""
+    cfg = dataclasses.asdict(cls())
+    for layer in layers:
+        cfg.update(layer)
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
+    return cls(**cfg)
+
+
 def check_ranges(cfg, positive=(), non_negative=(), fractions=None) -> None:
-    """Raise FlagError naming the first flag whose value is outside its range."""
+    """Raise a ValueError naming the first flag whose value is outside its range."""
     def bad(name, want):
-        return FlagError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)!r}")
+        return ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)!r}")
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise bad(name, "> 0")
@@ -533,20 +544,16 @@ def parse_args(argv=None) -> TrainConfig:
     """Defaults <- preset (and its stage's epochs) <- explicit flags; every check that needs only the flags."""
     ap = build_parser()
     args = vars(ap.parse_args(argv))
-    defaults = TrainConfig()
-    preset, stage = args["preset"] or defaults.preset, args["stage"] or defaults.stage
-    cfg = dict(dataclasses.asdict(defaults))
-    cpu = preset == "cpu"
-    cfg.update(CPU_PRESET if cpu else {}, epochs=(CPU_STAGE_EPOCHS if cpu else STAGE_EPOCHS)[stage])
-    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
-    cfg = TrainConfig(**cfg)
+    cpu = args["preset"] == "cpu"
+    epochs = (CPU_STAGE_EPOCHS if cpu else STAGE_EPOCHS)[args["stage"] or TrainConfig.stage]
+    cfg = config_from(TrainConfig, args, CPU_PRESET if cpu else {}, {"epochs": epochs})
     try:
         check_ranges(cfg, POSITIVE, NON_NEGATIVE, FRACTIONS)
         lo, hi = cfg.short_side
         if not cfg.crop <= lo <= hi:
-            raise FlagError(f"--short-side LO HI must satisfy crop {cfg.crop} <= LO <= HI, got {lo} {hi}")
+            raise ValueError(f"--short-side LO HI must satisfy crop {cfg.crop} <= LO <= HI, got {lo} {hi}")
         if cfg.crop % 16:
-            raise FlagError(f"--crop must be a multiple of 16 (one target code per 16x16 px), got {cfg.crop}")
+            raise ValueError(f"--crop must be a multiple of 16 (one target code per 16x16 px), got {cfg.crop}")
         check_masks(cfg)
     except ValueError as e:
         ap.error(str(e))
@@ -561,7 +568,7 @@ def check_masks(cfg: TrainConfig) -> None:
         if cfg.stage != "image":
             masking.MaskGenerator(cfg.mask_strategy, (cfg.frames, cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio)
     except ValueError as e:
-        raise FlagError(f"--mask-ratio {cfg.mask_ratio} at --crop {cfg.crop}, --frames {cfg.frames}: {e}") from None
+        raise ValueError(f"--mask-ratio {cfg.mask_ratio} at --crop {cfg.crop}, --frames {cfg.frames}: {e}") from None
 
 
 def run_cli(prog: str, fn, *args):
@@ -603,9 +610,7 @@ def find_data(cfg: TrainConfig) -> tuple:
 
 
 def data_config_from(cls, cfg, **renamed):
-    """data.py's config `cls` (PretrainDataConfig, FinetuneDataConfig) from a trainer's config:
-    every field of `cls` that `cfg` holds, under the same name or under renamed[field]; the
-    others keep data.py's defaults. One source for each number: the trainer's flags."""
+    """data.py's config `cls` from a trainer's: each field `cfg` holds, under its name or renamed[field]."""
     values = {}
     for f in dataclasses.fields(cls):
         src = renamed.get(f.name, f.name)
@@ -616,9 +621,8 @@ def data_config_from(cls, cfg, **renamed):
 
 
 def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int, accum: int):
-    """data.py's loader for the stage; your data via --video-root/--video-list/--image-root/--image-list,
-    or the synthetic set (clips: appearance train list; images: its ImageNet-style tree). Each
-    global step is world x accum x the per-process batch; this process gets its `accum` micro-batches."""
+    """data.py's loader for the stage: your data (--video-root/--video-list/--image-root/--image-list) or the
+    synthetic set's appearance train list and image tree; this process gets `accum` micro-batches a step."""
     dcfg = data_config_from(data.PretrainDataConfig, cfg, interval="frame_interval", video_mask="mask_strategy",
                             num_workers="workers")
     synthetic = not (cfg.video_root or cfg.image_root)
@@ -649,9 +653,8 @@ def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN, precision: str = "f
     tasks = int(os.environ.get("SLURM_NTASKS", 1))
     if "SLURM_PROCID" in os.environ and tasks > 1 and "RANK" not in os.environ:
         raise ValueError(f"srun started {tasks} tasks without torchrun (RANK unset): each would run alone on the same "
-                         f"--out; start one torchrun per node: srun --ntasks-per-node=1 torchrun "
-                         f"--nnodes=$SLURM_NNODES "
-                         f"--nproc_per_node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 {sys.argv[0]} ...")
+                         f"--out; start one torchrun per node: srun --ntasks-per-node=1 torchrun --nnodes=$SLURM_NNODES"
+                         f" --nproc_per_node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 {sys.argv[0]} ...")
     ddp = int(os.environ.get("RANK", -1)) != -1
     timeout = datetime.timedelta(minutes=timeout_min)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -673,11 +676,9 @@ def log(rank: int, *args) -> None:
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DDP:
-    """DDP as both trainers use it. broadcast_buffers=False: the only buffers are the relative-position
-    index tables (118 MB in Swin-B at window (16,7,7)), which no forward reads and the default would
-    re-broadcast every step. find_unused_parameters=False: set_stage freezes the stream a stage does
-    not train, so every trainable parameter gets a gradient. gradient_as_bucket_view: the gradients
-    are views into the all-reduce buckets, not a second gradient-sized copy."""
+    """DDP as both trainers use it. No buffer broadcast: the only buffers are index tables no forward reads.
+    find_unused_parameters=False: set_stage freezes what a stage does not train. Gradients are views into the
+    all-reduce buckets (no second gradient-sized copy)."""
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                broadcast_buffers=False, find_unused_parameters=False, gradient_as_bucket_view=True)
 
@@ -702,10 +703,8 @@ def all_gather_rows(x: torch.Tensor, ddp: bool) -> torch.Tensor:
 
 
 def resolve_precision(precision: str, device: torch.device) -> bool:
-    """--precision (auto | bf16 | fp32) -> whether the step runs under bf16 autocast. auto: where the device
-    computes bf16 natively: CUDA compute capability >= 8; a CPU with AVX512-BF16, AMX-BF16 or ARM's BF16
-    (torch's own mkldnn check is true on any AVX512 CPU, which converts bf16 but has no bf16 dot
-    products: no faster than fp32)."""
+    """--precision -> whether the step runs under bf16 autocast; auto: where the device computes bf16 natively
+    (a CPU with AVX512-BF16, AMX-BF16 or ARM's BF16: torch's mkldnn check is true on any AVX512 CPU)."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
@@ -743,32 +742,22 @@ class CheckpointError(ValueError):
 
 
 def state_digest(obj) -> str:
-    """A checksum of every tensor's bytes and every other value's repr, in a fixed order: stored by
+    """A checksum of every tensor's bytes and every other value's repr, in the state's layout: stored by
     save_checkpoint, recomputed by load_checkpoint, so flipped bits are caught, not trained on."""
-    h = hashlib.blake2b(digest_size=16)
-
-    def walk(x):
+    values, layout = torch.utils._pytree.tree_flatten(obj)
+    h = hashlib.blake2b(str(layout).encode(), digest_size=16)
+    for x in values:
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, dict):
-            for k in sorted(x, key=str):
-                h.update(f"K{k!r}".encode())
-                walk(x[k])
-        elif isinstance(x, (list, tuple)):
-            h.update(f"L{len(x)}".encode())
-            for v in x:
-                walk(v)
         else:
             h.update(f"V{x!r}".encode())
-    walk(obj)
     return h.hexdigest()
 
 
 def save_checkpoint(path: str, state: dict, keep_previous: bool = False) -> None:
-    """Write `state` and its checksum under a temporary name unique to this process, then rename it
-    over `path`: a killed run never leaves half a checkpoint. keep_previous: the replaced file becomes
-    `<name>.prev.pt`. A failed write (a full disk) removes the temporary file and names the path."""
+    """Write `state` and its checksum to a temporary file, then rename it over `path` (a killed run never leaves
+    half a checkpoint); keep_previous: the replaced file becomes `<name>.prev.pt`."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save({**state, "checksum": state_digest(state)}, tmp)
@@ -805,7 +794,7 @@ def load_checkpoint(path: str) -> dict:
     return ck
 
 
-def resume_file(path: str, log_fn=print) -> tuple:
+def load_for_resume(path: str, log_fn=print) -> tuple:
     """(checkpoint, the file read): `path`, or its `.prev.pt` when `path` is missing or damaged (said in one line)."""
     try:
         return load_checkpoint(path), path
@@ -816,10 +805,6 @@ def resume_file(path: str, log_fn=print) -> tuple:
         ck = load_checkpoint(prev)
         log_fn(f"warning: {e}; resuming from the previous checkpoint {prev} (step {ck.get('step')})")
         return ck, prev
-
-
-def load_for_resume(path: str, log_fn=print) -> dict:
-    return resume_file(path, log_fn)[0]
 
 
 def rng_state() -> dict:
@@ -841,15 +826,6 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def all_rng_states(ddp: bool, world: int) -> list:
-    """Every rank's rng_state(), in rank order (a collective under DDP: call it on all ranks)."""
-    if not ddp:
-        return [rng_state()]
-    states = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
 # -----------------------------------------------------------------------------
 # Resuming on another number of processes (a requeued cluster job; module docstring): data.py cuts every
 # global batch from one epoch order and keys every random choice by (seed, epoch, index); a checkpoint records
@@ -857,13 +833,12 @@ def all_rng_states(ddp: bool, world: int) -> list:
 # per-process RNG (drop path), reseeded.
 
 BATCH_FLAGS = {"clips": "--video-batch", "images": "--image-batch"}    # the per-process batch of each unit
-BATCH_CONFIG_KEYS = {"clips": "video_batch", "images": "image_batch"}  # and its TrainConfig field
 
 
 def stage_batches(cfg) -> dict:
     """{unit: samples per micro-batch} of a pretraining stage, the unit that sets the accumulation first."""
-    units = {"image": ("images",), "video": ("clips",), "joint": ("clips", "images")}[cfg.stage]
-    return {u: getattr(cfg, BATCH_CONFIG_KEYS[u]) for u in units}
+    clips, images = {"clips": cfg.video_batch}, {"images": cfg.image_batch}
+    return {"image": images, "video": clips, "joint": {**clips, **images}}[cfg.stage]
 
 
 def batch_record(world: int, accum: int, per_process: dict) -> dict:
@@ -874,12 +849,8 @@ def batch_record(world: int, accum: int, per_process: dict) -> dict:
 
 def resume_accumulation(saved: dict, per_process: dict, world: int, accum_flag: int, flags: dict, source: str,
                         lr_of) -> tuple:
-    """(accumulation steps, a line on what changed) for resuming `source` on `world` processes.
-
-    The checkpoint's effective batch (every unit's) is kept when per-process x world divides it.
-    accum_flag: an --accum-steps other than the checkpoint's own (0 = none), followed when it keeps
-    the batch. Anything else is a one-line ValueError naming the flags that would keep it.
-    """
+    """(accumulation steps, a line on what changed) that keep the checkpoint's effective batch (every unit's) on
+    `world` processes; accum_flag: a requested --accum-steps (0 = none). Else a one-line ValueError."""
     unit, b = next(iter(per_process.items()))
     kept = {u: saved["effective"].get(u) for u in per_process}
     accum = accum_flag or max(1, round(kept[unit] / (b * world)))        # exact when b x world divides it
@@ -917,8 +888,14 @@ def begin(claim: Claim, b: Batch, model, opt, cfg, rt, out_dir: str, loader, sto
     if rt.rank == 0:
         start_log(out_dir, record, step if ck is not None else None)
     stream = EpochStream(loader, epoch, epoch_step)
-    if ck is not None:
-        resume_rng(ck, cfg.seed, rt.rank, rt.world, step, lambda m: log(rt.rank, m))
+    # The trainer's own RNGs (drop path, dropout): each rank's saved state on the same world size (bit for bit);
+    # otherwise seeded from (seed, rank, step), the same law but other draws.
+    if ck is not None and ck["world"] == rt.world and len(ck.get("rng", ())) == rt.world:
+        set_rng_state(ck["rng"][rt.rank])
+    elif ck is not None:
+        seed_everything(masking.derive_seed(cfg.seed, rank=rt.rank, epoch=step))
+        log(rt.rank, f"training RNG (drop path, dropout) reseeded per process from (seed {cfg.seed}, rank, step "
+                     f"{step}): the checkpoint's {ck['world']} states do not map onto {rt.world} processes")
     return step, stream, record
 
 
@@ -928,25 +905,14 @@ def changed_flags(saved: dict, cfg, ignore=()) -> str:
                      and hasattr(cfg, k) and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k))
 
 
-def finished(claim: Claim, stop_at: int, out_dir: str, cfg, say, files=("final.pt",)) -> bool:
+def finished(claim: Claim, stop_at: int, out_dir: str, cfg, rank: int, files=("final.pt",)) -> bool:
     """A rerun of a finished run (`files` there, no step before stop_at) trains nothing, so writes nothing."""
     if claim.ck is None or claim.ck["step"] < stop_at or not set(files) <= set(claim.there):
         return False
     flags = changed_flags(claim.ck["config"], cfg, ("resume", "overwrite"))
-    say(f"the run in {out_dir} was already complete at step {claim.ck['step']}: nothing to do, nothing written"
+    log(rank, f"the run in {out_dir} was already complete at step {claim.ck['step']}: nothing to do, nothing written"
         + (f"; flags not applied: {flags}" if flags else "") + " (--overwrite starts it again)")
     return True
-
-
-def resume_rng(ck: dict, seed: int, rank: int, world: int, step: int, log_fn) -> None:
-    """The trainer's own RNGs (drop path, dropout) on a resume: each rank's saved state on the same world
-    size (bit for bit); otherwise seeded from (seed, rank, step), the same law but other draws."""
-    if ck["world"] == world and len(ck.get("rng", ())) == world:
-        set_rng_state(ck["rng"][rank])
-        return
-    seed_everything(masking.derive_seed(seed, rank=rank, epoch=step))
-    log_fn(f"training RNG (drop path, dropout) reseeded per process from (seed {seed}, rank, step {step}): "
-           f"the checkpoint's {ck['world']} states do not map onto {world} processes")
 
 
 # -----------------------------------------------------------------------------
@@ -962,6 +928,13 @@ class Claim(NamedTuple):
     ck: Optional[dict]
     init: str                         # a fresh run's checkpoint to start from ('' = random weights)
     there: tuple                      # the run files rank 0 found
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc) -> None:            # the run folder's lock, released however the run ends
+        if self.lock is not None:
+            self.lock.release()
 
 
 def decide_resume(out_dir: str, cfg) -> tuple:
@@ -981,9 +954,8 @@ def decide_resume(out_dir: str, cfg) -> tuple:
 
 
 def claim_run_dir(out_dir: str, cfg, rt: Runtime, fresh_init=None) -> Claim:
-    """Rank 0 decides (resume or not, from which file; a fresh run's `fresh_init()`, which may refuse), then
-    locks the folder (a second run there: an error naming the first) and loads the checkpoint; one broadcast
-    gives every rank the decision, or rank 0's error (so all stop at once, with one line each)."""
+    """Rank 0 decides (resume from which file, or a fresh run from `fresh_init()`), locks the folder and loads
+    the checkpoint; one broadcast gives every rank the decision, or rank 0's error: all stop at once."""
     lock, error, decision = None, None, [None, None, "", ()]
     if rt.rank == 0:
         try:
@@ -1000,7 +972,7 @@ def claim_run_dir(out_dir: str, cfg, rt: Runtime, fresh_init=None) -> Claim:
             for name in RUN_FILES if cfg.overwrite else ():
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out_dir, name))
-            ck, source = resume_file(source, lambda m: log(0, m)) if source else (None, None)
+            ck, source = load_for_resume(source, lambda m: log(0, m)) if source else (None, None)
             decision = [None, source, init, there]
         except USER_ERRORS as e:
             error, decision[0] = e, str(e)
@@ -1034,9 +1006,9 @@ def run_record(cfg, rt: Runtime, files: dict, **resolved) -> dict:
     return {**dataclasses.asdict(cfg), "resolved": out}
 
 
-def start_log(out_dir: str, record: dict, resumed_step: Optional[int]) -> str:
-    """Rank 0: write config.json (run_record) and start metrics.jsonl (its path returned). A resumed run keeps the
-    training rows up to its checkpoint's step (a killed run's later steps are redone); a fresh one starts empty."""
+def start_log(out_dir: str, record: dict, resumed_step: Optional[int]) -> None:
+    """Rank 0: write config.json (run_record) and start metrics.jsonl. A resumed run keeps the training rows up
+    to its checkpoint's step (a killed run's later steps are redone); a fresh one starts empty."""
     write_atomic(os.path.join(out_dir, "config.json"), json.dumps(record, indent=1))
     path = os.path.join(out_dir, "metrics.jsonl")
     kept = []
@@ -1044,7 +1016,6 @@ def start_log(out_dir: str, record: dict, resumed_step: Optional[int]) -> str:
         kept = [json.dumps(r) + "\n" for r in read_metrics(path)
                 if r["step"] <= resumed_step and "eval" not in r and "baselines" not in r]
     write_atomic(path, "".join(kept))
-    return path
 
 
 def read_metrics(path: str) -> list:
@@ -1066,8 +1037,7 @@ def write_atomic(path: str, text: str) -> None:
 
 class StepLog:
     """Per-step metrics: `add` queues a step's mean over ranks on the device; `flush` reads the queue in one
-    transfer, appends it to metrics.jsonl (rank 0) with `tail` (host fields) on the last row, and stops on
-    a non-finite value: all-reduced, so every rank stops at the same step. Flush before a checkpoint."""
+    transfer, appends it to metrics.jsonl (rank 0), and stops every rank at the same non-finite step."""
 
     def __init__(self, path: Optional[str], rt: Runtime):
         self.path, self.ddp, self.device = path, rt.ddp, rt.device
@@ -1097,9 +1067,8 @@ class StepLog:
 
 
 def count_targets(hist: dict, inputs: dict, vocab: int) -> None:
-    """Histogram of the masked target codes per stream, for the majority-code baseline (the accuracy
-    of always predicting the most frequent code, a fairer "chance" than 1/vocab). On the device
-    (index_add_ weighted by the mask: no boolean indexing, no read-back); read once, at the end."""
+    """Histogram of the masked target codes per stream, for the majority-code baseline (a fairer "chance" than
+    1/vocab); on the device, weighted by the mask (no boolean indexing, no read-back)."""
     for name, codes, mask in (("mvm", inputs.get("video_codes"), inputs.get("video_masks")),
                               ("mim", inputs.get("image_codes"), inputs.get("image_masks"))):
         if codes is None:
@@ -1110,16 +1079,9 @@ def count_targets(hist: dict, inputs: dict, vocab: int) -> None:
         h.index_add_(0, codes.reshape(-1), mask.reshape(-1).to(h.dtype))
 
 
-def accuracy_baselines(hist: dict, vocab: int) -> dict:
-    """{"acc_mim": {"uniform": 1/vocab, "majority": share of the most frequent code}, ...} from count_targets."""
-    return {f"acc_{name}": {"uniform": 1.0 / vocab, "majority": float(h.max() / h.sum())}
-            for name, h in sorted(hist.items()) if float(h.sum()) > 0}
-
-
 class EpochStream:
-    """A loader's micro-batches across epochs, at the position a checkpoint saves: (`epoch`, `step`, global
-    steps taken from it). An epoch's global batches depend on the seed, the epoch and the global batch alone
-    (data.py), so a resume on any number of processes starts the epoch at `step`, decoding nothing skipped."""
+    """A loader's micro-batches across epochs from the position a checkpoint saves (`epoch`, `step` global steps
+    into it); data.py's batches depend on (seed, epoch, global batch) alone, so any world size resumes there."""
 
     def __init__(self, loader, epoch: int = 0, step: int = 0):
         if step >= loader.steps_per_epoch:                        # saved right after an epoch's last step

@@ -191,12 +191,13 @@ def test_finetune_flags_out_of_range_are_one_line_errors(argv, flag, capsys):
 
 
 def test_clip_grad_zero_means_no_clipping_in_both_tools():
-    w = torch.nn.Parameter(torch.zeros(3))
-    w.grad = torch.tensor([30.0, 40.0, 0.0])                           # norm 50
-    norm = train.clip_gradients([w], 0.0)
-    assert norm.item() == pytest.approx(50.0) and torch.equal(w.grad, torch.tensor([30.0, 40.0, 0.0]))
-    norm = train.clip_gradients([w], 5.0)
-    assert norm.item() == pytest.approx(50.0) and w.grad.norm().item() == pytest.approx(5.0, rel=1e-4)
+    """Both trainers' step (train.accumulate_gradients): --clip-grad 0 measures the norm, leaves the gradient."""
+    rt = train.Runtime(False, 0, 1, torch.device("cpu"), False)
+    x = torch.tensor([30.0, 40.0, 0.0])                                 # the gradient: norm 50
+    for clip, after in ((0.0, x), (5.0, x / 10)):
+        w = torch.nn.Linear(3, 1, bias=False)
+        _, norm = train.accumulate_gradients(w, [x], rt, clip, lambda b: {"loss": (w.weight * b).sum()})
+        assert norm.item() == pytest.approx(50.0) and torch.allclose(w.weight.grad[0], after, rtol=1e-4, atol=0)
     assert train.parse_args(["--clip-grad", "0"]).clip_grad == 0.0     # accepted: "off", as in finetune.py
 
 
@@ -393,8 +394,8 @@ def test_checkpoint_cut_in_half_falls_back_to_the_previous_one(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     said = []
-    ck = train.load_for_resume(path, said.append)
-    assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(2_000_000, dtype=torch.float32))
+    ck, read = train.load_for_resume(path, said.append)
+    assert read.endswith("ckpt.prev.pt") and ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.arange(2_000_000, dtype=torch.float32))
     assert len(said) == 1 and "ckpt.pt" in said[0] and "ckpt.prev.pt" in said[0]
 
 
@@ -408,7 +409,7 @@ def test_flipped_bits_in_a_checkpoint_are_detected_not_trained_on(tmp_path):
     with pytest.raises(train.CheckpointError, match="damaged|not a checkpoint"):
         train.load_checkpoint(path)
     said = []
-    assert train.load_for_resume(path, said.append)["step"] == 1 and len(said) == 1
+    assert train.load_for_resume(path, said.append)[0]["step"] == 1 and len(said) == 1
 
 
 def test_full_disk_during_a_checkpoint_names_the_path_and_leaves_nothing(tmp_path):
@@ -429,7 +430,7 @@ sys.path.insert(0, sys.argv[2])
 import train
 said = []
 try:
-    ck = train.load_for_resume(sys.argv[1], said.append)
+    ck = train.load_for_resume(sys.argv[1], said.append)[0]
 except train.CheckpointError as e:
     print("error:", e)
 else:
