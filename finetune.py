@@ -95,8 +95,8 @@ class FinetuneConfig:
     test_crops: int = 3                   # crops per clip at test time (ThreeCrop)
     rrc_scale: tuple = (0.08, 1.0)        # RandomResizedCrop area range (released default)
     flip: float = 0.5                     # K400 0.5; SSv2 0 (left/right matters)
-    randaug_n: int = 0                    # SSv2: RandAugment n=4 ...
-    randaug_m: int = 7                    # ... m=7
+    randaug_n: int = 0                    # RandAugment: operations per clip (SSv2: 4; 0 = off)
+    randaug_m: int = 7                    # RandAugment: magnitude, 0-10 (SSv2: 7)
     erase: float = 0.0                    # SSv2: random erasing 0.25
     batch_size: int = 8                   # clips per process (released videos_per_gpu=8)
     eval_batch_size: int = 1              # released val/test videos_per_gpu=1

@@ -573,15 +573,20 @@ def check_masks(cfg: TrainConfig) -> None:
 
 def run_cli(prog: str, fn, *args):
     """The one way every command line (train.py, finetune.py, tools/*.py) ends on a user error:
-    one line `PROG: error: ...` on stderr and exit 2; on Ctrl-C one line and exit 130."""
+    one line `PROG: error: ...` on stderr and exit 2; on Ctrl-C one line and exit 130. Open progress
+    bars (stderr too) are closed first, so that the line starts a line of its own."""
     try:
         return fn(*args)
     except USER_ERRORS as e:
         if dist.is_initialized():
             dist.destroy_process_group()
+        for bar in list(tqdm._instances):
+            bar.close()
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
+        for bar in list(tqdm._instances):
+            bar.close()
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
 

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import bevt
-import data
 import finetune
 import swin3d
 import train
