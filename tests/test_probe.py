@@ -109,7 +109,7 @@ def test_extract_gives_the_pooled_f4_of_the_centre_clip(syn, pretrained, tmp_pat
     got = extract.load_features(str(tmp_path / "f"))
     assert meta["rows"] == 12 and meta["bad"] == 0 and got["features"].shape == (12, 256)
     # Independently: finetune.py's val loader (one centre clip) and the classifier's features.
-    cfg = finetune.resolve_config({"preset": "cpu", "crop": 96, "short_side": 96, "frames": 8, extract.INTERVAL: 2,
+    cfg = finetune.resolve_config({"preset": "cpu", "crop": 96, "short_side": 96, "frames": 8, "frame_interval": 2,
                                    "workers": 0})
     model = finetune.build_model(cfg, 4)
     finetune.load_pretrained(model, pretrained, "cpu")
@@ -439,10 +439,10 @@ def test_tables_processes_sharing_a_results_file_keep_each_others_cells(tmp_path
     a.record("finetune|BEVT|appearance|s0", {"normal": 100.0}, 1.0)
     cells = json.load(open(tmp_path / "t.json"))["cells"]
     assert set(cells) == {"finetune|BEVT|motion|s0", "finetune|BEVT|motion|s1", "finetune|BEVT|appearance|s0"}
-    assert not (tmp_path / "t.json.lock").exists()
+    assert (tmp_path / "t.json.lock").exists()                     # a lock file stays (data.FileLock); it is free
     # A file made with another recipe is never mixed with this one's cells.
     other = json.load(open(tmp_path / "t.json"))
-    other["recipe"]["finetune"]["interval"] = 99
+    other["recipe"]["finetune"]["frame_interval"] = 99
     (tmp_path / "old.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="another recipe"):
         tables.Tables(tables.TablesConfig(results=str(tmp_path / "old.json")))

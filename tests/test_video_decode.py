@@ -262,7 +262,7 @@ def test_check_reports_bad_files_and_passes_good_ones(tmp_path, capsys):
     ann = tmp_path / "list.txt"
     ann.write_text("good.mp4 0\ngood.avi 1\ncorrupt.mp4 2\ntruncated.mp4 3\n")
     with pytest.raises(SystemExit) as e:
-        prepare_data.main(["check", "--ann", str(ann), "--root", str(tmp_path)])
+        prepare_data.main(["check", "--video-list", str(ann), "--video-root", str(tmp_path)])
     assert e.value.code == 1                                                 # bad files fail the check
     out = capsys.readouterr().out.splitlines()
     bad = sorted(line.split(":")[0] for line in out if line.startswith("BAD "))
