@@ -29,11 +29,10 @@ Sample layouts (one dict per sample; the default collate adds a leading B axis):
     joint batch           the video keys and the image keys in one dict, with `video_label`,
                           `video_index`, `image_label`, `image_index` instead of label / index
 
-Pretraining samples leave the workers as uint8 (a quarter of float32's bytes
-through shared memory and the host-to-device copy); the trainer normalises on
-its device. Finetuning samples are float32: RandAugment and random erasing run
-in the workers. `index` is the row actually returned (a replaced bad file gives
-its replacement's row), so evaluation can drop the duplicates DistributedSampler pads in.
+Pretraining samples ship as uint8 (a quarter of float32's bytes through shared memory and the
+host-to-device copy); finetuning samples as float32, RandAugment and random erasing running in the
+workers. `index` is the row actually returned (a replaced bad file gives its replacement's row), so
+evaluation can drop the duplicates DistributedSampler pads in.
 
 Usage (train.py; finetune.py's `build_finetune_loader("train", FinetuneDataConfig(...), ann=..., root=...)`
 is the same; data sets come from `python tools/synthetic.py` or `python tools/prepare_data.py`):
@@ -47,7 +46,6 @@ is the same; data sets come from `python tools/synthetic.py` or `python tools/pr
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import math
@@ -171,12 +169,10 @@ class FrameSampling:
 # -----------------------------------------------------------------------------
 # Decoding with PyAV
 #
-# What "frame i" means, the same in every container: the i-th picture, counting
-# from 0, that decoding the stream from its first packet outputs (presentation
-# order); the frame count is the number of those pictures. A clip is read the
-# same way: decoded from the first packet up to the last frame it needs,
-# counting the pictures that come out, so no timestamp has to be trusted. How
-# frames are counted before a clip is sampled: behind the banner.
+# What "frame i" means, in every container: the i-th picture, counting from 0, that decoding the
+# stream from its first packet outputs (presentation order). A clip is decoded the same way, from the
+# first packet up to the last frame it needs, so no timestamp has to be trusted; the frame count
+# (counted before a clip is sampled, behind the banner) is the number of those pictures.
 
 
 class BadMedia(Exception):
@@ -202,9 +198,14 @@ def read_video(path: PathLike, sample: Optional[Callable[[int], np.ndarray]] = N
             raise BadMedia(path, "zero frames")
         idx = np.arange(n) if sample is None else np.asarray(sample(n))
         wanted = set(int(i) for i in idx.flat)
+        last, got = max(wanted), {}
         container, stream = _open_video(path, threads)
         with container:
-            got = _decode_from_start(container, stream, wanted)
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:           # RGB for needed frames only; threads=1: FFmpeg's automatic pool,
+                    got[i] = frame.to_ndarray(format="rgb24", threads=1)   # made before workers fork, deadlocks them
+                if i >= last:
+                    break
     except BadMedia:
         raise
     except Exception as e:                                       # anything the demuxer/decoder throws: bad file
@@ -363,20 +364,16 @@ class PretrainTransform:
     """A pretraining sample, clip or image: rescale the short side, [colour jitter], random crop, flip,
     tokenizer copy, masks.
 
-    The released video_train_pipeline: RandomRescale(256, 320) bicubic ->
-    RandomCrop(224) -> Flip(0.5) -> CopyResize(112, lanczos) -> Normalize, then
-    MaskedPositionGenerate (tube). Its image_train_pipeline is the same with
-    ColorJitter(0.4, 0.4, 0.4, hue 0) after the rescale, and the blockwise
-    mask: an image is the one-frame case of a clip, and colour jitter (images
-    only) is where the two recipes differ. One scale, crop and flip for all
-    frames of a clip. The random draws, in this order: short side, [jitter
-    factors and order], crop offsets, flip. Normalize runs on the training
-    device (`normalize_batch`): samples ship as uint8.
+    The released video_train_pipeline: RandomRescale(256, 320) bicubic -> RandomCrop(224) ->
+    Flip(0.5) -> CopyResize(112, lanczos) -> Normalize, then MaskedPositionGenerate (tube). Its
+    image_train_pipeline adds ColorJitter(0.4, 0.4, 0.4, hue 0) after the rescale and takes the
+    blockwise mask: an image is the one-frame case of a clip. One scale, crop and flip for all
+    frames of a clip, drawn in this order: short side, [jitter factors and order], crop offsets,
+    flip. Normalize runs on the training device (`normalize_batch`): samples ship as uint8.
 
     stream "video": frames (1, T, H, W, 3) uint8 -> {video, video_half, video_mask};
     stream "image": an image (H, W, 3) uint8 -> {image, image_half, image_mask}
-    (shapes in the module docstring; no mask without a mask_gen). Defaults:
-    the recipes', jitter JITTER for images and none for clips.
+    (shapes in the module docstring; no mask without a mask_gen). Jitter: JITTER for images, none for clips.
     """
 
     def __init__(self, stream: str, crop: int = CROP, short_side=RESCALE_RANGE, flip: float = FLIP_P,
@@ -389,8 +386,7 @@ class PretrainTransform:
 
     def __call__(self, pixels: np.ndarray) -> dict:
         if self.stream == "video":
-            assert pixels.ndim == 5 and pixels.shape[0] == 1, f"one clip (1, T, H, W, 3) expected, got {pixels.shape}"
-            x = frames_to_tensor(pixels[0])                                  # (T, 3, H, W) uint8
+            x = frames_to_tensor(pixels[0])                                  # (T, 3, H, W) uint8: the one clip
         else:
             x = frames_to_tensor(pixels[None])                               # (1, 3, H, W) uint8: T = 1
         size = short_side_size(*x.shape[-2:], _randint(*self.short_side))
@@ -593,19 +589,15 @@ def _affine(x: torch.Tensor, m: list, fill: float) -> torch.Tensor:
 class RandAugment:
     """imgaug's `iaa.RandAugment(n, m)` as the released SSv2 config runs it, on tensors.
 
-    Same ops and magnitudes, m on imgaug's [0, 30] scale: a random crop of up
-    to m/224 of each side resized back, then `n` distinct ops of OPS in random
-    order, each at m/30 of imgaug's maximum (below). Affine ops fill with grey
-    128 and sample bilinearly. The released Imgaug wrapper freezes one draw
-    (`to_deterministic`) for all frames of a clip; here one draw is applied to
-    the whole (T, 3, H, W) tensor. Statistics-based ops (autocontrast,
-    equalize, contrast) use each frame's own statistics, as imgaug applied per
-    frame does.
+    Same ops and magnitudes, m on imgaug's [0, 30] scale: a random crop of up to m/224 of each
+    side resized back, then `n` distinct ops of OPS in random order, each at m/30 of imgaug's
+    maximum (below); affine ops fill with grey 128 and sample bilinearly. One draw for all frames
+    of a clip (the released wrapper's `to_deterministic`); autocontrast, equalize and contrast use
+    each frame's own statistics, as imgaug applied per frame does.
 
-    Differs from the released code: imgaug's RandAugment also flips
-    horizontally with p = 0.5 before the ops, although the SSv2 config sets
-    Flip(flip_ratio=0) because left/right matters there ("pushing something
-    from left to right"). That flip is left out here.
+    Differs from the released code: imgaug's RandAugment also flips horizontally with p = 0.5,
+    although the SSv2 config sets Flip(flip_ratio=0) because left/right matters there ("pushing
+    something from left to right"). That flip is left out here.
     """
 
     OPS = ("identity", "autocontrast", "equalize", "invert", "rotate", "posterize", "solarize", "color",
@@ -740,7 +732,6 @@ class FinetuneClipTransform:
         H, W = x.shape[-2:]
         c = self.crop
         if self.mode == "train":
-            assert clips == 1, "training takes one clip"
             nh, nw = short_side_size(H, W, self.short_side)
             top, left, ch, cw = random_resized_crop_box(nh, nw, self.rrc_scale, self.rrc_ratio)
             sy, sx = H / nh, W / nw                                          # 256-short-side -> decoded pixels
@@ -946,7 +937,7 @@ def scan_image_folder(root: PathLike) -> tuple[SampleList, list[str]]:
 
 
 # -----------------------------------------------------------------------------
-# Decoding robustly: counting frames, and decoding from the start
+# Counting frames
 #
 # The frame count is the number of packets the decoder turns into pictures: the demuxed (not
 # decoded) packets, less the empty ones (AVI's "drop frame" chunks, the end-of-stream packet) and
@@ -973,18 +964,6 @@ def count_frames(path: PathLike) -> int:
         return sum(1 for pkt in container.demux(stream) if pkt.size and not pkt.is_discard)
 
 
-def _decode_from_start(container, stream, wanted: set) -> dict[int, np.ndarray]:
-    """{i: (H, W, 3) uint8 RGB} for the wanted indices, frame i being the i-th out of the decoder. One
-    RGB-conversion thread: FFmpeg's automatic pool, made before DataLoader workers fork, deadlocks them."""
-    last, got = max(wanted), {}
-    for i, frame in enumerate(container.decode(stream)):
-        if i in wanted:
-            got[i] = frame.to_ndarray(format="rgb24", threads=1)      # YUV -> RGB only for needed frames
-        if i >= last:
-            break
-    return got
-
-
 # -----------------------------------------------------------------------------
 # Data sets: per-sample keyed randomness, and bad files replaced
 
@@ -996,13 +975,9 @@ class AllBadMedia(ValueError):
 
 
 class _RobustDataset(Dataset):
-    """Shared by the video and image sets: per-sample keyed randomness, and bad files replaced.
-
-    Every random choice of sample `index` in epoch `epoch` is seeded from (seed, epoch, index),
-    never the rank or worker, so a run can be re-sharded. A file raising BadMedia is replaced by
-    the next row of a sequence drawn from the same key; `skipped` lists each failure as
-    "path<TAB>reason". Only decoding is guarded: an error in a transform is a bug.
-    """
+    """A sample's randomness keyed by (seed, epoch, index), never the rank or worker (a run can be
+    re-sharded); a file raising BadMedia is replaced by a row drawn from the same key, each failure
+    listed in `skipped` as "path<TAB>reason". Only decoding is guarded: an error in a transform is a bug."""
 
     def __init__(self, samples: SampleList, transform: Callable):
         self.samples, self.transform = samples, transform
@@ -1012,29 +987,22 @@ class _RobustDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    @contextlib.contextmanager
-    def _sample_rng(self, seed: int, epoch: int, index: int, attempt: int):
-        """Within: torch's CPU generator and the mask draw from the seeds of (seed, epoch, index, attempt)."""
-        with torch.random.fork_rng(devices=[]):                  # restores the caller's CPU generator after
-            # Only the CPU generator (torch.manual_seed would also reseed the GPUs, the trainer's).
-            torch.default_generator.manual_seed(sample_seed(seed, KEY_PIXELS, epoch, index, attempt))
-            mask_gen = getattr(self.transform, "mask_gen", None)
-            if mask_gen is not None:
-                mask_gen.reseed_sample(epoch, index, attempt)
-            yield
-
     def __getitem__(self, key) -> dict:
         """key: (index, seed, epoch) as EpochLoader sends it, or a row index (the dataset's seed and epoch)."""
         index, seed, epoch = key if isinstance(key, tuple) else (key, self.seed, self.epoch)
-        skipped = []
-        i, replacements = index, None
+        skipped, i, replacements = [], index, None
+        mask_gen = getattr(self.transform, "mask_gen", None)
         for attempt in range(MAX_REPLACEMENTS):
             reason = "known bad"
             if not self._bad[i]:
                 try:
                     if not self.samples.inside_root(i):
                         raise BadMedia(self.samples.path(i), "outside the data root; not read")
-                    with self._sample_rng(seed, epoch, index, attempt):
+                    # Torch's CPU generator (not the trainer's GPUs') and the masks from the sample's key.
+                    with torch.random.fork_rng(devices=[]):
+                        torch.default_generator.manual_seed(sample_seed(seed, KEY_PIXELS, epoch, index, attempt))
+                        if mask_gen is not None:
+                            mask_gen.reseed_sample(epoch, index, attempt)
                         out = self.load(i)
                     break
                 except BadMedia as e:
@@ -1089,18 +1057,9 @@ _LOGGED_BAD: set = set()          # paths already logged by this process ("logge
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """One process's micro-batches, cut from global batches of G = world x accum x batch rows.
-
-    Epoch e permutes the n rows from (seed, epoch) alone and cuts `steps` = n // G global
-    batches; process r takes `accum` micro-batches of `batch` rows at r*accum*batch of each:
-
-        one global batch (G = 8 rows, batch 2):  | 0 1 | 2 3 | 4 5 | 6 7 |
-        world 2, accum 2:                          r0 m0 r0 m1 r1 m0 r1 m1
-        world 1, accum 4:                          m0    m1    m2    m3
-
-    so the micro-batches are the same rows on any number of processes. set_epoch(e, start)
-    begins at global step `start`.
-    """
+    """Process r's `accum` micro-batches of `batch` rows at r*accum*batch of each global batch of
+    world x accum x batch rows, cut from a permutation of (seed, epoch): the same micro-batches on any
+    number of processes. set_epoch(epoch, start) begins at global step `start`."""
 
     def __init__(self, n: int, batch: int, accum: int = 1, rank: int = 0, world: int = 1, seed: int = 0,
                  shuffle: bool = True):
@@ -1195,22 +1154,18 @@ class EpochLoader:
         # The workers' seeds (which no sample draws from) come from a generator of their own, not the trainer's.
         self.loader.generator = torch.Generator().manual_seed(derive_seed(self.seed, rank=self.rank, epoch=epoch))
 
-    def note_skipped(self, skipped) -> None:
-        """Log (once per path) and count the failures a batch carries."""
-        for line in "\n".join(skipped or ()).split("\n"):
-            path, _, reason = line.partition("\t")
-            if path:
-                self.skipped += 1
-                self.skipped_total += 1
-                if path not in _LOGGED_BAD:
-                    _LOGGED_BAD.add(path)
-                    logger.warning("skipped unreadable file %s (%s); replaced by another sample", path, reason)
-
     def __iter__(self):
         self.skipped = 0
         try:
             for batch in self.loader:
-                self.note_skipped(batch.pop("skipped", None))
+                for line in "\n".join(batch.pop("skipped", ())).split("\n"):    # "path<TAB>reason" per failure
+                    path, _, reason = line.partition("\t")
+                    if path:
+                        self.skipped += 1
+                        self.skipped_total += 1
+                        if path not in _LOGGED_BAD:                               # logged once per path
+                            _LOGGED_BAD.add(path)
+                            logger.warning("skipped unreadable file %s (%s); replaced by another sample", path, reason)
                 yield batch
         except AllBadMedia as e:
             # From a worker, the message carries the worker's traceback; keep its last line.
@@ -1279,15 +1234,13 @@ class JointLoader:
 
 
 def _node_share(local_world_size: Optional[int]) -> tuple[int, int]:
-    """(ranks on this node, CPUs this process may run on): torchrun's LOCAL_WORLD_SIZE, and the affinity
-    mask (the job's allocation, which torchrun's ranks inherit and share), not os.cpu_count()."""
+    """(ranks on this node: LOCAL_WORLD_SIZE, CPUs in the affinity mask: the job's, not os.cpu_count())."""
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world_size is None else local_world_size
     return max(1, ranks), len(os.sched_getaffinity(0))
 
 
 def auto_decode_threads(num_workers: int, local_world_size: Optional[int] = None) -> int:
-    """PyAV decoder threads per loading process: the allocated CPUs shared by the node's ranks x
-    `num_workers` workers (the joint stage: both loaders' workers), at least 1."""
+    """PyAV decoder threads per loading process: the CPUs over ranks x workers (of both joint loaders), >= 1."""
     ranks, cpus = _node_share(local_world_size)
     return max(1, cpus // (ranks * max(1, num_workers)))
 
@@ -1305,12 +1258,10 @@ def loading_plan(num_workers: int, threads: int, loaders: int = 1, local_world_s
 
 
 class FileLock:
-    """A POSIX record lock (`fcntl.lockf`) on a lock file that names its holder ("pid P on HOST since T").
+    """A POSIX record lock (`fcntl.lockf`) on a file naming its holder ("pid P on HOST since T"), never deleted.
 
-    The kernel frees the lock when its holder dies, on any host, so a restarted job always
-    reclaims it. POSIX, not flock: forked DataLoader workers do not inherit it, so a killed run's
-    lingering workers never keep it. It belongs to the process: one FileLock per file per process
-    (closing any other descriptor of the file would free it). The file is never deleted.
+    Freed by the kernel when its holder dies (any host: a restart reclaims it); not inherited by forked
+    DataLoader workers, unlike flock. One per file per process: closing another descriptor frees it.
     """
 
     def __init__(self, path: PathLike):

@@ -75,16 +75,6 @@ MIN_ASPECT = 0.3      # BEiT min_aspect; aspect is log-uniform in [0.3, 1/0.3]
 MAX_ATTEMPTS = 10     # BEiT: tries per block before a round gives up (MaskingGenerator._mask)
 
 
-def tube_length_range(strategy: str, t: int) -> Optional[tuple]:
-    """(min, max) number l of masked token time steps out of t, inclusive; None without lengths. Released
-    code: l in {max(int(lo*t), 1) .. min(int(hi*t), t)}, {4..8} at t = 8; a range below its minimum
-    (t = 1, [0.25, 0.75]) collapses to it."""
-    if strategy not in TUBE_LENGTHS:
-        return None
-    l_min = max(int(TUBE_LENGTHS[strategy][0] * t), 1)
-    return l_min, max(min(int(TUBE_LENGTHS[strategy][1] * t), t), l_min)
-
-
 def target_mask(input_mask, frames: Optional[int] = None, temporal_patch: int = TEMPORAL_PATCH):
     """The one definition of a clip's target mask: (..., T/2, h, w) -> (..., T, h, w), numpy or torch.
 
@@ -107,10 +97,9 @@ def target_mask(input_mask, frames: Optional[int] = None, temporal_patch: int = 
 class MaskGenerator:
     """Draws (input_mask, target_mask) pairs for one strategy and one input size.
 
-    input_size: (H, W) pixels for images ("block") or (T, H, W) frames x pixels
-    for clips (every other strategy): a grid of H/16 x W/16 cells and T/2 token
-    time steps (T/temporal_patch); the rest are the paper's constants above. It owns
-    a numpy Generator seeded from `seed`; `reseed_sample` switches to a sample's stream.
+    input_size: (H, W) pixels for images ("block") or (T, H, W) frames x pixels for clips (every
+    other strategy): a grid of H/16 x W/16 cells and T/2 token time steps (T/temporal_patch); the
+    rest are the paper's constants above.
     """
 
     def __init__(self, strategy: str, input_size, mask_ratio: float = MASK_RATIO, seed: int = 0,
@@ -144,7 +133,12 @@ class MaskGenerator:
         self.mask_ratio, self.min_block, self.max_attempts = float(mask_ratio), min_block, MAX_ATTEMPTS
         self.min_aspect, self.max_aspect = min_aspect, max_aspect
         self.input_shape, self.target_shape = ((self.time, gh, gw), (T, gh, gw)) if is_video else ((gh, gw),) * 2
-        self.length_range = tube_length_range(strategy, self.time)  # (4, 8) for "tube" at T = 16
+        # (min, max) masked token steps l, inclusive (None: no lengths). Released: l in {max(int(lo*t), 1) ..
+        # min(int(hi*t), t)}, (4, 8) for "tube" at t = 8; a range below its minimum (t = 1) collapses to it.
+        lo, hi = TUBE_LENGTHS.get(strategy, (0, 0))
+        l_min = max(int(lo * self.time), 1)
+        l_max = max(min(int(hi * self.time), self.time), l_min)
+        self.length_range = (l_min, l_max) if strategy in TUBE_LENGTHS else None
         # Differs from the released code: it draws masks from Python's global `random`, seeded per
         # DataLoader worker. Here a generator owns its numpy stream, re-keyed per sample (reseed_sample).
         self.rng = np.random.default_rng(derive_seed(seed, 0, 0, 0))
@@ -288,9 +282,8 @@ class MaskGenerator:
 
 
 def _seed(**key) -> int:
-    """A 64-bit seed from numpy's SeedSequence of (first value = entropy, the rest = spawn key): streams of
-    different keys are independent (`base + rank + worker` would give rank 1 / worker 0 the seed of rank 0 /
-    worker 1), and a key gives the same seed on any machine."""
+    """A 64-bit seed from numpy's SeedSequence(entropy=first value, spawn_key=the rest), the same on any machine:
+    independent streams per key (`base + rank + worker` would give rank 1 / worker 0 rank 0 / worker 1's)."""
     for name, v in key.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -308,12 +301,9 @@ KEY_MASKS, KEY_PIXELS, KEY_REPLACE, KEY_ORDER = 1, 2, 3, 4
 
 
 def sample_seed(base_seed: int, purpose: int, epoch: int, index: int = 0, attempt: int = 0) -> int:
-    """A 64-bit seed for one sample's randomness: (base seed, purpose, epoch, row index, attempt).
-
-    Keyed by what a sample *is*, not by who draws it, so a re-sharded run draws the same crops and
-    masks; `attempt` counts the files tried (data.py replaces bad ones). 4 key entries against
-    derive_seed's 3: the two families never coincide.
-    """
+    """A 64-bit seed for one sample's randomness, keyed by what it *is* (base seed, purpose, epoch, row, attempt:
+    the files tried, data.py replacing bad ones), not who draws it, so a re-sharded run draws the same crops and
+    masks. 4 key entries against derive_seed's 3: the two families never coincide."""
     return _seed(base_seed=base_seed, purpose=purpose, epoch=epoch, index=index, attempt=attempt)
 
 

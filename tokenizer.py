@@ -72,14 +72,12 @@ def _lanczos_kernel(x: torch.Tensor, a: int) -> torch.Tensor:
 def _resize_matrix(n_in: int, n_out: int, kind: str) -> torch.Tensor:
     """(n_out, n_in) float64 matrix M with resized = M @ signal, for one axis.
 
-    kind "pil": PIL's `Image.resize(..., Image.LANCZOS)` (Resample.c, precompute_coeffs), BEiT's
-        filter: an antialiased Lanczos-3 whose support is stretched by the scale (6 input pixels
-        on each side of the output centre for a x1/2 downscale); taps outside the image are
-        dropped and the rest renormalised.
-    kind "cv2": OpenCV's INTER_LANCZOS4 (resize.cpp): 8 taps of a Lanczos-4 at the source
-        position (i + 0.5) * scale - 0.5, *not* stretched when downscaling (so it aliases), edge
-        pixels replicated. The released pipeline's `CopyResize(scale=(112, 112),
-        interpolation="lanczos")` runs it through `mmcv.imresize`.
+    kind "pil": PIL's `Image.resize(..., Image.LANCZOS)` (Resample.c, precompute_coeffs), BEiT's filter:
+        an antialiased Lanczos-3 whose support is stretched by the scale (6 input pixels on each side of
+        the output centre for a x1/2 downscale); taps outside the image dropped, the rest renormalised.
+    kind "cv2": OpenCV's INTER_LANCZOS4 (resize.cpp): 8 taps of a Lanczos-4 at the source position
+        (i + 0.5) * scale - 0.5, *not* stretched when downscaling (so it aliases), edge pixels replicated:
+        the released `CopyResize(scale=(112, 112), interpolation="lanczos")` runs it via `mmcv.imresize`.
     """
     scale = n_in / n_out
     M = torch.zeros(n_out, n_in, dtype=torch.float64)
@@ -98,8 +96,7 @@ def _resize_matrix(n_in: int, n_out: int, kind: str) -> torch.Tensor:
             sx = math.floor(fx)
             taps = torch.arange(sx - 3, sx + 5)           # 8 taps
             w = _lanczos_kernel(taps.double() - fx, 4)
-            w = w / w.sum()
-            M[i].index_add_(0, taps.clamp(0, n_in - 1), w)   # BORDER_REPLICATE-like clamping
+            M[i].index_add_(0, taps.clamp(0, n_in - 1), w / w.sum())   # BORDER_REPLICATE-like clamping
         else:
             raise ValueError(f"unknown resample kind {kind!r}; expected one of {RESAMPLE_KINDS}")
     return M
@@ -108,10 +105,9 @@ def _resize_matrix(n_in: int, n_out: int, kind: str) -> torch.Tensor:
 def lanczos_resize(x: torch.Tensor, size: tuple[int, int], kind: str = "pil") -> torch.Tensor:
     """Separable Lanczos resize of `(..., H, W)` floats in [0, 1] to `size` = (h, w).
 
-    Width first, then height, as PIL does. Clamped to [0, 1] as the reference pipelines' 8-bit
-    images saturate (PIL also after the first pass, its intermediate image being 8-bit).
-    Without 8-bit rounding the result differs from PIL's by at most about 1/255.
-    """
+    Width first, then height, as PIL does. Clamped to [0, 1] as the reference pipelines' 8-bit images
+    saturate (PIL also after the first pass, its intermediate image being 8-bit). Without 8-bit
+    rounding the result differs from PIL's by at most about 1/255."""
     h, w = size
     Mw = _resize_matrix(x.shape[-1], w, kind).to(x.device, x.dtype)   # (w, W)
     Mh = _resize_matrix(x.shape[-2], h, kind).to(x.device, x.dtype)   # (h, H)
@@ -174,9 +170,8 @@ class DalleConv2d(nn.Module):
         self.b = nn.Parameter(torch.zeros(n_out), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Differs from the released code: dall_e's Conv2d runs in fp16 on CUDA
-        # (use_float16=True for every conv but the output one); we run fp32
-        # everywhere (paper §3 "Tokenizer"), so near-tie argmaxes can differ from fp16 ones.
+        # Differs from the released code: dall_e's Conv2d runs in fp16 on CUDA (use_float16=True for every conv
+        # but the output one); we run fp32 (paper §3 "Tokenizer"), so near-tie argmaxes can differ from fp16 ones.
         return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
 
 
@@ -243,15 +238,13 @@ class Tokenizer(nn.Module):
     """Frozen image -> code map on the H/16 x W/16 grid. Subclasses define `kind`, `vocab_size`
     and `codes_from_half(x_half)`: (N, 3, H/2, W/2) fp32 in [0, 1] -> (N, H/16, W/16) int64.
     `resample` picks the 1/2 downscale filter ("pil" or "cv2", see `lanczos_resize`); `chunk_size`
-    is how many frames one encoder call takes (memory vs speed; the codes do not depend on it).
-    """
+    is how many frames one encoder call takes (memory vs speed; the codes do not depend on it)."""
 
     def __init__(self, resample: str = "pil", chunk_size: int = 64):
         super().__init__()
-        # Differs from the released code: its data pipeline halves the 8-bit crop with
-        # mmcv.imresize, i.e. OpenCV's INTER_LANCZOS4 (not antialiased), and rounds to 8 bits.
-        # Our default is PIL's antialiased Lanczos-3 (BEiT's pipeline) on the float crop;
-        # resample="cv2" gives the released filter (without the 8-bit rounding).
+        # Differs from the released code: its data pipeline halves the 8-bit crop with mmcv.imresize, i.e.
+        # OpenCV's INTER_LANCZOS4 (not antialiased), and rounds to 8 bits. Our default is PIL's antialiased
+        # Lanczos-3 (BEiT's pipeline) on the float crop; resample="cv2" gives the released filter (unrounded).
         self.resample, self.chunk_size, self.precision = resample, chunk_size, "fp32"
 
     def set_precision(self, precision: str) -> "Tokenizer":
@@ -326,8 +319,7 @@ class DalleTokenizer(Tokenizer):
         if self.precision == "fp32":
             logits = self.encoder(x)                               # (N, vocab, H/16, W/16)
         else:
-            # Reduced precision as the released apex run (fp16): channels-last is
-            # the layout the GPU's tensor-core convolutions want.
+            # Reduced precision as the released apex run (fp16), channels-last for the GPU's tensor cores.
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             with torch.autocast(x.device.type, dtype=dtype):
                 logits = self.encoder(x.contiguous(memory_format=torch.channels_last))
@@ -373,18 +365,14 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, codebook_sq: Optional[
 class OfflineTokenizer(Tokenizer):
     """A vector-quantising tokenizer you can fit offline (tools/kmeans_fit.py): k-means codes of 8x8 patches.
 
-    Same grid and interface as DALL-E: the crop is halved with the same Lanczos filter, cut
-    into 8x8 patches (one per 16x16 pixels of the crop), and each patch gets the index of its
-    nearest codebook row. Features are the raw 8x8x3 RGB values in [0, 1], not mean-centred,
-    so a code stands for a patch's colour and structure together (as a dVAE code does, its
-    decoder reconstructing both) and the quantisation error is the mean squared
-    reconstruction error of the half-size image.
+    Same grid and interface as DALL-E: the crop is halved with the same Lanczos filter and cut into 8x8 patches
+    (one per 16x16 pixels of the crop), each given the index of its nearest codebook row. Features are the raw
+    8x8x3 RGB values in [0, 1], not mean-centred: a code stands for a patch's colour and structure together (as
+    a dVAE code does), and the quantisation error is the mean squared reconstruction error of the half-size image.
 
-    What changes against DALL-E: the codes are clusters of pixels learnt from your images,
-    not the codes of a dVAE trained on web-scale images; each code sees only its own 8x8
-    patch (the dVAE's receptive field is wider), so the targets are lower-level and masked
-    prediction moves towards local colour/texture. Results are not comparable with the
-    paper's; use it to run the method end to end, or with a vocabulary other than 8192.
+    Unlike DALL-E's, the codes are clusters of your own images' pixels, each seeing only its 8x8 patch
+    (the dVAE's receptive field is wider): lower-level targets, masked prediction moving towards local
+    colour/texture. Not comparable with the paper's results; it runs the method end to end, any vocabulary.
     """
 
     kind = "offline-kmeans"
@@ -397,9 +385,8 @@ class OfflineTokenizer(Tokenizer):
         if not isinstance(codebook, torch.Tensor) or codebook.dim() != 2 or codebook.shape[1] != D:
             raise ValueError(f"offline tokenizer codebook: expected shape (vocab, {D}), got "
                              f"{getattr(codebook, 'shape', type(codebook))}")
-        if config.get("vocab_size", codebook.shape[0]) != codebook.shape[0]:
-            raise ValueError(f"offline tokenizer: config says {config['vocab_size']} codes, "
-                             f"the codebook has {codebook.shape[0]}")
+        if config.get("vocab_size", len(codebook)) != len(codebook):
+            raise ValueError(f"offline tokenizer: config says {config['vocab_size']} codes, codebook {len(codebook)}")
         codebook = codebook.detach().to(torch.float32).contiguous()
         self.register_buffer("codebook", codebook)                                  # (K, 192)
         self.register_buffer("codebook_sq", codebook.pow(2).sum(1), persistent=False)   # (K,)
@@ -430,13 +417,11 @@ class OfflineTokenizer(Tokenizer):
 # -----------------------------------------------------------------------------
 # Reading encoder.pkl without the dall_e package, and without running the file
 #
-# encoder.pkl is `torch.save(encoder)` in the old (non-zip) format: header pickles, a pickle of the whole
-# module (dall_e's classes, nn containers, tensor rebuilds), the raw storages. weights_only=True refuses it;
-# weights_only=False would import dall_e and run any callable the file names. So every pickle of the file,
-# headers included, goes through an unpickler that resolves globals only from an allow-list, every class
-# becoming an inert stand-in, and sets state (BUILD) only on those stand-ins: on an allowed function it
-# would change it for the whole process (`_rebuild_tensor_v2.__defaults__` set by a header would negate
-# every tensor torch.load rebuilds later).
+# encoder.pkl is `torch.save(encoder)` in the old (non-zip) format, which weights_only=True refuses and
+# weights_only=False would run (importing dall_e and any callable the file names). So every pickle of the
+# file, headers included, goes through an unpickler that resolves only allow-listed globals (classes become
+# inert stand-ins) and sets state (BUILD) only on the stand-ins: on an allowed function it would change it
+# for the whole process (`_rebuild_tensor_v2.__defaults__` set by a header would negate every later tensor).
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -532,10 +517,9 @@ def module_tensors(module, prefix: str = "") -> dict[str, torch.Tensor]:
     """Parameters and buffers of an unpickled module tree, read off its __dict__ (no hooks, no state_dict())."""
     if not isinstance(module, nn.Module):
         raise ValueError(f"unexpected object {type(module).__name__} at {prefix or 'the root'} of the pickle")
-    d, out = module.__dict__, {}
-    for name, t in [*(d.get("_parameters") or {}).items(), *(d.get("_buffers") or {}).items()]:
-        if t is not None:
-            out[prefix + name] = t                              # load_exact checks that they are tensors
+    d = module.__dict__
+    tensors = [*(d.get("_parameters") or {}).items(), *(d.get("_buffers") or {}).items()]
+    out = {prefix + name: t for name, t in tensors if t is not None}    # load_exact checks that they are tensors
     for name, child in (d.get("_modules") or {}).items():
         out.update(module_tensors(child, prefix + name + ".") if child is not None else {})
     return out
@@ -574,27 +558,6 @@ def load_exact(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
 # Loading any tokenizer file
 
 
-def _tokenizer_from_object(obj, source: str, **kw) -> Tokenizer:
-    if isinstance(obj, PickledEncoder):                               # encoder.pkl
-        return DalleTokenizer.from_state_dict(module_tensors(obj), **kw)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{source}: expected a DALL-E encoder, a state dict, a BEVT checkpoint or an offline "
-                         f"tokenizer file, got a {type(obj).__name__}")
-    if obj.get("kind") == OfflineTokenizer.kind and "codebook" in obj:   # tools/tokenizer_tool.py fit
-        return OfflineTokenizer(obj["codebook"], obj.get("config"), **kw)
-    state = strip_prefix(obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj)
-    vae = "cls_head.vae_encoder."                                     # released BEVT pretraining checkpoint
-    if any(k.startswith(vae) for k in state):
-        return DalleTokenizer.from_state_dict({k[len(vae):]: v for k, v in state.items() if k.startswith(vae)}, **kw)
-    if "blocks.input.w" in state:                                     # tokenizer_tool.py convert / a state dict
-        return DalleTokenizer.from_state_dict(state, **kw)
-    if "state_dict" in obj or any(k.startswith(("backbone.", "cls_head.")) for k in state):
-        raise ValueError(f"{source}: this checkpoint carries no tokenizer (no keys under '{vae}'); "
-                         f"pass encoder.pkl or an offline tokenizer file")
-    raise ValueError(f"{source}: not a tokenizer file: expected DALL-E keys ('blocks.input.w', ...), "
-                     f"'{vae}...' or an offline tokenizer, got keys {sorted(map(str, state))[:4]}")
-
-
 def load_tokenizer(spec: Union[str, os.PathLike, Tokenizer], *, device: Union[str, torch.device] = "cpu",
                    **kw) -> Tokenizer:
     """A tokenizer from what the file holds: the published `encoder.pkl` (or its folder), a DALL-E state
@@ -609,7 +572,24 @@ def load_tokenizer(spec: Union[str, os.PathLike, Tokenizer], *, device: Union[st
         raise FileNotFoundError(f"tokenizer file not found: {path} (expected encoder.pkl, a converted DALL-E "
                                 f"state dict, a BEVT pretraining checkpoint or a `tools/tokenizer_tool.py fit` file)")
     obj = restricted_torch_load(path, what="a state dict, a BEVT checkpoint or an offline tokenizer file")
-    return _tokenizer_from_object(obj, str(path), **kw).to(device)
+    if isinstance(obj, PickledEncoder):                               # encoder.pkl
+        return DalleTokenizer.from_state_dict(module_tensors(obj), **kw).to(device)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a DALL-E encoder, a state dict, a BEVT checkpoint or an offline "
+                         f"tokenizer file, got a {type(obj).__name__}")
+    if obj.get("kind") == OfflineTokenizer.kind and "codebook" in obj:   # tools/tokenizer_tool.py fit
+        return OfflineTokenizer(obj["codebook"], obj.get("config"), **kw).to(device)
+    state = strip_prefix(obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj)
+    vae = "cls_head.vae_encoder."                                     # released BEVT pretraining checkpoint
+    if any(k.startswith(vae) for k in state):
+        state = {k[len(vae):]: v for k, v in state.items() if k.startswith(vae)}
+    elif "blocks.input.w" not in state:                               # nor a DALL-E state dict (convert's)
+        if "state_dict" in obj or any(k.startswith(("backbone.", "cls_head.")) for k in state):
+            raise ValueError(f"{path}: this checkpoint carries no tokenizer (no keys under '{vae}'); "
+                             f"pass encoder.pkl or an offline tokenizer file")
+        raise ValueError(f"{path}: not a tokenizer file: expected DALL-E keys ('blocks.input.w', ...), "
+                         f"'{vae}...' or an offline tokenizer, got keys {sorted(map(str, state))[:4]}")
+    return DalleTokenizer.from_state_dict(state, **kw).to(device)
 
 
 def check_vocab(tokenizer: Union[Tokenizer, int], head_classes: int) -> None:
