@@ -80,8 +80,7 @@ class TrainConfig:
     resume: str = "auto"                  # auto: continue <out>/<stage>/ckpt.pt if there is one | no | a path
     overwrite: bool = False               # discard a previous run in <out>/<stage> and start again
     # --- data (paper §4.1)
-    data: str = ""                        # the synthetic set (CPU preset; python tools/synthetic.py);
-                                          # "" = data/synthetic
+    data: str = ""                        # the synthetic set (CPU preset; tools/synthetic.py); "" = data/synthetic
     video_root: str = ""                  # folder of videos (your data); the --video-list paths are relative to it
     video_list: str = ""                  # list file of the pretraining videos, "path label" a line
     image_root: str = ""                  # folder of images in ImageNet layout (your data)
@@ -161,7 +160,8 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
 
 
 # -----------------------------------------------------------------------------
-# Targets: the frozen tokenizer, outside the trained model (§3 "Tokenizer")
+# One optimizer step: eq. 5's loss, L = L_MIM + λ·L_MVM, over the effective batch (§4.1), against the targets
+# of the frozen tokenizer, which stays outside the trained model (§3 "Tokenizer")
 
 
 def model_inputs(batch: dict, tok, device) -> dict:
@@ -180,10 +180,6 @@ def model_inputs(batch: dict, tok, device) -> dict:
             out[f"{stream}_masks"] = batch[f"{stream}_mask"].to(device, non_blocking=True)
             out[f"{stream}_codes"] = tok.codes_of_copy(batch[f"{stream}_half"].to(device, non_blocking=True))
     return out
-
-
-# -----------------------------------------------------------------------------
-# One optimizer step: eq. 5's loss, L = L_MIM + λ·L_MVM, over the effective batch (§4.1)
 
 
 def train_step(model, batches: list, tok, rt: Runtime, clip_grad: float, hist: Optional[dict] = None):
@@ -426,8 +422,7 @@ def finish(record: dict, out_dir: str, model, step: int, last: dict, hist: dict,
         print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
     baselines = {f"acc_{name}": {"uniform": 1.0 / record["vocab_size"], "majority": float(h.max() / h.sum())}
                  for name, h in sorted(hist.items()) if float(h.sum()) > 0}
-    for key, b in baselines.items():
-        # Rank 0's targets of this run; the last steps' accuracy is to be read against these.
+    for key, b in baselines.items():                     # rank 0's targets: read the last steps' accuracy against these
         print(f"masked-token accuracy baselines ({key[4:]}): uniform 1/{record['vocab_size']} = {b['uniform']:.4f}, "
               f"always the most frequent code = {b['majority']:.4f}")
     if baselines:                                        # kept with the run, for tools/plot.py
@@ -566,7 +561,7 @@ def run_cli(prog: str, fn, *args):
 
 
 # -----------------------------------------------------------------------------
-# Data and targets on disk: the synthetic set or your own, and data.py's loader
+# Data and processes: the synthetic set or your own, data.py's loader; DDP (nanoGPT style, gloo on CPU), precision
 
 
 def find_data(cfg: TrainConfig) -> tuple:
@@ -606,10 +601,6 @@ def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int, accum:
     return data.build_pretrain_loader(cfg.stage, dcfg, video_ann=video_ann, video_root=video_root,
                                       image_root=image_root, image_ann=cfg.image_list or None,
                                       rank=rank, world_size=world, accum=accum, verbose=rank == 0)
-
-
-# -----------------------------------------------------------------------------
-# Processes: DDP (nanoGPT style, with gloo on CPU), precision, seeds
 
 
 class Runtime(NamedTuple):
@@ -687,10 +678,8 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
 
 def precision_note(precision: str, bf16: bool, device: torch.device) -> str:
     """How --precision resolved, for the start-up line."""
-    what = "bf16 autocast" if bf16 else "fp32"
-    if precision != "auto":
-        return f"{what} (--precision {precision})"
-    return f"{what} (--precision auto: {device.type} {'has' if bf16 else 'lacks'} native bf16)"
+    why = f": {device.type} {'has' if bf16 else 'lacks'} native bf16" if precision == "auto" else ""
+    return f"{'bf16 autocast' if bf16 else 'fp32'} (--precision {precision}{why})"
 
 
 def cpu_flags() -> set:
@@ -707,7 +696,8 @@ def seed_everything(seed: int) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic, checksummed, with the previous one kept as a fallback; rank 0 writes
+# Checkpoints (atomic, checksummed, the previous one kept as a fallback; rank 0 writes) and resuming: the run
+# folder (one run at a time, resumed by default, never wiped unasked; rank 0 decides), on any number of processes
 
 
 class CheckpointError(ValueError):
@@ -792,12 +782,9 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-# -----------------------------------------------------------------------------
-# Resuming on another number of processes (a requeued cluster job; module docstring): data.py cuts every
-# global batch from one epoch order and keys every random choice by (seed, epoch, index); a checkpoint records
-# its batch (`batch_record`). What changes: the order in which gradients are summed (float rounding), and the
-# per-process RNG (drop path), reseeded.
-
+# Resuming on another number of processes (a requeued cluster job): data.py cuts every global batch from one
+# epoch order and keys every random choice by (seed, epoch, index); a checkpoint records its batch (`batch_record`).
+# What changes: the order in which gradients are summed (float rounding), and the per-process RNG, reseeded.
 BATCH_FLAGS = {"clips": "--video-batch", "images": "--image-batch"}    # the per-process batch of each unit
 
 
@@ -875,24 +862,19 @@ def finished(claim: Claim, stop_at: int, out_dir: str, cfg, rank: int, files=("f
     return True
 
 
-# -----------------------------------------------------------------------------
-# The run folder: one run at a time, resumed by default, never wiped unasked; rank 0 decides
-
 RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json", "curves.png", "eval.json")
 
 
-class Claim(NamedTuple):
-    """Rank 0's decisions on a run folder, the same on every rank."""
+@dataclass
+class Claim(contextlib.AbstractContextManager):
+    """Rank 0's decisions on a run folder, the same on every rank; leaving it releases the lock."""
     lock: Optional[data.FileLock]     # rank 0's lock on the folder (None on the other ranks)
     source: Optional[str]             # the checkpoint file resumed from; None: a fresh run
     ck: Optional[dict]
     init: str                         # a fresh run's checkpoint to start from ('' = random weights)
     there: tuple                      # the run files rank 0 found
 
-    def __enter__(self) -> Claim:
-        return self
-
-    def __exit__(self, *exc) -> None:            # the run folder's lock, released however the run ends
+    def __exit__(self, *exc) -> None:            # however the run ends
         if self.lock is not None:
             self.lock.release()
 
@@ -962,11 +944,9 @@ def start_log(out_dir: str, record: dict, resumed_step: Optional[int]) -> None:
     """Rank 0: config.json, and metrics.jsonl's rows up to a resumed checkpoint's step (later ones are redone)."""
     write_atomic(os.path.join(out_dir, "config.json"), json.dumps(record, indent=1))
     path = os.path.join(out_dir, "metrics.jsonl")
-    kept = []
-    if resumed_step is not None and os.path.exists(path):
-        kept = [json.dumps(r) + "\n" for r in read_metrics(path)
-                if r["step"] <= resumed_step and "eval" not in r and "baselines" not in r]
-    write_atomic(path, "".join(kept))
+    rows = read_metrics(path) if resumed_step is not None and os.path.exists(path) else []
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows
+                               if r["step"] <= resumed_step and "eval" not in r and "baselines" not in r))
 
 
 def read_metrics(path: str) -> list:
