@@ -23,9 +23,8 @@ A run depends on its seed and effective batch, not on the number of processes: `
 another number keeps the effective batch by changing the accumulation. Learning rate 5e-4 at
 the paper's global batch, scaled linearly: lr = base_lr · effective_batch / paper_batch.
 
-Outputs in --out/<stage>: `ckpt.pt` (latest, atomic, resumable with --resume auto),
-`final.pt`, `metrics.jsonl`, `config.json`; `python tools/plot.py <out>/<stage>` draws
-the curves.
+Outputs in --out/<stage>: `ckpt.pt` (latest, atomic, resumable with --resume auto), `final.pt`,
+`metrics.jsonl`, `config.json`; `python tools/plot.py <out>/<stage>` draws the curves.
 """
 
 from __future__ import annotations
