@@ -5,39 +5,26 @@ the joint stage initialised from it) and §4.1 "Implementation details" (the rec
 Model: bevt.py; data: data.py; masks: masking.py; targets: tokenizer.py.
 
     # CPU demo on the synthetic set (prepared once, with its offline tokenizer), then both stages
-    python tools/synthetic.py && python train.py --preset cpu --stage image && python train.py --preset cpu --stage joint
-
-    # the same on 2 CPU processes (gloo)
-    torchrun --standalone --nproc_per_node=2 train.py --preset cpu --stage image
-    torchrun --standalone --nproc_per_node=2 train.py --preset cpu --stage joint
+    python tools/synthetic.py
+    python train.py --preset cpu --stage image && python train.py --preset cpu --stage joint
 
     # one GPU, paper recipe (Swin-B), your data: the image stage, then the joint stage from it
     python train.py --stage image --image-root ImageNet/train --tokenizer dalle_encoder.pt
     python train.py --stage joint --video-root K400/ --video-list k400_train.txt \\
         --image-root ImageNet/train --tokenizer dalle_encoder.pt
 
-    # one node, 8 GPUs (each stage)
+    # one node, 8 GPUs (each stage); several CPU processes, nodes, SLURM and requeues: docs/gpu.md
     torchrun --standalone --nproc_per_node=8 train.py --stage image ...
     torchrun --standalone --nproc_per_node=8 train.py --stage joint ...
 
-    # 4 nodes x 8 GPUs (run on every node, NODE = 0..3; under SLURM: srun ... torchrun ..., one task a node)
-    torchrun --nnodes=4 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \\
-        --nproc_per_node=8 train.py --stage joint ...
+Global batch (§4.1): 2048 images (image stage), 256 clips + 2048 images (joint), 256 clips
+(video stage); gradient accumulation makes it up from the per-process batch (printed at start).
+A run depends on its seed and effective batch, not on the number of processes: `--resume` on
+another number keeps the effective batch by changing the accumulation. Learning rate 5e-4 at
+the paper's global batch, scaled linearly: lr = base_lr · effective_batch / paper_batch.
 
-    # the job requeued on 2 nodes: --nnodes=2, otherwise the same command; the checkpoint's
-    # effective batch is kept with accumulation 2 (README, "Running under SLURM")
-
-Global batch (paper): 2048 images (image stage), 256 clips + 2048 images
-(joint), 256 clips (video stage). Per process: 64 images, 8 clips + 64
-images, 8 clips; gradient accumulation makes up the rest (printed at start).
-A run depends on its seed and effective batch, not on the number of processes:
-`--resume` on another number keeps the effective batch by changing the accumulation.
-Learning rate 5e-4 at the paper's global batch, scaled linearly with the
-effective batch: lr = base_lr · effective_batch / paper_batch.
-
-Outputs in --out/<stage>: `ckpt.pt` (latest, atomic, resumable with --resume auto),
-`final.pt`, `metrics.jsonl`, `config.json`; `python tools/plot.py <out>/<stage>` draws
-the curves.
+Outputs in --out/<stage>: `ckpt.pt` (latest, atomic, resumable with --resume auto), `final.pt`,
+`metrics.jsonl`, `config.json`; `python tools/plot.py <out>/<stage>` draws the curves.
 """
 
 from __future__ import annotations
@@ -92,8 +79,7 @@ class TrainConfig:
     resume: str = "auto"                  # auto: continue <out>/<stage>/ckpt.pt if there is one | no | a path
     overwrite: bool = False               # discard a previous run in <out>/<stage> and start again
     # --- data (paper §4.1)
-    data: str = ""                        # the synthetic set (CPU preset; python tools/synthetic.py);
-                                          # "" = data/synthetic
+    data: str = ""                        # the synthetic set (CPU preset; tools/synthetic.py); "" = data/synthetic
     video_root: str = ""                  # folder of videos (your data); the --video-list paths are relative to it
     video_list: str = ""                  # list file of the pretraining videos, "path label" a line
     image_root: str = ""                  # folder of images in ImageNet layout (your data)
@@ -173,7 +159,8 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
 
 
 # -----------------------------------------------------------------------------
-# Targets: the frozen tokenizer, outside the trained model (§3 "Tokenizer")
+# One optimizer step: eq. 5's loss, L = L_MIM + λ·L_MVM, over the effective batch (§4.1), against the targets
+# of the frozen tokenizer, which stays outside the trained model (§3 "Tokenizer")
 
 
 def model_inputs(batch: dict, tok, device) -> dict:
@@ -192,10 +179,6 @@ def model_inputs(batch: dict, tok, device) -> dict:
             out[f"{stream}_masks"] = batch[f"{stream}_mask"].to(device, non_blocking=True)
             out[f"{stream}_codes"] = tok.codes_of_copy(batch[f"{stream}_half"].to(device, non_blocking=True))
     return out
-
-
-# -----------------------------------------------------------------------------
-# One optimizer step: eq. 5's loss, L = L_MIM + λ·L_MVM, over the effective batch (§4.1)
 
 
 def train_step(model, batches: list, tok, rt: Runtime, clip_grad: float, hist: Optional[dict] = None):
@@ -303,7 +286,9 @@ def train(cfg: TrainConfig, rt: Runtime, data_root: str, tok_path: str, out_dir:
     tokenizer.check_vocab(tok, cfg.vocab_size)
     tok.set_precision(cfg.tokenizer_precision)
     paper = cfg.global_image_batch if cfg.stage == "image" else cfg.global_video_batch
-    b = plan_batch(cfg, stage_batches(cfg), paper, BATCH_FLAGS, rt.world, claim)
+    clips, images = {"clips": cfg.video_batch}, {"images": cfg.image_batch}     # the unit setting the accum first
+    b = plan_batch(cfg, {"image": images, "video": clips, "joint": {**clips, **images}}[cfg.stage], paper,
+                   BATCH_FLAGS, rt.world, claim)
     loader = build_loader(cfg, data_root, rt.rank, rt.world, b.accum)
     steps_per_epoch = loader.steps_per_epoch                            # global steps: samples // effective batch
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
@@ -400,8 +385,7 @@ def say_plan(rt, cfg, b: Batch, flag: str, steps_per_epoch: int, total: int, war
 
 
 class Throughput:
-    """Samples per second over the last `window` steps, the first `warmup` steps (compilation, the
-    loader's start) left out; until a step after them has run, since the start."""
+    """Samples per second over the last `window` steps, the first `warmup` (compilation, loader start) left out."""
 
     def __init__(self, window: int = 50, warmup: int = 2, clock=time.perf_counter):
         self.clock, self.warmup, self.steps, self.total = clock, warmup, 0, 0
@@ -437,8 +421,7 @@ def finish(record: dict, out_dir: str, model, step: int, last: dict, hist: dict,
         print("final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
     baselines = {f"acc_{name}": {"uniform": 1.0 / record["vocab_size"], "majority": float(h.max() / h.sum())}
                  for name, h in sorted(hist.items()) if float(h.sum()) > 0}
-    for key, b in baselines.items():
-        # Rank 0's targets of this run; the last steps' accuracy is to be read against these.
+    for key, b in baselines.items():                     # rank 0's targets: read the last steps' accuracy against these
         print(f"masked-token accuracy baselines ({key[4:]}): uniform 1/{record['vocab_size']} = {b['uniform']:.4f}, "
               f"always the most frequent code = {b['majority']:.4f}")
     if baselines:                                        # kept with the run, for tools/plot.py
@@ -480,9 +463,8 @@ def field_help(cls) -> dict:
 
 
 def add_dataclass_flags(ap: argparse.ArgumentParser, cls, choices: dict, only=None, variants=None) -> None:
-    """One flag per dataclass field (only: a subset), default None so that given values can be told
-    from preset ones; --help shows each field's comment and its default under each of `variants`
-    ({name: {field: value}}, e.g. the presets) where they differ; `choices` are enforced."""
+    """One flag per field of `cls` (or of `only`), default None to tell a given value from a preset's; --help gives
+    each field's comment and its default under each of `variants` ({name: {field: value}}, e.g. the presets)."""
     defaults, helps = cls(), field_help(cls)
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
@@ -511,17 +493,13 @@ def config_from(cls, args: dict, *layers: dict):
 
 def check_ranges(cfg, positive=(), non_negative=(), fractions=None) -> None:
     """Raise a ValueError naming the first flag whose value is outside its range."""
-    def bad(name, want):
-        return ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)!r}")
-    for name in positive:
-        if not getattr(cfg, name) > 0:
-            raise bad(name, "> 0")
-    for name in non_negative:
-        if not getattr(cfg, name) >= 0:
-            raise bad(name, ">= 0 (0 = off or automatic)")
-    for name, (lo, hi) in (fractions or {}).items():
-        if not lo <= getattr(cfg, name) < hi:
-            raise bad(name, f"in [{lo:g}, {hi:g})")
+    rules = ([(name, lambda v: v > 0, "> 0") for name in positive]
+             + [(name, lambda v: v >= 0, ">= 0 (0 = off or automatic)") for name in non_negative]
+             + [(name, lambda v, lo=lo, hi=hi: lo <= v < hi, f"in [{lo:g}, {hi:g})")
+                for name, (lo, hi) in (fractions or {}).items()])
+    for name, ok, want in rules:
+        if not ok(getattr(cfg, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(cfg, name)!r}")
 
 
 class Parser(argparse.ArgumentParser):
@@ -554,45 +532,35 @@ def parse_args(argv=None) -> TrainConfig:
             raise ValueError(f"--short-side LO HI must satisfy crop {cfg.crop} <= LO <= HI, got {lo} {hi}")
         if cfg.crop % 16:
             raise ValueError(f"--crop must be a multiple of 16 (one target code per 16x16 px), got {cfg.crop}")
-        check_masks(cfg)
     except ValueError as e:
         ap.error(str(e))
-    return cfg
-
-
-def check_masks(cfg: TrainConfig) -> None:
-    """The masks the stage will draw (data.py builds the same generators), checked now, not after the data is set up."""
-    try:
+    try:                 # the masks the stage will draw (data.py builds the same generators), before any data is read
         if cfg.stage != "video":
             masking.MaskGenerator("block", (cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio)
         if cfg.stage != "image":
             masking.MaskGenerator(cfg.mask_strategy, (cfg.frames, cfg.crop, cfg.crop), mask_ratio=cfg.mask_ratio)
     except ValueError as e:
-        raise ValueError(f"--mask-ratio {cfg.mask_ratio} at --crop {cfg.crop}, --frames {cfg.frames}: {e}") from None
+        ap.error(f"--mask-ratio {cfg.mask_ratio} at --crop {cfg.crop}, --frames {cfg.frames}: {e}")
+    return cfg
 
 
 def run_cli(prog: str, fn, *args):
-    """The one way every command line (train.py, finetune.py, tools/*.py) ends on a user error:
-    one line `PROG: error: ...` on stderr and exit 2; on Ctrl-C one line and exit 130. Open progress
-    bars (stderr too) are closed first, so that the line starts a line of its own."""
+    """The one way every CLI ends on a user error (`PROG: error: ...`, exit 2) or Ctrl-C (exit 130): one line on
+    stderr, after the open progress bars are closed (so that it starts a line of its own)."""
     try:
         return fn(*args)
-    except USER_ERRORS as e:
-        if dist.is_initialized():
+    except (*USER_ERRORS, KeyboardInterrupt) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if dist.is_initialized() and not interrupted:
             dist.destroy_process_group()
         for bar in list(tqdm._instances):
             bar.close()
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        for bar in list(tqdm._instances):
-            bar.close()
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+        print(f"{prog}: interrupted" if interrupted else f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(130 if interrupted else 2) from None
 
 
 # -----------------------------------------------------------------------------
-# Data and targets on disk: the synthetic set or your own, and data.py's loader
+# Data and processes: the synthetic set or your own, data.py's loader; DDP (nanoGPT style, gloo on CPU), precision
 
 
 def find_data(cfg: TrainConfig) -> tuple:
@@ -616,18 +584,13 @@ def find_data(cfg: TrainConfig) -> tuple:
 
 def data_config_from(cls, cfg, **renamed):
     """data.py's config `cls` from a trainer's: each field `cfg` holds, under its name or renamed[field]."""
-    values = {}
-    for f in dataclasses.fields(cls):
-        src = renamed.get(f.name, f.name)
-        if hasattr(cfg, src):
-            v = getattr(cfg, src)
-            values[f.name] = tuple(v) if isinstance(v, list) else v     # JSON / argparse lists -> tuples
-    return cls(**values)
+    values = {f.name: getattr(cfg, renamed.get(f.name, f.name)) for f in dataclasses.fields(cls)
+              if hasattr(cfg, renamed.get(f.name, f.name))}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})   # JSON lists -> tuples
 
 
 def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int, accum: int):
-    """data.py's loader for the stage: your data (--video-root/--video-list/--image-root/--image-list) or the
-    synthetic set's appearance train list and image tree; this process gets `accum` micro-batches a step."""
+    """data.py's loader for the stage, your data or the synthetic set's; `accum` micro-batches a step here."""
     dcfg = data_config_from(data.PretrainDataConfig, cfg, interval="frame_interval", video_mask="mask_strategy",
                             num_workers="workers")
     synthetic = not (cfg.video_root or cfg.image_root)
@@ -637,10 +600,6 @@ def build_loader(cfg: TrainConfig, data_root: str, rank: int, world: int, accum:
     return data.build_pretrain_loader(cfg.stage, dcfg, video_ann=video_ann, video_root=video_root,
                                       image_root=image_root, image_ann=cfg.image_list or None,
                                       rank=rank, world_size=world, accum=accum, verbose=rank == 0)
-
-
-# -----------------------------------------------------------------------------
-# Processes: DDP (nanoGPT style, with gloo on CPU), precision, seeds
 
 
 class Runtime(NamedTuple):
@@ -653,8 +612,7 @@ class Runtime(NamedTuple):
 
 
 def setup_distributed(timeout_min: float = DIST_TIMEOUT_MIN, precision: str = "fp32") -> Runtime:
-    """The Runtime of this process: NCCL on CUDA, gloo on CPUs, one process per device. Under torchrun each
-    process binds its GPU *before* creating the process group (NCCL otherwise guesses device 0)."""
+    """This process's Runtime: NCCL on CUDA, gloo on CPUs; the GPU is bound first (else NCCL guesses device 0)."""
     tasks = int(os.environ.get("SLURM_NTASKS", 1))
     if "SLURM_PROCID" in os.environ and tasks > 1 and "RANK" not in os.environ:
         raise ValueError(f"srun started {tasks} tasks without torchrun (RANK unset): each would run alone on the same "
@@ -719,10 +677,8 @@ def resolve_precision(precision: str, device: torch.device) -> bool:
 
 def precision_note(precision: str, bf16: bool, device: torch.device) -> str:
     """How --precision resolved, for the start-up line."""
-    what = "bf16 autocast" if bf16 else "fp32"
-    if precision != "auto":
-        return f"{what} (--precision {precision})"
-    return f"{what} (--precision auto: {device.type} {'has' if bf16 else 'lacks'} native bf16)"
+    why = f": {device.type} {'has' if bf16 else 'lacks'} native bf16" if precision == "auto" else ""
+    return f"{'bf16 autocast' if bf16 else 'fp32'} (--precision {precision}{why})"
 
 
 def cpu_flags() -> set:
@@ -739,7 +695,8 @@ def seed_everything(seed: int) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic, checksummed, with the previous one kept as a fallback; rank 0 writes
+# Checkpoints (atomic, checksummed, the previous one kept as a fallback; rank 0 writes) and resuming: the run
+# folder (one run at a time, resumed by default, never wiped unasked; rank 0 decides), on any number of processes
 
 
 class CheckpointError(ValueError):
@@ -747,8 +704,7 @@ class CheckpointError(ValueError):
 
 
 def state_digest(obj) -> str:
-    """A checksum of every tensor's bytes and every other value's repr, in the state's layout: stored by
-    save_checkpoint, recomputed by load_checkpoint, so flipped bits are caught, not trained on."""
+    """A checksum of the state's layout, tensor bytes and other values (flipped bits are caught, not trained on)."""
     values, layout = torch.utils._pytree.tree_flatten(obj)
     h = hashlib.blake2b(str(layout).encode(), digest_size=16)
     for x in values:
@@ -761,8 +717,7 @@ def state_digest(obj) -> str:
 
 
 def save_checkpoint(path: str, state: dict, keep_previous: bool = False) -> None:
-    """Write `state` and its checksum to a temporary file, then rename it over `path` (a killed run never leaves
-    half a checkpoint); keep_previous: the replaced file becomes `<name>.prev.pt`."""
+    """`state` and its checksum, atomically (a kill leaves no half file); keep_previous: the old one -> .prev.pt."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save({**state, "checksum": state_digest(state)}, tmp)
@@ -773,17 +728,12 @@ def save_checkpoint(path: str, state: dict, keep_previous: bool = False) -> None
         raise OSError(f"could not write the checkpoint {path} ({free:.0f} MB free on its disk): "
                       f"{str(e).splitlines()[0]}") from None
     if keep_previous and os.path.exists(path):
-        os.replace(path, previous_path(path))
+        os.replace(path, os.path.splitext(path)[0] + ".prev.pt")
     os.replace(tmp, path)
 
 
-def previous_path(path: str) -> str:
-    return path[:-3] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
-
-
 def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint safely (swin3d.load_file: weights_only, every tensor within its storage) and verify
-    its checksum; CheckpointError (one line) if it cannot be used, so that load_for_resume falls back."""
+    """A checkpoint loaded safely (swin3d.load_file) and its checksum verified; else a one-line CheckpointError."""
     try:
         ck = swin3d.load_file(path)                     # torn zip, text, a pickle that needs code: one line
         if not isinstance(ck, dict):
@@ -804,7 +754,7 @@ def load_for_resume(path: str, log_fn=print) -> tuple:
     try:
         return load_checkpoint(path), path
     except CheckpointError as e:
-        prev = previous_path(path)
+        prev = os.path.splitext(path)[0] + ".prev.pt"                 # save_checkpoint's keep_previous
         if not os.path.exists(prev):
             raise
         ck = load_checkpoint(prev)
@@ -831,19 +781,10 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-# -----------------------------------------------------------------------------
-# Resuming on another number of processes (a requeued cluster job; module docstring): data.py cuts every
-# global batch from one epoch order and keys every random choice by (seed, epoch, index); a checkpoint records
-# its batch (`batch_record`). What changes: the order in which gradients are summed (float rounding), and the
-# per-process RNG (drop path), reseeded.
-
+# Resuming on another number of processes (a requeued cluster job): data.py cuts every global batch from one
+# epoch order and keys every random choice by (seed, epoch, index); a checkpoint records its batch (`batch_record`).
+# What changes: the order in which gradients are summed (float rounding), and the per-process RNG, reseeded.
 BATCH_FLAGS = {"clips": "--video-batch", "images": "--image-batch"}    # the per-process batch of each unit
-
-
-def stage_batches(cfg) -> dict:
-    """{unit: samples per micro-batch} of a pretraining stage, the unit that sets the accumulation first."""
-    clips, images = {"clips": cfg.video_batch}, {"images": cfg.image_batch}
-    return {"image": images, "video": clips, "joint": {**clips, **images}}[cfg.stage]
 
 
 def batch_record(world: int, accum: int, per_process: dict) -> dict:
@@ -920,51 +861,40 @@ def finished(claim: Claim, stop_at: int, out_dir: str, cfg, rank: int, files=("f
     return True
 
 
-# -----------------------------------------------------------------------------
-# The run folder: one run at a time, resumed by default, never wiped unasked; rank 0 decides
-
 RUN_FILES = ("ckpt.pt", "ckpt.prev.pt", "final.pt", "metrics.jsonl", "config.json", "curves.png", "eval.json")
 
 
-class Claim(NamedTuple):
-    """Rank 0's decisions on a run folder, the same on every rank."""
+@dataclass
+class Claim(contextlib.AbstractContextManager):
+    """Rank 0's decisions on a run folder, the same on every rank; leaving it releases the lock."""
     lock: Optional[data.FileLock]     # rank 0's lock on the folder (None on the other ranks)
     source: Optional[str]             # the checkpoint file resumed from; None: a fresh run
     ck: Optional[dict]
     init: str                         # a fresh run's checkpoint to start from ('' = random weights)
     there: tuple                      # the run files rank 0 found
 
-    def __enter__(self) -> Claim:
-        return self
-
-    def __exit__(self, *exc) -> None:            # the run folder's lock, released however the run ends
+    def __exit__(self, *exc) -> None:            # however the run ends
         if self.lock is not None:
             self.lock.release()
 
 
-def decide_resume(out_dir: str, cfg) -> tuple:
-    """(checkpoint to resume or None, run files there): --resume auto continues ckpt.pt (or .prev.pt),
-    --overwrite starts again, --resume no with a previous run there is an error, never a silent wipe."""
-    there = () if cfg.overwrite else tuple(n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n)))
-    if cfg.resume == "auto":
-        return (os.path.join(out_dir, "ckpt.pt") if {"ckpt.pt", "ckpt.prev.pt"} & set(there) else None), there
-    if cfg.resume != "no":
-        if not os.path.isfile(cfg.resume):
-            raise ValueError(f"--resume {cfg.resume}: no such file")
-        return cfg.resume, there
-    if set(there) & set(RUN_FILES[:4]):
-        raise ValueError(f"{out_dir} holds a previous run ({', '.join(n for n in there if n in RUN_FILES[:4])}); "
-                         f"--resume auto continues it, --overwrite discards it")
-    return None, there
-
-
 def claim_run_dir(out_dir: str, cfg, rt: Runtime, fresh_init=None) -> Claim:
-    """Rank 0 decides (resume from which file, or a fresh run from `fresh_init()`), locks the folder and loads
-    the checkpoint; one broadcast gives every rank the decision, or rank 0's error: all stop at once."""
+    """Rank 0 decides, before anything is written: --resume auto continues ckpt.pt (or .prev.pt), --overwrite
+    starts again, --resume no with a previous run there is an error (never a silent wipe), a fresh run starts
+    from `fresh_init()`. It locks the folder and loads the checkpoint; one broadcast gives every rank the
+    decision, or rank 0's error: all stop at once."""
     lock, error, decision = None, None, [None, None, "", ()]
     if rt.rank == 0:
         try:
-            source, there = decide_resume(out_dir, cfg)                 # before anything is written
+            there = () if cfg.overwrite else tuple(n for n in RUN_FILES if os.path.exists(os.path.join(out_dir, n)))
+            previous = [n for n in there if n in RUN_FILES[:4]]
+            if cfg.resume == "no" and previous:
+                raise ValueError(f"{out_dir} holds a previous run ({', '.join(previous)}); --resume auto continues it, "
+                                 f"--overwrite discards it")
+            if cfg.resume not in ("auto", "no") and not os.path.isfile(cfg.resume):
+                raise ValueError(f"--resume {cfg.resume}: no such file")
+            auto = os.path.join(out_dir, "ckpt.pt") if {"ckpt.pt", "ckpt.prev.pt"} & set(there) else None
+            source = {"auto": auto, "no": None}.get(cfg.resume, cfg.resume)
             init = fresh_init() if source is None and fresh_init else ""
             if init and not os.path.isfile(init):
                 raise ValueError(f"--init {init}: no such file")
@@ -985,10 +915,8 @@ def claim_run_dir(out_dir: str, cfg, rt: Runtime, fresh_init=None) -> Claim:
                 lock.release()
     if rt.ddp:
         dist.broadcast_object_list(decision, src=0)
-    if error is not None:
-        raise error
-    if decision[0] is not None:
-        raise ValueError("rank 0 stopped with an error before training (its message is on rank 0's stderr)")
+    if decision[0] is not None:          # rank 0's own error there, a pointer to it elsewhere
+        raise error or ValueError("rank 0 stopped with an error before training (its message is on rank 0's stderr)")
     _, source, init, there = decision
     if rt.rank != 0:
         ck = load_checkpoint(source) if source else None
@@ -1012,15 +940,12 @@ def run_record(cfg, rt: Runtime, files: dict, **resolved) -> dict:
 
 
 def start_log(out_dir: str, record: dict, resumed_step: Optional[int]) -> None:
-    """Rank 0: write config.json (run_record) and start metrics.jsonl. A resumed run keeps the training rows up
-    to its checkpoint's step (a killed run's later steps are redone); a fresh one starts empty."""
+    """Rank 0: config.json, and metrics.jsonl's rows up to a resumed checkpoint's step (later ones are redone)."""
     write_atomic(os.path.join(out_dir, "config.json"), json.dumps(record, indent=1))
     path = os.path.join(out_dir, "metrics.jsonl")
-    kept = []
-    if resumed_step is not None and os.path.exists(path):
-        kept = [json.dumps(r) + "\n" for r in read_metrics(path)
-                if r["step"] <= resumed_step and "eval" not in r and "baselines" not in r]
-    write_atomic(path, "".join(kept))
+    rows = read_metrics(path) if resumed_step is not None and os.path.exists(path) else []
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows
+                               if r["step"] <= resumed_step and "eval" not in r and "baselines" not in r))
 
 
 def read_metrics(path: str) -> list:
@@ -1072,8 +997,8 @@ class StepLog:
 
 
 def count_targets(hist: dict, inputs: dict, vocab: int) -> None:
-    """Histogram of the masked target codes per stream, for the majority-code baseline (a fairer "chance" than
-    1/vocab); on the device, weighted by the mask (no boolean indexing, no read-back)."""
+    """Histogram of the masked target codes per stream (the majority-code baseline: a fairer chance than 1/vocab);
+    weighted by the mask on the device (no boolean indexing, no read-back)."""
     for name, codes, mask in (("mvm", inputs.get("video_codes"), inputs.get("video_masks")),
                               ("mim", inputs.get("image_codes"), inputs.get("image_masks"))):
         if codes is None:
