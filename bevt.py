@@ -208,8 +208,8 @@ class BEVT(nn.Module):
 # =============================================================================
 # Machinery: what running the method needs (not the method itself).
 
-# Released key (after `module.`/`backbone.`/`cls_head.` handling) -> our module.
-_RELEASED_PREFIXES = (
+# Checkpoint prefix -> ours (swin3d.rename_keys: the first that matches): our own layout, then the released one.
+_PREFIXES = tuple((p, p) for p in ("encoder.", "video_decoder.", "image_decoder.", "head.")) + (
     ("backbone.fpn_s.", "video_decoder.fpn_s."),
     ("backbone.lm_down_st.", "video_decoder.lm_down_st."),
     ("backbone.fpn_t.", "video_decoder.fpn_t."),
@@ -221,29 +221,10 @@ _RELEASED_PREFIXES = (
 
 
 def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadReport:
-    """Load a released BEVT checkpoint (path or dict: swin3d.read_state_dict) in the released layout or ours,
-    and report exactly what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's
-    (`cls_head.fc_cls.*`) tensors. Relative index buffers are re-derived, never taken from the file."""
+    """Load a BEVT checkpoint (path or dict) in the released layout or ours (swin3d.load_renamed), reporting exactly
+    what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's (`cls_head.fc_cls.*`)."""
     flat, _ = swin3d.read_state_dict(checkpoint)
-    swin3d.check_converted({k: v for k, (_, v) in flat.items()})
-    ours = self.state_dict()
-    mapped, unused, rederived, source = {}, [], [], {}
-    for k, (key, value) in flat.items():
-        if k not in ours:
-            k = next((new + k[len(old):] for old, new in _RELEASED_PREFIXES if k.startswith(old)), k)
-        if k in source:                   # `encoder.X` and `backbone.X`: which one?
-            raise ValueError(f"checkpoint holds {k!r} twice, as {source[k]!r} and {key!r}; refusing to guess")
-        source[k] = key
-        if k.endswith("relative_position_index") and k in ours:
-            rederived.append(key)         # consumed, but re-derived rather than loaded
-        elif k not in ours:
-            unused.append(key)
-        else:
-            swin3d.check_shape(key, value, ours[k])
-            mapped[k] = value
-    result = self.load_state_dict(mapped, strict=False)
-    missing = sorted(result.missing_keys)
-    if strict and (missing or unused):
-        raise ValueError(f"checkpoint does not match: missing {missing}, unused {unused}")
-    return swin3d.LoadReport("BEVT pretraining (released or train.py layout)", sorted(mapped), missing,
-                             sorted(unused), sorted(rederived))
+    report = swin3d.load_renamed(self, flat, _PREFIXES, "BEVT pretraining (released or train.py layout)")
+    if strict and (report.missing or report.unused):
+        raise ValueError(f"checkpoint does not match: missing {report.missing}, unused {report.unused}")
+    return report

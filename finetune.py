@@ -694,20 +694,21 @@ def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Opti
 # Loading any pretrained encoder (paper §4.1-4.2; the released checkpoint layout)
 
 
-def _detect(sd: dict, outer: dict) -> tuple[str, str, Optional[str]]:
-    """(kind, encoder prefix, classifier-head prefix or None) from the key layout."""
+def _detect(sd: dict, outer: dict) -> tuple[str, tuple]:
+    """(kind, (checkpoint prefix, ours) pairs for swin3d.rename_keys) from the key layout."""
     keys = list(sd)
     config = outer.get("config") if isinstance(outer.get("config"), dict) else {}
     if any(k.startswith(("video_decoder.", "image_decoder.")) for k in keys) or "stage" in config:
-        return "train.py BEVT pretraining", "encoder.", None     # its `head.` is the 8192-code token head
+        return "train.py BEVT pretraining", (("encoder.", "encoder."),)    # its `head.` is the 8192-code token head
     if any(k.startswith("backbone.") for k in keys):
         if any(k.startswith("cls_head.fc_cls.") for k in keys):
-            return "released classification (Video Swin / BEVT finetuned)", "backbone.", "cls_head.fc_cls."
-        return "released BEVT pretraining", "backbone.", None
+            return ("released classification (Video Swin / BEVT finetuned)",
+                    (("backbone.", "encoder."), ("cls_head.fc_cls.", "head.")))
+        return "released BEVT pretraining", (("backbone.", "encoder."),)
     if any(k.startswith("encoder.") for k in keys):
-        return "finetune.py classifier", "encoder.", "head."
+        return "finetune.py classifier", (("encoder.", "encoder."), ("head.", "head."))
     if "patch_embed.proj.weight" in sd:
-        return "bare Swin encoder", "", None                   # encoder keys without a prefix
+        return "bare Swin encoder", (("head.", None), ("", "encoder."))   # encoder keys without a prefix
     raise ValueError("checkpoint layout not recognised: no encoder keys (expected backbone.*, encoder.* "
                      "or patch_embed.proj.weight)")
 
@@ -730,75 +731,31 @@ def _check_encoder_shape(enc: dict, config: swin3d.SwinConfig, model_name: str) 
                          f"--model {model_name} has embed_dim={want[0]}, depths={want[1]}, heads={want[2]}")
 
 
-def _split_keys(sd: dict, enc_prefix: str, head_prefix: Optional[str]) -> tuple[dict, dict, list, list]:
-    """A checkpoint's keys sorted out: (encoder {name: (original key, tensor)}, classifier head
-    {name: (original key, tensor)}, unused original keys, re-derived original keys)."""
-    enc, head, unused, rederived = {}, {}, [], []
-    for k, (orig, v) in sd.items():
-        if head_prefix and k.startswith(head_prefix):
-            head[k[len(head_prefix):]] = (orig, v)
-        elif k.startswith(enc_prefix) and not (enc_prefix == "" and k.startswith("head.")):
-            name = k[len(enc_prefix):]
-            if name.endswith(("relative_position_index", "attn_mask")):
-                rederived.append(orig)                      # relative index: re-derived, never trusted
-            elif name.startswith("patch_embed_2d.") or name == "mask_token":
-                unused.append(orig)                         # pretraining-only parts (paper §4.1-4.2)
-            else:
-                enc[name] = (orig, v)
-        else:
-            unused.append(orig)                             # decoders, token head, tokenizer, 2D head, ...
-    return enc, head, unused, rederived
-
-
-def _fit_window(tensors: dict, cfg: swin3d.SwinConfig) -> tuple[dict, Optional[tuple]]:
-    """The encoder tensors on the model's window, and (old, new) window if resized: tables of another temporal
-    window are trilinearly resized (swin3d.resize_relative_tables, paper §4.1-4.2)."""
-    table_rows = {v.shape[0] for k, v in tensors.items() if k.endswith("relative_position_bias_table")}
-    want_rows = math.prod(2 * w - 1 for w in cfg.window_size)
-    if not table_rows or table_rows == {want_rows}:
-        return tensors, None
+def _checkpoint_window(enc: dict, cfg: swin3d.SwinConfig) -> Optional[tuple]:
+    """(checkpoint window, model window) when the tables are of another temporal window, to be trilinearly
+    resized (swin3d.resize_relative_tables, paper §4.1-4.2); None when they fit."""
+    table_rows = {v.shape[0] for k, v in enc.items() if k.endswith("relative_position_bias_table")}
+    if not table_rows or table_rows == {math.prod(2 * w - 1 for w in cfg.window_size)}:
+        return None
     # The checkpoint's temporal window, from the table size and the (unchanged) spatial window.
     rows = table_rows.pop()
     spatial = (2 * cfg.window_size[1] - 1) * (2 * cfg.window_size[2] - 1)
     if table_rows or rows % spatial or ((rows // spatial) + 1) % 2:
         raise ValueError(f"relative_position_bias_table of {rows} rows fits no window (Wt, "
                          f"{cfg.window_size[1]}, {cfg.window_size[2]}); the model's window is {cfg.window_size}")
-    old = (((rows // spatial) + 1) // 2, *cfg.window_size[1:])
-    return swin3d.resize_relative_tables(tensors, old, cfg.window_size), (old, tuple(cfg.window_size))
+    return (((rows // spatial) + 1) // 2, *cfg.window_size[1:]), tuple(cfg.window_size)
 
 
 def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -> swin3d.LoadReport:
-    """Load the encoder (and a classifier head of the right size) from any supported checkpoint.
-
-    Returns a LoadReport; raises a one-line ValueError on an encoder of another
-    size or a tensor of the wrong shape. The window is adapted to the model's (_fit_window).
-    """
-    sd, outer = swin3d.read_state_dict(checkpoint)
-    swin3d.check_converted({k: v for k, (_, v) in sd.items()})   # torchvision's or a 2D Swin: convert first
-    kind, enc_prefix, head_prefix = _detect(sd, outer)
-    enc, head, unused, rederived = _split_keys(sd, enc_prefix, head_prefix)
-    tensors = {k: v for k, (_, v) in enc.items()}
-    _check_encoder_shape(tensors, model.encoder.config, model_name)
-    tensors, window = _fit_window(tensors, model.encoder.config)
-    ours = model.state_dict()
-    mapped = {}
-    for k, v in tensors.items():
-        key, orig = "encoder." + k, enc[k][0]
-        if key not in ours:
-            unused.append(orig)
-            continue
-        swin3d.check_shape(orig, v, ours[key])
-        mapped[key] = v
-    for k, (orig, v) in head.items():
-        key = "head." + k
-        if key in ours and tuple(v.shape) == tuple(ours[key].shape):
-            mapped[key] = v
-        else:
-            unused.append(orig)                             # e.g. a K400 head (400 classes) for SSv2
-    result = model.load_state_dict(mapped, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    return swin3d.LoadReport(kind, sorted(mapped), sorted(result.missing_keys), sorted(unused),
-                             sorted(rederived), window)
+    """Load the encoder (and a classifier head of the right size) from any supported checkpoint, on the model's
+    window. An encoder of another size or a tensor of another shape: a one-line ValueError."""
+    flat, outer = swin3d.read_state_dict(checkpoint)
+    kind, prefixes = _detect(flat, outer)
+    named = swin3d.rename_keys(flat, prefixes)[0]
+    enc = {k.removeprefix("encoder."): v for k, (_, v) in named.items() if k.startswith("encoder.")}
+    _check_encoder_shape(enc, model.encoder.config, model_name)
+    window = _checkpoint_window(enc, model.encoder.config)
+    return swin3d.load_renamed(model, flat, prefixes, kind, window, soft=("head.",))   # e.g. a K400 head for SSv2
 
 
 if __name__ == "__main__":

@@ -741,7 +741,8 @@ def unwrap_key(key: str) -> str:
 
 def read_state_dict(checkpoint) -> tuple[dict, dict]:
     """(flat, outer) of a path or dict: flat = {key without `module.`/`_orig_mod.`: (original key, tensor)}
-    of its `state_dict`, `model` or the bare dict; outer = the outer dict (or {})."""
+    of its `state_dict`, `model` or the bare dict; outer = the outer dict (or {}). What
+    tools/convert_checkpoint.py converts first is refused here (check_converted)."""
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         checkpoint = load_file(checkpoint)
     outer = checkpoint if isinstance(checkpoint, dict) else {}
@@ -752,6 +753,7 @@ def read_state_dict(checkpoint) -> tuple[dict, dict]:
         if k in flat:                                     # `encoder.X` and `module.encoder.X`: refuse to guess
             raise ValueError(f"checkpoint holds {k!r} twice, as {flat[k][0]!r} and {key!r}; refusing to guess")
         flat[k] = (key, value)
+    check_converted({k: v for k, (_, v) in flat.items()})
     return flat, outer
 
 
@@ -766,10 +768,49 @@ def check_converted(state_dict: dict) -> None:
                          "`python tools/convert_checkpoint.py inflate IN OUT --model NAME`")
 
 
-def check_shape(name: str, value: torch.Tensor, expected: torch.Tensor) -> None:
-    """One-line error when a checkpoint tensor does not fit the model's."""
-    if tuple(value.shape) != tuple(expected.shape):
-        raise ValueError(f"checkpoint key {name!r} has shape {tuple(value.shape)}, the model {tuple(expected.shape)}")
+def rename_keys(flat: dict, prefixes: Sequence[tuple]) -> tuple[dict, list]:
+    """read_state_dict's `flat` under our names: ({our key: (original key, tensor)}, original keys left out). A key
+    takes the first (theirs, ours) prefix pair it starts with (ours None, or no pair: left out)."""
+    named, left = {}, []
+    for name, (key, value) in flat.items():
+        old, new = next(((o, n) for o, n in prefixes if name.startswith(o)), ("", None))
+        if new is None:
+            left.append(key)
+            continue
+        k = new + name[len(old):]
+        if k in named:                                    # `encoder.X` and the released `backbone.X`: which one?
+            raise ValueError(f"checkpoint holds {k!r} twice, as {named[k][0]!r} and {key!r}; refusing to guess")
+        named[k] = (key, value)
+    return named, left
+
+
+def load_renamed(model: nn.Module, flat: dict, prefixes: Sequence[tuple], kind: str, window: Optional[tuple] = None,
+                 soft: tuple = ()) -> LoadReport:
+    """Load `flat` (read_state_dict) into `model` under rename_keys(prefixes) and report exactly what was not used.
+
+    Index and mask buffers are re-derived, never taken from the file; tables are resized from window[0] to
+    window[1] if given. A tensor of another shape is a one-line error, or unused under a `soft` prefix (a
+    classifier head of another class count).
+    """
+    named, unused = rename_keys(flat, prefixes)
+    ours, tensors, rederived = model.state_dict(), {}, []
+    for k, (key, value) in named.items():
+        if k.endswith(("relative_position_index", "attn_mask")):
+            rederived.append(key)
+        elif k in ours:
+            tensors[k] = value
+        else:
+            unused.append(key)
+    if window:
+        tensors = resize_relative_tables(tensors, *window)
+    for k in [k for k, v in tensors.items() if v.shape != ours[k].shape]:
+        if not k.startswith(soft):
+            raise ValueError(f"checkpoint key {named[k][0]!r} has shape {tuple(tensors[k].shape)}, the model "
+                             f"{tuple(ours[k].shape)}")
+        unused.append(named[k][0])
+        del tensors[k]
+    missing = model.load_state_dict(tensors, strict=False).missing_keys
+    return LoadReport(kind, sorted(tensors), sorted(missing), sorted(unused), sorted(rederived), window)
 
 
 def resize_relative_tables(state_dict: dict, old_window: Sequence[int], new_window: Sequence[int]) -> dict:
