@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -317,11 +318,10 @@ def finetune_param_groups(model: VideoClassifier, weight_decay: float, layer_dec
         if not p.requires_grad:
             continue
         wd = 0.0 if id(p) in no_decay else weight_decay
-        key = (scales[name], wd)
-        if key not in groups:
-            groups[key] = {"params": [], "names": [], "weight_decay": wd, "lr_scale": scales[name]}
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
+        g = groups.setdefault((scales[name], wd), {"params": [], "names": [], "weight_decay": wd,
+                                                   "lr_scale": scales[name]})
+        g["params"].append(p)
+        g["names"].append(name)
     return sorted(groups.values(), key=lambda g: (-g["lr_scale"], g["weight_decay"]))
 
 
@@ -393,14 +393,13 @@ def resolve_tasks(cfg: FinetuneConfig) -> list:
     return tasks
 
 
-def check_classes(ann: str, root: str, num_classes: int, train: bool) -> list:
+def check_classes(ann: str, root: str, num_classes: int, train: bool) -> None:
     """One-line error when the annotation list's labels do not fit the class count."""
     labels = [l for _, l in data.read_annotations(ann, root)]
     lo, hi = min(labels), max(labels)
     if lo < 0 or hi >= num_classes or (train and hi + 1 != num_classes):
         raise ValueError(f"class count mismatch: {ann} has labels {lo}..{hi} ({hi + 1} classes) but the model "
                          f"has {num_classes} classes (--num-classes / the recipe)")
-    return labels
 
 
 def data_config(cfg: FinetuneConfig) -> data.FinetuneDataConfig:
@@ -427,9 +426,9 @@ def train_step(model, batches: list, rt: Runtime, clip_grad: float, smoothing: f
 
 
 def train(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, model: nn.Module, ema: Optional[AveragedModel],
-          rt: Runtime, out_dir: str, claim: Claim) -> Optional[int]:
-    """Finetune one label set in train.py's loop (train.train_loop); `model` is `raw` compiled and DDP-wrapped,
-    or `raw`. Returns the last step, None for a finished run."""
+          rt: Runtime, out_dir: str, claim: Claim, init: str) -> Optional[int]:
+    """Finetune one label set from `init` in train.py's loop (train.train_loop); `model` is `raw` compiled and
+    DDP-wrapped, or `raw`. Returns the last step, None for a finished run."""
     b = plan_batch(cfg, {"clips": cfg.batch_size}, cfg.global_batch, {"clips": "--batch-size"}, rt.world, claim)
     dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
     loader = data.build_finetune_loader("train", dcfg, ann=task.train_list, root=task.root, rank=rt.rank,
@@ -441,7 +440,6 @@ def train(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, model: nn.Modul
         return None
     say_plan(rt, cfg, b, "--global-batch", steps_per_epoch, total, warmup)
     opt = build_optimizer(cfg, raw, b.lr, rt)
-    init = init_path(cfg)
     step, stream, record = begin(claim, b, raw, opt, cfg, rt, out_dir, loader, stop_at,
                                  {"init": init} if init != "scratch" else {}, ema=ema)
     model.train()
@@ -470,9 +468,8 @@ def build_optimizer(cfg: FinetuneConfig, raw: VideoClassifier, lr: float, rt: Ru
 
 
 def temporal_probe(video: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Table 2 on a batch (B, [V,] 3, T, H, W): per sample, 'single-frame' repeats one random frame
-    T times, 'shuffle' permutes the frames randomly (data.single_frame / data.shuffle_frames); the
-    views of one sample share the draw. 'normal' returns the input."""
+    """Table 2 on a batch (B, [V,] 3, T, H, W): per sample, 'single-frame' repeats one random frame T times,
+    'shuffle' permutes the frames (data.single_frame / data.shuffle_frames); a sample's views share the draw."""
     if mode == "normal":
         return video
     fn = {"single-frame": data.single_frame, "shuffle": data.shuffle_frames}[mode]
@@ -489,8 +486,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classe
     """top-1, top-5 (top-k with k = min(5, classes)), mean class accuracy (over the classes present),
     and the confusion matrix (rows = true class, columns = prediction)."""
     pred = probs.argmax(-1)
-    k = min(5, num_classes)
-    topk = probs.topk(k, dim=-1).indices
+    topk = probs.topk(min(5, num_classes), dim=-1).indices
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
     present = conf.sum(1) > 0
@@ -587,12 +583,10 @@ def main(argv=None) -> dict:
 
 def run(cfg: FinetuneConfig) -> dict:
     tasks = resolve_tasks(cfg)
-    init_path(cfg)                                             # a missing --init: an error before anything runs
-    if not cfg.eval_only:
-        check_batch(cfg, tasks)
+    init = init_path(cfg)                                      # a missing --init: an error before anything runs
     rt = setup_distributed(cfg.dist_timeout, cfg.precision)
     t0 = time.time()
-    results = {t.name: run_task(cfg, t, rt) for t in tasks}
+    results = {t.name: run_task(cfg, t, rt, init) for t in tasks}
     if rt.rank == 0:
         for which in ("model", "ema"):
             if all(which in r for r in results.values()):
@@ -605,8 +599,8 @@ def run(cfg: FinetuneConfig) -> dict:
     return results
 
 
-def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime) -> dict:
-    """Finetune (unless --eval-only) and evaluate one label set; returns {'model': metrics, 'ema': metrics}."""
+def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime, init: str) -> dict:
+    """Finetune `init` (unless --eval-only) and evaluate it on one label set; returns {'model': metrics, 'ema': ...}."""
     seed_everything(cfg.seed + rt.rank)                           # seed = base + rank
     out_dir = os.path.join(cfg.out, task.name)
     with claim_run_dir(out_dir, cfg, rt) as claim:
@@ -614,35 +608,32 @@ def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime) -> dict:
         check_classes(task.val_list, task.root, task.num_classes, train=False)
         if not cfg.eval_only:
             check_classes(task.train_list, task.root, task.num_classes, train=True)
-        raw, model, ema = prepare_model(cfg, task.num_classes, rt)
+        raw, model, ema = prepare_model(cfg, task.num_classes, rt, init)
         log(rt.rank, f"task {task.name}: {task.num_classes} classes; model {cfg.model} window {tuple(cfg.window)}: "
                      f"{swin3d.param_count(raw) / 1e6:.2f}M parameters; device {rt.device}, "
                      f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
         dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
         val_loader = data.build_finetune_loader(cfg.eval_split, dcfg, ann=task.val_list, root=task.root,
                                                 rank=rt.rank, world_size=rt.world, verbose=False)
-        step = train(cfg, task, raw, model, ema, rt, out_dir, claim) if not cfg.eval_only else 0
+        step = train(cfg, task, raw, model, ema, rt, out_dir, claim, init) if not cfg.eval_only else 0
         if step is None:                                       # a finished run, rerun: its results as on file
             with open(os.path.join(out_dir, "eval.json")) as f:
                 return json.load(f)["results"]
         # The model and, alongside, its EMA.
-        results = {"model": evaluate(model, val_loader, modes, cfg.seed + 1, rt, task.num_classes)}
-        if ema is not None:
-            results["ema"] = evaluate(ema.module, val_loader, modes, cfg.seed + 1, rt, task.num_classes)
+        nets = {"model": model, **({"ema": ema.module} if ema is not None else {})}
+        results = {w: evaluate(m, val_loader, modes, cfg.seed + 1, rt, task.num_classes) for w, m in nets.items()}
         if rt.rank == 0:
             report(cfg, task, results, out_dir, step)
         return results
 
 
-def prepare_model(cfg: FinetuneConfig, num_classes: int, rt: Runtime) -> tuple:
-    """(classifier, the module trained: compiled and DDP-wrapped as asked, its EMA or None). The EMA copy is
-    made after DDP's start-up broadcast of rank 0's weights, so that it starts equal on every rank."""
+def prepare_model(cfg: FinetuneConfig, num_classes: int, rt: Runtime, init: Optional[str] = None) -> tuple:
+    """(classifier loaded from `init` (default init_path), the module trained: compiled and DDP-wrapped as asked, its
+    EMA or None). The EMA copy is made after DDP's start-up broadcast of rank 0's weights: equal on every rank."""
     raw = build_model(cfg, num_classes)
-    init = init_path(cfg)
-    if init != "scratch":
-        log(rt.rank, load_pretrained(raw, init, cfg.model).describe(init))
-    else:
-        log(rt.rank, "init: scratch (random weights)")
+    init = init_path(cfg) if init is None else init
+    log(rt.rank, load_pretrained(raw, init, cfg.model).describe(init) if init != "scratch"
+        else "init: scratch (random weights)")
     raw.to(rt.device)
     model = torch.compile(raw, dynamic=False) if cfg.compile else raw     # compile after .to, before DDP
     if rt.ddp:
@@ -668,20 +659,7 @@ def init_path(cfg: FinetuneConfig) -> str:
     return init
 
 
-def check_batch(cfg: FinetuneConfig, tasks: list) -> None:
-    """A training list too short for one global batch: an error before anything is built."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    batch = cfg.batch_size * world * (cfg.accum_steps or max(1, cfg.global_batch // (cfg.batch_size * world)))
-    for t in tasks:
-        with open(t.train_list) as f:
-            n = sum(1 for line in f if line.strip())
-        if n < batch:
-            raise ValueError(f"{t.train_list}: {n} videos give no global batch of {batch} clips (--global-batch "
-                             f"{cfg.global_batch}, --batch-size {cfg.batch_size}, {world} process(es))")
-
-
-def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Optional[AveragedModel],
-               step: int) -> None:
+def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Optional[AveragedModel], step: int) -> None:
     """final.pt (and final_ema.pt): the weights with the config and class names tools/predict.py reads."""
     final = {"model": raw.state_dict(), "step": step, "config": record,
              "num_classes": task.num_classes, "classes": task.classes}
@@ -696,16 +674,15 @@ def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Opti
 
 def _detect(sd: dict, outer: dict) -> tuple[str, tuple]:
     """(kind, (checkpoint prefix, ours) pairs for swin3d.rename_keys) from the key layout."""
-    keys = list(sd)
     config = outer.get("config") if isinstance(outer.get("config"), dict) else {}
-    if any(k.startswith(("video_decoder.", "image_decoder.")) for k in keys) or "stage" in config:
+    if any(k.startswith(("video_decoder.", "image_decoder.")) for k in sd) or "stage" in config:
         return "train.py BEVT pretraining", (("encoder.", "encoder."),)    # its `head.` is the 8192-code token head
-    if any(k.startswith("backbone.") for k in keys):
-        if any(k.startswith("cls_head.fc_cls.") for k in keys):
+    if any(k.startswith("backbone.") for k in sd):
+        if any(k.startswith("cls_head.fc_cls.") for k in sd):
             return ("released classification (Video Swin / BEVT finetuned)",
                     (("backbone.", "encoder."), ("cls_head.fc_cls.", "head.")))
         return "released BEVT pretraining", (("backbone.", "encoder."),)
-    if any(k.startswith("encoder.") for k in keys):
+    if any(k.startswith("encoder.") for k in sd):
         return "finetune.py classifier", (("encoder.", "encoder."), ("head.", "head."))
     if "patch_embed.proj.weight" in sd:
         return "bare Swin encoder", (("head.", None), ("", "encoder."))   # encoder keys without a prefix
@@ -716,17 +693,13 @@ def _detect(sd: dict, outer: dict) -> tuple[str, tuple]:
 def _check_encoder_shape(enc: dict, config: swin3d.SwinConfig, model_name: str) -> None:
     """One-line error when the checkpoint's encoder is another Swin size than the chosen preset."""
     w = enc.get("patch_embed.proj.weight")
-    depths = []
-    for i in range(len(config.depths) + 4):
-        n = len({k.split(".")[3] for k in enc if k.startswith(f"layers.{i}.blocks.")})
-        if n == 0:
-            break
-        depths.append(n)
-    heads = [enc[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in range(len(depths))
-             if f"layers.{i}.blocks.0.attn.relative_position_bias_table" in enc]
-    got = (None if w is None else w.shape[0], tuple(depths), tuple(heads))
+    blocks = (len({k.split(".")[3] for k in enc if k.startswith(f"layers.{i}.blocks.")}) for i in itertools.count())
+    depths = tuple(itertools.takewhile(bool, blocks))                  # blocks per stage, up to the first empty one
+    heads = tuple(enc[t].shape[1] for i in range(len(depths))
+                  if (t := f"layers.{i}.blocks.0.attn.relative_position_bias_table") in enc)
+    got = (None if w is None else w.shape[0], depths, heads)
     want = (config.embed_dim, tuple(config.depths), tuple(config.num_heads))
-    if got[0] != want[0] or got[1] != want[1] or (heads and got[2] != want[2]):
+    if got[:2] != want[:2] or (heads and heads != want[2]):
         raise ValueError(f"checkpoint encoder has embed_dim={got[0]}, depths={got[1]}, heads={got[2]} but "
                          f"--model {model_name} has embed_dim={want[0]}, depths={want[1]}, heads={want[2]}")
 
