@@ -172,9 +172,8 @@ class BEVT(nn.Module):
     def set_stage(self, stage: str) -> None:
         """BEVT-I trains the image stream only, BEVT-V the video stream only, BEVT both (§4.1).
 
-        The other stream's own parts (its patch embedding and decoder) get
-        requires_grad=False, so every trainable parameter receives a gradient in
-        every step and DDP runs with find_unused_parameters=False.
+        The other stream's own parts (its patch embedding and decoder) get requires_grad=False, so every
+        trainable parameter receives a gradient in every step and DDP runs with find_unused_parameters=False.
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -188,43 +187,27 @@ class BEVT(nn.Module):
                 p.requires_grad_(False)
 
     def compile_streams(self, **kwargs) -> None:
-        """torch.compile the encoder and both decoders in place (state-dict keys unchanged).
-
-        The masked gather, head and loss stay eager: boolean-mask indexing has a
-        data-dependent size, which would break a whole-model graph at that point
-        anyway, and they are a small part of the step.
-        """
+        """torch.compile the encoder and both decoders in place (state-dict keys unchanged). The masked gather, head
+        and loss stay eager: their size depends on the data (a graph break anyway), and they are a small part."""
         for m in (self.encoder, self.video_decoder, self.image_decoder):
             m.compile(**kwargs)
 
     def no_weight_decay(self) -> set:
         return {"encoder." + n for n in self.encoder.no_weight_decay()}
 
-    def load_released(self, checkpoint, strict: bool = False) -> swin3d.LoadReport:
-        """Load a released BEVT checkpoint (path or dict) and report what was not used (machinery, below)."""
-        return load_released(self, checkpoint, strict)
+    def load_released(self, checkpoint) -> swin3d.LoadReport:
+        """Load a BEVT checkpoint (path or dict) in the released layout (_PREFIXES, below) or ours, and report exactly
+        what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's (`cls_head.fc_cls.*`)."""
+        flat, _ = swin3d.read_state_dict(checkpoint)
+        return swin3d.load_renamed(self, flat, _PREFIXES, "BEVT pretraining (released or train.py layout)")
 
 
 # =============================================================================
 # Machinery: what running the method needs (not the method itself).
 
-# Checkpoint prefix -> ours (swin3d.rename_keys: the first that matches): our own layout, then the released one.
-_PREFIXES = tuple((p, p) for p in ("encoder.", "video_decoder.", "image_decoder.", "head.")) + (
-    ("backbone.fpn_s.", "video_decoder.fpn_s."),
-    ("backbone.lm_down_st.", "video_decoder.lm_down_st."),
-    ("backbone.fpn_t.", "video_decoder.fpn_t."),
-    ("backbone.fpn.", "image_decoder.fpn."),
-    ("backbone.lm_down.", "image_decoder.lm_down."),
-    ("cls_head.lm_head.", "head."),
-    ("backbone.", "encoder."),
-)
-
-
-def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadReport:
-    """Load a BEVT checkpoint (path or dict) in the released layout or ours (swin3d.load_renamed), reporting exactly
-    what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's (`cls_head.fc_cls.*`)."""
-    flat, _ = swin3d.read_state_dict(checkpoint)
-    report = swin3d.load_renamed(self, flat, _PREFIXES, "BEVT pretraining (released or train.py layout)")
-    if strict and (report.missing or report.unused):
-        raise ValueError(f"checkpoint does not match: missing {report.missing}, unused {report.unused}")
-    return report
+# Checkpoint prefix -> ours (swin3d.load_renamed: the first that matches): our own layout, then the released one.
+_PREFIXES = (("encoder.", "encoder."), ("video_decoder.", "video_decoder."), ("image_decoder.", "image_decoder."),
+             ("head.", "head."), ("backbone.fpn_s.", "video_decoder.fpn_s."),
+             ("backbone.lm_down_st.", "video_decoder.lm_down_st."), ("backbone.fpn_t.", "video_decoder.fpn_t."),
+             ("backbone.fpn.", "image_decoder.fpn."), ("backbone.lm_down.", "image_decoder.lm_down."),
+             ("cls_head.lm_head.", "head."), ("backbone.", "encoder."))

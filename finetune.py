@@ -673,7 +673,7 @@ def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Opti
 
 
 def _detect(sd: dict, outer: dict) -> tuple[str, tuple]:
-    """(kind, (checkpoint prefix, ours) pairs for swin3d.rename_keys) from the key layout."""
+    """(kind, (checkpoint prefix, ours) pairs for swin3d.load_renamed) from the key layout."""
     config = outer.get("config") if isinstance(outer.get("config"), dict) else {}
     if any(k.startswith(("video_decoder.", "image_decoder.")) for k in sd) or "stage" in config:
         return "train.py BEVT pretraining", (("encoder.", "encoder."),)    # its `head.` is the 8192-code token head
@@ -724,8 +724,8 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
     window. An encoder of another size or a tensor of another shape: a one-line ValueError."""
     flat, outer = swin3d.read_state_dict(checkpoint)
     kind, prefixes = _detect(flat, outer)
-    named = swin3d.rename_keys(flat, prefixes)[0]
-    enc = {k.removeprefix("encoder."): v for k, (_, v) in named.items() if k.startswith("encoder.")}
+    old = next(o for o, new in prefixes if new == "encoder.")
+    enc = {k[len(old):]: v for k, (_, v) in flat.items() if k.startswith(old) and not k.startswith("head.")}
     _check_encoder_shape(enc, model.encoder.config, model_name)
     window = _checkpoint_window(enc, model.encoder.config)
     return swin3d.load_renamed(model, flat, prefixes, kind, window, soft=("head.",))   # e.g. a K400 head for SSv2

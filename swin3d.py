@@ -697,11 +697,10 @@ class LoadReport(NamedTuple):
     def describe(self, path) -> str:
         """A few lines for the log, the unused keys grouped by module."""
         more = " ..." if len(self.missing) > 6 else ""
-        groups = collections.Counter(".".join(k.split(".")[:2]) for k in self.unused)
+        groups = sorted(collections.Counter(".".join(k.split(".")[:2]) for k in self.unused).items())
         lines = [f"init from {path}: {self.kind}; {len(self.loaded)} tensors loaded",
                  f"  missing ({len(self.missing)}, trained from scratch): {self.missing[:6]}{more}",
-                 f"  unused ({len(self.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in sorted(groups.items()))
-                                                     or "none")]
+                 f"  unused ({len(self.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in groups) or "none")]
         if self.window:
             lines.insert(1, f"  window {self.window[0]} -> {self.window[1]}: relative tables trilinearly resized")
         if self.rederived:
@@ -710,8 +709,7 @@ class LoadReport(NamedTuple):
 
 
 def load_file(path) -> object:
-    """torch.load(weights_only=True) on CPU, else (text, a torn zip, a pickle needing classes) a one-line
-    ValueError. Every checkpoint reader goes through here, so it also refuses a tensor beyond its storage or
+    """torch.load(weights_only=True) on CPU, else a one-line ValueError; also for a tensor beyond its storage or
     reusing elements (stride 0): weights_only accepts a 1.7 KB file declaring gigabytes (then allocated)."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path}: no such file")
@@ -740,9 +738,8 @@ def unwrap_key(key: str) -> str:
 
 
 def read_state_dict(checkpoint) -> tuple[dict, dict]:
-    """(flat, outer) of a path or dict: flat = {key without `module.`/`_orig_mod.`: (original key, tensor)}
-    of its `state_dict`, `model` or the bare dict; outer = the outer dict (or {}). What
-    tools/convert_checkpoint.py converts first is refused here (check_converted)."""
+    """(flat, outer) of a path or dict: flat = {key without `module.`/`_orig_mod.`: (original key, tensor)} of its
+    `state_dict`, `model` or the bare dict, refusing what needs converting first; outer = the outer dict (or {})."""
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         checkpoint = load_file(checkpoint)
     outer = checkpoint if isinstance(checkpoint, dict) else {}
@@ -768,46 +765,30 @@ def check_converted(state_dict: dict) -> None:
                          "`python tools/convert_checkpoint.py inflate IN OUT --model NAME`")
 
 
-def rename_keys(flat: dict, prefixes: Sequence[tuple]) -> tuple[dict, list]:
-    """read_state_dict's `flat` under our names: ({our key: (original key, tensor)}, original keys left out). A key
-    takes the first (theirs, ours) prefix pair it starts with (ours None, or no pair: left out)."""
-    named, left = {}, []
-    for name, (key, value) in flat.items():
-        old, new = next(((o, n) for o, n in prefixes if name.startswith(o)), ("", None))
-        if new is None:
-            left.append(key)
-            continue
-        k = new + name[len(old):]
-        if k in named:                                    # `encoder.X` and the released `backbone.X`: which one?
-            raise ValueError(f"checkpoint holds {k!r} twice, as {named[k][0]!r} and {key!r}; refusing to guess")
-        named[k] = (key, value)
-    return named, left
-
-
 def load_renamed(model: nn.Module, flat: dict, prefixes: Sequence[tuple], kind: str, window: Optional[tuple] = None,
                  soft: tuple = ()) -> LoadReport:
-    """Load `flat` (read_state_dict) into `model` under rename_keys(prefixes) and report exactly what was not used.
-
-    Index and mask buffers are re-derived, never taken from the file; tables are resized from window[0] to
-    window[1] if given. A tensor of another shape is a one-line error, or unused under a `soft` prefix (a
-    classifier head of another class count).
-    """
-    named, unused = rename_keys(flat, prefixes)
-    ours, tensors, rederived = model.state_dict(), {}, []
-    for k, (key, value) in named.items():
-        if k.endswith(("relative_position_index", "attn_mask")):
+    """Load `flat` (read_state_dict) into `model`, each key renamed by the first (theirs, ours) prefix pair it starts
+    with (ours None, or none: unused), and report exactly what was not used. Index and mask buffers are re-derived;
+    tables resized from window[0] to window[1]; another shape is an error, or unused under a `soft` prefix."""
+    ours, source, tensors, unused, rederived = model.state_dict(), {}, {}, [], []
+    for name, (key, value) in flat.items():
+        old, new = next(((o, n) for o, n in prefixes if name.startswith(o)), ("", None))
+        k = None if new is None else new + name[len(old):]
+        if k in source:                                   # `encoder.X` and the released `backbone.X`: which one?
+            raise ValueError(f"checkpoint holds {k!r} twice, as {source[k]!r} and {key!r}; refusing to guess")
+        if k is not None and k.endswith(("relative_position_index", "attn_mask")):
             rederived.append(key)
         elif k in ours:
-            tensors[k] = value
+            source[k], tensors[k] = key, value
         else:
             unused.append(key)
     if window:
         tensors = resize_relative_tables(tensors, *window)
     for k in [k for k, v in tensors.items() if v.shape != ours[k].shape]:
         if not k.startswith(soft):
-            raise ValueError(f"checkpoint key {named[k][0]!r} has shape {tuple(tensors[k].shape)}, the model "
+            raise ValueError(f"checkpoint key {source[k]!r} has shape {tuple(tensors[k].shape)}, the model "
                              f"{tuple(ours[k].shape)}")
-        unused.append(named[k][0])
+        unused.append(source[k])
         del tensors[k]
     missing = model.load_state_dict(tensors, strict=False).missing_keys
     return LoadReport(kind, sorted(tensors), sorted(missing), sorted(unused), sorted(rederived), window)
