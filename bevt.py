@@ -199,15 +199,44 @@ class BEVT(nn.Module):
         """Load a BEVT checkpoint (path or dict) in the released layout (_PREFIXES, below) or ours, and report exactly
         what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's (`cls_head.fc_cls.*`)."""
         flat, _ = swin3d.read_state_dict(checkpoint)
-        return swin3d.load_renamed(self, flat, _PREFIXES, "BEVT pretraining (released or train.py layout)")
+        return load_renamed(self, flat, _PREFIXES, "BEVT pretraining (released or train.py layout)")
 
 
 # =============================================================================
 # Machinery: what running the method needs (not the method itself).
 
-# Checkpoint prefix -> ours (swin3d.load_renamed: the first that matches): our own layout, then the released one.
+# Checkpoint prefix -> ours (load_renamed: the first that matches): our own layout, then the released one.
 _PREFIXES = (("encoder.", "encoder."), ("video_decoder.", "video_decoder."), ("image_decoder.", "image_decoder."),
              ("head.", "head."), ("backbone.fpn_s.", "video_decoder.fpn_s."),
              ("backbone.lm_down_st.", "video_decoder.lm_down_st."), ("backbone.fpn_t.", "video_decoder.fpn_t."),
              ("backbone.fpn.", "image_decoder.fpn."), ("backbone.lm_down.", "image_decoder.lm_down."),
              ("cls_head.lm_head.", "head."), ("backbone.", "encoder."))
+
+
+def load_renamed(model: nn.Module, flat: dict, prefixes: tuple, kind: str, window: Optional[tuple] = None,
+                 soft: tuple = ()) -> swin3d.LoadReport:
+    """Load `flat` (read_state_dict) into `model`, each key renamed by the first (theirs, ours) prefix pair it starts
+    with (ours None, or none: unused), and report exactly what was not used. Index and mask buffers are re-derived;
+    tables resized from window[0] to window[1]; another shape is an error, or unused under a `soft` prefix."""
+    ours, source, tensors, unused, rederived = model.state_dict(), {}, {}, [], []
+    for name, (key, value) in flat.items():
+        old, new = next(((o, n) for o, n in prefixes if name.startswith(o)), ("", None))
+        k = None if new is None else new + name[len(old):]
+        if k in source:                                   # `encoder.X` and the released `backbone.X`: which one?
+            raise ValueError(f"checkpoint holds {k!r} twice, as {source[k]!r} and {key!r}; refusing to guess")
+        if k is not None and k.endswith(("relative_position_index", "attn_mask")):
+            rederived.append(key)
+        elif k in ours:
+            source[k], tensors[k] = key, value
+        else:
+            unused.append(key)
+    if window:
+        tensors = swin3d.resize_relative_tables(tensors, *window)
+    for k in [k for k, v in tensors.items() if v.shape != ours[k].shape]:
+        if not k.startswith(soft):
+            raise ValueError(f"checkpoint key {source[k]!r} has shape {tuple(tensors[k].shape)}, the model "
+                             f"{tuple(ours[k].shape)}")
+        unused.append(source[k])
+        del tensors[k]
+    missing = model.load_state_dict(tensors, strict=False).missing_keys
+    return swin3d.LoadReport(kind, sorted(tensors), sorted(missing), sorted(unused), sorted(rederived), window)

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+import bevt
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
@@ -590,9 +591,8 @@ def run(cfg: FinetuneConfig) -> dict:
     if rt.rank == 0:
         for which in ("model", "ema"):
             if all(which in r for r in results.values()):
-                print(f"\nTable 2 style: top-1 % on the val list ({which} weights), {len(results)} label "
-                      f"set(s), {time.time() - t0:.0f} s in all (paper: K400 80.6 / 65.3 / 77.8, SSv2 66.3 / 6.3 "
-                      f"/ 19.0)")
+                print(f"\nTable 2 style: top-1 % on the val list ({which} weights), {len(results)} label set(s), "
+                      f"{time.time() - t0:.0f} s in all (paper: K400 80.6 / 65.3 / 77.8, SSv2 66.3 / 6.3 / 19.0)")
                 print(table2(results, which))
     if rt.ddp:
         dist.destroy_process_group()
@@ -673,7 +673,7 @@ def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Opti
 
 
 def _detect(sd: dict, outer: dict) -> tuple[str, tuple]:
-    """(kind, (checkpoint prefix, ours) pairs for swin3d.load_renamed) from the key layout."""
+    """(kind, (checkpoint prefix, ours) pairs for bevt.load_renamed) from the key layout."""
     config = outer.get("config") if isinstance(outer.get("config"), dict) else {}
     if any(k.startswith(("video_decoder.", "image_decoder.")) for k in sd) or "stage" in config:
         return "train.py BEVT pretraining", (("encoder.", "encoder."),)    # its `head.` is the 8192-code token head
@@ -728,7 +728,7 @@ def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -
     enc = {k[len(old):]: v for k, (_, v) in flat.items() if k.startswith(old) and not k.startswith("head.")}
     _check_encoder_shape(enc, model.encoder.config, model_name)
     window = _checkpoint_window(enc, model.encoder.config)
-    return swin3d.load_renamed(model, flat, prefixes, kind, window, soft=("head.",))   # e.g. a K400 head for SSv2
+    return bevt.load_renamed(model, flat, prefixes, kind, window, soft=("head.",))   # e.g. a K400 head for SSv2
 
 
 if __name__ == "__main__":

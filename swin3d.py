@@ -765,35 +765,6 @@ def check_converted(state_dict: dict) -> None:
                          "`python tools/convert_checkpoint.py inflate IN OUT --model NAME`")
 
 
-def load_renamed(model: nn.Module, flat: dict, prefixes: Sequence[tuple], kind: str, window: Optional[tuple] = None,
-                 soft: tuple = ()) -> LoadReport:
-    """Load `flat` (read_state_dict) into `model`, each key renamed by the first (theirs, ours) prefix pair it starts
-    with (ours None, or none: unused), and report exactly what was not used. Index and mask buffers are re-derived;
-    tables resized from window[0] to window[1]; another shape is an error, or unused under a `soft` prefix."""
-    ours, source, tensors, unused, rederived = model.state_dict(), {}, {}, [], []
-    for name, (key, value) in flat.items():
-        old, new = next(((o, n) for o, n in prefixes if name.startswith(o)), ("", None))
-        k = None if new is None else new + name[len(old):]
-        if k in source:                                   # `encoder.X` and the released `backbone.X`: which one?
-            raise ValueError(f"checkpoint holds {k!r} twice, as {source[k]!r} and {key!r}; refusing to guess")
-        if k is not None and k.endswith(("relative_position_index", "attn_mask")):
-            rederived.append(key)
-        elif k in ours:
-            source[k], tensors[k] = key, value
-        else:
-            unused.append(key)
-    if window:
-        tensors = resize_relative_tables(tensors, *window)
-    for k in [k for k, v in tensors.items() if v.shape != ours[k].shape]:
-        if not k.startswith(soft):
-            raise ValueError(f"checkpoint key {source[k]!r} has shape {tuple(tensors[k].shape)}, the model "
-                             f"{tuple(ours[k].shape)}")
-        unused.append(source[k])
-        del tensors[k]
-    missing = model.load_state_dict(tensors, strict=False).missing_keys
-    return LoadReport(kind, sorted(tensors), sorted(missing), sorted(unused), sorted(rederived), window)
-
-
 def resize_relative_tables(state_dict: dict, old_window: Sequence[int], new_window: Sequence[int]) -> dict:
     """Resize every 3D relative_position_bias_table from `old_window` to `new_window` (trilinear).
 
