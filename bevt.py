@@ -172,9 +172,8 @@ class BEVT(nn.Module):
     def set_stage(self, stage: str) -> None:
         """BEVT-I trains the image stream only, BEVT-V the video stream only, BEVT both (§4.1).
 
-        The other stream's own parts (its patch embedding and decoder) get
-        requires_grad=False, so every trainable parameter receives a gradient in
-        every step and DDP runs with find_unused_parameters=False.
+        The other stream's own parts (its patch embedding and decoder) get requires_grad=False, so every
+        trainable parameter receives a gradient in every step and DDP runs with find_unused_parameters=False.
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -188,62 +187,56 @@ class BEVT(nn.Module):
                 p.requires_grad_(False)
 
     def compile_streams(self, **kwargs) -> None:
-        """torch.compile the encoder and both decoders in place (state-dict keys unchanged).
-
-        The masked gather, head and loss stay eager: boolean-mask indexing has a
-        data-dependent size, which would break a whole-model graph at that point
-        anyway, and they are a small part of the step.
-        """
+        """torch.compile the encoder and both decoders in place (state-dict keys unchanged). The masked gather, head
+        and loss stay eager: their size depends on the data (a graph break anyway), and they are a small part."""
         for m in (self.encoder, self.video_decoder, self.image_decoder):
             m.compile(**kwargs)
 
     def no_weight_decay(self) -> set:
         return {"encoder." + n for n in self.encoder.no_weight_decay()}
 
-    def load_released(self, checkpoint, strict: bool = False) -> swin3d.LoadReport:
-        """Load a released BEVT checkpoint (path or dict) and report what was not used (machinery, below)."""
-        return load_released(self, checkpoint, strict)
+    def load_released(self, checkpoint) -> swin3d.LoadReport:
+        """Load a BEVT checkpoint (path or dict) in the released layout (_PREFIXES, below) or ours, and report exactly
+        what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's (`cls_head.fc_cls.*`)."""
+        flat, _ = swin3d.read_state_dict(checkpoint)
+        return load_renamed(self, flat, _PREFIXES, "BEVT pretraining (released or train.py layout)")
 
 
 # =============================================================================
 # Machinery: what running the method needs (not the method itself).
 
-# Released key (after `module.`/`backbone.`/`cls_head.` handling) -> our module.
-_RELEASED_PREFIXES = (
-    ("backbone.fpn_s.", "video_decoder.fpn_s."),
-    ("backbone.lm_down_st.", "video_decoder.lm_down_st."),
-    ("backbone.fpn_t.", "video_decoder.fpn_t."),
-    ("backbone.fpn.", "image_decoder.fpn."),
-    ("backbone.lm_down.", "image_decoder.lm_down."),
-    ("cls_head.lm_head.", "head."),
-    ("backbone.", "encoder."),
-)
+# Checkpoint prefix -> ours (load_renamed: the first that matches): our own layout, then the released one.
+_PREFIXES = (("encoder.", "encoder."), ("video_decoder.", "video_decoder."), ("image_decoder.", "image_decoder."),
+             ("head.", "head."), ("backbone.fpn_s.", "video_decoder.fpn_s."),
+             ("backbone.lm_down_st.", "video_decoder.lm_down_st."), ("backbone.fpn_t.", "video_decoder.fpn_t."),
+             ("backbone.fpn.", "image_decoder.fpn."), ("backbone.lm_down.", "image_decoder.lm_down."),
+             ("cls_head.lm_head.", "head."), ("backbone.", "encoder."))
 
 
-def load_released(self: BEVT, checkpoint, strict: bool = False) -> swin3d.LoadReport:
-    """Load a released BEVT checkpoint (path or dict: swin3d.read_state_dict) in the released layout or ours,
-    and report exactly what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's
-    (`cls_head.fc_cls.*`) tensors. Relative index buffers are re-derived, never taken from the file."""
-    flat, _ = swin3d.read_state_dict(checkpoint)
-    swin3d.check_converted({k: v for k, (_, v) in flat.items()})
-    ours = self.state_dict()
-    mapped, unused, rederived, source = {}, [], [], {}
-    for k, (key, value) in flat.items():
-        if k not in ours:
-            k = next((new + k[len(old):] for old, new in _RELEASED_PREFIXES if k.startswith(old)), k)
-        if k in source:                   # `encoder.X` and `backbone.X`: which one?
+def load_renamed(model: nn.Module, flat: dict, prefixes: tuple, kind: str, window: Optional[tuple] = None,
+                 soft: tuple = ()) -> swin3d.LoadReport:
+    """Load `flat` (read_state_dict) into `model`, each key renamed by the first (theirs, ours) prefix pair it starts
+    with (ours None, or none: unused), and report exactly what was not used. Index and mask buffers are re-derived;
+    tables resized from window[0] to window[1]; another shape is an error, or unused under a `soft` prefix."""
+    ours, source, tensors, unused, rederived = model.state_dict(), {}, {}, [], []
+    for name, (key, value) in flat.items():
+        old, new = next(((o, n) for o, n in prefixes if name.startswith(o)), ("", None))
+        k = None if new is None else new + name[len(old):]
+        if k in source:                                   # `encoder.X` and the released `backbone.X`: which one?
             raise ValueError(f"checkpoint holds {k!r} twice, as {source[k]!r} and {key!r}; refusing to guess")
-        source[k] = key
-        if k.endswith("relative_position_index") and k in ours:
-            rederived.append(key)         # consumed, but re-derived rather than loaded
-        elif k not in ours:
-            unused.append(key)
+        if k is not None and k.endswith(("relative_position_index", "attn_mask")):
+            rederived.append(key)
+        elif k in ours:
+            source[k], tensors[k] = key, value
         else:
-            swin3d.check_shape(key, value, ours[k])
-            mapped[k] = value
-    result = self.load_state_dict(mapped, strict=False)
-    missing = sorted(result.missing_keys)
-    if strict and (missing or unused):
-        raise ValueError(f"checkpoint does not match: missing {missing}, unused {unused}")
-    return swin3d.LoadReport("BEVT pretraining (released or train.py layout)", sorted(mapped), missing,
-                             sorted(unused), sorted(rederived))
+            unused.append(key)
+    if window:
+        tensors = swin3d.resize_relative_tables(tensors, *window)
+    for k in [k for k, v in tensors.items() if v.shape != ours[k].shape]:
+        if not k.startswith(soft):
+            raise ValueError(f"checkpoint key {source[k]!r} has shape {tuple(tensors[k].shape)}, the model "
+                             f"{tuple(ours[k].shape)}")
+        unused.append(source[k])
+        del tensors[k]
+    missing = model.load_state_dict(tensors, strict=False).missing_keys
+    return swin3d.LoadReport(kind, sorted(tensors), sorted(missing), sorted(unused), sorted(rederived), window)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -52,6 +53,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+import bevt
 import data
 import swin3d
 # Same logic as pretraining, imported rather than duplicated (nanoGPT-style helpers in train.py).
@@ -317,11 +319,10 @@ def finetune_param_groups(model: VideoClassifier, weight_decay: float, layer_dec
         if not p.requires_grad:
             continue
         wd = 0.0 if id(p) in no_decay else weight_decay
-        key = (scales[name], wd)
-        if key not in groups:
-            groups[key] = {"params": [], "names": [], "weight_decay": wd, "lr_scale": scales[name]}
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
+        g = groups.setdefault((scales[name], wd), {"params": [], "names": [], "weight_decay": wd,
+                                                   "lr_scale": scales[name]})
+        g["params"].append(p)
+        g["names"].append(name)
     return sorted(groups.values(), key=lambda g: (-g["lr_scale"], g["weight_decay"]))
 
 
@@ -393,14 +394,13 @@ def resolve_tasks(cfg: FinetuneConfig) -> list:
     return tasks
 
 
-def check_classes(ann: str, root: str, num_classes: int, train: bool) -> list:
+def check_classes(ann: str, root: str, num_classes: int, train: bool) -> None:
     """One-line error when the annotation list's labels do not fit the class count."""
     labels = [l for _, l in data.read_annotations(ann, root)]
     lo, hi = min(labels), max(labels)
     if lo < 0 or hi >= num_classes or (train and hi + 1 != num_classes):
         raise ValueError(f"class count mismatch: {ann} has labels {lo}..{hi} ({hi + 1} classes) but the model "
                          f"has {num_classes} classes (--num-classes / the recipe)")
-    return labels
 
 
 def data_config(cfg: FinetuneConfig) -> data.FinetuneDataConfig:
@@ -427,9 +427,9 @@ def train_step(model, batches: list, rt: Runtime, clip_grad: float, smoothing: f
 
 
 def train(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, model: nn.Module, ema: Optional[AveragedModel],
-          rt: Runtime, out_dir: str, claim: Claim) -> Optional[int]:
-    """Finetune one label set in train.py's loop (train.train_loop); `model` is `raw` compiled and DDP-wrapped,
-    or `raw`. Returns the last step, None for a finished run."""
+          rt: Runtime, out_dir: str, claim: Claim, init: str) -> Optional[int]:
+    """Finetune one label set from `init` in train.py's loop (train.train_loop); `model` is `raw` compiled and
+    DDP-wrapped, or `raw`. Returns the last step, None for a finished run."""
     b = plan_batch(cfg, {"clips": cfg.batch_size}, cfg.global_batch, {"clips": "--batch-size"}, rt.world, claim)
     dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
     loader = data.build_finetune_loader("train", dcfg, ann=task.train_list, root=task.root, rank=rt.rank,
@@ -441,7 +441,6 @@ def train(cfg: FinetuneConfig, task: Task, raw: VideoClassifier, model: nn.Modul
         return None
     say_plan(rt, cfg, b, "--global-batch", steps_per_epoch, total, warmup)
     opt = build_optimizer(cfg, raw, b.lr, rt)
-    init = init_path(cfg)
     step, stream, record = begin(claim, b, raw, opt, cfg, rt, out_dir, loader, stop_at,
                                  {"init": init} if init != "scratch" else {}, ema=ema)
     model.train()
@@ -470,9 +469,8 @@ def build_optimizer(cfg: FinetuneConfig, raw: VideoClassifier, lr: float, rt: Ru
 
 
 def temporal_probe(video: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Table 2 on a batch (B, [V,] 3, T, H, W): per sample, 'single-frame' repeats one random frame
-    T times, 'shuffle' permutes the frames randomly (data.single_frame / data.shuffle_frames); the
-    views of one sample share the draw. 'normal' returns the input."""
+    """Table 2 on a batch (B, [V,] 3, T, H, W): per sample, 'single-frame' repeats one random frame T times,
+    'shuffle' permutes the frames (data.single_frame / data.shuffle_frames); a sample's views share the draw."""
     if mode == "normal":
         return video
     fn = {"single-frame": data.single_frame, "shuffle": data.shuffle_frames}[mode]
@@ -489,8 +487,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, num_classe
     """top-1, top-5 (top-k with k = min(5, classes)), mean class accuracy (over the classes present),
     and the confusion matrix (rows = true class, columns = prediction)."""
     pred = probs.argmax(-1)
-    k = min(5, num_classes)
-    topk = probs.topk(k, dim=-1).indices
+    topk = probs.topk(min(5, num_classes), dim=-1).indices
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
     present = conf.sum(1) > 0
@@ -587,26 +584,23 @@ def main(argv=None) -> dict:
 
 def run(cfg: FinetuneConfig) -> dict:
     tasks = resolve_tasks(cfg)
-    init_path(cfg)                                             # a missing --init: an error before anything runs
-    if not cfg.eval_only:
-        check_batch(cfg, tasks)
+    init = init_path(cfg)                                      # a missing --init: an error before anything runs
     rt = setup_distributed(cfg.dist_timeout, cfg.precision)
     t0 = time.time()
-    results = {t.name: run_task(cfg, t, rt) for t in tasks}
+    results = {t.name: run_task(cfg, t, rt, init) for t in tasks}
     if rt.rank == 0:
         for which in ("model", "ema"):
             if all(which in r for r in results.values()):
-                print(f"\nTable 2 style: top-1 % on the val list ({which} weights), {len(results)} label "
-                      f"set(s), {time.time() - t0:.0f} s in all (paper: K400 80.6 / 65.3 / 77.8, SSv2 66.3 / 6.3 "
-                      f"/ 19.0)")
+                print(f"\nTable 2 style: top-1 % on the val list ({which} weights), {len(results)} label set(s), "
+                      f"{time.time() - t0:.0f} s in all (paper: K400 80.6 / 65.3 / 77.8, SSv2 66.3 / 6.3 / 19.0)")
                 print(table2(results, which))
     if rt.ddp:
         dist.destroy_process_group()
     return results
 
 
-def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime) -> dict:
-    """Finetune (unless --eval-only) and evaluate one label set; returns {'model': metrics, 'ema': metrics}."""
+def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime, init: str) -> dict:
+    """Finetune `init` (unless --eval-only) and evaluate it on one label set; returns {'model': metrics, 'ema': ...}."""
     seed_everything(cfg.seed + rt.rank)                           # seed = base + rank
     out_dir = os.path.join(cfg.out, task.name)
     with claim_run_dir(out_dir, cfg, rt) as claim:
@@ -614,35 +608,32 @@ def run_task(cfg: FinetuneConfig, task: Task, rt: Runtime) -> dict:
         check_classes(task.val_list, task.root, task.num_classes, train=False)
         if not cfg.eval_only:
             check_classes(task.train_list, task.root, task.num_classes, train=True)
-        raw, model, ema = prepare_model(cfg, task.num_classes, rt)
+        raw, model, ema = prepare_model(cfg, task.num_classes, rt, init)
         log(rt.rank, f"task {task.name}: {task.num_classes} classes; model {cfg.model} window {tuple(cfg.window)}: "
                      f"{swin3d.param_count(raw) / 1e6:.2f}M parameters; device {rt.device}, "
                      f"{precision_note(cfg.precision, rt.bf16, rt.device)}{', compiled' if cfg.compile else ''}")
         dcfg = dataclasses.replace(data_config(cfg), flip=task.flip)
         val_loader = data.build_finetune_loader(cfg.eval_split, dcfg, ann=task.val_list, root=task.root,
                                                 rank=rt.rank, world_size=rt.world, verbose=False)
-        step = train(cfg, task, raw, model, ema, rt, out_dir, claim) if not cfg.eval_only else 0
+        step = train(cfg, task, raw, model, ema, rt, out_dir, claim, init) if not cfg.eval_only else 0
         if step is None:                                       # a finished run, rerun: its results as on file
             with open(os.path.join(out_dir, "eval.json")) as f:
                 return json.load(f)["results"]
         # The model and, alongside, its EMA.
-        results = {"model": evaluate(model, val_loader, modes, cfg.seed + 1, rt, task.num_classes)}
-        if ema is not None:
-            results["ema"] = evaluate(ema.module, val_loader, modes, cfg.seed + 1, rt, task.num_classes)
+        nets = {"model": model, **({"ema": ema.module} if ema is not None else {})}
+        results = {w: evaluate(m, val_loader, modes, cfg.seed + 1, rt, task.num_classes) for w, m in nets.items()}
         if rt.rank == 0:
             report(cfg, task, results, out_dir, step)
         return results
 
 
-def prepare_model(cfg: FinetuneConfig, num_classes: int, rt: Runtime) -> tuple:
-    """(classifier, the module trained: compiled and DDP-wrapped as asked, its EMA or None). The EMA copy is
-    made after DDP's start-up broadcast of rank 0's weights, so that it starts equal on every rank."""
+def prepare_model(cfg: FinetuneConfig, num_classes: int, rt: Runtime, init: Optional[str] = None) -> tuple:
+    """(classifier loaded from `init` (default init_path), the module trained: compiled and DDP-wrapped as asked, its
+    EMA or None). The EMA copy is made after DDP's start-up broadcast of rank 0's weights: equal on every rank."""
     raw = build_model(cfg, num_classes)
-    init = init_path(cfg)
-    if init != "scratch":
-        log(rt.rank, load_pretrained(raw, init, cfg.model).describe(init))
-    else:
-        log(rt.rank, "init: scratch (random weights)")
+    init = init_path(cfg) if init is None else init
+    log(rt.rank, load_pretrained(raw, init, cfg.model).describe(init) if init != "scratch"
+        else "init: scratch (random weights)")
     raw.to(rt.device)
     model = torch.compile(raw, dynamic=False) if cfg.compile else raw     # compile after .to, before DDP
     if rt.ddp:
@@ -668,20 +659,7 @@ def init_path(cfg: FinetuneConfig) -> str:
     return init
 
 
-def check_batch(cfg: FinetuneConfig, tasks: list) -> None:
-    """A training list too short for one global batch: an error before anything is built."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    batch = cfg.batch_size * world * (cfg.accum_steps or max(1, cfg.global_batch // (cfg.batch_size * world)))
-    for t in tasks:
-        with open(t.train_list) as f:
-            n = sum(1 for line in f if line.strip())
-        if n < batch:
-            raise ValueError(f"{t.train_list}: {n} videos give no global batch of {batch} clips (--global-batch "
-                             f"{cfg.global_batch}, --batch-size {cfg.batch_size}, {world} process(es))")
-
-
-def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Optional[AveragedModel],
-               step: int) -> None:
+def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Optional[AveragedModel], step: int) -> None:
     """final.pt (and final_ema.pt): the weights with the config and class names tools/predict.py reads."""
     final = {"model": raw.state_dict(), "step": step, "config": record,
              "num_classes": task.num_classes, "classes": task.classes}
@@ -694,20 +672,20 @@ def save_final(out_dir: str, record: dict, task: Task, raw: nn.Module, ema: Opti
 # Loading any pretrained encoder (paper §4.1-4.2; the released checkpoint layout)
 
 
-def _detect(sd: dict, outer: dict) -> tuple[str, str, Optional[str]]:
-    """(kind, encoder prefix, classifier-head prefix or None) from the key layout."""
-    keys = list(sd)
+def _detect(sd: dict, outer: dict) -> tuple[str, tuple]:
+    """(kind, (checkpoint prefix, ours) pairs for bevt.load_renamed) from the key layout."""
     config = outer.get("config") if isinstance(outer.get("config"), dict) else {}
-    if any(k.startswith(("video_decoder.", "image_decoder.")) for k in keys) or "stage" in config:
-        return "train.py BEVT pretraining", "encoder.", None     # its `head.` is the 8192-code token head
-    if any(k.startswith("backbone.") for k in keys):
-        if any(k.startswith("cls_head.fc_cls.") for k in keys):
-            return "released classification (Video Swin / BEVT finetuned)", "backbone.", "cls_head.fc_cls."
-        return "released BEVT pretraining", "backbone.", None
-    if any(k.startswith("encoder.") for k in keys):
-        return "finetune.py classifier", "encoder.", "head."
+    if any(k.startswith(("video_decoder.", "image_decoder.")) for k in sd) or "stage" in config:
+        return "train.py BEVT pretraining", (("encoder.", "encoder."),)    # its `head.` is the 8192-code token head
+    if any(k.startswith("backbone.") for k in sd):
+        if any(k.startswith("cls_head.fc_cls.") for k in sd):
+            return ("released classification (Video Swin / BEVT finetuned)",
+                    (("backbone.", "encoder."), ("cls_head.fc_cls.", "head.")))
+        return "released BEVT pretraining", (("backbone.", "encoder."),)
+    if any(k.startswith("encoder.") for k in sd):
+        return "finetune.py classifier", (("encoder.", "encoder."), ("head.", "head."))
     if "patch_embed.proj.weight" in sd:
-        return "bare Swin encoder", "", None                   # encoder keys without a prefix
+        return "bare Swin encoder", (("head.", None), ("", "encoder."))   # encoder keys without a prefix
     raise ValueError("checkpoint layout not recognised: no encoder keys (expected backbone.*, encoder.* "
                      "or patch_embed.proj.weight)")
 
@@ -715,90 +693,42 @@ def _detect(sd: dict, outer: dict) -> tuple[str, str, Optional[str]]:
 def _check_encoder_shape(enc: dict, config: swin3d.SwinConfig, model_name: str) -> None:
     """One-line error when the checkpoint's encoder is another Swin size than the chosen preset."""
     w = enc.get("patch_embed.proj.weight")
-    depths = []
-    for i in range(len(config.depths) + 4):
-        n = len({k.split(".")[3] for k in enc if k.startswith(f"layers.{i}.blocks.")})
-        if n == 0:
-            break
-        depths.append(n)
-    heads = [enc[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in range(len(depths))
-             if f"layers.{i}.blocks.0.attn.relative_position_bias_table" in enc]
-    got = (None if w is None else w.shape[0], tuple(depths), tuple(heads))
+    blocks = (len({k.split(".")[3] for k in enc if k.startswith(f"layers.{i}.blocks.")}) for i in itertools.count())
+    depths = tuple(itertools.takewhile(bool, blocks))                  # blocks per stage, up to the first empty one
+    heads = tuple(enc[t].shape[1] for i in range(len(depths))
+                  if (t := f"layers.{i}.blocks.0.attn.relative_position_bias_table") in enc)
+    got = (None if w is None else w.shape[0], depths, heads)
     want = (config.embed_dim, tuple(config.depths), tuple(config.num_heads))
-    if got[0] != want[0] or got[1] != want[1] or (heads and got[2] != want[2]):
+    if got[:2] != want[:2] or (heads and heads != want[2]):
         raise ValueError(f"checkpoint encoder has embed_dim={got[0]}, depths={got[1]}, heads={got[2]} but "
                          f"--model {model_name} has embed_dim={want[0]}, depths={want[1]}, heads={want[2]}")
 
 
-def _split_keys(sd: dict, enc_prefix: str, head_prefix: Optional[str]) -> tuple[dict, dict, list, list]:
-    """A checkpoint's keys sorted out: (encoder {name: (original key, tensor)}, classifier head
-    {name: (original key, tensor)}, unused original keys, re-derived original keys)."""
-    enc, head, unused, rederived = {}, {}, [], []
-    for k, (orig, v) in sd.items():
-        if head_prefix and k.startswith(head_prefix):
-            head[k[len(head_prefix):]] = (orig, v)
-        elif k.startswith(enc_prefix) and not (enc_prefix == "" and k.startswith("head.")):
-            name = k[len(enc_prefix):]
-            if name.endswith(("relative_position_index", "attn_mask")):
-                rederived.append(orig)                      # relative index: re-derived, never trusted
-            elif name.startswith("patch_embed_2d.") or name == "mask_token":
-                unused.append(orig)                         # pretraining-only parts (paper §4.1-4.2)
-            else:
-                enc[name] = (orig, v)
-        else:
-            unused.append(orig)                             # decoders, token head, tokenizer, 2D head, ...
-    return enc, head, unused, rederived
-
-
-def _fit_window(tensors: dict, cfg: swin3d.SwinConfig) -> tuple[dict, Optional[tuple]]:
-    """The encoder tensors on the model's window, and (old, new) window if resized: tables of another temporal
-    window are trilinearly resized (swin3d.resize_relative_tables, paper §4.1-4.2)."""
-    table_rows = {v.shape[0] for k, v in tensors.items() if k.endswith("relative_position_bias_table")}
-    want_rows = math.prod(2 * w - 1 for w in cfg.window_size)
-    if not table_rows or table_rows == {want_rows}:
-        return tensors, None
+def _checkpoint_window(enc: dict, cfg: swin3d.SwinConfig) -> Optional[tuple]:
+    """(checkpoint window, model window) when the tables are of another temporal window, to be trilinearly
+    resized (swin3d.resize_relative_tables, paper §4.1-4.2); None when they fit."""
+    table_rows = {v.shape[0] for k, v in enc.items() if k.endswith("relative_position_bias_table")}
+    if not table_rows or table_rows == {math.prod(2 * w - 1 for w in cfg.window_size)}:
+        return None
     # The checkpoint's temporal window, from the table size and the (unchanged) spatial window.
     rows = table_rows.pop()
     spatial = (2 * cfg.window_size[1] - 1) * (2 * cfg.window_size[2] - 1)
     if table_rows or rows % spatial or ((rows // spatial) + 1) % 2:
         raise ValueError(f"relative_position_bias_table of {rows} rows fits no window (Wt, "
                          f"{cfg.window_size[1]}, {cfg.window_size[2]}); the model's window is {cfg.window_size}")
-    old = (((rows // spatial) + 1) // 2, *cfg.window_size[1:])
-    return swin3d.resize_relative_tables(tensors, old, cfg.window_size), (old, tuple(cfg.window_size))
+    return (((rows // spatial) + 1) // 2, *cfg.window_size[1:]), tuple(cfg.window_size)
 
 
 def load_pretrained(model: VideoClassifier, checkpoint, model_name: str = "?") -> swin3d.LoadReport:
-    """Load the encoder (and a classifier head of the right size) from any supported checkpoint.
-
-    Returns a LoadReport; raises a one-line ValueError on an encoder of another
-    size or a tensor of the wrong shape. The window is adapted to the model's (_fit_window).
-    """
-    sd, outer = swin3d.read_state_dict(checkpoint)
-    swin3d.check_converted({k: v for k, (_, v) in sd.items()})   # torchvision's or a 2D Swin: convert first
-    kind, enc_prefix, head_prefix = _detect(sd, outer)
-    enc, head, unused, rederived = _split_keys(sd, enc_prefix, head_prefix)
-    tensors = {k: v for k, (_, v) in enc.items()}
-    _check_encoder_shape(tensors, model.encoder.config, model_name)
-    tensors, window = _fit_window(tensors, model.encoder.config)
-    ours = model.state_dict()
-    mapped = {}
-    for k, v in tensors.items():
-        key, orig = "encoder." + k, enc[k][0]
-        if key not in ours:
-            unused.append(orig)
-            continue
-        swin3d.check_shape(orig, v, ours[key])
-        mapped[key] = v
-    for k, (orig, v) in head.items():
-        key = "head." + k
-        if key in ours and tuple(v.shape) == tuple(ours[key].shape):
-            mapped[key] = v
-        else:
-            unused.append(orig)                             # e.g. a K400 head (400 classes) for SSv2
-    result = model.load_state_dict(mapped, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    return swin3d.LoadReport(kind, sorted(mapped), sorted(result.missing_keys), sorted(unused),
-                             sorted(rederived), window)
+    """Load the encoder (and a classifier head of the right size) from any supported checkpoint, on the model's
+    window. An encoder of another size or a tensor of another shape: a one-line ValueError."""
+    flat, outer = swin3d.read_state_dict(checkpoint)
+    kind, prefixes = _detect(flat, outer)
+    old = next(o for o, new in prefixes if new == "encoder.")
+    enc = {k[len(old):]: v for k, (_, v) in flat.items() if k.startswith(old) and not k.startswith("head.")}
+    _check_encoder_shape(enc, model.encoder.config, model_name)
+    window = _checkpoint_window(enc, model.encoder.config)
+    return bevt.load_renamed(model, flat, prefixes, kind, window, soft=("head.",))   # e.g. a K400 head for SSv2
 
 
 if __name__ == "__main__":

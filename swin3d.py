@@ -697,11 +697,10 @@ class LoadReport(NamedTuple):
     def describe(self, path) -> str:
         """A few lines for the log, the unused keys grouped by module."""
         more = " ..." if len(self.missing) > 6 else ""
-        groups = collections.Counter(".".join(k.split(".")[:2]) for k in self.unused)
+        groups = sorted(collections.Counter(".".join(k.split(".")[:2]) for k in self.unused).items())
         lines = [f"init from {path}: {self.kind}; {len(self.loaded)} tensors loaded",
                  f"  missing ({len(self.missing)}, trained from scratch): {self.missing[:6]}{more}",
-                 f"  unused ({len(self.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in sorted(groups.items()))
-                                                     or "none")]
+                 f"  unused ({len(self.unused)}): " + (", ".join(f"{g}* x{n}" for g, n in groups) or "none")]
         if self.window:
             lines.insert(1, f"  window {self.window[0]} -> {self.window[1]}: relative tables trilinearly resized")
         if self.rederived:
@@ -710,8 +709,7 @@ class LoadReport(NamedTuple):
 
 
 def load_file(path) -> object:
-    """torch.load(weights_only=True) on CPU, else (text, a torn zip, a pickle needing classes) a one-line
-    ValueError. Every checkpoint reader goes through here, so it also refuses a tensor beyond its storage or
+    """torch.load(weights_only=True) on CPU, else a one-line ValueError; also for a tensor beyond its storage or
     reusing elements (stride 0): weights_only accepts a 1.7 KB file declaring gigabytes (then allocated)."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path}: no such file")
@@ -740,8 +738,8 @@ def unwrap_key(key: str) -> str:
 
 
 def read_state_dict(checkpoint) -> tuple[dict, dict]:
-    """(flat, outer) of a path or dict: flat = {key without `module.`/`_orig_mod.`: (original key, tensor)}
-    of its `state_dict`, `model` or the bare dict; outer = the outer dict (or {})."""
+    """(flat, outer) of a path or dict: flat = {key without `module.`/`_orig_mod.`: (original key, tensor)} of its
+    `state_dict`, `model` or the bare dict, refusing what needs converting first; outer = the outer dict (or {})."""
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         checkpoint = load_file(checkpoint)
     outer = checkpoint if isinstance(checkpoint, dict) else {}
@@ -752,6 +750,7 @@ def read_state_dict(checkpoint) -> tuple[dict, dict]:
         if k in flat:                                     # `encoder.X` and `module.encoder.X`: refuse to guess
             raise ValueError(f"checkpoint holds {k!r} twice, as {flat[k][0]!r} and {key!r}; refusing to guess")
         flat[k] = (key, value)
+    check_converted({k: v for k, (_, v) in flat.items()})
     return flat, outer
 
 
@@ -764,12 +763,6 @@ def check_converted(state_dict: dict) -> None:
     if any(k.endswith("patch_embed.proj.weight") and v.dim() == 4 for k, v in zip(keys, state_dict.values())):
         raise ValueError("2D Swin image checkpoint: inflate it first with "
                          "`python tools/convert_checkpoint.py inflate IN OUT --model NAME`")
-
-
-def check_shape(name: str, value: torch.Tensor, expected: torch.Tensor) -> None:
-    """One-line error when a checkpoint tensor does not fit the model's."""
-    if tuple(value.shape) != tuple(expected.shape):
-        raise ValueError(f"checkpoint key {name!r} has shape {tuple(value.shape)}, the model {tuple(expected.shape)}")
 
 
 def resize_relative_tables(state_dict: dict, old_window: Sequence[int], new_window: Sequence[int]) -> dict:
