@@ -98,8 +98,7 @@ class TrainConfig:
     mask_ratio: float = masking.MASK_RATIO  # §3 "the masking ratio of each masked frame is 0.5"
     # --- targets (§3 "Tokenizer")
     tokenizer: str = ""                   # DALL-E encoder.pkl / converted .pt / offline tokenizer file
-    vocab_size: int = bevt.VOCAB_SIZE     # codebook size: DALL-E's 8192 (appendix A)
-    tokenizer_vocab: int = bevt.VOCAB_SIZE  # CPU preset: reads <data>/tokenizer_<tokenizer_vocab>.pt
+    vocab_size: int = bevt.VOCAB_SIZE     # codebook size: DALL-E's 8192 (appendix A); cpu: <data>/tokenizer_<V>.pt
     # --- optimisation (paper §4.1)
     epochs: int = 150                     # epochs of the stage's data (§4.1: 800 ImageNet, 150 K400)
     warmup_epochs: float = 10.0           # linear lr warm-up, then cosine
@@ -127,7 +126,7 @@ class TrainConfig:
 CPU_PRESET = dict(
     model="cpu", frames=8, frame_interval=2, crop=112, short_side=(128, 160),
     video_batch=4, image_batch=16, global_video_batch=4, global_image_batch=16, image_cycles=1,
-    workers=1, tokenizer_vocab=256, vocab_size=256, warmup_epochs=1.0, lr=2e-3,
+    workers=1, vocab_size=256, warmup_epochs=1.0, lr=2e-3,
     drop_path=0.0, log_every=10, ckpt_every=50,
 )
 
@@ -438,7 +437,7 @@ def finish(record: dict, out_dir: str, model, step: int, last: dict, hist: dict,
 CHOICES = {"stage": bevt.STAGES, "preset": ("paper", "cpu"), "precision": PRECISIONS,
            "tokenizer_precision": ("fp32", "bf16", "fp16"), "mask_strategy": tuple(masking.STRATEGIES)}
 POSITIVE = ("frames", "frame_interval", "crop", "video_batch", "image_batch", "global_video_batch",
-            "global_image_batch", "image_cycles", "vocab_size", "tokenizer_vocab", "epochs", "lr", "log_every",
+            "global_image_batch", "image_cycles", "vocab_size", "epochs", "lr", "log_every",
             "ckpt_every", "dist_timeout")
 NON_NEGATIVE = ("workers", "warmup_epochs", "min_lr", "weight_decay", "clip_grad", "accum_steps", "lam",
                 "max_steps")
@@ -575,7 +574,7 @@ def find_data(cfg: TrainConfig) -> tuple:
                          ": the DALL-E encoder.pkl, its converted .pt (python tools/tokenizer_tool.py convert), or "
                          "an offline tokenizer fitted on your images (python tools/tokenizer_tool.py fit --data DIR "
                          f"--vocab {cfg.vocab_size} --out tok.pt)")
-    path = os.path.join(root, f"tokenizer_{cfg.tokenizer_vocab}.pt")
+    path = os.path.join(root, f"tokenizer_{cfg.vocab_size}.pt")
     if not os.path.isfile(path):
         what = "synthetic set" if not os.path.isdir(root) else f"tokenizer {path}"
         raise ValueError(f"no {what} at {root}: prepare it with python tools/synthetic.py --out {root}")

@@ -388,7 +388,7 @@ def test_tables_plumbing_writes_cells_resumes_and_draws(syn, tmp_path, capsys, m
     monkeypatch.chdir(tmp_path)                                  # the checkout: assets/tables.json is there
     before = (open(published, "rb").read(), os.stat(published).st_mtime_ns)
     small = ("--crop 96 --short-side 96 104 --frames 4 --workers 0 --video-batch 2 --image-batch 4 "
-             "--global-video-batch 2 --global-image-batch 4 --precision fp32 --tokenizer-vocab 16 --vocab-size 16")
+             "--global-video-batch 2 --global-image-batch 4 --precision fp32 --vocab-size 16")
     ft = "--crop 96 --short-side 96 --test-short-side 96 --frames 4 --workers 0 --batch-size 4 --precision fp32"
     argv = ["--tables", "2", "--seeds", "1", "--data", syn, "--out", "runs", "--max-steps", "2",
             "--pretrain-args", small, "--finetune-args", ft]

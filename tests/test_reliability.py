@@ -227,7 +227,7 @@ def test_a_missing_synthetic_set_or_tokenizer_names_the_command_that_makes_it(sy
     before anything is written (no run folder claimed)."""
     for data_dir, what in ((tmp_path / "none", "no synthetic set"), (syn, "no tokenizer")):
         r = run(["--preset", "cpu", "--stage", "image", "--data", str(data_dir), "--out", str(tmp_path / "out"),
-                 "--tokenizer-vocab", "64"])
+                 "--vocab-size", "64"])
         assert r.returncode == 2
         msg = one_line(r.stderr)
         assert what in msg and f"python tools/synthetic.py --out {data_dir}" in msg

@@ -23,7 +23,7 @@ def args(syn, out, *extra):
     return ["--preset", "cpu", "--data", syn, "--out", str(out), "--crop", "96", "--short-side", "96", "104",
             "--frames", "4", "--frame-interval", "2", "--video-batch", "2", "--image-batch", "4",
             "--global-video-batch", "2", "--global-image-batch", "4", "--workers", "1",
-            "--tokenizer-vocab", "32", "--vocab-size", "32", "--log-every", "1", *extra]
+            "--vocab-size", "32", "--log-every", "1", *extra]
 
 
 def run(argv, launcher=(sys.executable,), timeout=300):

@@ -199,7 +199,7 @@ def _show(bar, init, out_path, video, image, tokenizer, decoder, model, size, fr
         raise ValueError(f"--frames: expected a positive multiple of the temporal patch {pt}, got {T}")
     tok_path = tokenizer or cfg.get("tokenizer") or ""
     if not tok_path and cfg.get("preset") == "cpu":               # train.py's CPU preset fits one on first use
-        tok_path = os.path.join(cfg.get("data") or "data/synthetic", f"tokenizer_{cfg.get('tokenizer_vocab')}.pt")
+        tok_path = os.path.join(cfg.get("data") or "data/synthetic", f"tokenizer_{cfg.get('vocab_size')}.pt")
     if not tok_path:
         raise ValueError(f"--tokenizer: expected the tokenizer the model was trained with (encoder.pkl, its "
                          f"converted .pt or an offline tokenizer file); {init} names none")
