@@ -30,6 +30,7 @@ OLD_NAMES = {
     "--size": "--crop",
     "--vocab": "--vocab-size",
     "--ann": "--video-list, --train-list / --val-list, or --official-ann",
+    "--tokenizer-vocab": "--vocab-size",
     "--allow-batch-change": "nothing: a resume that cannot keep the effective batch is an error naming the flags",
 }
 VALUE_NAMES = {"--list": "--video-list"}           # a list file; a --list switch (mutate.py) is another concept
