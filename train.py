@@ -703,15 +703,26 @@ class CheckpointError(ValueError):
 
 
 def state_digest(obj) -> str:
-    """A checksum of the state's layout, tensor bytes and other values (flipped bits are caught, not trained on)."""
-    values, layout = torch.utils._pytree.tree_flatten(obj)
-    h = hashlib.blake2b(str(layout).encode(), digest_size=16)
-    for x in values:
+    """A checksum of every tensor's bytes and every other value's repr, in a fixed order (flipped bits are
+    caught, not trained on). The order is part of every checkpoint written so far: changing it would
+    make all of them read as damaged."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(x):
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(f"K{k!r}".encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
         else:
             h.update(f"V{x!r}".encode())
+    walk(obj)
     return h.hexdigest()
 
 

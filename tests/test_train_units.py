@@ -189,3 +189,13 @@ def test_masks_the_flags_cannot_draw_are_refused_at_parse_time(argv, says, capsy
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_the_checkpoint_checksum_is_the_one_every_earlier_checkpoint_carries():
+    """The digest's order is part of every checkpoint on disk: this value is what the function of commit
+    b1dfb92 (the first that wrote checksums this way) gives for this state; a changed walk would make every
+    earlier checkpoint read as damaged, and a killed run could not resume after an update."""
+    import torch
+    state = {"model": {"w": torch.arange(6, dtype=torch.float32).view(2, 3), "b": torch.tensor([1, 2])},
+             "step": 7, "rng": [(1, 2.5, "x")], "config": {"lr": 0.002, "stage": "joint"}}
+    assert train.state_digest(state) == "f4e3debf341dfe321dce3fd28da2fb3b"
