@@ -130,12 +130,17 @@ def test_finetune_ema_starts_equal_on_every_rank(tmp_path):
 
 
 def test_srun_without_torchrun_is_refused_before_anything_is_written(syn, tmp_path):
-    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE")}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args(syn, tmp_path, "--stage", "image")],
-                       cwd=ROOT, env={**env, "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "srun started 2 tasks without torchrun" in r.stderr and "srun --ntasks-per-node=1 torchrun" in r.stderr
+    """Two tasks started as `srun --ntasks=2 python train.py` starts them (SLURM_PROCID 0 and 1, no RANK):
+    each would be a single-process run on the same --out; both refuse in one line, and nothing is written."""
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), *args(syn, tmp_path, "--stage", "image")]
+    slurm = [{"SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_NTASKS": "2"} for i in range(2)]
+    tasks = [subprocess.Popen(argv, cwd=ROOT, env={**env, **task}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for task in slurm]
+    for p in tasks:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and err.count("\n") == 1, err
+        assert "srun started 2 tasks without torchrun" in err and "srun --ntasks-per-node=1 torchrun" in err
     assert os.listdir(tmp_path) == []
 
 
