@@ -65,3 +65,18 @@ def test_report_draws_a_chart_of_the_cells_on_file(tmp_path):
     motion.draw_chart(cells, str(path))
     img = Image.open(path)
     assert img.size[0] == 900 and img.size[1] > 400 and len(img.getcolors(2 ** 16)) > 3
+
+
+def test_post_hoc_cells_are_reported_apart_and_never_enter_a_verdict():
+    """The full-label finetunes (docs/motion.md §11) were not registered: their own section, and the
+    registered outcomes are the same with or without them."""
+    cells = {f"finetune|{row}|motion|s{s}": {"normal": 50.0 + s * (row == "BEVT-V"), "single-frame": 50, "shuffle": 50}
+             for row in motion.ROWS for s in range(4)}
+    before = motion.report_text(cells)
+    assert "Post-hoc" not in before
+    for s in range(4):
+        cells[f"finetune-full|BEVT-V|motion|s{s}"] = {"normal": 100.0, "single-frame": 50.0, "shuffle": 50.0}
+        cells[f"finetune-full|scratch|motion|s{s}"] = {"normal": 60.0, "single-frame": 50.0, "shuffle": 50.0}
+    after = motion.report_text(cells)
+    assert after.startswith(before) and "not registered" in after[len(before):]
+    assert "| BEVT-V | 100.0 ± 0.0 (4) | 50.0 ± 0.0 (4) | 50.0 ± 0.0 (4) |" in after

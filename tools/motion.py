@@ -6,6 +6,7 @@ labels, H4 the appearance claims; 4 seeds per cell, resumable cell by cell.
     python tools/motion.py pilot                      # tube and Random-3D curves, sets the video budget V
     python tools/motion.py run --video-steps V        # every cell into assets/motion.json (hours: background it)
     python tools/motion.py report                     # tables, outcomes and chart from the cells on file
+    python tools/motion.py posthoc --video-steps V    # not registered: the motion finetune with all 200 labels
 
 Every run goes under --out (default runs/motion); a rerun skips the cells on file and reuses the
 finished pretrainings. Two processes can share the work with --only-seeds.
@@ -114,18 +115,21 @@ class Experiment:
                 value.update({f"{k} majority": b["majority"] for k, b in r["baselines"].items()})
         self.store.record(f"pretrain|{row}|-|s{seed}", value, 0.0)
 
-    def finetune_cell(self, row: str, task: str, seed: int) -> None:
-        key = f"finetune|{row}|{task}|s{seed}"
+    def finetune_cell(self, row: str, task: str, seed: int, full: bool = False) -> None:
+        """The few-label finetune of one row and task (docs/motion.md §4); full: all 200 labels (post-hoc, §11)."""
+        key = f"finetune{'-full' if full else ''}|{row}|{task}|s{seed}"
         if key in self.store.cells:
             return
         t0 = time.time()
         init = self.pretrain(row, seed)
-        labels = few_label_list(os.path.join(self.vids, f"train_{task}.txt"),
-                                os.path.join(self.a.out, f"s{seed}", "labels", f"train_{task}_{FEW_LABELS}.txt"),
-                                FEW_LABELS, seed)
+        labels = os.path.join(self.vids, f"train_{task}.txt")
+        n = synthetic.SYN_TRAIN if full else FEW_LABELS
+        if not full:
+            labels = few_label_list(labels, os.path.join(self.a.out, f"s{seed}", "labels", f"train_{task}_{n}.txt"),
+                                    n, seed)
         classes = len(open(os.path.join(self.vids, f"classes_{task}.txt")).read().split())
-        epochs = FINETUNE_STEPS // (FEW_LABELS // finetune.CPU_PRESET["batch_size"])
-        out = os.path.join(self.a.out, f"s{seed}", "ft", tables._slug(row), task)
+        epochs = FINETUNE_STEPS // (n // finetune.CPU_PRESET["batch_size"])      # 500 steps either way
+        out = os.path.join(self.a.out, f"s{seed}", "ft-full" if full else "ft", tables._slug(row), task)
         res = finetune.main(["--preset", "cpu", "--init", init, "--out", out, "--seed", str(seed),
                              "--video-root", self.vids, "--train-list", labels,
                              "--val-list", os.path.join(self.vids, f"val_{task}.txt"), "--num-classes", str(classes),
@@ -164,6 +168,13 @@ class Experiment:
                 for task in ("motion", "appearance"):
                     self.finetune_cell(row, task, seed)
                 self.probe_cells(row, seed)
+
+    def posthoc(self) -> None:
+        """Not registered (docs/motion.md §11): every row's motion finetune with all 200 training labels."""
+        seeds = [int(s) for s in self.a.only_seeds.split(",")] if self.a.only_seeds else range(self.a.seeds)
+        for seed in seeds:
+            for row in ROWS:
+                self.finetune_cell(row, "motion", seed, full=True)
 
 
 # -----------------------------------------------------------------------------
@@ -230,6 +241,12 @@ def report_text(cells: dict) -> str:
     verdict = "pending" if m is None else "holds" if abs(m) <= 5 else "fails"
     d = "-" if m is None else f"{m:+.1f} ± {sd:.1f} ({n})"
     out.append(f"| H4c BEVT within 5 points of BEVT-I (appearance) | few-label finetune | {d} | {verdict} | {PAPER['H4']} |")
+    if any(k.startswith("finetune-full|") for k in cells):
+        out += ["", "Post-hoc, not registered (docs/motion.md §11): the motion finetune with all 200 training labels, "
+                "the same 500 steps", "", "| row | motion | single frame | shuffled |", "|---|---|---|---|"]
+        for row in ROWS:
+            out.append(f"| {row} | " + " | ".join(tables._fmt(tables.cell_stats(cells, "finetune-full", row, "motion", m))
+                                                   for m in finetune.EVAL_MODES) + " |")
     return "\n".join(out)
 
 
@@ -272,9 +289,10 @@ def pilot(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="motion.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{pilot,run,report}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{pilot,run,report,posthoc}")
     for name, text in (("pilot", "the two pilot video stages and the budget V they set (docs/motion.md §5)"),
-                       ("run", "run the cells not yet on file"), ("report", "the tables and outcomes of the cells on file")):
+                       ("run", "run the cells not yet on file"), ("report", "the tables and outcomes of the cells on file"),
+                       ("posthoc", "not registered: every row's motion finetune with all 200 labels (docs/motion.md §11)")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--data", default="data/synthetic-v4", help="the version-4 synthetic set (default data/synthetic-v4)")
         p.add_argument("--out", default="runs/motion", help="folder of the runs (default runs/motion)")
@@ -291,12 +309,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "pilot":
         return train.run_cli("motion.py", pilot, args)
-    if args.command == "run" and args.video_steps not in (1000, 2000):
-        raise SystemExit("motion.py: error: run needs --video-steps 1000 or 2000, as `motion.py pilot` decided")
+    if args.command in ("run", "posthoc") and args.video_steps not in (1000, 2000):
+        raise SystemExit(f"motion.py: error: {args.command} needs --video-steps 1000 or 2000, as `motion.py pilot` decided")
 
     def go():
         if args.command == "run":
             Experiment(args).run()
+        elif args.command == "posthoc":
+            Experiment(args).posthoc()
         cells = tables.CellStore(args.results, None).cells
         text = report_text(cells)
         draw_chart(cells, args.chart)
