@@ -192,9 +192,6 @@ class BEVT(nn.Module):
         for m in (self.encoder, self.video_decoder, self.image_decoder):
             m.compile(**kwargs)
 
-    def no_weight_decay(self) -> set:
-        return {"encoder." + n for n in self.encoder.no_weight_decay()}
-
     def load_released(self, checkpoint) -> swin3d.LoadReport:
         """Load a BEVT checkpoint (path or dict) in the released layout (_PREFIXES, below) or ours, and report exactly
         what was not used: the tokenizer's (`cls_head.vae_encoder.*`) and a classifier's (`cls_head.fc_cls.*`)."""

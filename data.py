@@ -49,7 +49,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import math
-import operator
 import os
 import socket
 import time
@@ -434,7 +433,7 @@ class PretrainDataConfig:
     video_batch: int = VIDEO_BATCH             # per GPU: 8 clips ...
     image_batch: int = IMAGE_BATCH             # ... + 64 images (omni_videos_per_gpu=[8, 64])
     num_workers: int = WORKERS                 # per rank
-    decode_threads: Optional[int] = None       # None: cores // workers (auto_decode_threads)
+    decode_threads: Optional[int] = None       # None: cores // workers (decode_threads)
     seed: int = 0                              # base seed of the masks, the pixels' draws and the order
 
 
@@ -449,9 +448,8 @@ def build_pretrain_loader(stage: str, cfg: PretrainDataConfig, *, video_ann: Opt
     docstring); set_epoch(epoch, start_step). Seeds: images cfg.seed, clips cfg.seed + 1.
     """
     loaders = 2 if stage == "joint" else 1                        # the joint stage runs two loaders
-    threads = cfg.decode_threads or auto_decode_threads(cfg.num_workers * loaders)
-    if verbose or (verbose is None and rank == 0):
-        print(loading_plan(cfg.num_workers, threads, loaders), flush=True)
+    say = verbose or (verbose is None and rank == 0)              # the plan, on rank 0 by default
+    threads = decode_threads(cfg.num_workers, loaders, cfg.decode_threads, say=say)
     common = dict(shuffle=True, drop_last=True, num_workers=cfg.num_workers, rank=rank,
                   world_size=world_size, accum=accum, verbose=verbose)
     videos = images = None
@@ -793,9 +791,8 @@ def build_finetune_loader(mode: str, cfg: FinetuneDataConfig, *, ann: PathLike, 
     randaug = RandAugment(cfg.randaug_n, cfg.randaug_m) if (train and cfg.randaug_n > 0) else None
     transform = FinetuneClipTransform(mode, cfg.crop, cfg.short_side, cfg.test_short_side, cfg.test_crops,
                                       cfg.rrc_scale, cfg.rrc_ratio, cfg.flip, randaug, cfg.erase)
-    threads = cfg.decode_threads or auto_decode_threads(cfg.num_workers)
-    if train and (verbose or (verbose is None and rank == 0)):
-        print(loading_plan(cfg.num_workers, threads), flush=True)
+    say = train and (verbose or (verbose is None and rank == 0))            # the plan, once per training run
+    threads = decode_threads(cfg.num_workers, 1, cfg.decode_threads, say=say)
     ds = VideoDataset(ann, root, sampling, transform, threads)
     return EpochLoader(ds, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train, drop_last=train,
                        num_workers=cfg.num_workers, rank=rank, world_size=world_size, seed=cfg.seed,
@@ -844,14 +841,8 @@ class SampleList:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _row(self, i: int) -> int:
-        i, n = operator.index(i), len(self.labels)            # an int (or numpy int), as a list takes
-        if not -n <= i < n:
-            raise IndexError(f"row {i} of a list of {n} samples")   # (also ends iteration over the rows)
-        return i % n
-
     def relpath_bytes(self, i: int) -> bytes:
-        i = self._row(i)
+        i = range(len(self.labels))[i]        # as a list takes rows (IndexError past the end also ends iteration)
         return self._paths[self._offsets[i]:self._offsets[i + 1]].tobytes()
 
     def path(self, i: int) -> Path:
@@ -863,7 +854,7 @@ class SampleList:
         return not (os.path.isabs(rel) or rel.split(os.sep, 1)[0] == "..")
 
     def label(self, i: int) -> int:
-        return int(self.labels[self._row(i)])
+        return int(self.labels[range(len(self.labels))[i]])
 
     def __getitem__(self, i: int) -> tuple[Path, int]:
         return self.path(i), self.label(i)
@@ -1061,10 +1052,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     world x accum x batch rows, cut from a permutation of (seed, epoch): the same micro-batches on any
     number of processes. set_epoch(epoch, start) begins at global step `start`."""
 
-    def __init__(self, n: int, batch: int, accum: int = 1, rank: int = 0, world: int = 1, seed: int = 0,
-                 shuffle: bool = True):
-        self.n, self.batch, self.accum, self.rank, self.world = n, batch, accum, rank, world
-        self.seed, self.shuffle = seed, shuffle
+    def __init__(self, n: int, batch: int, accum: int = 1, rank: int = 0, world: int = 1, seed: int = 0):
+        self.n, self.batch, self.accum, self.rank, self.world, self.seed = n, batch, accum, rank, world, seed
         self.global_batch = world * accum * batch
         self.steps = n // self.global_batch                     # global batches per epoch
         self.epoch, self.start = 0, 0
@@ -1074,8 +1063,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
     def order(self, epoch: int) -> torch.Tensor:
         """(n,) int64: the rows of epoch `epoch` in the order the global batches take them."""
-        if not self.shuffle:
-            return torch.arange(self.n)
         g = torch.Generator().manual_seed(sample_seed(self.seed, KEY_ORDER, epoch))
         return torch.randperm(self.n, generator=g)
 
@@ -1109,17 +1096,15 @@ class EpochLoader:
     """A DataLoader with `set_epoch`, yielding dicts: in training (drop_last) this process's `accum`
     micro-batches of every global batch (GlobalBatchSampler), in evaluation DistributedSampler
     shards (padded with repeats: drop them by `index`). Skipped files are logged once per path,
-    counted in `skipped` (this epoch) and `skipped_total`, and printed per epoch if `report`."""
+    counted in `skipped` (this epoch) and `skipped_total`, and printed per epoch if `verbose`."""
 
     def __init__(self, dataset: _RobustDataset, batch_size: int, *, shuffle: bool, drop_last: bool,
                  num_workers: int, rank: int = 0, world_size: int = 1, seed: int = 0, name: str = "data",
-                 verbose: Optional[bool] = None, report: bool = True, accum: int = 1):
+                 verbose: Optional[bool] = None, accum: int = 1):
         self.dataset, self.name, self.rank, self.seed = dataset, name, rank, seed
         self.verbose = (rank == 0) if verbose is None else verbose
-        self.report = report
-        if drop_last:
-            self.sampler = batches = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world_size, seed,
-                                                        shuffle)
+        if drop_last:                                   # training: always shuffled
+            self.sampler = batches = GlobalBatchSampler(len(dataset), batch_size, accum, rank, world_size, seed)
         else:
             self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                               seed=seed, drop_last=False)
@@ -1170,7 +1155,7 @@ class EpochLoader:
         except AllBadMedia as e:
             # From a worker, the message carries the worker's traceback; keep its last line.
             raise AllBadMedia(str(e).strip().splitlines()[-1].split("AllBadMedia: ")[-1]) from None
-        if self.report and self.verbose:
+        if self.verbose:
             print(f"[data] {self.name} epoch {self.epoch}: {self.skipped} unreadable file(s) skipped "
                   f"({self.skipped_total} in total)", flush=True)
 
@@ -1190,7 +1175,7 @@ class JointLoader:
 
     def __init__(self, videos: EpochLoader, images: EpochLoader):
         self.videos, self.images = videos, images
-        self.videos.report = self.images.report = False              # reported here, per video epoch
+        self.verbose, videos.verbose, images.verbose = videos.verbose, False, False   # reported here, per video epoch
         self.passes = math.ceil(videos.steps_per_epoch / images.steps_per_epoch)
         self.epoch, self.start = 0, 0
 
@@ -1228,29 +1213,23 @@ class JointLoader:
                 ib = next(images)
             yield {**{(f"video_{k}" if k in ("label", "index") else k): v for k, v in vb.items()},
                    **{(f"image_{k}" if k in ("label", "index") else k): v for k, v in ib.items()}}
-        if self.videos.verbose:
+        if self.verbose:
             print(f"[data] joint epoch {self.epoch}: {self.videos.skipped} unreadable video(s) and "
                   f"{self.images.skipped_total - images_before} image(s) skipped", flush=True)
 
 
-def _node_share(local_world_size: Optional[int]) -> tuple[int, int]:
-    """(ranks on this node: LOCAL_WORLD_SIZE, CPUs in the affinity mask: the job's, not os.cpu_count())."""
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world_size is None else local_world_size
-    return max(1, ranks), len(os.sched_getaffinity(0))
-
-
-def auto_decode_threads(num_workers: int, local_world_size: Optional[int] = None) -> int:
-    """PyAV decoder threads per loading process: the CPUs over ranks x workers (of both joint loaders), >= 1."""
-    ranks, cpus = _node_share(local_world_size)
-    return max(1, cpus // (ranks * max(1, num_workers)))
-
-
-def loading_plan(num_workers: int, threads: int, loaders: int = 1, local_world_size: Optional[int] = None) -> str:
-    """One line on how the node's CPUs are spent on data loading (printed at start)."""
-    ranks, cpus = _node_share(local_world_size)
-    return (f"data loading: {ranks} rank(s) on this node x {loaders} loader(s) x {num_workers} worker(s) = "
-            f"{ranks * max(1, num_workers) * loaders} loading process(es), {threads} decoder thread(s) each, "
-            f"on {cpus} CPUs")
+def decode_threads(num_workers: int, loaders: int = 1, threads: Optional[int] = None, say: bool = False,
+                   local_world_size: Optional[int] = None) -> int:
+    """PyAV decoder threads per loading process: `threads`, else the CPUs of the affinity mask (the job's, not
+    os.cpu_count()) over this node's loading processes, ranks (LOCAL_WORLD_SIZE) x loaders x workers, >= 1.
+    `say`: one line on how the node's CPUs are spent on data loading (printed at start)."""
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world_size is None else local_world_size)
+    cpus, procs = len(os.sched_getaffinity(0)), ranks * max(1, num_workers * loaders)
+    threads = threads or max(1, cpus // procs)
+    if say:
+        print(f"data loading: {ranks} rank(s) on this node x {loaders} loader(s) x {num_workers} worker(s) = "
+              f"{procs} loading process(es), {threads} decoder thread(s) each, on {cpus} CPUs", flush=True)
+    return threads
 
 
 # -----------------------------------------------------------------------------

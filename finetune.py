@@ -60,7 +60,7 @@ import swin3d
 from train import (DIST_TIMEOUT_MIN, PRECISIONS, Claim, Parser, Runtime, accumulate_gradients, add_dataclass_flags,
                    all_gather_rows, begin, check_ranges, claim_run_dir, config_from, data_config_from, finished, log,
                    param_groups, plan_batch, precision_note, run_cli, save_checkpoint, say_plan, seed_everything,
-                   setup_distributed, train_loop, wrap_ddp)
+                   setup_distributed, train_loop, wrap_ddp, write_atomic)
 
 # -----------------------------------------------------------------------------
 # Configuration: the released recipes as defaults, a CPU preset for the demo
@@ -206,13 +206,8 @@ def parse_args(argv=None) -> FinetuneConfig:
         ap.error(str(e))
 
 
-def comma_items(spec: str) -> list:
-    """The items of a comma-separated flag value, stripped, empty ones dropped."""
-    return [x.strip() for x in spec.split(",") if x.strip()]
-
-
 def parse_eval_modes(spec: str) -> tuple:
-    modes = tuple(comma_items(spec))
+    modes = tuple(x.strip() for x in spec.split(",") if x.strip())
     bad = [m for m in modes if m not in EVAL_MODES]
     if bad or not modes:
         raise ValueError(f"unknown --eval-mode {','.join(bad) or spec!r}; expected a comma-separated subset of "
@@ -253,9 +248,6 @@ class VideoClassifier(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.features(video)))     # (B, classes) logits
-
-    def no_weight_decay(self) -> set:
-        return {"encoder." + n for n in self.encoder.no_weight_decay()}
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int) -> VideoClassifier:
@@ -319,10 +311,8 @@ def finetune_param_groups(model: VideoClassifier, weight_decay: float, layer_dec
         if not p.requires_grad:
             continue
         wd = 0.0 if id(p) in no_decay else weight_decay
-        g = groups.setdefault((scales[name], wd), {"params": [], "names": [], "weight_decay": wd,
-                                                   "lr_scale": scales[name]})
+        g = groups.setdefault((scales[name], wd), {"params": [], "weight_decay": wd, "lr_scale": scales[name]})
         g["params"].append(p)
-        g["names"].append(name)
     return sorted(groups.values(), key=lambda g: (-g["lr_scale"], g["weight_decay"]))
 
 
@@ -459,8 +449,6 @@ def build_optimizer(cfg: FinetuneConfig, raw: VideoClassifier, lr: float, rt: Ru
     log(rt.rank, f"lr multipliers: layer decay {cfg.layer_decay:g}, backbone x{cfg.backbone_lr_mult:g} -> "
                  f"{lo:.3g} (patch embedding) .. {hi:.3g} (head); weight decay {cfg.weight_decay:g}; label smoothing "
                  f"{cfg.label_smoothing:g}; EMA {cfg.ema:g}; grad clip {cfg.clip_grad:g}")
-    for g in groups:
-        g.pop("names")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=rt.device.type == "cuda")
 
 
@@ -552,9 +540,8 @@ def report(cfg: FinetuneConfig, task: Task, results: dict, out_dir: str, step: i
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, "eval": {w: {k: {x: y for x, y in m.items() if x != "confusion"}
                                                        for k, m in r.items()} for w, r in results.items()}}) + "\n")
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump({"step": step, "split": cfg.eval_split, "views": views, "classes": task.classes,
-                   "results": results}, f)
+    write_atomic(os.path.join(out_dir, "eval.json"), json.dumps({"step": step, "split": cfg.eval_split, "views": views,
+                                                               "classes": task.classes, "results": results}))
     print(f"curves: python tools/plot.py {out_dir}")
 
 
@@ -562,14 +549,9 @@ def table2(results: dict, which: str = "model") -> str:
     """Table-2-style rows: task, normal, single-frame (drop), shuffled (drop), top-1 %."""
     lines = [f"{'labels':12s} {'Normal':>8s} {'Single-frame':>16s} {'Random-Shuffling':>18s}"]
     for task, res in results.items():
-        r = res[which]
-        n = r.get("normal", {}).get("top1")
-        cells = [f"{n:8.1f}" if n is not None else f"{'-':>8s}"]
-        for mode, width in (("single-frame", 16), ("shuffle", 18)):
-            v = r.get(mode, {}).get("top1")
-            s = "-" if v is None else (f"{v:.1f} ({v - n:+.1f})" if n is not None else f"{v:.1f}")
-            cells.append(f"{s:>{width}s}")
-        lines.append(f"{task:12s} " + " ".join(cells))
+        n, *probes = (res[which].get(mode, {}).get("top1") for mode in ("normal", "single-frame", "shuffle"))
+        cells = ["-" if v is None else f"{v:.1f}" + ("" if n is None else f" ({v - n:+.1f})") for v in probes]
+        lines.append(f"{task:12s} {'-' if n is None else f'{n:.1f}':>8s} {cells[0]:>16s} {cells[1]:>18s}")
     return "\n".join(lines)
 
 

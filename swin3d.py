@@ -528,10 +528,6 @@ class SwinTransformer3D(nn.Module):
             if isinstance(m, WindowAttention3D):
                 m.attention = attention
 
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names kept out of weight decay (paper §4.1): relative tables, mask token."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("relative_position_bias_table", "mask_token"))}
-
     # -- input checks: one-line errors naming what was expected and what came
     def _check(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         c, pt, B, (H, W) = self.config.in_chans, self.config.patch_size[0], x.shape[0], x.shape[-2:]

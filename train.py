@@ -139,13 +139,12 @@ CPU_STAGE_EPOCHS = {"image": 20, "video": 8, "joint": 8}    # CPU demo: ~600 and
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    """AdamW groups: no weight decay on relative position tables, norms, biases and the mask token."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    """AdamW groups: no weight decay on norms and biases (1-D), relative position tables and the mask token."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(("relative_position_bias_table", "mask_token")) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

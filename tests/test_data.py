@@ -297,8 +297,10 @@ def test_compact_lists_give_the_old_readers_pairs(tmp_path):
     new = data.read_annotations(tmp_path / "list.txt", root)
     assert list(new) == old_read_annotations(tmp_path / "list.txt", root)
     assert len(new) == len(rows) + 2 and new.label(len(rows)) == 3 and new.path(-1) == root / "indented/path.jpg"
-    with pytest.raises(IndexError, match="row 38 of a list of 38"):
+    with pytest.raises(IndexError, match="out of range"):
         new[len(new)]
+    with pytest.raises(IndexError, match="out of range"):
+        new.label(-len(new) - 1)
 
 
 def test_compact_list_costs_about_its_bytes(tmp_path):
@@ -420,17 +422,20 @@ def test_pretrain_image_ships_uint8_and_its_own_tokenizer_copy():
         data.normalize_batch(imgs.float())
 
 
-def test_decode_threads_share_the_allocated_cpus_among_ranks_and_workers(monkeypatch):
+def test_decode_threads_share_the_allocated_cpus_among_ranks_and_workers(monkeypatch, capsys):
     monkeypatch.setattr(os, "cpu_count", lambda: 256)                      # the machine: not what the job got
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))    # the job's allocation
-    assert data.auto_decode_threads(4, local_world_size=1) == 16
-    assert data.auto_decode_threads(4, local_world_size=8) == 2             # 8 ranks x 4 workers on 64 cores
-    assert data.auto_decode_threads(16, local_world_size=8) == 1            # never below one thread
+    assert data.decode_threads(4, local_world_size=1) == 16
+    assert data.decode_threads(4, local_world_size=8) == 2                  # 8 ranks x 4 workers on 64 cores
+    assert data.decode_threads(16, local_world_size=8) == 1                 # never below one thread
+    assert data.decode_threads(16, local_world_size=8, threads=3) == 3      # --decode-threads given
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                             # what torchrun sets
-    assert data.auto_decode_threads(2) == 4
-    plan = data.loading_plan(4, 1, 2)
+    assert data.decode_threads(2) == 4
+    assert capsys.readouterr().out == ""
+    assert data.decode_threads(4, 2, say=True) == 1                         # 2 loaders: 64 processes on 64 CPUs
+    plan = capsys.readouterr().out
     assert "8 rank(s) on this node x 2 loader(s) x 4 worker(s) = 64 loading process(es)" in plan
-    assert plan.endswith("on 64 CPUs")
+    assert plan.strip().endswith("1 decoder thread(s) each, on 64 CPUs")
 
 
 def test_normalize_batch_copies_its_constants_to_a_device_once(monkeypatch):

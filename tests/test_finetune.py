@@ -84,11 +84,11 @@ def test_layer_decay_matches_the_released_swin_b_table():
 def test_backbone_multiplier_and_weight_decay_groups():
     model = classifier()
     groups = finetune.finetune_param_groups(model, 0.05, layer_decay=1.0, backbone_mult=0.1)
-    seen = {}
+    name_of, seen = {id(p): n for n, p in model.named_parameters()}, {}
     for g in groups:
-        for n in g["names"]:
-            assert n not in seen
-            seen[n] = (g["lr_scale"], g["weight_decay"])
+        for p in g["params"]:
+            assert name_of[id(p)] not in seen
+            seen[name_of[id(p)]] = (g["lr_scale"], g["weight_decay"])
     assert set(seen) == {n for n, _ in model.named_parameters()}
     for n, (lr, wd) in seen.items():
         assert lr == pytest.approx(1.0 if n.startswith("head.") else 0.1), n

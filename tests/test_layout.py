@@ -8,12 +8,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPONENTS = ("swin3d", "masking", "tokenizer", "bevt", "data", "train", "finetune")
-# Line budgets, comments included. The goal is the seven files together at most 5,000 lines (from
-# 10,425 before the tools moved out); these caps are a ratchet at what the files hold today, lowered
-# whenever a file shrinks, so that no file grows back while the rest is cut.
-BUDGET = {"swin3d": 793, "masking": 340, "tokenizer": 600, "bevt": 242, "data": 1290, "train": 1051,
-          "finetune": 735}
-TOTAL_BUDGET = 5051
+# Line budgets, comments included: the seven files together at most 5,000 lines (10,425 before the tools
+# moved out). The per-file caps are a ratchet at what each file holds today, lowered whenever a file
+# shrinks, so that no file grows back unnoticed; a file that must grow takes its lines from another.
+BUDGET = {"swin3d": 789, "masking": 340, "tokenizer": 590, "bevt": 239, "data": 1269, "train": 1050,
+          "finetune": 717}
+TOTAL_BUDGET = 5000
 MAX_FUNCTION_LINES = 60
 BANNER = "# Machinery"          # the one banner: "# ====...", then a line starting with this
 
@@ -104,3 +104,14 @@ def test_the_readme_is_a_front_door():
     pages = sorted(f for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
     unlinked = [p for p in pages if f"(docs/{p})" not in text]
     assert not unlinked, f"topic pages the README does not link: {unlinked}"
+
+
+def test_every_mutation_of_the_mutation_check_still_applies():
+    """tools/mutate.py edits the component files by exact text: an edit that no longer matches once would
+    silently drop a mistake from the check. `--check` applies all of them without running anything."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "mutate.py"), "--check"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "mutations apply exactly once" in r.stdout

@@ -549,11 +549,6 @@ def test_header_build_on_an_allowed_function_is_refused_and_poisons_nothing(tmp_
         assert U._rebuild_tensor_v2.__defaults__ is saved
         x = torch.load(good, weights_only=True)["x"]
         assert torch.equal(x, torch.arange(3.0)) and not x.is_neg()
-        # ... and would notice a changed allowed function if a BUILD ever got through.
-        class Leaky(T.RestrictedUnpickler):
-            dispatch = pickle._Unpickler.dispatch
-        with pytest.raises(UnsafePickleError, match="changed a function"):
-            T.restricted_torch_load(evil, Leaky)
     finally:
         U._rebuild_tensor_v2.__defaults__ = saved
 

@@ -123,8 +123,7 @@ def child(kind: str, version: str, ann: str, root: str, ref: str) -> dict:
     load_s = time.perf_counter() - t
     gc.collect()
     list_mb = (uss_kb() - before) / 1024
-    loader = mod.EpochLoader(ds, BATCH, shuffle=True, drop_last=True, num_workers=WORKERS, verbose=False,
-                             report=False)
+    loader = mod.EpochLoader(ds, BATCH, shuffle=True, drop_last=True, num_workers=WORKERS, verbose=False)
     base, last, rows = {}, {}, 0
     t = time.perf_counter()
     for batch in loader:

@@ -153,7 +153,7 @@ def read_decoder_state(path) -> dict:
         return tokenizer.module_tensors(obj)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a DALL-E decoder or its state dict, got a {type(obj).__name__}")
-    return tokenizer.strip_prefix(obj)
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(k, str)}     # DDP's prefix
 
 
 def load_dalle_decoder(spec, device="cpu") -> DalleDecoder:

@@ -213,7 +213,7 @@ def extract_features(cfg: FinetuneConfig, xcfg: ExtractConfig, rt: Runtime, prog
     log_fn(f"extract: {len(rows)} videos in {len(chunks)} chunks over {world} process(es); {done} chunk(s) of "
            f"rank 0 already written; views: " + (f"windows of {xcfg.clip_len} frames every {sampling.stride}"
                                                 if xcfg.clip_len else xcfg.views) + f"; {train.precision_note(cfg.precision, bf16, device)}")
-    threads = data.auto_decode_threads(cfg.workers)
+    threads = data.decode_threads(cfg.workers)
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm

@@ -246,7 +246,7 @@ MUTATIONS = [
       [("return lr * (step + 1) / warmup", "return lr * step / warmup")],
       "train", "warm-up starts at lr 0"),
     M("decay-on-biases", "train.py",
-      [("(no_decay if p.ndim <= 1 or name in skip else decay)", "(no_decay if p.ndim < 1 or name in skip else decay)")],
+      [("(no_decay if p.ndim <= 1 or", "(no_decay if p.ndim < 1 or")],
       "train", "weight decay on norms and biases"),
 
     # ---------------------------------------------------------------- finetune.py
@@ -257,7 +257,7 @@ MUTATIONS = [
       [("return f4.mean(dim=(1, 2, 3))", "return f4.amax(dim=(1, 2, 3))")],
       "finetune", "global max pool instead of the released average pool"),
     M("old-window-formula", "finetune.py",
-      [("old = (((rows // spatial) + 1) // 2, *cfg.window_size[1:])", "old = ((rows // spatial) // 2, *cfg.window_size[1:])")],
+      [("return (((rows // spatial) + 1) // 2, *cfg.window_size[1:])", "return ((rows // spatial) // 2, *cfg.window_size[1:])")],
       "finetune", "checkpoint's temporal window read off the table as rows/2 instead of (rows+1)/2"),
     M("layer-decay-exponent", "finetune.py",
       [("exponent = {p: k + 1 for k, p in enumerate(order)}", "exponent = {p: k for k, p in enumerate(order)}")],

@@ -46,6 +46,12 @@ import finetune  # noqa: E402
 import train  # noqa: E402
 from tools import extract, probe, synthetic  # noqa: E402
 
+
+def comma_items(spec: str) -> list:
+    """The items of a comma-separated flag value, stripped, empty ones dropped."""
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
+
 @dataclass
 class TablesConfig:
     tables: str = "1,2,8"                 # comma-separated subset of 1, 2, 8
@@ -316,8 +322,8 @@ class Tables:
     def run(self, tables: tuple) -> None:
         seeds = range(self.t.seeds)
         if self.t.only_seeds:
-            seeds = [int(x) for x in finetune.comma_items(self.t.only_seeds)]
-        wanted = set(finetune.comma_items(self.t.rows)) or set(row_names(tables))
+            seeds = [int(x) for x in comma_items(self.t.only_seeds)]
+        wanted = set(comma_items(self.t.rows)) or set(row_names(tables))
         for seed in seeds:
             if "2" in tables and "bevt" in wanted:
                 for task in finetune.SYNTHETIC_TASKS:
@@ -463,19 +469,19 @@ def draw_bar_panels(panels: list, path: str) -> None:
 
 def check_flags(ap, tcfg: TablesConfig) -> tuple:
     """The requested tables, after checking every flag (argparse's one-line errors)."""
-    tables = tuple(finetune.comma_items(tcfg.tables))
+    tables = tuple(comma_items(tcfg.tables))
     if not tables or any(t not in ("1", "2", "8") for t in tables):
         ap.error(f"--tables must be a comma-separated subset of 1,2,8, got {tcfg.tables!r}")
     if tcfg.seeds < 1 or tcfg.max_steps < 0:
         ap.error(f"--seeds must be >= 1 and --max-steps >= 0, got {tcfg.seeds} and {tcfg.max_steps}")
     try:
-        only = [int(x) for x in finetune.comma_items(tcfg.only_seeds)]
+        only = [int(x) for x in comma_items(tcfg.only_seeds)]
     except ValueError:
         only = [-1]
     if any(not 0 <= x < tcfg.seeds for x in only):
         ap.error(f"--only-seeds must list seeds in 0..{tcfg.seeds - 1}, got {tcfg.only_seeds!r}")
     names = row_names(tables)
-    unknown = [x for x in finetune.comma_items(tcfg.rows) if x not in names]
+    unknown = [x for x in comma_items(tcfg.rows) if x not in names]
     if unknown:
         ap.error(f"--rows: {', '.join(unknown)} is not a row of table(s) {','.join(tables)}; "
                  f"choose from {', '.join(names)}")
