@@ -68,7 +68,7 @@ def test_report_draws_a_chart_of_the_cells_on_file(tmp_path):
 
 
 def test_post_hoc_cells_are_reported_apart_and_never_enter_a_verdict():
-    """The full-label finetunes (docs/motion.md §11) were not registered: their own section, and the
+    """The full-label finetunes (docs/motion.md §12) were not registered: their own section, and the
     registered outcomes are the same with or without them."""
     cells = {f"finetune|{row}|motion|s{s}": {"normal": 50.0 + s * (row == "BEVT-V"), "single-frame": 50, "shuffle": 50}
              for row in motion.ROWS for s in range(4)}

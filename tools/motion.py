@@ -116,7 +116,7 @@ class Experiment:
         self.store.record(f"pretrain|{row}|-|s{seed}", value, 0.0)
 
     def finetune_cell(self, row: str, task: str, seed: int, full: bool = False) -> None:
-        """The few-label finetune of one row and task (docs/motion.md §4); full: all 200 labels (post-hoc, §11)."""
+        """The few-label finetune of one row and task (docs/motion.md §4); full: all 200 labels (post hoc, §12)."""
         key = f"finetune{'-full' if full else ''}|{row}|{task}|s{seed}"
         if key in self.store.cells:
             return
@@ -170,7 +170,7 @@ class Experiment:
                 self.probe_cells(row, seed)
 
     def posthoc(self) -> None:
-        """Not registered (docs/motion.md §11): every row's motion finetune with all 200 training labels."""
+        """Not registered (docs/motion.md §12): every row's motion finetune with all 200 training labels."""
         seeds = [int(s) for s in self.a.only_seeds.split(",")] if self.a.only_seeds else range(self.a.seeds)
         for seed in seeds:
             for row in ROWS:
@@ -192,10 +192,11 @@ def per_seed(cells: dict, kind: str, row: str, task: str, measure: str) -> dict:
 
 
 def outcome(a: dict, b: dict, minimum: float) -> tuple:
-    """(verdict, mean d, std d, seeds) of the paired differences d = a - b over the seeds both have."""
+    """(verdict, mean d, std d, seeds, seeds with d >= 0) of the paired differences d = a - b over the seeds
+    both have."""
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 4:
-        return "pending", None, None, len(seeds)
+        return "pending", None, None, len(seeds), None
     d = np.array([a[s] - b[s] for s in seeds])
     m, sd = float(d.mean()), float(d.std(ddof=1))
     if m > 0 and m >= minimum and (d >= 0).mean() >= 0.75:
@@ -204,7 +205,7 @@ def outcome(a: dict, b: dict, minimum: float) -> tuple:
         verdict = "contradicted"
     else:
         verdict = "inconclusive"
-    return verdict, m, sd, len(seeds)
+    return verdict, m, sd, len(seeds), int((d >= 0).sum())
 
 
 def report_text(cells: dict) -> str:
@@ -224,25 +225,31 @@ def report_text(cells: dict) -> str:
             if st:
                 acc.append(f"{k[4:].upper()} {st[0]:.3f} ({maj[0]:.3f})" if maj else f"{k[4:].upper()} {st[0]:.3f}")
         out.append(f"| {row} | " + " | ".join(cols + ["; ".join(acc) or "-"]) + " |")
-    out += ["", "| hypothesis | measure | mean d ± std (seeds) | outcome | paper |", "|---|---|---|---|---|"]
+    above = {row: per_seed(cells, "finetune", row, "motion", "normal") for row in ROWS}
+    out += ["", f"Seeds whose few-label motion finetune beat chance by 2 standard errors (> {CHANCE_LIMIT:g}%): "
+            + ", ".join(f"{row} {sum(v > CHANCE_LIMIT for v in s.values())} of {len(s)}" for row, s in above.items())]
+    out += ["", "| hypothesis | measure | mean d ± std (seeds) | seeds with d ≥ 0 | outcome | paper |",
+            "|---|---|---|---|---|---|"]
     leak = [row for row in ROWS for m in ("single-frame", "shuffle")
             if (st := tables.cell_stats(cells, "finetune", row, "motion", m)) and st[2] >= 4 and st[0] > CHANCE_LIMIT]
     for name, a, b, task, minimum in HYPOTHESES:
         for kind, measure, label in (("finetune", "normal", "few-label finetune"), ("probe", "linear", "linear probe")):
-            verdict, m, sd, n = outcome(per_seed(cells, kind, a, task, measure), per_seed(cells, kind, b, task, measure),
-                                        minimum)
+            verdict, m, sd, n, up = outcome(per_seed(cells, kind, a, task, measure),
+                                            per_seed(cells, kind, b, task, measure), minimum)
             if task == "motion" and leak:
                 verdict += " (invalid: motion leaks in single-frame/shuffled evaluations of " + ", ".join(leak) + ")"
             d = "-" if m is None else f"{m:+.1f} ± {sd:.1f} ({n})"
-            out.append(f"| {name} | {label} | {d} | {verdict} | {PAPER[name[:2]]} |")
+            out.append(f"| {name} | {label} | {d} | {'-' if up is None else f'{up} of {n}'} | {verdict} | "
+                       f"{PAPER[name[:2]]} |")
     # H4's third part (§6): BEVT's appearance few-label mean within 5 points of BEVT-I's.
-    _, m, sd, n = outcome(per_seed(cells, "finetune", "BEVT", "appearance", "normal"),
-                          per_seed(cells, "finetune", "BEVT-I", "appearance", "normal"), 0.0)
+    _, m, sd, n, up = outcome(per_seed(cells, "finetune", "BEVT", "appearance", "normal"),
+                              per_seed(cells, "finetune", "BEVT-I", "appearance", "normal"), 0.0)
     verdict = "pending" if m is None else "holds" if abs(m) <= 5 else "fails"
     d = "-" if m is None else f"{m:+.1f} ± {sd:.1f} ({n})"
-    out.append(f"| H4c BEVT within 5 points of BEVT-I (appearance) | few-label finetune | {d} | {verdict} | {PAPER['H4']} |")
+    out.append(f"| H4c BEVT within 5 points of BEVT-I (appearance) | few-label finetune | {d} | "
+               f"{'-' if up is None else f'{up} of {n}'} | {verdict} | {PAPER['H4']} |")
     if any(k.startswith("finetune-full|") for k in cells):
-        out += ["", "Post-hoc, not registered (docs/motion.md §11): the motion finetune with all 200 training labels, "
+        out += ["", "Post-hoc, not registered (docs/motion.md §12): the motion finetune with all 200 training labels, "
                 "the same 500 steps", "", "| row | motion | single frame | shuffled |", "|---|---|---|---|"]
         for row in ROWS:
             out.append(f"| {row} | " + " | ".join(tables._fmt(tables.cell_stats(cells, "finetune-full", row, "motion", m))
@@ -292,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="{pilot,run,report,posthoc}")
     for name, text in (("pilot", "the two pilot video stages and the budget V they set (docs/motion.md §5)"),
                        ("run", "run the cells not yet on file"), ("report", "the tables and outcomes of the cells on file"),
-                       ("posthoc", "not registered: every row's motion finetune with all 200 labels (docs/motion.md §11)")):
+                       ("posthoc", "not registered: every row's motion finetune with all 200 labels (docs/motion.md §12)")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--data", default="data/synthetic-v4", help="the version-4 synthetic set (default data/synthetic-v4)")
         p.add_argument("--out", default="runs/motion", help="folder of the runs (default runs/motion)")
