@@ -989,7 +989,7 @@ class _RobustDataset(Dataset):
                 try:
                     if not self.samples.inside_root(i):
                         raise BadMedia(self.samples.path(i), "outside the data root; not read")
-                    # Torch's CPU generator (not the trainer's GPUs') and the masks from the sample's key.
+                    # From the sample's key: torch's CPU generator (restored after; not the GPUs') and the masks.
                     with torch.random.fork_rng(devices=[]):
                         torch.default_generator.manual_seed(sample_seed(seed, KEY_PIXELS, epoch, index, attempt))
                         if mask_gen is not None:
@@ -1050,7 +1050,12 @@ _LOGGED_BAD: set = set()          # paths already logged by this process ("logge
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Process r's `accum` micro-batches of `batch` rows at r*accum*batch of each global batch of
     world x accum x batch rows, cut from a permutation of (seed, epoch): the same micro-batches on any
-    number of processes. set_epoch(epoch, start) begins at global step `start`."""
+    number of processes. set_epoch(epoch, start) begins at global step `start`.
+
+        one global batch (8 rows, batch 2):  | 0 1 | 2 3 | 4 5 | 6 7 |
+        world 2, accum 2:                      r0 m0 r0 m1 r1 m0 r1 m1
+        world 1, accum 4:                      m0    m1    m2    m3
+    """
 
     def __init__(self, n: int, batch: int, accum: int = 1, rank: int = 0, world: int = 1, seed: int = 0):
         self.n, self.batch, self.accum, self.rank, self.world, self.seed = n, batch, accum, rank, world, seed

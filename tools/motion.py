@@ -160,9 +160,12 @@ class Experiment:
             res = probe.probe_features(relabelled["train"], relabelled["val"], probe.ProbeConfig(seed=seed))
             self.store.record(key, {"linear": res["linear"]["top1"], "knn": res["knn"]["top1"]}, time.time() - t0)
 
+    def seeds(self) -> list:
+        """The seeds to run now: --only-seeds, else 0 .. --seeds - 1."""
+        return [int(s) for s in tables.comma_items(self.a.only_seeds)] or list(range(self.a.seeds))
+
     def run(self) -> None:
-        seeds = [int(s) for s in self.a.only_seeds.split(",")] if self.a.only_seeds else range(self.a.seeds)
-        for seed in seeds:
+        for seed in self.seeds():
             for row in ROWS:
                 self.pretrain_cell(row, seed)
                 for task in ("motion", "appearance"):
@@ -171,8 +174,7 @@ class Experiment:
 
     def posthoc(self) -> None:
         """Not registered (docs/motion.md §12): every row's motion finetune with all 200 training labels."""
-        seeds = [int(s) for s in self.a.only_seeds.split(",")] if self.a.only_seeds else range(self.a.seeds)
-        for seed in seeds:
+        for seed in self.seeds():
             for row in ROWS:
                 self.finetune_cell(row, "motion", seed, full=True)
 
@@ -208,6 +210,11 @@ def outcome(a: dict, b: dict, minimum: float) -> tuple:
     return verdict, m, sd, len(seeds), int((d >= 0).sum())
 
 
+def difference_cells(m, sd, n, up) -> str:
+    """An outcome's "mean d ± std (seeds) | seeds with d >= 0" table cells ("-" while pending)."""
+    return "- | -" if m is None else f"{m:+.1f} ± {sd:.1f} ({n}) | {up} of {n}"
+
+
 def report_text(cells: dict) -> str:
     fmt = tables._fmt
     out = ["Motion experiment (docs/motion.md), synthetic v4: top-1 % on 60 validation videos, mean ± std (seeds)", "",
@@ -238,16 +245,13 @@ def report_text(cells: dict) -> str:
                                             per_seed(cells, kind, b, task, measure), minimum)
             if task == "motion" and leak:
                 verdict += " (invalid: motion leaks in single-frame/shuffled evaluations of " + ", ".join(leak) + ")"
-            d = "-" if m is None else f"{m:+.1f} ± {sd:.1f} ({n})"
-            out.append(f"| {name} | {label} | {d} | {'-' if up is None else f'{up} of {n}'} | {verdict} | "
-                       f"{PAPER[name[:2]]} |")
+            out.append(f"| {name} | {label} | {difference_cells(m, sd, n, up)} | {verdict} | {PAPER[name[:2]]} |")
     # H4's third part (§6): BEVT's appearance few-label mean within 5 points of BEVT-I's.
     _, m, sd, n, up = outcome(per_seed(cells, "finetune", "BEVT", "appearance", "normal"),
                               per_seed(cells, "finetune", "BEVT-I", "appearance", "normal"), 0.0)
     verdict = "pending" if m is None else "holds" if abs(m) <= 5 else "fails"
-    d = "-" if m is None else f"{m:+.1f} ± {sd:.1f} ({n})"
-    out.append(f"| H4c BEVT within 5 points of BEVT-I (appearance) | few-label finetune | {d} | "
-               f"{'-' if up is None else f'{up} of {n}'} | {verdict} | {PAPER['H4']} |")
+    out.append(f"| H4c BEVT within 5 points of BEVT-I (appearance) | few-label finetune | "
+               f"{difference_cells(m, sd, n, up)} | {verdict} | {PAPER['H4']} |")
     if any(k.startswith("finetune-full|") for k in cells):
         out += ["", "Post-hoc, not registered (docs/motion.md §12): the motion finetune with all 200 training labels, "
                 "the same 500 steps", "", "| row | motion | single frame | shuffled |", "|---|---|---|---|"]

@@ -72,7 +72,7 @@ def load_classifier(args: dict, log_fn=print) -> tuple[VideoClassifier, Finetune
 def predict_video(model: VideoClassifier, cfg: FinetuneConfig, path: str, device, bf16: bool) -> tuple[torch.Tensor, int]:
     """One video file -> (class probabilities (K,), views): softmax averaged over the recipe's
     test views (clips x crops, as finetune.py's test evaluation). Raises data.BadMedia."""
-    interval = getattr(cfg, "frame_interval") if cfg.sampling == "dense" else 1
+    interval = cfg.frame_interval if cfg.sampling == "dense" else 1
     sampling = data.FrameSampling(cfg.frames, interval, cfg.sampling, num_clips=cfg.test_clips, test_mode=True)
     transform = data.FinetuneClipTransform("test", cfg.crop, cfg.short_side, cfg.test_short_side, cfg.test_crops)
     frames, _, _ = data.read_video(path, sampling)                          # (clips, T, H, W, 3)
